@@ -1,0 +1,393 @@
+//! Proto ↔ domain conversion, done once at the API edge. Every check a request field needs
+//! happens here and names the field in its error.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use qod_common::{FAMILY_IPV4, FAMILY_IPV6};
+use qod_proto::v1 as pb;
+use time::OffsetDateTime;
+
+use crate::{
+    core::{Event, SessionState, SessionView},
+    error::{CamaraCode, CamaraError},
+    model::{
+        AccessToken, ApplicationServer, DeviceId, PhoneNumber, Ports, ProfileName, QosStatus,
+        SessionRequest, StatusInfo,
+    },
+    profile::{self, QosProfile},
+};
+
+/// Builds a validated [`SessionRequest`] from a `CreateSession` message.
+pub fn session_request(req: pb::CreateSessionRequest) -> Result<SessionRequest, CamaraError> {
+    let server = application_server(req.application_server.as_ref())?;
+    let device = match req.device.as_ref() {
+        Some(d) => device(d, |family| server.network(family).is_some())?,
+        None => {
+            return Err(CamaraError::field(
+                CamaraCode::MissingIdentifier,
+                "device",
+                "the device cannot be identified from the access token, so `device` is required",
+            ));
+        }
+    };
+    let device_ports = req.device_ports.as_ref().map(|p| ports("devicePorts", p)).transpose()?;
+    let server_ports =
+        req.application_server_ports.as_ref().map(|p| ports("applicationServerPorts", p)).transpose()?;
+    if req.qos_profile.is_empty() {
+        return Err(CamaraError::invalid("qosProfile", "is required"));
+    }
+    let profile = ProfileName::parse("qosProfile", &req.qos_profile)?;
+    let duration = u32::try_from(req.duration)
+        .ok()
+        .filter(|d| *d >= 1)
+        .ok_or_else(|| CamaraError::invalid("duration", format!("{} must be at least 1 second", req.duration)))?;
+    let sink = req.sink.map(|s| sink(&s).map(|()| s)).transpose()?;
+    let sink_credential = req.sink_credential.as_ref().map(sink_credential).transpose()?;
+    if sink_credential.is_some() && sink.is_none() {
+        return Err(CamaraError::invalid("sinkCredential", "is given without a sink"));
+    }
+    Ok(SessionRequest { device, server, device_ports, server_ports, profile, sink, sink_credential, duration })
+}
+
+/// Validates every identifier present and picks one: IPv4, then IPv6, then the phone number,
+/// preferring an address family for which `usable` holds.
+pub fn device(d: &pb::Device, usable: impl Fn(u32) -> bool) -> Result<DeviceId, CamaraError> {
+    let mut candidates = Vec::new();
+    if let Some(v4) = &d.ipv4_address {
+        candidates.push(ipv4_device(v4)?);
+    }
+    if let Some(v6) = &d.ipv6_address {
+        let addr: Ipv6Addr = v6.parse().map_err(|_| {
+            CamaraError::invalid("device.ipv6Address", format!("{v6:?} is not an IPv6 address"))
+        })?;
+        candidates.push(DeviceId::Ipv6(addr));
+    }
+    if let Some(p) = &d.phone_number {
+        candidates.push(DeviceId::PhoneNumber(PhoneNumber::parse("device.phoneNumber", p)?));
+    }
+    if candidates.is_empty() {
+        return Err(if d.network_access_identifier.is_some() {
+            CamaraError::field(
+                CamaraCode::UnsupportedIdentifier,
+                "device.networkAccessIdentifier",
+                "is not supported; identify the device by phoneNumber, ipv4Address or ipv6Address",
+            )
+        } else {
+            CamaraError::invalid("device", "must contain at least one identifier")
+        });
+    }
+    let pick = candidates
+        .iter()
+        .position(|c| c.family().is_some_and(&usable))
+        .unwrap_or(0);
+    Ok(candidates.swap_remove(pick))
+}
+
+fn ipv4_device(v4: &pb::DeviceIpv4Addr) -> Result<DeviceId, CamaraError> {
+    let addr = |field: &str, s: &str| {
+        s.parse::<Ipv4Addr>()
+            .map_err(|_| CamaraError::invalid(field, format!("{s:?} is not an IPv4 address (no mask allowed)")))
+    };
+    let public = match &v4.public_address {
+        Some(s) => addr("device.ipv4Address.publicAddress", s)?,
+        None => return Err(CamaraError::invalid("device.ipv4Address.publicAddress", "is required")),
+    };
+    let private = v4.private_address.as_deref().map(|s| addr("device.ipv4Address.privateAddress", s)).transpose()?;
+    let public_port = v4.public_port.map(|p| port("device.ipv4Address.publicPort", p)).transpose()?;
+    if private.is_none() && public_port.is_none() {
+        return Err(CamaraError::invalid(
+            "device.ipv4Address",
+            "publicAddress alone is not enough: add privateAddress (equal to publicAddress without NAT) or publicPort",
+        ));
+    }
+    Ok(DeviceId::Ipv4 { public, private, public_port })
+}
+
+fn application_server(s: Option<&pb::ApplicationServer>) -> Result<ApplicationServer, CamaraError> {
+    let Some(s) = s else {
+        return Err(CamaraError::invalid("applicationServer", "is required"));
+    };
+    if s.ipv4_address.is_none() && s.ipv6_address.is_none() {
+        return Err(CamaraError::invalid("applicationServer", "must contain ipv4Address or ipv6Address"));
+    }
+    let ipv4 = s
+        .ipv4_address
+        .as_deref()
+        .map(|a| {
+            a.parse::<Ipv4Network>().map_err(|_| {
+                CamaraError::invalid(
+                    "applicationServer.ipv4Address",
+                    format!("{a:?} is not an IPv4 address or network (a.b.c.d or a.b.c.d/0-32)"),
+                )
+            })
+        })
+        .transpose()?;
+    let ipv6 = s
+        .ipv6_address
+        .as_deref()
+        .map(|a| {
+            a.parse::<Ipv6Network>().map_err(|_| {
+                CamaraError::invalid(
+                    "applicationServer.ipv6Address",
+                    format!("{a:?} is not an IPv6 address or network (x:y::z or x:y::/0-128)"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(ApplicationServer { ipv4, ipv6 })
+}
+
+fn port(field: &str, p: u32) -> Result<u16, CamaraError> {
+    u16::try_from(p).ok().filter(|p| *p >= 1).ok_or_else(|| {
+        CamaraError::field(CamaraCode::OutOfRange, field, format!("port {p} is outside 1..=65535"))
+    })
+}
+
+fn ports(field: &str, p: &pb::PortsSpec) -> Result<Ports, CamaraError> {
+    if p.ports.is_empty() && p.ranges.is_empty() {
+        return Err(CamaraError::invalid(field, "must contain ports or ranges"));
+    }
+    let ranges = p
+        .ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let from = port(&format!("{field}.ranges[{i}].from"), r.from)?;
+            let to = port(&format!("{field}.ranges[{i}].to"), r.to)?;
+            if from > to {
+                return Err(CamaraError::invalid(
+                    format!("{field}.ranges[{i}]"),
+                    format!("from {from} is greater than to {to}"),
+                ));
+            }
+            Ok((from, to))
+        })
+        .collect::<Result<_, _>>()?;
+    let ports = p
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| port(&format!("{field}.ports[{i}]"), n))
+        .collect::<Result<_, _>>()?;
+    Ok(Ports { ranges, ports })
+}
+
+fn sink(s: &str) -> Result<(), CamaraError> {
+    let rest = s.strip_prefix("https://").unwrap_or("");
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || s.len() > 2048 || s.contains(char::is_whitespace) {
+        return Err(CamaraError::field(
+            CamaraCode::InvalidSink,
+            "sink",
+            format!("{s:?} is not an https:// URL with a host"),
+        ));
+    }
+    Ok(())
+}
+
+fn sink_credential(c: &pb::SinkCredential) -> Result<AccessToken, CamaraError> {
+    match pb::CredentialType::try_from(c.credential_type) {
+        Ok(pb::CredentialType::Accesstoken) => {}
+        _ => {
+            return Err(CamaraError::field(
+                CamaraCode::InvalidCredential,
+                "sinkCredential.credentialType",
+                "only ACCESSTOKEN is supported",
+            ));
+        }
+    }
+    if pb::AccessTokenType::try_from(c.access_token_type) != Ok(pb::AccessTokenType::Bearer) {
+        return Err(CamaraError::field(
+            CamaraCode::InvalidToken,
+            "sinkCredential.accessTokenType",
+            "only bearer is supported",
+        ));
+    }
+    let token = c.access_token.clone().filter(|t| !t.is_empty()).ok_or_else(|| {
+        CamaraError::invalid("sinkCredential.accessToken", "is required")
+    })?;
+    let expires = c
+        .access_token_expires_utc
+        .as_ref()
+        .and_then(|t| OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)).ok())
+        .ok_or_else(|| CamaraError::invalid("sinkCredential.accessTokenExpiresUtc", "is required"))?;
+    Ok(AccessToken { token, expires })
+}
+
+/// A device filter or retrieve-by-device argument (no address family preference).
+pub fn lookup_device(d: Option<&pb::Device>) -> Result<DeviceId, CamaraError> {
+    match d {
+        Some(d) => device(d, |f| f == FAMILY_IPV4 || f == FAMILY_IPV6),
+        None => Err(CamaraError::field(
+            CamaraCode::MissingIdentifier,
+            "device",
+            "the device cannot be identified from the access token, so `device` is required",
+        )),
+    }
+}
+
+pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.unix_timestamp(), nanos: i32::try_from(t.nanosecond()).unwrap_or(0) }
+}
+
+fn device_proto(d: &DeviceId) -> pb::Device {
+    match d {
+        DeviceId::Ipv4 { public, private, public_port } => pb::Device {
+            ipv4_address: Some(pb::DeviceIpv4Addr {
+                public_address: Some(public.to_string()),
+                private_address: private.map(|a| a.to_string()),
+                public_port: public_port.map(u32::from),
+            }),
+            ..Default::default()
+        },
+        DeviceId::Ipv6(a) => pb::Device { ipv6_address: Some(a.to_string()), ..Default::default() },
+        DeviceId::PhoneNumber(p) => pb::Device { phone_number: Some(p.as_str().to_owned()), ..Default::default() },
+    }
+}
+
+fn ports_proto(p: &Ports) -> pb::PortsSpec {
+    pb::PortsSpec {
+        ranges: p.ranges.iter().map(|&(from, to)| pb::PortRange { from: from.into(), to: to.into() }).collect(),
+        ports: p.ports.iter().map(|&n| n.into()).collect(),
+    }
+}
+
+pub fn qos_status(s: QosStatus) -> pb::QosStatus {
+    match s {
+        QosStatus::Requested => pb::QosStatus::Requested,
+        QosStatus::Available => pb::QosStatus::Available,
+        QosStatus::Unavailable => pb::QosStatus::Unavailable,
+    }
+}
+
+fn status_info(s: StatusInfo) -> pb::StatusInfo {
+    match s {
+        StatusInfo::DurationExpired => pb::StatusInfo::DurationExpired,
+        StatusInfo::NetworkTerminated => pb::StatusInfo::NetworkTerminated,
+        StatusInfo::DeleteRequested => pb::StatusInfo::DeleteRequested,
+    }
+}
+
+pub fn session_info(v: &SessionView) -> pb::SessionInfo {
+    let s = &v.session;
+    let r = &s.request;
+    let (expires_at, info) = match s.state {
+        SessionState::Available { expires_at, .. } => (expires_at, pb::StatusInfo::Unspecified),
+        SessionState::Unavailable { info, ended_at, .. } => (ended_at, status_info(info)),
+    };
+    pb::SessionInfo {
+        session_id: s.id.to_string(),
+        device: Some(device_proto(&r.device)),
+        application_server: Some(pb::ApplicationServer {
+            ipv4_address: r.server.ipv4.map(|n| n.to_string()),
+            ipv6_address: r.server.ipv6.map(|n| n.to_string()),
+        }),
+        device_ports: r.device_ports.as_ref().map(ports_proto),
+        application_server_ports: r.server_ports.as_ref().map(ports_proto),
+        qos_profile: r.profile.to_string(),
+        sink: r.sink.clone(),
+        // The access token is write-only: only its type is echoed.
+        sink_credential: r.sink_credential.as_ref().map(|_| pb::SinkCredential {
+            credential_type: pb::CredentialType::Accesstoken.into(),
+            ..Default::default()
+        }),
+        duration: i32::try_from(v.duration()).unwrap_or(i32::MAX),
+        started_at: Some(timestamp(s.started_at)),
+        expires_at: Some(timestamp(expires_at)),
+        qos_status: qos_status(s.qos_status()).into(),
+        status_info: info.into(),
+        counters: Some(pb::SessionCounters {
+            uplink_packets: v.counters.up_packets,
+            uplink_bytes: v.counters.up_bytes,
+            downlink_packets: v.counters.down_packets,
+            downlink_bytes: v.counters.down_bytes,
+        }),
+    }
+}
+
+pub fn event(e: &Event) -> pb::SessionEvent {
+    let info = session_info(&e.session);
+    pb::SessionEvent {
+        event_id: e.id.to_string(),
+        time: Some(timestamp(e.time)),
+        kind: Some(pb::session_event::Kind::QosStatusChanged(pb::QosStatusChanged {
+            session_id: info.session_id.clone(),
+            qos_status: info.qos_status,
+            status_info: info.status_info,
+            session: Some(info),
+        })),
+    }
+}
+
+fn rate(r: Option<profile::Rate>) -> Option<pb::Rate> {
+    r.map(|r| pb::Rate {
+        value: r.value.into(),
+        unit: match r.unit {
+            profile::RateUnit::Bps => pb::RateUnit::Bps,
+            profile::RateUnit::Kbps => pb::RateUnit::Kbps,
+            profile::RateUnit::Mbps => pb::RateUnit::Mbps,
+            profile::RateUnit::Gbps => pb::RateUnit::Gbps,
+            profile::RateUnit::Tbps => pb::RateUnit::Tbps,
+        }
+        .into(),
+    })
+}
+
+fn duration(d: Option<profile::CamaraDuration>) -> Option<pb::Duration> {
+    use profile::TimeUnit as T;
+    d.map(|d| pb::Duration {
+        value: i32::try_from(d.value).unwrap_or(i32::MAX),
+        unit: match d.unit {
+            T::Days => pb::TimeUnit::Days,
+            T::Hours => pb::TimeUnit::Hours,
+            T::Minutes => pb::TimeUnit::Minutes,
+            T::Seconds => pb::TimeUnit::Seconds,
+            T::Milliseconds => pb::TimeUnit::Milliseconds,
+            T::Microseconds => pb::TimeUnit::Microseconds,
+            T::Nanoseconds => pb::TimeUnit::Nanoseconds,
+        }
+        .into(),
+    })
+}
+
+pub fn profile_status(s: profile::ProfileStatus) -> pb::QosProfileStatus {
+    match s {
+        profile::ProfileStatus::Active => pb::QosProfileStatus::Active,
+        profile::ProfileStatus::Inactive => pb::QosProfileStatus::Inactive,
+        profile::ProfileStatus::Deprecated => pb::QosProfileStatus::Deprecated,
+    }
+}
+
+pub fn qos_profile(p: &QosProfile) -> pb::QosProfile {
+    pb::QosProfile {
+        name: p.name.to_string(),
+        description: p.description.clone(),
+        status: profile_status(p.status).into(),
+        country_availability: p
+            .country_availability
+            .iter()
+            .map(|c| pb::CountryAvailability { country_name: c.country_name.clone(), networks: c.networks.clone() })
+            .collect(),
+        target_min_upstream_rate: rate(p.target_min_upstream_rate),
+        max_upstream_rate: rate(p.max_upstream_rate),
+        max_upstream_burst_rate: rate(p.max_upstream_burst_rate),
+        target_min_downstream_rate: rate(p.target_min_downstream_rate),
+        max_downstream_rate: rate(p.max_downstream_rate),
+        max_downstream_burst_rate: rate(p.max_downstream_burst_rate),
+        min_duration: duration(p.min_duration),
+        max_duration: duration(p.max_duration),
+        priority: p.priority.map(i32::from),
+        packet_delay_budget: duration(p.packet_delay_budget),
+        jitter: duration(p.jitter),
+        packet_error_loss_rate: p.packet_error_loss_rate.map(i32::from),
+        l4s_queue_type: match p.l4s_queue_type {
+            None => pb::L4sQueueType::Unspecified,
+            Some(profile::L4sQueueType::NonL4sQueue) => pb::L4sQueueType::NonL4sQueue,
+            Some(profile::L4sQueueType::L4sQueue) => pb::L4sQueueType::L4sQueue,
+            Some(profile::L4sQueueType::MixedQueue) => pb::L4sQueueType::MixedQueue,
+        }
+        .into(),
+        service_class: p.service_class.map(|c| c.as_str().to_owned()).unwrap_or_default(),
+    }
+}

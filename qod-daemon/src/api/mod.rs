@@ -1,0 +1,180 @@
+//! The gRPC services. Each handler converts its request once (`convert`), calls the [`Core`], and
+//! converts the answer back; errors become statuses through `From<CamaraError>`.
+
+pub mod convert;
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::{Stream, StreamExt as _};
+use qod_proto::v1::{self as pb, qos_profiles_server::QosProfiles, quality_on_demand_server::QualityOnDemand};
+use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    core::Core,
+    error::{CamaraCode, CamaraError},
+    model::{ProfileName, SessionId},
+};
+
+/// `qod.v1.QualityOnDemand`.
+pub struct SessionService {
+    core: Arc<Core>,
+    /// Ends watch streams when the daemon shuts down, so the server can drain.
+    shutdown: CancellationToken,
+}
+
+impl SessionService {
+    pub fn new(core: Arc<Core>, shutdown: CancellationToken) -> Self {
+        Self { core, shutdown }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;
+
+fn additional_duration(n: i32) -> Result<u32, CamaraError> {
+    u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+        CamaraError::invalid("requestedAdditionalDuration", format!("{n} must be at least 1 second"))
+    })
+}
+
+#[tonic::async_trait]
+impl QualityOnDemand for SessionService {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::SessionInfo>, Status> {
+        let req = convert::session_request(request.into_inner())?;
+        let view = self.core.create(req)?;
+        Ok(Response::new(convert::session_info(&view)))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::SessionInfo>, Status> {
+        let id: SessionId = request.into_inner().session_id.parse()?;
+        Ok(Response::new(convert::session_info(&self.core.get(id)?)))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let id: SessionId = request.into_inner().session_id.parse()?;
+        self.core.delete(id)?;
+        Ok(Response::new(pb::DeleteSessionResponse {}))
+    }
+
+    async fn extend_qos_session_duration(
+        &self,
+        request: Request<pb::ExtendQosSessionDurationRequest>,
+    ) -> Result<Response<pb::SessionInfo>, Status> {
+        let req = request.into_inner();
+        let id: SessionId = req.session_id.parse()?;
+        let add = additional_duration(req.requested_additional_duration)?;
+        Ok(Response::new(convert::session_info(&self.core.extend(id, add)?)))
+    }
+
+    async fn retrieve_sessions_by_device(
+        &self,
+        request: Request<pb::RetrieveSessionsByDeviceRequest>,
+    ) -> Result<Response<pb::RetrieveSessionsByDeviceResponse>, Status> {
+        let device = convert::lookup_device(request.into_inner().device.as_ref())?;
+        let sessions = self.core.retrieve(&device)?.iter().map(convert::session_info).collect();
+        Ok(Response::new(pb::RetrieveSessionsByDeviceResponse { sessions }))
+    }
+
+    type WatchSessionEventsStream = EventStream;
+
+    async fn watch_session_events(
+        &self,
+        request: Request<pb::WatchSessionEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let req = request.into_inner();
+        let session: Option<SessionId> = req.session_id.as_deref().map(str::parse).transpose()?;
+        let device = req
+            .device
+            .as_ref()
+            .map(|d| {
+                let id = convert::lookup_device(Some(d))?;
+                id.key().ok_or_else(|| {
+                    CamaraError::field(
+                        CamaraCode::IdentifierNotFound,
+                        "device",
+                        "no device address is known for this identifier on this node",
+                    )
+                })
+            })
+            .transpose()?;
+        let events = BroadcastStream::new(self.core.subscribe()).filter_map(move |item| {
+            let out = match item {
+                Ok(ev) => {
+                    let s = &ev.session.session;
+                    let wanted = session.is_none_or(|id| id == s.id)
+                        && device.is_none_or(|k| k == s.flow.device);
+                    wanted.then(|| Ok(convert::event(&ev)))
+                }
+                Err(BroadcastStreamRecvError::Lagged(count)) => Some(Ok(pb::SessionEvent {
+                    event_id: uuid::Uuid::new_v4().to_string(),
+                    time: Some(convert::timestamp(time::OffsetDateTime::now_utc())),
+                    kind: Some(pb::session_event::Kind::EventsMissed(pb::EventsMissed { count })),
+                })),
+            };
+            std::future::ready(out)
+        });
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        Ok(Response::new(Box::pin(events.take_until(shutdown))))
+    }
+}
+
+/// `qod.v1.QosProfiles`.
+pub struct ProfileService {
+    core: Arc<Core>,
+}
+
+impl ProfileService {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+#[tonic::async_trait]
+impl QosProfiles for ProfileService {
+    async fn retrieve_qos_profiles(
+        &self,
+        request: Request<pb::RetrieveQosProfilesRequest>,
+    ) -> Result<Response<pb::RetrieveQosProfilesResponse>, Status> {
+        let req = request.into_inner();
+        // Every profile of this node applies to every device it serves; the device filter is
+        // validated but narrows nothing.
+        if let Some(d) = req.device.as_ref() {
+            convert::lookup_device(Some(d))?;
+        }
+        let name = req.name.as_deref().map(|n| ProfileName::parse("name", n)).transpose()?;
+        let status = pb::QosProfileStatus::try_from(req.status)
+            .map_err(|_| CamaraError::invalid("status", format!("{} is not a profile status", req.status)))?;
+        let profiles = self
+            .core
+            .profiles()
+            .iter()
+            .filter(|p| name.as_ref().is_none_or(|n| *n == p.name))
+            .filter(|p| {
+                status == pb::QosProfileStatus::Unspecified || convert::profile_status(p.status) == status
+            })
+            .map(convert::qos_profile)
+            .collect();
+        Ok(Response::new(pb::RetrieveQosProfilesResponse { profiles }))
+    }
+
+    async fn get_qos_profile(
+        &self,
+        request: Request<pb::GetQosProfileRequest>,
+    ) -> Result<Response<pb::QosProfile>, Status> {
+        let name = ProfileName::parse("name", &request.into_inner().name)?;
+        let profile = self.core.profiles().get(&name).ok_or_else(|| {
+            CamaraError::field(CamaraCode::NotFound, "name", format!("no QoS profile named {name}"))
+        })?;
+        Ok(Response::new(convert::qos_profile(profile)))
+    }
+}

@@ -1,0 +1,409 @@
+//! `qodd` configuration: a TOML file (defaults in `qodd.toml`, embedded) overridden by flags,
+//! validated into a typed [`Config`] before any socket is bound or program loaded.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::{
+    model::ProfileName,
+    profile::{
+        CamaraDuration, CountryAvailability, L4sQueueType, ProfileStatus, Profiles, QosProfile,
+        Rate, ServiceClass,
+    },
+};
+
+/// The documented defaults; also what `qodd --print-default-config` prints.
+pub const DEFAULT_CONFIG: &str = include_str!("../qodd.toml");
+
+/// Exit code for a configuration that does not validate (`EX_USAGE`).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// Command line of `qodd`.
+#[derive(Debug, Parser)]
+#[command(name = "qodd", version, about = "CAMARA Quality-on-Demand enforcement daemon")]
+pub struct Cli {
+    /// TOML configuration file; without it the embedded defaults apply.
+    #[arg(short, long, env = "QODD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address: host:port or unix:/path.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Managed interface (repeat for several); replaces the file's list.
+    #[arg(short, long = "interface")]
+    pub interfaces: Vec<String>,
+    /// Classifier attachment: auto, tcx or clsact.
+    #[arg(long)]
+    pub attach: Option<String>,
+    /// Most sessions held at once.
+    #[arg(long)]
+    pub max_sessions: Option<u32>,
+    /// Print the default configuration file and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
+}
+
+/// The file's shape. Every field is optional so a user file overrides only what it names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    interfaces: Option<Vec<String>>,
+    attach: Option<String>,
+    bpffs: Option<PathBuf>,
+    max_sessions: Option<u32>,
+    unavailable_retention_secs: Option<u64>,
+    profiles: Option<Vec<ProfileConfig>>,
+}
+
+impl FileConfig {
+    fn overlay(self, over: FileConfig) -> FileConfig {
+        FileConfig {
+            listen: over.listen.or(self.listen),
+            interfaces: over.interfaces.or(self.interfaces),
+            attach: over.attach.or(self.attach),
+            bpffs: over.bpffs.or(self.bpffs),
+            max_sessions: over.max_sessions.or(self.max_sessions),
+            unavailable_retention_secs: over
+                .unavailable_retention_secs
+                .or(self.unavailable_retention_secs),
+            profiles: over.profiles.or(self.profiles),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileConfig {
+    name: String,
+    #[serde(default)]
+    description: String,
+    status: ProfileStatus,
+    #[serde(default)]
+    country_availability: Vec<CountryAvailability>,
+    target_min_upstream_rate: Option<Rate>,
+    max_upstream_rate: Option<Rate>,
+    max_upstream_burst_rate: Option<Rate>,
+    target_min_downstream_rate: Option<Rate>,
+    max_downstream_rate: Option<Rate>,
+    max_downstream_burst_rate: Option<Rate>,
+    min_duration: Option<CamaraDuration>,
+    max_duration: Option<CamaraDuration>,
+    priority: Option<u8>,
+    packet_delay_budget: Option<CamaraDuration>,
+    jitter: Option<CamaraDuration>,
+    packet_error_loss_rate: Option<u8>,
+    l4s_queue_type: Option<L4sQueueType>,
+    service_class: Option<ServiceClass>,
+    dscp: Option<u8>,
+    skb_priority: Option<SkbPriority>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SkbPriority {
+    Number(u32),
+    Handle(String),
+}
+
+/// Where the gRPC API listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// How the classifier is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: Listen,
+    pub interfaces: Vec<String>,
+    pub attach: AttachMode,
+    pub bpffs: PathBuf,
+    pub max_sessions: u32,
+    pub unavailable_retention: Duration,
+    pub profiles: Profiles,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+impl Config {
+    /// Reads the file named by `cli` (if any) over the defaults, applies the flags, validates.
+    pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                Some((path.as_path(), text))
+            }
+            None => None,
+        };
+        Self::from_parts(file.as_ref().map(|(p, t)| (*p, t.as_str())), cli)
+    }
+
+    /// As [`Config::load`], with the file's text given.
+    pub fn from_parts(file: Option<(&Path, &str)>, cli: &Cli) -> Result<Self, ConfigError> {
+        let parse = |path: &Path, text: &str| {
+            toml::from_str::<FileConfig>(text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source: Box::new(source),
+            })
+        };
+        let mut merged = parse(Path::new("<built-in defaults>"), DEFAULT_CONFIG)?;
+        if let Some((path, text)) = file {
+            merged = merged.overlay(parse(path, text)?);
+        }
+        merged = merged.overlay(FileConfig {
+            listen: cli.listen.clone(),
+            interfaces: (!cli.interfaces.is_empty()).then(|| cli.interfaces.clone()),
+            attach: cli.attach.clone(),
+            max_sessions: cli.max_sessions,
+            ..FileConfig::default()
+        });
+        Self::validate(merged)
+    }
+
+    fn validate(f: FileConfig) -> Result<Self, ConfigError> {
+        let listen = parse_listen(f.listen.as_deref().unwrap_or_default())?;
+        let interfaces = f.interfaces.unwrap_or_default();
+        if interfaces.is_empty() {
+            return Err(invalid(
+                "no managed interface: set `interfaces` in the config file or pass --interface",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for name in &interfaces {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+                return Err(invalid(format!("interface name {name:?} is not a valid Linux interface name")));
+            }
+            if !seen.insert(name) {
+                return Err(invalid(format!("interface {name:?} is listed twice")));
+            }
+            if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+                return Err(invalid(format!(
+                    "interface {name:?} does not exist in this network namespace"
+                )));
+            }
+        }
+        let attach = match f.attach.as_deref().unwrap_or("auto") {
+            "auto" => AttachMode::Auto,
+            "tcx" => AttachMode::Tcx,
+            "clsact" => AttachMode::Clsact,
+            other => {
+                return Err(invalid(format!("attach = {other:?}: expected \"auto\", \"tcx\" or \"clsact\"")));
+            }
+        };
+        let max_sessions = f.max_sessions.unwrap_or(65_536);
+        if !(1..=4_000_000).contains(&max_sessions) {
+            return Err(invalid(format!("max_sessions = {max_sessions}: must be 1 to 4000000")));
+        }
+        let profiles = f.profiles.unwrap_or_default();
+        if profiles.is_empty() {
+            return Err(invalid("no QoS profile is defined"));
+        }
+        let mut names = HashSet::new();
+        let mut out = Vec::with_capacity(profiles.len());
+        for p in profiles {
+            let profile = validate_profile(p)?;
+            if !names.insert(profile.name.clone()) {
+                return Err(invalid(format!("profile {} is defined twice", profile.name)));
+            }
+            out.push(profile);
+        }
+        Ok(Self {
+            listen,
+            interfaces,
+            attach,
+            bpffs: f.bpffs.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
+            max_sessions,
+            unavailable_retention: Duration::from_secs(f.unavailable_retention_secs.unwrap_or(360)),
+            profiles: Profiles::new(out),
+        })
+    }
+}
+
+fn parse_listen(s: &str) -> Result<Listen, ConfigError> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(invalid("listen = \"unix:\" needs a socket path"));
+        }
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    s.parse()
+        .map(Listen::Tcp)
+        .map_err(|_| invalid(format!("listen = {s:?}: expected host:port (e.g. 127.0.0.1:50051) or unix:/path")))
+}
+
+fn validate_profile(p: ProfileConfig) -> Result<QosProfile, ConfigError> {
+    let name = ProfileName::parse("name", &p.name)
+        .map_err(|e| invalid(format!("profile {:?}: {}", p.name, e.message)))?;
+    let bad = |what: String| invalid(format!("profile {name}: {what}"));
+    for (field, rate) in [
+        ("target_min_upstream_rate", p.target_min_upstream_rate),
+        ("max_upstream_rate", p.max_upstream_rate),
+        ("max_upstream_burst_rate", p.max_upstream_burst_rate),
+        ("target_min_downstream_rate", p.target_min_downstream_rate),
+        ("max_downstream_rate", p.max_downstream_rate),
+        ("max_downstream_burst_rate", p.max_downstream_burst_rate),
+    ] {
+        if let Some(r) = rate
+            && r.value > 1024
+        {
+            return Err(bad(format!("{field}.value = {} exceeds CAMARA's 1024; use a larger unit", r.value)));
+        }
+    }
+    for (field, d) in [
+        ("min_duration", p.min_duration),
+        ("max_duration", p.max_duration),
+        ("packet_delay_budget", p.packet_delay_budget),
+        ("jitter", p.jitter),
+    ] {
+        if let Some(d) = d
+            && (d.value == 0 || d.value > i32::MAX as u32)
+        {
+            return Err(bad(format!("{field}.value = {} must be 1 to {}", d.value, i32::MAX)));
+        }
+    }
+    if let (Some(min), Some(max)) = (p.min_duration, p.max_duration)
+        && min.as_duration() > max.as_duration()
+    {
+        return Err(bad("min_duration is longer than max_duration".into()));
+    }
+    if let Some(max) = p.max_duration
+        && max.as_duration() < Duration::from_secs(1)
+    {
+        return Err(bad("max_duration is shorter than one second".into()));
+    }
+    if let Some(prio) = p.priority
+        && !(1..=100).contains(&prio)
+    {
+        return Err(bad(format!("priority = {prio} must be 1 to 100")));
+    }
+    if let Some(per) = p.packet_error_loss_rate
+        && !(1..=10).contains(&per)
+    {
+        return Err(bad(format!("packet_error_loss_rate = {per} must be 1 to 10")));
+    }
+    let dscp = match (p.dscp, p.service_class) {
+        (Some(d), _) if d > 63 => return Err(bad(format!("dscp = {d} must be 0 to 63"))),
+        (Some(d), _) => d,
+        (None, Some(class)) => class.dscp(),
+        (None, None) => 0,
+    };
+    let skb_priority = match p.skb_priority {
+        None => 0,
+        Some(SkbPriority::Number(n)) => n,
+        Some(SkbPriority::Handle(h)) => parse_tc_handle(&h)
+            .ok_or_else(|| bad(format!("skb_priority = {h:?} is not a tc handle like \"1:10\"")))?,
+    };
+    Ok(QosProfile {
+        name,
+        description: p.description,
+        status: p.status,
+        country_availability: p.country_availability,
+        target_min_upstream_rate: p.target_min_upstream_rate,
+        max_upstream_rate: p.max_upstream_rate,
+        max_upstream_burst_rate: p.max_upstream_burst_rate,
+        target_min_downstream_rate: p.target_min_downstream_rate,
+        max_downstream_rate: p.max_downstream_rate,
+        max_downstream_burst_rate: p.max_downstream_burst_rate,
+        min_duration: p.min_duration,
+        max_duration: p.max_duration,
+        priority: p.priority,
+        packet_delay_budget: p.packet_delay_budget,
+        jitter: p.jitter,
+        packet_error_loss_rate: p.packet_error_loss_rate,
+        l4s_queue_type: p.l4s_queue_type,
+        service_class: p.service_class,
+        dscp,
+        skb_priority,
+    })
+}
+
+/// `"major:minor"` in hex, as tc writes class handles.
+fn parse_tc_handle(s: &str) -> Option<u32> {
+    let (major, minor) = s.split_once(':')?;
+    let major = u32::from_str_radix(major, 16).ok().filter(|m| *m <= 0xffff)?;
+    let minor = if minor.is_empty() { 0 } else { u32::from_str_radix(minor, 16).ok().filter(|m| *m <= 0xffff)? };
+    Some((major << 16) | minor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::parse_from(std::iter::once("qodd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_validate_with_an_interface() {
+        let c = Config::from_parts(None, &cli(&["--interface", "lo"])).expect("valid");
+        assert_eq!(c.listen, Listen::Tcp("127.0.0.1:50051".parse().expect("addr")));
+        let names: Vec<_> = c.profiles.iter().map(|p| p.name.to_string()).collect();
+        assert_eq!(names, ["QOS_E", "QOS_L", "QOS_M", "QOS_S"]);
+        let e = c.profiles.get(&ProfileName::parse("n", "QOS_E").expect("name")).expect("QOS_E");
+        assert_eq!(e.dscp, 32);
+        assert_eq!(e.skb_priority, 0x0001_0010);
+        assert_eq!(e.max_duration_secs(), Some(86_400));
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_reason() {
+        let err = |text: &str| {
+            Config::from_parts(Some((Path::new("t.toml"), text)), &cli(&["-i", "lo"]))
+                .expect_err("must be refused")
+        };
+        assert!(matches!(err("lisen = \"x\""), ConfigError::Parse { .. }));
+        assert!(err("listen = \"nowhere\"").to_string().contains("host:port"));
+        assert!(err("max_sessions = 0").to_string().contains("max_sessions"));
+        let dup = "[[profiles]]\nname=\"AAA\"\nstatus=\"ACTIVE\"\n[[profiles]]\nname=\"AAA\"\nstatus=\"ACTIVE\"\n";
+        assert!(err(dup).to_string().contains("twice"));
+        let rate = "[[profiles]]\nname=\"AAA\"\nstatus=\"ACTIVE\"\nmax_upstream_rate={value=2000,unit=\"kbps\"}\n";
+        assert!(err(rate).to_string().contains("1024"));
+        let missing = Config::from_parts(None, &cli(&["-i", "qod-no-such0"])).expect_err("refused");
+        assert!(missing.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn tc_handles_parse_like_tc() {
+        assert_eq!(parse_tc_handle("1:10"), Some(0x0001_0010));
+        assert_eq!(parse_tc_handle("ffff:"), Some(0xffff_0000));
+        assert_eq!(parse_tc_handle("1"), None);
+    }
+}

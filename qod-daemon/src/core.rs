@@ -1,0 +1,451 @@
+//! The session core: one owner for the session store, the data plane, the expiry schedule and the
+//! event stream, so that every change to maps and store happens in one place, in one order.
+//!
+//! Invariant: after every call, successful or not, a session is AVAILABLE in the store exactly
+//! when its rule is in the data plane. A data plane failure leaves the store as it was.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use qod_common::{DeviceKey, FlowCounters, FlowRule, MAX_PORT_RANGES, PortRange};
+use time::OffsetDateTime;
+use tokio::{
+    sync::{Notify, broadcast},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use uuid::Uuid;
+
+use crate::{
+    dataplane::{DataPlane, DataPlaneError, monotonic_ns},
+    error::{CamaraCode, CamaraError},
+    model::{AppFlow, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words, secs},
+    profile::{ProfileStatus, Profiles, QosProfile},
+};
+
+/// Events a watcher may lag behind by before it is told it missed some.
+const EVENT_BUFFER: usize = 4096;
+
+/// A session as stored.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub request: SessionRequest,
+    pub flow: AppFlow,
+    pub started_at: OffsetDateTime,
+    /// Granted overall duration in seconds, extensions included.
+    pub duration: u32,
+    pub state: SessionState,
+    /// When the expiry task next acts on this session (expire, or purge once UNAVAILABLE).
+    deadline: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum SessionState {
+    Available {
+        /// Counters slot in the data plane.
+        slot: u32,
+        expires_at: OffsetDateTime,
+    },
+    Unavailable {
+        info: StatusInfo,
+        ended_at: OffsetDateTime,
+        /// Counters as they stood when the rule left the data plane.
+        counters: FlowCounters,
+    },
+}
+
+impl Session {
+    pub fn qos_status(&self) -> QosStatus {
+        match self.state {
+            SessionState::Available { .. } => QosStatus::Available,
+            SessionState::Unavailable { .. } => QosStatus::Unavailable,
+        }
+    }
+}
+
+/// A session with its current counters: what the API renders.
+#[derive(Clone, Debug)]
+pub struct SessionView {
+    pub session: Session,
+    pub counters: FlowCounters,
+}
+
+impl SessionView {
+    /// CAMARA `duration`: granted while AVAILABLE, effective (start to end) once UNAVAILABLE.
+    pub fn duration(&self) -> u32 {
+        match self.session.state {
+            SessionState::Available { .. } => self.session.duration,
+            SessionState::Unavailable { ended_at, .. } => {
+                let secs = (ended_at - self.session.started_at).whole_seconds();
+                u32::try_from(secs).unwrap_or(0).max(1)
+            }
+        }
+    }
+}
+
+/// A CAMARA `qos-status-changed` event.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub id: Uuid,
+    pub time: OffsetDateTime,
+    pub session: SessionView,
+}
+
+/// Hands out counter slots; a slot is in use exactly while its session is AVAILABLE.
+#[derive(Debug)]
+struct Slots {
+    free: Vec<u32>,
+    next: u32,
+    capacity: u32,
+}
+
+impl Slots {
+    fn take(&mut self) -> Option<u32> {
+        self.free.pop().or_else(|| {
+            (self.next < self.capacity).then(|| {
+                self.next += 1;
+                self.next - 1
+            })
+        })
+    }
+
+    fn give_back(&mut self, slot: u32) {
+        self.free.push(slot);
+    }
+}
+
+struct Inner {
+    dp: Box<dyn DataPlane>,
+    sessions: HashMap<SessionId, Session>,
+    /// Every stored session (AVAILABLE or retained UNAVAILABLE) by device.
+    by_device: HashMap<DeviceKey, SessionId>,
+    deadlines: BTreeSet<(Instant, SessionId)>,
+    slots: Slots,
+}
+
+/// See the module docs.
+pub struct Core {
+    inner: Mutex<Inner>,
+    /// Wakes the expiry task when an earlier deadline appears.
+    wake: Notify,
+    events: broadcast::Sender<Arc<Event>>,
+    profiles: Profiles,
+    retention: Duration,
+}
+
+impl Core {
+    pub fn new(dp: Box<dyn DataPlane>, profiles: Profiles, max_sessions: u32, retention: Duration) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                dp,
+                sessions: HashMap::new(),
+                by_device: HashMap::new(),
+                deadlines: BTreeSet::new(),
+                slots: Slots { free: Vec::new(), next: 0, capacity: max_sessions },
+            }),
+            wake: Notify::new(),
+            events: broadcast::channel(EVENT_BUFFER).0,
+            profiles,
+            retention,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section leaves `Inner` consistent before anything that can panic, so a
+        // poisoned lock still guards valid state.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn profiles(&self) -> &Profiles {
+        &self.profiles
+    }
+
+    /// New watchers see events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    fn profile_for(&self, req: &SessionRequest) -> Result<&QosProfile, CamaraError> {
+        let profile = self.profiles.get(&req.profile).ok_or_else(|| {
+            CamaraError::invalid("qosProfile", format!("{} is not a QoS profile of this node", req.profile))
+        })?;
+        if profile.status != ProfileStatus::Active {
+            return Err(CamaraError::field(
+                CamaraCode::QosProfileNotApplicable,
+                "qosProfile",
+                format!("{} is {:?} and cannot be used for new sessions", profile.name, profile.status),
+            ));
+        }
+        let d = u64::from(req.duration);
+        let min = profile.min_duration_secs();
+        if d < min {
+            return Err(CamaraError::field(
+                CamaraCode::DurationOutOfRange,
+                "duration",
+                format!("{d} s is shorter than {}'s minimum of {min} s", profile.name),
+            ));
+        }
+        if let Some(max) = profile.max_duration_secs()
+            && d > max
+        {
+            return Err(CamaraError::field(
+                CamaraCode::DurationOutOfRange,
+                "duration",
+                format!("{d} s is longer than {}'s maximum of {max} s", profile.name),
+            ));
+        }
+        Ok(profile)
+    }
+
+    /// Validates `req` against the profiles and the sessions, installs it, and returns it
+    /// AVAILABLE. On any error nothing changed.
+    pub fn create(&self, req: SessionRequest) -> Result<SessionView, CamaraError> {
+        let profile = self.profile_for(&req)?;
+        let flow = AppFlow::from_request(&req)?;
+        let now = OffsetDateTime::now_utc();
+        let deadline = Instant::now() + secs(req.duration);
+        let mut inner = self.lock();
+        if inner.by_device.contains_key(&flow.device) {
+            return Err(CamaraError::new(
+                CamaraCode::Conflict,
+                "conflict with an existing session for the same device: delete it or wait for it to end",
+            ));
+        }
+        let slot = inner.slots.take().ok_or_else(|| {
+            CamaraError::new(
+                CamaraCode::QuotaExceeded,
+                format!("this node holds its maximum of {} sessions", inner.slots.capacity),
+            )
+        })?;
+        let rule = flow_rule(&flow, profile, slot, req.duration);
+        let installed = inner.dp.reset_counters(slot).and_then(|()| inner.dp.install(flow.device, &rule));
+        if let Err(e) = installed {
+            inner.slots.give_back(slot);
+            return Err(dataplane_error(&e));
+        }
+        let id = SessionId::random();
+        let duration = req.duration;
+        let session = Session {
+            id,
+            request: req,
+            started_at: now,
+            duration,
+            state: SessionState::Available { slot, expires_at: now + secs(duration) },
+            deadline,
+            flow,
+        };
+        inner.by_device.insert(session.flow.device, id);
+        inner.deadlines.insert((deadline, id));
+        let view = SessionView { session, counters: FlowCounters::default() };
+        inner.sessions.insert(id, view.session.clone());
+        self.emit(view.clone(), now);
+        drop(inner);
+        self.wake.notify_one();
+        info!(session = %id, profile = %view.session.request.profile, "session created");
+        Ok(view)
+    }
+
+    pub fn get(&self, id: SessionId) -> Result<SessionView, CamaraError> {
+        let inner = self.lock();
+        let session = inner.sessions.get(&id).ok_or_else(|| not_found(id))?;
+        view(&inner, session)
+    }
+
+    /// Deletes a session. An AVAILABLE one leaves the data plane and emits `DELETE_REQUESTED`;
+    /// an UNAVAILABLE one is just forgotten (CAMARA: no event).
+    pub fn delete(&self, id: SessionId) -> Result<(), CamaraError> {
+        let mut inner = self.lock();
+        let session = inner.sessions.get(&id).ok_or_else(|| not_found(id))?.clone();
+        let final_view = if let SessionState::Available { slot, .. } = session.state {
+            let counters = inner.dp.counters(slot).unwrap_or_default();
+            inner.dp.remove(&session.flow.device).map_err(|e| dataplane_error(&e))?;
+            inner.slots.give_back(slot);
+            let now = OffsetDateTime::now_utc();
+            let mut ended = session.clone();
+            ended.state =
+                SessionState::Unavailable { info: StatusInfo::DeleteRequested, ended_at: now, counters };
+            Some((SessionView { session: ended, counters }, now))
+        } else {
+            None
+        };
+        inner.sessions.remove(&id);
+        inner.by_device.remove(&session.flow.device);
+        inner.deadlines.remove(&(session.deadline, id));
+        if let Some((view, now)) = final_view {
+            self.emit(view, now);
+        }
+        info!(session = %id, "session deleted");
+        Ok(())
+    }
+
+    /// Adds time to an AVAILABLE session, silently capped at the profile's maximum duration.
+    pub fn extend(&self, id: SessionId, additional: u32) -> Result<SessionView, CamaraError> {
+        let mut inner = self.lock();
+        let session = inner.sessions.get(&id).ok_or_else(|| not_found(id))?.clone();
+        let SessionState::Available { slot, .. } = session.state else {
+            return Err(CamaraError::new(
+                CamaraCode::SessionExtensionNotAllowed,
+                "extending the session is not allowed in the current state (UNAVAILABLE); the session must be in the AVAILABLE state",
+            ));
+        };
+        let profile = self.profiles.get(&session.request.profile);
+        let max = profile.and_then(QosProfile::max_duration_secs).unwrap_or(u64::from(i32::MAX as u32));
+        let total = (u64::from(session.duration) + u64::from(additional)).min(max).min(i32::MAX as u64);
+        let total = u32::try_from(total).unwrap_or(i32::MAX as u32);
+        let added = total - session.duration;
+        let Some(profile) = profile else {
+            return Err(CamaraError::new(CamaraCode::Internal, "the session's profile is gone"));
+        };
+        // Re-derive the rule with the new end; both clocks move by the same amount.
+        let elapsed = (OffsetDateTime::now_utc() - session.started_at).whole_seconds();
+        let remaining = u32::try_from(i64::from(total) - elapsed).unwrap_or(0);
+        let rule = flow_rule(&session.flow, profile, slot, remaining);
+        inner.dp.install(session.flow.device, &rule).map_err(|e| dataplane_error(&e))?;
+        let deadline = session.deadline + secs(added);
+        let mut updated = session.clone();
+        updated.duration = total;
+        updated.deadline = deadline;
+        updated.state = SessionState::Available { slot, expires_at: session.started_at + secs(total) };
+        inner.deadlines.remove(&(session.deadline, id));
+        inner.deadlines.insert((deadline, id));
+        inner.sessions.insert(id, updated.clone());
+        view(&inner, &updated)
+    }
+
+    /// Sessions of `device` (at most one today: a second one is a conflict).
+    pub fn retrieve(&self, device: &DeviceId) -> Result<Vec<SessionView>, CamaraError> {
+        let key = device.key().ok_or_else(|| {
+            CamaraError::field(
+                CamaraCode::IdentifierNotFound,
+                "device",
+                "no device address is known for this identifier on this node",
+            )
+        })?;
+        let inner = self.lock();
+        inner
+            .by_device
+            .get(&key)
+            .and_then(|id| inner.sessions.get(id))
+            .map(|s| view(&inner, s))
+            .transpose()
+            .map(|v| v.into_iter().collect())
+    }
+
+    /// Acts on every deadline up to `now`; returns the next deadline.
+    pub fn expire_due(&self, now: Instant) -> Option<Instant> {
+        let mut inner = self.lock();
+        while let Some(&(deadline, id)) = inner.deadlines.first() {
+            if deadline > now {
+                return Some(deadline);
+            }
+            inner.deadlines.pop_first();
+            let Some(session) = inner.sessions.get(&id).cloned() else { continue };
+            match session.state {
+                SessionState::Available { slot, .. } => {
+                    let counters = inner.dp.counters(slot).unwrap_or_default();
+                    if let Err(e) = inner.dp.remove(&session.flow.device) {
+                        // The kernel ignores the entry past its expiry anyway; the slot stays
+                        // taken so no new session shares those counters.
+                        error!(session = %id, error = %e, "cannot remove expired rule");
+                    } else {
+                        inner.slots.give_back(slot);
+                    }
+                    let ended_at = OffsetDateTime::now_utc();
+                    let purge = now + self.retention;
+                    let mut ended = session;
+                    ended.state =
+                        SessionState::Unavailable { info: StatusInfo::DurationExpired, ended_at, counters };
+                    ended.deadline = purge;
+                    inner.deadlines.insert((purge, id));
+                    inner.sessions.insert(id, ended.clone());
+                    info!(session = %id, "session duration expired");
+                    self.emit(SessionView { session: ended, counters }, ended_at);
+                }
+                SessionState::Unavailable { .. } => {
+                    inner.sessions.remove(&id);
+                    inner.by_device.remove(&session.flow.device);
+                    info!(session = %id, "unavailable session purged");
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs expiry until `shutdown` is cancelled.
+    pub async fn run_expiry(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = self.expire_due(Instant::now());
+            let sleep = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = sleep => {}
+                () = self.wake.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn emit(&self, session: SessionView, time: OffsetDateTime) {
+        // No receiver is not an error: nobody is watching.
+        let _ = self.events.send(Arc::new(Event { id: Uuid::new_v4(), time, session }));
+    }
+}
+
+fn view(inner: &Inner, session: &Session) -> Result<SessionView, CamaraError> {
+    let counters = match session.state {
+        SessionState::Available { slot, .. } => inner.dp.counters(slot).map_err(|e| dataplane_error(&e))?,
+        SessionState::Unavailable { counters, .. } => counters,
+    };
+    Ok(SessionView { session: session.clone(), counters })
+}
+
+fn not_found(id: SessionId) -> CamaraError {
+    CamaraError::field(CamaraCode::NotFound, "sessionId", format!("session {id} does not exist"))
+}
+
+fn dataplane_error(e: &DataPlaneError) -> CamaraError {
+    error!(error = %e, "data plane operation failed");
+    match e {
+        DataPlaneError::Full { capacity } => CamaraError::new(
+            CamaraCode::QuotaExceeded,
+            format!("the data plane holds its maximum of {capacity} sessions"),
+        ),
+        _ => CamaraError::new(CamaraCode::Internal, format!("the data plane refused the change: {e}")),
+    }
+}
+
+/// The kernel rule for `flow` under `profile`, ending `duration` seconds from now.
+fn flow_rule(flow: &AppFlow, profile: &QosProfile, slot: u32, duration: u32) -> FlowRule {
+    let (server_addr, server_mask) = network_words(flow.server);
+    let ranges = |src: &[PortRange]| {
+        let mut out = [PortRange::default(); MAX_PORT_RANGES];
+        for (o, r) in out.iter_mut().zip(src) {
+            *o = *r;
+        }
+        out
+    };
+    FlowRule {
+        expires_at_ns: monotonic_ns() + u64::from(duration) * 1_000_000_000,
+        skb_priority: profile.skb_priority,
+        slot,
+        server_addr,
+        server_mask,
+        dscp: profile.dscp,
+        // AppFlow::from_request bounds both lists by MAX_PORT_RANGES.
+        n_device_ports: flow.device_ports.len().min(MAX_PORT_RANGES) as u8,
+        n_server_ports: flow.server_ports.len().min(MAX_PORT_RANGES) as u8,
+        _pad: 0,
+        device_ports: ranges(&flow.device_ports),
+        server_ports: ranges(&flow.server_ports),
+        _reserved: 0,
+    }
+}

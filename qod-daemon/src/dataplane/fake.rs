@@ -1,0 +1,54 @@
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use qod_common::{DeviceKey, FlowCounters, FlowRule};
+
+use super::{DataPlane, DataPlaneError};
+
+/// In-memory data plane for unit tests: the map contents are shared so a test can inspect them,
+/// and `fail_next_install` injects a failure.
+#[derive(Clone, Debug, Default)]
+pub struct FakeDataPlane {
+    pub state: Arc<Mutex<FakeState>>,
+}
+
+#[derive(Debug, Default)]
+pub struct FakeState {
+    pub flows: HashMap<DeviceKey, FlowRule>,
+    pub counters: HashMap<u32, FlowCounters>,
+    pub fail_next_install: bool,
+}
+
+impl FakeDataPlane {
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        // A test that panicked while holding the lock has already failed; keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl DataPlane for FakeDataPlane {
+    fn install(&mut self, key: DeviceKey, rule: &FlowRule) -> Result<(), DataPlaneError> {
+        let mut s = self.state();
+        if std::mem::take(&mut s.fail_next_install) {
+            return Err(DataPlaneError::Full { capacity: 0 });
+        }
+        s.flows.insert(key, *rule);
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError> {
+        self.state().flows.remove(key);
+        Ok(())
+    }
+
+    fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError> {
+        Ok(self.state().counters.get(&slot).copied().unwrap_or_default())
+    }
+
+    fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
+        self.state().counters.remove(&slot);
+        Ok(())
+    }
+}

@@ -1,0 +1,65 @@
+//! The data plane: where sessions become kernel state. [`AyaDataPlane`] drives the real eBPF
+//! maps; [`FakeDataPlane`] records calls for unit tests of the layers above.
+
+mod aya_dp;
+mod fake;
+
+pub use aya_dp::{AyaDataPlane, EBPF_OBJECT, ensure_bpffs};
+pub use fake::FakeDataPlane;
+use qod_common::{DeviceKey, FlowCounters, FlowRule};
+
+/// Failure of a data plane operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("eBPF map {map} rejected the operation")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("the flow map is full ({capacity} entries)")]
+    Full { capacity: u32 },
+    #[error("cannot load the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF program {program} failed: {what}")]
+    Program {
+        program: &'static str,
+        what: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("cannot attach the classifier to {interface}: {what}")]
+    Attach { interface: String, what: String },
+    #[error("cannot mount bpffs at {path}")]
+    Bpffs {
+        path: std::path::PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+}
+
+/// Kernel state for sessions. Every call is a few syscalls and never blocks on the network.
+pub trait DataPlane: Send + 'static {
+    /// Installs or replaces the rule for `key`.
+    fn install(&mut self, key: DeviceKey, rule: &FlowRule) -> Result<(), DataPlaneError>;
+    /// Removes the rule for `key`; a missing entry is not an error.
+    fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError>;
+    /// Sum over CPUs of the counters at `slot`.
+    fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError>;
+    /// Zeroes the counters at `slot` before it is handed to a new session.
+    fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError>;
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    // CLOCK_MONOTONIC always exists on Linux; 0 ("never expires") is only a fallback that the
+    // user-space expiry still covers.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,155 @@
+//! The API's error model: every failure a caller can see is a [`CamaraError`], mapped once to a
+//! gRPC status carrying a `google.rpc.ErrorInfo` whose reason is the CAMARA error code.
+
+use std::fmt;
+
+use tonic::Code;
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+/// `google.rpc.ErrorInfo.domain` of every qod error.
+pub const ERROR_DOMAIN: &str = "qod.camara";
+
+/// CAMARA error codes (the `code` of CAMARA's `ErrorInfo`), with the gRPC code each maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CamaraCode {
+    InvalidArgument,
+    OutOfRange,
+    DurationOutOfRange,
+    InvalidSink,
+    InvalidCredential,
+    InvalidToken,
+    NotFound,
+    IdentifierNotFound,
+    Conflict,
+    SessionExtensionNotAllowed,
+    ServiceNotApplicable,
+    MissingIdentifier,
+    UnsupportedIdentifier,
+    UnnecessaryIdentifier,
+    QosProfileNotApplicable,
+    Unauthenticated,
+    PermissionDenied,
+    QuotaExceeded,
+    TooManyRequests,
+    NotImplemented,
+    Internal,
+    Unavailable,
+}
+
+impl CamaraCode {
+    /// The CAMARA code string, carried as `ErrorInfo.reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "INVALID_ARGUMENT",
+            Self::OutOfRange => "OUT_OF_RANGE",
+            Self::DurationOutOfRange => "QUALITY_ON_DEMAND.DURATION_OUT_OF_RANGE",
+            Self::InvalidSink => "INVALID_SINK",
+            Self::InvalidCredential => "INVALID_CREDENTIAL",
+            Self::InvalidToken => "INVALID_TOKEN",
+            Self::NotFound => "NOT_FOUND",
+            Self::IdentifierNotFound => "IDENTIFIER_NOT_FOUND",
+            Self::Conflict => "CONFLICT",
+            Self::SessionExtensionNotAllowed => "QUALITY_ON_DEMAND.SESSION_EXTENSION_NOT_ALLOWED",
+            Self::ServiceNotApplicable => "SERVICE_NOT_APPLICABLE",
+            Self::MissingIdentifier => "MISSING_IDENTIFIER",
+            Self::UnsupportedIdentifier => "UNSUPPORTED_IDENTIFIER",
+            Self::UnnecessaryIdentifier => "UNNECESSARY_IDENTIFIER",
+            Self::QosProfileNotApplicable => "QUALITY_ON_DEMAND.QOS_PROFILE_NOT_APPLICABLE",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::PermissionDenied => "PERMISSION_DENIED",
+            Self::QuotaExceeded => "QUOTA_EXCEEDED",
+            Self::TooManyRequests => "TOO_MANY_REQUESTS",
+            Self::NotImplemented => "NOT_IMPLEMENTED",
+            Self::Internal => "INTERNAL",
+            Self::Unavailable => "UNAVAILABLE",
+        }
+    }
+
+    /// The gRPC status code: CAMARA's HTTP status translated (400 → INVALID_ARGUMENT or
+    /// OUT_OF_RANGE, 404 → NOT_FOUND, 409 → ALREADY_EXISTS / FAILED_PRECONDITION, 422 →
+    /// FAILED_PRECONDITION, 401, 403, 429 → RESOURCE_EXHAUSTED).
+    pub fn grpc_code(self) -> Code {
+        match self {
+            Self::InvalidArgument
+            | Self::InvalidSink
+            | Self::InvalidCredential
+            | Self::InvalidToken => Code::InvalidArgument,
+            Self::OutOfRange | Self::DurationOutOfRange => Code::OutOfRange,
+            Self::NotFound | Self::IdentifierNotFound => Code::NotFound,
+            Self::Conflict => Code::AlreadyExists,
+            Self::SessionExtensionNotAllowed
+            | Self::ServiceNotApplicable
+            | Self::MissingIdentifier
+            | Self::UnsupportedIdentifier
+            | Self::UnnecessaryIdentifier
+            | Self::QosProfileNotApplicable => Code::FailedPrecondition,
+            Self::Unauthenticated => Code::Unauthenticated,
+            Self::PermissionDenied => Code::PermissionDenied,
+            Self::QuotaExceeded | Self::TooManyRequests => Code::ResourceExhausted,
+            Self::NotImplemented => Code::Unimplemented,
+            Self::Internal => Code::Internal,
+            Self::Unavailable => Code::Unavailable,
+        }
+    }
+}
+
+impl fmt::Display for CamaraCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+/// A failure reported to an API caller.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct CamaraError {
+    pub code: CamaraCode,
+    /// What a person can act on; names the offending field and value.
+    pub message: String,
+    /// Request field path the error is about (`ErrorInfo.metadata["field"]`), when there is one.
+    pub field: Option<String>,
+}
+
+impl CamaraError {
+    pub fn new(code: CamaraCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), field: None }
+    }
+
+    /// An error about one request field.
+    pub fn field(code: CamaraCode, field: impl Into<String>, message: impl Into<String>) -> Self {
+        let field = field.into();
+        Self { code, message: format!("{field}: {}", message.into()), field: Some(field) }
+    }
+
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::field(CamaraCode::InvalidArgument, field, message)
+    }
+}
+
+impl From<CamaraError> for tonic::Status {
+    fn from(e: CamaraError) -> Self {
+        let mut metadata = std::collections::HashMap::new();
+        if let Some(field) = &e.field {
+            metadata.insert("field".to_owned(), field.clone());
+        }
+        let details = ErrorDetails::with_error_info(e.code.reason(), ERROR_DOMAIN, metadata);
+        tonic::Status::with_error_details(e.code.grpc_code(), e.message, details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_carries_reason_and_field() {
+        let status: tonic::Status =
+            CamaraError::field(CamaraCode::DurationOutOfRange, "duration", "too long").into();
+        assert_eq!(status.code(), Code::OutOfRange);
+        assert_eq!(status.message(), "duration: too long");
+        let info = status.get_details_error_info().expect("error info attached");
+        assert_eq!(info.reason, "QUALITY_ON_DEMAND.DURATION_OUT_OF_RANGE");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata.get("field").map(String::as_str), Some("duration"));
+    }
+}

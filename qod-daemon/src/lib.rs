@@ -1,0 +1,125 @@
+//! `qodd`: CAMARA Quality-on-Demand sessions enforced by an eBPF tc classifier.
+//!
+//! [`run`] is the whole daemon; `main.rs` only parses the command line, validates the
+//! configuration and calls it, so tests can drive the same code.
+
+pub mod api;
+pub mod config;
+pub mod core;
+pub mod dataplane;
+pub mod error;
+pub mod model;
+pub mod profile;
+
+use std::{sync::Arc, time::Duration};
+
+use qod_proto::v1::{qos_profiles_server::QosProfilesServer, quality_on_demand_server::QualityOnDemandServer};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, Listen},
+    core::Core,
+    dataplane::{AyaDataPlane, DataPlaneError},
+};
+
+/// How long in-flight calls get to finish after a shutdown signal.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("data plane set-up failed")]
+    DataPlane(#[from] DataPlaneError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC reflection set-up failed")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs the daemon until `shutdown` completes, then drains and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    dataplane::ensure_bpffs(&config.bpffs)?;
+    let mut dp = AyaDataPlane::load(config.max_sessions)?;
+    for iface in &config.interfaces {
+        let how = dp.attach(iface, config.attach)?;
+        info!(interface = %iface, mode = how, "classifier attached on egress");
+    }
+    let core = Arc::new(Core::new(
+        Box::new(dp),
+        config.profiles.clone(),
+        config.max_sessions,
+        config.unavailable_retention,
+    ));
+
+    let token = CancellationToken::new();
+    let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<QualityOnDemandServer<api::SessionService>>().await;
+    health.set_serving::<QosProfilesServer<api::ProfileService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(qod_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(QualityOnDemandServer::new(api::SessionService::new(core.clone(), token.clone())))
+        .add_service(QosProfilesServer::new(api::ProfileService::new(core.clone())));
+
+    let signal_token = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        info!("shutdown requested; draining");
+        signal_token.cancel();
+    });
+    let stop = token.clone().cancelled_owned();
+    let server = match &config.listen {
+        Listen::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen { addr: addr.to_string(), source })?;
+            info!(listen = %addr, "qodd ready");
+            tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop))
+        }
+        Listen::Unix(path) => {
+            let err = |source| RunError::Listen { addr: format!("unix:{}", path.display()), source };
+            // A socket file left by a previous run would make bind fail.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())
+            }) {
+                std::fs::remove_file(path).map_err(err)?;
+            }
+            let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+            info!(listen = %format!("unix:{}", path.display()), "qodd ready");
+            tokio::spawn(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop))
+        }
+    };
+
+    token.cancelled().await;
+    let served = match tokio::time::timeout(DRAIN_GRACE, server).await {
+        Ok(Ok(result)) => result.map_err(RunError::from),
+        Ok(Err(join)) => {
+            warn!(error = %join, "server task ended abnormally");
+            Ok(())
+        }
+        Err(_) => {
+            warn!(grace = ?DRAIN_GRACE, "calls still in flight after the grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    let _ = expiry.await;
+    if let Listen::Unix(path) = &config.listen {
+        let _ = std::fs::remove_file(path);
+    }
+    info!("qodd stopped");
+    served
+}

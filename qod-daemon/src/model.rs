@@ -1,0 +1,337 @@
+//! Domain types. Each is valid by construction: the API edge (`api::convert`) builds them from
+//! proto messages and rejects anything else, so the core never sees an unchecked value.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+    time::Duration,
+};
+
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use qod_common::{
+    DeviceKey, FAMILY_IPV4, FAMILY_IPV6, IPV6_DEVICE_PREFIX_LEN, MAX_PORT_RANGES, PortRange,
+};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::error::{CamaraCode, CamaraError};
+
+/// A session's id: a UUID, as CAMARA's `sessionId`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(Uuid);
+
+impl SessionId {
+    pub fn random() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl FromStr for SessionId {
+    type Err = CamaraError;
+    fn from_str(s: &str) -> Result<Self, CamaraError> {
+        Uuid::try_parse(s)
+            .map(Self)
+            .map_err(|_| CamaraError::invalid("sessionId", format!("{s:?} is not a UUID")))
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// CAMARA `QosProfileName`: 3..=256 characters of `[a-zA-Z0-9_.-]`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProfileName(String);
+
+impl ProfileName {
+    pub fn parse(field: &str, s: &str) -> Result<Self, CamaraError> {
+        if !(3..=256).contains(&s.len()) {
+            return Err(CamaraError::invalid(field, format!("{s:?} must be 3 to 256 characters long")));
+        }
+        if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c))) {
+            return Err(CamaraError::invalid(
+                field,
+                format!("{s:?} contains {c:?}; only letters, digits, '_', '.' and '-' are allowed"),
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProfileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// CAMARA `phoneNumber`: `^\+[1-9][0-9]{4,14}$`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PhoneNumber(String);
+
+impl PhoneNumber {
+    pub fn parse(field: &str, s: &str) -> Result<Self, CamaraError> {
+        let digits = s.strip_prefix('+').unwrap_or("");
+        let ok = digits.len() >= 5
+            && digits.len() <= 15
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0');
+        if !ok {
+            return Err(CamaraError::invalid(
+                field,
+                format!("{s:?} is not an E.164 number ('+' then 5 to 15 digits, not starting with 0)"),
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The one device identifier a session was created with (CAMARA: the provider picks one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceId {
+    /// CAMARA `DeviceIpv4Addr`: the public address plus the private address and/or public port.
+    Ipv4 { public: Ipv4Addr, private: Option<Ipv4Addr>, public_port: Option<u16> },
+    /// Any address of the device's IPv6 prefix.
+    Ipv6(Ipv6Addr),
+    PhoneNumber(PhoneNumber),
+}
+
+impl DeviceId {
+    /// The address the classifier keys this device by: the private IPv4 address when given
+    /// (what an edge host in front of the NAT sees), else the public one; for IPv6 the /64.
+    /// `None` for identifiers that need a directory look-up first.
+    pub fn key(&self) -> Option<DeviceKey> {
+        match self {
+            Self::Ipv4 { public, private, .. } => Some(ipv4_key(private.unwrap_or(*public))),
+            Self::Ipv6(addr) => Some(ipv6_key(*addr)),
+            Self::PhoneNumber(_) => None,
+        }
+    }
+
+    pub fn family(&self) -> Option<u32> {
+        self.key().map(|k| k.family)
+    }
+}
+
+pub fn ipv4_key(addr: Ipv4Addr) -> DeviceKey {
+    DeviceKey { family: FAMILY_IPV4, addr: [u32::from_ne_bytes(addr.octets()), 0, 0, 0] }
+}
+
+pub fn ipv6_key(addr: Ipv6Addr) -> DeviceKey {
+    let prefix = Ipv6Network::new(addr, IPV6_DEVICE_PREFIX_LEN)
+        .map(|n| n.network())
+        .unwrap_or(addr);
+    DeviceKey { family: FAMILY_IPV6, addr: words(prefix.octets()) }
+}
+
+fn words(b: [u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// CAMARA `PortsSpec`, validated: every port in 1..=65535, every range ordered, not empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ports {
+    pub ranges: Vec<(u16, u16)>,
+    pub ports: Vec<u16>,
+}
+
+impl Ports {
+    /// Ports and ranges merged into the fewest sorted ranges.
+    pub fn merged(&self) -> Vec<PortRange> {
+        let mut all: Vec<(u16, u16)> =
+            self.ranges.iter().copied().chain(self.ports.iter().map(|&p| (p, p))).collect();
+        all.sort_unstable();
+        let mut out: Vec<PortRange> = Vec::with_capacity(all.len());
+        for (from, to) in all {
+            match out.last_mut() {
+                Some(last) if u32::from(from) <= u32::from(last.to) + 1 => last.to = last.to.max(to),
+                _ => out.push(PortRange { from, to }),
+            }
+        }
+        out
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.merged().iter().any(|r| r.contains(port))
+    }
+}
+
+/// CAMARA `ApplicationServer`: an IPv4 and/or an IPv6 address or network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplicationServer {
+    pub ipv4: Option<Ipv4Network>,
+    pub ipv6: Option<Ipv6Network>,
+}
+
+impl ApplicationServer {
+    pub fn network(&self, family: u32) -> Option<IpNetwork> {
+        match family {
+            FAMILY_IPV4 => self.ipv4.map(IpNetwork::V4),
+            FAMILY_IPV6 => self.ipv6.map(IpNetwork::V6),
+            _ => None,
+        }
+    }
+}
+
+/// CAMARA `SinkCredential` of type ACCESSTOKEN (the only one accepted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessToken {
+    pub token: String,
+    pub expires: OffsetDateTime,
+}
+
+/// What a caller asked for, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRequest {
+    pub device: DeviceId,
+    pub server: ApplicationServer,
+    pub device_ports: Option<Ports>,
+    pub server_ports: Option<Ports>,
+    pub profile: ProfileName,
+    pub sink: Option<String>,
+    pub sink_credential: Option<AccessToken>,
+    /// Requested seconds, >= 1.
+    pub duration: u32,
+}
+
+/// The App-Flow as the classifier matches it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppFlow {
+    pub device: DeviceKey,
+    pub server: IpNetwork,
+    pub device_ports: Vec<PortRange>,
+    pub server_ports: Vec<PortRange>,
+}
+
+impl AppFlow {
+    /// Builds the flow the request describes, in the device identifier's address family.
+    pub fn from_request(req: &SessionRequest) -> Result<Self, CamaraError> {
+        let device = req.device.key().ok_or_else(|| {
+            CamaraError::field(
+                CamaraCode::IdentifierNotFound,
+                "device",
+                "no device address is known for this identifier on this node",
+            )
+        })?;
+        let family = if device.family == FAMILY_IPV4 { "IPv4" } else { "IPv6" };
+        let server = req.server.network(device.family).ok_or_else(|| {
+            CamaraError::invalid(
+                "applicationServer",
+                format!("the device is identified by an {family} address but the application server has no {family} address"),
+            )
+        })?;
+        let mut device_ports = req.device_ports.as_ref().map(Ports::merged).unwrap_or_default();
+        if let DeviceId::Ipv4 { private: None, public_port: Some(port), .. } = req.device {
+            // Behind a NAT with only the public side known, the public port is the device port.
+            if !device_ports.is_empty() && !device_ports.iter().any(|r| r.contains(port)) {
+                return Err(CamaraError::invalid(
+                    "devicePorts",
+                    format!("does not include device.ipv4Address.publicPort {port}"),
+                ));
+            }
+            device_ports = vec![PortRange { from: port, to: port }];
+        }
+        let server_ports = req.server_ports.as_ref().map(Ports::merged).unwrap_or_default();
+        for (field, ranges) in [("devicePorts", &device_ports), ("applicationServerPorts", &server_ports)] {
+            if ranges.len() > MAX_PORT_RANGES {
+                return Err(CamaraError::field(
+                    CamaraCode::OutOfRange,
+                    field,
+                    format!(
+                        "{} disjoint port ranges after merging; at most {MAX_PORT_RANGES} are supported",
+                        ranges.len()
+                    ),
+                ));
+            }
+        }
+        Ok(Self { device, server, device_ports, server_ports })
+    }
+}
+
+/// The server network as (address, mask) words in network byte order, address masked.
+pub fn network_words(net: IpNetwork) -> ([u32; 4], [u32; 4]) {
+    match net {
+        IpNetwork::V4(n) => (
+            [u32::from_ne_bytes(n.network().octets()), 0, 0, 0],
+            [u32::from_ne_bytes(n.mask().octets()), 0, 0, 0],
+        ),
+        IpNetwork::V6(n) => (words(n.network().octets()), words(n.mask().octets())),
+    }
+}
+
+/// The device address a key stands for (IPv6: the /64 network address).
+pub fn key_addr(key: &DeviceKey) -> IpAddr {
+    let b = |w: u32| w.to_ne_bytes();
+    if key.family == FAMILY_IPV4 {
+        IpAddr::V4(Ipv4Addr::from(b(key.addr[0])))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in key.addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&b(*w));
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    }
+}
+
+/// CAMARA `qosStatus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QosStatus {
+    Requested,
+    Available,
+    Unavailable,
+}
+
+/// CAMARA `statusInfo`: why a session became UNAVAILABLE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusInfo {
+    DurationExpired,
+    NetworkTerminated,
+    DeleteRequested,
+}
+
+/// Seconds as a `Duration`, for CAMARA's integer `duration` fields.
+pub fn secs(s: u32) -> Duration {
+    Duration::from_secs(u64::from(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_merge_into_fewest_ranges() {
+        let p = Ports { ranges: vec![(10, 20), (21, 25), (100, 200)], ports: vec![5, 6, 150, 300] };
+        let m: Vec<_> = p.merged().iter().map(|r| (r.from, r.to)).collect();
+        assert_eq!(m, vec![(5, 6), (10, 25), (100, 200), (300, 300)]);
+    }
+
+    #[test]
+    fn ipv6_devices_key_by_their_prefix() {
+        let a = ipv6_key("2001:db8:1:2::5".parse().expect("addr"));
+        let b = ipv6_key("2001:db8:1:2:ffff::1".parse().expect("addr"));
+        assert_eq!(a, b);
+        assert_eq!(key_addr(&a), "2001:db8:1:2::".parse::<IpAddr>().expect("addr"));
+    }
+
+    #[test]
+    fn names_and_numbers_are_checked() {
+        assert!(ProfileName::parse("q", "QOS_E").is_ok());
+        assert!(ProfileName::parse("q", "QO").is_err());
+        assert!(ProfileName::parse("q", "QOS E").is_err());
+        assert!(PhoneNumber::parse("p", "+34600000000").is_ok());
+        assert!(PhoneNumber::parse("p", "34600000000").is_err());
+        assert!(PhoneNumber::parse("p", "+0123456").is_err());
+        assert!("not-a-uuid".parse::<SessionId>().is_err());
+    }
+}

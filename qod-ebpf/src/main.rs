@@ -1,0 +1,314 @@
+//! The qod tc classifier.
+//!
+//! Attached on the egress of every managed interface. For an IPv4 or IPv6 packet (optionally behind
+//! up to two VLAN tags) it looks the destination, then the source, up in `QOD_FLOWS` as a device; on
+//! a live entry whose server network and ports match the other end, it rewrites DSCP (ECN kept,
+//! IPv4 checksum fixed incrementally), sets `skb->priority` and counts the packet. Anything else
+//! passes untouched. The verdict is always "carry on" (`TC_ACT_UNSPEC`, which is `TCX_NEXT`), so
+//! qod never drops or steals a packet and composes with other tc programs.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuArray},
+    programs::TcContext,
+};
+use qod_common::{
+    DeviceKey, FAMILY_IPV4, FAMILY_IPV6, FlowCounters, FlowRule, MAX_PORT_RANGES, PortRange,
+};
+
+/// Default capacity; user space sets the configured `max_sessions` at load time.
+const DEFAULT_MAX_SESSIONS: u32 = 65_536;
+
+#[map]
+static QOD_FLOWS: HashMap<DeviceKey, FlowRule> =
+    HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
+
+#[map]
+static QOD_COUNTERS: PerCpuArray<FlowCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPV6_HLEN: usize = 40;
+/// IPv6 extension headers walked before giving up on finding the transport header.
+const MAX_IPV6_EXT_HEADERS: usize = 6;
+
+/// Why a packet was left alone; every variant means "pass untouched".
+enum Skip {
+    /// The packet ends before the header we need.
+    Truncated,
+    /// Not IPv4/IPv6, or no session covers it.
+    NoMatch,
+}
+
+#[classifier]
+pub fn qod_tc(ctx: TcContext) -> i32 {
+    match try_qod_tc(&ctx) {
+        Ok(()) | Err(Skip::Truncated) | Err(Skip::NoMatch) => TC_ACT_UNSPEC,
+    }
+}
+
+/// Bounds-checked pointer to a `T` at `off` bytes into the packet's linear data.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*mut T, Skip> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return Err(Skip::Truncated);
+    }
+    Ok((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Skip> {
+    // SAFETY: ptr_at checked that `size_of::<T>()` bytes at `off` lie inside the packet; the read
+    // is unaligned because packet headers carry no alignment guarantee.
+    Ok(unsafe { core::ptr::read_unaligned(ptr_at::<T>(ctx, off)?) })
+}
+
+/// The addressing of one packet, as far as classification needs it.
+struct Packet {
+    family: u32,
+    /// Offset of the IP header.
+    l3: usize,
+    src: [u32; 4],
+    dst: [u32; 4],
+    /// `Some((src_port, dst_port))` for TCP/UDP with a readable header in the first fragment.
+    ports: Option<(u16, u16)>,
+}
+
+fn try_qod_tc(ctx: &TcContext) -> Result<(), Skip> {
+    let pkt = parse(ctx)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    // Downlink: the destination is a device. Uplink: the source is.
+    let (rule, uplink) = if let Some(rule) = lookup(&pkt, pkt.dst, pkt.src, false, now) {
+        (rule, false)
+    } else if let Some(rule) = lookup(&pkt, pkt.src, pkt.dst, true, now) {
+        (rule, true)
+    } else {
+        return Err(Skip::NoMatch);
+    };
+
+    set_dscp(ctx, &pkt, rule.dscp)?;
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel handed us; `priority` is writable
+    // from tc programs.
+    unsafe { (*ctx.skb.skb).priority = rule.skb_priority };
+
+    if let Some(c) = QOD_COUNTERS.get_ptr_mut(rule.slot) {
+        let len = u64::from(ctx.len());
+        // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered on
+        // the same CPU while it runs.
+        unsafe {
+            if uplink {
+                (*c).up_packets += 1;
+                (*c).up_bytes += len;
+            } else {
+                (*c).down_packets += 1;
+                (*c).down_bytes += len;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn lookup(pkt: &Packet, device: [u32; 4], server: [u32; 4], uplink: bool, now: u64) -> Option<FlowRule> {
+    let mut key = DeviceKey { family: pkt.family, addr: device };
+    if pkt.family == FAMILY_IPV6 {
+        key.addr[2] = 0;
+        key.addr[3] = 0;
+    }
+    let rule = QOD_FLOWS.get_ptr(&key)?;
+    // SAFETY: the map is BPF_F_NO_PREALLOC, so an entry replaced or deleted by user space stays
+    // valid until this RCU read section ends; we copy it out once.
+    let rule = unsafe { *rule };
+    if rule.expires_at_ns != 0 && now >= rule.expires_at_ns {
+        return None;
+    }
+    let mut i = 0;
+    while i < 4 {
+        if server[i] & rule.server_mask[i] != rule.server_addr[i] {
+            return None;
+        }
+        i += 1;
+    }
+    if rule.needs_ports() {
+        let (sport, dport) = pkt.ports?;
+        let (device_port, server_port) = if uplink { (sport, dport) } else { (dport, sport) };
+        if !in_ranges(&rule.device_ports, rule.n_device_ports, device_port)
+            || !in_ranges(&rule.server_ports, rule.n_server_ports, server_port)
+        {
+            return None;
+        }
+    }
+    Some(rule)
+}
+
+/// True when `n` is 0 (no constraint) or `port` falls in one of the first `n` ranges.
+#[inline(always)]
+fn in_ranges(ranges: &[PortRange; MAX_PORT_RANGES], n: u8, port: u16) -> bool {
+    if n == 0 {
+        return true;
+    }
+    let mut i = 0;
+    while i < MAX_PORT_RANGES {
+        if i >= n as usize {
+            return false;
+        }
+        if ranges[i].contains(port) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+fn parse(ctx: &TcContext) -> Result<Packet, Skip> {
+    let mut off = ETH_HLEN;
+    let mut proto = u16::from_be(load::<u16>(ctx, 12)?);
+    // Up to two VLAN tags (802.1Q, or QinQ with an 802.1ad outer tag).
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        proto = u16::from_be(load::<u16>(ctx, off + 2)?);
+        off += 4;
+        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+            proto = u16::from_be(load::<u16>(ctx, off + 2)?);
+            off += 4;
+        }
+    }
+    match proto {
+        ETH_P_IP => parse_ipv4(ctx, off),
+        ETH_P_IPV6 => parse_ipv6(ctx, off),
+        _ => Err(Skip::NoMatch),
+    }
+}
+
+fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
+    let vihl = load::<u8>(ctx, l3)?;
+    if vihl >> 4 != 4 {
+        return Err(Skip::NoMatch);
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(Skip::NoMatch);
+    }
+    // Make sure the whole fixed header is there before reading the addresses.
+    load::<[u8; 20]>(ctx, l3)?;
+    let frag = u16::from_be(load::<u16>(ctx, l3 + 6)?);
+    let protocol = load::<u8>(ctx, l3 + 9)?;
+    let src = load::<u32>(ctx, l3 + 12)?;
+    let dst = load::<u32>(ctx, l3 + 16)?;
+    // Only a first (or unfragmented) packet carries the transport header.
+    let first_fragment = frag & 0x1fff == 0;
+    let ports = if first_fragment { l4_ports(ctx, protocol, l3 + ihl) } else { None };
+    Ok(Packet { family: FAMILY_IPV4, l3, src: [src, 0, 0, 0], dst: [dst, 0, 0, 0], ports })
+}
+
+fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
+    let first = load::<u8>(ctx, l3)?;
+    if first >> 4 != 6 {
+        return Err(Skip::NoMatch);
+    }
+    let src = load::<[u32; 4]>(ctx, l3 + 8)?;
+    let dst = load::<[u32; 4]>(ctx, l3 + 24)?;
+    let mut next = load::<u8>(ctx, l3 + 6)?;
+    let mut off = l3 + IPV6_HLEN;
+    let mut first_fragment = true;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT_HEADERS {
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-octet units, not counting
+            // the first 8.
+            0 | 43 | 60 => {
+                let hdr = load::<[u8; 2]>(ctx, off)?;
+                next = hdr[0];
+                off += (usize::from(hdr[1]) + 1) * 8;
+            }
+            // Fragment header: fixed 8 bytes; a non-zero offset means no transport header here.
+            44 => {
+                let hdr = load::<[u8; 4]>(ctx, off)?;
+                next = hdr[0];
+                if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
+                    first_fragment = false;
+                }
+                off += 8;
+            }
+            // Authentication header: length in 4-octet units, minus 2.
+            51 => {
+                let hdr = load::<[u8; 2]>(ctx, off)?;
+                next = hdr[0];
+                off += (usize::from(hdr[1]) + 2) * 4;
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    let ports = if first_fragment { l4_ports(ctx, next, off) } else { None };
+    Ok(Packet { family: FAMILY_IPV6, l3, src, dst, ports })
+}
+
+#[inline(always)]
+fn l4_ports(ctx: &TcContext, protocol: u8, off: usize) -> Option<(u16, u16)> {
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return None;
+    }
+    let ports = load::<[u16; 2]>(ctx, off).ok()?;
+    Some((u16::from_be(ports[0]), u16::from_be(ports[1])))
+}
+
+/// Rewrites the DSCP bits, keeping ECN.
+#[inline(always)]
+fn set_dscp(ctx: &TcContext, pkt: &Packet, dscp: u8) -> Result<(), Skip> {
+    if pkt.family == FAMILY_IPV4 {
+        let tos_ptr = ptr_at::<u8>(ctx, pkt.l3 + 1)?;
+        let csum_ptr = ptr_at::<u16>(ctx, pkt.l3 + 10)?;
+        // SAFETY: both pointers were bounds-checked by ptr_at; tc programs may write packet data.
+        unsafe {
+            let old = *tos_ptr;
+            let new = (dscp << 2) | (old & 0x03);
+            if old == new {
+                return Ok(());
+            }
+            *tos_ptr = new;
+            // RFC 1624 incremental update, HC' = ~(~HC + ~m + m'), on the 16-bit word holding
+            // version/IHL and TOS; the version/IHL byte is unchanged so only the low byte moves.
+            let vihl = *(ptr_at::<u8>(ctx, pkt.l3)?);
+            let old_word = u32::from(u16::from_be_bytes([vihl, old]));
+            let new_word = u32::from(u16::from_be_bytes([vihl, new]));
+            let hc = u32::from(u16::from_be(core::ptr::read_unaligned(csum_ptr)));
+            let mut sum = (!hc & 0xffff) + (!old_word & 0xffff) + new_word;
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            core::ptr::write_unaligned(csum_ptr, (!(sum as u16)).to_be());
+        }
+    } else {
+        let p = ptr_at::<[u8; 2]>(ctx, pkt.l3)?;
+        // SAFETY: bounds-checked by ptr_at; tc programs may write packet data.
+        unsafe {
+            let [b0, b1] = *p;
+            // Version (4 bits) | traffic class (8) | flow label (20): TC straddles b0 and b1.
+            let tc = (b0 << 4) | (b1 >> 4);
+            let new_tc = (dscp << 2) | (tc & 0x03);
+            *p = [(b0 & 0xf0) | (new_tc >> 4), (new_tc << 4) | (b1 & 0x0f)];
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
