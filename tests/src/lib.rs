@@ -1,1 +1,506 @@
+//! Test kit for qod's integration tests and the demo: throwaway network namespaces, a
+//! device / edge / server lab, packet capture on the wire, traffic generators, and the real
+//! `qodd` binary as a child process.
+//!
+//! Everything created here has a unique name and is removed on drop, also when a test panics.
 
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use qod_proto::v1::{
+    qos_profiles_client::QosProfilesClient, quality_on_demand_client::QualityOnDemandClient,
+};
+use tonic::transport::Channel;
+
+/// Runs a command to completion; fails with its stderr when it exits non-zero.
+pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn unique(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("qt{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let name = unique(tag);
+        sh("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        // No duplicate address detection: addresses are usable at once, and nothing else is here.
+        ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// Runs a program inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["netns", "exec", self.name.as_str(), program];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets it opens live there).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        self.spawn(f).join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+    }
+
+    /// As [`Netns::run`] without waiting.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> JoinHandle<anyhow::Result<T>> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = fs::File::open(&path).with_context(|| format!("open {path}"))?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns {path}"))?;
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Addresses of the lab (the same in every lab: each lab has its own namespaces).
+pub mod addr {
+    pub const DEVICE_V4: &str = "10.0.1.2";
+    pub const OTHER_DEVICE_V4: &str = "10.0.1.3";
+    pub const EDGE_DEV_V4: &str = "10.0.1.1";
+    pub const EDGE_SRV_V4: &str = "10.0.2.1";
+    pub const SERVER_V4: &str = "10.0.2.2";
+    pub const OTHER_SERVER_V4: &str = "10.0.2.3";
+    pub const DEVICE_V6: &str = "fd00:1::2";
+    /// In another /64 than the device, so it is another device.
+    pub const OTHER_DEVICE_V6: &str = "fd00:11::3";
+    pub const EDGE_DEV_V6: &str = "fd00:1::1";
+    pub const EDGE_SRV_V6: &str = "fd00:2::1";
+    pub const SERVER_V6: &str = "fd00:2::2";
+    pub const OTHER_SERVER_V6: &str = "fd00:2::3";
+}
+
+/// device ⇄ edge ⇄ server: three namespaces and two veth pairs. The edge forwards between
+/// `EDGE_DEV_IF` and `EDGE_SRV_IF`, the interfaces `qodd` manages.
+pub struct Lab {
+    pub device: Netns,
+    pub edge: Netns,
+    pub server: Netns,
+}
+
+pub const DEVICE_IF: &str = "dev0";
+pub const EDGE_DEV_IF: &str = "edge-dev";
+pub const EDGE_SRV_IF: &str = "edge-srv";
+pub const SERVER_IF: &str = "srv0";
+
+impl Lab {
+    pub fn new() -> anyhow::Result<Self> {
+        use addr::*;
+        let lab = Self { device: Netns::new("dev")?, edge: Netns::new("edge")?, server: Netns::new("srv")? };
+        let (d, e, s) = (&lab.device, &lab.edge, &lab.server);
+        d.ip(&["link", "add", DEVICE_IF, "type", "veth", "peer", "name", EDGE_DEV_IF, "netns", &e.name])?;
+        e.ip(&["link", "add", EDGE_SRV_IF, "type", "veth", "peer", "name", SERVER_IF, "netns", &s.name])?;
+        for (ns, ifname, addrs) in [
+            (d, DEVICE_IF, [format!("{DEVICE_V4}/24"), format!("{OTHER_DEVICE_V4}/24"), format!("{DEVICE_V6}/64"), format!("{OTHER_DEVICE_V6}/64")]),
+            (e, EDGE_DEV_IF, [format!("{EDGE_DEV_V4}/24"), format!("{EDGE_DEV_V6}/64"), "fd00:11::1/64".into(), String::new()]),
+            (e, EDGE_SRV_IF, [format!("{EDGE_SRV_V4}/24"), format!("{EDGE_SRV_V6}/64"), String::new(), String::new()]),
+            (s, SERVER_IF, [format!("{SERVER_V4}/24"), format!("{OTHER_SERVER_V4}/24"), format!("{SERVER_V6}/64"), format!("{OTHER_SERVER_V6}/64")]),
+        ] {
+            for a in addrs.iter().filter(|a| !a.is_empty()) {
+                let mut args = vec!["addr", "add", a.as_str(), "dev", ifname];
+                if a.contains(':') {
+                    args.push("nodad");
+                }
+                ns.ip(&args)?;
+            }
+            ns.ip(&["link", "set", ifname, "up"])?;
+            // Offloads off: packets on the wire are what the classifier and the capture see.
+            let _ = ns.exec("ethtool", &["-K", ifname, "tso", "off", "gso", "off", "gro", "off"]);
+        }
+        d.ip(&["route", "add", "default", "via", EDGE_DEV_V4])?;
+        d.ip(&["-6", "route", "add", "default", "via", EDGE_DEV_V6])?;
+        s.ip(&["route", "add", "default", "via", EDGE_SRV_V4])?;
+        s.ip(&["-6", "route", "add", "default", "via", EDGE_SRV_V6])?;
+        e.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        e.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        lab.wait_ready()?;
+        Ok(lab)
+    }
+
+    /// Waits until every veth reports carrier and IPv6 has installed its prefix routes (the
+    /// kernel does both asynchronously, up to a second after `link set up`); packets sent before
+    /// that are dropped for want of a route.
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let checks: [(&Netns, &str, &str); 4] = [
+            (&self.device, DEVICE_IF, "fd00:1::/64"),
+            (&self.edge, EDGE_DEV_IF, "fd00:1::/64"),
+            (&self.edge, EDGE_SRV_IF, "fd00:2::/64"),
+            (&self.server, SERVER_IF, "fd00:2::/64"),
+        ];
+        loop {
+            let ready = checks.iter().all(|(ns, ifname, prefix)| {
+                let up = ns.ip(&["-o", "link", "show", "dev", ifname]).is_ok_and(|o| o.contains("state UP"));
+                let routed = ns.ip(&["-6", "route", "show", prefix, "dev", ifname]).is_ok_and(|o| !o.trim().is_empty());
+                up && routed
+            });
+            if ready {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "lab links did not come up within 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One packet as seen on the wire by [`Capture`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub dscp: u8,
+    pub ecn: u8,
+    /// Whole frame length (what `skb->len` is at egress).
+    pub frame_len: usize,
+    /// Whether the IPv4 header checksum verifies (always true for IPv6).
+    pub checksum_ok: bool,
+}
+
+/// Captures every IP packet received on an interface (AF_PACKET), from start until `stop`.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<Vec<Seen>>>>,
+}
+
+impl Capture {
+    pub fn start(ns: &Netns, ifname: &str) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let ifname = ifname.to_owned();
+        let thread = ns.spawn(move || {
+            let sock = match packet_socket(&ifname) {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("{e:#}")));
+                    return Err(e);
+                }
+            };
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 65_536];
+            while !flag.load(Ordering::Relaxed) {
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                // SAFETY: buf and from are valid for the sizes passed; the socket is open.
+                let n = unsafe {
+                    libc::recvfrom(
+                        sock.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_TRUNC,
+                        (&raw mut from).cast(),
+                        &mut len,
+                    )
+                };
+                if n < 0 {
+                    continue; // timeout: check the stop flag
+                }
+                if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                    continue;
+                }
+                let n = n as usize;
+                if let Some(p) = parse_frame(&buf[..n.min(buf.len())], n) {
+                    seen.push(p);
+                }
+            }
+            Ok(seen)
+        });
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread) }),
+            Ok(Err(e)) => bail!("capture on {}: {e}", ns.name),
+            Err(_) => bail!("capture on {} did not start", ns.name),
+        }
+    }
+
+    /// Stops after a short settle time and returns what was seen.
+    pub fn finish(mut self) -> anyhow::Result<Vec<Seen>> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take().context("capture already finished")?;
+        thread.join().map_err(|_| anyhow::anyhow!("capture thread panicked"))?
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn packet_socket(ifname: &str) -> anyhow::Result<OwnedFd> {
+    let ifindex = nix::net::if_::if_nametoindex(ifname).with_context(|| format!("no interface {ifname}"))?;
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: sll is a valid sockaddr_ll of the size passed.
+    let rc = unsafe {
+        libc::bind(fd, (&raw const sll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+    };
+    ensure!(rc == 0, "bind AF_PACKET to {ifname}: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+    // SAFETY: tv is a valid timeval of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    Ok(sock)
+}
+
+/// Parses an Ethernet frame carrying IPv4 or IPv6 (no VLAN in the lab).
+pub fn parse_frame(f: &[u8], frame_len: usize) -> Option<Seen> {
+    let ethertype = u16::from_be_bytes([*f.get(12)?, *f.get(13)?]);
+    let ip = f.get(14..)?;
+    let (src, dst, protocol, tos, l4, checksum_ok) = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(ip.first()? & 0x0f) * 4;
+            let hdr = ip.get(..ihl)?;
+            let mut sum: u32 = hdr.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            let src = IpAddr::from(<[u8; 4]>::try_from(ip.get(12..16)?).ok()?);
+            let dst = IpAddr::from(<[u8; 4]>::try_from(ip.get(16..20)?).ok()?);
+            (src, dst, ip[9], ip[1], ip.get(ihl..)?, sum == 0xffff)
+        }
+        0x86dd => {
+            let tc = ((ip.first()? & 0x0f) << 4) | (ip.get(1)? >> 4);
+            let src = IpAddr::from(<[u8; 16]>::try_from(ip.get(8..24)?).ok()?);
+            let dst = IpAddr::from(<[u8; 16]>::try_from(ip.get(24..40)?).ok()?);
+            (src, dst, ip[6], tc, ip.get(40..)?, true)
+        }
+        _ => return None,
+    };
+    let (sport, dport) = match (protocol, l4.get(..4)) {
+        (6 | 17, Some(p)) => (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])),
+        _ => (0, 0),
+    };
+    Some(Seen { src, dst, protocol, sport, dport, dscp: tos >> 2, ecn: tos & 3, frame_len, checksum_ok })
+}
+
+/// Sends `count` UDP datagrams of `payload` bytes from `from` (bound in `ns`) to `to`.
+pub fn udp_send(ns: &Netns, from: SocketAddr, to: SocketAddr, count: usize, payload: usize) -> anyhow::Result<()> {
+    ns.run(move || {
+        let sock = UdpSocket::bind(from).with_context(|| format!("bind {from}"))?;
+        let data = vec![0x5au8; payload];
+        for _ in 0..count {
+            sock.send_to(&data, to).with_context(|| format!("send to {to}"))?;
+            // Pace a little so no queue on the path can drop.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    })
+}
+
+/// A TCP exchange: `server_ns` listens on `server`, `client_ns` connects from `client`; each side
+/// sends `bytes` and reads the other's. Returns when both are done.
+pub fn tcp_exchange(
+    client_ns: &Netns,
+    client: SocketAddr,
+    server_ns: &Netns,
+    server: SocketAddr,
+    bytes: usize,
+) -> anyhow::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv = server_ns.spawn(move || {
+        let listener = TcpListener::bind(server).with_context(|| format!("listen {server}"))?;
+        let _ = tx.send(());
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut got = vec![0u8; bytes];
+        s.read_exact(&mut got)?;
+        s.write_all(&vec![0xa5u8; bytes])?;
+        Ok(())
+    });
+    rx.recv_timeout(Duration::from_secs(10)).context("server did not listen")?;
+    client_ns.run(move || {
+        let sock = socket2::Socket::new(socket2::Domain::for_address(client), socket2::Type::STREAM, None)?;
+        sock.bind(&client.into())?;
+        sock.connect_timeout(&server.into(), Duration::from_secs(10))?;
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(&vec![0x5au8; bytes])?;
+        let mut got = vec![0u8; bytes];
+        s.read_exact(&mut got)?;
+        Ok(())
+    })?;
+    srv.join().map_err(|_| anyhow::anyhow!("tcp server panicked"))?
+}
+
+/// Where `cargo build` put the `qodd` binary: `$QODD_BIN`, else next to the test executable.
+pub fn qodd_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("QODD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> → target/<profile>/qodd
+    exe.parent().and_then(Path::parent).map(|d| d.join("qodd")).unwrap_or_default()
+}
+
+/// A running `qodd` in a namespace, reachable on a Unix socket; stopped on drop.
+pub struct Qodd {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Qodd {
+    /// Starts `qodd` in `ns` with `extra_toml` appended to a config that sets the socket and
+    /// interfaces, and waits until its API answers.
+    pub async fn start(ns: &Netns, interfaces: &[&str], extra_toml: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("qodd.sock");
+        let config = dir.path().join("qodd.toml");
+        let list: Vec<String> = interfaces.iter().map(|i| format!("{i:?}")).collect();
+        fs::write(
+            &config,
+            format!("listen = \"unix:{}\"\ninterfaces = [{}]\n{extra_toml}", socket.display(), list.join(", ")),
+        )?;
+        let bin = qodd_bin();
+        ensure!(bin.exists(), "qodd binary not found at {} (build it first: cargo build -p qod-daemon --bins, or set QODD_BIN)", bin.display());
+        let log = fs::File::create(dir.path().join("qodd.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(&bin)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn qodd")?;
+        let mut q = Self { child: Some(child), socket, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = q.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("qodd exited with {status} during start:\n{}", q.log());
+            }
+            if let Ok(mut c) = q.profiles().await
+                && c.retrieve_qos_profiles(qod_proto::v1::RetrieveQosProfilesRequest::default()).await.is_ok()
+            {
+                return Ok(q);
+            }
+            if Instant::now() > deadline {
+                bail!("qodd did not answer within 30 s:\n{}", q.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(qod_proto::client::connect(&self.addr()).await?)
+    }
+
+    pub async fn sessions(&self) -> anyhow::Result<QualityOnDemandClient<Channel>> {
+        Ok(QualityOnDemandClient::new(self.channel().await?))
+    }
+
+    pub async fn profiles(&self) -> anyhow::Result<QosProfilesClient<Channel>> {
+        Ok(QosProfilesClient::new(self.channel().await?))
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("qodd.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for the exit status (SIGKILL after 15 s).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for Qodd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,1 +1,464 @@
-fn main(){}
+//! `qodctl`: the command-line client of `qodd`'s gRPC API.
+//!
+//! Tables for people by default; `--json` prints CAMARA-shaped JSON (camelCase fields, status
+//! enums as CAMARA spells them) for scripts.
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt as _;
+use qod_proto::v1::{
+    self as pb, qos_profiles_client::QosProfilesClient, quality_on_demand_client::QualityOnDemandClient,
+};
+use serde_json::{Value, json};
+use tonic_types::StatusExt as _;
+
+#[derive(Parser)]
+#[command(name = "qodctl", version, about = "Client for the qodd CAMARA Quality-on-Demand daemon")]
+struct Cli {
+    /// qodd address: host:port, http://host:port or unix:/path.
+    #[arg(long, env = "QODCTL_ADDR", default_value = "127.0.0.1:50051", global = true)]
+    addr: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a QoS session.
+    Create(CreateArgs),
+    /// Show one session.
+    Get { session_id: String },
+    /// Delete a session.
+    Delete { session_id: String },
+    /// Extend a session by some seconds (capped at the profile's maximum).
+    Extend { session_id: String, seconds: i32 },
+    /// List the sessions of a device.
+    List(DeviceArgs),
+    /// Stream session events until interrupted.
+    Watch {
+        /// Only this session's events.
+        #[arg(long)]
+        session: Option<String>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// List QoS profiles.
+    Profiles {
+        #[arg(long)]
+        name: Option<String>,
+        /// ACTIVE, INACTIVE or DEPRECATED.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show one QoS profile.
+    Profile { name: String },
+}
+
+#[derive(Args, Default)]
+struct DeviceArgs {
+    /// Device public IPv4 address.
+    #[arg(long)]
+    device_ipv4: Option<String>,
+    /// Device private IPv4 address (defaults to the public one: no NAT).
+    #[arg(long)]
+    device_private_ipv4: Option<String>,
+    /// Device public port (NAT).
+    #[arg(long)]
+    device_public_port: Option<u32>,
+    /// Device IPv6 address (any address of its prefix).
+    #[arg(long)]
+    device_ipv6: Option<String>,
+    /// Device phone number (E.164).
+    #[arg(long)]
+    phone_number: Option<String>,
+}
+
+impl DeviceArgs {
+    fn device(&self) -> Option<pb::Device> {
+        let ipv4_address = self.device_ipv4.as_ref().map(|public| pb::DeviceIpv4Addr {
+            public_address: Some(public.clone()),
+            private_address: self
+                .device_private_ipv4
+                .clone()
+                .or_else(|| self.device_public_port.is_none().then(|| public.clone())),
+            public_port: self.device_public_port,
+        });
+        let d = pb::Device {
+            phone_number: self.phone_number.clone(),
+            network_access_identifier: None,
+            ipv4_address,
+            ipv6_address: self.device_ipv6.clone(),
+        };
+        (d != pb::Device::default()).then_some(d)
+    }
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Application server IPv4 address or network.
+    #[arg(long)]
+    server_ipv4: Option<String>,
+    /// Application server IPv6 address or network.
+    #[arg(long)]
+    server_ipv6: Option<String>,
+    /// Device ports: a list like 5000,6000-6010.
+    #[arg(long)]
+    device_ports: Option<String>,
+    /// Application server ports: a list like 443,8000-8100.
+    #[arg(long)]
+    server_ports: Option<String>,
+    /// QoS profile name.
+    #[arg(long, default_value = "QOS_E")]
+    profile: String,
+    /// Duration in seconds.
+    #[arg(long, default_value_t = 3600)]
+    duration: i32,
+    /// Notification sink URL.
+    #[arg(long)]
+    sink: Option<String>,
+}
+
+fn ports(spec: &str) -> anyhow::Result<pb::PortsSpec> {
+    let mut out = pb::PortsSpec::default();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => out.ranges.push(pb::PortRange {
+                from: a.trim().parse().with_context(|| format!("port range {part:?}"))?,
+                to: b.trim().parse().with_context(|| format!("port range {part:?}"))?,
+            }),
+            None => out.ports.push(part.parse().with_context(|| format!("port {part:?}"))?),
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<tonic::Status>() {
+                Some(status) => {
+                    let reason = status.get_details_error_info().map(|i| i.reason).unwrap_or_default();
+                    eprintln!("qodctl: {:?} {reason}: {}", status.code(), status.message());
+                }
+                None => eprintln!("qodctl: {e:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let channel = qod_proto::client::connect(&cli.addr)
+        .await
+        .with_context(|| format!("cannot connect to qodd at {}", cli.addr))?;
+    let mut sessions = QualityOnDemandClient::new(channel.clone());
+    let mut profiles = QosProfilesClient::new(channel);
+    let json = cli.json;
+    match cli.command {
+        Command::Create(a) => {
+            let req = pb::CreateSessionRequest {
+                device: a.device.device(),
+                application_server: Some(pb::ApplicationServer {
+                    ipv4_address: a.server_ipv4,
+                    ipv6_address: a.server_ipv6,
+                }),
+                device_ports: a.device_ports.as_deref().map(ports).transpose()?,
+                application_server_ports: a.server_ports.as_deref().map(ports).transpose()?,
+                qos_profile: a.profile,
+                sink: a.sink,
+                sink_credential: None,
+                duration: a.duration,
+            };
+            let s = sessions.create_session(req).await?.into_inner();
+            print_sessions(&[s], json);
+        }
+        Command::Get { session_id } => {
+            let s = sessions.get_session(pb::GetSessionRequest { session_id }).await?.into_inner();
+            print_sessions(&[s], json);
+        }
+        Command::Delete { session_id } => {
+            sessions.delete_session(pb::DeleteSessionRequest { session_id: session_id.clone() }).await?;
+            if json {
+                println!("{}", json!({ "deleted": session_id }));
+            } else {
+                println!("deleted {session_id}");
+            }
+        }
+        Command::Extend { session_id, seconds } => {
+            let s = sessions
+                .extend_qos_session_duration(pb::ExtendQosSessionDurationRequest {
+                    session_id,
+                    requested_additional_duration: seconds,
+                })
+                .await?
+                .into_inner();
+            print_sessions(&[s], json);
+        }
+        Command::List(d) => {
+            let Some(device) = d.device() else { bail!("give the device: --device-ipv4, --device-ipv6 or --phone-number") };
+            let r = sessions
+                .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest { device: Some(device) })
+                .await?
+                .into_inner();
+            print_sessions(&r.sessions, json);
+        }
+        Command::Watch { session, device } => {
+            let mut stream = sessions
+                .watch_session_events(pb::WatchSessionEventsRequest { session_id: session, device: device.device() })
+                .await?
+                .into_inner();
+            while let Some(ev) = stream.next().await {
+                let ev = ev?;
+                let v = event_json(&ev);
+                if json {
+                    println!("{v}");
+                } else {
+                    println!(
+                        "{}  {}  {}  {}",
+                        v["time"].as_str().unwrap_or("-"),
+                        v["data"]["sessionId"].as_str().unwrap_or("-"),
+                        v["data"]["qosStatus"].as_str().unwrap_or(v["type"].as_str().unwrap_or("-")),
+                        v["data"]["statusInfo"].as_str().unwrap_or(""),
+                    );
+                }
+            }
+        }
+        Command::Profiles { name, status } => {
+            let status = match status.as_deref() {
+                None => pb::QosProfileStatus::Unspecified,
+                Some(s) => pb::QosProfileStatus::from_str_name(&format!("QOS_PROFILE_STATUS_{}", s.to_uppercase()))
+                    .with_context(|| format!("unknown status {s:?}: ACTIVE, INACTIVE or DEPRECATED"))?,
+            };
+            let r = profiles
+                .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest { device: None, name, status: status.into() })
+                .await?
+                .into_inner();
+            print_profiles(&r.profiles, json);
+        }
+        Command::Profile { name } => {
+            let p = profiles.get_qos_profile(pb::GetQosProfileRequest { name }).await?.into_inner();
+            print_profiles(&[p], json);
+        }
+    }
+    Ok(())
+}
+
+/// The CAMARA spelling of a proto enum value: its name without the type prefix.
+fn camara_enum(full: &str, prefix: &str) -> Value {
+    match full.strip_prefix(prefix) {
+        Some("UNSPECIFIED") | None => Value::Null,
+        Some(v) => json!(v),
+    }
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> Value {
+    t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .map_or(Value::Null, Value::from)
+}
+
+fn ports_json(p: Option<&pb::PortsSpec>) -> Value {
+    p.map_or(Value::Null, |p| {
+        json!({
+            "ranges": p.ranges.iter().map(|r| json!({"from": r.from, "to": r.to})).collect::<Vec<_>>(),
+            "ports": p.ports,
+        })
+    })
+}
+
+fn device_json(d: Option<&pb::Device>) -> Value {
+    d.map_or(Value::Null, |d| {
+        let mut m = serde_json::Map::new();
+        if let Some(p) = &d.phone_number {
+            m.insert("phoneNumber".into(), json!(p));
+        }
+        if let Some(v4) = &d.ipv4_address {
+            m.insert(
+                "ipv4Address".into(),
+                json!({"publicAddress": v4.public_address, "privateAddress": v4.private_address, "publicPort": v4.public_port}),
+            );
+        }
+        if let Some(v6) = &d.ipv6_address {
+            m.insert("ipv6Address".into(), json!(v6));
+        }
+        Value::Object(m)
+    })
+}
+
+fn session_json(s: &pb::SessionInfo) -> Value {
+    let c = s.counters.unwrap_or_default();
+    let mut v = json!({
+        "sessionId": s.session_id,
+        "device": device_json(s.device.as_ref()),
+        "applicationServer": s.application_server.as_ref().map(|a| json!({"ipv4Address": a.ipv4_address, "ipv6Address": a.ipv6_address})),
+        "devicePorts": ports_json(s.device_ports.as_ref()),
+        "applicationServerPorts": ports_json(s.application_server_ports.as_ref()),
+        "qosProfile": s.qos_profile,
+        "sink": s.sink,
+        "duration": s.duration,
+        "startedAt": time(s.started_at.as_ref()),
+        "expiresAt": time(s.expires_at.as_ref()),
+        "qosStatus": camara_enum(s.qos_status().as_str_name(), "QOS_STATUS_"),
+        "statusInfo": camara_enum(s.status_info().as_str_name(), "STATUS_INFO_"),
+        "counters": {
+            "uplinkPackets": c.uplink_packets, "uplinkBytes": c.uplink_bytes,
+            "downlinkPackets": c.downlink_packets, "downlinkBytes": c.downlink_bytes,
+        },
+    });
+    strip_nulls(&mut v);
+    v
+}
+
+fn strip_nulls(v: &mut Value) {
+    if let Value::Object(m) = v {
+        m.retain(|_, x| !x.is_null());
+        m.values_mut().for_each(strip_nulls);
+    }
+}
+
+fn event_json(ev: &pb::SessionEvent) -> Value {
+    match &ev.kind {
+        Some(pb::session_event::Kind::QosStatusChanged(c)) => json!({
+            "id": ev.event_id,
+            "time": time(ev.time.as_ref()),
+            "type": "org.camaraproject.quality-on-demand.v1.qos-status-changed",
+            "data": {
+                "sessionId": c.session_id,
+                "qosStatus": camara_enum(c.qos_status().as_str_name(), "QOS_STATUS_"),
+                "statusInfo": camara_enum(c.status_info().as_str_name(), "STATUS_INFO_"),
+            },
+        }),
+        Some(pb::session_event::Kind::EventsMissed(m)) => json!({
+            "id": ev.event_id, "time": time(ev.time.as_ref()), "type": "events-missed", "missed": m.count,
+        }),
+        None => json!({ "id": ev.event_id }),
+    }
+}
+
+fn print_sessions(list: &[pb::SessionInfo], json: bool) {
+    if json {
+        println!("{}", Value::Array(list.iter().map(session_json).collect()));
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            let v = session_json(s);
+            let device = s.device.as_ref().map_or(String::new(), |d| {
+                d.ipv4_address
+                    .as_ref()
+                    .and_then(|a| a.private_address.clone().or(a.public_address.clone()))
+                    .or(d.ipv6_address.clone())
+                    .or(d.phone_number.clone())
+                    .unwrap_or_default()
+            });
+            let server = s.application_server.as_ref().map_or(String::new(), |a| {
+                [a.ipv4_address.clone(), a.ipv6_address.clone()].into_iter().flatten().collect::<Vec<_>>().join(",")
+            });
+            let c = s.counters.unwrap_or_default();
+            let text = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+            vec![
+                s.session_id.clone(),
+                device,
+                server,
+                s.qos_profile.clone(),
+                text("qosStatus"),
+                text("statusInfo"),
+                s.duration.to_string(),
+                text("expiresAt"),
+                format!("{}/{}", c.uplink_packets, c.uplink_bytes),
+                format!("{}/{}", c.downlink_packets, c.downlink_bytes),
+            ]
+        })
+        .collect();
+    table(
+        &["SESSION", "DEVICE", "SERVER", "PROFILE", "STATUS", "INFO", "DURATION", "EXPIRES/ENDED", "UP PKTS/BYTES", "DOWN PKTS/BYTES"],
+        &rows,
+    );
+}
+
+fn rate(r: Option<&pb::Rate>) -> String {
+    r.map_or_else(String::new, |r| {
+        let unit = r.unit().as_str_name().strip_prefix("RATE_UNIT_").unwrap_or("").to_lowercase();
+        let unit = unit.replace("mbps", "Mbps").replace("gbps", "Gbps").replace("tbps", "Tbps");
+        format!("{} {unit}", r.value)
+    })
+}
+
+fn dur(d: Option<&pb::Duration>) -> String {
+    d.map_or_else(String::new, |d| {
+        format!("{} {}", d.value, d.unit().as_str_name().strip_prefix("TIME_UNIT_").unwrap_or("").to_lowercase())
+    })
+}
+
+fn print_profiles(list: &[pb::QosProfile], json: bool) {
+    if json {
+        let v: Vec<Value> = list
+            .iter()
+            .map(|p| {
+                let mut v = json!({
+                    "name": p.name,
+                    "description": p.description,
+                    "status": camara_enum(p.status().as_str_name(), "QOS_PROFILE_STATUS_"),
+                    "maxUpstreamRate": rate(p.max_upstream_rate.as_ref()),
+                    "maxDownstreamRate": rate(p.max_downstream_rate.as_ref()),
+                    "targetMinUpstreamRate": rate(p.target_min_upstream_rate.as_ref()),
+                    "targetMinDownstreamRate": rate(p.target_min_downstream_rate.as_ref()),
+                    "minDuration": dur(p.min_duration.as_ref()),
+                    "maxDuration": dur(p.max_duration.as_ref()),
+                    "priority": p.priority,
+                    "packetDelayBudget": dur(p.packet_delay_budget.as_ref()),
+                    "jitter": dur(p.jitter.as_ref()),
+                    "serviceClass": p.service_class,
+                });
+                if let Value::Object(m) = &mut v {
+                    m.retain(|_, x| !(x.is_null() || x.as_str() == Some("")));
+                }
+                v
+            })
+            .collect();
+        println!("{}", Value::Array(v));
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                camara_enum(p.status().as_str_name(), "QOS_PROFILE_STATUS_").as_str().unwrap_or("").to_owned(),
+                p.service_class.clone(),
+                p.priority.map(|x| x.to_string()).unwrap_or_default(),
+                rate(p.max_downstream_rate.as_ref()),
+                rate(p.max_upstream_rate.as_ref()),
+                dur(p.packet_delay_budget.as_ref()),
+                format!("{} .. {}", dur(p.min_duration.as_ref()), dur(p.max_duration.as_ref())),
+            ]
+        })
+        .collect();
+    table(&["NAME", "STATUS", "SERVICE CLASS", "PRIO", "MAX DOWN", "MAX UP", "DELAY BUDGET", "DURATION"], &rows);
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
