@@ -21,13 +21,19 @@ pub mod client {
             Endpoint::from_static("http://qodd.local")
                 .connect_with_connector(tower::service_fn(move |_| {
                     let path = path.clone();
-                    async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+                    async move {
+                        tokio::net::UnixStream::connect(path)
+                            .await
+                            .map(TokioIo::new)
+                    }
                 }))
                 .await
         } else if addr.contains("://") {
             Endpoint::from_shared(addr.to_owned())?.connect().await
         } else {
-            Endpoint::from_shared(format!("http://{addr}"))?.connect().await
+            Endpoint::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await
         }
     }
 }

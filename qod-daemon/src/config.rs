@@ -27,7 +27,11 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 
 /// Command line of `qodd`.
 #[derive(Debug, Parser)]
-#[command(name = "qodd", version, about = "CAMARA Quality-on-Demand enforcement daemon")]
+#[command(
+    name = "qodd",
+    version,
+    about = "CAMARA Quality-on-Demand enforcement daemon"
+)]
 pub struct Cli {
     /// TOML configuration file; without it the embedded defaults apply.
     #[arg(short, long, env = "QODD_CONFIG")]
@@ -167,8 +171,10 @@ impl Config {
     pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
         let file = match &cli.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
                 Some((path.as_path(), text))
             }
             None => None,
@@ -209,7 +215,9 @@ impl Config {
         let mut seen = HashSet::new();
         for name in &interfaces {
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
-                return Err(invalid(format!("interface name {name:?} is not a valid Linux interface name")));
+                return Err(invalid(format!(
+                    "interface name {name:?} is not a valid Linux interface name"
+                )));
             }
             if !seen.insert(name) {
                 return Err(invalid(format!("interface {name:?} is listed twice")));
@@ -225,12 +233,16 @@ impl Config {
             "tcx" => AttachMode::Tcx,
             "clsact" => AttachMode::Clsact,
             other => {
-                return Err(invalid(format!("attach = {other:?}: expected \"auto\", \"tcx\" or \"clsact\"")));
+                return Err(invalid(format!(
+                    "attach = {other:?}: expected \"auto\", \"tcx\" or \"clsact\""
+                )));
             }
         };
         let max_sessions = f.max_sessions.unwrap_or(65_536);
         if !(1..=4_000_000).contains(&max_sessions) {
-            return Err(invalid(format!("max_sessions = {max_sessions}: must be 1 to 4000000")));
+            return Err(invalid(format!(
+                "max_sessions = {max_sessions}: must be 1 to 4000000"
+            )));
         }
         let profiles = f.profiles.unwrap_or_default();
         if profiles.is_empty() {
@@ -241,7 +253,10 @@ impl Config {
         for p in profiles {
             let profile = validate_profile(p)?;
             if !names.insert(profile.name.clone()) {
-                return Err(invalid(format!("profile {} is defined twice", profile.name)));
+                return Err(invalid(format!(
+                    "profile {} is defined twice",
+                    profile.name
+                )));
             }
             out.push(profile);
         }
@@ -264,9 +279,11 @@ fn parse_listen(s: &str) -> Result<Listen, ConfigError> {
         }
         return Ok(Listen::Unix(PathBuf::from(path)));
     }
-    s.parse()
-        .map(Listen::Tcp)
-        .map_err(|_| invalid(format!("listen = {s:?}: expected host:port (e.g. 127.0.0.1:50051) or unix:/path")))
+    s.parse().map(Listen::Tcp).map_err(|_| {
+        invalid(format!(
+            "listen = {s:?}: expected host:port (e.g. 127.0.0.1:50051) or unix:/path"
+        ))
+    })
 }
 
 fn validate_profile(p: ProfileConfig) -> Result<QosProfile, ConfigError> {
@@ -284,7 +301,10 @@ fn validate_profile(p: ProfileConfig) -> Result<QosProfile, ConfigError> {
         if let Some(r) = rate
             && r.value > 1024
         {
-            return Err(bad(format!("{field}.value = {} exceeds CAMARA's 1024; use a larger unit", r.value)));
+            return Err(bad(format!(
+                "{field}.value = {} exceeds CAMARA's 1024; use a larger unit",
+                r.value
+            )));
         }
     }
     for (field, d) in [
@@ -296,7 +316,11 @@ fn validate_profile(p: ProfileConfig) -> Result<QosProfile, ConfigError> {
         if let Some(d) = d
             && (d.value == 0 || d.value > i32::MAX as u32)
         {
-            return Err(bad(format!("{field}.value = {} must be 1 to {}", d.value, i32::MAX)));
+            return Err(bad(format!(
+                "{field}.value = {} must be 1 to {}",
+                d.value,
+                i32::MAX
+            )));
         }
     }
     if let (Some(min), Some(max)) = (p.min_duration, p.max_duration)
@@ -317,7 +341,9 @@ fn validate_profile(p: ProfileConfig) -> Result<QosProfile, ConfigError> {
     if let Some(per) = p.packet_error_loss_rate
         && !(1..=10).contains(&per)
     {
-        return Err(bad(format!("packet_error_loss_rate = {per} must be 1 to 10")));
+        return Err(bad(format!(
+            "packet_error_loss_rate = {per} must be 1 to 10"
+        )));
     }
     let dscp = match (p.dscp, p.service_class) {
         (Some(d), _) if d > 63 => return Err(bad(format!("dscp = {d} must be 0 to 63"))),
@@ -328,8 +354,11 @@ fn validate_profile(p: ProfileConfig) -> Result<QosProfile, ConfigError> {
     let skb_priority = match p.skb_priority {
         None => 0,
         Some(SkbPriority::Number(n)) => n,
-        Some(SkbPriority::Handle(h)) => parse_tc_handle(&h)
-            .ok_or_else(|| bad(format!("skb_priority = {h:?} is not a tc handle like \"1:10\"")))?,
+        Some(SkbPriority::Handle(h)) => parse_tc_handle(&h).ok_or_else(|| {
+            bad(format!(
+                "skb_priority = {h:?} is not a tc handle like \"1:10\""
+            ))
+        })?,
     };
     Ok(QosProfile {
         name,
@@ -358,8 +387,16 @@ fn validate_profile(p: ProfileConfig) -> Result<QosProfile, ConfigError> {
 /// `"major:minor"` in hex, as tc writes class handles.
 fn parse_tc_handle(s: &str) -> Option<u32> {
     let (major, minor) = s.split_once(':')?;
-    let major = u32::from_str_radix(major, 16).ok().filter(|m| *m <= 0xffff)?;
-    let minor = if minor.is_empty() { 0 } else { u32::from_str_radix(minor, 16).ok().filter(|m| *m <= 0xffff)? };
+    let major = u32::from_str_radix(major, 16)
+        .ok()
+        .filter(|m| *m <= 0xffff)?;
+    let minor = if minor.is_empty() {
+        0
+    } else {
+        u32::from_str_radix(minor, 16)
+            .ok()
+            .filter(|m| *m <= 0xffff)?
+    };
     Some((major << 16) | minor)
 }
 
@@ -374,10 +411,16 @@ mod tests {
     #[test]
     fn defaults_validate_with_an_interface() {
         let c = Config::from_parts(None, &cli(&["--interface", "lo"])).expect("valid");
-        assert_eq!(c.listen, Listen::Tcp("127.0.0.1:50051".parse().expect("addr")));
+        assert_eq!(
+            c.listen,
+            Listen::Tcp("127.0.0.1:50051".parse().expect("addr"))
+        );
         let names: Vec<_> = c.profiles.iter().map(|p| p.name.to_string()).collect();
         assert_eq!(names, ["QOS_E", "QOS_L", "QOS_M", "QOS_S"]);
-        let e = c.profiles.get(&ProfileName::parse("n", "QOS_E").expect("name")).expect("QOS_E");
+        let e = c
+            .profiles
+            .get(&ProfileName::parse("n", "QOS_E").expect("name"))
+            .expect("QOS_E");
         assert_eq!(e.dscp, 32);
         assert_eq!(e.skb_priority, 0x0001_0010);
         assert_eq!(e.max_duration_secs(), Some(86_400));
@@ -390,7 +433,11 @@ mod tests {
                 .expect_err("must be refused")
         };
         assert!(matches!(err("lisen = \"x\""), ConfigError::Parse { .. }));
-        assert!(err("listen = \"nowhere\"").to_string().contains("host:port"));
+        assert!(
+            err("listen = \"nowhere\"")
+                .to_string()
+                .contains("host:port")
+        );
         assert!(err("max_sessions = 0").to_string().contains("max_sessions"));
         let dup = "[[profiles]]\nname=\"AAA\"\nstatus=\"ACTIVE\"\n[[profiles]]\nname=\"AAA\"\nstatus=\"ACTIVE\"\n";
         assert!(err(dup).to_string().contains("twice"));

@@ -23,7 +23,9 @@ use uuid::Uuid;
 use crate::{
     dataplane::{DataPlane, DataPlaneError, monotonic_ns},
     error::{CamaraCode, CamaraError},
-    model::{AppFlow, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words, secs},
+    model::{
+        AppFlow, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words, secs,
+    },
     profile::{ProfileStatus, Profiles, QosProfile},
 };
 
@@ -139,14 +141,23 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(dp: Box<dyn DataPlane>, profiles: Profiles, max_sessions: u32, retention: Duration) -> Self {
+    pub fn new(
+        dp: Box<dyn DataPlane>,
+        profiles: Profiles,
+        max_sessions: u32,
+        retention: Duration,
+    ) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 dp,
                 sessions: HashMap::new(),
                 by_device: HashMap::new(),
                 deadlines: BTreeSet::new(),
-                slots: Slots { free: Vec::new(), next: 0, capacity: max_sessions },
+                slots: Slots {
+                    free: Vec::new(),
+                    next: 0,
+                    capacity: max_sessions,
+                },
             }),
             wake: Notify::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
@@ -172,13 +183,19 @@ impl Core {
 
     fn profile_for(&self, req: &SessionRequest) -> Result<&QosProfile, CamaraError> {
         let profile = self.profiles.get(&req.profile).ok_or_else(|| {
-            CamaraError::invalid("qosProfile", format!("{} is not a QoS profile of this node", req.profile))
+            CamaraError::invalid(
+                "qosProfile",
+                format!("{} is not a QoS profile of this node", req.profile),
+            )
         })?;
         if profile.status != ProfileStatus::Active {
             return Err(CamaraError::field(
                 CamaraCode::QosProfileNotApplicable,
                 "qosProfile",
-                format!("{} is {:?} and cannot be used for new sessions", profile.name, profile.status),
+                format!(
+                    "{} is {:?} and cannot be used for new sessions",
+                    profile.name, profile.status
+                ),
             ));
         }
         let d = u64::from(req.duration);
@@ -187,7 +204,10 @@ impl Core {
             return Err(CamaraError::field(
                 CamaraCode::DurationOutOfRange,
                 "duration",
-                format!("{d} s is shorter than {}'s minimum of {min} s", profile.name),
+                format!(
+                    "{d} s is shorter than {}'s minimum of {min} s",
+                    profile.name
+                ),
             ));
         }
         if let Some(max) = profile.max_duration_secs()
@@ -219,11 +239,17 @@ impl Core {
         let slot = inner.slots.take().ok_or_else(|| {
             CamaraError::new(
                 CamaraCode::QuotaExceeded,
-                format!("this node holds its maximum of {} sessions", inner.slots.capacity),
+                format!(
+                    "this node holds its maximum of {} sessions",
+                    inner.slots.capacity
+                ),
             )
         })?;
         let rule = flow_rule(&flow, profile, slot, req.duration);
-        let installed = inner.dp.reset_counters(slot).and_then(|()| inner.dp.install(flow.device, &rule));
+        let installed = inner
+            .dp
+            .reset_counters(slot)
+            .and_then(|()| inner.dp.install(flow.device, &rule));
         if let Err(e) = installed {
             inner.slots.give_back(slot);
             return Err(dataplane_error(&e));
@@ -235,13 +261,19 @@ impl Core {
             request: req,
             started_at: now,
             duration,
-            state: SessionState::Available { slot, expires_at: now + secs(duration) },
+            state: SessionState::Available {
+                slot,
+                expires_at: now + secs(duration),
+            },
             deadline,
             flow,
         };
         inner.by_device.insert(session.flow.device, id);
         inner.deadlines.insert((deadline, id));
-        let view = SessionView { session, counters: FlowCounters::default() };
+        let view = SessionView {
+            session,
+            counters: FlowCounters::default(),
+        };
         inner.sessions.insert(id, view.session.clone());
         self.emit(view.clone(), now);
         drop(inner);
@@ -260,16 +292,32 @@ impl Core {
     /// an UNAVAILABLE one is just forgotten (CAMARA: no event).
     pub fn delete(&self, id: SessionId) -> Result<(), CamaraError> {
         let mut inner = self.lock();
-        let session = inner.sessions.get(&id).ok_or_else(|| not_found(id))?.clone();
+        let session = inner
+            .sessions
+            .get(&id)
+            .ok_or_else(|| not_found(id))?
+            .clone();
         let final_view = if let SessionState::Available { slot, .. } = session.state {
             let counters = inner.dp.counters(slot).unwrap_or_default();
-            inner.dp.remove(&session.flow.device).map_err(|e| dataplane_error(&e))?;
+            inner
+                .dp
+                .remove(&session.flow.device)
+                .map_err(|e| dataplane_error(&e))?;
             inner.slots.give_back(slot);
             let now = OffsetDateTime::now_utc();
             let mut ended = session.clone();
-            ended.state =
-                SessionState::Unavailable { info: StatusInfo::DeleteRequested, ended_at: now, counters };
-            Some((SessionView { session: ended, counters }, now))
+            ended.state = SessionState::Unavailable {
+                info: StatusInfo::DeleteRequested,
+                ended_at: now,
+                counters,
+            };
+            Some((
+                SessionView {
+                    session: ended,
+                    counters,
+                },
+                now,
+            ))
         } else {
             None
         };
@@ -286,7 +334,11 @@ impl Core {
     /// Adds time to an AVAILABLE session, silently capped at the profile's maximum duration.
     pub fn extend(&self, id: SessionId, additional: u32) -> Result<SessionView, CamaraError> {
         let mut inner = self.lock();
-        let session = inner.sessions.get(&id).ok_or_else(|| not_found(id))?.clone();
+        let session = inner
+            .sessions
+            .get(&id)
+            .ok_or_else(|| not_found(id))?
+            .clone();
         let SessionState::Available { slot, .. } = session.state else {
             return Err(CamaraError::new(
                 CamaraCode::SessionExtensionNotAllowed,
@@ -294,23 +346,36 @@ impl Core {
             ));
         };
         let profile = self.profiles.get(&session.request.profile);
-        let max = profile.and_then(QosProfile::max_duration_secs).unwrap_or(u64::from(i32::MAX as u32));
-        let total = (u64::from(session.duration) + u64::from(additional)).min(max).min(i32::MAX as u64);
+        let max = profile
+            .and_then(QosProfile::max_duration_secs)
+            .unwrap_or(u64::from(i32::MAX as u32));
+        let total = (u64::from(session.duration) + u64::from(additional))
+            .min(max)
+            .min(i32::MAX as u64);
         let total = u32::try_from(total).unwrap_or(i32::MAX as u32);
         let added = total - session.duration;
         let Some(profile) = profile else {
-            return Err(CamaraError::new(CamaraCode::Internal, "the session's profile is gone"));
+            return Err(CamaraError::new(
+                CamaraCode::Internal,
+                "the session's profile is gone",
+            ));
         };
         // Re-derive the rule with the new end; both clocks move by the same amount.
         let elapsed = (OffsetDateTime::now_utc() - session.started_at).whole_seconds();
         let remaining = u32::try_from(i64::from(total) - elapsed).unwrap_or(0);
         let rule = flow_rule(&session.flow, profile, slot, remaining);
-        inner.dp.install(session.flow.device, &rule).map_err(|e| dataplane_error(&e))?;
+        inner
+            .dp
+            .install(session.flow.device, &rule)
+            .map_err(|e| dataplane_error(&e))?;
         let deadline = session.deadline + secs(added);
         let mut updated = session.clone();
         updated.duration = total;
         updated.deadline = deadline;
-        updated.state = SessionState::Available { slot, expires_at: session.started_at + secs(total) };
+        updated.state = SessionState::Available {
+            slot,
+            expires_at: session.started_at + secs(total),
+        };
         inner.deadlines.remove(&(session.deadline, id));
         inner.deadlines.insert((deadline, id));
         inner.sessions.insert(id, updated.clone());
@@ -344,7 +409,9 @@ impl Core {
                 return Some(deadline);
             }
             inner.deadlines.pop_first();
-            let Some(session) = inner.sessions.get(&id).cloned() else { continue };
+            let Some(session) = inner.sessions.get(&id).cloned() else {
+                continue;
+            };
             match session.state {
                 SessionState::Available { slot, .. } => {
                     let counters = inner.dp.counters(slot).unwrap_or_default();
@@ -358,13 +425,22 @@ impl Core {
                     let ended_at = OffsetDateTime::now_utc();
                     let purge = now + self.retention;
                     let mut ended = session;
-                    ended.state =
-                        SessionState::Unavailable { info: StatusInfo::DurationExpired, ended_at, counters };
+                    ended.state = SessionState::Unavailable {
+                        info: StatusInfo::DurationExpired,
+                        ended_at,
+                        counters,
+                    };
                     ended.deadline = purge;
                     inner.deadlines.insert((purge, id));
                     inner.sessions.insert(id, ended.clone());
                     info!(session = %id, "session duration expired");
-                    self.emit(SessionView { session: ended, counters }, ended_at);
+                    self.emit(
+                        SessionView {
+                            session: ended,
+                            counters,
+                        },
+                        ended_at,
+                    );
                 }
                 SessionState::Unavailable { .. } => {
                     inner.sessions.remove(&id);
@@ -396,20 +472,33 @@ impl Core {
 
     fn emit(&self, session: SessionView, time: OffsetDateTime) {
         // No receiver is not an error: nobody is watching.
-        let _ = self.events.send(Arc::new(Event { id: Uuid::new_v4(), time, session }));
+        let _ = self.events.send(Arc::new(Event {
+            id: Uuid::new_v4(),
+            time,
+            session,
+        }));
     }
 }
 
 fn view(inner: &Inner, session: &Session) -> Result<SessionView, CamaraError> {
     let counters = match session.state {
-        SessionState::Available { slot, .. } => inner.dp.counters(slot).map_err(|e| dataplane_error(&e))?,
+        SessionState::Available { slot, .. } => {
+            inner.dp.counters(slot).map_err(|e| dataplane_error(&e))?
+        }
         SessionState::Unavailable { counters, .. } => counters,
     };
-    Ok(SessionView { session: session.clone(), counters })
+    Ok(SessionView {
+        session: session.clone(),
+        counters,
+    })
 }
 
 fn not_found(id: SessionId) -> CamaraError {
-    CamaraError::field(CamaraCode::NotFound, "sessionId", format!("session {id} does not exist"))
+    CamaraError::field(
+        CamaraCode::NotFound,
+        "sessionId",
+        format!("session {id} does not exist"),
+    )
 }
 
 fn dataplane_error(e: &DataPlaneError) -> CamaraError {
@@ -419,7 +508,10 @@ fn dataplane_error(e: &DataPlaneError) -> CamaraError {
             CamaraCode::QuotaExceeded,
             format!("the data plane holds its maximum of {capacity} sessions"),
         ),
-        _ => CamaraError::new(CamaraCode::Internal, format!("the data plane refused the change: {e}")),
+        _ => CamaraError::new(
+            CamaraCode::Internal,
+            format!("the data plane refused the change: {e}"),
+        ),
     }
 }
 
@@ -447,5 +539,230 @@ fn flow_rule(flow: &AppFlow, profile: &QosProfile, slot: u32, duration: u32) -> 
         device_ports: ranges(&flow.device_ports),
         server_ports: ranges(&flow.server_ports),
         _reserved: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::{
+        config::{Cli, Config},
+        dataplane::FakeDataPlane,
+        model::{ApplicationServer, Ports, ProfileName, ipv4_key},
+    };
+
+    fn profiles() -> Profiles {
+        Config::from_parts(None, &Cli::parse_from(["qodd", "-i", "lo"]))
+            .expect("defaults")
+            .profiles
+    }
+
+    fn core(max: u32) -> (Arc<Core>, FakeDataPlane) {
+        let dp = FakeDataPlane::default();
+        (
+            Arc::new(Core::new(
+                Box::new(dp.clone()),
+                profiles(),
+                max,
+                Duration::from_secs(360),
+            )),
+            dp,
+        )
+    }
+
+    fn request(device: [u8; 4], duration: u32) -> SessionRequest {
+        let ip = Ipv4Addr::from(device);
+        SessionRequest {
+            device: DeviceId::Ipv4 {
+                public: ip,
+                private: Some(ip),
+                public_port: None,
+            },
+            server: ApplicationServer {
+                ipv4: Some("192.0.2.0/24".parse().expect("net")),
+                ipv6: None,
+                given: (Some("192.0.2.0/24".into()), None),
+            },
+            device_ports: None,
+            server_ports: Some(Ports {
+                ranges: vec![(8000, 8010)],
+                ports: vec![443],
+            }),
+            profile: ProfileName::parse("qosProfile", "QOS_E").expect("name"),
+            sink: None,
+            sink_credential: None,
+            duration,
+        }
+    }
+
+    fn next_event(rx: &mut broadcast::Receiver<Arc<Event>>) -> (QosStatus, Option<StatusInfo>) {
+        let ev = rx.try_recv().expect("an event");
+        let info = match ev.session.session.state {
+            SessionState::Unavailable { info, .. } => Some(info),
+            SessionState::Available { .. } => None,
+        };
+        (ev.session.session.qos_status(), info)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn create_installs_the_profile_and_delete_removes_it() {
+        let (core, dp) = core(16);
+        let mut events = core.subscribe();
+        let v = core.create(request([10, 0, 0, 1], 60)).expect("create");
+        let key = ipv4_key(Ipv4Addr::new(10, 0, 0, 1));
+        let rule = dp.state.lock().expect("lock").flows[&key];
+        assert_eq!((rule.dscp, rule.skb_priority), (32, 0x0001_0010));
+        assert_eq!(rule.n_server_ports, 2);
+        assert_eq!(
+            (rule.server_ports[0].from, rule.server_ports[0].to),
+            (443, 443)
+        );
+        assert_eq!(rule.n_device_ports, 0);
+        assert_eq!(next_event(&mut events), (QosStatus::Available, None));
+
+        core.delete(v.session.id).expect("delete");
+        assert!(dp.state.lock().expect("lock").flows.is_empty());
+        assert_eq!(
+            next_event(&mut events),
+            (QosStatus::Unavailable, Some(StatusInfo::DeleteRequested))
+        );
+        assert_eq!(
+            core.get(v.session.id).expect_err("gone").code,
+            CamaraCode::NotFound
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn conflicts_and_failures_change_nothing() {
+        let (core, dp) = core(2);
+        let first = core.create(request([10, 0, 0, 1], 60)).expect("create");
+        let err = core
+            .create(request([10, 0, 0, 1], 30))
+            .expect_err("conflict");
+        assert_eq!(err.code, CamaraCode::Conflict);
+        assert_eq!(dp.state.lock().expect("lock").flows.len(), 1);
+
+        dp.state.lock().expect("lock").fail_next_install = true;
+        let err = core
+            .create(request([10, 0, 0, 2], 60))
+            .expect_err("data plane failure");
+        assert_eq!(err.code, CamaraCode::QuotaExceeded);
+        assert!(
+            core.retrieve(&request([10, 0, 0, 2], 1).device)
+                .expect("retrieve")
+                .is_empty()
+        );
+        // The slot of the failed create was given back: the second slot is still free.
+        core.create(request([10, 0, 0, 2], 60))
+            .expect("create after failure");
+        let err = core.create(request([10, 0, 0, 3], 60)).expect_err("full");
+        assert_eq!(err.code, CamaraCode::QuotaExceeded);
+        assert_eq!(
+            core.get(first.session.id)
+                .expect("first")
+                .session
+                .qos_status(),
+            QosStatus::Available
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn duration_bounds_come_from_the_profile() {
+        let (core, _) = core(4);
+        let err = core
+            .create(request([10, 0, 0, 1], 86_401))
+            .expect_err("too long");
+        assert_eq!(err.code, CamaraCode::DurationOutOfRange);
+        let mut r = request([10, 0, 0, 1], 60);
+        r.profile = ProfileName::parse("qosProfile", "QOS_X").expect("name");
+        assert_eq!(
+            core.create(r).expect_err("unknown").code,
+            CamaraCode::InvalidArgument
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_then_retention_then_purge() {
+        let (core, dp) = core(4);
+        let mut events = core.subscribe();
+        let v = core.create(request([10, 0, 0, 1], 5)).expect("create");
+        let _ = next_event(&mut events);
+        let next = core.expire_due(Instant::now()).expect("a deadline");
+        assert_eq!(next - Instant::now(), Duration::from_secs(5));
+
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let purge = core.expire_due(Instant::now()).expect("purge deadline");
+        assert_eq!(purge - Instant::now(), Duration::from_secs(360));
+        assert!(
+            dp.state.lock().expect("lock").flows.is_empty(),
+            "rule removed at expiry"
+        );
+        assert_eq!(
+            next_event(&mut events),
+            (QosStatus::Unavailable, Some(StatusInfo::DurationExpired))
+        );
+        let s = core.get(v.session.id).expect("still readable");
+        assert_eq!(s.session.qos_status(), QosStatus::Unavailable);
+        // Still blocks a new session for the device, and cannot be extended.
+        assert_eq!(
+            core.create(request([10, 0, 0, 1], 5))
+                .expect_err("blocked")
+                .code,
+            CamaraCode::Conflict
+        );
+        assert_eq!(
+            core.extend(v.session.id, 10).expect_err("unavailable").code,
+            CamaraCode::SessionExtensionNotAllowed
+        );
+
+        tokio::time::advance(Duration::from_secs(360)).await;
+        assert_eq!(core.expire_due(Instant::now()), None);
+        assert_eq!(
+            core.get(v.session.id).expect_err("purged").code,
+            CamaraCode::NotFound
+        );
+        core.create(request([10, 0, 0, 1], 5))
+            .expect("device free again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn extend_is_capped_at_the_maximum_and_moves_the_deadline() {
+        let (core, dp) = core(4);
+        let v = core.create(request([10, 0, 0, 1], 86_000)).expect("create");
+        let before = dp.state.lock().expect("lock").flows[&v.session.flow.device].expires_at_ns;
+        let ext = core.extend(v.session.id, 1_000).expect("extend");
+        assert_eq!(ext.session.duration, 86_400, "capped at QOS_E's 1 day");
+        let after = dp.state.lock().expect("lock").flows[&v.session.flow.device].expires_at_ns;
+        assert!(after > before, "kernel expiry moved");
+        tokio::time::advance(Duration::from_secs(86_000)).await;
+        core.expire_due(Instant::now());
+        assert_eq!(
+            core.get(v.session.id).expect("get").session.qos_status(),
+            QosStatus::Available
+        );
+        tokio::time::advance(Duration::from_secs(400)).await;
+        core.expire_due(Instant::now());
+        assert_eq!(
+            core.get(v.session.id).expect("get").session.qos_status(),
+            QosStatus::Unavailable
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deleting_an_unavailable_session_sends_no_event() {
+        let (core, _) = core(4);
+        let v = core.create(request([10, 0, 0, 1], 1)).expect("create");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        core.expire_due(Instant::now());
+        let mut events = core.subscribe();
+        core.delete(v.session.id).expect("delete");
+        assert!(
+            events.try_recv().is_err(),
+            "no event for an UNAVAILABLE session"
+        );
     }
 }

@@ -112,13 +112,21 @@ pub struct CamaraError {
 
 impl CamaraError {
     pub fn new(code: CamaraCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None }
+        Self {
+            code,
+            message: message.into(),
+            field: None,
+        }
     }
 
     /// An error about one request field.
     pub fn field(code: CamaraCode, field: impl Into<String>, message: impl Into<String>) -> Self {
         let field = field.into();
-        Self { code, message: format!("{field}: {}", message.into()), field: Some(field) }
+        Self {
+            code,
+            message: format!("{field}: {}", message.into()),
+            field: Some(field),
+        }
     }
 
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -147,9 +155,14 @@ mod tests {
             CamaraError::field(CamaraCode::DurationOutOfRange, "duration", "too long").into();
         assert_eq!(status.code(), Code::OutOfRange);
         assert_eq!(status.message(), "duration: too long");
-        let info = status.get_details_error_info().expect("error info attached");
+        let info = status
+            .get_details_error_info()
+            .expect("error info attached");
         assert_eq!(info.reason, "QUALITY_ON_DEMAND.DURATION_OUT_OF_RANGE");
         assert_eq!(info.domain, ERROR_DOMAIN);
-        assert_eq!(info.metadata.get("field").map(String::as_str), Some("duration"));
+        assert_eq!(
+            info.metadata.get("field").map(String::as_str),
+            Some("duration")
+        );
     }
 }

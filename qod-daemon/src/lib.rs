@@ -13,7 +13,9 @@ pub mod profile;
 
 use std::{sync::Arc, time::Duration};
 
-use qod_proto::v1::{qos_profiles_server::QosProfilesServer, quality_on_demand_server::QualityOnDemandServer};
+use qod_proto::v1::{
+    qos_profiles_server::QosProfilesServer, quality_on_demand_server::QualityOnDemandServer,
+};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -45,7 +47,10 @@ pub enum RunError {
 }
 
 /// Runs the daemon until `shutdown` completes, then drains and returns.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     dataplane::ensure_bpffs(&config.bpffs)?;
     let mut dp = AyaDataPlane::load(config.max_sessions)?;
     for iface in &config.interfaces {
@@ -63,8 +68,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<QualityOnDemandServer<api::SessionService>>().await;
-    health.set_serving::<QosProfilesServer<api::ProfileService>>().await;
+    health
+        .set_serving::<QualityOnDemandServer<api::SessionService>>()
+        .await;
+    health
+        .set_serving::<QosProfilesServer<api::ProfileService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(qod_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -72,8 +81,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(QualityOnDemandServer::new(api::SessionService::new(core.clone(), token.clone())))
-        .add_service(QosProfilesServer::new(api::ProfileService::new(core.clone())));
+        .add_service(QualityOnDemandServer::new(api::SessionService::new(
+            core.clone(),
+            token.clone(),
+        )))
+        .add_service(QosProfilesServer::new(api::ProfileService::new(
+            core.clone(),
+        )));
 
     let signal_token = token.clone();
     tokio::spawn(async move {
@@ -86,21 +100,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| RunError::Listen { addr: addr.to_string(), source })?;
+                .map_err(|source| RunError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
             info!(listen = %addr, "qodd ready");
-            tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop))
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
+            )
         }
         Listen::Unix(path) => {
-            let err = |source| RunError::Listen { addr: format!("unix:{}", path.display()), source };
+            let err = |source| RunError::Listen {
+                addr: format!("unix:{}", path.display()),
+                source,
+            };
             // A socket file left by a previous run would make bind fail.
-            if std::fs::symlink_metadata(path).is_ok_and(|m| {
-                std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())
-            }) {
+            if std::fs::symlink_metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
                 std::fs::remove_file(path).map_err(err)?;
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
             info!(listen = %format!("unix:{}", path.display()), "qodd ready");
-            tokio::spawn(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop))
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop),
+            )
         }
     };
 

@@ -49,9 +49,15 @@ pub struct ProfileName(String);
 impl ProfileName {
     pub fn parse(field: &str, s: &str) -> Result<Self, CamaraError> {
         if !(3..=256).contains(&s.len()) {
-            return Err(CamaraError::invalid(field, format!("{s:?} must be 3 to 256 characters long")));
+            return Err(CamaraError::invalid(
+                field,
+                format!("{s:?} must be 3 to 256 characters long"),
+            ));
         }
-        if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c))) {
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c)))
+        {
             return Err(CamaraError::invalid(
                 field,
                 format!("{s:?} contains {c:?}; only letters, digits, '_', '.' and '-' are allowed"),
@@ -85,7 +91,9 @@ impl PhoneNumber {
         if !ok {
             return Err(CamaraError::invalid(
                 field,
-                format!("{s:?} is not an E.164 number ('+' then 5 to 15 digits, not starting with 0)"),
+                format!(
+                    "{s:?} is not an E.164 number ('+' then 5 to 15 digits, not starting with 0)"
+                ),
             ));
         }
         Ok(Self(s.to_owned()))
@@ -100,7 +108,11 @@ impl PhoneNumber {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceId {
     /// CAMARA `DeviceIpv4Addr`: the public address plus the private address and/or public port.
-    Ipv4 { public: Ipv4Addr, private: Option<Ipv4Addr>, public_port: Option<u16> },
+    Ipv4 {
+        public: Ipv4Addr,
+        private: Option<Ipv4Addr>,
+        public_port: Option<u16>,
+    },
     /// Any address of the device's IPv6 prefix.
     Ipv6(Ipv6Addr),
     PhoneNumber(PhoneNumber),
@@ -112,7 +124,9 @@ impl DeviceId {
     /// `None` for identifiers that need a directory look-up first.
     pub fn key(&self) -> Option<DeviceKey> {
         match self {
-            Self::Ipv4 { public, private, .. } => Some(ipv4_key(private.unwrap_or(*public))),
+            Self::Ipv4 {
+                public, private, ..
+            } => Some(ipv4_key(private.unwrap_or(*public))),
             Self::Ipv6(addr) => Some(ipv6_key(*addr)),
             Self::PhoneNumber(_) => None,
         }
@@ -124,14 +138,20 @@ impl DeviceId {
 }
 
 pub fn ipv4_key(addr: Ipv4Addr) -> DeviceKey {
-    DeviceKey { family: FAMILY_IPV4, addr: [u32::from_ne_bytes(addr.octets()), 0, 0, 0] }
+    DeviceKey {
+        family: FAMILY_IPV4,
+        addr: [u32::from_ne_bytes(addr.octets()), 0, 0, 0],
+    }
 }
 
 pub fn ipv6_key(addr: Ipv6Addr) -> DeviceKey {
     let prefix = Ipv6Network::new(addr, IPV6_DEVICE_PREFIX_LEN)
         .map(|n| n.network())
         .unwrap_or(addr);
-    DeviceKey { family: FAMILY_IPV6, addr: words(prefix.octets()) }
+    DeviceKey {
+        family: FAMILY_IPV6,
+        addr: words(prefix.octets()),
+    }
 }
 
 fn words(b: [u8; 16]) -> [u32; 4] {
@@ -149,13 +169,19 @@ pub struct Ports {
 impl Ports {
     /// Ports and ranges merged into the fewest sorted ranges.
     pub fn merged(&self) -> Vec<PortRange> {
-        let mut all: Vec<(u16, u16)> =
-            self.ranges.iter().copied().chain(self.ports.iter().map(|&p| (p, p))).collect();
+        let mut all: Vec<(u16, u16)> = self
+            .ranges
+            .iter()
+            .copied()
+            .chain(self.ports.iter().map(|&p| (p, p)))
+            .collect();
         all.sort_unstable();
         let mut out: Vec<PortRange> = Vec::with_capacity(all.len());
         for (from, to) in all {
             match out.last_mut() {
-                Some(last) if u32::from(from) <= u32::from(last.to) + 1 => last.to = last.to.max(to),
+                Some(last) if u32::from(from) <= u32::from(last.to) + 1 => {
+                    last.to = last.to.max(to)
+                }
                 _ => out.push(PortRange { from, to }),
             }
         }
@@ -172,6 +198,8 @@ impl Ports {
 pub struct ApplicationServer {
     pub ipv4: Option<Ipv4Network>,
     pub ipv6: Option<Ipv6Network>,
+    /// The addresses as the caller wrote them, echoed back unchanged.
+    pub given: (Option<String>, Option<String>),
 }
 
 impl ApplicationServer {
@@ -224,15 +252,28 @@ impl AppFlow {
                 "no device address is known for this identifier on this node",
             )
         })?;
-        let family = if device.family == FAMILY_IPV4 { "IPv4" } else { "IPv6" };
+        let family = if device.family == FAMILY_IPV4 {
+            "IPv4"
+        } else {
+            "IPv6"
+        };
         let server = req.server.network(device.family).ok_or_else(|| {
             CamaraError::invalid(
                 "applicationServer",
                 format!("the device is identified by an {family} address but the application server has no {family} address"),
             )
         })?;
-        let mut device_ports = req.device_ports.as_ref().map(Ports::merged).unwrap_or_default();
-        if let DeviceId::Ipv4 { private: None, public_port: Some(port), .. } = req.device {
+        let mut device_ports = req
+            .device_ports
+            .as_ref()
+            .map(Ports::merged)
+            .unwrap_or_default();
+        if let DeviceId::Ipv4 {
+            private: None,
+            public_port: Some(port),
+            ..
+        } = req.device
+        {
             // Behind a NAT with only the public side known, the public port is the device port.
             if !device_ports.is_empty() && !device_ports.iter().any(|r| r.contains(port)) {
                 return Err(CamaraError::invalid(
@@ -240,10 +281,20 @@ impl AppFlow {
                     format!("does not include device.ipv4Address.publicPort {port}"),
                 ));
             }
-            device_ports = vec![PortRange { from: port, to: port }];
+            device_ports = vec![PortRange {
+                from: port,
+                to: port,
+            }];
         }
-        let server_ports = req.server_ports.as_ref().map(Ports::merged).unwrap_or_default();
-        for (field, ranges) in [("devicePorts", &device_ports), ("applicationServerPorts", &server_ports)] {
+        let server_ports = req
+            .server_ports
+            .as_ref()
+            .map(Ports::merged)
+            .unwrap_or_default();
+        for (field, ranges) in [
+            ("devicePorts", &device_ports),
+            ("applicationServerPorts", &server_ports),
+        ] {
             if ranges.len() > MAX_PORT_RANGES {
                 return Err(CamaraError::field(
                     CamaraCode::OutOfRange,
@@ -255,7 +306,12 @@ impl AppFlow {
                 ));
             }
         }
-        Ok(Self { device, server, device_ports, server_ports })
+        Ok(Self {
+            device,
+            server,
+            device_ports,
+            server_ports,
+        })
     }
 }
 
@@ -311,7 +367,10 @@ mod tests {
 
     #[test]
     fn ports_merge_into_fewest_ranges() {
-        let p = Ports { ranges: vec![(10, 20), (21, 25), (100, 200)], ports: vec![5, 6, 150, 300] };
+        let p = Ports {
+            ranges: vec![(10, 20), (21, 25), (100, 200)],
+            ports: vec![5, 6, 150, 300],
+        };
         let m: Vec<_> = p.merged().iter().map(|r| (r.from, r.to)).collect();
         assert_eq!(m, vec![(5, 6), (10, 25), (100, 200), (300, 300)]);
     }
@@ -321,7 +380,10 @@ mod tests {
         let a = ipv6_key("2001:db8:1:2::5".parse().expect("addr"));
         let b = ipv6_key("2001:db8:1:2:ffff::1".parse().expect("addr"));
         assert_eq!(a, b);
-        assert_eq!(key_addr(&a), "2001:db8:1:2::".parse::<IpAddr>().expect("addr"));
+        assert_eq!(
+            key_addr(&a),
+            "2001:db8:1:2::".parse::<IpAddr>().expect("addr")
+        );
     }
 
     #[test]

@@ -215,8 +215,18 @@ mod tests {
 
     #[test]
     fn units_convert() {
-        assert_eq!(Rate { value: 500, unit: RateUnit::Kbps }.bits_per_second(), 500_000);
-        let d = CamaraDuration { value: 2, unit: TimeUnit::Hours };
+        assert_eq!(
+            Rate {
+                value: 500,
+                unit: RateUnit::Kbps
+            }
+            .bits_per_second(),
+            500_000
+        );
+        let d = CamaraDuration {
+            value: 2,
+            unit: TimeUnit::Hours,
+        };
         assert_eq!(d.as_duration(), Duration::from_secs(7200));
     }
 

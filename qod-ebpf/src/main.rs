@@ -28,7 +28,8 @@ static QOD_FLOWS: HashMap<DeviceKey, FlowRule> =
     HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
 
 #[map]
-static QOD_COUNTERS: PerCpuArray<FlowCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+static QOD_COUNTERS: PerCpuArray<FlowCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -87,6 +88,7 @@ struct Packet {
 
 fn try_qod_tc(ctx: &TcContext) -> Result<(), Skip> {
     let pkt = parse(ctx)?;
+    // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
     let now = unsafe { bpf_ktime_get_ns() };
 
     // Downlink: the destination is a device. Uplink: the source is.
@@ -121,13 +123,22 @@ fn try_qod_tc(ctx: &TcContext) -> Result<(), Skip> {
 }
 
 #[inline(always)]
-fn lookup(pkt: &Packet, device: [u32; 4], server: [u32; 4], uplink: bool, now: u64) -> Option<FlowRule> {
-    let mut key = DeviceKey { family: pkt.family, addr: device };
+fn lookup(
+    pkt: &Packet,
+    device: [u32; 4],
+    server: [u32; 4],
+    uplink: bool,
+    now: u64,
+) -> Option<FlowRule> {
+    let mut key = DeviceKey {
+        family: pkt.family,
+        addr: device,
+    };
     if pkt.family == FAMILY_IPV6 {
         key.addr[2] = 0;
         key.addr[3] = 0;
     }
-    let rule = QOD_FLOWS.get_ptr(&key)?;
+    let rule = QOD_FLOWS.get_ptr(key)?;
     // SAFETY: the map is BPF_F_NO_PREALLOC, so an entry replaced or deleted by user space stays
     // valid until this RCU read section ends; we copy it out once.
     let rule = unsafe { *rule };
@@ -143,7 +154,11 @@ fn lookup(pkt: &Packet, device: [u32; 4], server: [u32; 4], uplink: bool, now: u
     }
     if rule.needs_ports() {
         let (sport, dport) = pkt.ports?;
-        let (device_port, server_port) = if uplink { (sport, dport) } else { (dport, sport) };
+        let (device_port, server_port) = if uplink {
+            (sport, dport)
+        } else {
+            (dport, sport)
+        };
         if !in_ranges(&rule.device_ports, rule.n_device_ports, device_port)
             || !in_ranges(&rule.server_ports, rule.n_server_ports, server_port)
         {
@@ -208,8 +223,18 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
     let dst = load::<u32>(ctx, l3 + 16)?;
     // Only a first (or unfragmented) packet carries the transport header.
     let first_fragment = frag & 0x1fff == 0;
-    let ports = if first_fragment { l4_ports(ctx, protocol, l3 + ihl) } else { None };
-    Ok(Packet { family: FAMILY_IPV4, l3, src: [src, 0, 0, 0], dst: [dst, 0, 0, 0], ports })
+    let ports = if first_fragment {
+        l4_ports(ctx, protocol, l3 + ihl)
+    } else {
+        None
+    };
+    Ok(Packet {
+        family: FAMILY_IPV4,
+        l3,
+        src: [src, 0, 0, 0],
+        dst: [dst, 0, 0, 0],
+        ports,
+    })
 }
 
 fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
@@ -251,8 +276,18 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         }
         i += 1;
     }
-    let ports = if first_fragment { l4_ports(ctx, next, off) } else { None };
-    Ok(Packet { family: FAMILY_IPV6, l3, src, dst, ports })
+    let ports = if first_fragment {
+        l4_ports(ctx, next, off)
+    } else {
+        None
+    };
+    Ok(Packet {
+        family: FAMILY_IPV6,
+        l3,
+        src,
+        dst,
+        ports,
+    })
 }
 
 #[inline(always)]

@@ -41,9 +41,37 @@ pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Prefix of every namespace the kit creates; the process id follows it.
+const NS_PREFIX: &str = "qodt";
+
 fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("qt{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_stale);
+    format!(
+        "{NS_PREFIX}{}-{}-{tag}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Removes namespaces left by kit users that were killed (no Drop ran): those whose process is
+/// gone.
+fn sweep_stale() {
+    let Ok(list) = sh("ip", &["netns", "list"]) else {
+        return;
+    };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let pid = name
+            .strip_prefix(NS_PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = sh("ip", &["netns", "del", name]);
+        }
+    }
 }
 
 /// A network namespace, deleted on drop.
@@ -58,7 +86,14 @@ impl Netns {
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"])?;
         // No duplicate address detection: addresses are usable at once, and nothing else is here.
-        ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
+        ns.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
         Ok(ns)
     }
 
@@ -81,7 +116,9 @@ impl Netns {
         &self,
         f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
     ) -> anyhow::Result<T> {
-        self.spawn(f).join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        self.spawn(f)
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
     }
 
     /// As [`Netns::run`] without waiting.
@@ -141,15 +178,77 @@ pub const SERVER_IF: &str = "srv0";
 impl Lab {
     pub fn new() -> anyhow::Result<Self> {
         use addr::*;
-        let lab = Self { device: Netns::new("dev")?, edge: Netns::new("edge")?, server: Netns::new("srv")? };
+        let lab = Self {
+            device: Netns::new("dev")?,
+            edge: Netns::new("edge")?,
+            server: Netns::new("srv")?,
+        };
         let (d, e, s) = (&lab.device, &lab.edge, &lab.server);
-        d.ip(&["link", "add", DEVICE_IF, "type", "veth", "peer", "name", EDGE_DEV_IF, "netns", &e.name])?;
-        e.ip(&["link", "add", EDGE_SRV_IF, "type", "veth", "peer", "name", SERVER_IF, "netns", &s.name])?;
+        d.ip(&[
+            "link",
+            "add",
+            DEVICE_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            EDGE_DEV_IF,
+            "netns",
+            &e.name,
+        ])?;
+        e.ip(&[
+            "link",
+            "add",
+            EDGE_SRV_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            SERVER_IF,
+            "netns",
+            &s.name,
+        ])?;
         for (ns, ifname, addrs) in [
-            (d, DEVICE_IF, [format!("{DEVICE_V4}/24"), format!("{OTHER_DEVICE_V4}/24"), format!("{DEVICE_V6}/64"), format!("{OTHER_DEVICE_V6}/64")]),
-            (e, EDGE_DEV_IF, [format!("{EDGE_DEV_V4}/24"), format!("{EDGE_DEV_V6}/64"), "fd00:11::1/64".into(), String::new()]),
-            (e, EDGE_SRV_IF, [format!("{EDGE_SRV_V4}/24"), format!("{EDGE_SRV_V6}/64"), String::new(), String::new()]),
-            (s, SERVER_IF, [format!("{SERVER_V4}/24"), format!("{OTHER_SERVER_V4}/24"), format!("{SERVER_V6}/64"), format!("{OTHER_SERVER_V6}/64")]),
+            (
+                d,
+                DEVICE_IF,
+                [
+                    format!("{DEVICE_V4}/24"),
+                    format!("{OTHER_DEVICE_V4}/24"),
+                    format!("{DEVICE_V6}/64"),
+                    format!("{OTHER_DEVICE_V6}/64"),
+                ],
+            ),
+            (
+                e,
+                EDGE_DEV_IF,
+                [
+                    format!("{EDGE_DEV_V4}/24"),
+                    format!("{EDGE_DEV_V6}/64"),
+                    "fd00:11::1/64".into(),
+                    String::new(),
+                ],
+            ),
+            (
+                e,
+                EDGE_SRV_IF,
+                [
+                    format!("{EDGE_SRV_V4}/24"),
+                    format!("{EDGE_SRV_V6}/64"),
+                    String::new(),
+                    String::new(),
+                ],
+            ),
+            (
+                s,
+                SERVER_IF,
+                [
+                    format!("{SERVER_V4}/24"),
+                    format!("{OTHER_SERVER_V4}/24"),
+                    format!("{SERVER_V6}/64"),
+                    format!("{OTHER_SERVER_V6}/64"),
+                ],
+            ),
         ] {
             for a in addrs.iter().filter(|a| !a.is_empty()) {
                 let mut args = vec!["addr", "add", a.as_str(), "dev", ifname];
@@ -160,7 +259,10 @@ impl Lab {
             }
             ns.ip(&["link", "set", ifname, "up"])?;
             // Offloads off: packets on the wire are what the classifier and the capture see.
-            let _ = ns.exec("ethtool", &["-K", ifname, "tso", "off", "gso", "off", "gro", "off"]);
+            let _ = ns.exec(
+                "ethtool",
+                &["-K", ifname, "tso", "off", "gso", "off", "gro", "off"],
+            );
         }
         d.ip(&["route", "add", "default", "via", EDGE_DEV_V4])?;
         d.ip(&["-6", "route", "add", "default", "via", EDGE_DEV_V6])?;
@@ -185,14 +287,21 @@ impl Lab {
         ];
         loop {
             let ready = checks.iter().all(|(ns, ifname, prefix)| {
-                let up = ns.ip(&["-o", "link", "show", "dev", ifname]).is_ok_and(|o| o.contains("state UP"));
-                let routed = ns.ip(&["-6", "route", "show", prefix, "dev", ifname]).is_ok_and(|o| !o.trim().is_empty());
+                let up = ns
+                    .ip(&["-o", "link", "show", "dev", ifname])
+                    .is_ok_and(|o| o.contains("state UP"));
+                let routed = ns
+                    .ip(&["-6", "route", "show", prefix, "dev", ifname])
+                    .is_ok_and(|o| !o.trim().is_empty());
                 up && routed
             });
             if ready {
                 return Ok(());
             }
-            ensure!(Instant::now() < deadline, "lab links did not come up within 10 s");
+            ensure!(
+                Instant::now() < deadline,
+                "lab links did not come up within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -256,7 +365,7 @@ impl Capture {
                 if n < 0 {
                     continue; // timeout: check the stop flag
                 }
-                if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                if from.sll_pkttype == libc::PACKET_OUTGOING {
                     continue;
                 }
                 let n = n as usize;
@@ -267,7 +376,10 @@ impl Capture {
             Ok(seen)
         });
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread) }),
+            Ok(Ok(())) => Ok(Self {
+                stop,
+                thread: Some(thread),
+            }),
             Ok(Err(e)) => bail!("capture on {}: {e}", ns.name),
             Err(_) => bail!("capture on {} did not start", ns.name),
         }
@@ -278,7 +390,9 @@ impl Capture {
         std::thread::sleep(Duration::from_millis(300));
         self.stop.store(true, Ordering::Relaxed);
         let thread = self.thread.take().context("capture already finished")?;
-        thread.join().map_err(|_| anyhow::anyhow!("capture thread panicked"))?
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("capture thread panicked"))?
     }
 }
 
@@ -289,11 +403,16 @@ impl Drop for Capture {
 }
 
 fn packet_socket(ifname: &str) -> anyhow::Result<OwnedFd> {
-    let ifindex = nix::net::if_::if_nametoindex(ifname).with_context(|| format!("no interface {ifname}"))?;
+    let ifindex =
+        nix::net::if_::if_nametoindex(ifname).with_context(|| format!("no interface {ifname}"))?;
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket(2) call; the fd is owned right away.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-    ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    ensure!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -302,10 +421,21 @@ fn packet_socket(ifname: &str) -> anyhow::Result<OwnedFd> {
     sll.sll_ifindex = ifindex as i32;
     // SAFETY: sll is a valid sockaddr_ll of the size passed.
     let rc = unsafe {
-        libc::bind(fd, (&raw const sll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+        libc::bind(
+            fd,
+            (&raw const sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
     };
-    ensure!(rc == 0, "bind AF_PACKET to {ifname}: {}", std::io::Error::last_os_error());
-    let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+    ensure!(
+        rc == 0,
+        "bind AF_PACKET to {ifname}: {}",
+        std::io::Error::last_os_error()
+    );
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
     // SAFETY: tv is a valid timeval of the size passed.
     unsafe {
         libc::setsockopt(
@@ -327,7 +457,10 @@ pub fn parse_frame(f: &[u8], frame_len: usize) -> Option<Seen> {
         0x0800 => {
             let ihl = usize::from(ip.first()? & 0x0f) * 4;
             let hdr = ip.get(..ihl)?;
-            let mut sum: u32 = hdr.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+            let mut sum: u32 = hdr
+                .chunks(2)
+                .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+                .sum();
             while sum > 0xffff {
                 sum = (sum & 0xffff) + (sum >> 16);
             }
@@ -344,19 +477,39 @@ pub fn parse_frame(f: &[u8], frame_len: usize) -> Option<Seen> {
         _ => return None,
     };
     let (sport, dport) = match (protocol, l4.get(..4)) {
-        (6 | 17, Some(p)) => (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])),
+        (6 | 17, Some(p)) => (
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        ),
         _ => (0, 0),
     };
-    Some(Seen { src, dst, protocol, sport, dport, dscp: tos >> 2, ecn: tos & 3, frame_len, checksum_ok })
+    Some(Seen {
+        src,
+        dst,
+        protocol,
+        sport,
+        dport,
+        dscp: tos >> 2,
+        ecn: tos & 3,
+        frame_len,
+        checksum_ok,
+    })
 }
 
 /// Sends `count` UDP datagrams of `payload` bytes from `from` (bound in `ns`) to `to`.
-pub fn udp_send(ns: &Netns, from: SocketAddr, to: SocketAddr, count: usize, payload: usize) -> anyhow::Result<()> {
+pub fn udp_send(
+    ns: &Netns,
+    from: SocketAddr,
+    to: SocketAddr,
+    count: usize,
+    payload: usize,
+) -> anyhow::Result<()> {
     ns.run(move || {
         let sock = UdpSocket::bind(from).with_context(|| format!("bind {from}"))?;
         let data = vec![0x5au8; payload];
         for _ in 0..count {
-            sock.send_to(&data, to).with_context(|| format!("send to {to}"))?;
+            sock.send_to(&data, to)
+                .with_context(|| format!("send to {to}"))?;
             // Pace a little so no queue on the path can drop.
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -384,9 +537,14 @@ pub fn tcp_exchange(
         s.write_all(&vec![0xa5u8; bytes])?;
         Ok(())
     });
-    rx.recv_timeout(Duration::from_secs(10)).context("server did not listen")?;
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("server did not listen")?;
     client_ns.run(move || {
-        let sock = socket2::Socket::new(socket2::Domain::for_address(client), socket2::Type::STREAM, None)?;
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(client),
+            socket2::Type::STREAM,
+            None,
+        )?;
         sock.bind(&client.into())?;
         sock.connect_timeout(&server.into(), Duration::from_secs(10))?;
         let mut s: TcpStream = sock.into();
@@ -396,7 +554,8 @@ pub fn tcp_exchange(
         s.read_exact(&mut got)?;
         Ok(())
     })?;
-    srv.join().map_err(|_| anyhow::anyhow!("tcp server panicked"))?
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("tcp server panicked"))?
 }
 
 /// Where `cargo build` put the `qodd` binary: `$QODD_BIN`, else next to the test executable.
@@ -406,7 +565,10 @@ pub fn qodd_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test> → target/<profile>/qodd
-    exe.parent().and_then(Path::parent).map(|d| d.join("qodd")).unwrap_or_default()
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("qodd"))
+        .unwrap_or_default()
 }
 
 /// A running `qodd` in a namespace, reachable on a Unix socket; stopped on drop.
@@ -420,20 +582,37 @@ impl Qodd {
     /// Starts `qodd` in `ns` with `extra_toml` appended to a config that sets the socket and
     /// interfaces, and waits until its API answers.
     pub async fn start(ns: &Netns, interfaces: &[&str], extra_toml: &str) -> anyhow::Result<Self> {
+        Self::start_bin(&qodd_bin(), ns, interfaces, extra_toml).await
+    }
+
+    /// As [`Qodd::start`] with an explicit binary.
+    pub async fn start_bin(
+        bin: &Path,
+        ns: &Netns,
+        interfaces: &[&str],
+        extra_toml: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("qodd.sock");
         let config = dir.path().join("qodd.toml");
         let list: Vec<String> = interfaces.iter().map(|i| format!("{i:?}")).collect();
         fs::write(
             &config,
-            format!("listen = \"unix:{}\"\ninterfaces = [{}]\n{extra_toml}", socket.display(), list.join(", ")),
+            format!(
+                "listen = \"unix:{}\"\ninterfaces = [{}]\n{extra_toml}",
+                socket.display(),
+                list.join(", ")
+            ),
         )?;
-        let bin = qodd_bin();
-        ensure!(bin.exists(), "qodd binary not found at {} (build it first: cargo build -p qod-daemon --bins, or set QODD_BIN)", bin.display());
+        ensure!(
+            bin.exists(),
+            "qodd binary not found at {} (build it first: cargo build -p qod-daemon --bins, or set QODD_BIN)",
+            bin.display()
+        );
         let log = fs::File::create(dir.path().join("qodd.log"))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
-            .arg(&bin)
+            .arg(bin)
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
@@ -442,14 +621,20 @@ impl Qodd {
             .stderr(log)
             .spawn()
             .context("spawn qodd")?;
-        let mut q = Self { child: Some(child), socket, dir };
+        let mut q = Self {
+            child: Some(child),
+            socket,
+            dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = q.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("qodd exited with {status} during start:\n{}", q.log());
             }
             if let Ok(mut c) = q.profiles().await
-                && c.retrieve_qos_profiles(qod_proto::v1::RetrieveQosProfilesRequest::default()).await.is_ok()
+                && c.retrieve_qos_profiles(qod_proto::v1::RetrieveQosProfilesRequest::default())
+                    .await
+                    .is_ok()
             {
                 return Ok(q);
             }
@@ -578,7 +763,11 @@ pub mod bpf {
                 std::mem::size_of::<TestRunAttr>(),
             )
         };
-        ensure!(rc == 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+        ensure!(
+            rc == 0,
+            "BPF_PROG_TEST_RUN: {}",
+            std::io::Error::last_os_error()
+        );
         out.truncate(attr.data_size_out as usize);
         Ok(RunResult {
             retval: attr.retval as i32,
@@ -633,7 +822,15 @@ pub mod bpf {
     }
 
     /// IPv4 packet; `options` must be a multiple of 4 bytes; `frag` is the flags+offset field.
-    pub fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, tos: u8, options: &[u8], frag: u16, body: &[u8]) -> Vec<u8> {
+    pub fn ipv4(
+        src: [u8; 4],
+        dst: [u8; 4],
+        protocol: u8,
+        tos: u8,
+        options: &[u8],
+        frag: u16,
+        body: &[u8],
+    ) -> Vec<u8> {
         let ihl = 5 + options.len() / 4;
         let total = ihl * 4 + body.len();
         let mut h = vec![(4 << 4) | ihl as u8, tos];
@@ -651,7 +848,15 @@ pub mod bpf {
     }
 
     /// IPv6 packet; `ext` is a list of (header type, bytes without the next-header byte).
-    pub fn ipv6(src: [u8; 16], dst: [u8; 16], protocol: u8, tclass: u8, flow: u32, ext: &[(u8, Vec<u8>)], body: &[u8]) -> Vec<u8> {
+    pub fn ipv6(
+        src: [u8; 16],
+        dst: [u8; 16],
+        protocol: u8,
+        tclass: u8,
+        flow: u32,
+        ext: &[(u8, Vec<u8>)],
+        body: &[u8],
+    ) -> Vec<u8> {
         let mut chain = Vec::new();
         let types: Vec<u8> = ext.iter().map(|(t, _)| *t).chain([protocol]).collect();
         for (i, (_, bytes)) in ext.iter().enumerate() {

@@ -31,7 +31,12 @@ struct Harness {
     dp: AyaDataPlane,
 }
 
-fn rule(server: IpNetwork, device_ports: &[(u16, u16)], server_ports: &[(u16, u16)], slot: u32) -> FlowRule {
+fn rule(
+    server: IpNetwork,
+    device_ports: &[(u16, u16)],
+    server_ports: &[(u16, u16)],
+    slot: u32,
+) -> FlowRule {
     let (server_addr, server_mask) = network_words(server);
     let fill = |src: &[(u16, u16)]| {
         let mut out = [PortRange::default(); MAX_PORT_RANGES];
@@ -58,22 +63,40 @@ fn rule(server: IpNetwork, device_ports: &[(u16, u16)], server_ports: &[(u16, u1
 
 impl Harness {
     fn new() -> Self {
-        assert!(nix::unistd::Uid::effective().is_root(), "loading eBPF needs root: run through cargo xtask test");
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "loading eBPF needs root: run through cargo xtask test"
+        );
         let mut dp = AyaDataPlane::load(1024).expect("load classifier");
         // IPv4: device 10.0.1.2 ↔ 10.0.2.0/24, server ports 5000-5010 and 6000.
-        let r4 = rule("10.0.2.0/24".parse().expect("net"), &[], &[(5000, 5010), (6000, 6000)], 1);
+        let r4 = rule(
+            "10.0.2.0/24".parse().expect("net"),
+            &[],
+            &[(5000, 5010), (6000, 6000)],
+            1,
+        );
         dp.reset_counters(1).expect("reset");
-        dp.install(ipv4_key(Ipv4Addr::from(DEV4)), &r4).expect("install v4");
+        dp.install(ipv4_key(Ipv4Addr::from(DEV4)), &r4)
+            .expect("install v4");
         // IPv6: device fd00:1::/64 ↔ fd00:2::2/128, device port 40000.
-        let r6 = rule("fd00:2::2/128".parse().expect("net"), &[(40000, 40000)], &[], 2);
+        let r6 = rule(
+            "fd00:2::2/128".parse().expect("net"),
+            &[(40000, 40000)],
+            &[],
+            2,
+        );
         dp.reset_counters(2).expect("reset");
-        dp.install(ipv6_key(DEV6.parse().expect("v6")), &r6).expect("install v6");
+        dp.install(ipv6_key(DEV6.parse().expect("v6")), &r6)
+            .expect("install v6");
         Self { dp }
     }
 
     fn run(&self, frame: &[u8]) -> qod_testkit::bpf::RunResult {
         let r = test_run(self.dp.program_fd().expect("fd"), frame, 1).expect("test run");
-        assert_eq!(r.retval, CARRY_ON, "the classifier must never drop or redirect");
+        assert_eq!(
+            r.retval, CARRY_ON,
+            "the classifier must never drop or redirect"
+        );
         r
     }
 
@@ -86,7 +109,11 @@ impl Harness {
 }
 
 fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, tos: u8) -> Vec<u8> {
-    eth(0x0800, &[], &ipv4(src, dst, UDP, tos, &[], 0, &l4(UDP, sport, dport, 32)))
+    eth(
+        0x0800,
+        &[],
+        &ipv4(src, dst, UDP, tos, &[], 0, &l4(UDP, sport, dport, 32)),
+    )
 }
 
 #[test]
@@ -112,11 +139,24 @@ fn ipv4_match_rewrites_dscp_keeps_ecn_fixes_checksum_and_counts() {
 #[test]
 fn ipv4_non_matching_packets_pass_untouched() {
     let h = Harness::new();
-    h.untouched(&udp4(DEV4, [10, 0, 3, 2], 40000, 5005, 0), "server outside the subnet");
-    h.untouched(&udp4(DEV4, SRV4, 40000, 5011, 0), "server port outside the ranges");
+    h.untouched(
+        &udp4(DEV4, [10, 0, 3, 2], 40000, 5005, 0),
+        "server outside the subnet",
+    );
+    h.untouched(
+        &udp4(DEV4, SRV4, 40000, 5011, 0),
+        "server port outside the ranges",
+    );
     h.untouched(&udp4([10, 0, 1, 3], SRV4, 40000, 5005, 0), "another device");
-    h.untouched(&udp4(SRV4, DEV4, 40000, 5005, 0), "downlink from a port outside the ranges");
-    let icmp = eth(0x0800, &[], &ipv4(DEV4, SRV4, 1, 0, &[], 0, &[8, 0, 0, 0, 0, 0, 0, 0]));
+    h.untouched(
+        &udp4(SRV4, DEV4, 40000, 5005, 0),
+        "downlink from a port outside the ranges",
+    );
+    let icmp = eth(
+        0x0800,
+        &[],
+        &ipv4(DEV4, SRV4, 1, 0, &[], 0, &[8, 0, 0, 0, 0, 0, 0, 0]),
+    );
     h.untouched(&icmp, "ICMP when the session names ports");
     let c = h.dp.counters(1).expect("counters");
     assert_eq!(c.up_packets + c.down_packets, 0, "nothing counted");
@@ -128,12 +168,28 @@ fn ipv4_with_options_vlan_and_fragments() {
     // IHL 7: two option words (NOPs, then end-of-list) shift the UDP header.
     let opts = [1, 1, 1, 1, 1, 1, 1, 0];
     let body = l4(UDP, 40000, 5000, 16);
-    let r = h.run(&eth(0x0800, &[], &ipv4(DEV4, SRV4, UDP, 0, &opts, 0, &body)));
+    let r = h.run(&eth(
+        0x0800,
+        &[],
+        &ipv4(DEV4, SRV4, UDP, 0, &opts, 0, &body),
+    ));
     assert_eq!(r.data[15] >> 2, DSCP, "options: ports read past them");
     assert_eq!(checksum(&r.data[14..14 + 28]), 0);
     // Ports must be read after the options: here the option bytes right after the fixed header
     // look like ports 5000/5000, but the real ports (7000) are outside the session's ranges.
-    let with_opts = eth(0x0800, &[], &ipv4(DEV4, SRV4, UDP, 0, &[0x13, 0x88, 0x13, 0x88, 1, 1, 1, 0], 0, &l4(UDP, 40000, 7000, 16)));
+    let with_opts = eth(
+        0x0800,
+        &[],
+        &ipv4(
+            DEV4,
+            SRV4,
+            UDP,
+            0,
+            &[0x13, 0x88, 0x13, 0x88, 1, 1, 1, 0],
+            0,
+            &l4(UDP, 40000, 7000, 16),
+        ),
+    );
     h.untouched(&with_opts, "option bytes are not ports");
     // One and two VLAN tags.
     let inner = ipv4(DEV4, SRV4, UDP, 0, &[], 0, &l4(UDP, 40000, 5000, 16));
@@ -143,9 +199,28 @@ fn ipv4_with_options_vlan_and_fragments() {
     assert_eq!(r.data[22 + 1] >> 2, DSCP, "QinQ");
     // First fragment (MF, offset 0) carries the ports: matched. A later fragment has no ports:
     // a session that names ports cannot claim it.
-    let r = h.run(&eth(0x0800, &[], &ipv4(DEV4, SRV4, UDP, 0, &[], 0x2000, &l4(UDP, 40000, 5000, 16))));
+    let r = h.run(&eth(
+        0x0800,
+        &[],
+        &ipv4(DEV4, SRV4, UDP, 0, &[], 0x2000, &l4(UDP, 40000, 5000, 16)),
+    ));
     assert_eq!(r.data[15] >> 2, DSCP, "first fragment");
-    h.untouched(&eth(0x0800, &[], &ipv4(DEV4, SRV4, UDP, 0, &[], 0x0010, &[0x13, 0x88, 0x13, 0x88, 0, 0, 0, 0])), "non-first fragment");
+    h.untouched(
+        &eth(
+            0x0800,
+            &[],
+            &ipv4(
+                DEV4,
+                SRV4,
+                UDP,
+                0,
+                &[],
+                0x0010,
+                &[0x13, 0x88, 0x13, 0x88, 0, 0, 0, 0],
+            ),
+        ),
+        "non-first fragment",
+    );
 }
 
 #[test]
@@ -156,30 +231,89 @@ fn ipv6_match_through_extension_headers_and_prefix() {
     let dst_opts = (60u8, vec![1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     // Another host of the device's /64 is the same device.
     let dev = v6("fd00:1::abcd");
-    let pkt = ipv6(dev, v6(SRV6), TCP, 0x01, 0xabcde, &[hbh, dst_opts], &l4(TCP, 40000, 443, 10));
+    let pkt = ipv6(
+        dev,
+        v6(SRV6),
+        TCP,
+        0x01,
+        0xabcde,
+        &[hbh, dst_opts],
+        &l4(TCP, 40000, 443, 10),
+    );
     let frame = eth(0x86dd, &[], &pkt);
     let r = h.run(&frame);
     let first = u32::from_be_bytes([r.data[14], r.data[15], r.data[16], r.data[17]]);
     assert_eq!(first >> 28, 6, "version kept");
-    assert_eq!(((first >> 20) & 0xff) as u8, (DSCP << 2) | 0x01, "DSCP set, ECN kept");
+    assert_eq!(
+        ((first >> 20) & 0xff) as u8,
+        (DSCP << 2) | 0x01,
+        "DSCP set, ECN kept"
+    );
     assert_eq!(first & 0xfffff, 0xabcde, "flow label kept");
     assert_eq!(r.priority, PRIO);
     assert_eq!(&r.data[18..], &frame[18..]);
     // Downlink.
-    let down = eth(0x86dd, &[], &ipv6(v6(SRV6), v6(DEV6), UDP, 0, 0, &[], &l4(UDP, 443, 40000, 10)));
+    let down = eth(
+        0x86dd,
+        &[],
+        &ipv6(v6(SRV6), v6(DEV6), UDP, 0, 0, &[], &l4(UDP, 443, 40000, 10)),
+    );
     let r = h.run(&down);
-    assert_eq!(((u16::from_be_bytes([r.data[14], r.data[15]]) >> 4) as u8) >> 2, DSCP);
+    assert_eq!(
+        ((u16::from_be_bytes([r.data[14], r.data[15]]) >> 4) as u8) >> 2,
+        DSCP
+    );
     let c = h.dp.counters(2).expect("counters");
     assert_eq!((c.up_packets, c.down_packets), (1, 1));
     // Non-matching: another /64, another server, another device port, a later fragment.
-    let other_dev = eth(0x86dd, &[], &ipv6(v6("fd00:11::2"), v6(SRV6), UDP, 0, 0, &[], &l4(UDP, 40000, 443, 10)));
+    let other_dev = eth(
+        0x86dd,
+        &[],
+        &ipv6(
+            v6("fd00:11::2"),
+            v6(SRV6),
+            UDP,
+            0,
+            0,
+            &[],
+            &l4(UDP, 40000, 443, 10),
+        ),
+    );
     h.untouched(&other_dev, "another /64");
-    let other_srv = eth(0x86dd, &[], &ipv6(v6(DEV6), v6("fd00:2::3"), UDP, 0, 0, &[], &l4(UDP, 40000, 443, 10)));
+    let other_srv = eth(
+        0x86dd,
+        &[],
+        &ipv6(
+            v6(DEV6),
+            v6("fd00:2::3"),
+            UDP,
+            0,
+            0,
+            &[],
+            &l4(UDP, 40000, 443, 10),
+        ),
+    );
     h.untouched(&other_srv, "another server");
-    let other_port = eth(0x86dd, &[], &ipv6(v6(DEV6), v6(SRV6), UDP, 0, 0, &[], &l4(UDP, 40001, 443, 10)));
+    let other_port = eth(
+        0x86dd,
+        &[],
+        &ipv6(v6(DEV6), v6(SRV6), UDP, 0, 0, &[], &l4(UDP, 40001, 443, 10)),
+    );
     h.untouched(&other_port, "another device port");
     let frag = (44u8, vec![0, 0x00, 0x08, 0, 0, 0, 1]); // offset 1 (8 bytes)
-    let later = eth(0x86dd, &[], &ipv6(v6(DEV6), v6(SRV6), UDP, 0, 0, &[frag], &[0x9c, 0x40, 0x01, 0xbb, 0, 0, 0, 0]));
+    let later = eth(
+        0x86dd,
+        &[],
+        &ipv6(
+            v6(DEV6),
+            v6(SRV6),
+            UDP,
+            0,
+            0,
+            &[frag],
+            &[0x9c, 0x40, 0x01, 0xbb, 0, 0, 0, 0],
+        ),
+    );
     h.untouched(&later, "non-first IPv6 fragment");
 }
 
@@ -190,15 +324,33 @@ fn truncated_and_non_ip_frames_pass_untouched() {
     // Cut inside the IPv4 header, and inside the UDP ports. The kernel's test runner refuses an
     // untagged IPv4 frame shorter than an IPv4 header, so that cut is shown behind a VLAN tag
     // (the classifier follows the tag to the same truncated header).
-    let tagged = eth(0x0800, &[7], &ipv4(DEV4, SRV4, UDP, 0, &[], 0, &l4(UDP, 40000, 5005, 32)));
+    let tagged = eth(
+        0x0800,
+        &[7],
+        &ipv4(DEV4, SRV4, UDP, 0, &[], 0, &l4(UDP, 40000, 5005, 32)),
+    );
     h.untouched(&tagged[..18 + 12], "truncated IPv4 header");
     h.untouched(&full[..14 + 20 + 2], "truncated UDP header");
-    let v6full = eth(0x86dd, &[], &ipv6(v6(DEV6), v6(SRV6), UDP, 0, 0, &[], &l4(UDP, 40000, 443, 10)));
-    let v6tagged = eth(0x86dd, &[7], &ipv6(v6(DEV6), v6(SRV6), UDP, 0, 0, &[], &l4(UDP, 40000, 443, 10)));
+    let v6full = eth(
+        0x86dd,
+        &[],
+        &ipv6(v6(DEV6), v6(SRV6), UDP, 0, 0, &[], &l4(UDP, 40000, 443, 10)),
+    );
+    let v6tagged = eth(
+        0x86dd,
+        &[7],
+        &ipv6(v6(DEV6), v6(SRV6), UDP, 0, 0, &[], &l4(UDP, 40000, 443, 10)),
+    );
     h.untouched(&v6tagged[..18 + 30], "truncated IPv6 header");
     h.untouched(&v6full[..14 + 40 + 1], "truncated IPv6 transport header");
     // ARP, and an IPv4 ethertype whose header says version 6.
-    let arp = eth(0x0806, &[], &[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 0, 1, 2, 0, 0, 0, 0, 0, 0, 10, 0, 2, 2]);
+    let arp = eth(
+        0x0806,
+        &[],
+        &[
+            0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 0, 1, 2, 0, 0, 0, 0, 0, 0, 10, 0, 2, 2,
+        ],
+    );
     h.untouched(&arp, "ARP");
     let mut liar = full.clone();
     liar[14] = 0x65;

@@ -23,7 +23,10 @@ fn sa(ip: &str, port: u16) -> SocketAddr {
 
 fn device(ip: &str) -> pb::Device {
     if ip.contains(':') {
-        pb::Device { ipv6_address: Some(ip.into()), ..Default::default() }
+        pb::Device {
+            ipv6_address: Some(ip.into()),
+            ..Default::default()
+        }
     } else {
         pb::Device {
             ipv4_address: Some(pb::DeviceIpv4Addr {
@@ -38,18 +41,32 @@ fn device(ip: &str) -> pb::Device {
 
 fn server(ip: &str) -> pb::ApplicationServer {
     if ip.contains(':') {
-        pb::ApplicationServer { ipv6_address: Some(ip.into()), ..Default::default() }
+        pb::ApplicationServer {
+            ipv6_address: Some(ip.into()),
+            ..Default::default()
+        }
     } else {
-        pb::ApplicationServer { ipv4_address: Some(ip.into()), ..Default::default() }
+        pb::ApplicationServer {
+            ipv4_address: Some(ip.into()),
+            ..Default::default()
+        }
     }
 }
 
-fn create_request(dev: &str, srv: &str, server_ports: &[u32], profile: &str, duration: i32) -> pb::CreateSessionRequest {
+fn create_request(
+    dev: &str,
+    srv: &str,
+    server_ports: &[u32],
+    profile: &str,
+    duration: i32,
+) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
         device: Some(device(dev)),
         application_server: Some(server(srv)),
-        application_server_ports: (!server_ports.is_empty())
-            .then(|| pb::PortsSpec { ports: server_ports.to_vec(), ranges: vec![] }),
+        application_server_ports: (!server_ports.is_empty()).then(|| pb::PortsSpec {
+            ports: server_ports.to_vec(),
+            ranges: vec![],
+        }),
         qos_profile: profile.into(),
         duration,
         ..Default::default()
@@ -58,12 +75,16 @@ fn create_request(dev: &str, srv: &str, server_ports: &[u32], profile: &str, dur
 
 fn flow<'a>(seen: &'a [Seen], src: &str, dst: &str, dport: u16) -> Vec<&'a Seen> {
     let (src, dst): (IpAddr, IpAddr) = (src.parse().expect("ip"), dst.parse().expect("ip"));
-    seen.iter().filter(|p| p.src == src && p.dst == dst && p.dport == dport).collect()
+    seen.iter()
+        .filter(|p| p.src == src && p.dst == dst && p.dport == dport)
+        .collect()
 }
 
 fn from_port<'a>(seen: &'a [Seen], src: &str, sport: u16) -> Vec<&'a Seen> {
     let src: IpAddr = src.parse().expect("ip");
-    seen.iter().filter(|p| p.src == src && p.sport == sport).collect()
+    seen.iter()
+        .filter(|p| p.src == src && p.sport == sport)
+        .collect()
 }
 
 fn assert_all_dscp(pkts: &[&Seen], dscp: u8, what: &str) {
@@ -84,10 +105,17 @@ fn require_root() {
 
 /// Both directions of UDP and TCP of the session are marked, nothing else is, the counters match
 /// the wire, and marking stops after delete.
-async fn marks_the_session_flow_only(dev: &'static str, other_dev: &'static str, srv: &'static str, other_srv: &'static str) {
+async fn marks_the_session_flow_only(
+    dev: &'static str,
+    other_dev: &'static str,
+    srv: &'static str,
+    other_srv: &'static str,
+) {
     require_root();
     let lab = Lab::new().expect("lab");
-    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "").await.expect("qodd");
+    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "")
+        .await
+        .expect("qodd");
     let mut api = qodd.sessions().await.expect("client");
 
     let created = api
@@ -105,11 +133,22 @@ async fn marks_the_session_flow_only(dev: &'static str, other_dev: &'static str,
     udp_send(&lab.device, sa(other_dev, 40000), sa(srv, 5000), 10, 200).expect("other device");
     udp_send(&lab.device, sa(dev, 40001), sa(srv, 6000), 10, 200).expect("other port");
     udp_send(&lab.device, sa(dev, 40002), sa(other_srv, 5000), 10, 200).expect("other server");
-    tcp_exchange(&lab.device, sa(dev, 40100), &lab.server, sa(srv, 5001), 100_000).expect("tcp");
+    tcp_exchange(
+        &lab.device,
+        sa(dev, 40100),
+        &lab.server,
+        sa(srv, 5001),
+        100_000,
+    )
+    .expect("tcp");
     let up = at_server.finish().expect("capture");
     let down = at_device.finish().expect("capture");
 
-    assert_eq!(flow(&up, dev, srv, 5000).len(), 20, "every uplink UDP datagram arrived");
+    assert_eq!(
+        flow(&up, dev, srv, 5000).len(),
+        20,
+        "every uplink UDP datagram arrived"
+    );
     assert_all_dscp(&flow(&up, dev, srv, 5000), QOS_E_DSCP, "uplink UDP");
     assert_all_dscp(&from_port(&down, srv, 5000), QOS_E_DSCP, "downlink UDP");
     assert_all_dscp(&flow(&up, dev, srv, 5001), QOS_E_DSCP, "uplink TCP");
@@ -120,21 +159,37 @@ async fn marks_the_session_flow_only(dev: &'static str, other_dev: &'static str,
 
     // Counters: exactly what crossed the edge for this session, per direction.
     let session_up: Vec<&Seen> = [flow(&up, dev, srv, 5000), flow(&up, dev, srv, 5001)].concat();
-    let session_down: Vec<&Seen> = [from_port(&down, srv, 5000), from_port(&down, srv, 5001)].concat();
+    let session_down: Vec<&Seen> =
+        [from_port(&down, srv, 5000), from_port(&down, srv, 5001)].concat();
     let got = api
-        .get_session(pb::GetSessionRequest { session_id: id.clone() })
+        .get_session(pb::GetSessionRequest {
+            session_id: id.clone(),
+        })
         .await
         .expect("get")
         .into_inner();
     let c = got.counters.expect("counters");
     assert_eq!(c.uplink_packets, session_up.len() as u64);
-    assert_eq!(c.uplink_bytes, session_up.iter().map(|p| p.frame_len as u64).sum::<u64>());
+    assert_eq!(
+        c.uplink_bytes,
+        session_up.iter().map(|p| p.frame_len as u64).sum::<u64>()
+    );
     assert_eq!(c.downlink_packets, session_down.len() as u64);
-    assert_eq!(c.downlink_bytes, session_down.iter().map(|p| p.frame_len as u64).sum::<u64>());
+    assert_eq!(
+        c.downlink_bytes,
+        session_down.iter().map(|p| p.frame_len as u64).sum::<u64>()
+    );
 
     // After delete: gone from the API, traffic untouched.
-    api.delete_session(pb::DeleteSessionRequest { session_id: id.clone() }).await.expect("delete");
-    let err = api.get_session(pb::GetSessionRequest { session_id: id }).await.expect_err("deleted");
+    api.delete_session(pb::DeleteSessionRequest {
+        session_id: id.clone(),
+    })
+    .await
+    .expect("delete");
+    let err = api
+        .get_session(pb::GetSessionRequest { session_id: id })
+        .await
+        .expect_err("deleted");
     assert_eq!(err.code(), tonic::Code::NotFound);
     let at_server = Capture::start(&lab.server, SERVER_IF).expect("capture");
     udp_send(&lab.device, sa(dev, 40000), sa(srv, 5000), 10, 200).expect("uplink udp");
@@ -161,7 +216,9 @@ async fn expiry_ends_marking_and_is_reported() {
     use addr::*;
     require_root();
     let lab = Lab::new().expect("lab");
-    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "").await.expect("qodd");
+    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "")
+        .await
+        .expect("qodd");
     let mut api = qodd.sessions().await.expect("client");
     let mut events = api
         .watch_session_events(pb::WatchSessionEventsRequest::default())
@@ -176,15 +233,28 @@ async fn expiry_ends_marking_and_is_reported() {
         .into_inner();
     let id = created.session_id.clone();
     let capture = Capture::start(&lab.server, SERVER_IF).expect("capture");
-    udp_send(&lab.device, sa(DEVICE_V4, 41000), sa(SERVER_V4, 7000), 5, 100).expect("udp");
+    udp_send(
+        &lab.device,
+        sa(DEVICE_V4, 41000),
+        sa(SERVER_V4, 7000),
+        5,
+        100,
+    )
+    .expect("udp");
     let during = capture.finish().expect("capture");
-    assert_all_dscp(&flow(&during, DEVICE_V4, SERVER_V4, 7000), QOS_L_DSCP, "during the session");
+    assert_all_dscp(
+        &flow(&during, DEVICE_V4, SERVER_V4, 7000),
+        QOS_L_DSCP,
+        "during the session",
+    );
 
     let mut statuses = Vec::new();
     let expired = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(ev) = events.next().await {
             let ev = ev.expect("event");
-            let Some(pb::session_event::Kind::QosStatusChanged(c)) = ev.kind else { continue };
+            let Some(pb::session_event::Kind::QosStatusChanged(c)) = ev.kind else {
+                continue;
+            };
             assert_eq!(c.session_id, id);
             statuses.push((c.qos_status(), c.status_info()));
             if c.qos_status() == pb::QosStatus::Unavailable {
@@ -195,22 +265,39 @@ async fn expiry_ends_marking_and_is_reported() {
     })
     .await
     .expect("expiry event within 20 s");
-    assert_eq!(statuses[0], (pb::QosStatus::Available, pb::StatusInfo::Unspecified));
+    assert_eq!(
+        statuses[0],
+        (pb::QosStatus::Available, pb::StatusInfo::Unspecified)
+    );
     assert_eq!(expired.status_info(), pb::StatusInfo::DurationExpired);
 
-    let info = api.get_session(pb::GetSessionRequest { session_id: id }).await.expect("get").into_inner();
+    let info = api
+        .get_session(pb::GetSessionRequest { session_id: id })
+        .await
+        .expect("get")
+        .into_inner();
     assert_eq!(info.qos_status(), pb::QosStatus::Unavailable);
     assert_eq!(info.status_info(), pb::StatusInfo::DurationExpired);
     assert_eq!(info.counters.expect("counters").uplink_packets, 5);
 
     let capture = Capture::start(&lab.server, SERVER_IF).expect("capture");
-    udp_send(&lab.device, sa(DEVICE_V4, 41000), sa(SERVER_V4, 7000), 5, 100).expect("udp");
+    udp_send(
+        &lab.device,
+        sa(DEVICE_V4, 41000),
+        sa(SERVER_V4, 7000),
+        5,
+        100,
+    )
+    .expect("udp");
     let after = capture.finish().expect("capture");
     assert_all_dscp(&flow(&after, DEVICE_V4, SERVER_V4, 7000), 0, "after expiry");
 }
 
 fn reason(status: &tonic::Status) -> String {
-    status.get_details_error_info().map(|i| i.reason).unwrap_or_default()
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
 }
 
 /// Bad input gets a precise code and CAMARA reason, and changes nothing.
@@ -219,59 +306,129 @@ async fn bad_requests_are_refused_precisely_and_change_nothing() {
     use addr::*;
     require_root();
     let lab = Lab::new().expect("lab");
-    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "").await.expect("qodd");
+    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "")
+        .await
+        .expect("qodd");
     let mut api = qodd.sessions().await.expect("client");
     let ok = || create_request(DEVICE_V4, SERVER_V4, &[5000], "QOS_E", 60);
     use tonic::Code::*;
     let cases: Vec<(&str, pb::CreateSessionRequest, tonic::Code, &str)> = vec![
-        ("invalid device IP", {
-            let mut r = ok();
-            r.device = Some(device("10.0.1.300"));
-            r
-        }, InvalidArgument, "INVALID_ARGUMENT"),
-        ("invalid server prefix", {
-            let mut r = ok();
-            r.application_server = Some(server("10.0.2.0/33"));
-            r
-        }, InvalidArgument, "INVALID_ARGUMENT"),
-        ("port out of range", create_request(DEVICE_V4, SERVER_V4, &[70000], "QOS_E", 60), OutOfRange, "OUT_OF_RANGE"),
-        ("port zero", create_request(DEVICE_V4, SERVER_V4, &[0], "QOS_E", 60), OutOfRange, "OUT_OF_RANGE"),
-        ("empty device", {
-            let mut r = ok();
-            r.device = Some(pb::Device::default());
-            r
-        }, InvalidArgument, "INVALID_ARGUMENT"),
-        ("empty application server", {
-            let mut r = ok();
-            r.application_server = Some(pb::ApplicationServer::default());
-            r
-        }, InvalidArgument, "INVALID_ARGUMENT"),
-        ("empty ports", {
-            let mut r = ok();
-            r.device_ports = Some(pb::PortsSpec::default());
-            r
-        }, InvalidArgument, "INVALID_ARGUMENT"),
-        ("public address alone", {
-            let mut r = ok();
-            r.device = Some(pb::Device {
-                ipv4_address: Some(pb::DeviceIpv4Addr { public_address: Some(DEVICE_V4.into()), ..Default::default() }),
-                ..Default::default()
-            });
-            r
-        }, InvalidArgument, "INVALID_ARGUMENT"),
-        ("unknown profile", create_request(DEVICE_V4, SERVER_V4, &[], "QOS_NOPE", 60), InvalidArgument, "INVALID_ARGUMENT"),
-        ("duration 0", create_request(DEVICE_V4, SERVER_V4, &[], "QOS_E", 0), InvalidArgument, "INVALID_ARGUMENT"),
-        ("duration above maximum", create_request(DEVICE_V4, SERVER_V4, &[], "QOS_E", 86_401), OutOfRange, "QUALITY_ON_DEMAND.DURATION_OUT_OF_RANGE"),
-        ("no device", {
-            let mut r = ok();
-            r.device = None;
-            r
-        }, FailedPrecondition, "MISSING_IDENTIFIER"),
-        ("http sink", {
-            let mut r = ok();
-            r.sink = Some("http://example.invalid/cb".into());
-            r
-        }, InvalidArgument, "INVALID_SINK"),
+        (
+            "invalid device IP",
+            {
+                let mut r = ok();
+                r.device = Some(device("10.0.1.300"));
+                r
+            },
+            InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "invalid server prefix",
+            {
+                let mut r = ok();
+                r.application_server = Some(server("10.0.2.0/33"));
+                r
+            },
+            InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "port out of range",
+            create_request(DEVICE_V4, SERVER_V4, &[70000], "QOS_E", 60),
+            OutOfRange,
+            "OUT_OF_RANGE",
+        ),
+        (
+            "port zero",
+            create_request(DEVICE_V4, SERVER_V4, &[0], "QOS_E", 60),
+            OutOfRange,
+            "OUT_OF_RANGE",
+        ),
+        (
+            "empty device",
+            {
+                let mut r = ok();
+                r.device = Some(pb::Device::default());
+                r
+            },
+            InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "empty application server",
+            {
+                let mut r = ok();
+                r.application_server = Some(pb::ApplicationServer::default());
+                r
+            },
+            InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "empty ports",
+            {
+                let mut r = ok();
+                r.device_ports = Some(pb::PortsSpec::default());
+                r
+            },
+            InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "public address alone",
+            {
+                let mut r = ok();
+                r.device = Some(pb::Device {
+                    ipv4_address: Some(pb::DeviceIpv4Addr {
+                        public_address: Some(DEVICE_V4.into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+                r
+            },
+            InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "unknown profile",
+            create_request(DEVICE_V4, SERVER_V4, &[], "QOS_NOPE", 60),
+            InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "duration 0",
+            create_request(DEVICE_V4, SERVER_V4, &[], "QOS_E", 0),
+            InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "duration above maximum",
+            create_request(DEVICE_V4, SERVER_V4, &[], "QOS_E", 86_401),
+            OutOfRange,
+            "QUALITY_ON_DEMAND.DURATION_OUT_OF_RANGE",
+        ),
+        (
+            "no device",
+            {
+                let mut r = ok();
+                r.device = None;
+                r
+            },
+            FailedPrecondition,
+            "MISSING_IDENTIFIER",
+        ),
+        (
+            "http sink",
+            {
+                let mut r = ok();
+                r.sink = Some("http://example.invalid/cb".into());
+                r
+            },
+            InvalidArgument,
+            "INVALID_SINK",
+        ),
     ];
     for (what, req, code, want) in cases {
         let err = api.create_session(req).await.expect_err(what);
@@ -280,11 +437,16 @@ async fn bad_requests_are_refused_precisely_and_change_nothing() {
         assert!(!err.message().is_empty(), "{what}: empty message");
     }
     let listed = api
-        .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest { device: Some(device(DEVICE_V4)) })
+        .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
+            device: Some(device(DEVICE_V4)),
+        })
         .await
         .expect("retrieve")
         .into_inner();
-    assert!(listed.sessions.is_empty(), "a refused request left a session: {listed:?}");
+    assert!(
+        listed.sessions.is_empty(),
+        "a refused request left a session: {listed:?}"
+    );
 
     // Conflict: a second session for the same device, even towards another server.
     let first = api.create_session(ok()).await.expect("first").into_inner();
@@ -292,26 +454,61 @@ async fn bad_requests_are_refused_precisely_and_change_nothing() {
         .create_session(create_request(DEVICE_V4, OTHER_SERVER_V4, &[], "QOS_L", 60))
         .await
         .expect_err("conflict");
-    assert_eq!((err.code(), reason(&err).as_str()), (AlreadyExists, "CONFLICT"));
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (AlreadyExists, "CONFLICT")
+    );
     let listed = api
-        .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest { device: Some(device(DEVICE_V4)) })
+        .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
+            device: Some(device(DEVICE_V4)),
+        })
         .await
         .expect("retrieve")
         .into_inner();
     assert_eq!(listed.sessions.len(), 1);
     assert_eq!(listed.sessions[0].session_id, first.session_id);
 
-    for (id, code) in [("not-a-uuid", InvalidArgument), ("0b7c9bb0-5d3c-4f8e-9a57-2d1c5f8f0c11", NotFound)] {
-        let err = api.get_session(pb::GetSessionRequest { session_id: id.into() }).await.expect_err(id);
+    for (id, code) in [
+        ("not-a-uuid", InvalidArgument),
+        ("0b7c9bb0-5d3c-4f8e-9a57-2d1c5f8f0c11", NotFound),
+    ] {
+        let err = api
+            .get_session(pb::GetSessionRequest {
+                session_id: id.into(),
+            })
+            .await
+            .expect_err(id);
         assert_eq!(err.code(), code);
     }
     // The refused conflicting flow is not marked: only the first session's flow is.
     let capture = Capture::start(&lab.server, SERVER_IF).expect("capture");
-    udp_send(&lab.device, sa(DEVICE_V4, 42000), sa(OTHER_SERVER_V4, 5000), 5, 100).expect("udp");
-    udp_send(&lab.device, sa(DEVICE_V4, 42001), sa(SERVER_V4, 5000), 5, 100).expect("udp");
+    udp_send(
+        &lab.device,
+        sa(DEVICE_V4, 42000),
+        sa(OTHER_SERVER_V4, 5000),
+        5,
+        100,
+    )
+    .expect("udp");
+    udp_send(
+        &lab.device,
+        sa(DEVICE_V4, 42001),
+        sa(SERVER_V4, 5000),
+        5,
+        100,
+    )
+    .expect("udp");
     let seen = capture.finish().expect("capture");
-    assert_all_dscp(&flow(&seen, DEVICE_V4, OTHER_SERVER_V4, 5000), 0, "refused session's flow");
-    assert_all_dscp(&flow(&seen, DEVICE_V4, SERVER_V4, 5000), QOS_E_DSCP, "first session's flow");
+    assert_all_dscp(
+        &flow(&seen, DEVICE_V4, OTHER_SERVER_V4, 5000),
+        0,
+        "refused session's flow",
+    );
+    assert_all_dscp(
+        &flow(&seen, DEVICE_V4, SERVER_V4, 5000),
+        QOS_E_DSCP,
+        "first session's flow",
+    );
 }
 
 /// Profiles are served as configured; health and reflection answer for grpcurl.
@@ -319,7 +516,9 @@ async fn bad_requests_are_refused_precisely_and_change_nothing() {
 async fn profiles_health_and_reflection() {
     require_root();
     let lab = Lab::new().expect("lab");
-    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF], "").await.expect("qodd");
+    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF], "")
+        .await
+        .expect("qodd");
     let mut profiles = qodd.profiles().await.expect("client");
     let all = profiles
         .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest::default())
@@ -328,13 +527,30 @@ async fn profiles_health_and_reflection() {
         .into_inner();
     let names: Vec<_> = all.profiles.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["QOS_E", "QOS_L", "QOS_M", "QOS_S"]);
-    let e = profiles.get_qos_profile(pb::GetQosProfileRequest { name: "QOS_E".into() }).await.expect("get").into_inner();
+    let e = profiles
+        .get_qos_profile(pb::GetQosProfileRequest {
+            name: "QOS_E".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
     assert_eq!(e.service_class, "real_time_interactive");
     assert_eq!(e.status(), pb::QosProfileStatus::Active);
-    let err = profiles.get_qos_profile(pb::GetQosProfileRequest { name: "QOS_X".into() }).await.expect_err("unknown");
-    assert_eq!((err.code(), reason(&err).as_str()), (tonic::Code::NotFound, "NOT_FOUND"));
+    let err = profiles
+        .get_qos_profile(pb::GetQosProfileRequest {
+            name: "QOS_X".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (tonic::Code::NotFound, "NOT_FOUND")
+    );
     let filtered = profiles
-        .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest { name: Some("QOS_M".into()), ..Default::default() })
+        .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest {
+            name: Some("QOS_M".into()),
+            ..Default::default()
+        })
         .await
         .expect("filter")
         .into_inner();
@@ -343,21 +559,37 @@ async fn profiles_health_and_reflection() {
     let channel = qodd.channel().await.expect("channel");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let h = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "qod.v1.QualityOnDemand".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "qod.v1.QualityOnDemand".into(),
+        })
         .await
         .expect("health")
         .into_inner();
-    assert_eq!(h.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    assert_eq!(
+        h.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
 
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let mut refl = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut resp = refl.server_reflection_info(futures::stream::iter([req])).await.expect("reflection").into_inner();
-    let Some(Ok(r)) = resp.next().await else { panic!("no reflection answer") };
-    let Some(MessageResponse::ListServicesResponse(list)) = r.message_response else { panic!("unexpected {r:?}") };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let Some(Ok(r)) = resp.next().await else {
+        panic!("no reflection answer")
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = r.message_response else {
+        panic!("unexpected {r:?}")
+    };
     let services: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(services.contains(&"qod.v1.QualityOnDemand"), "{services:?}");
     assert!(services.contains(&"qod.v1.QosProfiles"), "{services:?}");

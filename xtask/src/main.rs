@@ -1,1 +1,103 @@
-fn main(){}
+//! `cargo xtask`: set-up, demo, tests and lints for qod.
+//!
+//! Every command first makes sure the machine has what qod needs (see [`setup`]); that check is
+//! idempotent and takes well under a second when everything is present.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (Debian packages, nightly rust-src, bpf-linker) and check versions.
+    Setup,
+    /// Build qodd and run it on a throwaway namespace lab: create a session, show packets marked.
+    Demo,
+    /// Run the whole test suite (unit, classifier and namespace end-to-end tests). Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt check and clippy (user space, then the eBPF crate alone).
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Demo => {
+            setup::run()?;
+            cargo(&["build", "--release", "--package", "qod-daemon", "--bins"])?;
+            demo::run()
+        }
+        Cmd::Test { args } => {
+            setup::run()?;
+            cargo(&["build", "--package", "qod-daemon", "--bins"])?;
+            let mut all = vec!["test", "--workspace", "--exclude", "qod-ebpf"];
+            all.extend(args.iter().map(String::as_str));
+            cargo(&all)
+        }
+        Cmd::Lint => {
+            setup::run()?;
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "qod-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            let ebpf = workspace_root().join("qod-ebpf");
+            let status = Command::new("cargo")
+                .current_dir(&ebpf)
+                .args([
+                    "+nightly",
+                    "clippy",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .status()
+                .context("run cargo clippy for qod-ebpf")?;
+            ensure!(status.success(), "clippy on qod-ebpf failed");
+            Ok(())
+        }
+    }
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Runs cargo in the workspace root with inherited output.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(args)
+        .status()
+        .with_context(|| format!("run cargo {}", args.join(" ")))?;
+    ensure!(status.success(), "cargo {} failed", args.join(" "));
+    Ok(())
+}

@@ -31,9 +31,16 @@ pub fn session_request(req: pb::CreateSessionRequest) -> Result<SessionRequest, 
             ));
         }
     };
-    let device_ports = req.device_ports.as_ref().map(|p| ports("devicePorts", p)).transpose()?;
-    let server_ports =
-        req.application_server_ports.as_ref().map(|p| ports("applicationServerPorts", p)).transpose()?;
+    let device_ports = req
+        .device_ports
+        .as_ref()
+        .map(|p| ports("devicePorts", p))
+        .transpose()?;
+    let server_ports = req
+        .application_server_ports
+        .as_ref()
+        .map(|p| ports("applicationServerPorts", p))
+        .transpose()?;
     if req.qos_profile.is_empty() {
         return Err(CamaraError::invalid("qosProfile", "is required"));
     }
@@ -41,13 +48,34 @@ pub fn session_request(req: pb::CreateSessionRequest) -> Result<SessionRequest, 
     let duration = u32::try_from(req.duration)
         .ok()
         .filter(|d| *d >= 1)
-        .ok_or_else(|| CamaraError::invalid("duration", format!("{} must be at least 1 second", req.duration)))?;
+        .ok_or_else(|| {
+            CamaraError::invalid(
+                "duration",
+                format!("{} must be at least 1 second", req.duration),
+            )
+        })?;
     let sink = req.sink.map(|s| sink(&s).map(|()| s)).transpose()?;
-    let sink_credential = req.sink_credential.as_ref().map(sink_credential).transpose()?;
+    let sink_credential = req
+        .sink_credential
+        .as_ref()
+        .map(sink_credential)
+        .transpose()?;
     if sink_credential.is_some() && sink.is_none() {
-        return Err(CamaraError::invalid("sinkCredential", "is given without a sink"));
+        return Err(CamaraError::invalid(
+            "sinkCredential",
+            "is given without a sink",
+        ));
     }
-    Ok(SessionRequest { device, server, device_ports, server_ports, profile, sink, sink_credential, duration })
+    Ok(SessionRequest {
+        device,
+        server,
+        device_ports,
+        server_ports,
+        profile,
+        sink,
+        sink_credential,
+        duration,
+    })
 }
 
 /// Validates every identifier present and picks one: IPv4, then IPv6, then the phone number,
@@ -59,12 +87,18 @@ pub fn device(d: &pb::Device, usable: impl Fn(u32) -> bool) -> Result<DeviceId, 
     }
     if let Some(v6) = &d.ipv6_address {
         let addr: Ipv6Addr = v6.parse().map_err(|_| {
-            CamaraError::invalid("device.ipv6Address", format!("{v6:?} is not an IPv6 address"))
+            CamaraError::invalid(
+                "device.ipv6Address",
+                format!("{v6:?} is not an IPv6 address"),
+            )
         })?;
         candidates.push(DeviceId::Ipv6(addr));
     }
     if let Some(p) = &d.phone_number {
-        candidates.push(DeviceId::PhoneNumber(PhoneNumber::parse("device.phoneNumber", p)?));
+        candidates.push(DeviceId::PhoneNumber(PhoneNumber::parse(
+            "device.phoneNumber",
+            p,
+        )?));
     }
     if candidates.is_empty() {
         return Err(if d.network_access_identifier.is_some() {
@@ -86,22 +120,42 @@ pub fn device(d: &pb::Device, usable: impl Fn(u32) -> bool) -> Result<DeviceId, 
 
 fn ipv4_device(v4: &pb::DeviceIpv4Addr) -> Result<DeviceId, CamaraError> {
     let addr = |field: &str, s: &str| {
-        s.parse::<Ipv4Addr>()
-            .map_err(|_| CamaraError::invalid(field, format!("{s:?} is not an IPv4 address (no mask allowed)")))
+        s.parse::<Ipv4Addr>().map_err(|_| {
+            CamaraError::invalid(
+                field,
+                format!("{s:?} is not an IPv4 address (no mask allowed)"),
+            )
+        })
     };
     let public = match &v4.public_address {
         Some(s) => addr("device.ipv4Address.publicAddress", s)?,
-        None => return Err(CamaraError::invalid("device.ipv4Address.publicAddress", "is required")),
+        None => {
+            return Err(CamaraError::invalid(
+                "device.ipv4Address.publicAddress",
+                "is required",
+            ));
+        }
     };
-    let private = v4.private_address.as_deref().map(|s| addr("device.ipv4Address.privateAddress", s)).transpose()?;
-    let public_port = v4.public_port.map(|p| port("device.ipv4Address.publicPort", p)).transpose()?;
+    let private = v4
+        .private_address
+        .as_deref()
+        .map(|s| addr("device.ipv4Address.privateAddress", s))
+        .transpose()?;
+    let public_port = v4
+        .public_port
+        .map(|p| port("device.ipv4Address.publicPort", p))
+        .transpose()?;
     if private.is_none() && public_port.is_none() {
         return Err(CamaraError::invalid(
             "device.ipv4Address",
             "publicAddress alone is not enough: add privateAddress (equal to publicAddress without NAT) or publicPort",
         ));
     }
-    Ok(DeviceId::Ipv4 { public, private, public_port })
+    Ok(DeviceId::Ipv4 {
+        public,
+        private,
+        public_port,
+    })
 }
 
 fn application_server(s: Option<&pb::ApplicationServer>) -> Result<ApplicationServer, CamaraError> {
@@ -109,7 +163,10 @@ fn application_server(s: Option<&pb::ApplicationServer>) -> Result<ApplicationSe
         return Err(CamaraError::invalid("applicationServer", "is required"));
     };
     if s.ipv4_address.is_none() && s.ipv6_address.is_none() {
-        return Err(CamaraError::invalid("applicationServer", "must contain ipv4Address or ipv6Address"));
+        return Err(CamaraError::invalid(
+            "applicationServer",
+            "must contain ipv4Address or ipv6Address",
+        ));
     }
     let ipv4 = s
         .ipv4_address
@@ -135,12 +192,20 @@ fn application_server(s: Option<&pb::ApplicationServer>) -> Result<ApplicationSe
             })
         })
         .transpose()?;
-    Ok(ApplicationServer { ipv4, ipv6 })
+    Ok(ApplicationServer {
+        ipv4,
+        ipv6,
+        given: (s.ipv4_address.clone(), s.ipv6_address.clone()),
+    })
 }
 
 fn port(field: &str, p: u32) -> Result<u16, CamaraError> {
     u16::try_from(p).ok().filter(|p| *p >= 1).ok_or_else(|| {
-        CamaraError::field(CamaraCode::OutOfRange, field, format!("port {p} is outside 1..=65535"))
+        CamaraError::field(
+            CamaraCode::OutOfRange,
+            field,
+            format!("port {p} is outside 1..=65535"),
+        )
     })
 }
 
@@ -204,14 +269,23 @@ fn sink_credential(c: &pb::SinkCredential) -> Result<AccessToken, CamaraError> {
             "only bearer is supported",
         ));
     }
-    let token = c.access_token.clone().filter(|t| !t.is_empty()).ok_or_else(|| {
-        CamaraError::invalid("sinkCredential.accessToken", "is required")
-    })?;
+    let token = c
+        .access_token
+        .clone()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| CamaraError::invalid("sinkCredential.accessToken", "is required"))?;
     let expires = c
         .access_token_expires_utc
         .as_ref()
-        .and_then(|t| OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)).ok())
-        .ok_or_else(|| CamaraError::invalid("sinkCredential.accessTokenExpiresUtc", "is required"))?;
+        .and_then(|t| {
+            OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
+            )
+            .ok()
+        })
+        .ok_or_else(|| {
+            CamaraError::invalid("sinkCredential.accessTokenExpiresUtc", "is required")
+        })?;
     Ok(AccessToken { token, expires })
 }
 
@@ -228,12 +302,19 @@ pub fn lookup_device(d: Option<&pb::Device>) -> Result<DeviceId, CamaraError> {
 }
 
 pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.unix_timestamp(), nanos: i32::try_from(t.nanosecond()).unwrap_or(0) }
+    prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
+    }
 }
 
 fn device_proto(d: &DeviceId) -> pb::Device {
     match d {
-        DeviceId::Ipv4 { public, private, public_port } => pb::Device {
+        DeviceId::Ipv4 {
+            public,
+            private,
+            public_port,
+        } => pb::Device {
             ipv4_address: Some(pb::DeviceIpv4Addr {
                 public_address: Some(public.to_string()),
                 private_address: private.map(|a| a.to_string()),
@@ -241,14 +322,27 @@ fn device_proto(d: &DeviceId) -> pb::Device {
             }),
             ..Default::default()
         },
-        DeviceId::Ipv6(a) => pb::Device { ipv6_address: Some(a.to_string()), ..Default::default() },
-        DeviceId::PhoneNumber(p) => pb::Device { phone_number: Some(p.as_str().to_owned()), ..Default::default() },
+        DeviceId::Ipv6(a) => pb::Device {
+            ipv6_address: Some(a.to_string()),
+            ..Default::default()
+        },
+        DeviceId::PhoneNumber(p) => pb::Device {
+            phone_number: Some(p.as_str().to_owned()),
+            ..Default::default()
+        },
     }
 }
 
 fn ports_proto(p: &Ports) -> pb::PortsSpec {
     pb::PortsSpec {
-        ranges: p.ranges.iter().map(|&(from, to)| pb::PortRange { from: from.into(), to: to.into() }).collect(),
+        ranges: p
+            .ranges
+            .iter()
+            .map(|&(from, to)| pb::PortRange {
+                from: from.into(),
+                to: to.into(),
+            })
+            .collect(),
         ports: p.ports.iter().map(|&n| n.into()).collect(),
     }
 }
@@ -280,8 +374,8 @@ pub fn session_info(v: &SessionView) -> pb::SessionInfo {
         session_id: s.id.to_string(),
         device: Some(device_proto(&r.device)),
         application_server: Some(pb::ApplicationServer {
-            ipv4_address: r.server.ipv4.map(|n| n.to_string()),
-            ipv6_address: r.server.ipv6.map(|n| n.to_string()),
+            ipv4_address: r.server.given.0.clone(),
+            ipv6_address: r.server.given.1.clone(),
         }),
         device_ports: r.device_ports.as_ref().map(ports_proto),
         application_server_ports: r.server_ports.as_ref().map(ports_proto),
@@ -311,12 +405,14 @@ pub fn event(e: &Event) -> pb::SessionEvent {
     pb::SessionEvent {
         event_id: e.id.to_string(),
         time: Some(timestamp(e.time)),
-        kind: Some(pb::session_event::Kind::QosStatusChanged(pb::QosStatusChanged {
-            session_id: info.session_id.clone(),
-            qos_status: info.qos_status,
-            status_info: info.status_info,
-            session: Some(info),
-        })),
+        kind: Some(pb::session_event::Kind::QosStatusChanged(
+            pb::QosStatusChanged {
+                session_id: info.session_id.clone(),
+                qos_status: info.qos_status,
+                status_info: info.status_info,
+                session: Some(info),
+            },
+        )),
     }
 }
 
@@ -367,7 +463,10 @@ pub fn qos_profile(p: &QosProfile) -> pb::QosProfile {
         country_availability: p
             .country_availability
             .iter()
-            .map(|c| pb::CountryAvailability { country_name: c.country_name.clone(), networks: c.networks.clone() })
+            .map(|c| pb::CountryAvailability {
+                country_name: c.country_name.clone(),
+                networks: c.networks.clone(),
+            })
             .collect(),
         target_min_upstream_rate: rate(p.target_min_upstream_rate),
         max_upstream_rate: rate(p.max_upstream_rate),
@@ -388,6 +487,9 @@ pub fn qos_profile(p: &QosProfile) -> pb::QosProfile {
             Some(profile::L4sQueueType::MixedQueue) => pb::L4sQueueType::MixedQueue,
         }
         .into(),
-        service_class: p.service_class.map(|c| c.as_str().to_owned()).unwrap_or_default(),
+        service_class: p
+            .service_class
+            .map(|c| c.as_str().to_owned())
+            .unwrap_or_default(),
     }
 }

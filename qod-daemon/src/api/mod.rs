@@ -6,7 +6,9 @@ pub mod convert;
 use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt as _};
-use qod_proto::v1::{self as pb, qos_profiles_server::QosProfiles, quality_on_demand_server::QualityOnDemand};
+use qod_proto::v1::{
+    self as pb, qos_profiles_server::QosProfiles, quality_on_demand_server::QualityOnDemand,
+};
 use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -34,7 +36,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> +
 
 fn additional_duration(n: i32) -> Result<u32, CamaraError> {
     u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
-        CamaraError::invalid("requestedAdditionalDuration", format!("{n} must be at least 1 second"))
+        CamaraError::invalid(
+            "requestedAdditionalDuration",
+            format!("{n} must be at least 1 second"),
+        )
     })
 }
 
@@ -73,7 +78,9 @@ impl QualityOnDemand for SessionService {
         let req = request.into_inner();
         let id: SessionId = req.session_id.parse()?;
         let add = additional_duration(req.requested_additional_duration)?;
-        Ok(Response::new(convert::session_info(&self.core.extend(id, add)?)))
+        Ok(Response::new(convert::session_info(
+            &self.core.extend(id, add)?,
+        )))
     }
 
     async fn retrieve_sessions_by_device(
@@ -81,8 +88,15 @@ impl QualityOnDemand for SessionService {
         request: Request<pb::RetrieveSessionsByDeviceRequest>,
     ) -> Result<Response<pb::RetrieveSessionsByDeviceResponse>, Status> {
         let device = convert::lookup_device(request.into_inner().device.as_ref())?;
-        let sessions = self.core.retrieve(&device)?.iter().map(convert::session_info).collect();
-        Ok(Response::new(pb::RetrieveSessionsByDeviceResponse { sessions }))
+        let sessions = self
+            .core
+            .retrieve(&device)?
+            .iter()
+            .map(convert::session_info)
+            .collect();
+        Ok(Response::new(pb::RetrieveSessionsByDeviceResponse {
+            sessions,
+        }))
     }
 
     type WatchSessionEventsStream = EventStream;
@@ -118,7 +132,9 @@ impl QualityOnDemand for SessionService {
                 Err(BroadcastStreamRecvError::Lagged(count)) => Some(Ok(pb::SessionEvent {
                     event_id: uuid::Uuid::new_v4().to_string(),
                     time: Some(convert::timestamp(time::OffsetDateTime::now_utc())),
-                    kind: Some(pb::session_event::Kind::EventsMissed(pb::EventsMissed { count })),
+                    kind: Some(pb::session_event::Kind::EventsMissed(pb::EventsMissed {
+                        count,
+                    })),
                 })),
             };
             std::future::ready(out)
@@ -151,16 +167,22 @@ impl QosProfiles for ProfileService {
         if let Some(d) = req.device.as_ref() {
             convert::lookup_device(Some(d))?;
         }
-        let name = req.name.as_deref().map(|n| ProfileName::parse("name", n)).transpose()?;
-        let status = pb::QosProfileStatus::try_from(req.status)
-            .map_err(|_| CamaraError::invalid("status", format!("{} is not a profile status", req.status)))?;
+        let name = req
+            .name
+            .as_deref()
+            .map(|n| ProfileName::parse("name", n))
+            .transpose()?;
+        let status = pb::QosProfileStatus::try_from(req.status).map_err(|_| {
+            CamaraError::invalid("status", format!("{} is not a profile status", req.status))
+        })?;
         let profiles = self
             .core
             .profiles()
             .iter()
             .filter(|p| name.as_ref().is_none_or(|n| *n == p.name))
             .filter(|p| {
-                status == pb::QosProfileStatus::Unspecified || convert::profile_status(p.status) == status
+                status == pb::QosProfileStatus::Unspecified
+                    || convert::profile_status(p.status) == status
             })
             .map(convert::qos_profile)
             .collect();
@@ -173,7 +195,11 @@ impl QosProfiles for ProfileService {
     ) -> Result<Response<pb::QosProfile>, Status> {
         let name = ProfileName::parse("name", &request.into_inner().name)?;
         let profile = self.core.profiles().get(&name).ok_or_else(|| {
-            CamaraError::field(CamaraCode::NotFound, "name", format!("no QoS profile named {name}"))
+            CamaraError::field(
+                CamaraCode::NotFound,
+                "name",
+                format!("no QoS profile named {name}"),
+            )
         })?;
         Ok(Response::new(convert::qos_profile(profile)))
     }

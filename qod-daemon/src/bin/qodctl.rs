@@ -7,16 +7,26 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt as _;
 use qod_proto::v1::{
-    self as pb, qos_profiles_client::QosProfilesClient, quality_on_demand_client::QualityOnDemandClient,
+    self as pb, qos_profiles_client::QosProfilesClient,
+    quality_on_demand_client::QualityOnDemandClient,
 };
 use serde_json::{Value, json};
 use tonic_types::StatusExt as _;
 
 #[derive(Parser)]
-#[command(name = "qodctl", version, about = "Client for the qodd CAMARA Quality-on-Demand daemon")]
+#[command(
+    name = "qodctl",
+    version,
+    about = "Client for the qodd CAMARA Quality-on-Demand daemon"
+)]
 struct Cli {
     /// qodd address: host:port, http://host:port or unix:/path.
-    #[arg(long, env = "QODCTL_ADDR", default_value = "127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "QODCTL_ADDR",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
     addr: String,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -128,10 +138,18 @@ fn ports(spec: &str) -> anyhow::Result<pb::PortsSpec> {
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('-') {
             Some((a, b)) => out.ranges.push(pb::PortRange {
-                from: a.trim().parse().with_context(|| format!("port range {part:?}"))?,
-                to: b.trim().parse().with_context(|| format!("port range {part:?}"))?,
+                from: a
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("port range {part:?}"))?,
+                to: b
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("port range {part:?}"))?,
             }),
-            None => out.ports.push(part.parse().with_context(|| format!("port {part:?}"))?),
+            None => out
+                .ports
+                .push(part.parse().with_context(|| format!("port {part:?}"))?),
         }
     }
     Ok(out)
@@ -145,7 +163,10 @@ async fn main() -> std::process::ExitCode {
         Err(e) => {
             match e.downcast_ref::<tonic::Status>() {
                 Some(status) => {
-                    let reason = status.get_details_error_info().map(|i| i.reason).unwrap_or_default();
+                    let reason = status
+                        .get_details_error_info()
+                        .map(|i| i.reason)
+                        .unwrap_or_default();
                     eprintln!("qodctl: {:?} {reason}: {}", status.code(), status.message());
                 }
                 None => eprintln!("qodctl: {e:#}"),
@@ -181,18 +202,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_sessions(&[s], json);
         }
         Command::Get { session_id } => {
-            let s = sessions.get_session(pb::GetSessionRequest { session_id }).await?.into_inner();
+            let s = sessions
+                .get_session(pb::GetSessionRequest { session_id })
+                .await?
+                .into_inner();
             print_sessions(&[s], json);
         }
         Command::Delete { session_id } => {
-            sessions.delete_session(pb::DeleteSessionRequest { session_id: session_id.clone() }).await?;
+            sessions
+                .delete_session(pb::DeleteSessionRequest {
+                    session_id: session_id.clone(),
+                })
+                .await?;
             if json {
                 println!("{}", json!({ "deleted": session_id }));
             } else {
                 println!("deleted {session_id}");
             }
         }
-        Command::Extend { session_id, seconds } => {
+        Command::Extend {
+            session_id,
+            seconds,
+        } => {
             let s = sessions
                 .extend_qos_session_duration(pb::ExtendQosSessionDurationRequest {
                     session_id,
@@ -203,16 +234,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_sessions(&[s], json);
         }
         Command::List(d) => {
-            let Some(device) = d.device() else { bail!("give the device: --device-ipv4, --device-ipv6 or --phone-number") };
+            let Some(device) = d.device() else {
+                bail!("give the device: --device-ipv4, --device-ipv6 or --phone-number")
+            };
             let r = sessions
-                .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest { device: Some(device) })
+                .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
+                    device: Some(device),
+                })
                 .await?
                 .into_inner();
             print_sessions(&r.sessions, json);
         }
         Command::Watch { session, device } => {
             let mut stream = sessions
-                .watch_session_events(pb::WatchSessionEventsRequest { session_id: session, device: device.device() })
+                .watch_session_events(pb::WatchSessionEventsRequest {
+                    session_id: session,
+                    device: device.device(),
+                })
                 .await?
                 .into_inner();
             while let Some(ev) = stream.next().await {
@@ -225,7 +263,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "{}  {}  {}  {}",
                         v["time"].as_str().unwrap_or("-"),
                         v["data"]["sessionId"].as_str().unwrap_or("-"),
-                        v["data"]["qosStatus"].as_str().unwrap_or(v["type"].as_str().unwrap_or("-")),
+                        v["data"]["qosStatus"]
+                            .as_str()
+                            .unwrap_or(v["type"].as_str().unwrap_or("-")),
                         v["data"]["statusInfo"].as_str().unwrap_or(""),
                     );
                 }
@@ -234,17 +274,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Profiles { name, status } => {
             let status = match status.as_deref() {
                 None => pb::QosProfileStatus::Unspecified,
-                Some(s) => pb::QosProfileStatus::from_str_name(&format!("QOS_PROFILE_STATUS_{}", s.to_uppercase()))
-                    .with_context(|| format!("unknown status {s:?}: ACTIVE, INACTIVE or DEPRECATED"))?,
+                Some(s) => pb::QosProfileStatus::from_str_name(&format!(
+                    "QOS_PROFILE_STATUS_{}",
+                    s.to_uppercase()
+                ))
+                .with_context(|| format!("unknown status {s:?}: ACTIVE, INACTIVE or DEPRECATED"))?,
             };
             let r = profiles
-                .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest { device: None, name, status: status.into() })
+                .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest {
+                    device: None,
+                    name,
+                    status: status.into(),
+                })
                 .await?
                 .into_inner();
             print_profiles(&r.profiles, json);
         }
         Command::Profile { name } => {
-            let p = profiles.get_qos_profile(pb::GetQosProfileRequest { name }).await?.into_inner();
+            let p = profiles
+                .get_qos_profile(pb::GetQosProfileRequest { name })
+                .await?
+                .into_inner();
             print_profiles(&[p], json);
         }
     }
@@ -261,7 +311,10 @@ fn camara_enum(full: &str, prefix: &str) -> Value {
 
 fn time(t: Option<&prost_types::Timestamp>) -> Value {
     t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .map_or(Value::Null, Value::from)
 }
 
@@ -361,7 +414,11 @@ fn print_sessions(list: &[pb::SessionInfo], json: bool) {
                     .unwrap_or_default()
             });
             let server = s.application_server.as_ref().map_or(String::new(), |a| {
-                [a.ipv4_address.clone(), a.ipv6_address.clone()].into_iter().flatten().collect::<Vec<_>>().join(",")
+                [a.ipv4_address.clone(), a.ipv6_address.clone()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(",")
             });
             let c = s.counters.unwrap_or_default();
             let text = |k: &str| v[k].as_str().unwrap_or("").to_owned();
@@ -380,22 +437,49 @@ fn print_sessions(list: &[pb::SessionInfo], json: bool) {
         })
         .collect();
     table(
-        &["SESSION", "DEVICE", "SERVER", "PROFILE", "STATUS", "INFO", "DURATION", "EXPIRES/ENDED", "UP PKTS/BYTES", "DOWN PKTS/BYTES"],
+        &[
+            "SESSION",
+            "DEVICE",
+            "SERVER",
+            "PROFILE",
+            "STATUS",
+            "INFO",
+            "DURATION",
+            "EXPIRES/ENDED",
+            "UP PKTS/BYTES",
+            "DOWN PKTS/BYTES",
+        ],
         &rows,
     );
 }
 
 fn rate(r: Option<&pb::Rate>) -> String {
     r.map_or_else(String::new, |r| {
-        let unit = r.unit().as_str_name().strip_prefix("RATE_UNIT_").unwrap_or("").to_lowercase();
-        let unit = unit.replace("mbps", "Mbps").replace("gbps", "Gbps").replace("tbps", "Tbps");
+        let unit = r
+            .unit()
+            .as_str_name()
+            .strip_prefix("RATE_UNIT_")
+            .unwrap_or("")
+            .to_lowercase();
+        let unit = unit
+            .replace("mbps", "Mbps")
+            .replace("gbps", "Gbps")
+            .replace("tbps", "Tbps");
         format!("{} {unit}", r.value)
     })
 }
 
 fn dur(d: Option<&pb::Duration>) -> String {
     d.map_or_else(String::new, |d| {
-        format!("{} {}", d.value, d.unit().as_str_name().strip_prefix("TIME_UNIT_").unwrap_or("").to_lowercase())
+        format!(
+            "{} {}",
+            d.value,
+            d.unit()
+                .as_str_name()
+                .strip_prefix("TIME_UNIT_")
+                .unwrap_or("")
+                .to_lowercase()
+        )
     })
 }
 
@@ -433,17 +517,36 @@ fn print_profiles(list: &[pb::QosProfile], json: bool) {
         .map(|p| {
             vec![
                 p.name.clone(),
-                camara_enum(p.status().as_str_name(), "QOS_PROFILE_STATUS_").as_str().unwrap_or("").to_owned(),
+                camara_enum(p.status().as_str_name(), "QOS_PROFILE_STATUS_")
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
                 p.service_class.clone(),
                 p.priority.map(|x| x.to_string()).unwrap_or_default(),
                 rate(p.max_downstream_rate.as_ref()),
                 rate(p.max_upstream_rate.as_ref()),
                 dur(p.packet_delay_budget.as_ref()),
-                format!("{} .. {}", dur(p.min_duration.as_ref()), dur(p.max_duration.as_ref())),
+                format!(
+                    "{} .. {}",
+                    dur(p.min_duration.as_ref()),
+                    dur(p.max_duration.as_ref())
+                ),
             ]
         })
         .collect();
-    table(&["NAME", "STATUS", "SERVICE CLASS", "PRIO", "MAX DOWN", "MAX UP", "DELAY BUDGET", "DURATION"], &rows);
+    table(
+        &[
+            "NAME",
+            "STATUS",
+            "SERVICE CLASS",
+            "PRIO",
+            "MAX DOWN",
+            "MAX UP",
+            "DELAY BUDGET",
+            "DURATION",
+        ],
+        &rows,
+    );
 }
 
 fn table(header: &[&str], rows: &[Vec<String>]) {
@@ -454,7 +557,11 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.to_vec());

@@ -14,9 +14,6 @@ use crate::config::AttachMode;
 /// The classifier object built by `build.rs` (aya-build) from `qod-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qod-ebpf"));
 
-/// `BPF_FS_MAGIC` from `linux/magic.h`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// The real data plane: the qod classifier loaded into the kernel and its maps.
 pub struct AyaDataPlane {
     /// Owns the program and its tc links; dropping it detaches the classifier.
@@ -41,21 +38,41 @@ impl AyaDataPlane {
             .ok_or(DataPlaneError::Missing("classifier program"))?
             .try_into()
             .map_err(|e| program_error("is not a tc classifier", e))?;
-        prog.load().map_err(|e| program_error("was rejected by the kernel", e))?;
-        let flows = ebpf.take_map(FLOWS_MAP).ok_or(DataPlaneError::Missing(FLOWS_MAP))?;
-        let flows = HashMap::try_from(flows).map_err(|source| DataPlaneError::Map { map: FLOWS_MAP, source })?;
-        let counters = ebpf.take_map(COUNTERS_MAP).ok_or(DataPlaneError::Missing(COUNTERS_MAP))?;
-        let counters = PerCpuArray::try_from(counters)
-            .map_err(|source| DataPlaneError::Map { map: COUNTERS_MAP, source })?;
+        prog.load()
+            .map_err(|e| program_error("was rejected by the kernel", e))?;
+        let flows = ebpf
+            .take_map(FLOWS_MAP)
+            .ok_or(DataPlaneError::Missing(FLOWS_MAP))?;
+        let flows = HashMap::try_from(flows).map_err(|source| DataPlaneError::Map {
+            map: FLOWS_MAP,
+            source,
+        })?;
+        let counters = ebpf
+            .take_map(COUNTERS_MAP)
+            .ok_or(DataPlaneError::Missing(COUNTERS_MAP))?;
+        let counters = PerCpuArray::try_from(counters).map_err(|source| DataPlaneError::Map {
+            map: COUNTERS_MAP,
+            source,
+        })?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataPlaneError::Attach {
             interface: String::new(),
             what: format!("{what}: {e}"),
         })?;
-        Ok(Self { ebpf, flows, counters, capacity: max_sessions, nr_cpus })
+        Ok(Self {
+            ebpf,
+            flows,
+            counters,
+            capacity: max_sessions,
+            nr_cpus,
+        })
     }
 
     /// Attaches the classifier on `interface`'s egress; returns how ("tcx" or "clsact").
-    pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<&'static str, DataPlaneError> {
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<&'static str, DataPlaneError> {
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(CLASSIFIER)
@@ -81,8 +98,12 @@ impl AyaDataPlane {
                     return Err(attach_err(&e));
                 }
             }
-            prog.attach_with_options(interface, TcAttachType::Egress, tc::TcAttachOptions::Netlink(tc::NlOptions::default()))
-                .map_err(|e| attach_err(&e))?;
+            prog.attach_with_options(
+                interface,
+                TcAttachType::Egress,
+                tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
+            )
+            .map_err(|e| attach_err(&e))?;
             Ok(())
         };
         match mode {
@@ -116,24 +137,44 @@ fn libc_eexist() -> i32 {
 }
 
 fn program_error(what: &str, e: aya::programs::ProgramError) -> DataPlaneError {
-    DataPlaneError::Program { program: CLASSIFIER, what: what.to_owned(), source: Box::new(e) }
+    DataPlaneError::Program {
+        program: CLASSIFIER,
+        what: what.to_owned(),
+        source: Box::new(e),
+    }
 }
 
 impl DataPlane for AyaDataPlane {
     fn install(&mut self, key: DeviceKey, rule: &FlowRule) -> Result<(), DataPlaneError> {
-        self.flows.insert(key, *rule, 0).map_err(|source| match &source {
-            MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(nix::errno::Errno::E2BIG as i32) => {
-                DataPlaneError::Full { capacity: self.capacity }
-            }
-            _ => DataPlaneError::Map { map: FLOWS_MAP, source },
-        })
+        self.flows
+            .insert(key, *rule, 0)
+            .map_err(|source| match &source {
+                MapError::SyscallError(e)
+                    if e.io_error.raw_os_error() == Some(nix::errno::Errno::E2BIG as i32) =>
+                {
+                    DataPlaneError::Full {
+                        capacity: self.capacity,
+                    }
+                }
+                _ => DataPlaneError::Map {
+                    map: FLOWS_MAP,
+                    source,
+                },
+            })
     }
 
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError> {
         match self.flows.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) => Ok(()),
-            Err(source) => Err(DataPlaneError::Map { map: FLOWS_MAP, source }),
+            Err(MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(DataPlaneError::Map {
+                map: FLOWS_MAP,
+                source,
+            }),
         }
     }
 
@@ -141,34 +182,58 @@ impl DataPlane for AyaDataPlane {
         let per_cpu = self
             .counters
             .get(&slot, 0)
-            .map_err(|source| DataPlaneError::Map { map: COUNTERS_MAP, source })?;
-        Ok(per_cpu.iter().fold(FlowCounters::default(), |a, c| FlowCounters {
-            up_packets: a.up_packets + c.up_packets,
-            up_bytes: a.up_bytes + c.up_bytes,
-            down_packets: a.down_packets + c.down_packets,
-            down_bytes: a.down_bytes + c.down_bytes,
-        }))
+            .map_err(|source| DataPlaneError::Map {
+                map: COUNTERS_MAP,
+                source,
+            })?;
+        Ok(per_cpu
+            .iter()
+            .fold(FlowCounters::default(), |a, c| FlowCounters {
+                up_packets: a.up_packets + c.up_packets,
+                up_bytes: a.up_bytes + c.up_bytes,
+                down_packets: a.down_packets + c.down_packets,
+                down_bytes: a.down_bytes + c.down_bytes,
+            }))
     }
 
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
-        let zeros = PerCpuValues::try_from(vec![FlowCounters::default(); self.nr_cpus])
-            .map_err(|e| DataPlaneError::Map { map: COUNTERS_MAP, source: MapError::from(e) })?;
+        let zeros =
+            PerCpuValues::try_from(vec![FlowCounters::default(); self.nr_cpus]).map_err(|e| {
+                DataPlaneError::Map {
+                    map: COUNTERS_MAP,
+                    source: MapError::from(e),
+                }
+            })?;
         self.counters
             .set(slot, zeros, 0)
-            .map_err(|source| DataPlaneError::Map { map: COUNTERS_MAP, source })
+            .map_err(|source| DataPlaneError::Map {
+                map: COUNTERS_MAP,
+                source,
+            })
     }
 }
 
 /// Mounts bpffs at `path` unless one is already there.
 pub fn ensure_bpffs(path: &Path) -> Result<(), DataPlaneError> {
-    let err = |source| DataPlaneError::Bpffs { path: path.to_owned(), source };
+    let err = |source| DataPlaneError::Bpffs {
+        path: path.to_owned(),
+        source,
+    };
     if let Ok(fs) = nix::sys::statfs::statfs(path)
-        && fs.filesystem_type().0 as i64 == BPF_FS_MAGIC
+        && fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC
     {
         return Ok(());
     }
-    std::fs::create_dir_all(path).map_err(|e| err(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
-    nix::mount::mount(Some("bpf"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).map_err(err)?;
+    std::fs::create_dir_all(path)
+        .map_err(|e| err(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(err)?;
     info!(path = %path.display(), "mounted bpffs");
     Ok(())
 }

@@ -44,7 +44,12 @@ impl DataPlane for FakeDataPlane {
     }
 
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError> {
-        Ok(self.state().counters.get(&slot).copied().unwrap_or_default())
+        Ok(self
+            .state()
+            .counters
+            .get(&slot)
+            .copied()
+            .unwrap_or_default())
     }
 
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
