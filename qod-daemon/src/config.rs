@@ -11,8 +11,15 @@ use std::{
 use clap::Parser;
 use serde::Deserialize;
 
+use std::collections::HashMap;
+
+use ipnetwork::IpNetwork;
+
 use crate::{
-    model::ProfileName,
+    error::CamaraCode,
+    model::{PhoneNumber, ProfileName},
+    notify::NotifyConfig,
+    policy::{DeviceAddresses, Policy},
     profile::{
         CamaraDuration, CountryAvailability, L4sQueueType, ProfileStatus, Profiles, QosProfile,
         Rate, ServiceClass,
@@ -64,6 +71,32 @@ struct FileConfig {
     max_sessions: Option<u32>,
     unavailable_retention_secs: Option<u64>,
     profiles: Option<Vec<ProfileConfig>>,
+    ue_pools: Option<Vec<String>>,
+    devices: Option<Vec<DeviceEntry>>,
+    duration_out_of_range: Option<String>,
+    notifications: Option<NotificationsConfig>,
+}
+
+/// A device directory entry: a phone number and the addresses the device uses.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceEntry {
+    phone_number: String,
+    ipv4_address: Option<String>,
+    ipv6_address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotificationsConfig {
+    event_type: Option<String>,
+    source: Option<String>,
+    allow_http_hosts: Option<Vec<String>>,
+    queue: Option<usize>,
+    timeout_ms: Option<u64>,
+    max_attempts: Option<u32>,
+    backoff_base_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -78,6 +111,10 @@ impl FileConfig {
                 .unavailable_retention_secs
                 .or(self.unavailable_retention_secs),
             profiles: over.profiles.or(self.profiles),
+            ue_pools: over.ue_pools.or(self.ue_pools),
+            devices: over.devices.or(self.devices),
+            duration_out_of_range: over.duration_out_of_range.or(self.duration_out_of_range),
+            notifications: over.notifications.or(self.notifications),
         }
     }
 }
@@ -140,7 +177,11 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub max_sessions: u32,
     pub unavailable_retention: Duration,
-    pub profiles: Profiles,
+    /// Profiles, pools, directory: what SIGHUP reloads.
+    pub policy: Policy,
+    pub notify: NotifyConfig,
+    /// Hosts a sink may use plain `http://` with (labs and tests); everything else needs https.
+    pub sink_http_hosts: Vec<String>,
 }
 
 /// Why a configuration was refused.
@@ -244,6 +285,79 @@ impl Config {
                 "max_sessions = {max_sessions}: must be 1 to 4000000"
             )));
         }
+        let pools = f
+            .ue_pools
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                p.parse::<IpNetwork>().map_err(|_| {
+                    invalid(format!(
+                        "ue_pools: {p:?} is not an IP network like 10.0.0.0/8"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut directory = HashMap::new();
+        for d in f.devices.unwrap_or_default() {
+            let phone = PhoneNumber::parse("phone_number", &d.phone_number)
+                .map_err(|e| invalid(format!("devices: {}", e.message)))?;
+            let ipv4 = d
+                .ipv4_address
+                .map(|a| {
+                    a.parse()
+                        .map_err(|_| invalid(format!("devices: {a:?} is not an IPv4 address")))
+                })
+                .transpose()?;
+            let ipv6 = d
+                .ipv6_address
+                .map(|a| {
+                    a.parse()
+                        .map_err(|_| invalid(format!("devices: {a:?} is not an IPv6 address")))
+                })
+                .transpose()?;
+            if ipv4.is_none() && ipv6.is_none() {
+                return Err(invalid(format!(
+                    "devices: {} has no ipv4_address or ipv6_address",
+                    d.phone_number
+                )));
+            }
+            if directory
+                .insert(phone, DeviceAddresses { ipv4, ipv6 })
+                .is_some()
+            {
+                return Err(invalid(format!(
+                    "devices: {} is listed twice",
+                    d.phone_number
+                )));
+            }
+        }
+        let duration_error = match f.duration_out_of_range.as_deref().unwrap_or("camara") {
+            "camara" => CamaraCode::DurationOutOfRange,
+            "invalid_argument" => CamaraCode::InvalidArgument,
+            other => {
+                return Err(invalid(format!(
+                    "duration_out_of_range = {other:?}: expected \"camara\" or \"invalid_argument\""
+                )));
+            }
+        };
+        let n = f.notifications.unwrap_or_default();
+        let defaults = NotifyConfig::default();
+        let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
+        let notify = NotifyConfig {
+            event_type: n.event_type.unwrap_or(defaults.event_type),
+            source: n.source.unwrap_or(defaults.source),
+            queue: n.queue.unwrap_or(defaults.queue),
+            timeout: ms(n.timeout_ms, defaults.timeout),
+            max_attempts: n.max_attempts.unwrap_or(defaults.max_attempts),
+            backoff_base: ms(n.backoff_base_ms, defaults.backoff_base),
+            backoff_max: ms(n.backoff_max_ms, defaults.backoff_max),
+        };
+        if notify.queue == 0 || notify.max_attempts == 0 || notify.timeout.is_zero() {
+            return Err(invalid(
+                "notifications: queue, max_attempts and timeout_ms must be positive",
+            ));
+        }
+        let sink_http_hosts = n.allow_http_hosts.unwrap_or_default();
         let profiles = f.profiles.unwrap_or_default();
         if profiles.is_empty() {
             return Err(invalid("no QoS profile is defined"));
@@ -267,7 +381,14 @@ impl Config {
             bpffs: f.bpffs.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
             max_sessions,
             unavailable_retention: Duration::from_secs(f.unavailable_retention_secs.unwrap_or(360)),
-            profiles: Profiles::new(out),
+            policy: Policy {
+                profiles: Profiles::new(out),
+                pools,
+                directory,
+                duration_error,
+            },
+            notify,
+            sink_http_hosts,
         })
     }
 }
@@ -415,9 +536,15 @@ mod tests {
             c.listen,
             Listen::Tcp("127.0.0.1:50051".parse().expect("addr"))
         );
-        let names: Vec<_> = c.profiles.iter().map(|p| p.name.to_string()).collect();
+        let names: Vec<_> = c
+            .policy
+            .profiles
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect();
         assert_eq!(names, ["QOS_E", "QOS_L", "QOS_M", "QOS_S"]);
         let e = c
+            .policy
             .profiles
             .get(&ProfileName::parse("n", "QOS_E").expect("name"))
             .expect("QOS_E");

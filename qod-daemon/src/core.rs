@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
     time::Duration,
 };
 
@@ -26,7 +26,9 @@ use crate::{
     model::{
         AppFlow, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words, secs,
     },
-    profile::{ProfileStatus, Profiles, QosProfile},
+    notify::{Notification, Notifier},
+    policy::Policy,
+    profile::{ProfileStatus, QosProfile},
 };
 
 /// Events a watcher may lag behind by before it is told it missed some.
@@ -42,6 +44,8 @@ pub struct Session {
     /// Granted overall duration in seconds, extensions included.
     pub duration: u32,
     pub state: SessionState,
+    /// The rule installed for it (while AVAILABLE), kept to re-install on extend or reload.
+    rule: FlowRule,
     /// When the expiry task next acts on this session (expire, or purge once UNAVAILABLE).
     deadline: Instant,
 }
@@ -136,16 +140,19 @@ pub struct Core {
     /// Wakes the expiry task when an earlier deadline appears.
     wake: Notify,
     events: broadcast::Sender<Arc<Event>>,
-    profiles: Profiles,
+    /// Profiles, pools and directory; swapped whole by [`Core::reload`].
+    policy: RwLock<Arc<Policy>>,
     retention: Duration,
+    notifier: Option<Notifier>,
 }
 
 impl Core {
     pub fn new(
         dp: Box<dyn DataPlane>,
-        profiles: Profiles,
+        policy: Policy,
         max_sessions: u32,
         retention: Duration,
+        notifier: Option<Notifier>,
     ) -> Self {
         Self {
             inner: Mutex::new(Inner {
@@ -161,8 +168,9 @@ impl Core {
             }),
             wake: Notify::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
-            profiles,
+            policy: RwLock::new(Arc::new(policy)),
             retention,
+            notifier,
         }
     }
 
@@ -172,8 +180,12 @@ impl Core {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn profiles(&self) -> &Profiles {
-        &self.profiles
+    /// The policy in force (a snapshot: a reload does not change it under the caller).
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// New watchers see events from now on.
@@ -181,8 +193,11 @@ impl Core {
         self.events.subscribe()
     }
 
-    fn profile_for(&self, req: &SessionRequest) -> Result<&QosProfile, CamaraError> {
-        let profile = self.profiles.get(&req.profile).ok_or_else(|| {
+    fn profile_for<'p>(
+        policy: &'p Policy,
+        req: &SessionRequest,
+    ) -> Result<&'p QosProfile, CamaraError> {
+        let profile = policy.profiles.get(&req.profile).ok_or_else(|| {
             CamaraError::invalid(
                 "qosProfile",
                 format!("{} is not a QoS profile of this node", req.profile),
@@ -214,7 +229,7 @@ impl Core {
             && d > max
         {
             return Err(CamaraError::field(
-                CamaraCode::DurationOutOfRange,
+                policy.duration_error,
                 "duration",
                 format!("{d} s is longer than {}'s maximum of {max} s", profile.name),
             ));
@@ -225,8 +240,10 @@ impl Core {
     /// Validates `req` against the profiles and the sessions, installs it, and returns it
     /// AVAILABLE. On any error nothing changed.
     pub fn create(&self, req: SessionRequest) -> Result<SessionView, CamaraError> {
-        let profile = self.profile_for(&req)?;
-        let flow = AppFlow::from_request(&req)?;
+        let policy = self.policy();
+        let profile = Self::profile_for(&policy, &req)?;
+        let key = policy.resolve(&req.device, &req.server)?;
+        let flow = AppFlow::from_request(&req, key)?;
         let now = OffsetDateTime::now_utc();
         let deadline = Instant::now() + secs(req.duration);
         let mut inner = self.lock();
@@ -265,6 +282,7 @@ impl Core {
                 slot,
                 expires_at: now + secs(duration),
             },
+            rule,
             deadline,
             flow,
         };
@@ -345,25 +363,21 @@ impl Core {
                 "extending the session is not allowed in the current state (UNAVAILABLE); the session must be in the AVAILABLE state",
             ));
         };
-        let profile = self.profiles.get(&session.request.profile);
-        let max = profile
+        let policy = self.policy();
+        // A reload terminates the sessions whose profile went away, so the profile is there; the
+        // fallback (no extension) only guards that invariant.
+        let max = policy
+            .profiles
+            .get(&session.request.profile)
             .and_then(QosProfile::max_duration_secs)
-            .unwrap_or(u64::from(i32::MAX as u32));
-        let total = (u64::from(session.duration) + u64::from(additional))
-            .min(max)
-            .min(i32::MAX as u64);
-        let total = u32::try_from(total).unwrap_or(i32::MAX as u32);
+            .unwrap_or(u64::from(session.duration))
+            .max(u64::from(session.duration));
+        let total = (u64::from(session.duration) + u64::from(additional)).min(max);
+        let total = u32::try_from(total.min(i32::MAX as u64)).unwrap_or(i32::MAX as u32);
         let added = total - session.duration;
-        let Some(profile) = profile else {
-            return Err(CamaraError::new(
-                CamaraCode::Internal,
-                "the session's profile is gone",
-            ));
-        };
-        // Re-derive the rule with the new end; both clocks move by the same amount.
-        let elapsed = (OffsetDateTime::now_utc() - session.started_at).whole_seconds();
-        let remaining = u32::try_from(i64::from(total) - elapsed).unwrap_or(0);
-        let rule = flow_rule(&session.flow, profile, slot, remaining);
+        // The kernel's end moves by as much as the scheduled one.
+        let mut rule = session.rule;
+        rule.expires_at_ns += u64::from(added) * 1_000_000_000;
         inner
             .dp
             .install(session.flow.device, &rule)
@@ -372,6 +386,8 @@ impl Core {
         let mut updated = session.clone();
         updated.duration = total;
         updated.deadline = deadline;
+        updated.rule = rule;
+        updated.rule = rule;
         updated.state = SessionState::Available {
             slot,
             expires_at: session.started_at + secs(total),
@@ -382,23 +398,93 @@ impl Core {
         view(&inner, &updated)
     }
 
-    /// Sessions of `device` (at most one today: a second one is a conflict).
+    /// Sessions of `device` (one per address it is known by: a second one is a conflict).
     pub fn retrieve(&self, device: &DeviceId) -> Result<Vec<SessionView>, CamaraError> {
-        let key = device.key().ok_or_else(|| {
-            CamaraError::field(
-                CamaraCode::IdentifierNotFound,
-                "device",
-                "no device address is known for this identifier on this node",
-            )
-        })?;
+        let keys = self.policy().resolve_all(device)?;
         let inner = self.lock();
-        inner
-            .by_device
-            .get(&key)
-            .and_then(|id| inner.sessions.get(id))
+        keys.iter()
+            .filter_map(|k| inner.by_device.get(k).and_then(|id| inner.sessions.get(id)))
             .map(|s| view(&inner, s))
-            .transpose()
-            .map(|v| v.into_iter().collect())
+            .collect()
+    }
+
+    /// Ends an AVAILABLE session on the network's side: rule removed, `NETWORK_TERMINATED`.
+    fn terminate(&self, inner: &mut Inner, id: SessionId, info: StatusInfo, now: Instant) {
+        let Some(session) = inner.sessions.get(&id).cloned() else {
+            return;
+        };
+        let SessionState::Available { slot, .. } = session.state else {
+            return;
+        };
+        let counters = inner.dp.counters(slot).unwrap_or_default();
+        if let Err(e) = inner.dp.remove(&session.flow.device) {
+            // The kernel ignores the entry past its expiry anyway; the slot stays taken so no
+            // new session shares those counters.
+            error!(session = %id, error = %e, "cannot remove rule");
+        } else {
+            inner.slots.give_back(slot);
+        }
+        let ended_at = OffsetDateTime::now_utc();
+        let purge = now + self.retention;
+        let mut ended = session;
+        ended.state = SessionState::Unavailable {
+            info,
+            ended_at,
+            counters,
+        };
+        inner.deadlines.remove(&(ended.deadline, id));
+        ended.deadline = purge;
+        inner.deadlines.insert((purge, id));
+        inner.sessions.insert(id, ended.clone());
+        info!(session = %id, ?info, "session ended");
+        self.emit(
+            SessionView {
+                session: ended,
+                counters,
+            },
+            ended_at,
+        );
+    }
+
+    /// Swaps in a new policy. Live sessions follow it: a session whose profile is gone or no
+    /// longer ACTIVE/DEPRECATED ends `NETWORK_TERMINATED`; the others get the profile's current
+    /// DSCP and priority, keeping their flow and end.
+    pub fn reload(&self, policy: Policy) {
+        let mut inner = self.lock();
+        let ids: Vec<SessionId> = inner.sessions.keys().copied().collect();
+        let now = Instant::now();
+        for id in ids {
+            let Some(session) = inner.sessions.get(&id).cloned() else {
+                continue;
+            };
+            if !matches!(session.state, SessionState::Available { .. }) {
+                continue;
+            }
+            match policy.profiles.get(&session.request.profile) {
+                Some(p) if p.status != ProfileStatus::Inactive => {
+                    let mut rule = session.rule;
+                    rule.dscp = p.dscp;
+                    rule.skb_priority = p.skb_priority;
+                    if rule != session.rule {
+                        match inner.dp.install(session.flow.device, &rule) {
+                            Ok(()) => {
+                                if let Some(s) = inner.sessions.get_mut(&id) {
+                                    s.rule = rule;
+                                }
+                            }
+                            Err(e) => {
+                                error!(session = %id, error = %e, "cannot apply the reloaded profile")
+                            }
+                        }
+                    }
+                }
+                _ => self.terminate(&mut inner, id, StatusInfo::NetworkTerminated, now),
+            }
+        }
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        drop(inner);
+        self.wake.notify_one();
+        info!("policy reloaded");
     }
 
     /// Acts on every deadline up to `now`; returns the next deadline.
@@ -413,34 +499,8 @@ impl Core {
                 continue;
             };
             match session.state {
-                SessionState::Available { slot, .. } => {
-                    let counters = inner.dp.counters(slot).unwrap_or_default();
-                    if let Err(e) = inner.dp.remove(&session.flow.device) {
-                        // The kernel ignores the entry past its expiry anyway; the slot stays
-                        // taken so no new session shares those counters.
-                        error!(session = %id, error = %e, "cannot remove expired rule");
-                    } else {
-                        inner.slots.give_back(slot);
-                    }
-                    let ended_at = OffsetDateTime::now_utc();
-                    let purge = now + self.retention;
-                    let mut ended = session;
-                    ended.state = SessionState::Unavailable {
-                        info: StatusInfo::DurationExpired,
-                        ended_at,
-                        counters,
-                    };
-                    ended.deadline = purge;
-                    inner.deadlines.insert((purge, id));
-                    inner.sessions.insert(id, ended.clone());
-                    info!(session = %id, "session duration expired");
-                    self.emit(
-                        SessionView {
-                            session: ended,
-                            counters,
-                        },
-                        ended_at,
-                    );
+                SessionState::Available { .. } => {
+                    self.terminate(&mut inner, id, StatusInfo::DurationExpired, now);
                 }
                 SessionState::Unavailable { .. } => {
                     inner.sessions.remove(&id);
@@ -470,13 +530,26 @@ impl Core {
         }
     }
 
+    /// Publishes a status change to watchers and, when the session has a sink, to it.
     fn emit(&self, session: SessionView, time: OffsetDateTime) {
+        let id = Uuid::new_v4();
+        let s = &session.session;
+        if let (Some(notifier), Some(sink)) = (&self.notifier, &s.request.sink) {
+            notifier.enqueue(Notification {
+                event_id: id,
+                time,
+                sink: sink.clone(),
+                credential: s.request.sink_credential.clone(),
+                session_id: s.id,
+                status: s.qos_status(),
+                info: match s.state {
+                    SessionState::Unavailable { info, .. } => Some(info),
+                    SessionState::Available { .. } => None,
+                },
+            });
+        }
         // No receiver is not an error: nobody is watching.
-        let _ = self.events.send(Arc::new(Event {
-            id: Uuid::new_v4(),
-            time,
-            session,
-        }));
+        let _ = self.events.send(Arc::new(Event { id, time, session }));
     }
 }
 
@@ -555,10 +628,10 @@ mod tests {
         model::{ApplicationServer, Ports, ProfileName, ipv4_key},
     };
 
-    fn profiles() -> Profiles {
+    fn policy() -> Policy {
         Config::from_parts(None, &Cli::parse_from(["qodd", "-i", "lo"]))
             .expect("defaults")
-            .profiles
+            .policy
     }
 
     fn core(max: u32) -> (Arc<Core>, FakeDataPlane) {
@@ -566,9 +639,10 @@ mod tests {
         (
             Arc::new(Core::new(
                 Box::new(dp.clone()),
-                profiles(),
+                policy(),
                 max,
                 Duration::from_secs(360),
+                None,
             )),
             dp,
         )

@@ -9,6 +9,8 @@ pub mod core;
 pub mod dataplane;
 pub mod error;
 pub mod model;
+pub mod notify;
+pub mod policy;
 pub mod profile;
 
 use std::{sync::Arc, time::Duration};
@@ -21,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    config::{Config, Listen},
+    config::{Config, ConfigError, Listen},
     core::Core,
     dataplane::{AyaDataPlane, DataPlaneError},
 };
@@ -46,9 +48,15 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// Runs the daemon until `shutdown` completes, then drains and returns.
+/// Re-reads the configuration (file and flags) for a SIGHUP reload.
+pub type Reloader = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// Runs the daemon until `shutdown` completes, then drains and returns. With a `reload`, SIGHUP
+/// re-reads the configuration and applies its policy (profiles, pools, device directory); other
+/// keys need a restart.
 pub async fn run(
     config: Config,
+    reload: Option<Reloader>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     dataplane::ensure_bpffs(&config.bpffs)?;
@@ -57,15 +65,21 @@ pub async fn run(
         let how = dp.attach(iface, config.attach)?;
         info!(interface = %iface, mode = how, "classifier attached on egress");
     }
+    let token = CancellationToken::new();
+    let notify_token = CancellationToken::new();
+    let (notifier, _delivery) =
+        notify::Notifier::start(config.notify.clone(), notify_token.clone());
     let core = Arc::new(Core::new(
         Box::new(dp),
-        config.profiles.clone(),
+        config.policy.clone(),
         config.max_sessions,
         config.unavailable_retention,
+        Some(notifier),
     ));
-
-    let token = CancellationToken::new();
     let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
+    if let Some(reload) = reload {
+        tokio::spawn(reload_on_sighup(core.clone(), reload, token.clone()));
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -79,11 +93,13 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let router = tonic::transport::Server::builder()
+        .layer(api::correlator::CorrelatorLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(QualityOnDemandServer::new(api::SessionService::new(
             core.clone(),
             token.clone(),
+            config.sink_http_hosts.clone(),
         )))
         .add_service(QosProfilesServer::new(api::ProfileService::new(
             core.clone(),
@@ -141,9 +157,45 @@ pub async fn run(
         }
     };
     let _ = expiry.await;
+    // Retries still waiting end here; persisting the outbox across restarts is separate work.
+    notify_token.cancel();
     if let Listen::Unix(path) = &config.listen {
         let _ = std::fs::remove_file(path);
     }
     info!("qodd stopped");
     served
+}
+
+/// Applies the policy of a re-read configuration on every SIGHUP; a bad file is logged and the
+/// running policy kept.
+async fn reload_on_sighup(core: Arc<Core>, reload: Reloader, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP; configuration reload disabled");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            () = stop.cancelled() => return,
+        }
+        match reload() {
+            Ok(config) => core.reload(config.policy),
+            Err(e) => {
+                warn!(error = %anyhow_like(&e), "configuration reload refused; keeping the running one")
+            }
+        }
+    }
+}
+
+/// `error: cause: cause` without pulling anyhow into the library.
+fn anyhow_like(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }

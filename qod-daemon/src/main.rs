@@ -32,7 +32,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(qod_daemon::run(config, shutdown_signal())) {
+    match runtime.block_on(qod_daemon::run(
+        config,
+        Some(Box::new(move || Config::load(&cli))),
+        shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qodd: {:#}", anyhow::Error::from(e));

@@ -119,21 +119,13 @@ pub enum DeviceId {
 }
 
 impl DeviceId {
-    /// The address the classifier keys this device by: the private IPv4 address when given
-    /// (what an edge host in front of the NAT sees), else the public one; for IPv6 the /64.
-    /// `None` for identifiers that need a directory look-up first.
-    pub fn key(&self) -> Option<DeviceKey> {
+    /// The address family of an address identifier; `None` for a phone number.
+    pub fn family(&self) -> Option<u32> {
         match self {
-            Self::Ipv4 {
-                public, private, ..
-            } => Some(ipv4_key(private.unwrap_or(*public))),
-            Self::Ipv6(addr) => Some(ipv6_key(*addr)),
+            Self::Ipv4 { .. } => Some(FAMILY_IPV4),
+            Self::Ipv6(_) => Some(FAMILY_IPV6),
             Self::PhoneNumber(_) => None,
         }
-    }
-
-    pub fn family(&self) -> Option<u32> {
-        self.key().map(|k| k.family)
     }
 }
 
@@ -243,24 +235,14 @@ pub struct AppFlow {
 }
 
 impl AppFlow {
-    /// Builds the flow the request describes, in the device identifier's address family.
-    pub fn from_request(req: &SessionRequest) -> Result<Self, CamaraError> {
-        let device = req.device.key().ok_or_else(|| {
-            CamaraError::field(
-                CamaraCode::IdentifierNotFound,
-                "device",
-                "no device address is known for this identifier on this node",
-            )
-        })?;
-        let family = if device.family == FAMILY_IPV4 {
-            "IPv4"
-        } else {
-            "IPv6"
-        };
+    /// Builds the flow the request describes for the device known by `device` (see
+    /// `Policy::resolve`: the private IPv4 address when given, what an edge host in front of the
+    /// NAT sees, else the public one; for IPv6 the /64).
+    pub fn from_request(req: &SessionRequest, device: DeviceKey) -> Result<Self, CamaraError> {
         let server = req.server.network(device.family).ok_or_else(|| {
             CamaraError::invalid(
                 "applicationServer",
-                format!("the device is identified by an {family} address but the application server has no {family} address"),
+                "has no address of the device's address family",
             )
         })?;
         let mut device_ports = req

@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--package", "qod-daemon", "--bins"])?;
             let mut all = vec!["test", "--workspace", "--exclude", "qod-ebpf"];
             all.extend(args.iter().map(String::as_str));
-            cargo(&all)
+            cargo_test(&all)
         }
         Cmd::Lint => {
             setup::run()?;
@@ -89,6 +89,44 @@ fn workspace_root() -> std::path::PathBuf {
         .parent()
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default()
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one line totalling every test
+/// binary's result (cargo prints one `test result:` line per binary).
+fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("run cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |what: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(what)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("qod: {passed} passed, {failed} failed, {ignored} skipped");
+    ensure!(status.success(), "cargo test failed");
+    Ok(())
 }
 
 /// Runs cargo in the workspace root with inherited output.

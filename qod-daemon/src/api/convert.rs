@@ -19,7 +19,10 @@ use crate::{
 };
 
 /// Builds a validated [`SessionRequest`] from a `CreateSession` message.
-pub fn session_request(req: pb::CreateSessionRequest) -> Result<SessionRequest, CamaraError> {
+pub fn session_request(
+    req: pb::CreateSessionRequest,
+    sink_http_hosts: &[String],
+) -> Result<SessionRequest, CamaraError> {
     let server = application_server(req.application_server.as_ref())?;
     let device = match req.device.as_ref() {
         Some(d) => device(d, |family| server.network(family).is_some())?,
@@ -54,7 +57,10 @@ pub fn session_request(req: pb::CreateSessionRequest) -> Result<SessionRequest, 
                 format!("{} must be at least 1 second", req.duration),
             )
         })?;
-    let sink = req.sink.map(|s| sink(&s).map(|()| s)).transpose()?;
+    let sink = req
+        .sink
+        .map(|s| sink(&s, sink_http_hosts).map(|()| s))
+        .transpose()?;
     let sink_credential = req
         .sink_credential
         .as_ref()
@@ -238,17 +244,32 @@ fn ports(field: &str, p: &pb::PortsSpec) -> Result<Ports, CamaraError> {
     Ok(Ports { ranges, ports })
 }
 
-fn sink(s: &str) -> Result<(), CamaraError> {
-    let rest = s.strip_prefix("https://").unwrap_or("");
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if host.is_empty() || s.len() > 2048 || s.contains(char::is_whitespace) {
-        return Err(CamaraError::field(
-            CamaraCode::InvalidSink,
-            "sink",
-            format!("{s:?} is not an https:// URL with a host"),
-        ));
+/// CAMARA: an `https://` URL. Plain `http://` only to hosts the configuration allows (labs).
+fn sink(s: &str, http_hosts: &[String]) -> Result<(), CamaraError> {
+    let bad =
+        |why: &str| CamaraError::field(CamaraCode::InvalidSink, "sink", format!("{s:?} {why}"));
+    if s.len() > 2048 {
+        return Err(bad("is longer than 2048 characters"));
     }
-    Ok(())
+    let url = url::Url::parse(s).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| bad("has no host"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("must not carry credentials; use sinkCredential"));
+    }
+    match url.scheme() {
+        "https" => Ok(()),
+        "http"
+            if http_hosts
+                .iter()
+                .any(|h| h.trim_matches(['[', ']']) == host.trim_matches(['[', ']'])) =>
+        {
+            Ok(())
+        }
+        _ => Err(bad("is not an https:// URL")),
+    }
 }
 
 fn sink_credential(c: &pb::SinkCredential) -> Result<AccessToken, CamaraError> {

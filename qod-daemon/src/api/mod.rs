@@ -2,6 +2,7 @@
 //! converts the answer back; errors become statuses through `From<CamaraError>`.
 
 pub mod convert;
+pub mod correlator;
 
 use std::{pin::Pin, sync::Arc};
 
@@ -24,11 +25,17 @@ pub struct SessionService {
     core: Arc<Core>,
     /// Ends watch streams when the daemon shuts down, so the server can drain.
     shutdown: CancellationToken,
+    /// Hosts a sink may reach over plain http.
+    sink_http_hosts: Arc<Vec<String>>,
 }
 
 impl SessionService {
-    pub fn new(core: Arc<Core>, shutdown: CancellationToken) -> Self {
-        Self { core, shutdown }
+    pub fn new(core: Arc<Core>, shutdown: CancellationToken, sink_http_hosts: Vec<String>) -> Self {
+        Self {
+            core,
+            shutdown,
+            sink_http_hosts: Arc::new(sink_http_hosts),
+        }
     }
 }
 
@@ -49,7 +56,7 @@ impl QualityOnDemand for SessionService {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::SessionInfo>, Status> {
-        let req = convert::session_request(request.into_inner())?;
+        let req = convert::session_request(request.into_inner(), &self.sink_http_hosts)?;
         let view = self.core.create(req)?;
         Ok(Response::new(convert::session_info(&view)))
     }
@@ -111,14 +118,9 @@ impl QualityOnDemand for SessionService {
             .device
             .as_ref()
             .map(|d| {
-                let id = convert::lookup_device(Some(d))?;
-                id.key().ok_or_else(|| {
-                    CamaraError::field(
-                        CamaraCode::IdentifierNotFound,
-                        "device",
-                        "no device address is known for this identifier on this node",
-                    )
-                })
+                self.core
+                    .policy()
+                    .resolve_all(&convert::lookup_device(Some(d))?)
             })
             .transpose()?;
         let events = BroadcastStream::new(self.core.subscribe()).filter_map(move |item| {
@@ -126,7 +128,9 @@ impl QualityOnDemand for SessionService {
                 Ok(ev) => {
                     let s = &ev.session.session;
                     let wanted = session.is_none_or(|id| id == s.id)
-                        && device.is_none_or(|k| k == s.flow.device);
+                        && device
+                            .as_ref()
+                            .is_none_or(|keys| keys.contains(&s.flow.device));
                     wanted.then(|| Ok(convert::event(&ev)))
                 }
                 Err(BroadcastStreamRecvError::Lagged(count)) => Some(Ok(pb::SessionEvent {
@@ -162,10 +166,11 @@ impl QosProfiles for ProfileService {
         request: Request<pb::RetrieveQosProfilesRequest>,
     ) -> Result<Response<pb::RetrieveQosProfilesResponse>, Status> {
         let req = request.into_inner();
-        // Every profile of this node applies to every device it serves; the device filter is
-        // validated but narrows nothing.
+        let policy = self.core.policy();
+        // Every profile of this node applies to every device it serves: the device filter only
+        // checks that the node serves the device.
         if let Some(d) = req.device.as_ref() {
-            convert::lookup_device(Some(d))?;
+            policy.resolve_all(&convert::lookup_device(Some(d))?)?;
         }
         let name = req
             .name
@@ -175,9 +180,8 @@ impl QosProfiles for ProfileService {
         let status = pb::QosProfileStatus::try_from(req.status).map_err(|_| {
             CamaraError::invalid("status", format!("{} is not a profile status", req.status))
         })?;
-        let profiles = self
-            .core
-            .profiles()
+        let profiles = policy
+            .profiles
             .iter()
             .filter(|p| name.as_ref().is_none_or(|n| *n == p.name))
             .filter(|p| {
@@ -194,7 +198,8 @@ impl QosProfiles for ProfileService {
         request: Request<pb::GetQosProfileRequest>,
     ) -> Result<Response<pb::QosProfile>, Status> {
         let name = ProfileName::parse("name", &request.into_inner().name)?;
-        let profile = self.core.profiles().get(&name).ok_or_else(|| {
+        let policy = self.core.policy();
+        let profile = policy.profiles.get(&name).ok_or_else(|| {
             CamaraError::field(
                 CamaraCode::NotFound,
                 "name",

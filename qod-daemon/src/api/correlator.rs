@@ -1,0 +1,87 @@
+//! CAMARA's `x-correlator`: validated on every request, echoed on every response (errors too).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tonic::codegen::http::{self, HeaderValue};
+use tower::{Layer, Service};
+
+use crate::error::CamaraError;
+
+pub const HEADER: &str = "x-correlator";
+
+/// CAMARA's pattern `^[a-zA-Z0-9-_:;.\/<>{}]{0,256}$`.
+pub fn valid(v: &[u8]) -> bool {
+    v.len() <= 256
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_:;./<>{}".contains(b))
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CorrelatorLayer;
+
+impl<S> Layer<S> for CorrelatorLayer {
+    type Service = Correlator<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Correlator { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Correlator<S> {
+    inner: S,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Correlator<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let corr: Option<HeaderValue> = req.headers().get(HEADER).cloned();
+        if let Some(v) = &corr
+            && !valid(v.as_bytes())
+        {
+            let status: tonic::Status =
+                CamaraError::invalid(HEADER, "must match ^[a-zA-Z0-9-_:;./<>{}]{0,256}$").into();
+            // The invalid value is not echoed back.
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            if let Some(v) = corr {
+                resp.headers_mut().insert(HEADER, v);
+            }
+            Ok(resp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pattern() {
+        assert!(super::valid(b"b4333c46-49c0-4f62-80d7-f0ef930f1c46"));
+        assert!(super::valid(b""));
+        assert!(super::valid(b"a:b;c./<>{}_-"));
+        assert!(!super::valid(b"has space"));
+        assert!(!super::valid(b"quote\""));
+        assert!(!super::valid(&[b'a'; 257]));
+    }
+}

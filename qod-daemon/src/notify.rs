@@ -1,0 +1,384 @@
+//! Notifications to a session's `sink`: CloudEvents 1.0 in structured JSON mode, POSTed with the
+//! session's bearer token, delivered in the background so a slow or dead sink never delays an API
+//! call.
+//!
+//! Delivery: one bounded input queue ([`Notifier::enqueue`] never waits), one worker per sink
+//! (events to one sink arrive in the order they happened; a stuck sink holds up only itself),
+//! a per-attempt timeout, retries with exponential backoff and full jitter for timeouts,
+//! connection errors, 408, 429 and 5xx. `410 Gone` stops all delivery to that sink; other 4xx
+//! drop the event; an expired access token stops delivery for that session.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::json;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::model::{AccessToken, QosStatus, SessionId, StatusInfo};
+
+/// The CAMARA event type (quality-on-demand 1.1.0). CAMARA's own tests use
+/// `org.camaraproject.qod.v1.qos-status-changed`; the type is configurable for them.
+pub const DEFAULT_EVENT_TYPE: &str = "org.camaraproject.quality-on-demand.v1.qos-status-changed";
+
+/// Delivery settings.
+#[derive(Clone, Debug)]
+pub struct NotifyConfig {
+    /// CloudEvents `type`.
+    pub event_type: String,
+    /// CloudEvents `source` prefix; the event's source is `<source>/sessions/<id>`.
+    pub source: String,
+    /// Notifications waiting for a worker before new ones are dropped (and counted).
+    pub queue: usize,
+    /// Timeout of one POST.
+    pub timeout: Duration,
+    /// Attempts per event, the first included.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt up to `backoff_max`, with full jitter.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            event_type: DEFAULT_EVENT_TYPE.into(),
+            source: "urn:qod:qodd".into(),
+            queue: 10_000,
+            timeout: Duration::from_secs(5),
+            max_attempts: 8,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One status change to tell a sink about.
+#[derive(Clone, Debug)]
+pub struct Notification {
+    pub event_id: Uuid,
+    pub time: OffsetDateTime,
+    pub sink: String,
+    pub credential: Option<AccessToken>,
+    pub session_id: SessionId,
+    pub status: QosStatus,
+    pub info: Option<StatusInfo>,
+}
+
+/// Counters of what delivery did, for logs and tests.
+#[derive(Debug, Default)]
+pub struct NotifyStats {
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    /// Dropped: queue full, sink gone, token expired, attempts exhausted, or refused by the sink.
+    pub dropped: AtomicU64,
+}
+
+/// The sending side, held by the core.
+#[derive(Clone)]
+pub struct Notifier {
+    tx: mpsc::Sender<Notification>,
+    pub stats: Arc<NotifyStats>,
+}
+
+impl Notifier {
+    /// Starts delivery; it runs until `shutdown` is cancelled and the queue drains.
+    pub fn start(
+        config: NotifyConfig,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let stats = Arc::new(NotifyStats::default());
+        let task = tokio::spawn(dispatch(rx, config, stats.clone(), shutdown));
+        (Self { tx, stats }, task)
+    }
+
+    /// Queues `n` without ever waiting; a full queue drops it with a warning.
+    pub fn enqueue(&self, n: Notification) {
+        if let Err(e) = self.tx.try_send(n) {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "notification queue full; event dropped");
+        }
+    }
+}
+
+/// CAMARA `qosStatus` / `statusInfo` spellings.
+pub fn status_str(s: QosStatus) -> &'static str {
+    match s {
+        QosStatus::Requested => "REQUESTED",
+        QosStatus::Available => "AVAILABLE",
+        QosStatus::Unavailable => "UNAVAILABLE",
+    }
+}
+
+pub fn info_str(i: StatusInfo) -> &'static str {
+    match i {
+        StatusInfo::DurationExpired => "DURATION_EXPIRED",
+        StatusInfo::NetworkTerminated => "NETWORK_TERMINATED",
+        StatusInfo::DeleteRequested => "DELETE_REQUESTED",
+    }
+}
+
+/// The CloudEvent body of `n`.
+pub fn cloud_event(n: &Notification, config: &NotifyConfig) -> serde_json::Value {
+    let mut data =
+        json!({ "sessionId": n.session_id.to_string(), "qosStatus": status_str(n.status) });
+    if let Some(info) = n.info {
+        data["statusInfo"] = json!(info_str(info));
+    }
+    json!({
+        "id": n.event_id.to_string(),
+        "source": format!("{}/sessions/{}", config.source.trim_end_matches('/'), n.session_id),
+        "specversion": "1.0",
+        "type": config.event_type,
+        "time": n.time.format(&Rfc3339).unwrap_or_default(),
+        "datacontenttype": "application/json",
+        "data": data,
+    })
+}
+
+/// Per-sink queue depth; beyond it a sink's new events are dropped.
+const SINK_QUEUE: usize = 1_000;
+
+async fn dispatch(
+    mut rx: mpsc::Receiver<Notification>,
+    config: NotifyConfig,
+    stats: Arc<NotifyStats>,
+    shutdown: CancellationToken,
+) {
+    let client = match reqwest::Client::builder().timeout(config.timeout).build() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot build the HTTP client; notifications disabled");
+            return;
+        }
+    };
+    let config = Arc::new(config);
+    let gone: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut workers: HashMap<String, mpsc::Sender<Notification>> = HashMap::new();
+    while let Some(n) = rx.recv().await {
+        if gone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&n.sink)
+        {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        // A worker exits when its sink has been idle; start a new one then.
+        let worker = workers.entry(n.sink.clone()).or_insert_with(|| {
+            spawn_worker(
+                client.clone(),
+                config.clone(),
+                stats.clone(),
+                gone.clone(),
+                shutdown.clone(),
+            )
+        });
+        if worker.is_closed() {
+            *worker = spawn_worker(
+                client.clone(),
+                config.clone(),
+                stats.clone(),
+                gone.clone(),
+                shutdown.clone(),
+            );
+        }
+        if let Err(e) = worker.try_send(n) {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "sink queue full; event dropped");
+        }
+        workers.retain(|_, w| !w.is_closed());
+    }
+}
+
+fn spawn_worker(
+    client: reqwest::Client,
+    config: Arc<NotifyConfig>,
+    stats: Arc<NotifyStats>,
+    gone: Arc<Mutex<HashSet<String>>>,
+    shutdown: CancellationToken,
+) -> mpsc::Sender<Notification> {
+    let (tx, mut rx) = mpsc::channel::<Notification>(SINK_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let n = tokio::select! {
+                n = rx.recv() => n,
+                () = tokio::time::sleep(Duration::from_secs(60)) => None,
+            };
+            let Some(n) = n else { return };
+            deliver(&client, &config, &stats, &gone, &shutdown, n).await;
+        }
+    });
+    tx
+}
+
+enum Outcome {
+    Delivered,
+    Retry(String),
+    Stop(String),
+}
+
+async fn deliver(
+    client: &reqwest::Client,
+    config: &NotifyConfig,
+    stats: &NotifyStats,
+    gone: &Mutex<HashSet<String>>,
+    shutdown: &CancellationToken,
+    n: Notification,
+) {
+    let body = cloud_event(&n, config).to_string();
+    for attempt in 1..=config.max_attempts {
+        let outcome = if gone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&n.sink)
+        {
+            Outcome::Stop("the sink answered 410 Gone earlier".into())
+        } else if n
+            .credential
+            .as_ref()
+            .is_some_and(|c| c.expires <= OffsetDateTime::now_utc())
+        {
+            Outcome::Stop("the sink access token has expired".into())
+        } else {
+            post(client, &n, &body).await
+        };
+        match outcome {
+            Outcome::Delivered => {
+                stats.delivered.fetch_add(1, Ordering::Relaxed);
+                debug!(event = %n.event_id, sink = %n.sink, attempt, "notification delivered");
+                return;
+            }
+            Outcome::Stop(why) => {
+                if why.contains("410") {
+                    gone.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(n.sink.clone());
+                }
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                info!(event = %n.event_id, sink = %n.sink, reason = %why, "notification not delivered; stopping");
+                return;
+            }
+            Outcome::Retry(why) if attempt < config.max_attempts => {
+                stats.retried.fetch_add(1, Ordering::Relaxed);
+                let delay = backoff(config, attempt);
+                debug!(event = %n.event_id, sink = %n.sink, reason = %why, ?delay, "notification failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => {
+                        stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+            Outcome::Retry(why) => {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                warn!(event = %n.event_id, sink = %n.sink, reason = %why, attempts = attempt, "notification abandoned");
+            }
+        }
+    }
+}
+
+async fn post(client: &reqwest::Client, n: &Notification, body: &str) -> Outcome {
+    let mut req = client
+        .post(&n.sink)
+        .header(
+            reqwest::header::CONTENT_TYPE,
+            "application/cloudevents+json",
+        )
+        .body(body.to_owned());
+    if let Some(c) = &n.credential {
+        req = req.bearer_auth(&c.token);
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let s = resp.status();
+            if s.is_success() {
+                Outcome::Delivered
+            } else if s == reqwest::StatusCode::GONE {
+                Outcome::Stop("410 Gone".into())
+            } else if s.is_server_error()
+                || s == reqwest::StatusCode::REQUEST_TIMEOUT
+                || s == reqwest::StatusCode::TOO_MANY_REQUESTS
+            {
+                Outcome::Retry(format!("status {s}"))
+            } else {
+                Outcome::Stop(format!("status {s}"))
+            }
+        }
+        Err(e) => Outcome::Retry(e.to_string()),
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(max, base·2^(attempt-1))], at least
+/// 10 ms.
+fn backoff(config: &NotifyConfig, attempt: u32) -> Duration {
+    let cap = config
+        .backoff_base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(config.backoff_max);
+    let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(fastrand::u64(0..=millis).max(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_capped() {
+        let c = NotifyConfig {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            ..Default::default()
+        };
+        for attempt in 1..30 {
+            let d = backoff(&c, attempt);
+            let cap = Duration::from_millis(100 * (1u64 << (attempt - 1).min(20)))
+                .min(Duration::from_secs(1));
+            assert!(
+                d <= cap.max(Duration::from_millis(10)),
+                "attempt {attempt}: {d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cloud_event_shape() {
+        let n = Notification {
+            event_id: Uuid::nil(),
+            time: OffsetDateTime::UNIX_EPOCH,
+            sink: "https://sink.example/cb".into(),
+            credential: None,
+            session_id: "6f1a0e1c-0000-4000-8000-000000000001".parse().expect("id"),
+            status: QosStatus::Unavailable,
+            info: Some(StatusInfo::DurationExpired),
+        };
+        let v = cloud_event(
+            &n,
+            &NotifyConfig {
+                source: "https://qod.example/qod/v1/".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["type"], DEFAULT_EVENT_TYPE);
+        assert_eq!(
+            v["source"],
+            "https://qod.example/qod/v1/sessions/6f1a0e1c-0000-4000-8000-000000000001"
+        );
+        assert_eq!(v["time"], "1970-01-01T00:00:00Z");
+        assert_eq!(v["data"]["qosStatus"], "UNAVAILABLE");
+        assert_eq!(v["data"]["statusInfo"], "DURATION_EXPIRED");
+    }
+}
