@@ -839,4 +839,75 @@ mod tests {
             "no event for an UNAVAILABLE session"
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn reload_updates_or_terminates_live_sessions() {
+        let (core, dp) = core(4);
+        let e = core.create(request([10, 0, 0, 1], 60)).expect("create");
+        let mut l = request([10, 0, 0, 2], 60);
+        l.profile = ProfileName::parse("qosProfile", "QOS_L").expect("name");
+        let l = core.create(l).expect("create");
+        let mut events = core.subscribe();
+
+        let mut next = policy();
+        let kept: Vec<_> = next
+            .profiles
+            .iter()
+            .filter(|p| p.name.as_str() != "QOS_L")
+            .cloned()
+            .map(|mut p| {
+                p.dscp = 46;
+                p
+            })
+            .collect();
+        next.profiles = crate::profile::Profiles::new(kept);
+        core.reload(next);
+
+        let flows = dp.state.lock().expect("lock").flows.clone();
+        assert_eq!(flows[&e.session.flow.device].dscp, 46, "new DSCP applied");
+        assert!(
+            !flows.contains_key(&l.session.flow.device),
+            "rule of the dropped profile removed"
+        );
+        assert_eq!(
+            next_event(&mut events),
+            (QosStatus::Unavailable, Some(StatusInfo::NetworkTerminated))
+        );
+        assert_eq!(
+            core.get(e.session.id).expect("get").session.qos_status(),
+            QosStatus::Available
+        );
+        let err = core
+            .create(l.session.request.clone())
+            .expect_err("profile gone");
+        assert_eq!(err.code, CamaraCode::InvalidArgument);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pools_and_directory_resolve_devices() {
+        let (core, _) = core(4);
+        let mut p = policy();
+        p.pools = vec!["10.0.0.0/24".parse().expect("net")];
+        let phone = crate::model::PhoneNumber::parse("p", "+34600000001").expect("phone");
+        p.directory.insert(
+            phone.clone(),
+            crate::policy::DeviceAddresses {
+                ipv4: Some(Ipv4Addr::new(10, 0, 0, 7)),
+                ipv6: None,
+            },
+        );
+        core.reload(p);
+        let err = core
+            .create(request([10, 0, 1, 1], 60))
+            .expect_err("outside pools");
+        assert_eq!(err.code, CamaraCode::IdentifierNotFound);
+        let mut r = request([10, 0, 0, 1], 60);
+        r.device = DeviceId::PhoneNumber(phone.clone());
+        let v = core.create(r).expect("by phone");
+        assert_eq!(v.session.flow.device, ipv4_key(Ipv4Addr::new(10, 0, 0, 7)));
+        let found = core
+            .retrieve(&DeviceId::PhoneNumber(phone))
+            .expect("retrieve");
+        assert_eq!(found.len(), 1);
+    }
 }

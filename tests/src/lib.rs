@@ -914,6 +914,11 @@ pub struct Received {
 }
 
 type Script = std::collections::HashMap<String, std::collections::VecDeque<Reply>>;
+/// What the sink's handler shares with [`SinkServer`].
+type SinkState = (
+    Arc<std::sync::Mutex<Vec<Received>>>,
+    Arc<std::sync::Mutex<Script>>,
+);
 
 /// A real HTTP server in a namespace, standing in for a notification sink. Each path answers
 /// from its script (the last reply repeats; unscripted paths answer 204) and every request is
@@ -942,10 +947,7 @@ impl SinkServer {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                 let _ = port_tx.send(listener.local_addr()?.port());
                 let app = axum::Router::new().fallback(
-                    |State((received, script)): State<(
-                        Arc<std::sync::Mutex<Vec<Received>>>,
-                        Arc<std::sync::Mutex<Script>>,
-                    )>,
+                    |State((received, script)): State<SinkState>,
                      uri: Uri,
                      headers: HeaderMap,
                      body: String| async move {
