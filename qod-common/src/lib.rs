@@ -8,12 +8,14 @@
 use core::mem::size_of;
 
 /// Bumped on any change to a map's name, key, value or meaning.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Hash map `DeviceKey -> FlowRule`: one entry per installed session.
 pub const FLOWS_MAP: &str = "QOD_FLOWS";
 /// Per-CPU array of `FlowCounters`, indexed by `FlowRule::slot`.
 pub const COUNTERS_MAP: &str = "QOD_COUNTERS";
+/// Array of `PolicerState`, indexed by `FlowRule::slot`; shared by all CPUs.
+pub const POLICERS_MAP: &str = "QOD_POLICERS";
 /// Name of the tc classifier program in the object.
 pub const CLASSIFIER: &str = "qod_tc";
 
@@ -78,8 +80,48 @@ pub struct FlowRule {
     pub device_ports: [PortRange; MAX_PORT_RANGES],
     pub server_ports: [PortRange; MAX_PORT_RANGES],
     pub _reserved: u32,
+    /// Maximum-rate policer per direction; a zero `ns_per_byte_q16` means no policing.
+    pub police_up: Policer,
+    pub police_down: Policer,
 }
-const _: () = assert!(size_of::<FlowRule>() == 120);
+const _: () = assert!(size_of::<FlowRule>() == 152);
+
+/// A maximum rate enforced in the classifier as a GCRA (virtual scheduling) token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policer {
+    /// Nanoseconds one byte costs at the rate, in 48.16 fixed point; 0 disables the policer.
+    pub ns_per_byte_q16: u64,
+    /// How far the virtual clock may run ahead of real time: the burst, in nanoseconds.
+    pub burst_ns: u64,
+}
+const _: () = assert!(size_of::<Policer>() == 16);
+
+impl Policer {
+    /// A policer for `rate_bps` allowing bursts of `burst_bytes`.
+    pub const fn new(rate_bps: u64, burst_bytes: u64) -> Self {
+        if rate_bps == 0 {
+            return Self { ns_per_byte_q16: 0, burst_ns: 0 };
+        }
+        let q16 = (8_000_000_000u128 << 16) / rate_bps as u128;
+        let q16 = if q16 > u64::MAX as u128 { u64::MAX } else { q16 as u64 };
+        Self { ns_per_byte_q16: q16, burst_ns: ((burst_bytes as u128 * q16 as u128) >> 16) as u64 }
+    }
+
+    #[inline(always)]
+    pub fn cost_ns(&self, bytes: u64) -> u64 {
+        (bytes * self.ns_per_byte_q16) >> 16
+    }
+}
+
+/// Per-session policer clocks (theoretical arrival times, `bpf_ktime_get_ns` nanoseconds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicerState {
+    pub up_tat: u64,
+    pub down_tat: u64,
+}
+const _: () = assert!(size_of::<PolicerState>() == 16);
 
 impl FlowRule {
     /// Whether packets must be TCP or UDP (the session names ports); otherwise any protocol.
@@ -100,12 +142,15 @@ pub struct FlowCounters {
     /// Application server to device.
     pub down_packets: u64,
     pub down_bytes: u64,
+    /// Packets dropped by the maximum-rate policer, per direction.
+    pub up_dropped: u64,
+    pub down_dropped: u64,
 }
-const _: () = assert!(size_of::<FlowCounters>() == 32);
+const _: () = assert!(size_of::<FlowCounters>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{DeviceKey, FlowCounters, FlowRule};
+    use super::{DeviceKey, FlowCounters, FlowRule, PolicerState};
     // SAFETY: all three are `#[repr(C)]`, made only of integers, with no implicit padding (sizes
     // asserted above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for DeviceKey {}
@@ -113,4 +158,6 @@ mod pod {
     unsafe impl aya::Pod for FlowRule {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicerState {}
 }

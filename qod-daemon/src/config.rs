@@ -16,12 +16,13 @@ use std::collections::HashMap;
 use ipnetwork::IpNetwork;
 
 use crate::{
+    dataplane::SchedulerConfig,
     error::CamaraCode,
     model::{PhoneNumber, ProfileName},
     notify::NotifyConfig,
     policy::{DeviceAddresses, Policy},
     profile::{
-        CamaraDuration, CountryAvailability, L4sQueueType, ProfileStatus, Profiles, QosProfile,
+        Band, CamaraDuration, CountryAvailability, L4sQueueType, ProfileStatus, Profiles, QosProfile,
         Rate, ServiceClass,
     },
 };
@@ -46,7 +47,8 @@ pub struct Cli {
     /// gRPC listen address: host:port or unix:/path.
     #[arg(long)]
     pub listen: Option<String>,
-    /// Managed interface (repeat for several); replaces the file's list.
+    /// Managed interface NAME[:SIDE[:MBIT]] (repeat for several; replaces the file's list).
+    /// SIDE is device, server or both; MBIT, the capacity, makes qodd own its egress queueing.
     #[arg(short, long = "interface")]
     pub interfaces: Vec<String>,
     /// Classifier attachment: auto, tcx or clsact.
@@ -65,7 +67,8 @@ pub struct Cli {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
-    interfaces: Option<Vec<String>>,
+    interfaces: Option<Vec<InterfaceEntry>>,
+    scheduler_on_exit: Option<String>,
     attach: Option<String>,
     bpffs: Option<PathBuf>,
     max_sessions: Option<u32>,
@@ -75,6 +78,112 @@ struct FileConfig {
     devices: Option<Vec<DeviceEntry>>,
     duration_out_of_range: Option<String>,
     notifications: Option<NotificationsConfig>,
+}
+
+/// `interfaces` entries: a name (marking only, both directions), or a table.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum InterfaceEntry {
+    Name(String),
+    Table(InterfaceTable),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InterfaceTable {
+    name: String,
+    /// `device` (egress carries downlink), `server` (uplink) or `both`.
+    side: Option<String>,
+    /// Capacity in Mbit/s: qodd then owns the egress scheduling.
+    capacity_mbit: Option<f64>,
+    low_latency_share: Option<f64>,
+    guaranteed_share: Option<f64>,
+}
+
+fn parse_cli_interface(s: &str) -> Result<InterfaceEntry, ConfigError> {
+    let mut parts = s.split(':');
+    let name = parts.next().unwrap_or_default().to_owned();
+    let side = parts.next().map(str::to_owned);
+    let capacity_mbit = parts
+        .next()
+        .map(|c| c.parse::<f64>().map_err(|_| invalid(format!("--interface {s:?}: capacity {c:?} is not a number of Mbit/s"))))
+        .transpose()?;
+    if parts.next().is_some() {
+        return Err(invalid(format!("--interface {s:?}: expected NAME[:SIDE[:MBIT]]")));
+    }
+    Ok(InterfaceEntry::Table(InterfaceTable { name, side, capacity_mbit, ..Default::default() }))
+}
+
+/// Which traffic leaves through a managed interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Faces the devices: its egress carries downlink.
+    Device,
+    /// Faces the servers: its egress carries uplink.
+    Server,
+    /// Both directions (marking only).
+    Both,
+}
+
+/// A managed interface, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManagedInterface {
+    pub name: String,
+    pub side: Side,
+    /// Present when qodd owns the interface's egress queueing.
+    pub scheduler: Option<SchedulerConfig>,
+}
+
+fn validate_interface(e: InterfaceEntry) -> Result<ManagedInterface, ConfigError> {
+    let t = match e {
+        InterfaceEntry::Name(name) => InterfaceTable { name, ..Default::default() },
+        InterfaceEntry::Table(t) => t,
+    };
+    let name = t.name;
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0', ':']) {
+        return Err(invalid(format!("interface name {name:?} is not a valid Linux interface name")));
+    }
+    if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+        return Err(invalid(format!("interface {name:?} does not exist in this network namespace")));
+    }
+    let side = match t.side.as_deref().unwrap_or("both") {
+        "device" => Side::Device,
+        "server" => Side::Server,
+        "both" => Side::Both,
+        other => return Err(invalid(format!("interface {name}: side = {other:?}: expected device, server or both"))),
+    };
+    let share = |v: Option<f64>, d: f64, what: &str| -> Result<f64, ConfigError> {
+        let v = v.unwrap_or(d);
+        if !(0.0..=1.0).contains(&v) {
+            return Err(invalid(format!("interface {name}: {what} = {v} must be between 0 and 1")));
+        }
+        Ok(v)
+    };
+    let scheduler = match t.capacity_mbit {
+        None => None,
+        Some(c) if !(c.is_finite() && c >= 0.1) => {
+            return Err(invalid(format!("interface {name}: capacity_mbit = {c} must be at least 0.1")));
+        }
+        Some(_) if side == Side::Both => {
+            return Err(invalid(format!(
+                "interface {name}: a capacity needs side = \"device\" or \"server\" (which direction's rates apply)"
+            )));
+        }
+        Some(c) => {
+            let config = SchedulerConfig {
+                capacity_bps: (c * 1_000_000.0) as u64,
+                low_latency_share: share(t.low_latency_share, 0.1, "low_latency_share")?,
+                guaranteed_share: share(t.guaranteed_share, 0.8, "guaranteed_share")?,
+            };
+            if config.low_latency_share + config.guaranteed_share > 0.95 {
+                return Err(invalid(format!(
+                    "interface {name}: low_latency_share + guaranteed_share must leave at least 5% to best effort"
+                )));
+            }
+            Some(config)
+        }
+    };
+    Ok(ManagedInterface { name, side, scheduler })
 }
 
 /// A device directory entry: a phone number and the addresses the device uses.
@@ -104,6 +213,7 @@ impl FileConfig {
         FileConfig {
             listen: over.listen.or(self.listen),
             interfaces: over.interfaces.or(self.interfaces),
+            scheduler_on_exit: over.scheduler_on_exit.or(self.scheduler_on_exit),
             attach: over.attach.or(self.attach),
             bpffs: over.bpffs.or(self.bpffs),
             max_sessions: over.max_sessions.or(self.max_sessions),
@@ -144,6 +254,7 @@ struct ProfileConfig {
     service_class: Option<ServiceClass>,
     dscp: Option<u8>,
     skb_priority: Option<SkbPriority>,
+    band: Option<Band>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,7 +283,9 @@ pub enum AttachMode {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Listen,
-    pub interfaces: Vec<String>,
+    pub interfaces: Vec<ManagedInterface>,
+    /// Remove the schedulers on shutdown (true) or leave them (false).
+    pub restore_on_exit: bool,
     pub attach: AttachMode,
     pub bpffs: PathBuf,
     pub max_sessions: u32,
@@ -237,7 +350,9 @@ impl Config {
         }
         merged = merged.overlay(FileConfig {
             listen: cli.listen.clone(),
-            interfaces: (!cli.interfaces.is_empty()).then(|| cli.interfaces.clone()),
+            interfaces: (!cli.interfaces.is_empty())
+                .then(|| cli.interfaces.iter().map(|i| parse_cli_interface(i)).collect())
+                .transpose()?,
             attach: cli.attach.clone(),
             max_sessions: cli.max_sessions,
             ..FileConfig::default()
@@ -253,22 +368,20 @@ impl Config {
                 "no managed interface: set `interfaces` in the config file or pass --interface",
             ));
         }
+        let interfaces = interfaces.into_iter().map(validate_interface).collect::<Result<Vec<_>, _>>()?;
         let mut seen = HashSet::new();
-        for name in &interfaces {
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
-                return Err(invalid(format!(
-                    "interface name {name:?} is not a valid Linux interface name"
-                )));
-            }
-            if !seen.insert(name) {
-                return Err(invalid(format!("interface {name:?} is listed twice")));
-            }
-            if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
-                return Err(invalid(format!(
-                    "interface {name:?} does not exist in this network namespace"
-                )));
+        for i in &interfaces {
+            if !seen.insert(i.name.clone()) {
+                return Err(invalid(format!("interface {:?} is listed twice", i.name)));
             }
         }
+        let restore_on_exit = match f.scheduler_on_exit.as_deref().unwrap_or("restore") {
+            "restore" => true,
+            "keep" => false,
+            other => {
+                return Err(invalid(format!("scheduler_on_exit = {other:?}: expected \"restore\" or \"keep\"")));
+            }
+        };
         let attach = match f.attach.as_deref().unwrap_or("auto") {
             "auto" => AttachMode::Auto,
             "tcx" => AttachMode::Tcx,
@@ -377,6 +490,7 @@ impl Config {
         Ok(Self {
             listen,
             interfaces,
+            restore_on_exit,
             attach,
             bpffs: f.bpffs.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
             max_sessions,
@@ -408,6 +522,7 @@ fn parse_listen(s: &str) -> Result<Listen, ConfigError> {
 }
 
 fn validate_profile(p: ProfileConfig) -> Result<QosProfile, ConfigError> {
+    let p_band = p.band;
     let name = ProfileName::parse("name", &p.name)
         .map_err(|e| invalid(format!("profile {:?}: {}", p.name, e.message)))?;
     let bad = |what: String| invalid(format!("profile {name}: {what}"));
@@ -473,13 +588,13 @@ fn validate_profile(p: ProfileConfig) -> Result<QosProfile, ConfigError> {
         (None, None) => 0,
     };
     let skb_priority = match p.skb_priority {
-        None => 0,
-        Some(SkbPriority::Number(n)) => n,
-        Some(SkbPriority::Handle(h)) => parse_tc_handle(&h).ok_or_else(|| {
+        None => None,
+        Some(SkbPriority::Number(n)) => Some(n),
+        Some(SkbPriority::Handle(h)) => Some(parse_tc_handle(&h).ok_or_else(|| {
             bad(format!(
                 "skb_priority = {h:?} is not a tc handle like \"1:10\""
             ))
-        })?,
+        })?),
     };
     Ok(QosProfile {
         name,
@@ -502,6 +617,11 @@ fn validate_profile(p: ProfileConfig) -> Result<QosProfile, ConfigError> {
         service_class: p.service_class,
         dscp,
         skb_priority,
+        band: Band::BestEffort,
+    })
+    .map(|mut profile: QosProfile| {
+        profile.band = p_band.unwrap_or_else(|| profile.implied_band());
+        profile
     })
 }
 
@@ -549,7 +669,10 @@ mod tests {
             .get(&ProfileName::parse("n", "QOS_E").expect("name"))
             .expect("QOS_E");
         assert_eq!(e.dscp, 32);
-        assert_eq!(e.skb_priority, 0x0001_0010);
+        assert_eq!(e.skb_priority, None);
+        assert_eq!(e.band, crate::profile::Band::LowLatency);
+        let l = c.policy.profiles.get(&ProfileName::parse("n", "QOS_L").expect("name")).expect("QOS_L");
+        assert_eq!(l.band, crate::profile::Band::Guaranteed);
         assert_eq!(e.max_duration_secs(), Some(86_400));
     }
 

@@ -5,12 +5,12 @@
 //! when its rule is in the data plane. A data plane failure leaves the store as it was.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard, RwLock},
     time::Duration,
 };
 
-use qod_common::{DeviceKey, FlowCounters, FlowRule, MAX_PORT_RANGES, PortRange};
+use qod_common::{DeviceKey, FlowCounters, FlowRule, MAX_PORT_RANGES, Policer, PortRange};
 use time::OffsetDateTime;
 use tokio::{
     sync::{Notify, broadcast},
@@ -21,15 +21,45 @@ use tracing::{error, info};
 use uuid::Uuid;
 
 use crate::{
-    dataplane::{DataPlane, DataPlaneError, monotonic_ns},
+    config::{ManagedInterface, Side},
+    dataplane::{
+        DataPlane, DataPlaneError, monotonic_ns,
+        scheduler::{BEST_EFFORT_CLASS, LOW_LATENCY_CLASS, MAX_GUARANTEED_CLASSES, guaranteed_class},
+    },
     error::{CamaraCode, CamaraError},
     model::{
         AppFlow, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words, secs,
     },
     notify::{Notification, Notifier},
     policy::Policy,
-    profile::{ProfileStatus, QosProfile},
+    profile::{Band, ProfileStatus, QosProfile},
 };
+
+/// Sizes and topology the core works within.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_sessions: u32,
+    /// How long UNAVAILABLE sessions stay readable.
+    pub retention: Duration,
+    pub interfaces: Vec<ManagedInterface>,
+}
+
+/// Guaranteed rate a session holds on each scheduled interface, in its own HTB class.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub index: u16,
+    /// (interface, guaranteed bit/s, ceiling bit/s)
+    pub classes: Vec<(String, u64, u64)>,
+}
+
+/// Smallest policer burst: several full frames, so low rates still pass normal bursts.
+const MIN_BURST_BYTES: u64 = 10 * 1514;
+/// Policer burst as time at the maximum rate.
+const BURST_MS: u64 = 20;
+
+fn policer(rate_bps: u64) -> Policer {
+    Policer::new(rate_bps, (rate_bps / 8 * BURST_MS / 1000).max(MIN_BURST_BYTES))
+}
 
 /// Events a watcher may lag behind by before it is told it missed some.
 const EVENT_BUFFER: usize = 4096;
@@ -46,6 +76,8 @@ pub struct Session {
     pub state: SessionState,
     /// The rule installed for it (while AVAILABLE), kept to re-install on extend or reload.
     rule: FlowRule,
+    /// Its guaranteed-rate classes, while AVAILABLE.
+    pub reservation: Option<Reservation>,
     /// When the expiry task next acts on this session (expire, or purge once UNAVAILABLE).
     deadline: Instant,
 }
@@ -132,6 +164,12 @@ struct Inner {
     by_device: HashMap<DeviceKey, SessionId>,
     deadlines: BTreeSet<(Instant, SessionId)>,
     slots: Slots,
+    /// Guaranteed-rate class indexes.
+    classes: Slots,
+    /// Guaranteed bit/s reserved per scheduled interface.
+    reserved: HashMap<String, u64>,
+    /// Managed interfaces that are down or gone: no session can be enforced meanwhile.
+    links_down: HashSet<String>,
 }
 
 /// See the module docs.
@@ -143,33 +181,28 @@ pub struct Core {
     /// Profiles, pools and directory; swapped whole by [`Core::reload`].
     policy: RwLock<Arc<Policy>>,
     retention: Duration,
+    interfaces: Vec<ManagedInterface>,
     notifier: Option<Notifier>,
 }
 
 impl Core {
-    pub fn new(
-        dp: Box<dyn DataPlane>,
-        policy: Policy,
-        max_sessions: u32,
-        retention: Duration,
-        notifier: Option<Notifier>,
-    ) -> Self {
+    pub fn new(dp: Box<dyn DataPlane>, policy: Policy, limits: Limits, notifier: Option<Notifier>) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 dp,
                 sessions: HashMap::new(),
                 by_device: HashMap::new(),
                 deadlines: BTreeSet::new(),
-                slots: Slots {
-                    free: Vec::new(),
-                    next: 0,
-                    capacity: max_sessions,
-                },
+                slots: Slots { free: Vec::new(), next: 0, capacity: limits.max_sessions },
+                classes: Slots { free: Vec::new(), next: 0, capacity: u32::from(MAX_GUARANTEED_CLASSES) },
+                reserved: HashMap::new(),
+                links_down: HashSet::new(),
             }),
             wake: Notify::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
             policy: RwLock::new(Arc::new(policy)),
-            retention,
+            retention: limits.retention,
+            interfaces: limits.interfaces,
             notifier,
         }
     }
@@ -253,6 +286,12 @@ impl Core {
                 "conflict with an existing session for the same device: delete it or wait for it to end",
             ));
         }
+        if let Some(link) = inner.links_down.iter().next() {
+            return Err(CamaraError::new(
+                CamaraCode::Unavailable,
+                format!("managed interface {link} is down; no session can be enforced until it is back"),
+            ));
+        }
         let slot = inner.slots.take().ok_or_else(|| {
             CamaraError::new(
                 CamaraCode::QuotaExceeded,
@@ -262,13 +301,21 @@ impl Core {
                 ),
             )
         })?;
-        let rule = flow_rule(&flow, profile, slot, req.duration);
+        let reservation = match self.reserve(&mut inner, profile) {
+            Ok(r) => r,
+            Err(e) => {
+                inner.slots.give_back(slot);
+                return Err(e);
+            }
+        };
+        let rule = self.flow_rule(&flow, profile, slot, req.duration, reservation.as_ref());
         let installed = inner
             .dp
             .reset_counters(slot)
             .and_then(|()| inner.dp.install(flow.device, &rule));
         if let Err(e) = installed {
             inner.slots.give_back(slot);
+            release(&mut inner, reservation);
             return Err(dataplane_error(&e));
         }
         let id = SessionId::random();
@@ -283,6 +330,7 @@ impl Core {
                 expires_at: now + secs(duration),
             },
             rule,
+            reservation,
             deadline,
             flow,
         };
@@ -298,6 +346,150 @@ impl Core {
         self.wake.notify_one();
         info!(session = %id, profile = %view.session.request.profile, "session created");
         Ok(view)
+    }
+
+    /// For a guaranteed-rate profile: admission control on every scheduled interface, then one
+    /// HTB class per interface (guaranteed = the profile's target minimum rate for the direction
+    /// that interface carries, ceiling = its maximum rate). Nothing is left behind on failure.
+    fn reserve(&self, inner: &mut Inner, profile: &QosProfile) -> Result<Option<Reservation>, CamaraError> {
+        if profile.band != Band::Guaranteed {
+            return Ok(None);
+        }
+        let mut wanted = Vec::new();
+        for i in &self.interfaces {
+            let Some(sched) = i.scheduler else { continue };
+            let (target, max) = match i.side {
+                Side::Device => (profile.target_min_downstream_rate, profile.max_downstream_rate),
+                Side::Server => (profile.target_min_upstream_rate, profile.max_upstream_rate),
+                Side::Both => continue,
+            };
+            let Some(target) = target.map(|r| r.bits_per_second()).filter(|t| *t > 0) else { continue };
+            let ceil = max.map_or(sched.capacity_bps, |m| m.bits_per_second());
+            let used = inner.reserved.get(&i.name).copied().unwrap_or(0);
+            let pool = sched.guaranteed_pool_bps();
+            if used + target > pool {
+                return Err(CamaraError::new(
+                    CamaraCode::QuotaExceeded,
+                    format!(
+                        "not enough guaranteed capacity on {}: {} requests {} kbit/s, {} kbit/s of {} kbit/s are left",
+                        i.name,
+                        profile.name,
+                        target / 1000,
+                        pool.saturating_sub(used) / 1000,
+                        pool / 1000
+                    ),
+                ));
+            }
+            wanted.push((i.name.clone(), target, ceil));
+        }
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let index = inner.classes.take().ok_or_else(|| {
+            CamaraError::new(CamaraCode::QuotaExceeded, "every guaranteed-rate class is in use")
+        })?;
+        let index = u16::try_from(index).unwrap_or(u16::MAX);
+        let mut made = Vec::new();
+        for (iface, rate, ceil) in &wanted {
+            if let Err(e) = inner.dp.set_class(iface, index, *rate, *ceil) {
+                release(inner, Some(Reservation { index, classes: made }));
+                return Err(dataplane_error(&e));
+            }
+            *inner.reserved.entry(iface.clone()).or_default() += rate;
+            made.push((iface.clone(), *rate, *ceil));
+        }
+        Ok(Some(Reservation { index, classes: made }))
+    }
+
+    /// The kernel rule for `flow` under `profile`, ending `duration` seconds from now.
+    ///
+    /// Steering: a guaranteed-rate session to its own class, low latency to the priority band,
+    /// the rest to best effort (unless the profile names `skb_priority`). Maximum rates: a
+    /// direction with guaranteed-rate classes is capped by their ceiling; any other direction
+    /// with a maximum rate is policed in the classifier.
+    fn flow_rule(
+        &self,
+        flow: &AppFlow,
+        profile: &QosProfile,
+        slot: u32,
+        duration: u32,
+        reservation: Option<&Reservation>,
+    ) -> FlowRule {
+        let (server_addr, server_mask) = network_words(flow.server);
+        let ranges = |src: &[PortRange]| {
+            let mut out = [PortRange::default(); MAX_PORT_RANGES];
+            for (o, r) in out.iter_mut().zip(src) {
+                *o = *r;
+            }
+            out
+        };
+        let class_on = |side: Side| {
+            reservation.is_some_and(|r| {
+                r.classes.iter().any(|(iface, ..)| self.interfaces.iter().any(|i| i.name == *iface && i.side == side))
+            })
+        };
+        let police = |shaped: bool, max: Option<crate::profile::Rate>| match max {
+            Some(m) if !shaped && m.bits_per_second() > 0 => policer(m.bits_per_second()),
+            _ => Policer::default(),
+        };
+        let band_class = match (reservation, profile.band) {
+            (Some(r), _) => guaranteed_class(r.index),
+            (None, Band::LowLatency) => LOW_LATENCY_CLASS,
+            (None, _) => BEST_EFFORT_CLASS,
+        };
+        FlowRule {
+            expires_at_ns: monotonic_ns() + u64::from(duration) * 1_000_000_000,
+            skb_priority: profile.skb_priority.unwrap_or(band_class),
+            slot,
+            server_addr,
+            server_mask,
+            dscp: profile.dscp,
+            // AppFlow::from_request bounds both lists by MAX_PORT_RANGES.
+            n_device_ports: flow.device_ports.len().min(MAX_PORT_RANGES) as u8,
+            n_server_ports: flow.server_ports.len().min(MAX_PORT_RANGES) as u8,
+            _pad: 0,
+            device_ports: ranges(&flow.device_ports),
+            server_ports: ranges(&flow.server_ports),
+            _reserved: 0,
+            police_up: police(class_on(Side::Server), profile.max_upstream_rate),
+            police_down: police(class_on(Side::Device), profile.max_downstream_rate),
+        }
+    }
+
+    /// A managed interface went down or away (`up == false`): every AVAILABLE session ends
+    /// `NETWORK_TERMINATED` and new ones are refused until it is back.
+    pub fn link_changed(&self, interface: &str, up: bool) {
+        let mut inner = self.lock();
+        if up {
+            if inner.links_down.remove(interface) {
+                info!(interface, "managed interface is back");
+            }
+            return;
+        }
+        if !inner.links_down.insert(interface.to_owned()) {
+            return;
+        }
+        error!(interface, "managed interface is down; ending its sessions");
+        let now = Instant::now();
+        let live: Vec<SessionId> = inner
+            .sessions
+            .values()
+            .filter(|s| matches!(s.state, SessionState::Available { .. }))
+            .map(|s| s.id)
+            .collect();
+        for id in live {
+            self.terminate(&mut inner, id, StatusInfo::NetworkTerminated, now);
+        }
+    }
+
+    /// Re-attaches the classifier and scheduler to an interface that was re-created.
+    pub fn reattach(&self, interface: &str) -> Result<(), DataPlaneError> {
+        self.lock().dp.reattach(interface)
+    }
+
+    /// Graceful stop of the data plane (schedulers restored unless configured to stay).
+    pub fn shutdown(&self) {
+        self.lock().dp.shutdown();
     }
 
     pub fn get(&self, id: SessionId) -> Result<SessionView, CamaraError> {
@@ -322,8 +514,10 @@ impl Core {
                 .remove(&session.flow.device)
                 .map_err(|e| dataplane_error(&e))?;
             inner.slots.give_back(slot);
+            release(&mut inner, session.reservation.clone());
             let now = OffsetDateTime::now_utc();
             let mut ended = session.clone();
+            ended.reservation = None;
             ended.state = SessionState::Unavailable {
                 info: StatusInfo::DeleteRequested,
                 ended_at: now,
@@ -424,9 +618,11 @@ impl Core {
         } else {
             inner.slots.give_back(slot);
         }
+        release(inner, session.reservation.clone());
         let ended_at = OffsetDateTime::now_utc();
         let purge = now + self.retention;
         let mut ended = session;
+        ended.reservation = None;
         ended.state = SessionState::Unavailable {
             info,
             ended_at,
@@ -464,7 +660,9 @@ impl Core {
                 Some(p) if p.status != ProfileStatus::Inactive => {
                     let mut rule = session.rule;
                     rule.dscp = p.dscp;
-                    rule.skb_priority = p.skb_priority;
+                    if let Some(prio) = p.skb_priority {
+                        rule.skb_priority = prio;
+                    }
                     if rule != session.rule {
                         match inner.dp.install(session.flow.device, &rule) {
                             Ok(()) => {
@@ -588,31 +786,18 @@ fn dataplane_error(e: &DataPlaneError) -> CamaraError {
     }
 }
 
-/// The kernel rule for `flow` under `profile`, ending `duration` seconds from now.
-fn flow_rule(flow: &AppFlow, profile: &QosProfile, slot: u32, duration: u32) -> FlowRule {
-    let (server_addr, server_mask) = network_words(flow.server);
-    let ranges = |src: &[PortRange]| {
-        let mut out = [PortRange::default(); MAX_PORT_RANGES];
-        for (o, r) in out.iter_mut().zip(src) {
-            *o = *r;
+/// Gives back a reservation's classes and capacity.
+fn release(inner: &mut Inner, reservation: Option<Reservation>) {
+    let Some(r) = reservation else { return };
+    for (iface, rate, _) in &r.classes {
+        if let Err(e) = inner.dp.remove_class(iface, r.index) {
+            error!(interface = %iface, class = r.index, error = %e, "cannot remove a guaranteed-rate class");
         }
-        out
-    };
-    FlowRule {
-        expires_at_ns: monotonic_ns() + u64::from(duration) * 1_000_000_000,
-        skb_priority: profile.skb_priority,
-        slot,
-        server_addr,
-        server_mask,
-        dscp: profile.dscp,
-        // AppFlow::from_request bounds both lists by MAX_PORT_RANGES.
-        n_device_ports: flow.device_ports.len().min(MAX_PORT_RANGES) as u8,
-        n_server_ports: flow.server_ports.len().min(MAX_PORT_RANGES) as u8,
-        _pad: 0,
-        device_ports: ranges(&flow.device_ports),
-        server_ports: ranges(&flow.server_ports),
-        _reserved: 0,
+        if let Some(used) = inner.reserved.get_mut(iface) {
+            *used = used.saturating_sub(*rate);
+        }
     }
+    inner.classes.give_back(u32::from(r.index));
 }
 
 #[cfg(test)]
@@ -640,8 +825,7 @@ mod tests {
             Arc::new(Core::new(
                 Box::new(dp.clone()),
                 policy(),
-                max,
-                Duration::from_secs(360),
+                Limits { max_sessions: max, retention: Duration::from_secs(360), interfaces: Vec::new() },
                 None,
             )),
             dp,
@@ -909,5 +1093,74 @@ mod tests {
             .retrieve(&DeviceId::PhoneNumber(phone))
             .expect("retrieve");
         assert_eq!(found.len(), 1);
+    }
+
+    fn scheduled_core() -> (Arc<Core>, FakeDataPlane) {
+        let dp = FakeDataPlane::default();
+        let iface = |name: &str, side| ManagedInterface {
+            name: name.into(),
+            side,
+            scheduler: Some(crate::dataplane::SchedulerConfig {
+                capacity_bps: 100_000_000,
+                low_latency_share: 0.1,
+                guaranteed_share: 0.8,
+            }),
+        };
+        let limits = Limits {
+            max_sessions: 64,
+            retention: Duration::from_secs(360),
+            interfaces: vec![iface("dev0", Side::Device), iface("srv0", Side::Server)],
+        };
+        (Arc::new(Core::new(Box::new(dp.clone()), policy(), limits, None)), dp)
+    }
+
+    fn profile_request(device: [u8; 4], profile: &str) -> SessionRequest {
+        let mut r = request(device, 60);
+        r.profile = ProfileName::parse("qosProfile", profile).expect("name");
+        r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn guaranteed_rates_are_admitted_up_to_the_share() {
+        let (core, dp) = scheduled_core();
+        // QOS_L guarantees 10 Mbit/s each way; 80 % of 100 Mbit/s admits eight.
+        let mut ids = Vec::new();
+        for i in 0..8 {
+            let v = core.create(profile_request([10, 0, 0, i + 1], "QOS_L")).expect("fits");
+            let r = v.session.reservation.clone().expect("classes");
+            assert_eq!(r.classes.len(), 2, "one class per scheduled interface");
+            assert_eq!(v.session.rule.skb_priority, guaranteed_class(r.index));
+            assert_eq!(v.session.rule.police_down, Policer::default(), "shaped by its class, not policed");
+            ids.push(v.session.id);
+        }
+        assert_eq!(dp.state.lock().expect("lock").classes.len(), 16);
+        let err = core.create(profile_request([10, 0, 0, 9], "QOS_L")).expect_err("full");
+        assert_eq!(err.code, CamaraCode::QuotaExceeded);
+        assert!(err.message.contains("dev0") || err.message.contains("srv0"), "{}", err.message);
+        assert_eq!(dp.state.lock().expect("lock").classes.len(), 16, "nothing left behind");
+        // Low latency and best effort need no guaranteed capacity; QOS_E is policed at 500 kbit/s.
+        let e = core.create(profile_request([10, 0, 0, 20], "QOS_E")).expect("low latency");
+        assert_eq!(e.session.rule.skb_priority, LOW_LATENCY_CLASS);
+        assert_eq!(e.session.rule.police_down, policer(500_000));
+        // Deleting one frees its classes and capacity.
+        core.delete(ids[0]).expect("delete");
+        assert_eq!(dp.state.lock().expect("lock").classes.len(), 14);
+        core.create(profile_request([10, 0, 0, 9], "QOS_L")).expect("fits again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_link_going_down_ends_sessions_and_refuses_new_ones() {
+        let (core, dp) = scheduled_core();
+        let v = core.create(profile_request([10, 0, 0, 1], "QOS_L")).expect("create");
+        let mut events = core.subscribe();
+        core.link_changed("dev0", false);
+        assert_eq!(next_event(&mut events), (QosStatus::Unavailable, Some(StatusInfo::NetworkTerminated)));
+        assert!(dp.state.lock().expect("lock").flows.is_empty());
+        assert!(dp.state.lock().expect("lock").classes.is_empty());
+        let err = core.create(profile_request([10, 0, 0, 2], "QOS_E")).expect_err("link down");
+        assert_eq!(err.code, CamaraCode::Unavailable);
+        core.link_changed("dev0", true);
+        core.create(profile_request([10, 0, 0, 2], "QOS_E")).expect("link back");
+        assert_eq!(core.get(v.session.id).expect("kept").session.qos_status(), QosStatus::Unavailable);
     }
 }

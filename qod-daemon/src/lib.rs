@@ -61,10 +61,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     dataplane::ensure_bpffs(&config.bpffs)?;
     let mut dp = AyaDataPlane::load(config.max_sessions)?;
-    for iface in &config.interfaces {
-        let how = dp.attach(iface, config.attach)?;
-        info!(interface = %iface, mode = how, "classifier attached on egress");
-    }
+    dp.manage(&config.interfaces, config.attach, config.restore_on_exit)?;
     let token = CancellationToken::new();
     let notify_token = CancellationToken::new();
     let (notifier, _delivery) =
@@ -72,11 +69,19 @@ pub async fn run(
     let core = Arc::new(Core::new(
         Box::new(dp),
         config.policy.clone(),
-        config.max_sessions,
-        config.unavailable_retention,
+        core::Limits {
+            max_sessions: config.max_sessions,
+            retention: config.unavailable_retention,
+            interfaces: config.interfaces.clone(),
+        },
         Some(notifier),
     ));
     let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
+    tokio::spawn(watch_links(
+        core.clone(),
+        config.interfaces.iter().map(|i| i.name.clone()).collect(),
+        token.clone(),
+    ));
     if let Some(reload) = reload {
         tokio::spawn(reload_on_sighup(core.clone(), reload, token.clone()));
     }
@@ -157,6 +162,7 @@ pub async fn run(
         }
     };
     let _ = expiry.await;
+    core.shutdown();
     // Retries still waiting end here; persisting the outbox across restarts is separate work.
     notify_token.cancel();
     if let Listen::Unix(path) = &config.listen {
@@ -198,4 +204,48 @@ fn anyhow_like(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     out
+}
+
+/// How often the managed links are checked.
+const LINK_POLL: Duration = Duration::from_secs(1);
+
+/// `(ifindex, up)` of an interface: `None` when it does not exist.
+fn link_state(name: &str) -> Option<(u32, bool)> {
+    use nix::net::if_::InterfaceFlags;
+    let index = nix::net::if_::if_nametoindex(name).ok()?;
+    let up = nix::ifaddrs::getifaddrs().ok()?.any(|a| {
+        a.interface_name == name && a.flags.contains(InterfaceFlags::IFF_UP | InterfaceFlags::IFF_RUNNING)
+    });
+    Some((index, up))
+}
+
+/// Watches the managed interfaces: a link that goes down or disappears ends every session
+/// (`NETWORK_TERMINATED`); when it comes back (re-created: classifier and scheduler attached
+/// again) sessions are accepted again.
+async fn watch_links(core: Arc<Core>, names: Vec<String>, stop: CancellationToken) {
+    let mut known: Vec<Option<(u32, bool)>> = names.iter().map(|n| link_state(n)).collect();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(LINK_POLL) => {}
+            () = stop.cancelled() => return,
+        }
+        for (name, last) in names.iter().zip(known.iter_mut()) {
+            let now = link_state(name);
+            let was_up = last.is_some_and(|(_, up)| up);
+            match now {
+                Some((index, true)) if !was_up => {
+                    let recreated = last.is_none_or(|(old, _)| old != index);
+                    if recreated && let Err(e) = core.reattach(name) {
+                        warn!(interface = %name, error = %anyhow_like(&e), "cannot attach to the re-created interface");
+                        continue;
+                    }
+                    core.link_changed(name, true);
+                }
+                Some((_, true)) => {}
+                _ if was_up || last.is_none() => core.link_changed(name, false),
+                _ => {}
+            }
+            *last = now;
+        }
+    }
 }

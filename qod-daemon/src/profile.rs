@@ -140,6 +140,18 @@ impl ServiceClass {
     }
 }
 
+/// Which part of a managed interface's scheduler a profile's sessions use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Band {
+    /// Strict-priority band, short queue: stable latency.
+    LowLatency,
+    /// A class of its own with the profile's target minimum rate: stable throughput.
+    Guaranteed,
+    /// Shares best effort (marking and the maximum rate still apply).
+    BestEffort,
+}
+
 /// CAMARA `countryAvailability` entry.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,11 +184,30 @@ pub struct QosProfile {
     pub service_class: Option<ServiceClass>,
     /// DSCP written to the session's packets.
     pub dscp: u8,
-    /// Value written to `skb->priority`.
-    pub skb_priority: u32,
+    /// Value written to `skb->priority` instead of the band's class (for interfaces whose
+    /// queueing the operator owns).
+    pub skb_priority: Option<u32>,
+    pub band: Band,
 }
 
 impl QosProfile {
+    /// The band a profile implies when it names none: a target minimum rate means guaranteed;
+    /// a delay budget of 20 ms or less, or an interactive service class, means low latency.
+    pub fn implied_band(&self) -> Band {
+        let interactive = matches!(
+            self.service_class,
+            Some(ServiceClass::MicrosoftVoice | ServiceClass::MicrosoftAudioVideo | ServiceClass::RealTimeInteractive)
+        );
+        let tight = self.packet_delay_budget.is_some_and(|d| d.as_duration() <= Duration::from_millis(20));
+        if self.target_min_upstream_rate.is_some() || self.target_min_downstream_rate.is_some() {
+            Band::Guaranteed
+        } else if interactive || tight {
+            Band::LowLatency
+        } else {
+            Band::BestEffort
+        }
+    }
+
     /// Longest session this profile allows, in whole seconds (`None`: no limit).
     pub fn max_duration_secs(&self) -> Option<u64> {
         self.max_duration.map(|d| d.as_duration().as_secs())

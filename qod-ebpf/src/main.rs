@@ -8,16 +8,21 @@
 //! qod never drops or steals a packet and composes with other tc programs.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the bpfel target has no compare-and-swap, so `AtomicU64::fetch_add` does not
+// exist there; the intrinsic lowers to BPF's atomic add.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics, see above")]
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, TC_ACT_UNSPEC},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
 use qod_common::{
-    DeviceKey, FAMILY_IPV4, FAMILY_IPV6, FlowCounters, FlowRule, MAX_PORT_RANGES, PortRange,
+    DeviceKey, FAMILY_IPV4, FAMILY_IPV6, FlowCounters, FlowRule, MAX_PORT_RANGES, Policer,
+    PolicerState, PortRange,
 };
 
 /// Default capacity; user space sets the configured `max_sessions` at load time.
@@ -26,6 +31,9 @@ const DEFAULT_MAX_SESSIONS: u32 = 65_536;
 #[map]
 static QOD_FLOWS: HashMap<DeviceKey, FlowRule> =
     HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
+
+#[map]
+static QOD_POLICERS: Array<PolicerState> = Array::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
 
 #[map]
 static QOD_COUNTERS: PerCpuArray<FlowCounters> =
@@ -53,7 +61,8 @@ enum Skip {
 #[classifier]
 pub fn qod_tc(ctx: TcContext) -> i32 {
     match try_qod_tc(&ctx) {
-        Ok(()) | Err(Skip::Truncated) | Err(Skip::NoMatch) => TC_ACT_UNSPEC,
+        Ok(verdict) => verdict,
+        Err(Skip::Truncated) | Err(Skip::NoMatch) => TC_ACT_UNSPEC,
     }
 }
 
@@ -86,7 +95,7 @@ struct Packet {
     ports: Option<(u16, u16)>,
 }
 
-fn try_qod_tc(ctx: &TcContext) -> Result<(), Skip> {
+fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     let pkt = parse(ctx)?;
     // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -100,26 +109,66 @@ fn try_qod_tc(ctx: &TcContext) -> Result<(), Skip> {
         return Err(Skip::NoMatch);
     };
 
+    let len = u64::from(ctx.len());
+    let policer = if uplink { &rule.police_up } else { &rule.police_down };
+    let conforms = police(policer, rule.slot, uplink, len, now);
+    if let Some(c) = QOD_COUNTERS.get_ptr_mut(rule.slot) {
+        // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered on
+        // the same CPU while it runs.
+        unsafe {
+            match (uplink, conforms) {
+                (true, true) => {
+                    (*c).up_packets += 1;
+                    (*c).up_bytes += len;
+                }
+                (false, true) => {
+                    (*c).down_packets += 1;
+                    (*c).down_bytes += len;
+                }
+                (true, false) => (*c).up_dropped += 1,
+                (false, false) => (*c).down_dropped += 1,
+            }
+        }
+    }
+    if !conforms {
+        return Ok(TC_ACT_SHOT);
+    }
+
     set_dscp(ctx, &pkt, rule.dscp)?;
     // SAFETY: `ctx.skb.skb` is the context pointer the kernel handed us; `priority` is writable
     // from tc programs.
     unsafe { (*ctx.skb.skb).priority = rule.skb_priority };
+    Ok(TC_ACT_UNSPEC)
+}
 
-    if let Some(c) = QOD_COUNTERS.get_ptr_mut(rule.slot) {
-        let len = u64::from(ctx.len());
-        // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered on
-        // the same CPU while it runs.
-        unsafe {
-            if uplink {
-                (*c).up_packets += 1;
-                (*c).up_bytes += len;
-            } else {
-                (*c).down_packets += 1;
-                (*c).down_bytes += len;
-            }
-        }
+/// GCRA: a packet conforms when the session's virtual clock (`tat`) is no more than the burst
+/// ahead of now; a conforming packet advances it by the packet's cost. The advance is an atomic
+/// add on state shared by all CPUs; the reset of an idle clock to now is a plain store (two CPUs
+/// racing there both store about the same instant).
+#[inline(always)]
+fn police(p: &Policer, slot: u32, uplink: bool, len: u64, now: u64) -> bool {
+    if p.ns_per_byte_q16 == 0 {
+        return true;
     }
-    Ok(())
+    let Some(state) = QOD_POLICERS.get_ptr_mut(slot) else { return true };
+    // SAFETY: `state` points into an array map value that lives as long as the map; the clock is
+    // only ever accessed through these single-word loads, stores and atomic adds.
+    unsafe {
+        let tat = if uplink { &raw mut (*state).up_tat } else { &raw mut (*state).down_tat };
+        let mut t = core::ptr::read_volatile(tat);
+        if t < now {
+            core::ptr::write_volatile(tat, now);
+            t = now;
+        }
+        if t - now > p.burst_ns {
+            return false;
+        }
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            tat,
+            p.cost_ns(len),
+        );
+    }
+    true
 }
 
 #[inline(always)]

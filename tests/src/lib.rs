@@ -580,7 +580,8 @@ pub struct Qodd {
 
 impl Qodd {
     /// Starts `qodd` in `ns` with `extra_toml` appended to a config that sets the socket and
-    /// interfaces, and waits until its API answers.
+    /// interfaces (names, or inline tables like `{ name = "x", side = "device", capacity_mbit = 100 }`),
+    /// and waits until its API answers.
     pub async fn start(ns: &Netns, interfaces: &[&str], extra_toml: &str) -> anyhow::Result<Self> {
         Self::start_bin(&qodd_bin(), ns, interfaces, extra_toml).await
     }
@@ -595,7 +596,11 @@ impl Qodd {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("qodd.sock");
         let config = dir.path().join("qodd.toml");
-        let list: Vec<String> = interfaces.iter().map(|i| format!("{i:?}")).collect();
+        // An entry that is already an inline table (`{ name = ... }`) goes in as it is.
+        let list: Vec<String> = interfaces
+            .iter()
+            .map(|i| if i.starts_with('{') { (*i).to_owned() } else { format!("{i:?}") })
+            .collect();
         fs::write(
             &config,
             format!(
@@ -1059,5 +1064,242 @@ impl Drop for SinkServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+
+/// Traffic for the congestion lab: bulk TCP, a latency probe, a measured single flow.
+pub mod traffic {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+        sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use anyhow::Context as _;
+
+    use super::Netns;
+
+    /// Throughput sampling interval.
+    pub const SAMPLE: Duration = Duration::from_millis(100);
+
+    /// What a set of TCP flows delivered.
+    #[derive(Clone, Debug, Default)]
+    pub struct Delivered {
+        /// Bytes received per flow.
+        pub bytes: Vec<u64>,
+        /// Bytes received by all flows together in each `SAMPLE` interval.
+        pub samples: Vec<u64>,
+        pub duration: Duration,
+    }
+
+    impl Delivered {
+        pub fn total(&self) -> u64 {
+            self.bytes.iter().sum()
+        }
+
+        /// Goodput in bit/s, leaving out the first `warmup` (slow start).
+        pub fn goodput_bps(&self, warmup: Duration) -> f64 {
+            let skip = (warmup.as_millis() / SAMPLE.as_millis()) as usize;
+            let kept = &self.samples[skip.min(self.samples.len())..];
+            if kept.is_empty() {
+                return 0.0;
+            }
+            kept.iter().sum::<u64>() as f64 * 8.0 / (kept.len() as f64 * SAMPLE.as_secs_f64())
+        }
+    }
+
+    /// `flows` TCP flows, each sending as fast as it can for `duration`, from `sender_ns` (bound
+    /// to `sender_ip`) to listeners in `receiver_ns` on `receiver`'s address, ports
+    /// `receiver.port()..+flows`.
+    pub fn tcp_flows(
+        sender_ns: &Netns,
+        sender_ip: std::net::IpAddr,
+        receiver_ns: &Netns,
+        receiver: SocketAddr,
+        flows: u16,
+        duration: Duration,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Delivered>>> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let counters: Arc<Vec<AtomicU64>> = Arc::new((0..flows).map(|_| AtomicU64::new(0)).collect());
+        let recv_counters = counters.clone();
+        let receivers = receiver_ns.spawn(move || {
+            let listeners = (0..flows)
+                .map(|i| TcpListener::bind(SocketAddr::new(receiver.ip(), receiver.port() + i)))
+                .collect::<Result<Vec<_>, _>>()
+                .context("listen")?;
+            let _ = ready_tx.send(());
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let counters = recv_counters.clone();
+                    std::thread::spawn(move || -> anyhow::Result<()> {
+                        let (mut s, _) = l.accept()?;
+                        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                        let mut buf = vec![0u8; 128 * 1024];
+                        loop {
+                            match s.read(&mut buf) {
+                                Ok(0) | Err(_) => return Ok(()),
+                                Ok(n) => {
+                                    counters[i].fetch_add(n as u64, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                let _ = h.join();
+            }
+            Ok(())
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).context("receivers did not listen")?;
+        let senders = sender_ns.spawn(move || {
+            let handles: Vec<_> = (0..flows)
+                .map(|i| {
+                    std::thread::spawn(move || -> anyhow::Result<()> {
+                        let sock = socket2::Socket::new(socket2::Domain::for_address(receiver), socket2::Type::STREAM, None)?;
+                        sock.bind(&SocketAddr::new(sender_ip, 0).into())?;
+                        sock.connect_timeout(&SocketAddr::new(receiver.ip(), receiver.port() + i).into(), Duration::from_secs(5))?;
+                        let mut s: TcpStream = sock.into();
+                        s.set_write_timeout(Some(Duration::from_millis(200)))?;
+                        let buf = vec![0x5au8; 64 * 1024];
+                        let end = Instant::now() + duration;
+                        while Instant::now() < end {
+                            let _ = s.write(&buf);
+                        }
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                        Ok(())
+                    })
+                })
+                .collect();
+            for h in handles {
+                let _ = h.join();
+            }
+            Ok(())
+        });
+        Ok(std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut samples = Vec::new();
+            let mut last = 0u64;
+            while start.elapsed() < duration {
+                std::thread::sleep(SAMPLE);
+                let now: u64 = counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+                samples.push(now - last);
+                last = now;
+            }
+            senders.join().map_err(|_| anyhow::anyhow!("senders panicked"))??;
+            receivers.join().map_err(|_| anyhow::anyhow!("receivers panicked"))??;
+            Ok(Delivered {
+                bytes: counters.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+                samples,
+                duration,
+            })
+        }))
+    }
+
+    /// Round trips of a UDP probe; `None` for a probe that never came back.
+    #[derive(Clone, Debug, Default)]
+    pub struct Probe {
+        pub rtts: Vec<Option<Duration>>,
+    }
+
+    impl Probe {
+        pub fn loss(&self) -> f64 {
+            if self.rtts.is_empty() {
+                return 0.0;
+            }
+            self.rtts.iter().filter(|r| r.is_none()).count() as f64 / self.rtts.len() as f64
+        }
+
+        /// Sorted round trips of the answered probes.
+        pub fn sorted(&self) -> Vec<Duration> {
+            let mut v: Vec<Duration> = self.rtts.iter().flatten().copied().collect();
+            v.sort();
+            v
+        }
+
+        /// The `q` quantile (0..=1) of the answered round trips.
+        pub fn quantile(&self, q: f64) -> Duration {
+            let v = self.sorted();
+            if v.is_empty() {
+                return Duration::ZERO;
+            }
+            v[((v.len() - 1) as f64 * q).round() as usize]
+        }
+    }
+
+    /// An echo server on `server` in `server_ns` and a client from `client` in `client_ns`
+    /// sending a 64-byte probe every `interval` for `duration`.
+    pub fn udp_probe(
+        client_ns: &Netns,
+        client: SocketAddr,
+        server_ns: &Netns,
+        server: SocketAddr,
+        interval: Duration,
+        duration: Duration,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Probe>>> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        // The echo runs until the client is done, so the port is free for the next probe.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let echo_done = done.clone();
+        let echo = server_ns.spawn(move || {
+            let sock = UdpSocket::bind(server).context("bind echo")?;
+            sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let _ = ready_tx.send(());
+            let mut buf = [0u8; 2048];
+            while !echo_done.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+            Ok(())
+        });
+        if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            return Err(echo.join().map_err(|_| anyhow::anyhow!("echo panicked"))?.err().unwrap_or_else(|| anyhow::anyhow!("echo did not start")));
+        }
+        Ok(client_ns.spawn(move || {
+            let sock = UdpSocket::bind(client).context("bind probe")?;
+            let rx = sock.try_clone()?;
+            rx.set_read_timeout(Some(Duration::from_millis(100)))?;
+            let count = (duration.as_micros() / interval.as_micros().max(1)) as usize;
+            let start = Instant::now();
+            let receiver = std::thread::spawn(move || {
+                let mut rtts = vec![None; count];
+                let mut buf = [0u8; 2048];
+                let end = start + duration + Duration::from_secs(1);
+                while Instant::now() < end {
+                    if let Ok(n) = rx.recv(&mut buf)
+                        && n >= 16
+                    {
+                        let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default()) as usize;
+                        let sent = Duration::from_nanos(u64::from_be_bytes(buf[8..16].try_into().unwrap_or_default()));
+                        if let Some(slot) = rtts.get_mut(seq) {
+                            *slot = Some(start.elapsed().saturating_sub(sent));
+                        }
+                    }
+                }
+                rtts
+            });
+            let mut pkt = [0u8; 64];
+            for seq in 0..count {
+                let due = start + interval * seq as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                pkt[..8].copy_from_slice(&(seq as u64).to_be_bytes());
+                pkt[8..16].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_be_bytes());
+                let _ = sock.send_to(&pkt, server);
+            }
+            let rtts = receiver.join().map_err(|_| anyhow::anyhow!("probe receiver panicked"));
+            done.store(true, Ordering::Relaxed);
+            echo.join().map_err(|_| anyhow::anyhow!("echo panicked"))??;
+            Ok(Probe { rtts: rtts? })
+        }))
     }
 }

@@ -2,14 +2,16 @@ use std::{os::fd::AsFd as _, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{SchedClassifier, TcAttachType, tc},
 };
-use qod_common::{CLASSIFIER, COUNTERS_MAP, DeviceKey, FLOWS_MAP, FlowCounters, FlowRule};
+use qod_common::{
+    CLASSIFIER, COUNTERS_MAP, DeviceKey, FLOWS_MAP, FlowCounters, FlowRule, POLICERS_MAP, PolicerState,
+};
 use tracing::{info, warn};
 
-use super::{DataPlane, DataPlaneError};
-use crate::config::AttachMode;
+use super::{DataPlane, DataPlaneError, scheduler::Scheduler};
+use crate::config::{AttachMode, ManagedInterface};
 
 /// The classifier object built by `build.rs` (aya-build) from `qod-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qod-ebpf"));
@@ -20,8 +22,15 @@ pub struct AyaDataPlane {
     ebpf: Ebpf,
     flows: HashMap<MapData, DeviceKey, FlowRule>,
     counters: PerCpuArray<MapData, FlowCounters>,
+    policers: Array<MapData, PolicerState>,
     capacity: u32,
     nr_cpus: usize,
+    /// Managed interfaces and how the classifier was attached to each.
+    interfaces: Vec<ManagedInterface>,
+    attach_mode: AttachMode,
+    /// The HTB trees qodd owns, by interface.
+    schedulers: std::collections::HashMap<String, Scheduler>,
+    restore_on_exit: bool,
 }
 
 impl AyaDataPlane {
@@ -31,6 +40,7 @@ impl AyaDataPlane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(FLOWS_MAP, max_sessions)
             .map_max_entries(COUNTERS_MAP, max_sessions)
+            .map_max_entries(POLICERS_MAP, max_sessions)
             .load(EBPF_OBJECT)
             .map_err(|e| DataPlaneError::Load(Box::new(e)))?;
         let prog: &mut SchedClassifier = ebpf
@@ -54,6 +64,9 @@ impl AyaDataPlane {
             map: COUNTERS_MAP,
             source,
         })?;
+        let policers = ebpf.take_map(POLICERS_MAP).ok_or(DataPlaneError::Missing(POLICERS_MAP))?;
+        let policers = Array::try_from(policers)
+            .map_err(|source| DataPlaneError::Map { map: POLICERS_MAP, source })?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataPlaneError::Attach {
             interface: String::new(),
             what: format!("{what}: {e}"),
@@ -62,8 +75,40 @@ impl AyaDataPlane {
             ebpf,
             flows,
             counters,
+            policers,
             capacity: max_sessions,
             nr_cpus,
+            interfaces: Vec::new(),
+            attach_mode: AttachMode::Auto,
+            schedulers: std::collections::HashMap::new(),
+            restore_on_exit: true,
+        })
+    }
+
+    /// Attaches the classifier to every managed interface and installs the schedulers.
+    pub fn manage(
+        &mut self,
+        interfaces: &[ManagedInterface],
+        mode: AttachMode,
+        restore_on_exit: bool,
+    ) -> Result<(), DataPlaneError> {
+        self.attach_mode = mode;
+        self.restore_on_exit = restore_on_exit;
+        self.interfaces = interfaces.to_vec();
+        for i in interfaces {
+            let how = self.attach(&i.name, mode)?;
+            info!(interface = %i.name, mode = how, "classifier attached on egress");
+            if let Some(config) = i.scheduler {
+                self.schedulers.insert(i.name.clone(), Scheduler::install(&i.name, config)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn scheduler(&self, interface: &str) -> Result<&Scheduler, DataPlaneError> {
+        self.schedulers.get(interface).ok_or_else(|| DataPlaneError::Scheduler {
+            interface: interface.to_owned(),
+            what: "qodd does not schedule this interface".into(),
         })
     }
 
@@ -193,10 +238,41 @@ impl DataPlane for AyaDataPlane {
                 up_bytes: a.up_bytes + c.up_bytes,
                 down_packets: a.down_packets + c.down_packets,
                 down_bytes: a.down_bytes + c.down_bytes,
+                up_dropped: a.up_dropped + c.up_dropped,
+                down_dropped: a.down_dropped + c.down_dropped,
             }))
     }
 
+    fn set_class(&mut self, interface: &str, index: u16, rate_bps: u64, ceil_bps: u64) -> Result<(), DataPlaneError> {
+        self.scheduler(interface)?.set_class(index, rate_bps, ceil_bps)
+    }
+
+    fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
+        self.scheduler(interface)?.remove_class(index)
+    }
+
+    fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError> {
+        let how = self.attach(interface, self.attach_mode)?;
+        info!(interface, mode = how, "classifier attached again");
+        let config = self.interfaces.iter().find(|i| i.name == interface).and_then(|i| i.scheduler);
+        if let Some(config) = config {
+            self.schedulers.insert(interface.to_owned(), Scheduler::install(interface, config)?);
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        if self.restore_on_exit {
+            for s in self.schedulers.values() {
+                s.remove();
+            }
+        }
+    }
+
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
+        self.policers
+            .set(slot, PolicerState::default(), 0)
+            .map_err(|source| DataPlaneError::Map { map: POLICERS_MAP, source })?;
         let zeros =
             PerCpuValues::try_from(vec![FlowCounters::default(); self.nr_cpus]).map_err(|e| {
                 DataPlaneError::Map {

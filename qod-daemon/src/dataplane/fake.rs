@@ -19,6 +19,9 @@ pub struct FakeState {
     pub flows: HashMap<DeviceKey, FlowRule>,
     pub counters: HashMap<u32, FlowCounters>,
     pub fail_next_install: bool,
+    /// (interface, class index) → (rate, ceil)
+    pub classes: HashMap<(String, u16), (u64, u64)>,
+    pub reattached: Vec<String>,
 }
 
 impl FakeDataPlane {
@@ -54,6 +57,21 @@ impl DataPlane for FakeDataPlane {
 
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
         self.state().counters.remove(&slot);
+        Ok(())
+    }
+
+    fn set_class(&mut self, interface: &str, index: u16, rate_bps: u64, ceil_bps: u64) -> Result<(), DataPlaneError> {
+        self.state().classes.insert((interface.to_owned(), index), (rate_bps, ceil_bps));
+        Ok(())
+    }
+
+    fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
+        self.state().classes.remove(&(interface.to_owned(), index));
+        Ok(())
+    }
+
+    fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError> {
+        self.state().reattached.push(interface.to_owned());
         Ok(())
     }
 }

@@ -3,9 +3,11 @@
 
 mod aya_dp;
 mod fake;
+pub mod scheduler;
 
 pub use aya_dp::{AyaDataPlane, EBPF_OBJECT, ensure_bpffs};
 pub use fake::FakeDataPlane;
+pub use scheduler::SchedulerConfig;
 use qod_common::{DeviceKey, FlowCounters, FlowRule};
 
 /// Failure of a data plane operation.
@@ -38,6 +40,8 @@ pub enum DataPlaneError {
     },
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("scheduler on {interface}: {what}")]
+    Scheduler { interface: String, what: String },
 }
 
 /// Kernel state for sessions. Every call is a few syscalls and never blocks on the network.
@@ -48,8 +52,16 @@ pub trait DataPlane: Send + 'static {
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError>;
     /// Sum over CPUs of the counters at `slot`.
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError>;
-    /// Zeroes the counters at `slot` before it is handed to a new session.
+    /// Zeroes the counters and policer state at `slot` before it is handed to a new session.
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError>;
+    /// Creates or updates guaranteed-rate class `index` on `interface`'s scheduler.
+    fn set_class(&mut self, interface: &str, index: u16, rate_bps: u64, ceil_bps: u64) -> Result<(), DataPlaneError>;
+    /// Deletes guaranteed-rate class `index` on `interface`.
+    fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError>;
+    /// Attaches the classifier (and scheduler) to `interface` again after it was re-created.
+    fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError>;
+    /// Graceful stop: gives interfaces back their own queueing unless configured to keep it.
+    fn shutdown(&mut self) {}
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.

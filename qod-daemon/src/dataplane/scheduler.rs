@@ -1,0 +1,149 @@
+//! Egress scheduling of a managed interface: an HTB tree that `qodd` owns, set up with iproute2's
+//! `tc` (idempotent `replace` operations).
+//!
+//! ```text
+//! 1:   htb root, unclassified traffic → 1:20
+//! └─ 1:1  capacity
+//!    ├─ 1:10  low-latency band: prio 0, rate = low_latency_share, ceil = capacity; short FIFO leaf
+//!    ├─ 1:20  best effort: prio 2, rate = what is left, ceil = capacity; fq_codel if the kernel
+//!    │        has it, else a 1000-packet FIFO
+//!    └─ 1:1xx one class per guaranteed-rate session: prio 1, rate = guaranteed, ceil = maximum
+//! ```
+//!
+//! The classifier steers packets by writing the class id into `skb->priority`, which HTB honours
+//! before any filter.
+
+use std::process::{Command, Stdio};
+
+use tracing::{info, warn};
+
+use super::DataPlaneError;
+
+/// `skb->priority` of the low-latency band.
+pub const LOW_LATENCY_CLASS: u32 = 0x0001_0010;
+/// `skb->priority` of best effort (also HTB's default class).
+pub const BEST_EFFORT_CLASS: u32 = 0x0001_0020;
+/// First minor id of the per-session guaranteed-rate classes.
+pub const GUARANTEED_MINOR_BASE: u16 = 0x100;
+/// Most guaranteed-rate classes per interface.
+pub const MAX_GUARANTEED_CLASSES: u16 = 0xfe00;
+
+/// The class id (`skb->priority`) of guaranteed-rate class `index`.
+pub fn guaranteed_class(index: u16) -> u32 {
+    0x0001_0000 | u32::from(GUARANTEED_MINOR_BASE + index)
+}
+
+/// Shares of an interface's capacity.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SchedulerConfig {
+    pub capacity_bps: u64,
+    /// Guaranteed to the low-latency band (it may borrow up to the capacity).
+    pub low_latency_share: f64,
+    /// The most that guaranteed-rate sessions may reserve together (admission control).
+    pub guaranteed_share: f64,
+}
+
+impl SchedulerConfig {
+    pub fn low_latency_bps(&self) -> u64 {
+        (self.capacity_bps as f64 * self.low_latency_share) as u64
+    }
+
+    pub fn guaranteed_pool_bps(&self) -> u64 {
+        (self.capacity_bps as f64 * self.guaranteed_share) as u64
+    }
+
+    pub fn best_effort_bps(&self) -> u64 {
+        self.capacity_bps.saturating_sub(self.low_latency_bps() + self.guaranteed_pool_bps()).max(8_000)
+    }
+}
+
+fn tc(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("tc")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run tc: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("tc {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn bits(bps: u64) -> String {
+    format!("{bps}bit")
+}
+
+/// Bytes a class may send per round: one full frame, so low rates stay accurate.
+const QUANTUM: &str = "1514";
+
+/// The HTB tree on one interface.
+#[derive(Debug)]
+pub struct Scheduler {
+    pub interface: String,
+    pub config: SchedulerConfig,
+    /// The leaf qdisc chosen for best effort.
+    pub best_effort_leaf: &'static str,
+}
+
+impl Scheduler {
+    /// Replaces the interface's root qdisc with qod's tree.
+    pub fn install(interface: &str, config: SchedulerConfig) -> Result<Self, DataPlaneError> {
+        let err = |what: String| DataPlaneError::Scheduler { interface: interface.to_owned(), what };
+        let cap = bits(config.capacity_bps);
+        tc(&["qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default", "20"]).map_err(err)?;
+        tc(&["class", "replace", "dev", interface, "parent", "1:", "classid", "1:1", "htb", "rate", &cap, "ceil", &cap, "quantum", QUANTUM])
+            .map_err(err)?;
+        for (minor, rate, prio) in [
+            ("1:10", config.low_latency_bps(), "0"),
+            ("1:20", config.best_effort_bps(), "2"),
+        ] {
+            tc(&[
+                "class", "replace", "dev", interface, "parent", "1:1", "classid", minor, "htb", "rate", &bits(rate), "ceil",
+                &cap, "prio", prio, "quantum", QUANTUM,
+            ])
+            .map_err(err)?;
+        }
+        // A short FIFO keeps the low-latency band's queue (and so its delay) small.
+        tc(&["qdisc", "replace", "dev", interface, "parent", "1:10", "handle", "10:", "pfifo", "limit", "100"]).map_err(err)?;
+        // Best effort: fq_codel where the kernel has it; this kernel may not.
+        let best_effort_leaf =
+            if tc(&["qdisc", "replace", "dev", interface, "parent", "1:20", "handle", "20:", "fq_codel"]).is_ok() {
+                "fq_codel"
+            } else {
+                tc(&["qdisc", "replace", "dev", interface, "parent", "1:20", "handle", "20:", "pfifo", "limit", "1000"])
+                    .map_err(err)?;
+                "pfifo"
+            };
+        info!(interface, capacity_bps = config.capacity_bps, best_effort_leaf, "scheduler installed");
+        Ok(Self { interface: interface.to_owned(), config, best_effort_leaf })
+    }
+
+    /// Creates (or updates) guaranteed-rate class `index`.
+    pub fn set_class(&self, index: u16, rate_bps: u64, ceil_bps: u64) -> Result<(), DataPlaneError> {
+        let err = |what: String| DataPlaneError::Scheduler { interface: self.interface.clone(), what };
+        let classid = format!("1:{:x}", GUARANTEED_MINOR_BASE + index);
+        let ceil = ceil_bps.clamp(rate_bps, self.config.capacity_bps.max(rate_bps));
+        tc(&[
+            "class", "replace", "dev", &self.interface, "parent", "1:1", "classid", &classid, "htb", "rate", &bits(rate_bps), "ceil",
+            &bits(ceil), "prio", "1", "quantum", QUANTUM,
+        ])
+        .map_err(err)?;
+        let handle = format!("{:x}:", GUARANTEED_MINOR_BASE + index);
+        tc(&["qdisc", "replace", "dev", &self.interface, "parent", &classid, "handle", &handle, "pfifo", "limit", "300"]).map_err(err)
+    }
+
+    /// Deletes guaranteed-rate class `index` (its leaf goes with it).
+    pub fn remove_class(&self, index: u16) -> Result<(), DataPlaneError> {
+        let classid = format!("1:{:x}", GUARANTEED_MINOR_BASE + index);
+        tc(&["class", "del", "dev", &self.interface, "classid", &classid])
+            .map_err(|what| DataPlaneError::Scheduler { interface: self.interface.clone(), what })
+    }
+
+    /// Gives the interface back its default qdisc.
+    pub fn remove(&self) {
+        if let Err(e) = tc(&["qdisc", "del", "dev", &self.interface, "root"]) {
+            warn!(interface = %self.interface, error = %e, "cannot remove the scheduler");
+        }
+    }
+}
