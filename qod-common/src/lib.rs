@@ -101,11 +101,21 @@ impl Policer {
     /// A policer for `rate_bps` allowing bursts of `burst_bytes`.
     pub const fn new(rate_bps: u64, burst_bytes: u64) -> Self {
         if rate_bps == 0 {
-            return Self { ns_per_byte_q16: 0, burst_ns: 0 };
+            return Self {
+                ns_per_byte_q16: 0,
+                burst_ns: 0,
+            };
         }
         let q16 = (8_000_000_000u128 << 16) / rate_bps as u128;
-        let q16 = if q16 > u64::MAX as u128 { u64::MAX } else { q16 as u64 };
-        Self { ns_per_byte_q16: q16, burst_ns: ((burst_bytes as u128 * q16 as u128) >> 16) as u64 }
+        let q16 = if q16 > u64::MAX as u128 {
+            u64::MAX
+        } else {
+            q16 as u64
+        };
+        Self {
+            ns_per_byte_q16: q16,
+            burst_ns: ((burst_bytes as u128 * q16 as u128) >> 16) as u64,
+        }
     }
 
     #[inline(always)]

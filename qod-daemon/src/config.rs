@@ -22,8 +22,8 @@ use crate::{
     notify::NotifyConfig,
     policy::{DeviceAddresses, Policy},
     profile::{
-        Band, CamaraDuration, CountryAvailability, L4sQueueType, ProfileStatus, Profiles, QosProfile,
-        Rate, ServiceClass,
+        Band, CamaraDuration, CountryAvailability, L4sQueueType, ProfileStatus, Profiles,
+        QosProfile, Rate, ServiceClass,
     },
 };
 
@@ -106,12 +106,25 @@ fn parse_cli_interface(s: &str) -> Result<InterfaceEntry, ConfigError> {
     let side = parts.next().map(str::to_owned);
     let capacity_mbit = parts
         .next()
-        .map(|c| c.parse::<f64>().map_err(|_| invalid(format!("--interface {s:?}: capacity {c:?} is not a number of Mbit/s"))))
+        .map(|c| {
+            c.parse::<f64>().map_err(|_| {
+                invalid(format!(
+                    "--interface {s:?}: capacity {c:?} is not a number of Mbit/s"
+                ))
+            })
+        })
         .transpose()?;
     if parts.next().is_some() {
-        return Err(invalid(format!("--interface {s:?}: expected NAME[:SIDE[:MBIT]]")));
+        return Err(invalid(format!(
+            "--interface {s:?}: expected NAME[:SIDE[:MBIT]]"
+        )));
     }
-    Ok(InterfaceEntry::Table(InterfaceTable { name, side, capacity_mbit, ..Default::default() }))
+    Ok(InterfaceEntry::Table(InterfaceTable {
+        name,
+        side,
+        capacity_mbit,
+        ..Default::default()
+    }))
 }
 
 /// Which traffic leaves through a managed interface.
@@ -136,33 +149,48 @@ pub struct ManagedInterface {
 
 fn validate_interface(e: InterfaceEntry) -> Result<ManagedInterface, ConfigError> {
     let t = match e {
-        InterfaceEntry::Name(name) => InterfaceTable { name, ..Default::default() },
+        InterfaceEntry::Name(name) => InterfaceTable {
+            name,
+            ..Default::default()
+        },
         InterfaceEntry::Table(t) => t,
     };
     let name = t.name;
     if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0', ':']) {
-        return Err(invalid(format!("interface name {name:?} is not a valid Linux interface name")));
+        return Err(invalid(format!(
+            "interface name {name:?} is not a valid Linux interface name"
+        )));
     }
     if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
-        return Err(invalid(format!("interface {name:?} does not exist in this network namespace")));
+        return Err(invalid(format!(
+            "interface {name:?} does not exist in this network namespace"
+        )));
     }
     let side = match t.side.as_deref().unwrap_or("both") {
         "device" => Side::Device,
         "server" => Side::Server,
         "both" => Side::Both,
-        other => return Err(invalid(format!("interface {name}: side = {other:?}: expected device, server or both"))),
+        other => {
+            return Err(invalid(format!(
+                "interface {name}: side = {other:?}: expected device, server or both"
+            )));
+        }
     };
     let share = |v: Option<f64>, d: f64, what: &str| -> Result<f64, ConfigError> {
         let v = v.unwrap_or(d);
         if !(0.0..=1.0).contains(&v) {
-            return Err(invalid(format!("interface {name}: {what} = {v} must be between 0 and 1")));
+            return Err(invalid(format!(
+                "interface {name}: {what} = {v} must be between 0 and 1"
+            )));
         }
         Ok(v)
     };
     let scheduler = match t.capacity_mbit {
         None => None,
         Some(c) if !(c.is_finite() && c >= 0.1) => {
-            return Err(invalid(format!("interface {name}: capacity_mbit = {c} must be at least 0.1")));
+            return Err(invalid(format!(
+                "interface {name}: capacity_mbit = {c} must be at least 0.1"
+            )));
         }
         Some(_) if side == Side::Both => {
             return Err(invalid(format!(
@@ -183,7 +211,11 @@ fn validate_interface(e: InterfaceEntry) -> Result<ManagedInterface, ConfigError
             Some(config)
         }
     };
-    Ok(ManagedInterface { name, side, scheduler })
+    Ok(ManagedInterface {
+        name,
+        side,
+        scheduler,
+    })
 }
 
 /// A device directory entry: a phone number and the addresses the device uses.
@@ -351,7 +383,12 @@ impl Config {
         merged = merged.overlay(FileConfig {
             listen: cli.listen.clone(),
             interfaces: (!cli.interfaces.is_empty())
-                .then(|| cli.interfaces.iter().map(|i| parse_cli_interface(i)).collect())
+                .then(|| {
+                    cli.interfaces
+                        .iter()
+                        .map(|i| parse_cli_interface(i))
+                        .collect()
+                })
                 .transpose()?,
             attach: cli.attach.clone(),
             max_sessions: cli.max_sessions,
@@ -368,7 +405,10 @@ impl Config {
                 "no managed interface: set `interfaces` in the config file or pass --interface",
             ));
         }
-        let interfaces = interfaces.into_iter().map(validate_interface).collect::<Result<Vec<_>, _>>()?;
+        let interfaces = interfaces
+            .into_iter()
+            .map(validate_interface)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut seen = HashSet::new();
         for i in &interfaces {
             if !seen.insert(i.name.clone()) {
@@ -379,7 +419,9 @@ impl Config {
             "restore" => true,
             "keep" => false,
             other => {
-                return Err(invalid(format!("scheduler_on_exit = {other:?}: expected \"restore\" or \"keep\"")));
+                return Err(invalid(format!(
+                    "scheduler_on_exit = {other:?}: expected \"restore\" or \"keep\""
+                )));
             }
         };
         let attach = match f.attach.as_deref().unwrap_or("auto") {
@@ -671,7 +713,11 @@ mod tests {
         assert_eq!(e.dscp, 32);
         assert_eq!(e.skb_priority, None);
         assert_eq!(e.band, crate::profile::Band::LowLatency);
-        let l = c.policy.profiles.get(&ProfileName::parse("n", "QOS_L").expect("name")).expect("QOS_L");
+        let l = c
+            .policy
+            .profiles
+            .get(&ProfileName::parse("n", "QOS_L").expect("name"))
+            .expect("QOS_L");
         assert_eq!(l.band, crate::profile::Band::Guaranteed);
         assert_eq!(e.max_duration_secs(), Some(86_400));
     }

@@ -24,7 +24,9 @@ use crate::{
     config::{ManagedInterface, Side},
     dataplane::{
         DataPlane, DataPlaneError, monotonic_ns,
-        scheduler::{BEST_EFFORT_CLASS, LOW_LATENCY_CLASS, MAX_GUARANTEED_CLASSES, guaranteed_class},
+        scheduler::{
+            BEST_EFFORT_CLASS, ClassSpec, LOW_LATENCY_CLASS, MAX_SESSION_CLASSES, session_class,
+        },
     },
     error::{CamaraCode, CamaraError},
     model::{
@@ -44,12 +46,36 @@ pub struct Limits {
     pub interfaces: Vec<ManagedInterface>,
 }
 
-/// Guaranteed rate a session holds on each scheduled interface, in its own HTB class.
+/// The capacity pools admission control keeps per scheduled interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pool {
+    Guaranteed,
+    LowLatency,
+}
+
+impl Pool {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Guaranteed => "guaranteed",
+            Self::LowLatency => "low-latency",
+        }
+    }
+}
+
+/// One HTB class of a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReservedClass {
+    pub interface: String,
+    pub spec: ClassSpec,
+    /// The pool and bit/s it holds, if admission-controlled.
+    pub pool: Option<(Pool, u64)>,
+}
+
+/// A session's own classes (same index on every interface).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reservation {
     pub index: u16,
-    /// (interface, guaranteed bit/s, ceiling bit/s)
-    pub classes: Vec<(String, u64, u64)>,
+    pub classes: Vec<ReservedClass>,
 }
 
 /// Smallest policer burst: several full frames, so low rates still pass normal bursts.
@@ -58,7 +84,10 @@ const MIN_BURST_BYTES: u64 = 10 * 1514;
 const BURST_MS: u64 = 20;
 
 fn policer(rate_bps: u64) -> Policer {
-    Policer::new(rate_bps, (rate_bps / 8 * BURST_MS / 1000).max(MIN_BURST_BYTES))
+    Policer::new(
+        rate_bps,
+        (rate_bps / 8 * BURST_MS / 1000).max(MIN_BURST_BYTES),
+    )
 }
 
 /// Events a watcher may lag behind by before it is told it missed some.
@@ -166,8 +195,8 @@ struct Inner {
     slots: Slots,
     /// Guaranteed-rate class indexes.
     classes: Slots,
-    /// Guaranteed bit/s reserved per scheduled interface.
-    reserved: HashMap<String, u64>,
+    /// Bit/s reserved per scheduled interface and pool.
+    reserved: HashMap<(String, Pool), u64>,
     /// Managed interfaces that are down or gone: no session can be enforced meanwhile.
     links_down: HashSet<String>,
 }
@@ -186,15 +215,28 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(dp: Box<dyn DataPlane>, policy: Policy, limits: Limits, notifier: Option<Notifier>) -> Self {
+    pub fn new(
+        dp: Box<dyn DataPlane>,
+        policy: Policy,
+        limits: Limits,
+        notifier: Option<Notifier>,
+    ) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 dp,
                 sessions: HashMap::new(),
                 by_device: HashMap::new(),
                 deadlines: BTreeSet::new(),
-                slots: Slots { free: Vec::new(), next: 0, capacity: limits.max_sessions },
-                classes: Slots { free: Vec::new(), next: 0, capacity: u32::from(MAX_GUARANTEED_CLASSES) },
+                slots: Slots {
+                    free: Vec::new(),
+                    next: 0,
+                    capacity: limits.max_sessions,
+                },
+                classes: Slots {
+                    free: Vec::new(),
+                    next: 0,
+                    capacity: u32::from(MAX_SESSION_CLASSES),
+                },
                 reserved: HashMap::new(),
                 links_down: HashSet::new(),
             }),
@@ -289,7 +331,9 @@ impl Core {
         if let Some(link) = inner.links_down.iter().next() {
             return Err(CamaraError::new(
                 CamaraCode::Unavailable,
-                format!("managed interface {link} is down; no session can be enforced until it is back"),
+                format!(
+                    "managed interface {link} is down; no session can be enforced until it is back"
+                ),
             ));
         }
         let slot = inner.slots.take().ok_or_else(|| {
@@ -348,57 +392,112 @@ impl Core {
         Ok(view)
     }
 
-    /// For a guaranteed-rate profile: admission control on every scheduled interface, then one
-    /// HTB class per interface (guaranteed = the profile's target minimum rate for the direction
-    /// that interface carries, ceiling = its maximum rate). Nothing is left behind on failure.
-    fn reserve(&self, inner: &mut Inner, profile: &QosProfile) -> Result<Option<Reservation>, CamaraError> {
-        if profile.band != Band::Guaranteed {
-            return Ok(None);
-        }
-        let mut wanted = Vec::new();
+    /// The session's own HTB classes on the interfaces qodd schedules, after admission control.
+    ///
+    /// Per interface (its side picks the direction's rates): a guaranteed-rate session gets
+    /// rate = target minimum, ceiling = maximum, from the guaranteed pool; a low-latency session
+    /// with a maximum gets a strict-priority class at that rate, from the low-latency pool; any
+    /// other session with a maximum gets a best-effort class capped there. A direction without a
+    /// class shares its band (and is policed in the classifier if it has a maximum). Nothing is
+    /// left behind on failure.
+    fn reserve(
+        &self,
+        inner: &mut Inner,
+        profile: &QosProfile,
+    ) -> Result<Option<Reservation>, CamaraError> {
+        let mut wanted: Vec<ReservedClass> = Vec::new();
         for i in &self.interfaces {
             let Some(sched) = i.scheduler else { continue };
             let (target, max) = match i.side {
-                Side::Device => (profile.target_min_downstream_rate, profile.max_downstream_rate),
+                Side::Device => (
+                    profile.target_min_downstream_rate,
+                    profile.max_downstream_rate,
+                ),
                 Side::Server => (profile.target_min_upstream_rate, profile.max_upstream_rate),
                 Side::Both => continue,
             };
-            let Some(target) = target.map(|r| r.bits_per_second()).filter(|t| *t > 0) else { continue };
-            let ceil = max.map_or(sched.capacity_bps, |m| m.bits_per_second());
-            let used = inner.reserved.get(&i.name).copied().unwrap_or(0);
-            let pool = sched.guaranteed_pool_bps();
-            if used + target > pool {
-                return Err(CamaraError::new(
-                    CamaraCode::QuotaExceeded,
-                    format!(
-                        "not enough guaranteed capacity on {}: {} requests {} kbit/s, {} kbit/s of {} kbit/s are left",
-                        i.name,
-                        profile.name,
-                        target / 1000,
-                        pool.saturating_sub(used) / 1000,
-                        pool / 1000
-                    ),
-                ));
+            let bps =
+                |r: Option<crate::profile::Rate>| r.map(|r| r.bits_per_second()).filter(|b| *b > 0);
+            let (target, max) = (bps(target), bps(max));
+            let class = match (profile.band, target, max) {
+                (Band::Guaranteed, Some(t), m) => ReservedClass {
+                    interface: i.name.clone(),
+                    spec: ClassSpec::guaranteed(t, m.unwrap_or(sched.capacity_bps)),
+                    pool: Some((Pool::Guaranteed, t)),
+                },
+                (Band::LowLatency, _, Some(m)) => ReservedClass {
+                    interface: i.name.clone(),
+                    spec: ClassSpec::low_latency(m),
+                    pool: Some((Pool::LowLatency, m)),
+                },
+                (_, _, Some(m)) => ReservedClass {
+                    interface: i.name.clone(),
+                    spec: ClassSpec::capped(m),
+                    pool: None,
+                },
+                _ => continue,
+            };
+            if let Some((pool, rate)) = class.pool {
+                let limit = match pool {
+                    Pool::Guaranteed => sched.guaranteed_pool_bps(),
+                    Pool::LowLatency => sched.low_latency_bps(),
+                };
+                let used = inner
+                    .reserved
+                    .get(&(i.name.clone(), pool))
+                    .copied()
+                    .unwrap_or(0);
+                if used + rate > limit {
+                    return Err(CamaraError::new(
+                        CamaraCode::QuotaExceeded,
+                        format!(
+                            "not enough {} capacity on {}: {} needs {} kbit/s, {} of {} kbit/s are left",
+                            pool.name(),
+                            i.name,
+                            profile.name,
+                            rate / 1000,
+                            limit.saturating_sub(used) / 1000,
+                            limit / 1000
+                        ),
+                    ));
+                }
             }
-            wanted.push((i.name.clone(), target, ceil));
+            wanted.push(class);
         }
         if wanted.is_empty() {
             return Ok(None);
         }
         let index = inner.classes.take().ok_or_else(|| {
-            CamaraError::new(CamaraCode::QuotaExceeded, "every guaranteed-rate class is in use")
+            CamaraError::new(
+                CamaraCode::QuotaExceeded,
+                "every per-session scheduler class is in use",
+            )
         })?;
         let index = u16::try_from(index).unwrap_or(u16::MAX);
         let mut made = Vec::new();
-        for (iface, rate, ceil) in &wanted {
-            if let Err(e) = inner.dp.set_class(iface, index, *rate, *ceil) {
-                release(inner, Some(Reservation { index, classes: made }));
+        for class in wanted {
+            if let Err(e) = inner.dp.set_class(&class.interface, index, class.spec) {
+                release(
+                    inner,
+                    Some(Reservation {
+                        index,
+                        classes: made,
+                    }),
+                );
                 return Err(dataplane_error(&e));
             }
-            *inner.reserved.entry(iface.clone()).or_default() += rate;
-            made.push((iface.clone(), *rate, *ceil));
+            if let Some((pool, rate)) = class.pool {
+                *inner
+                    .reserved
+                    .entry((class.interface.clone(), pool))
+                    .or_default() += rate;
+            }
+            made.push(class);
         }
-        Ok(Some(Reservation { index, classes: made }))
+        Ok(Some(Reservation {
+            index,
+            classes: made,
+        }))
     }
 
     /// The kernel rule for `flow` under `profile`, ending `duration` seconds from now.
@@ -425,7 +524,11 @@ impl Core {
         };
         let class_on = |side: Side| {
             reservation.is_some_and(|r| {
-                r.classes.iter().any(|(iface, ..)| self.interfaces.iter().any(|i| i.name == *iface && i.side == side))
+                r.classes.iter().any(|c| {
+                    self.interfaces
+                        .iter()
+                        .any(|i| i.name == c.interface && i.side == side)
+                })
             })
         };
         let police = |shaped: bool, max: Option<crate::profile::Rate>| match max {
@@ -433,7 +536,7 @@ impl Core {
             _ => Policer::default(),
         };
         let band_class = match (reservation, profile.band) {
-            (Some(r), _) => guaranteed_class(r.index),
+            (Some(r), _) => session_class(r.index),
             (None, Band::LowLatency) => LOW_LATENCY_CLASS,
             (None, _) => BEST_EFFORT_CLASS,
         };
@@ -789,12 +892,14 @@ fn dataplane_error(e: &DataPlaneError) -> CamaraError {
 /// Gives back a reservation's classes and capacity.
 fn release(inner: &mut Inner, reservation: Option<Reservation>) {
     let Some(r) = reservation else { return };
-    for (iface, rate, _) in &r.classes {
-        if let Err(e) = inner.dp.remove_class(iface, r.index) {
-            error!(interface = %iface, class = r.index, error = %e, "cannot remove a guaranteed-rate class");
+    for c in &r.classes {
+        if let Err(e) = inner.dp.remove_class(&c.interface, r.index) {
+            error!(interface = %c.interface, class = r.index, error = %e, "cannot remove a session class");
         }
-        if let Some(used) = inner.reserved.get_mut(iface) {
-            *used = used.saturating_sub(*rate);
+        if let Some((pool, rate)) = c.pool
+            && let Some(used) = inner.reserved.get_mut(&(c.interface.clone(), pool))
+        {
+            *used = used.saturating_sub(rate);
         }
     }
     inner.classes.give_back(u32::from(r.index));
@@ -825,7 +930,11 @@ mod tests {
             Arc::new(Core::new(
                 Box::new(dp.clone()),
                 policy(),
-                Limits { max_sessions: max, retention: Duration::from_secs(360), interfaces: Vec::new() },
+                Limits {
+                    max_sessions: max,
+                    retention: Duration::from_secs(360),
+                    interfaces: Vec::new(),
+                },
                 None,
             )),
             dp,
@@ -873,7 +982,10 @@ mod tests {
         let v = core.create(request([10, 0, 0, 1], 60)).expect("create");
         let key = ipv4_key(Ipv4Addr::new(10, 0, 0, 1));
         let rule = dp.state.lock().expect("lock").flows[&key];
-        assert_eq!((rule.dscp, rule.skb_priority), (32, 0x0001_0010));
+        assert_eq!((rule.dscp, rule.skb_priority), (32, LOW_LATENCY_CLASS));
+        // No scheduled interface here: the 500 kbit/s maximum is policed in the classifier.
+        assert_eq!(rule.police_down, policer(500_000));
+        assert_eq!(rule.police_up, policer(500_000));
         assert_eq!(rule.n_server_ports, 2);
         assert_eq!(
             (rule.server_ports[0].from, rule.server_ports[0].to),
@@ -1107,11 +1219,14 @@ mod tests {
             }),
         };
         let limits = Limits {
-            max_sessions: 64,
+            max_sessions: 128,
             retention: Duration::from_secs(360),
             interfaces: vec![iface("dev0", Side::Device), iface("srv0", Side::Server)],
         };
-        (Arc::new(Core::new(Box::new(dp.clone()), policy(), limits, None)), dp)
+        (
+            Arc::new(Core::new(Box::new(dp.clone()), policy(), limits, None)),
+            dp,
+        )
     }
 
     fn profile_request(device: [u8; 4], profile: &str) -> SessionRequest {
@@ -1126,41 +1241,84 @@ mod tests {
         // QOS_L guarantees 10 Mbit/s each way; 80 % of 100 Mbit/s admits eight.
         let mut ids = Vec::new();
         for i in 0..8 {
-            let v = core.create(profile_request([10, 0, 0, i + 1], "QOS_L")).expect("fits");
+            let v = core
+                .create(profile_request([10, 0, 0, i + 1], "QOS_L"))
+                .expect("fits");
             let r = v.session.reservation.clone().expect("classes");
             assert_eq!(r.classes.len(), 2, "one class per scheduled interface");
-            assert_eq!(v.session.rule.skb_priority, guaranteed_class(r.index));
-            assert_eq!(v.session.rule.police_down, Policer::default(), "shaped by its class, not policed");
+            assert_eq!(v.session.rule.skb_priority, session_class(r.index));
+            assert_eq!(
+                v.session.rule.police_down,
+                Policer::default(),
+                "shaped by its class, not policed"
+            );
             ids.push(v.session.id);
         }
         assert_eq!(dp.state.lock().expect("lock").classes.len(), 16);
-        let err = core.create(profile_request([10, 0, 0, 9], "QOS_L")).expect_err("full");
+        let err = core
+            .create(profile_request([10, 0, 0, 9], "QOS_L"))
+            .expect_err("full");
         assert_eq!(err.code, CamaraCode::QuotaExceeded);
-        assert!(err.message.contains("dev0") || err.message.contains("srv0"), "{}", err.message);
-        assert_eq!(dp.state.lock().expect("lock").classes.len(), 16, "nothing left behind");
-        // Low latency and best effort need no guaranteed capacity; QOS_E is policed at 500 kbit/s.
-        let e = core.create(profile_request([10, 0, 0, 20], "QOS_E")).expect("low latency");
-        assert_eq!(e.session.rule.skb_priority, LOW_LATENCY_CLASS);
-        assert_eq!(e.session.rule.police_down, policer(500_000));
+        assert!(
+            err.message.contains("dev0") || err.message.contains("srv0"),
+            "{}",
+            err.message
+        );
+        assert_eq!(
+            dp.state.lock().expect("lock").classes.len(),
+            16,
+            "nothing left behind"
+        );
+        // Low latency draws on its own pool: QOS_E gets a strict-priority class at its 500 kbit/s
+        // maximum on each side, shaped there rather than policed.
+        let e = core
+            .create(profile_request([10, 0, 0, 20], "QOS_E"))
+            .expect("low latency");
+        let r = e.session.reservation.clone().expect("classes");
+        assert_eq!(e.session.rule.skb_priority, session_class(r.index));
+        assert_eq!(r.classes[0].spec, ClassSpec::low_latency(500_000));
+        assert_eq!(e.session.rule.police_down, Policer::default());
+        // 10 % of 100 Mbit/s is 10 Mbit/s of low-latency pool: 20 sessions of 500 kbit/s.
+        for i in 21..40 {
+            core.create(profile_request([10, 0, 0, i], "QOS_E"))
+                .expect("fits");
+        }
+        let err = core
+            .create(profile_request([10, 0, 0, 40], "QOS_E"))
+            .expect_err("pool full");
+        assert!(err.message.contains("low-latency"), "{}", err.message);
         // Deleting one frees its classes and capacity.
+        let before = dp.state.lock().expect("lock").classes.len();
         core.delete(ids[0]).expect("delete");
-        assert_eq!(dp.state.lock().expect("lock").classes.len(), 14);
-        core.create(profile_request([10, 0, 0, 9], "QOS_L")).expect("fits again");
+        assert_eq!(dp.state.lock().expect("lock").classes.len(), before - 2);
+        core.create(profile_request([10, 0, 0, 9], "QOS_L"))
+            .expect("fits again");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_link_going_down_ends_sessions_and_refuses_new_ones() {
         let (core, dp) = scheduled_core();
-        let v = core.create(profile_request([10, 0, 0, 1], "QOS_L")).expect("create");
+        let v = core
+            .create(profile_request([10, 0, 0, 1], "QOS_L"))
+            .expect("create");
         let mut events = core.subscribe();
         core.link_changed("dev0", false);
-        assert_eq!(next_event(&mut events), (QosStatus::Unavailable, Some(StatusInfo::NetworkTerminated)));
+        assert_eq!(
+            next_event(&mut events),
+            (QosStatus::Unavailable, Some(StatusInfo::NetworkTerminated))
+        );
         assert!(dp.state.lock().expect("lock").flows.is_empty());
         assert!(dp.state.lock().expect("lock").classes.is_empty());
-        let err = core.create(profile_request([10, 0, 0, 2], "QOS_E")).expect_err("link down");
+        let err = core
+            .create(profile_request([10, 0, 0, 2], "QOS_E"))
+            .expect_err("link down");
         assert_eq!(err.code, CamaraCode::Unavailable);
         core.link_changed("dev0", true);
-        core.create(profile_request([10, 0, 0, 2], "QOS_E")).expect("link back");
-        assert_eq!(core.get(v.session.id).expect("kept").session.qos_status(), QosStatus::Unavailable);
+        core.create(profile_request([10, 0, 0, 2], "QOS_E"))
+            .expect("link back");
+        assert_eq!(
+            core.get(v.session.id).expect("kept").session.qos_status(),
+            QosStatus::Unavailable
+        );
     }
 }

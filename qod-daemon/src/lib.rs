@@ -214,7 +214,9 @@ fn link_state(name: &str) -> Option<(u32, bool)> {
     use nix::net::if_::InterfaceFlags;
     let index = nix::net::if_::if_nametoindex(name).ok()?;
     let up = nix::ifaddrs::getifaddrs().ok()?.any(|a| {
-        a.interface_name == name && a.flags.contains(InterfaceFlags::IFF_UP | InterfaceFlags::IFF_RUNNING)
+        a.interface_name == name
+            && a.flags
+                .contains(InterfaceFlags::IFF_UP | InterfaceFlags::IFF_RUNNING)
     });
     Some((index, up))
 }

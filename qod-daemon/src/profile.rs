@@ -196,9 +196,15 @@ impl QosProfile {
     pub fn implied_band(&self) -> Band {
         let interactive = matches!(
             self.service_class,
-            Some(ServiceClass::MicrosoftVoice | ServiceClass::MicrosoftAudioVideo | ServiceClass::RealTimeInteractive)
+            Some(
+                ServiceClass::MicrosoftVoice
+                    | ServiceClass::MicrosoftAudioVideo
+                    | ServiceClass::RealTimeInteractive
+            )
         );
-        let tight = self.packet_delay_budget.is_some_and(|d| d.as_duration() <= Duration::from_millis(20));
+        let tight = self
+            .packet_delay_budget
+            .is_some_and(|d| d.as_duration() <= Duration::from_millis(20));
         if self.target_min_upstream_rate.is_some() || self.target_min_downstream_rate.is_some() {
             Band::Guaranteed
         } else if interactive || tight {

@@ -110,7 +110,11 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     };
 
     let len = u64::from(ctx.len());
-    let policer = if uplink { &rule.police_up } else { &rule.police_down };
+    let policer = if uplink {
+        &rule.police_up
+    } else {
+        &rule.police_down
+    };
     let conforms = police(policer, rule.slot, uplink, len, now);
     if let Some(c) = QOD_COUNTERS.get_ptr_mut(rule.slot) {
         // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered on
@@ -150,11 +154,17 @@ fn police(p: &Policer, slot: u32, uplink: bool, len: u64, now: u64) -> bool {
     if p.ns_per_byte_q16 == 0 {
         return true;
     }
-    let Some(state) = QOD_POLICERS.get_ptr_mut(slot) else { return true };
+    let Some(state) = QOD_POLICERS.get_ptr_mut(slot) else {
+        return true;
+    };
     // SAFETY: `state` points into an array map value that lives as long as the map; the clock is
     // only ever accessed through these single-word loads, stores and atomic adds.
     unsafe {
-        let tat = if uplink { &raw mut (*state).up_tat } else { &raw mut (*state).down_tat };
+        let tat = if uplink {
+            &raw mut (*state).up_tat
+        } else {
+            &raw mut (*state).down_tat
+        };
         let mut t = core::ptr::read_volatile(tat);
         if t < now {
             core::ptr::write_volatile(tat, now);

@@ -599,7 +599,13 @@ impl Qodd {
         // An entry that is already an inline table (`{ name = ... }`) goes in as it is.
         let list: Vec<String> = interfaces
             .iter()
-            .map(|i| if i.starts_with('{') { (*i).to_owned() } else { format!("{i:?}") })
+            .map(|i| {
+                if i.starts_with('{') {
+                    (*i).to_owned()
+                } else {
+                    format!("{i:?}")
+                }
+            })
             .collect();
         fs::write(
             &config,
@@ -1067,7 +1073,6 @@ impl Drop for SinkServer {
     }
 }
 
-
 /// Traffic for the congestion lab: bulk TCP, a latency probe, a measured single flow.
 pub mod traffic {
     use std::{
@@ -1125,7 +1130,8 @@ pub mod traffic {
         duration: Duration,
     ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Delivered>>> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let counters: Arc<Vec<AtomicU64>> = Arc::new((0..flows).map(|_| AtomicU64::new(0)).collect());
+        let counters: Arc<Vec<AtomicU64>> =
+            Arc::new((0..flows).map(|_| AtomicU64::new(0)).collect());
         let recv_counters = counters.clone();
         let receivers = receiver_ns.spawn(move || {
             let listeners = (0..flows)
@@ -1158,14 +1164,23 @@ pub mod traffic {
             }
             Ok(())
         });
-        ready_rx.recv_timeout(Duration::from_secs(10)).context("receivers did not listen")?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("receivers did not listen")?;
         let senders = sender_ns.spawn(move || {
             let handles: Vec<_> = (0..flows)
                 .map(|i| {
                     std::thread::spawn(move || -> anyhow::Result<()> {
-                        let sock = socket2::Socket::new(socket2::Domain::for_address(receiver), socket2::Type::STREAM, None)?;
+                        let sock = socket2::Socket::new(
+                            socket2::Domain::for_address(receiver),
+                            socket2::Type::STREAM,
+                            None,
+                        )?;
                         sock.bind(&SocketAddr::new(sender_ip, 0).into())?;
-                        sock.connect_timeout(&SocketAddr::new(receiver.ip(), receiver.port() + i).into(), Duration::from_secs(5))?;
+                        sock.connect_timeout(
+                            &SocketAddr::new(receiver.ip(), receiver.port() + i).into(),
+                            Duration::from_secs(5),
+                        )?;
                         let mut s: TcpStream = sock.into();
                         s.set_write_timeout(Some(Duration::from_millis(200)))?;
                         let buf = vec![0x5au8; 64 * 1024];
@@ -1193,8 +1208,12 @@ pub mod traffic {
                 samples.push(now - last);
                 last = now;
             }
-            senders.join().map_err(|_| anyhow::anyhow!("senders panicked"))??;
-            receivers.join().map_err(|_| anyhow::anyhow!("receivers panicked"))??;
+            senders
+                .join()
+                .map_err(|_| anyhow::anyhow!("senders panicked"))??;
+            receivers
+                .join()
+                .map_err(|_| anyhow::anyhow!("receivers panicked"))??;
             Ok(Delivered {
                 bytes: counters.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
                 samples,
@@ -1261,7 +1280,11 @@ pub mod traffic {
             Ok(())
         });
         if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
-            return Err(echo.join().map_err(|_| anyhow::anyhow!("echo panicked"))?.err().unwrap_or_else(|| anyhow::anyhow!("echo did not start")));
+            return Err(echo
+                .join()
+                .map_err(|_| anyhow::anyhow!("echo panicked"))?
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("echo did not start")));
         }
         Ok(client_ns.spawn(move || {
             let sock = UdpSocket::bind(client).context("bind probe")?;
@@ -1277,8 +1300,11 @@ pub mod traffic {
                     if let Ok(n) = rx.recv(&mut buf)
                         && n >= 16
                     {
-                        let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default()) as usize;
-                        let sent = Duration::from_nanos(u64::from_be_bytes(buf[8..16].try_into().unwrap_or_default()));
+                        let seq =
+                            u64::from_be_bytes(buf[..8].try_into().unwrap_or_default()) as usize;
+                        let sent = Duration::from_nanos(u64::from_be_bytes(
+                            buf[8..16].try_into().unwrap_or_default(),
+                        ));
                         if let Some(slot) = rtts.get_mut(seq) {
                             *slot = Some(start.elapsed().saturating_sub(sent));
                         }
@@ -1296,9 +1322,12 @@ pub mod traffic {
                 pkt[8..16].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_be_bytes());
                 let _ = sock.send_to(&pkt, server);
             }
-            let rtts = receiver.join().map_err(|_| anyhow::anyhow!("probe receiver panicked"));
+            let rtts = receiver
+                .join()
+                .map_err(|_| anyhow::anyhow!("probe receiver panicked"));
             done.store(true, Ordering::Relaxed);
-            echo.join().map_err(|_| anyhow::anyhow!("echo panicked"))??;
+            echo.join()
+                .map_err(|_| anyhow::anyhow!("echo panicked"))??;
             Ok(Probe { rtts: rtts? })
         }))
     }

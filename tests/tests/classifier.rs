@@ -4,15 +4,17 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::IpNetwork;
-use qod_common::{DeviceKey, FlowRule, MAX_PORT_RANGES, PortRange};
+use qod_common::{DeviceKey, FlowRule, MAX_PORT_RANGES, Policer, PortRange};
 use qod_daemon::{
     dataplane::{AyaDataPlane, DataPlane as _, monotonic_ns},
     model::{ipv4_key, ipv6_key, network_words},
 };
 use qod_testkit::bpf::{checksum, eth, ipv4, ipv6, l4, test_run};
 
-/// TC_ACT_UNSPEC: the classifier never decides a packet's fate.
+/// TC_ACT_UNSPEC: the classifier never decides a packet's fate, except the policer's drops.
 const CARRY_ON: i32 = -1;
+/// TC_ACT_SHOT: dropped by the maximum-rate policer.
+const DROP: i32 = 2;
 const DSCP: u8 = 46;
 const PRIO: u32 = 0x0001_0010;
 const UDP: u8 = 17;
@@ -58,6 +60,8 @@ fn rule(
         device_ports: fill(device_ports),
         server_ports: fill(server_ports),
         _reserved: 0,
+        police_up: Policer::default(),
+        police_down: Policer::default(),
     }
 }
 
@@ -92,12 +96,16 @@ impl Harness {
     }
 
     fn run(&self, frame: &[u8]) -> qod_testkit::bpf::RunResult {
-        let r = test_run(self.dp.program_fd().expect("fd"), frame, 1).expect("test run");
+        let r = self.run_any(frame);
         assert_eq!(
             r.retval, CARRY_ON,
-            "the classifier must never drop or redirect"
+            "the classifier must not drop or redirect here"
         );
         r
+    }
+
+    fn run_any(&self, frame: &[u8]) -> qod_testkit::bpf::RunResult {
+        test_run(self.dp.program_fd().expect("fd"), frame, 1).expect("test run")
     }
 
     /// Asserts the frame left untouched (bytes and priority).
@@ -369,4 +377,60 @@ fn expired_entries_are_ignored_by_the_kernel() {
     dp.install(key, &r).expect("install");
     let h = Harness { dp };
     h.untouched(&udp4([10, 0, 1, 9], SRV4, 1, 2, 0), "expired entry");
+}
+
+#[test]
+fn the_policer_passes_the_burst_then_drops_and_counts() {
+    let h = Harness::new();
+    let mut dp = h.dp;
+    // 1 Mbit/s down, burst 10 000 bytes: back-to-back 1 000-byte frames pass until the burst is
+    // spent (the clock refills 125 bytes per millisecond; the runs take microseconds).
+    let mut r = rule("10.0.2.0/24".parse().expect("net"), &[], &[], 5);
+    r.police_down = Policer::new(1_000_000, 10_000);
+    let key = ipv4_key(Ipv4Addr::new(10, 0, 1, 50));
+    dp.reset_counters(5).expect("reset");
+    dp.install(key, &r).expect("install");
+    let h = Harness { dp };
+    let frame = eth(
+        0x0800,
+        &[],
+        &ipv4(
+            SRV4,
+            [10, 0, 1, 50],
+            UDP,
+            0,
+            &[],
+            0,
+            &l4(UDP, 80, 4000, 1000 - 42),
+        ),
+    );
+    assert_eq!(frame.len(), 1000);
+    let verdicts: Vec<i32> = (0..20).map(|_| h.run_any(&frame).retval).collect();
+    let passed = verdicts.iter().take_while(|v| **v == CARRY_ON).count();
+    assert!(
+        (10..=12).contains(&passed),
+        "burst of 10 000 bytes passed {passed} frames: {verdicts:?}"
+    );
+    assert!(
+        verdicts[passed..].iter().all(|v| *v == DROP),
+        "{verdicts:?}"
+    );
+    let c = h.dp.counters(5).expect("counters");
+    assert_eq!(c.down_packets, passed as u64);
+    assert_eq!(c.down_dropped, (20 - passed) as u64);
+    // Uplink has no policer: never dropped.
+    let up = eth(
+        0x0800,
+        &[],
+        &ipv4(
+            [10, 0, 1, 50],
+            SRV4,
+            UDP,
+            0,
+            &[],
+            0,
+            &l4(UDP, 4000, 80, 958),
+        ),
+    );
+    assert!((0..20).all(|_| h.run_any(&up).retval == CARRY_ON));
 }

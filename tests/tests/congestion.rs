@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use qod_proto::v1 as pb;
 use qod_testkit::{
-    EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, DEVICE_IF, addr,
+    DEVICE_IF, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, addr,
     traffic::{Delivered, Probe, tcp_flows, udp_probe},
 };
 
@@ -43,7 +43,12 @@ fn ip(s: &str) -> std::net::IpAddr {
     s.parse().expect("ip")
 }
 
-fn session(device: &str, profile: &str, device_ports: Option<u32>, server_ports: Option<u32>) -> pb::CreateSessionRequest {
+fn session(
+    device: &str,
+    profile: &str,
+    device_ports: Option<u32>,
+    server_ports: Option<u32>,
+) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
         device: Some(pb::Device {
             ipv4_address: Some(pb::DeviceIpv4Addr {
@@ -53,9 +58,18 @@ fn session(device: &str, profile: &str, device_ports: Option<u32>, server_ports:
             }),
             ..Default::default()
         }),
-        application_server: Some(pb::ApplicationServer { ipv4_address: Some(addr::SERVER_V4.into()), ..Default::default() }),
-        device_ports: device_ports.map(|p| pb::PortsSpec { ports: vec![p], ranges: vec![] }),
-        application_server_ports: server_ports.map(|p| pb::PortsSpec { ports: vec![p], ranges: vec![] }),
+        application_server: Some(pb::ApplicationServer {
+            ipv4_address: Some(addr::SERVER_V4.into()),
+            ..Default::default()
+        }),
+        device_ports: device_ports.map(|p| pb::PortsSpec {
+            ports: vec![p],
+            ranges: vec![],
+        }),
+        application_server_ports: server_ports.map(|p| pb::PortsSpec {
+            ports: vec![p],
+            ranges: vec![],
+        }),
         qos_profile: profile.into(),
         duration: 600,
         ..Default::default()
@@ -64,8 +78,15 @@ fn session(device: &str, profile: &str, device_ports: Option<u32>, server_ports:
 
 /// 8 bulk flows server → 10.0.1.3 and a 10 ms probe 10.0.1.2 ⇄ server:7007, for one phase.
 fn congested_probe(lab: &Lab) -> (Probe, Delivered) {
-    let bulk = tcp_flows(&lab.server, ip(addr::SERVER_V4), &lab.device, SocketAddr::new(ip(addr::OTHER_DEVICE_V4), 9000), 8, PHASE)
-        .expect("bulk flows");
+    let bulk = tcp_flows(
+        &lab.server,
+        ip(addr::SERVER_V4),
+        &lab.device,
+        SocketAddr::new(ip(addr::OTHER_DEVICE_V4), 9000),
+        8,
+        PHASE,
+    )
+    .expect("bulk flows");
     std::thread::sleep(Duration::from_millis(500));
     let probe = udp_probe(
         &lab.device,
@@ -84,17 +105,21 @@ fn congested_probe(lab: &Lab) -> (Probe, Delivered) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_hold_their_promise_under_congestion() {
-    assert!(nix::unistd::Uid::effective().is_root(), "run as root (cargo xtask test)");
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "run as root (cargo xtask test)"
+    );
     let lab = Lab::new().expect("lab");
     for extra in ["10.0.1.4/24", "10.0.1.5/24"] {
-        lab.device.ip(&["addr", "add", extra, "dev", DEVICE_IF]).expect("address");
+        lab.device
+            .ip(&["addr", "add", extra, "dev", DEVICE_IF])
+            .expect("address");
     }
-    let interfaces = [
-        format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 100 }}"),
-        format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 100 }}"),
-    ];
+    let interfaces = scheduled(EDGE_DEV_IF, EDGE_SRV_IF);
     let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-    let qodd = Qodd::start(&lab.edge, &interfaces, &config()).await.expect("qodd");
+    let qodd = Qodd::start(&lab.edge, &interfaces, &config())
+        .await
+        .expect("qodd");
     let mut api = qodd.sessions().await.expect("client");
 
     // 1. No session: the probe queues behind the bulk flows.
@@ -106,10 +131,15 @@ async fn sessions_hold_their_promise_under_congestion() {
         without.quantile(0.99),
         without.loss() * 100.0
     );
-    assert!(bulk_mbps > 60.0 && bulk_mbps < 105.0, "the bottleneck is the 100 Mbit/s scheduler: {bulk_mbps}");
+    assert!(
+        bulk_mbps > 60.0 && bulk_mbps < 105.0,
+        "the bottleneck is the 100 Mbit/s scheduler: {bulk_mbps}"
+    );
 
     // 2. Low-latency session for the probe's flow.
-    api.create_session(session(addr::DEVICE_V4, "QOS_E", None, Some(7007))).await.expect("QOS_E");
+    api.create_session(session(addr::DEVICE_V4, "QOS_E", None, Some(7007)))
+        .await
+        .expect("QOS_E");
     let (with, _) = congested_probe(&lab);
     eprintln!(
         "QOS_E: probe p50 {:?} p99 {:?} loss {:.1}%",
@@ -125,22 +155,265 @@ async fn sessions_hold_their_promise_under_congestion() {
     );
 
     // 3. Guaranteed 20 Mbit/s for one flow against the 8 bulk flows.
-    api.create_session(session("10.0.1.4", "QOS_G", Some(9100), None)).await.expect("QOS_G");
-    let bulk = tcp_flows(&lab.server, ip(addr::SERVER_V4), &lab.device, SocketAddr::new(ip(addr::OTHER_DEVICE_V4), 9200), 8, PHASE)
-        .expect("bulk");
-    let target = tcp_flows(&lab.server, ip(addr::SERVER_V4), &lab.device, SocketAddr::new(ip("10.0.1.4"), 9100), 1, PHASE)
-        .expect("target flow");
-    let got = target.join().expect("thread").expect("target").goodput_bps(WARMUP) / 1e6;
+    api.create_session(session("10.0.1.4", "QOS_G", Some(9100), None))
+        .await
+        .expect("QOS_G");
+    let bulk = tcp_flows(
+        &lab.server,
+        ip(addr::SERVER_V4),
+        &lab.device,
+        SocketAddr::new(ip(addr::OTHER_DEVICE_V4), 9200),
+        8,
+        PHASE,
+    )
+    .expect("bulk");
+    let target = tcp_flows(
+        &lab.server,
+        ip(addr::SERVER_V4),
+        &lab.device,
+        SocketAddr::new(ip("10.0.1.4"), 9100),
+        1,
+        PHASE,
+    )
+    .expect("target flow");
+    let got = target
+        .join()
+        .expect("thread")
+        .expect("target")
+        .goodput_bps(WARMUP)
+        / 1e6;
     let _ = bulk.join();
     eprintln!("QOS_G (20 Mbit/s guaranteed): {got:.2} Mbit/s");
     assert!(got >= 18.0, "guaranteed 20 Mbit/s, got {got:.2}");
 
     // 4. A 10 Mbit/s cap holds for a flow alone on the link.
-    api.create_session(session("10.0.1.5", "QOS_C", Some(9300), None)).await.expect("QOS_C");
-    let capped = tcp_flows(&lab.server, ip(addr::SERVER_V4), &lab.device, SocketAddr::new(ip("10.0.1.5"), 9300), 1, PHASE)
-        .expect("capped flow");
-    let got = capped.join().expect("thread").expect("capped").goodput_bps(WARMUP) / 1e6;
+    api.create_session(session("10.0.1.5", "QOS_C", Some(9300), None))
+        .await
+        .expect("QOS_C");
+    let capped = tcp_flows(
+        &lab.server,
+        ip(addr::SERVER_V4),
+        &lab.device,
+        SocketAddr::new(ip("10.0.1.5"), 9300),
+        1,
+        PHASE,
+    )
+    .expect("capped flow");
+    let got = capped
+        .join()
+        .expect("thread")
+        .expect("capped")
+        .goodput_bps(WARMUP)
+        / 1e6;
     eprintln!("QOS_C (10 Mbit/s maximum): {got:.2} Mbit/s");
     assert!(got <= 11.0, "maximum 10 Mbit/s, got {got:.2}");
-    assert!(got >= 2.0, "the capped flow should still get through: {got:.2}");
+    assert!(
+        got >= 2.0,
+        "the capped flow should still get through: {got:.2}"
+    );
+}
+
+fn scheduled(lab_edge_dev: &str, lab_edge_srv: &str) -> [String; 2] {
+    [
+        format!("{{ name = \"{lab_edge_dev}\", side = \"device\", capacity_mbit = 100 }}"),
+        format!("{{ name = \"{lab_edge_srv}\", side = \"server\", capacity_mbit = 100 }}"),
+    ]
+}
+
+fn reason(s: &tonic::Status) -> String {
+    use tonic_types::StatusExt as _;
+    s.get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// Guaranteed rates never add up past the configured share: the session that does not fit is
+/// refused and nothing of it is installed.
+#[tokio::test(flavor = "multi_thread")]
+async fn admission_control_refuses_what_does_not_fit() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "run as root (cargo xtask test)"
+    );
+    let lab = Lab::new().expect("lab");
+    let interfaces = scheduled(EDGE_DEV_IF, EDGE_SRV_IF);
+    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+    let profiles = r#"
+[[profiles]]
+name = "QOS_30"
+status = "ACTIVE"
+target_min_downstream_rate = { value = 30, unit = "Mbps" }
+"#;
+    let qodd = Qodd::start(&lab.edge, &interfaces, profiles)
+        .await
+        .expect("qodd");
+    let mut api = qodd.sessions().await.expect("client");
+    let classes = || {
+        lab.edge
+            .exec("tc", &["class", "show", "dev", EDGE_DEV_IF])
+            .expect("tc")
+            .lines()
+            .count()
+    };
+    let before = classes();
+    // 80 % of 100 Mbit/s: two sessions of 30 fit, the third does not.
+    for dev in ["10.0.1.2", "10.0.1.3"] {
+        api.create_session(session(dev, "QOS_30", None, None))
+            .await
+            .expect("fits");
+    }
+    assert_eq!(
+        classes(),
+        before + 2,
+        "one class per session on the device side"
+    );
+    let err = api
+        .create_session(session("10.0.1.4", "QOS_30", None, None))
+        .await
+        .expect_err("over the share");
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (tonic::Code::ResourceExhausted, "QUOTA_EXCEEDED")
+    );
+    assert!(err.message().contains(EDGE_DEV_IF), "{}", err.message());
+    assert_eq!(
+        classes(),
+        before + 2,
+        "nothing installed for the refused session"
+    );
+    let listed = api
+        .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
+            device: session("10.0.1.4", "QOS_30", None, None).device,
+        })
+        .await
+        .expect("retrieve")
+        .into_inner();
+    assert!(listed.sessions.is_empty());
+}
+
+/// A managed link that goes down ends its sessions (NETWORK_TERMINATED, with an event) and new
+/// ones are refused until it is back; a link that is deleted and re-created is attached again.
+#[tokio::test(flavor = "multi_thread")]
+async fn link_loss_terminates_sessions() {
+    use futures::StreamExt as _;
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "run as root (cargo xtask test)"
+    );
+    let lab = Lab::new().expect("lab");
+    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "")
+        .await
+        .expect("qodd");
+    let mut api = qodd.sessions().await.expect("client");
+    let mut events = api
+        .watch_session_events(pb::WatchSessionEventsRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let s = api
+        .create_session(session(addr::DEVICE_V4, "QOS_E", None, Some(5000)))
+        .await
+        .expect("create")
+        .into_inner();
+
+    lab.edge
+        .ip(&["link", "set", EDGE_DEV_IF, "down"])
+        .expect("link down");
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(ev) = events.next().await {
+            if let Some(pb::session_event::Kind::QosStatusChanged(c)) = ev.expect("event").kind
+                && c.qos_status() == pb::QosStatus::Unavailable
+            {
+                return c;
+            }
+        }
+        panic!("watch ended");
+    })
+    .await
+    .expect("termination event");
+    assert_eq!(ended.session_id, s.session_id);
+    assert_eq!(ended.status_info(), pb::StatusInfo::NetworkTerminated);
+    let err = api
+        .create_session(session(addr::OTHER_DEVICE_V4, "QOS_E", None, None))
+        .await
+        .expect_err("link down");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+
+    // Delete the link (its veth peer goes with it) and make it again.
+    lab.edge
+        .ip(&["link", "del", EDGE_DEV_IF])
+        .expect("delete link");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    lab.device
+        .ip(&[
+            "link",
+            "add",
+            DEVICE_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            EDGE_DEV_IF,
+            "netns",
+            &lab.edge.name,
+        ])
+        .expect("re-create");
+    lab.device
+        .ip(&["addr", "add", "10.0.1.2/24", "dev", DEVICE_IF])
+        .expect("addr");
+    lab.device
+        .ip(&["link", "set", DEVICE_IF, "up"])
+        .expect("up");
+    lab.device
+        .ip(&["route", "add", "default", "via", addr::EDGE_DEV_V4])
+        .expect("route");
+    lab.edge
+        .ip(&["addr", "add", "10.0.1.1/24", "dev", EDGE_DEV_IF])
+        .expect("addr");
+    lab.edge
+        .ip(&["link", "set", EDGE_DEV_IF, "up"])
+        .expect("up");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        match api
+            .create_session(session(addr::DEVICE_V4, "QOS_L", None, Some(5001)))
+            .await
+        {
+            Ok(s) => break s,
+            Err(e) if e.code() == tonic::Code::AlreadyExists => {
+                // The terminated session is retained; delete it and retry.
+                api.delete_session(pb::DeleteSessionRequest {
+                    session_id: s.session_id.clone(),
+                })
+                .await
+                .expect("delete");
+            }
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "link never came back: {e:?}\n{}",
+                    qodd.log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // Marking works again through the re-created link (downlink leaves through it).
+    let capture = qod_testkit::Capture::start(&lab.device, DEVICE_IF).expect("capture");
+    qod_testkit::udp_send(
+        &lab.server,
+        SocketAddr::new(ip(addr::SERVER_V4), 5001),
+        SocketAddr::new(ip(addr::DEVICE_V4), 45000),
+        5,
+        64,
+    )
+    .expect("udp");
+    let seen = capture.finish().expect("capture");
+    let flow: Vec<_> = seen.iter().filter(|p| p.sport == 5001).collect();
+    assert!(
+        !flow.is_empty() && flow.iter().all(|p| p.dscp == 10),
+        "re-attached: {flow:?}"
+    );
+    assert_eq!(again.into_inner().qos_status(), pb::QosStatus::Available);
 }

@@ -417,6 +417,8 @@ pub fn session_info(v: &SessionView) -> pb::SessionInfo {
             uplink_bytes: v.counters.up_bytes,
             downlink_packets: v.counters.down_packets,
             downlink_bytes: v.counters.down_bytes,
+            uplink_dropped: v.counters.up_dropped,
+            downlink_dropped: v.counters.down_dropped,
         }),
     }
 }

@@ -364,6 +364,7 @@ fn session_json(s: &pb::SessionInfo) -> Value {
         "counters": {
             "uplinkPackets": c.uplink_packets, "uplinkBytes": c.uplink_bytes,
             "downlinkPackets": c.downlink_packets, "downlinkBytes": c.downlink_bytes,
+            "uplinkDropped": c.uplink_dropped, "downlinkDropped": c.downlink_dropped,
         },
     });
     strip_nulls(&mut v);

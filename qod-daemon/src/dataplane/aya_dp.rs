@@ -6,7 +6,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, tc},
 };
 use qod_common::{
-    CLASSIFIER, COUNTERS_MAP, DeviceKey, FLOWS_MAP, FlowCounters, FlowRule, POLICERS_MAP, PolicerState,
+    CLASSIFIER, COUNTERS_MAP, DeviceKey, FLOWS_MAP, FlowCounters, FlowRule, POLICERS_MAP,
+    PolicerState,
 };
 use tracing::{info, warn};
 
@@ -64,9 +65,13 @@ impl AyaDataPlane {
             map: COUNTERS_MAP,
             source,
         })?;
-        let policers = ebpf.take_map(POLICERS_MAP).ok_or(DataPlaneError::Missing(POLICERS_MAP))?;
-        let policers = Array::try_from(policers)
-            .map_err(|source| DataPlaneError::Map { map: POLICERS_MAP, source })?;
+        let policers = ebpf
+            .take_map(POLICERS_MAP)
+            .ok_or(DataPlaneError::Missing(POLICERS_MAP))?;
+        let policers = Array::try_from(policers).map_err(|source| DataPlaneError::Map {
+            map: POLICERS_MAP,
+            source,
+        })?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataPlaneError::Attach {
             interface: String::new(),
             what: format!("{what}: {e}"),
@@ -99,17 +104,20 @@ impl AyaDataPlane {
             let how = self.attach(&i.name, mode)?;
             info!(interface = %i.name, mode = how, "classifier attached on egress");
             if let Some(config) = i.scheduler {
-                self.schedulers.insert(i.name.clone(), Scheduler::install(&i.name, config)?);
+                self.schedulers
+                    .insert(i.name.clone(), Scheduler::install(&i.name, config)?);
             }
         }
         Ok(())
     }
 
     fn scheduler(&self, interface: &str) -> Result<&Scheduler, DataPlaneError> {
-        self.schedulers.get(interface).ok_or_else(|| DataPlaneError::Scheduler {
-            interface: interface.to_owned(),
-            what: "qodd does not schedule this interface".into(),
-        })
+        self.schedulers
+            .get(interface)
+            .ok_or_else(|| DataPlaneError::Scheduler {
+                interface: interface.to_owned(),
+                what: "qodd does not schedule this interface".into(),
+            })
     }
 
     /// Attaches the classifier on `interface`'s egress; returns how ("tcx" or "clsact").
@@ -243,8 +251,13 @@ impl DataPlane for AyaDataPlane {
             }))
     }
 
-    fn set_class(&mut self, interface: &str, index: u16, rate_bps: u64, ceil_bps: u64) -> Result<(), DataPlaneError> {
-        self.scheduler(interface)?.set_class(index, rate_bps, ceil_bps)
+    fn set_class(
+        &mut self,
+        interface: &str,
+        index: u16,
+        spec: super::scheduler::ClassSpec,
+    ) -> Result<(), DataPlaneError> {
+        self.scheduler(interface)?.set_class(index, spec)
     }
 
     fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
@@ -254,9 +267,14 @@ impl DataPlane for AyaDataPlane {
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError> {
         let how = self.attach(interface, self.attach_mode)?;
         info!(interface, mode = how, "classifier attached again");
-        let config = self.interfaces.iter().find(|i| i.name == interface).and_then(|i| i.scheduler);
+        let config = self
+            .interfaces
+            .iter()
+            .find(|i| i.name == interface)
+            .and_then(|i| i.scheduler);
         if let Some(config) = config {
-            self.schedulers.insert(interface.to_owned(), Scheduler::install(interface, config)?);
+            self.schedulers
+                .insert(interface.to_owned(), Scheduler::install(interface, config)?);
         }
         Ok(())
     }
@@ -272,7 +290,10 @@ impl DataPlane for AyaDataPlane {
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
         self.policers
             .set(slot, PolicerState::default(), 0)
-            .map_err(|source| DataPlaneError::Map { map: POLICERS_MAP, source })?;
+            .map_err(|source| DataPlaneError::Map {
+                map: POLICERS_MAP,
+                source,
+            })?;
         let zeros =
             PerCpuValues::try_from(vec![FlowCounters::default(); self.nr_cpus]).map_err(|e| {
                 DataPlaneError::Map {

@@ -19,8 +19,8 @@ pub struct FakeState {
     pub flows: HashMap<DeviceKey, FlowRule>,
     pub counters: HashMap<u32, FlowCounters>,
     pub fail_next_install: bool,
-    /// (interface, class index) → (rate, ceil)
-    pub classes: HashMap<(String, u16), (u64, u64)>,
+    /// (interface, class index) → class
+    pub classes: HashMap<(String, u16), super::scheduler::ClassSpec>,
     pub reattached: Vec<String>,
 }
 
@@ -60,8 +60,15 @@ impl DataPlane for FakeDataPlane {
         Ok(())
     }
 
-    fn set_class(&mut self, interface: &str, index: u16, rate_bps: u64, ceil_bps: u64) -> Result<(), DataPlaneError> {
-        self.state().classes.insert((interface.to_owned(), index), (rate_bps, ceil_bps));
+    fn set_class(
+        &mut self,
+        interface: &str,
+        index: u16,
+        spec: super::scheduler::ClassSpec,
+    ) -> Result<(), DataPlaneError> {
+        self.state()
+            .classes
+            .insert((interface.to_owned(), index), spec);
         Ok(())
     }
 

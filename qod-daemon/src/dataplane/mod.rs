@@ -7,8 +7,8 @@ pub mod scheduler;
 
 pub use aya_dp::{AyaDataPlane, EBPF_OBJECT, ensure_bpffs};
 pub use fake::FakeDataPlane;
-pub use scheduler::SchedulerConfig;
 use qod_common::{DeviceKey, FlowCounters, FlowRule};
+pub use scheduler::SchedulerConfig;
 
 /// Failure of a data plane operation.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +54,14 @@ pub trait DataPlane: Send + 'static {
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError>;
     /// Zeroes the counters and policer state at `slot` before it is handed to a new session.
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError>;
-    /// Creates or updates guaranteed-rate class `index` on `interface`'s scheduler.
-    fn set_class(&mut self, interface: &str, index: u16, rate_bps: u64, ceil_bps: u64) -> Result<(), DataPlaneError>;
-    /// Deletes guaranteed-rate class `index` on `interface`.
+    /// Creates or updates per-session class `index` on `interface`'s scheduler.
+    fn set_class(
+        &mut self,
+        interface: &str,
+        index: u16,
+        spec: scheduler::ClassSpec,
+    ) -> Result<(), DataPlaneError>;
+    /// Deletes per-session class `index` on `interface`.
     fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError>;
     /// Attaches the classifier (and scheduler) to `interface` again after it was re-created.
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError>;

@@ -7,7 +7,9 @@
 //!    ├─ 1:10  low-latency band: prio 0, rate = low_latency_share, ceil = capacity; short FIFO leaf
 //!    ├─ 1:20  best effort: prio 2, rate = what is left, ceil = capacity; fq_codel if the kernel
 //!    │        has it, else a 1000-packet FIFO
-//!    └─ 1:1xx one class per guaranteed-rate session: prio 1, rate = guaranteed, ceil = maximum
+//!    └─ 1:1xx one class per session with a rate on this interface: guaranteed (prio 1, rate =
+//!             target minimum, ceil = maximum), low latency with a maximum (prio 0, rate = ceil =
+//!             maximum, short FIFO), or capped best effort (prio 2, ceil = maximum)
 //! ```
 //!
 //! The classifier steers packets by writing the class id into `skb->priority`, which HTB honours
@@ -23,14 +25,57 @@ use super::DataPlaneError;
 pub const LOW_LATENCY_CLASS: u32 = 0x0001_0010;
 /// `skb->priority` of best effort (also HTB's default class).
 pub const BEST_EFFORT_CLASS: u32 = 0x0001_0020;
-/// First minor id of the per-session guaranteed-rate classes.
-pub const GUARANTEED_MINOR_BASE: u16 = 0x100;
-/// Most guaranteed-rate classes per interface.
-pub const MAX_GUARANTEED_CLASSES: u16 = 0xfe00;
+/// First minor id of the per-session classes.
+pub const SESSION_MINOR_BASE: u16 = 0x100;
+/// Most per-session classes per interface.
+pub const MAX_SESSION_CLASSES: u16 = 0xfe00;
 
-/// The class id (`skb->priority`) of guaranteed-rate class `index`.
-pub fn guaranteed_class(index: u16) -> u32 {
-    0x0001_0000 | u32::from(GUARANTEED_MINOR_BASE + index)
+/// The class id (`skb->priority`) of per-session class `index`.
+pub fn session_class(index: u16) -> u32 {
+    0x0001_0000 | u32::from(SESSION_MINOR_BASE + index)
+}
+
+/// One session's HTB class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClassSpec {
+    pub rate_bps: u64,
+    pub ceil_bps: u64,
+    /// HTB priority: 0 low latency, 1 guaranteed, 2 best effort.
+    pub prio: u8,
+    /// Leaf FIFO length in packets.
+    pub limit: u32,
+}
+
+impl ClassSpec {
+    /// Guaranteed `rate`, borrowing up to `ceil`.
+    pub fn guaranteed(rate: u64, ceil: u64) -> Self {
+        Self {
+            rate_bps: rate,
+            ceil_bps: ceil.max(rate),
+            prio: 1,
+            limit: 300,
+        }
+    }
+
+    /// Strict priority up to `max`, with a short queue.
+    pub fn low_latency(max: u64) -> Self {
+        Self {
+            rate_bps: max,
+            ceil_bps: max,
+            prio: 0,
+            limit: 50,
+        }
+    }
+
+    /// Best effort, capped at `max` (a small own rate keeps it from starving).
+    pub fn capped(max: u64) -> Self {
+        Self {
+            rate_bps: (max / 100).max(8_000).min(max),
+            ceil_bps: max,
+            prio: 2,
+            limit: 300,
+        }
+    }
 }
 
 /// Shares of an interface's capacity.
@@ -53,7 +98,9 @@ impl SchedulerConfig {
     }
 
     pub fn best_effort_bps(&self) -> u64 {
-        self.capacity_bps.saturating_sub(self.low_latency_bps() + self.guaranteed_pool_bps()).max(8_000)
+        self.capacity_bps
+            .saturating_sub(self.low_latency_bps() + self.guaranteed_pool_bps())
+            .max(8_000)
     }
 }
 
@@ -66,7 +113,11 @@ fn tc(args: &[&str]) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("tc {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "tc {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -89,55 +140,135 @@ pub struct Scheduler {
 impl Scheduler {
     /// Replaces the interface's root qdisc with qod's tree.
     pub fn install(interface: &str, config: SchedulerConfig) -> Result<Self, DataPlaneError> {
-        let err = |what: String| DataPlaneError::Scheduler { interface: interface.to_owned(), what };
+        let err = |what: String| DataPlaneError::Scheduler {
+            interface: interface.to_owned(),
+            what,
+        };
         let cap = bits(config.capacity_bps);
-        tc(&["qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default", "20"]).map_err(err)?;
-        tc(&["class", "replace", "dev", interface, "parent", "1:", "classid", "1:1", "htb", "rate", &cap, "ceil", &cap, "quantum", QUANTUM])
-            .map_err(err)?;
+        tc(&[
+            "qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default", "20",
+        ])
+        .map_err(err)?;
+        tc(&[
+            "class", "replace", "dev", interface, "parent", "1:", "classid", "1:1", "htb", "rate",
+            &cap, "ceil", &cap, "quantum", QUANTUM,
+        ])
+        .map_err(err)?;
         for (minor, rate, prio) in [
             ("1:10", config.low_latency_bps(), "0"),
             ("1:20", config.best_effort_bps(), "2"),
         ] {
             tc(&[
-                "class", "replace", "dev", interface, "parent", "1:1", "classid", minor, "htb", "rate", &bits(rate), "ceil",
-                &cap, "prio", prio, "quantum", QUANTUM,
+                "class",
+                "replace",
+                "dev",
+                interface,
+                "parent",
+                "1:1",
+                "classid",
+                minor,
+                "htb",
+                "rate",
+                &bits(rate),
+                "ceil",
+                &cap,
+                "prio",
+                prio,
+                "quantum",
+                QUANTUM,
             ])
             .map_err(err)?;
         }
         // A short FIFO keeps the low-latency band's queue (and so its delay) small.
-        tc(&["qdisc", "replace", "dev", interface, "parent", "1:10", "handle", "10:", "pfifo", "limit", "100"]).map_err(err)?;
-        // Best effort: fq_codel where the kernel has it; this kernel may not.
-        let best_effort_leaf =
-            if tc(&["qdisc", "replace", "dev", interface, "parent", "1:20", "handle", "20:", "fq_codel"]).is_ok() {
-                "fq_codel"
-            } else {
-                tc(&["qdisc", "replace", "dev", interface, "parent", "1:20", "handle", "20:", "pfifo", "limit", "1000"])
-                    .map_err(err)?;
-                "pfifo"
-            };
-        info!(interface, capacity_bps = config.capacity_bps, best_effort_leaf, "scheduler installed");
-        Ok(Self { interface: interface.to_owned(), config, best_effort_leaf })
-    }
-
-    /// Creates (or updates) guaranteed-rate class `index`.
-    pub fn set_class(&self, index: u16, rate_bps: u64, ceil_bps: u64) -> Result<(), DataPlaneError> {
-        let err = |what: String| DataPlaneError::Scheduler { interface: self.interface.clone(), what };
-        let classid = format!("1:{:x}", GUARANTEED_MINOR_BASE + index);
-        let ceil = ceil_bps.clamp(rate_bps, self.config.capacity_bps.max(rate_bps));
         tc(&[
-            "class", "replace", "dev", &self.interface, "parent", "1:1", "classid", &classid, "htb", "rate", &bits(rate_bps), "ceil",
-            &bits(ceil), "prio", "1", "quantum", QUANTUM,
+            "qdisc", "replace", "dev", interface, "parent", "1:10", "handle", "10:", "pfifo",
+            "limit", "100",
         ])
         .map_err(err)?;
-        let handle = format!("{:x}:", GUARANTEED_MINOR_BASE + index);
-        tc(&["qdisc", "replace", "dev", &self.interface, "parent", &classid, "handle", &handle, "pfifo", "limit", "300"]).map_err(err)
+        // Best effort: fq_codel where the kernel has it; this kernel may not.
+        let best_effort_leaf = if tc(&[
+            "qdisc", "replace", "dev", interface, "parent", "1:20", "handle", "20:", "fq_codel",
+        ])
+        .is_ok()
+        {
+            "fq_codel"
+        } else {
+            tc(&[
+                "qdisc", "replace", "dev", interface, "parent", "1:20", "handle", "20:", "pfifo",
+                "limit", "1000",
+            ])
+            .map_err(err)?;
+            "pfifo"
+        };
+        info!(
+            interface,
+            capacity_bps = config.capacity_bps,
+            best_effort_leaf,
+            "scheduler installed"
+        );
+        Ok(Self {
+            interface: interface.to_owned(),
+            config,
+            best_effort_leaf,
+        })
+    }
+
+    /// Creates (or updates) per-session class `index`.
+    pub fn set_class(&self, index: u16, spec: ClassSpec) -> Result<(), DataPlaneError> {
+        let err = |what: String| DataPlaneError::Scheduler {
+            interface: self.interface.clone(),
+            what,
+        };
+        let classid = format!("1:{:x}", SESSION_MINOR_BASE + index);
+        let ceil = spec
+            .ceil_bps
+            .clamp(spec.rate_bps, self.config.capacity_bps.max(spec.rate_bps));
+        tc(&[
+            "class",
+            "replace",
+            "dev",
+            &self.interface,
+            "parent",
+            "1:1",
+            "classid",
+            &classid,
+            "htb",
+            "rate",
+            &bits(spec.rate_bps),
+            "ceil",
+            &bits(ceil),
+            "prio",
+            &spec.prio.to_string(),
+            "quantum",
+            QUANTUM,
+        ])
+        .map_err(err)?;
+        let handle = format!("{:x}:", SESSION_MINOR_BASE + index);
+        tc(&[
+            "qdisc",
+            "replace",
+            "dev",
+            &self.interface,
+            "parent",
+            &classid,
+            "handle",
+            &handle,
+            "pfifo",
+            "limit",
+            &spec.limit.to_string(),
+        ])
+        .map_err(err)
     }
 
     /// Deletes guaranteed-rate class `index` (its leaf goes with it).
     pub fn remove_class(&self, index: u16) -> Result<(), DataPlaneError> {
-        let classid = format!("1:{:x}", GUARANTEED_MINOR_BASE + index);
-        tc(&["class", "del", "dev", &self.interface, "classid", &classid])
-            .map_err(|what| DataPlaneError::Scheduler { interface: self.interface.clone(), what })
+        let classid = format!("1:{:x}", SESSION_MINOR_BASE + index);
+        tc(&["class", "del", "dev", &self.interface, "classid", &classid]).map_err(|what| {
+            DataPlaneError::Scheduler {
+                interface: self.interface.clone(),
+                what,
+            }
+        })
     }
 
     /// Gives the interface back its default qdisc.
