@@ -4,7 +4,9 @@
 //! idempotent and takes well under a second when everything is present.
 
 mod demo;
+mod lab;
 mod setup;
+mod svg;
 
 use std::process::Command;
 
@@ -24,6 +26,13 @@ enum Cmd {
     Setup,
     /// Build qodd and run it on a throwaway namespace lab: create a session, show packets marked.
     Demo,
+    /// QoS under congestion on a namespace lab, with and without sessions: a table and SVG plots
+    /// under target/qod-lab/.
+    Lab {
+        /// Seconds per scenario.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Run the whole test suite (unit, classifier and namespace end-to-end tests). Needs root.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -41,6 +50,11 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             cargo(&["build", "--release", "--package", "qod-daemon", "--bins"])?;
             demo::run()
+        }
+        Cmd::Lab { seconds } => {
+            setup::run()?;
+            cargo(&["build", "--release", "--package", "qod-daemon", "--bins"])?;
+            lab::run(seconds)
         }
         Cmd::Test { args } => {
             setup::run()?;

@@ -1,0 +1,189 @@
+//! `cargo xtask lab`: QoS under congestion on a namespace lab, with and without sessions.
+//!
+//! Method: device / edge / server namespaces; `qodd` on the edge owns a 100 Mbit/s scheduler on
+//! both edge interfaces (HTB from the default profile shares), offloads off so HTB sees real
+//! frames. Each scenario runs for `--seconds`: 8 bulk TCP flows server → device (10.0.1.3), a
+//! 64-byte UDP probe every 10 ms device 10.0.1.2 ⇄ server:7007 (RTT), and one rate-target TCP
+//! flow server → device 10.0.1.4:9100. Scenarios: idle (probe alone), congested without sessions,
+//! congested with a QOS_E session on the probe and a 20 Mbit/s guaranteed session on the target
+//! flow, and a 10 Mbit/s capped flow alone. Throughput is goodput measured by the receivers in
+//! 100 ms samples, the first 2 s (slow start) left out. Plots go to target/qod-lab/.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use qod_proto::v1 as pb;
+use qod_testkit::{
+    DEVICE_IF, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, addr,
+    traffic::{Delivered, Probe, SAMPLE, tcp_flows, udp_probe},
+};
+
+use crate::svg::{Series, chart};
+
+const WARMUP: Duration = Duration::from_secs(2);
+
+const PROFILES: &str = r#"
+[[profiles]]
+name = "QOS_E"
+status = "ACTIVE"
+service_class = "real_time_interactive"
+max_downstream_rate = { value = 500, unit = "kbps" }
+max_upstream_rate = { value = 500, unit = "kbps" }
+
+[[profiles]]
+name = "QOS_G"
+status = "ACTIVE"
+service_class = "high_throughput_data"
+target_min_downstream_rate = { value = 20, unit = "Mbps" }
+max_downstream_rate = { value = 20, unit = "Mbps" }
+target_min_upstream_rate = { value = 1, unit = "Mbps" }
+
+[[profiles]]
+name = "QOS_C"
+status = "ACTIVE"
+band = "best_effort"
+max_downstream_rate = { value = 10, unit = "Mbps" }
+"#;
+
+struct Outcome {
+    name: &'static str,
+    probe: Option<Probe>,
+    target: Option<Delivered>,
+    bulk: Option<Delivered>,
+}
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
+fn session(device: &str, profile: &str, device_port: Option<u32>, server_port: Option<u32>) -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        device: Some(pb::Device {
+            ipv4_address: Some(pb::DeviceIpv4Addr {
+                public_address: Some(device.into()),
+                private_address: Some(device.into()),
+                public_port: None,
+            }),
+            ..Default::default()
+        }),
+        application_server: Some(pb::ApplicationServer { ipv4_address: Some(addr::SERVER_V4.into()), ..Default::default() }),
+        device_ports: device_port.map(|p| pb::PortsSpec { ports: vec![p], ranges: vec![] }),
+        application_server_ports: server_port.map(|p| pb::PortsSpec { ports: vec![p], ranges: vec![] }),
+        qos_profile: profile.into(),
+        duration: 3600,
+        ..Default::default()
+    }
+}
+
+fn run_scenario(lab: &Lab, seconds: Duration, bulk: bool, probe: bool, target_port: Option<(&str, u16)>) -> anyhow::Result<(Option<Probe>, Option<Delivered>, Option<Delivered>)> {
+    let bulk = bulk
+        .then(|| tcp_flows(&lab.server, ip(addr::SERVER_V4), &lab.device, SocketAddr::new(ip(addr::OTHER_DEVICE_V4), 9000), 8, seconds))
+        .transpose()?;
+    let target = target_port
+        .map(|(dev, port)| tcp_flows(&lab.server, ip(addr::SERVER_V4), &lab.device, SocketAddr::new(ip(dev), port), 1, seconds))
+        .transpose()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let probe = probe
+        .then(|| {
+            udp_probe(
+                &lab.device,
+                SocketAddr::new(ip(addr::DEVICE_V4), 7000),
+                &lab.server,
+                SocketAddr::new(ip(addr::SERVER_V4), 7007),
+                Duration::from_millis(10),
+                seconds.saturating_sub(Duration::from_secs(1)),
+            )
+        })
+        .transpose()?;
+    let join = |h: std::thread::JoinHandle<anyhow::Result<Delivered>>| h.join().map_err(|_| anyhow::anyhow!("flow thread panicked"))?;
+    let probe = probe.map(|h| h.join().map_err(|_| anyhow::anyhow!("probe panicked"))?).transpose()?;
+    Ok((probe, target.map(join).transpose()?, bulk.map(join).transpose()?))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+pub fn run(seconds: u64) -> anyhow::Result<()> {
+    let seconds = Duration::from_secs(seconds.max(4));
+    let out_dir = crate::workspace_root().join("target/qod-lab");
+    std::fs::create_dir_all(&out_dir)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let outcomes = rt.block_on(async {
+        let lab = Lab::new()?;
+        for extra in ["10.0.1.4/24", "10.0.1.5/24"] {
+            lab.device.ip(&["addr", "add", extra, "dev", DEVICE_IF])?;
+        }
+        let interfaces = [
+            format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 100 }}"),
+            format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 100 }}"),
+        ];
+        let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+        let bin = crate::workspace_root().join("target/release/qodd");
+        let qodd = Qodd::start_bin(&bin, &lab.edge, &interfaces, PROFILES).await?;
+        let mut api = qodd.sessions().await?;
+        println!("lab up: 100 Mbit/s scheduled bottleneck, {}s per scenario", seconds.as_secs());
+
+        let mut outcomes = Vec::new();
+        println!("scenario 1/4: idle (probe alone)");
+        let (probe, _, _) = run_scenario(&lab, seconds, false, true, None)?;
+        outcomes.push(Outcome { name: "idle", probe, target: None, bulk: None });
+        println!("scenario 2/4: 8 bulk flows, no session");
+        let (probe, target, bulk) = run_scenario(&lab, seconds, true, true, Some(("10.0.1.4", 9100)))?;
+        outcomes.push(Outcome { name: "congested, no session", probe, target, bulk });
+        println!("scenario 3/4: 8 bulk flows, QOS_E on the probe, 20 Mbit/s guaranteed on the target flow");
+        api.create_session(session(addr::DEVICE_V4, "QOS_E", None, Some(7007))).await?;
+        api.create_session(session("10.0.1.4", "QOS_G", Some(9100), None)).await?;
+        let (probe, target, bulk) = run_scenario(&lab, seconds, true, true, Some(("10.0.1.4", 9100)))?;
+        outcomes.push(Outcome { name: "congested, with sessions", probe, target, bulk });
+        println!("scenario 4/4: one flow capped at 10 Mbit/s (QOS_C), alone");
+        api.create_session(session("10.0.1.5", "QOS_C", Some(9300), None)).await?;
+        let (_, target, _) = run_scenario(&lab, seconds, false, false, Some(("10.0.1.5", 9300)))?;
+        outcomes.push(Outcome { name: "capped 10 Mbit/s, alone", probe: None, target, bulk: None });
+        anyhow::Ok(outcomes)
+    })?;
+
+    println!();
+    println!("{:<26} {:>9} {:>9} {:>9} {:>7} {:>14} {:>12}", "scenario", "p50 ms", "p99 ms", "max ms", "loss", "target Mbit/s", "bulk Mbit/s");
+    for o in &outcomes {
+        let (p50, p99, max, loss) = o.probe.as_ref().map_or(("-".into(), "-".into(), "-".into(), "-".into()), |p| {
+            (ms(p.quantile(0.5)), ms(p.quantile(0.99)), ms(p.quantile(1.0)), format!("{:.1}%", p.loss() * 100.0))
+        });
+        let mbps = |d: &Option<Delivered>| d.as_ref().map_or("-".into(), |d| format!("{:.2}", d.goodput_bps(WARMUP) / 1e6));
+        println!("{:<26} {p50:>9} {p99:>9} {max:>9} {loss:>7} {:>14} {:>12}", o.name, mbps(&o.target), mbps(&o.bulk));
+    }
+
+    // RTT CDF.
+    let cdf: Vec<Series> = outcomes
+        .iter()
+        .filter_map(|o| {
+            let v = o.probe.as_ref()?.sorted();
+            let n = v.len().max(1) as f64;
+            Some(Series {
+                name: o.name.into(),
+                points: v.iter().enumerate().map(|(i, d)| (d.as_secs_f64() * 1000.0, (i + 1) as f64 / n)).collect(),
+            })
+        })
+        .collect();
+    let cdf_path = out_dir.join("rtt-cdf.svg");
+    std::fs::write(&cdf_path, chart("Probe RTT CDF (100 Mbit/s bottleneck, 8 bulk TCP flows)", "RTT (ms, log scale)", "fraction of probes", &cdf, true))?;
+    // Throughput over time.
+    let mut tput = Vec::new();
+    for o in &outcomes {
+        for (what, d) in [("target", &o.target), ("bulk", &o.bulk)] {
+            if let Some(d) = d {
+                tput.push(Series {
+                    name: format!("{what}: {}", o.name),
+                    points: d.samples.iter().enumerate().map(|(i, b)| ((i + 1) as f64 * SAMPLE.as_secs_f64(), *b as f64 * 8.0 / SAMPLE.as_secs_f64() / 1e6)).collect(),
+                });
+            }
+        }
+    }
+    let tput_path = out_dir.join("throughput.svg");
+    std::fs::write(&tput_path, chart("Goodput over time (100 ms samples)", "time (s)", "Mbit/s", &tput, false))?;
+    println!("\nplots: {}\n       {}", display(&cdf_path), display(&tput_path));
+    Ok(())
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
