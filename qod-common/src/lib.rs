@@ -8,16 +8,28 @@
 use core::mem::size_of;
 
 /// Bumped on any change to a map's name, key, value or meaning.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
-/// Hash map `DeviceKey -> FlowRule`: one entry per installed session.
-pub const FLOWS_MAP: &str = "QOD_FLOWS";
+/// Hash map IPv4 device address (`u32`, network byte order) -> `FlowRule`.
+pub const FLOWS_V4_MAP: &str = "QOD_FLOWS_V4";
+/// Hash map IPv6 device /64 (`[u32; 2]`, network byte order) -> `FlowRule`.
+pub const FLOWS_V6_MAP: &str = "QOD_FLOWS_V6";
 /// Per-CPU array of `FlowCounters`, indexed by `FlowRule::slot`.
 pub const COUNTERS_MAP: &str = "QOD_COUNTERS";
 /// Array of `PolicerState`, indexed by `FlowRule::slot`; shared by all CPUs.
 pub const POLICERS_MAP: &str = "QOD_POLICERS";
-/// Name of the tc classifier program in the object.
+/// The tc classifier program.
 pub const CLASSIFIER: &str = "qod_tc";
+/// Array of `u8` sides by `ifindex & IFINDEX_MASK`: which end of a packet leaving that
+/// interface can be a device, so a one-sided interface costs one look-up instead of two.
+pub const SIDES_MAP: &str = "QOD_SIDES";
+pub const IFINDEX_MASK: u32 = 0xffff;
+/// Either end, destination first (the default for an interface not in the map).
+pub const SIDE_BOTH: u8 = 0;
+/// Device-facing: egress is downlink, the device is the destination.
+pub const SIDE_DOWNLINK: u8 = 1;
+/// Server-facing: egress is uplink, the device is the source.
+pub const SIDE_UPLINK: u8 = 2;
 
 /// Most port ranges a rule holds per side; a request's ports are merged into ranges first.
 pub const MAX_PORT_RANGES: usize = 8;
@@ -27,7 +39,8 @@ pub const IPV6_DEVICE_PREFIX_LEN: u8 = 64;
 pub const FAMILY_IPV4: u32 = 4;
 pub const FAMILY_IPV6: u32 = 6;
 
-/// Identifies a device as the classifier sees it.
+/// Identifies a device (user space's key; the kernel maps use `addr[0]` for IPv4 and
+/// `addr[..2]` for IPv6, so each family hashes only the bytes it has).
 ///
 /// `addr` holds address bytes in network order: IPv4 in `addr[0]` with the rest zero; IPv6 masked
 /// to its /64 (`addr[2..]` zero).

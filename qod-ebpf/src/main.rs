@@ -15,22 +15,30 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
 use qod_common::{
-    DeviceKey, FAMILY_IPV4, FAMILY_IPV6, FlowCounters, FlowRule, MAX_PORT_RANGES, Policer,
-    PolicerState, PortRange,
+    FAMILY_IPV4, FAMILY_IPV6, FlowCounters, FlowRule, IFINDEX_MASK, MAX_PORT_RANGES, Policer,
+    PolicerState, PortRange, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK,
 };
 
 /// Default capacity; user space sets the configured `max_sessions` at load time.
 const DEFAULT_MAX_SESSIONS: u32 = 65_536;
 
 #[map]
-static QOD_FLOWS: HashMap<DeviceKey, FlowRule> =
+static QOD_FLOWS_V4: HashMap<u32, FlowRule> =
     HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
+
+#[map]
+static QOD_FLOWS_V6: HashMap<[u32; 2], FlowRule> =
+    HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
+
+/// Side of each managed interface, by `ifindex & IFINDEX_MASK` (0, both, when unset).
+#[map]
+static QOD_SIDES: Array<u8> = Array::with_max_entries(IFINDEX_MASK + 1, 0);
 
 #[map]
 static QOD_POLICERS: Array<PolicerState> = Array::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
@@ -47,6 +55,8 @@ const ETH_P_8021AD: u16 = 0x88A8;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPV6_HLEN: usize = 40;
+/// Furthest offset a header is read at (Ethernet, two VLAN tags, IPv6, six extension headers).
+const MAX_HEADER_OFFSET: usize = 1024;
 /// IPv6 extension headers walked before giving up on finding the transport header.
 const MAX_IPV6_EXT_HEADERS: usize = 6;
 
@@ -69,6 +79,11 @@ pub fn qod_tc(ctx: TcContext) -> i32 {
 /// Bounds-checked pointer to a `T` at `off` bytes into the packet's linear data.
 #[inline(always)]
 fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*mut T, Skip> {
+    // Headers we read all lie in the first bytes; the explicit bound also keeps the verifier's
+    // knowledge of `off` when it was spilled to the stack.
+    if off > MAX_HEADER_OFFSET {
+        return Err(Skip::Truncated);
+    }
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
@@ -96,17 +111,29 @@ struct Packet {
 }
 
 fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
+    // SAFETY: the context pointer the kernel handed us; `ifindex` is readable from tc programs.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let sides = QOD_SIDES
+        .get(ifindex & IFINDEX_MASK)
+        .copied()
+        .unwrap_or(SIDE_BOTH);
     let pkt = parse(ctx)?;
-    // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
-    let now = unsafe { bpf_ktime_get_ns() };
-
+    // Expiry reads the coarse monotonic clock (same epoch, at most a tick behind, much cheaper),
+    // and only once a session matched: most packets belong to none.
+    let live = |rule: &FlowRule| {
+        // SAFETY: bpf_ktime_get_coarse_ns takes no arguments and cannot fail.
+        rule.expires_at_ns == 0 || unsafe { bpf_ktime_get_coarse_ns() } < rule.expires_at_ns
+    };
     // Downlink: the destination is a device. Uplink: the source is.
-    let (rule, uplink) = if let Some(rule) = lookup(&pkt, pkt.dst, pkt.src, false, now) {
-        (rule, false)
-    } else if let Some(rule) = lookup(&pkt, pkt.src, pkt.dst, true, now) {
-        (rule, true)
-    } else {
-        return Err(Skip::NoMatch);
+    let down = || lookup(&pkt, pkt.dst, pkt.src, false);
+    let up = || lookup(&pkt, pkt.src, pkt.dst, true);
+    let (rule, uplink) = match sides {
+        SIDE_DOWNLINK => (down().filter(|r| live(r)).ok_or(Skip::NoMatch)?, false),
+        SIDE_UPLINK => (up().filter(|r| live(r)).ok_or(Skip::NoMatch)?, true),
+        _ => match down().filter(|r| live(r)) {
+            Some(rule) => (rule, false),
+            None => (up().filter(|r| live(r)).ok_or(Skip::NoMatch)?, true),
+        },
     };
 
     let len = u64::from(ctx.len());
@@ -115,7 +142,7 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     } else {
         &rule.police_down
     };
-    let conforms = police(policer, rule.slot, uplink, len, now);
+    let conforms = police(policer, rule.slot, uplink, len);
     if let Some(c) = QOD_COUNTERS.get_ptr_mut(rule.slot) {
         // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered on
         // the same CPU while it runs.
@@ -150,10 +177,12 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
 /// add on state shared by all CPUs; the reset of an idle clock to now is a plain store (two CPUs
 /// racing there both store about the same instant).
 #[inline(always)]
-fn police(p: &Policer, slot: u32, uplink: bool, len: u64, now: u64) -> bool {
+fn police(p: &Policer, slot: u32, uplink: bool, len: u64) -> bool {
     if p.ns_per_byte_q16 == 0 {
         return true;
     }
+    // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(state) = QOD_POLICERS.get_ptr_mut(slot) else {
         return true;
     };
@@ -165,45 +194,40 @@ fn police(p: &Policer, slot: u32, uplink: bool, len: u64, now: u64) -> bool {
         } else {
             &raw mut (*state).down_tat
         };
-        let mut t = core::ptr::read_volatile(tat);
+        let t = core::ptr::read_volatile(tat);
+        let cost = p.cost_ns(len);
         if t < now {
-            core::ptr::write_volatile(tat, now);
-            t = now;
+            // Idle: the bucket is full. One store restarts the clock (a racing CPU stores about
+            // the same value).
+            core::ptr::write_volatile(tat, now + cost);
+            return true;
         }
         if t - now > p.burst_ns {
             return false;
         }
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            tat,
-            p.cost_ns(len),
+            tat, cost,
         );
     }
     true
 }
 
+/// The live-or-not rule of `device`, if its server network and ports match the other end.
 #[inline(always)]
 fn lookup(
     pkt: &Packet,
     device: [u32; 4],
     server: [u32; 4],
     uplink: bool,
-    now: u64,
-) -> Option<FlowRule> {
-    let mut key = DeviceKey {
-        family: pkt.family,
-        addr: device,
+) -> Option<&'static FlowRule> {
+    let rule = if pkt.family == FAMILY_IPV4 {
+        QOD_FLOWS_V4.get_ptr(device[0])?
+    } else {
+        QOD_FLOWS_V6.get_ptr([device[0], device[1]])?
     };
-    if pkt.family == FAMILY_IPV6 {
-        key.addr[2] = 0;
-        key.addr[3] = 0;
-    }
-    let rule = QOD_FLOWS.get_ptr(key)?;
-    // SAFETY: the map is BPF_F_NO_PREALLOC, so an entry replaced or deleted by user space stays
-    // valid until this RCU read section ends; we copy it out once.
-    let rule = unsafe { *rule };
-    if rule.expires_at_ns != 0 && now >= rule.expires_at_ns {
-        return None;
-    }
+    // SAFETY: the maps are BPF_F_NO_PREALLOC, so an entry replaced or deleted by user space stays
+    // valid until this program returns (RCU); nothing here outlives that.
+    let rule: &'static FlowRule = unsafe { &*rule };
     let mut i = 0;
     while i < 4 {
         if server[i] & rule.server_mask[i] != rule.server_addr[i] {
@@ -362,26 +386,28 @@ fn l4_ports(ctx: &TcContext, protocol: u8, off: usize) -> Option<(u16, u16)> {
 #[inline(always)]
 fn set_dscp(ctx: &TcContext, pkt: &Packet, dscp: u8) -> Result<(), Skip> {
     if pkt.family == FAMILY_IPV4 {
-        let tos_ptr = ptr_at::<u8>(ctx, pkt.l3 + 1)?;
-        let csum_ptr = ptr_at::<u16>(ctx, pkt.l3 + 10)?;
-        // SAFETY: both pointers were bounds-checked by ptr_at; tc programs may write packet data.
+        // One bounds check covers version/IHL, TOS and the checksum (bytes 0..12).
+        let hdr = ptr_at::<[u8; 12]>(ctx, pkt.l3)?;
+        // SAFETY: bounds-checked by ptr_at; tc programs may write packet data.
         unsafe {
-            let old = *tos_ptr;
+            let vihl = (*hdr)[0];
+            let old = (*hdr)[1];
             let new = (dscp << 2) | (old & 0x03);
             if old == new {
                 return Ok(());
             }
-            *tos_ptr = new;
+            (*hdr)[1] = new;
             // RFC 1624 incremental update, HC' = ~(~HC + ~m + m'), on the 16-bit word holding
             // version/IHL and TOS; the version/IHL byte is unchanged so only the low byte moves.
-            let vihl = *(ptr_at::<u8>(ctx, pkt.l3)?);
             let old_word = u32::from(u16::from_be_bytes([vihl, old]));
             let new_word = u32::from(u16::from_be_bytes([vihl, new]));
-            let hc = u32::from(u16::from_be(core::ptr::read_unaligned(csum_ptr)));
+            let hc = u32::from(u16::from_be_bytes([(*hdr)[10], (*hdr)[11]]));
             let mut sum = (!hc & 0xffff) + (!old_word & 0xffff) + new_word;
             sum = (sum & 0xffff) + (sum >> 16);
             sum = (sum & 0xffff) + (sum >> 16);
-            core::ptr::write_unaligned(csum_ptr, (!(sum as u16)).to_be());
+            let [c0, c1] = (!(sum as u16)).to_be_bytes();
+            (*hdr)[10] = c0;
+            (*hdr)[11] = c1;
         }
     } else {
         let p = ptr_at::<[u8; 2]>(ctx, pkt.l3)?;

@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnetwork::IpNetwork;
 use qod_common::{DeviceKey, FlowRule, MAX_PORT_RANGES, Policer, PortRange};
 use qod_daemon::{
+    config::Side,
     dataplane::{AyaDataPlane, DataPlane as _, monotonic_ns},
     model::{ipv4_key, ipv6_key, network_words},
 };
@@ -372,7 +373,8 @@ fn expired_entries_are_ignored_by_the_kernel() {
     let h = Harness::new();
     let mut dp = h.dp;
     let mut r = rule("10.0.2.0/24".parse().expect("net"), &[], &[], 3);
-    r.expires_at_ns = monotonic_ns() - 1;
+    // The classifier reads the coarse clock (at most a tick behind): a second is well past.
+    r.expires_at_ns = monotonic_ns() - 1_000_000_000;
     let key: DeviceKey = ipv4_key(Ipv4Addr::new(10, 0, 1, 9));
     dp.install(key, &r).expect("install");
     let h = Harness { dp };
@@ -433,4 +435,30 @@ fn the_policer_passes_the_burst_then_drops_and_counts() {
         ),
     );
     assert!((0..20).all(|_| h.run_any(&up).retval == CARRY_ON));
+}
+
+/// `test_run` gives the skb the loopback device, index 1.
+const TEST_RUN_IFINDEX: u32 = 1;
+
+#[test]
+fn one_sided_interfaces_look_one_way_only() {
+    let mut h = Harness::new();
+    let up = udp4(DEV4, SRV4, 40000, 5005, 0);
+    let down = udp4(SRV4, DEV4, 5005, 40000, 0);
+    // Server-facing egress carries uplink: the source is the device.
+    h.dp.set_side(TEST_RUN_IFINDEX, Side::Server).expect("side");
+    assert_eq!(h.run(&up).data[15] >> 2, DSCP);
+    assert_eq!(
+        h.run(&down).data,
+        down,
+        "downlink is not looked up on the uplink side"
+    );
+    // Device-facing egress carries downlink: the destination is the device.
+    h.dp.set_side(TEST_RUN_IFINDEX, Side::Device).expect("side");
+    assert_eq!(h.run(&down).data[15] >> 2, DSCP);
+    assert_eq!(
+        h.run(&up).data,
+        up,
+        "uplink is not looked up on the downlink side"
+    );
 }

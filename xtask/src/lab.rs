@@ -52,10 +52,16 @@ struct Outcome {
 }
 
 fn ip(s: &str) -> std::net::IpAddr {
-    s.parse().unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    s.parse()
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
 }
 
-fn session(device: &str, profile: &str, device_port: Option<u32>, server_port: Option<u32>) -> pb::CreateSessionRequest {
+fn session(
+    device: &str,
+    profile: &str,
+    device_port: Option<u32>,
+    server_port: Option<u32>,
+) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
         device: Some(pb::Device {
             ipv4_address: Some(pb::DeviceIpv4Addr {
@@ -65,21 +71,54 @@ fn session(device: &str, profile: &str, device_port: Option<u32>, server_port: O
             }),
             ..Default::default()
         }),
-        application_server: Some(pb::ApplicationServer { ipv4_address: Some(addr::SERVER_V4.into()), ..Default::default() }),
-        device_ports: device_port.map(|p| pb::PortsSpec { ports: vec![p], ranges: vec![] }),
-        application_server_ports: server_port.map(|p| pb::PortsSpec { ports: vec![p], ranges: vec![] }),
+        application_server: Some(pb::ApplicationServer {
+            ipv4_address: Some(addr::SERVER_V4.into()),
+            ..Default::default()
+        }),
+        device_ports: device_port.map(|p| pb::PortsSpec {
+            ports: vec![p],
+            ranges: vec![],
+        }),
+        application_server_ports: server_port.map(|p| pb::PortsSpec {
+            ports: vec![p],
+            ranges: vec![],
+        }),
         qos_profile: profile.into(),
         duration: 3600,
         ..Default::default()
     }
 }
 
-fn run_scenario(lab: &Lab, seconds: Duration, bulk: bool, probe: bool, target_port: Option<(&str, u16)>) -> anyhow::Result<(Option<Probe>, Option<Delivered>, Option<Delivered>)> {
+fn run_scenario(
+    lab: &Lab,
+    seconds: Duration,
+    bulk: bool,
+    probe: bool,
+    target_port: Option<(&str, u16)>,
+) -> anyhow::Result<(Option<Probe>, Option<Delivered>, Option<Delivered>)> {
     let bulk = bulk
-        .then(|| tcp_flows(&lab.server, ip(addr::SERVER_V4), &lab.device, SocketAddr::new(ip(addr::OTHER_DEVICE_V4), 9000), 8, seconds))
+        .then(|| {
+            tcp_flows(
+                &lab.server,
+                ip(addr::SERVER_V4),
+                &lab.device,
+                SocketAddr::new(ip(addr::OTHER_DEVICE_V4), 9000),
+                8,
+                seconds,
+            )
+        })
         .transpose()?;
     let target = target_port
-        .map(|(dev, port)| tcp_flows(&lab.server, ip(addr::SERVER_V4), &lab.device, SocketAddr::new(ip(dev), port), 1, seconds))
+        .map(|(dev, port)| {
+            tcp_flows(
+                &lab.server,
+                ip(addr::SERVER_V4),
+                &lab.device,
+                SocketAddr::new(ip(dev), port),
+                1,
+                seconds,
+            )
+        })
         .transpose()?;
     std::thread::sleep(Duration::from_millis(500));
     let probe = probe
@@ -94,9 +133,18 @@ fn run_scenario(lab: &Lab, seconds: Duration, bulk: bool, probe: bool, target_po
             )
         })
         .transpose()?;
-    let join = |h: std::thread::JoinHandle<anyhow::Result<Delivered>>| h.join().map_err(|_| anyhow::anyhow!("flow thread panicked"))?;
-    let probe = probe.map(|h| h.join().map_err(|_| anyhow::anyhow!("probe panicked"))?).transpose()?;
-    Ok((probe, target.map(join).transpose()?, bulk.map(join).transpose()?))
+    let join = |h: std::thread::JoinHandle<anyhow::Result<Delivered>>| {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("flow thread panicked"))?
+    };
+    let probe = probe
+        .map(|h| h.join().map_err(|_| anyhow::anyhow!("probe panicked"))?)
+        .transpose()?;
+    Ok((
+        probe,
+        target.map(join).transpose()?,
+        bulk.map(join).transpose()?,
+    ))
 }
 
 fn ms(d: Duration) -> String {
@@ -143,13 +191,33 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
     })?;
 
     println!();
-    println!("{:<26} {:>9} {:>9} {:>9} {:>7} {:>14} {:>12}", "scenario", "p50 ms", "p99 ms", "max ms", "loss", "target Mbit/s", "bulk Mbit/s");
+    println!(
+        "{:<26} {:>9} {:>9} {:>9} {:>7} {:>14} {:>12}",
+        "scenario", "p50 ms", "p99 ms", "max ms", "loss", "target Mbit/s", "bulk Mbit/s"
+    );
     for o in &outcomes {
-        let (p50, p99, max, loss) = o.probe.as_ref().map_or(("-".into(), "-".into(), "-".into(), "-".into()), |p| {
-            (ms(p.quantile(0.5)), ms(p.quantile(0.99)), ms(p.quantile(1.0)), format!("{:.1}%", p.loss() * 100.0))
-        });
-        let mbps = |d: &Option<Delivered>| d.as_ref().map_or("-".into(), |d| format!("{:.2}", d.goodput_bps(WARMUP) / 1e6));
-        println!("{:<26} {p50:>9} {p99:>9} {max:>9} {loss:>7} {:>14} {:>12}", o.name, mbps(&o.target), mbps(&o.bulk));
+        let (p50, p99, max, loss) =
+            o.probe
+                .as_ref()
+                .map_or(("-".into(), "-".into(), "-".into(), "-".into()), |p| {
+                    (
+                        ms(p.quantile(0.5)),
+                        ms(p.quantile(0.99)),
+                        ms(p.quantile(1.0)),
+                        format!("{:.1}%", p.loss() * 100.0),
+                    )
+                });
+        let mbps = |d: &Option<Delivered>| {
+            d.as_ref().map_or("-".into(), |d| {
+                format!("{:.2}", d.goodput_bps(WARMUP) / 1e6)
+            })
+        };
+        println!(
+            "{:<26} {p50:>9} {p99:>9} {max:>9} {loss:>7} {:>14} {:>12}",
+            o.name,
+            mbps(&o.target),
+            mbps(&o.bulk)
+        );
     }
 
     // RTT CDF.
@@ -160,12 +228,25 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
             let n = v.len().max(1) as f64;
             Some(Series {
                 name: o.name.into(),
-                points: v.iter().enumerate().map(|(i, d)| (d.as_secs_f64() * 1000.0, (i + 1) as f64 / n)).collect(),
+                points: v
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (d.as_secs_f64() * 1000.0, (i + 1) as f64 / n))
+                    .collect(),
             })
         })
         .collect();
     let cdf_path = out_dir.join("rtt-cdf.svg");
-    std::fs::write(&cdf_path, chart("Probe RTT CDF (100 Mbit/s bottleneck, 8 bulk TCP flows)", "RTT (ms, log scale)", "fraction of probes", &cdf, true))?;
+    std::fs::write(
+        &cdf_path,
+        chart(
+            "Probe RTT CDF (100 Mbit/s bottleneck, 8 bulk TCP flows)",
+            "RTT (ms, log scale)",
+            "fraction of probes",
+            &cdf,
+            true,
+        ),
+    )?;
     // Throughput over time.
     let mut tput = Vec::new();
     for o in &outcomes {
@@ -173,14 +254,37 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
             if let Some(d) = d {
                 tput.push(Series {
                     name: format!("{what}: {}", o.name),
-                    points: d.samples.iter().enumerate().map(|(i, b)| ((i + 1) as f64 * SAMPLE.as_secs_f64(), *b as f64 * 8.0 / SAMPLE.as_secs_f64() / 1e6)).collect(),
+                    points: d
+                        .samples
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| {
+                            (
+                                (i + 1) as f64 * SAMPLE.as_secs_f64(),
+                                *b as f64 * 8.0 / SAMPLE.as_secs_f64() / 1e6,
+                            )
+                        })
+                        .collect(),
                 });
             }
         }
     }
     let tput_path = out_dir.join("throughput.svg");
-    std::fs::write(&tput_path, chart("Goodput over time (100 ms samples)", "time (s)", "Mbit/s", &tput, false))?;
-    println!("\nplots: {}\n       {}", display(&cdf_path), display(&tput_path));
+    std::fs::write(
+        &tput_path,
+        chart(
+            "Goodput over time (100 ms samples)",
+            "time (s)",
+            "Mbit/s",
+            &tput,
+            false,
+        ),
+    )?;
+    println!(
+        "\nplots: {}\n       {}",
+        display(&cdf_path),
+        display(&tput_path)
+    );
     Ok(())
 }
 

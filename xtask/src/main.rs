@@ -39,6 +39,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Data plane benchmarks (classifier ns/packet at 1..1M sessions; eBPF vs nftables vs
+    /// iptables marking in the forwarding path). Needs root. `-- classifier` or `-- forwarding`
+    /// runs one part.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// rustfmt check and clippy (user space, then the eBPF crate alone).
     Lint,
 }
@@ -62,6 +69,20 @@ fn main() -> anyhow::Result<()> {
             let mut all = vec!["test", "--workspace", "--exclude", "qod-ebpf"];
             all.extend(args.iter().map(String::as_str));
             cargo_test(&all)
+        }
+        Cmd::Bench { args } => {
+            setup::run()?;
+            setup::apt(&["nftables", "iptables"])?;
+            let mut all = vec![
+                "bench",
+                "--package",
+                "qod-testkit",
+                "--bench",
+                "dataplane",
+                "--",
+            ];
+            all.extend(args.iter().map(String::as_str));
+            cargo(&all)
         }
         Cmd::Lint => {
             setup::run()?;

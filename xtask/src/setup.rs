@@ -16,7 +16,7 @@ pub fn run() -> anyhow::Result<()> {
         nix_is_root(),
         "qod's set-up installs system packages, and its demo and tests create network namespaces and load eBPF: run as root (e.g. `sudo -E cargo xtask ...`)"
     );
-    apt()?;
+    apt(APT_PACKAGES)?;
     rust_src()?;
     bpf_linker()?;
     llvm_match()
@@ -49,8 +49,9 @@ fn run_cmd(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn apt() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `packages` that are missing.
+pub fn apt(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

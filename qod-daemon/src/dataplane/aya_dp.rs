@@ -6,13 +6,23 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, tc},
 };
 use qod_common::{
-    CLASSIFIER, COUNTERS_MAP, DeviceKey, FLOWS_MAP, FlowCounters, FlowRule, POLICERS_MAP,
-    PolicerState,
+    CLASSIFIER, COUNTERS_MAP, DeviceKey, FAMILY_IPV4, FLOWS_V4_MAP, FLOWS_V6_MAP, FlowCounters,
+    FlowRule, IFINDEX_MASK, POLICERS_MAP, PolicerState, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK,
+    SIDES_MAP,
 };
 use tracing::{info, warn};
 
 use super::{DataPlane, DataPlaneError, scheduler::Scheduler};
-use crate::config::{AttachMode, ManagedInterface};
+use crate::config::{AttachMode, ManagedInterface, Side};
+
+/// The classifier's code for an interface's side.
+fn side_code(side: Side) -> u8 {
+    match side {
+        Side::Device => SIDE_DOWNLINK,
+        Side::Server => SIDE_UPLINK,
+        Side::Both => SIDE_BOTH,
+    }
+}
 
 /// The classifier object built by `build.rs` (aya-build) from `qod-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qod-ebpf"));
@@ -21,9 +31,11 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub struct AyaDataPlane {
     /// Owns the program and its tc links; dropping it detaches the classifier.
     ebpf: Ebpf,
-    flows: HashMap<MapData, DeviceKey, FlowRule>,
+    flows_v4: HashMap<MapData, u32, FlowRule>,
+    flows_v6: HashMap<MapData, [u32; 2], FlowRule>,
     counters: PerCpuArray<MapData, FlowCounters>,
     policers: Array<MapData, PolicerState>,
+    sides: Array<MapData, u8>,
     capacity: u32,
     nr_cpus: usize,
     /// Managed interfaces and how the classifier was attached to each.
@@ -39,7 +51,8 @@ impl AyaDataPlane {
     /// Nothing is attached yet.
     pub fn load(max_sessions: u32) -> Result<Self, DataPlaneError> {
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(FLOWS_MAP, max_sessions)
+            .map_max_entries(FLOWS_V4_MAP, max_sessions)
+            .map_max_entries(FLOWS_V6_MAP, max_sessions)
             .map_max_entries(COUNTERS_MAP, max_sessions)
             .map_max_entries(POLICERS_MAP, max_sessions)
             .load(EBPF_OBJECT)
@@ -51,13 +64,15 @@ impl AyaDataPlane {
             .map_err(|e| program_error("is not a tc classifier", e))?;
         prog.load()
             .map_err(|e| program_error("was rejected by the kernel", e))?;
-        let flows = ebpf
-            .take_map(FLOWS_MAP)
-            .ok_or(DataPlaneError::Missing(FLOWS_MAP))?;
-        let flows = HashMap::try_from(flows).map_err(|source| DataPlaneError::Map {
-            map: FLOWS_MAP,
-            source,
-        })?;
+        let map = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(DataPlaneError::Missing(name))
+        };
+        let map_err = |map: &'static str| move |source| DataPlaneError::Map { map, source };
+        let flows_v4 =
+            HashMap::try_from(map(&mut ebpf, FLOWS_V4_MAP)?).map_err(map_err(FLOWS_V4_MAP))?;
+        let flows_v6 =
+            HashMap::try_from(map(&mut ebpf, FLOWS_V6_MAP)?).map_err(map_err(FLOWS_V6_MAP))?;
+        let sides = Array::try_from(map(&mut ebpf, SIDES_MAP)?).map_err(map_err(SIDES_MAP))?;
         let counters = ebpf
             .take_map(COUNTERS_MAP)
             .ok_or(DataPlaneError::Missing(COUNTERS_MAP))?;
@@ -78,9 +93,11 @@ impl AyaDataPlane {
         })?;
         Ok(Self {
             ebpf,
-            flows,
+            flows_v4,
+            flows_v6,
             counters,
             policers,
+            sides,
             capacity: max_sessions,
             nr_cpus,
             interfaces: Vec::new(),
@@ -101,7 +118,7 @@ impl AyaDataPlane {
         self.restore_on_exit = restore_on_exit;
         self.interfaces = interfaces.to_vec();
         for i in interfaces {
-            let how = self.attach(&i.name, mode)?;
+            let how = self.attach(&i.name, i.side, mode)?;
             info!(interface = %i.name, mode = how, "classifier attached on egress");
             if let Some(config) = i.scheduler {
                 self.schedulers
@@ -120,12 +137,20 @@ impl AyaDataPlane {
             })
     }
 
-    /// Attaches the classifier on `interface`'s egress; returns how ("tcx" or "clsact").
+    /// Attaches the classifier for `side` on `interface`'s egress; returns how ("tcx" or
+    /// "clsact").
     pub fn attach(
         &mut self,
         interface: &str,
+        side: Side,
         mode: AttachMode,
     ) -> Result<&'static str, DataPlaneError> {
+        let index =
+            nix::net::if_::if_nametoindex(interface).map_err(|e| DataPlaneError::Attach {
+                interface: interface.to_owned(),
+                what: format!("no such interface ({e})"),
+            })?;
+        self.set_side(index, side)?;
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(CLASSIFIER)
@@ -172,6 +197,24 @@ impl AyaDataPlane {
         }
     }
 
+    /// Tells the classifier which end of packets leaving interface `ifindex` can be a device.
+    /// An interface whose index does not fit the map stays two-sided (correct, one look-up more).
+    pub fn set_side(&mut self, ifindex: u32, side: Side) -> Result<(), DataPlaneError> {
+        if ifindex > IFINDEX_MASK {
+            warn!(
+                ifindex,
+                "interface index beyond the side map; looking both ways"
+            );
+            return Ok(());
+        }
+        self.sides
+            .set(ifindex, side_code(side), 0)
+            .map_err(|source| DataPlaneError::Map {
+                map: SIDES_MAP,
+                source,
+            })
+    }
+
     /// The loaded classifier, for `BPF_PROG_TEST_RUN`.
     pub fn program_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, DataPlaneError> {
         let prog: &SchedClassifier = self
@@ -199,35 +242,43 @@ fn program_error(what: &str, e: aya::programs::ProgramError) -> DataPlaneError {
 
 impl DataPlane for AyaDataPlane {
     fn install(&mut self, key: DeviceKey, rule: &FlowRule) -> Result<(), DataPlaneError> {
-        self.flows
-            .insert(key, *rule, 0)
-            .map_err(|source| match &source {
-                MapError::SyscallError(e)
-                    if e.io_error.raw_os_error() == Some(nix::errno::Errno::E2BIG as i32) =>
-                {
-                    DataPlaneError::Full {
-                        capacity: self.capacity,
-                    }
+        let (map, result) = if key.family == FAMILY_IPV4 {
+            (FLOWS_V4_MAP, self.flows_v4.insert(key.addr[0], *rule, 0))
+        } else {
+            (
+                FLOWS_V6_MAP,
+                self.flows_v6.insert([key.addr[0], key.addr[1]], *rule, 0),
+            )
+        };
+        result.map_err(|source| match &source {
+            MapError::SyscallError(e)
+                if e.io_error.raw_os_error() == Some(nix::errno::Errno::E2BIG as i32) =>
+            {
+                DataPlaneError::Full {
+                    capacity: self.capacity,
                 }
-                _ => DataPlaneError::Map {
-                    map: FLOWS_MAP,
-                    source,
-                },
-            })
+            }
+            _ => DataPlaneError::Map { map, source },
+        })
     }
 
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError> {
-        match self.flows.remove(key) {
+        let (map, result) = if key.family == FAMILY_IPV4 {
+            (FLOWS_V4_MAP, self.flows_v4.remove(&key.addr[0]))
+        } else {
+            (
+                FLOWS_V6_MAP,
+                self.flows_v6.remove(&[key.addr[0], key.addr[1]]),
+            )
+        };
+        match result {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) =>
             {
                 Ok(())
             }
-            Err(source) => Err(DataPlaneError::Map {
-                map: FLOWS_MAP,
-                source,
-            }),
+            Err(source) => Err(DataPlaneError::Map { map, source }),
         }
     }
 
@@ -265,7 +316,12 @@ impl DataPlane for AyaDataPlane {
     }
 
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError> {
-        let how = self.attach(interface, self.attach_mode)?;
+        let side = self
+            .interfaces
+            .iter()
+            .find(|i| i.name == interface)
+            .map_or(Side::Both, |i| i.side);
+        let how = self.attach(interface, side, self.attach_mode)?;
         info!(interface, mode = how, "classifier attached again");
         let config = self
             .interfaces

@@ -1,0 +1,342 @@
+//! Data plane benchmarks. Run with `cargo xtask bench` (root). Prints numbers; asserts nothing.
+//!
+//! 1. Classifier cost per packet, `BPF_PROG_TEST_RUN` (the kernel times `repeat` runs of the
+//!    program on one skb and reports the mean): a matching uplink UDP packet of a session with
+//!    every feature on (8 device and 8 server port ranges, a server subnet, a policer that
+//!    conforms, DSCP rewrite, skb->priority, per-CPU counters), and a packet of no session (two
+//!    misses), with 1, 1k, 100k and 1M sessions installed. Median of 5 runs of 1M repeats.
+//!    After the first run the DSCP is already set, so later runs skip the checksum update (a few
+//!    ns).
+//! 2. The same DSCP-marking job in the forwarding path of a namespace lab, for eBPF (qod's
+//!    classifier on the edge's egress), nftables (one verdict-map lookup on the source address)
+//!    and iptables (one mangle rule per session, DSCP target): a single UDP sender pushes 64-byte
+//!    datagrams for 3 s from the device through the edge to the server, whose receiver counts
+//!    them. Every packet matches the session installed last (the worst case for a rule list).
+//!    Cost per packet = 1/pps(method) − 1/pps(nothing installed); sender, forwarding and receiver
+//!    share the CPU (veth delivers in the sender's softirq), so the difference is the marking
+//!    cost plus noise. iptables stops at 10k rules: loading and walking more is impractical, which
+//!    is the point.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use qod_common::{FlowRule, MAX_PORT_RANGES, Policer, PortRange};
+use qod_daemon::{
+    config::Side,
+    dataplane::{AyaDataPlane, DataPlane as _, monotonic_ns},
+    model::{ipv4_key, network_words},
+};
+use qod_testkit::{
+    EDGE_SRV_IF, Lab, addr,
+    bpf::{eth, ipv4, l4, test_run},
+};
+
+fn rule(slot: u32, police: bool) -> FlowRule {
+    let (server_addr, server_mask) = network_words("10.0.2.0/24".parse().expect("net"));
+    let mut ranges = [PortRange::default(); MAX_PORT_RANGES];
+    for (i, r) in ranges.iter_mut().enumerate() {
+        let base = 1000 * (i as u16 + 1);
+        *r = PortRange {
+            from: base,
+            to: base + 10,
+        };
+    }
+    FlowRule {
+        expires_at_ns: monotonic_ns() + 3_600_000_000_000,
+        skb_priority: 0x0001_0010,
+        slot,
+        server_addr,
+        server_mask,
+        dscp: 46,
+        n_device_ports: MAX_PORT_RANGES as u8,
+        n_server_ports: MAX_PORT_RANGES as u8,
+        _pad: 0,
+        device_ports: ranges,
+        server_ports: ranges,
+        _reserved: 0,
+        police_up: if police {
+            Policer::new(400_000_000_000, 1 << 30)
+        } else {
+            Policer::default()
+        },
+        police_down: Policer::default(),
+    }
+}
+
+/// The n-th filler device address: 11.x.y.z.
+fn filler(n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0b00_0000 | (n + 1))
+}
+
+fn median(mut v: Vec<u32>) -> u32 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn classifier() -> anyhow::Result<()> {
+    println!("## classifier, BPF_PROG_TEST_RUN, ns/packet (median of 5 × 1M runs)\n");
+    println!("| sessions | matching packet | no session | no session, two-sided program |");
+    println!("|---:|---:|---:|---:|");
+    let sizes = [1u32, 1_000, 100_000, 1_000_000];
+    let mut first = None;
+    for &n in &sizes {
+        let mut dp = AyaDataPlane::load(n + 16)?;
+        // Fillers first, then the measured session (last installed).
+        for i in 0..n.saturating_sub(1) {
+            dp.install(ipv4_key(filler(i)), &rule(i % (n + 16), false))?;
+        }
+        let slot = n;
+        dp.reset_counters(slot)?;
+        dp.install(
+            ipv4_key(Ipv4Addr::new(10, 0, 1, 2)),
+            &rule(slot, std::env::var_os("QOD_BENCH_NO_POLICER").is_none()),
+        )?;
+        let hit = eth(
+            0x0800,
+            &[],
+            &ipv4(
+                [10, 0, 1, 2],
+                [10, 0, 2, 7],
+                17,
+                0,
+                &[],
+                0,
+                &l4(17, 8005, 5003, 18),
+            ),
+        );
+        let miss = eth(
+            0x0800,
+            &[],
+            &ipv4(
+                [10, 9, 1, 2],
+                [10, 9, 2, 7],
+                17,
+                0,
+                &[],
+                0,
+                &l4(17, 8005, 5003, 18),
+            ),
+        );
+        let mut runs = |side: Side, pkt: &[u8]| -> anyhow::Result<u32> {
+            // test_run hands the skb the loopback device (index 1).
+            dp.set_side(1, side)?;
+            let fd = dp.program_fd()?;
+            let mut v = Vec::new();
+            for _ in 0..5 {
+                let r = test_run(fd, pkt, 1_000_000)?;
+                anyhow::ensure!(r.retval == -1, "unexpected verdict {}", r.retval);
+                v.push(r.ns_per_run);
+            }
+            Ok(median(v))
+        };
+        // The uplink program (server-facing interface) sees the uplink packet; the two-sided one
+        // (an interface carrying both directions) pays two look-ups on a miss.
+        let (h, m, m2) = (
+            runs(Side::Server, &hit)?,
+            runs(Side::Server, &miss)?,
+            runs(Side::Both, &miss)?,
+        );
+        let c = dp.counters(slot)?;
+        anyhow::ensure!(c.up_packets > 0, "the measured packet did not match");
+        first.get_or_insert(h);
+        println!("| {n} | {h} | {m} | {m2} |");
+    }
+    if let Some(one) = first {
+        println!(
+            "\n(1M sessions vs 1: see the ratio of the first column's last and first rows; 1 session = {one} ns)\n"
+        );
+    }
+    Ok(())
+}
+
+/// Packets per second delivered from device to server through the edge.
+fn blast(lab: &Lab, secs: Duration) -> anyhow::Result<f64> {
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (r, s) = (received.clone(), stop.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let rx = lab.server.spawn(move || {
+        let sock = UdpSocket::bind((addr::SERVER_V4, 6000))?;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let _ = ready_tx.send(());
+        let mut buf = [0u8; 2048];
+        while !s.load(Ordering::Relaxed) {
+            if sock.recv(&mut buf).is_ok() {
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5))?;
+    let tx = lab.device.spawn(move || {
+        let sock = UdpSocket::bind((addr::DEVICE_V4, 6001))?;
+        let to: SocketAddr = (addr::SERVER_V4.parse::<Ipv4Addr>()?, 6000).into();
+        let payload = [0u8; 22]; // 64-byte frames
+        let end = Instant::now() + secs;
+        while Instant::now() < end {
+            for _ in 0..64 {
+                let _ = sock.send_to(&payload, to);
+            }
+        }
+        Ok(())
+    });
+    let start = received.load(Ordering::Relaxed);
+    tx.join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    rx.join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    Ok((received.load(Ordering::Relaxed) - start) as f64 / secs.as_secs_f64())
+}
+
+/// Runs per measurement (median taken).
+const REPS: usize = 5;
+
+fn forwarding() -> anyhow::Result<()> {
+    println!(
+        "## DSCP marking in the forwarding path (64-byte UDP, one sender), ns/packet over no marking\n"
+    );
+    let secs = Duration::from_millis(1500);
+    let lab = Lab::new()?;
+    // The median of several short runs; a baseline is taken next to every measurement so slow
+    // drift of the machine cancels out.
+    let measure = |lab: &Lab| -> anyhow::Result<f64> {
+        let mut v = Vec::new();
+        for _ in 0..REPS {
+            v.push(blast(lab, secs)?);
+        }
+        v.sort_by(f64::total_cmp);
+        Ok(v[v.len() / 2])
+    };
+    println!(
+        "| sessions | baseline kpps | eBPF ns | nftables map ns | iptables rules ns | nft / eBPF | iptables / eBPF |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let cost = |pps: f64, base: f64| 1e9 / pps - 1e9 / base;
+    for n in [1u32, 1_000, 10_000, 100_000, 1_000_000] {
+        let base = measure(&lab)?;
+        // eBPF: the classifier on the edge's egress towards the server, N sessions.
+        let ebpf = {
+            let mut dp = AyaDataPlane::load(n + 16)?;
+            for i in 0..n.saturating_sub(1) {
+                dp.install(ipv4_key(filler(i)), &rule(i % (n + 16), false))?;
+            }
+            let mut r = rule(n, false);
+            r.n_device_ports = 0;
+            r.n_server_ports = 0;
+            dp.reset_counters(n)?;
+            dp.install(ipv4_key(addr::DEVICE_V4.parse()?), &r)?;
+            let edge = lab.edge.name.clone();
+            // Attach from inside the edge namespace (interface names are per namespace).
+            let dp = lab.edge.run(move || {
+                let _ = edge;
+                let mut dp = dp;
+                dp.attach(
+                    EDGE_SRV_IF,
+                    Side::Server,
+                    qod_daemon::config::AttachMode::Auto,
+                )?;
+                Ok(dp)
+            })?;
+            let pps = measure(&lab)?;
+            drop(dp);
+            pps
+        };
+        // nftables: a verdict map keyed by source address.
+        let nft = {
+            let mut script = String::from(
+                "table ip qodbench {\n chain qod_mark {\n  ip dscp set ef\n }\n map sessions {\n  type ipv4_addr : verdict\n",
+            );
+            let mut elems: Vec<String> = (0..n.saturating_sub(1))
+                .map(|i| format!("{} : jump qod_mark", filler(i)))
+                .collect();
+            elems.push(format!("{} : jump qod_mark", addr::DEVICE_V4));
+            script.push_str(&format!("  elements = {{ {} }}\n }}\n", elems.join(", ")));
+            script.push_str(" chain post {\n  type filter hook postrouting priority mangle;\n  ip saddr vmap @sessions\n }\n}\n");
+            let file = std::env::temp_dir().join(format!("qodbench-{}.nft", std::process::id()));
+            std::fs::write(&file, script)?;
+            lab.edge
+                .exec("nft", &["-f", file.to_str().unwrap_or_default()])?;
+            let _ = std::fs::remove_file(&file);
+            let pps = measure(&lab)?;
+            lab.edge
+                .exec("nft", &["delete", "table", "ip", "qodbench"])?;
+            pps
+        };
+        // iptables: one mangle rule per session, the measured one last.
+        let ipt = if n <= 10_000 {
+            let mut rules = String::from("*mangle\n");
+            for i in 0..n.saturating_sub(1) {
+                rules.push_str(&format!(
+                    "-A POSTROUTING -s {}/32 -j DSCP --set-dscp 46\n",
+                    filler(i)
+                ));
+            }
+            rules.push_str(&format!(
+                "-A POSTROUTING -s {}/32 -j DSCP --set-dscp 46\nCOMMIT\n",
+                addr::DEVICE_V4
+            ));
+            let file = std::env::temp_dir().join(format!("qodbench-{}.ipt", std::process::id()));
+            std::fs::write(&file, rules)?;
+            let status = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &lab.edge.name,
+                    "sh",
+                    "-c",
+                    &format!("iptables-restore < {}", file.display()),
+                ])
+                .status()?;
+            let _ = std::fs::remove_file(&file);
+            anyhow::ensure!(status.success(), "iptables-restore failed");
+            let pps = measure(&lab)?;
+            lab.edge.exec("iptables", &["-t", "mangle", "-F"])?;
+            Some(pps)
+        } else {
+            None
+        };
+        let (e, f) = (cost(ebpf, base), cost(nft, base));
+        let ratio = |x: f64| {
+            if e > 10.0 {
+                format!("{:.1}×", x / e)
+            } else {
+                "-".into()
+            }
+        };
+        let (ipt_ns, ipt_ratio) = ipt.map_or(("-".into(), "-".into()), |p| {
+            (format!("{:.0}", cost(p, base)), ratio(cost(p, base)))
+        });
+        println!(
+            "| {n} | {:.0} | {e:.0} | {f:.0} | {ipt_ns} | {} | {ipt_ratio} |",
+            base / 1e3,
+            ratio(f)
+        );
+    }
+    println!(
+        "\n(ns are per packet over the adjacent baseline; negative or small values are within the noise)"
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "benchmarks load eBPF and build namespaces: run as root (cargo xtask bench)"
+    );
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if only.as_deref().is_none_or(|o| o == "classifier") {
+        classifier()?;
+    }
+    if only.as_deref().is_none_or(|o| o == "forwarding") {
+        forwarding()?;
+    }
+    Ok(())
+}
