@@ -8,12 +8,14 @@
 use core::mem::size_of;
 
 /// Bumped on any change to a map's name, key, value or meaning.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
-/// Hash map IPv4 device address (`u32`, network byte order) -> `FlowRule`.
+/// Hash map IPv4 device address (`u32`, network byte order) -> `DeviceRules`.
 pub const FLOWS_V4_MAP: &str = "QOD_FLOWS_V4";
-/// Hash map IPv6 device /64 (`[u32; 2]`, network byte order) -> `FlowRule`.
+/// Hash map IPv6 device /64 (`[u32; 2]`, network byte order) -> `DeviceRules`.
 pub const FLOWS_V6_MAP: &str = "QOD_FLOWS_V6";
+/// Most sessions (with non-overlapping flows) one device may hold at once.
+pub const MAX_SESSIONS_PER_DEVICE: usize = 4;
 /// Per-CPU array of `FlowCounters`, indexed by `FlowRule::slot`.
 pub const COUNTERS_MAP: &str = "QOD_COUNTERS";
 /// Array of `PolicerState`, indexed by `FlowRule::slot`; shared by all CPUs.
@@ -85,11 +87,12 @@ pub struct FlowRule {
     pub server_mask: [u32; 4],
     /// DSCP written to matched packets (0..=63); the ECN bits are kept.
     pub dscp: u8,
+    /// Prefix length of the server network: the most specific matching rule wins.
+    pub server_prefix_len: u8,
     /// Number of used entries in `device_ports`; 0 means any device port.
     pub n_device_ports: u8,
     /// Number of used entries in `server_ports`; 0 means any server port.
     pub n_server_ports: u8,
-    pub _pad: u8,
     pub device_ports: [PortRange; MAX_PORT_RANGES],
     pub server_ports: [PortRange; MAX_PORT_RANGES],
     pub _reserved: u32,
@@ -98,6 +101,16 @@ pub struct FlowRule {
     pub police_down: Policer,
 }
 const _: () = assert!(size_of::<FlowRule>() == 152);
+
+/// Every session of one device, as the classifier matches them (first `n` used).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceRules {
+    pub n: u32,
+    pub _pad: u32,
+    pub rules: [FlowRule; MAX_SESSIONS_PER_DEVICE],
+}
+const _: () = assert!(size_of::<DeviceRules>() == 8 + 152 * MAX_SESSIONS_PER_DEVICE);
 
 /// A maximum rate enforced in the classifier as a GCRA (virtual scheduling) token bucket.
 #[repr(C)]
@@ -173,7 +186,7 @@ const _: () = assert!(size_of::<FlowCounters>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{DeviceKey, FlowCounters, FlowRule, PolicerState};
+    use super::{DeviceKey, DeviceRules, FlowCounters, FlowRule, PolicerState};
     // SAFETY: all three are `#[repr(C)]`, made only of integers, with no implicit padding (sizes
     // asserted above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for DeviceKey {}
@@ -183,4 +196,6 @@ mod pod {
     unsafe impl aya::Pod for FlowCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PolicerState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DeviceRules {}
 }

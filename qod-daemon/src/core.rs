@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use qod_common::{DeviceKey, FlowCounters, FlowRule, MAX_PORT_RANGES, Policer, PortRange};
+use qod_common::{
+    DeviceKey, FlowCounters, FlowRule, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, Policer, PortRange,
+};
 use time::OffsetDateTime;
 use tokio::{
     sync::{Notify, broadcast},
@@ -190,7 +192,7 @@ struct Inner {
     dp: Box<dyn DataPlane>,
     sessions: HashMap<SessionId, Session>,
     /// Every stored session (AVAILABLE or retained UNAVAILABLE) by device.
-    by_device: HashMap<DeviceKey, SessionId>,
+    by_device: HashMap<DeviceKey, Vec<SessionId>>,
     deadlines: BTreeSet<(Instant, SessionId)>,
     slots: Slots,
     /// Guaranteed-rate class indexes.
@@ -322,10 +324,25 @@ impl Core {
         let now = OffsetDateTime::now_utc();
         let deadline = Instant::now() + secs(req.duration);
         let mut inner = self.lock();
-        if inner.by_device.contains_key(&flow.device) {
+        let same_device: Vec<&Session> = inner
+            .by_device
+            .get(&flow.device)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| inner.sessions.get(id))
+            .collect();
+        if same_device.iter().any(|s| s.flow.overlaps(&flow)) {
             return Err(CamaraError::new(
                 CamaraCode::Conflict,
-                "conflict with an existing session for the same device: delete it or wait for it to end",
+                "conflict with an existing session for the same device and an overlapping flow: delete it or wait for it to end",
+            ));
+        }
+        if same_device.len() >= MAX_SESSIONS_PER_DEVICE {
+            return Err(CamaraError::new(
+                CamaraCode::QuotaExceeded,
+                format!(
+                    "a device holds at most {MAX_SESSIONS_PER_DEVICE} sessions at once (ended ones count until deleted or purged)"
+                ),
             ));
         }
         if let Some(link) = inner.links_down.iter().next() {
@@ -353,10 +370,10 @@ impl Core {
             }
         };
         let rule = self.flow_rule(&flow, profile, slot, req.duration, reservation.as_ref());
-        let installed = inner
-            .dp
-            .reset_counters(slot)
-            .and_then(|()| inner.dp.install(flow.device, &rule));
+        let installed = inner.dp.reset_counters(slot).and_then(|()| {
+            let rules = device_rules(&inner, &flow.device, None, Some(rule));
+            sync_device(&mut inner, &flow.device, &rules)
+        });
         if let Err(e) = installed {
             inner.slots.give_back(slot);
             release(&mut inner, reservation);
@@ -378,7 +395,11 @@ impl Core {
             deadline,
             flow,
         };
-        inner.by_device.insert(session.flow.device, id);
+        inner
+            .by_device
+            .entry(session.flow.device)
+            .or_default()
+            .push(id);
         inner.deadlines.insert((deadline, id));
         let view = SessionView {
             session,
@@ -547,10 +568,10 @@ impl Core {
             server_addr,
             server_mask,
             dscp: profile.dscp,
+            server_prefix_len: flow.server.prefix(),
             // AppFlow::from_request bounds both lists by MAX_PORT_RANGES.
             n_device_ports: flow.device_ports.len().min(MAX_PORT_RANGES) as u8,
             n_server_ports: flow.server_ports.len().min(MAX_PORT_RANGES) as u8,
-            _pad: 0,
             device_ports: ranges(&flow.device_ports),
             server_ports: ranges(&flow.server_ports),
             _reserved: 0,
@@ -612,9 +633,8 @@ impl Core {
             .clone();
         let final_view = if let SessionState::Available { slot, .. } = session.state {
             let counters = inner.dp.counters(slot).unwrap_or_default();
-            inner
-                .dp
-                .remove(&session.flow.device)
+            let rules = device_rules(&inner, &session.flow.device, Some(id), None);
+            sync_device(&mut inner, &session.flow.device, &rules)
                 .map_err(|e| dataplane_error(&e))?;
             inner.slots.give_back(slot);
             release(&mut inner, session.reservation.clone());
@@ -637,7 +657,7 @@ impl Core {
             None
         };
         inner.sessions.remove(&id);
-        inner.by_device.remove(&session.flow.device);
+        unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
         if let Some((view, now)) = final_view {
             self.emit(view, now);
@@ -675,15 +695,12 @@ impl Core {
         // The kernel's end moves by as much as the scheduled one.
         let mut rule = session.rule;
         rule.expires_at_ns += u64::from(added) * 1_000_000_000;
-        inner
-            .dp
-            .install(session.flow.device, &rule)
-            .map_err(|e| dataplane_error(&e))?;
+        let rules = device_rules(&inner, &session.flow.device, Some(id), Some(rule));
+        sync_device(&mut inner, &session.flow.device, &rules).map_err(|e| dataplane_error(&e))?;
         let deadline = session.deadline + secs(added);
         let mut updated = session.clone();
         updated.duration = total;
         updated.deadline = deadline;
-        updated.rule = rule;
         updated.rule = rule;
         updated.state = SessionState::Available {
             slot,
@@ -695,12 +712,13 @@ impl Core {
         view(&inner, &updated)
     }
 
-    /// Sessions of `device` (one per address it is known by: a second one is a conflict).
+    /// Sessions of `device`, under every address it is known by.
     pub fn retrieve(&self, device: &DeviceId) -> Result<Vec<SessionView>, CamaraError> {
         let keys = self.policy().resolve_all(device)?;
         let inner = self.lock();
         keys.iter()
-            .filter_map(|k| inner.by_device.get(k).and_then(|id| inner.sessions.get(id)))
+            .flat_map(|k| inner.by_device.get(k).into_iter().flatten())
+            .filter_map(|id| inner.sessions.get(id))
             .map(|s| view(&inner, s))
             .collect()
     }
@@ -714,7 +732,8 @@ impl Core {
             return;
         };
         let counters = inner.dp.counters(slot).unwrap_or_default();
-        if let Err(e) = inner.dp.remove(&session.flow.device) {
+        let rules = device_rules(inner, &session.flow.device, Some(id), None);
+        if let Err(e) = sync_device(inner, &session.flow.device, &rules) {
             // The kernel ignores the entry past its expiry anyway; the slot stays taken so no
             // new session shares those counters.
             error!(session = %id, error = %e, "cannot remove rule");
@@ -767,7 +786,9 @@ impl Core {
                         rule.skb_priority = prio;
                     }
                     if rule != session.rule {
-                        match inner.dp.install(session.flow.device, &rule) {
+                        let rules =
+                            device_rules(&inner, &session.flow.device, Some(id), Some(rule));
+                        match sync_device(&mut inner, &session.flow.device, &rules) {
                             Ok(()) => {
                                 if let Some(s) = inner.sessions.get_mut(&id) {
                                     s.rule = rule;
@@ -805,7 +826,7 @@ impl Core {
                 }
                 SessionState::Unavailable { .. } => {
                     inner.sessions.remove(&id);
-                    inner.by_device.remove(&session.flow.device);
+                    unlink(&mut inner, &session.flow.device, id);
                     info!(session = %id, "unavailable session purged");
                 }
             }
@@ -886,6 +907,50 @@ fn dataplane_error(e: &DataPlaneError) -> CamaraError {
             CamaraCode::Internal,
             format!("the data plane refused the change: {e}"),
         ),
+    }
+}
+
+/// The rules of `key`'s AVAILABLE sessions, leaving out `skip` and adding `with`.
+fn device_rules(
+    inner: &Inner,
+    key: &DeviceKey,
+    skip: Option<SessionId>,
+    with: Option<FlowRule>,
+) -> Vec<FlowRule> {
+    let mut rules: Vec<FlowRule> = inner
+        .by_device
+        .get(key)
+        .into_iter()
+        .flatten()
+        .filter(|id| Some(**id) != skip)
+        .filter_map(|id| inner.sessions.get(id))
+        .filter(|s| matches!(s.state, SessionState::Available { .. }))
+        .map(|s| s.rule)
+        .collect();
+    rules.extend(with);
+    rules
+}
+
+/// Puts exactly `rules` in the kernel for `key` (none: the entry goes).
+fn sync_device(
+    inner: &mut Inner,
+    key: &DeviceKey,
+    rules: &[FlowRule],
+) -> Result<(), DataPlaneError> {
+    if rules.is_empty() {
+        inner.dp.remove(key)
+    } else {
+        inner.dp.install(*key, rules)
+    }
+}
+
+/// Forgets that session `id` belongs to `key`.
+fn unlink(inner: &mut Inner, key: &DeviceKey, id: SessionId) {
+    if let Some(ids) = inner.by_device.get_mut(key) {
+        ids.retain(|i| *i != id);
+        if ids.is_empty() {
+            inner.by_device.remove(key);
+        }
     }
 }
 
@@ -981,7 +1046,7 @@ mod tests {
         let mut events = core.subscribe();
         let v = core.create(request([10, 0, 0, 1], 60)).expect("create");
         let key = ipv4_key(Ipv4Addr::new(10, 0, 0, 1));
-        let rule = dp.state.lock().expect("lock").flows[&key];
+        let rule = dp.state.lock().expect("lock").flows[&key][0];
         assert_eq!((rule.dscp, rule.skb_priority), (32, LOW_LATENCY_CLASS));
         // No scheduled interface here: the 500 kbit/s maximum is policed in the classifier.
         assert_eq!(rule.police_down, policer(500_000));
@@ -1103,10 +1168,10 @@ mod tests {
     async fn extend_is_capped_at_the_maximum_and_moves_the_deadline() {
         let (core, dp) = core(4);
         let v = core.create(request([10, 0, 0, 1], 86_000)).expect("create");
-        let before = dp.state.lock().expect("lock").flows[&v.session.flow.device].expires_at_ns;
+        let before = dp.state.lock().expect("lock").flows[&v.session.flow.device][0].expires_at_ns;
         let ext = core.extend(v.session.id, 1_000).expect("extend");
         assert_eq!(ext.session.duration, 86_400, "capped at QOS_E's 1 day");
-        let after = dp.state.lock().expect("lock").flows[&v.session.flow.device].expires_at_ns;
+        let after = dp.state.lock().expect("lock").flows[&v.session.flow.device][0].expires_at_ns;
         assert!(after > before, "kernel expiry moved");
         tokio::time::advance(Duration::from_secs(86_000)).await;
         core.expire_due(Instant::now());
@@ -1160,7 +1225,10 @@ mod tests {
         core.reload(next);
 
         let flows = dp.state.lock().expect("lock").flows.clone();
-        assert_eq!(flows[&e.session.flow.device].dscp, 46, "new DSCP applied");
+        assert_eq!(
+            flows[&e.session.flow.device][0].dscp, 46,
+            "new DSCP applied"
+        );
         assert!(
             !flows.contains_key(&l.session.flow.device),
             "rule of the dropped profile removed"
@@ -1319,6 +1387,58 @@ mod tests {
         assert_eq!(
             core.get(v.session.id).expect("kept").session.qos_status(),
             QosStatus::Unavailable
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_device_holds_several_sessions_with_disjoint_flows() {
+        let (core, dp) = core(16);
+        let key = ipv4_key(Ipv4Addr::new(10, 0, 0, 1));
+        let with_ports = |ports: Vec<u16>| {
+            let mut r = request([10, 0, 0, 1], 60);
+            r.server_ports = Some(Ports {
+                ranges: vec![],
+                ports,
+            });
+            r
+        };
+        let a = core.create(with_ports(vec![443])).expect("first");
+        core.create(with_ports(vec![8443])).expect("disjoint ports");
+        assert_eq!(
+            dp.state.lock().expect("lock").flows[&key].len(),
+            2,
+            "both rules under one key"
+        );
+        let err = core
+            .create(with_ports(vec![443, 9000]))
+            .expect_err("overlaps the first");
+        assert_eq!(err.code, CamaraCode::Conflict);
+        // No server ports means every port: overlaps both.
+        let mut all = request([10, 0, 0, 1], 60);
+        all.server_ports = None;
+        assert_eq!(
+            core.create(all).expect_err("overlaps").code,
+            CamaraCode::Conflict
+        );
+        // Another server network is another flow.
+        let mut other = request([10, 0, 0, 1], 60);
+        other.server = ApplicationServer {
+            ipv4: Some("198.51.100.0/24".parse().expect("net")),
+            ipv6: None,
+            given: (None, None),
+        };
+        core.create(other).expect("other server");
+        core.create(with_ports(vec![1])).expect("fourth");
+        let err = core.create(with_ports(vec![2])).expect_err("fifth");
+        assert_eq!(err.code, CamaraCode::QuotaExceeded);
+        // Deleting one leaves the others in the kernel.
+        core.delete(a.session.id).expect("delete");
+        assert_eq!(dp.state.lock().expect("lock").flows[&key].len(), 3);
+        assert_eq!(
+            core.retrieve(&request([10, 0, 0, 1], 1).device)
+                .expect("retrieve")
+                .len(),
+            3
         );
     }
 }

@@ -297,6 +297,32 @@ impl AppFlow {
     }
 }
 
+impl AppFlow {
+    /// Whether a packet could belong to both flows: same device, intersecting server networks
+    /// and intersecting device and server port sets (no ports meaning every port).
+    pub fn overlaps(&self, other: &AppFlow) -> bool {
+        let nets = match (self.server, other.server) {
+            (IpNetwork::V4(a), IpNetwork::V4(b)) => {
+                a.contains(b.network()) || b.contains(a.network())
+            }
+            (IpNetwork::V6(a), IpNetwork::V6(b)) => {
+                a.contains(b.network()) || b.contains(a.network())
+            }
+            _ => false,
+        };
+        let ports = |a: &[PortRange], b: &[PortRange]| {
+            a.is_empty()
+                || b.is_empty()
+                || a.iter()
+                    .any(|x| b.iter().any(|y| x.from <= y.to && y.from <= x.to))
+        };
+        self.device == other.device
+            && nets
+            && ports(&self.device_ports, &other.device_ports)
+            && ports(&self.server_ports, &other.server_ports)
+    }
+}
+
 /// The server network as (address, mask) words in network byte order, address masked.
 pub fn network_words(net: IpNetwork) -> ([u32; 4], [u32; 4]) {
     match net {

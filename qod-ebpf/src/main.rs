@@ -21,19 +21,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use qod_common::{
-    FAMILY_IPV4, FAMILY_IPV6, FlowCounters, FlowRule, IFINDEX_MASK, MAX_PORT_RANGES, Policer,
-    PolicerState, PortRange, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK,
+    DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FlowCounters, FlowRule, IFINDEX_MASK, MAX_PORT_RANGES,
+    MAX_SESSIONS_PER_DEVICE, Policer, PolicerState, PortRange, SIDE_BOTH, SIDE_DOWNLINK,
+    SIDE_UPLINK,
 };
 
 /// Default capacity; user space sets the configured `max_sessions` at load time.
 const DEFAULT_MAX_SESSIONS: u32 = 65_536;
 
 #[map]
-static QOD_FLOWS_V4: HashMap<u32, FlowRule> =
+static QOD_FLOWS_V4: HashMap<u32, DeviceRules> =
     HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
 
 #[map]
-static QOD_FLOWS_V6: HashMap<[u32; 2], FlowRule> =
+static QOD_FLOWS_V6: HashMap<[u32; 2], DeviceRules> =
     HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
 
 /// Side of each managed interface, by `ifindex & IFINDEX_MASK` (0, both, when unset).
@@ -118,21 +119,15 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
         .copied()
         .unwrap_or(SIDE_BOTH);
     let pkt = parse(ctx)?;
-    // Expiry reads the coarse monotonic clock (same epoch, at most a tick behind, much cheaper),
-    // and only once a session matched: most packets belong to none.
-    let live = |rule: &FlowRule| {
-        // SAFETY: bpf_ktime_get_coarse_ns takes no arguments and cannot fail.
-        rule.expires_at_ns == 0 || unsafe { bpf_ktime_get_coarse_ns() } < rule.expires_at_ns
-    };
     // Downlink: the destination is a device. Uplink: the source is.
     let down = || lookup(&pkt, pkt.dst, pkt.src, false);
     let up = || lookup(&pkt, pkt.src, pkt.dst, true);
     let (rule, uplink) = match sides {
-        SIDE_DOWNLINK => (down().filter(|r| live(r)).ok_or(Skip::NoMatch)?, false),
-        SIDE_UPLINK => (up().filter(|r| live(r)).ok_or(Skip::NoMatch)?, true),
-        _ => match down().filter(|r| live(r)) {
+        SIDE_DOWNLINK => (down().ok_or(Skip::NoMatch)?, false),
+        SIDE_UPLINK => (up().ok_or(Skip::NoMatch)?, true),
+        _ => match down() {
             Some(rule) => (rule, false),
-            None => (up().filter(|r| live(r)).ok_or(Skip::NoMatch)?, true),
+            None => (up().ok_or(Skip::NoMatch)?, true),
         },
     };
 
@@ -212,7 +207,8 @@ fn police(p: &Policer, slot: u32, uplink: bool, len: u64) -> bool {
     true
 }
 
-/// The live-or-not rule of `device`, if its server network and ports match the other end.
+/// The live rule of `device` whose server network and ports match the other end; when several
+/// do, the one with the most specific server network.
 #[inline(always)]
 fn lookup(
     pkt: &Packet,
@@ -220,23 +216,57 @@ fn lookup(
     server: [u32; 4],
     uplink: bool,
 ) -> Option<&'static FlowRule> {
-    let rule = if pkt.family == FAMILY_IPV4 {
+    let rules = if pkt.family == FAMILY_IPV4 {
         QOD_FLOWS_V4.get_ptr(device[0])?
     } else {
         QOD_FLOWS_V6.get_ptr([device[0], device[1]])?
     };
     // SAFETY: the maps are BPF_F_NO_PREALLOC, so an entry replaced or deleted by user space stays
     // valid until this program returns (RCU); nothing here outlives that.
-    let rule: &'static FlowRule = unsafe { &*rule };
+    let rules: &'static DeviceRules = unsafe { &*rules };
+    let mut best: Option<&'static FlowRule> = None;
+    let mut now = 0;
+    let mut i = 0;
+    while i < MAX_SESSIONS_PER_DEVICE {
+        if i >= rules.n as usize {
+            break;
+        }
+        let rule = &rules.rules[i];
+        i += 1;
+        if best.is_some_and(|b| b.server_prefix_len >= rule.server_prefix_len)
+            || !matches(pkt, rule, server, uplink)
+        {
+            continue;
+        }
+        // Expiry reads the coarse monotonic clock (same epoch, at most a tick behind, much
+        // cheaper), and only for a rule that matched.
+        if rule.expires_at_ns != 0 {
+            if now == 0 {
+                // SAFETY: bpf_ktime_get_coarse_ns takes no arguments and cannot fail.
+                now = unsafe { bpf_ktime_get_coarse_ns() };
+            }
+            if now >= rule.expires_at_ns {
+                continue;
+            }
+        }
+        best = Some(rule);
+    }
+    best
+}
+
+#[inline(always)]
+fn matches(pkt: &Packet, rule: &FlowRule, server: [u32; 4], uplink: bool) -> bool {
     let mut i = 0;
     while i < 4 {
         if server[i] & rule.server_mask[i] != rule.server_addr[i] {
-            return None;
+            return false;
         }
         i += 1;
     }
     if rule.needs_ports() {
-        let (sport, dport) = pkt.ports?;
+        let Some((sport, dport)) = pkt.ports else {
+            return false;
+        };
         let (device_port, server_port) = if uplink {
             (sport, dport)
         } else {
@@ -245,10 +275,10 @@ fn lookup(
         if !in_ranges(&rule.device_ports, rule.n_device_ports, device_port)
             || !in_ranges(&rule.server_ports, rule.n_server_ports, server_port)
         {
-            return None;
+            return false;
         }
     }
-    Some(rule)
+    true
 }
 
 /// True when `n` is 0 (no constraint) or `port` falls in one of the first `n` ranges.

@@ -54,9 +54,9 @@ fn rule(slot: u32, police: bool) -> FlowRule {
         server_addr,
         server_mask,
         dscp: 46,
+        server_prefix_len: 24,
         n_device_ports: MAX_PORT_RANGES as u8,
         n_server_ports: MAX_PORT_RANGES as u8,
-        _pad: 0,
         device_ports: ranges,
         server_ports: ranges,
         _reserved: 0,
@@ -89,13 +89,16 @@ fn classifier() -> anyhow::Result<()> {
         let mut dp = AyaDataPlane::load(n + 16)?;
         // Fillers first, then the measured session (last installed).
         for i in 0..n.saturating_sub(1) {
-            dp.install(ipv4_key(filler(i)), &rule(i % (n + 16), false))?;
+            dp.install(ipv4_key(filler(i)), &[rule(i % (n + 16), false)])?;
         }
         let slot = n;
         dp.reset_counters(slot)?;
         dp.install(
             ipv4_key(Ipv4Addr::new(10, 0, 1, 2)),
-            &rule(slot, std::env::var_os("QOD_BENCH_NO_POLICER").is_none()),
+            &[rule(
+                slot,
+                std::env::var_os("QOD_BENCH_NO_POLICER").is_none(),
+            )],
         )?;
         let hit = eth(
             0x0800,
@@ -226,13 +229,13 @@ fn forwarding() -> anyhow::Result<()> {
         let ebpf = {
             let mut dp = AyaDataPlane::load(n + 16)?;
             for i in 0..n.saturating_sub(1) {
-                dp.install(ipv4_key(filler(i)), &rule(i % (n + 16), false))?;
+                dp.install(ipv4_key(filler(i)), &[rule(i % (n + 16), false)])?;
             }
             let mut r = rule(n, false);
             r.n_device_ports = 0;
             r.n_server_ports = 0;
             dp.reset_counters(n)?;
-            dp.install(ipv4_key(addr::DEVICE_V4.parse()?), &r)?;
+            dp.install(ipv4_key(addr::DEVICE_V4.parse()?), &[r])?;
             let edge = lab.edge.name.clone();
             // Attach from inside the edge namespace (interface names are per namespace).
             let dp = lab.edge.run(move || {

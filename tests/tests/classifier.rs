@@ -55,9 +55,9 @@ fn rule(
         server_addr,
         server_mask,
         dscp: DSCP,
+        server_prefix_len: server.prefix(),
         n_device_ports: device_ports.len() as u8,
         n_server_ports: server_ports.len() as u8,
-        _pad: 0,
         device_ports: fill(device_ports),
         server_ports: fill(server_ports),
         _reserved: 0,
@@ -81,7 +81,7 @@ impl Harness {
             1,
         );
         dp.reset_counters(1).expect("reset");
-        dp.install(ipv4_key(Ipv4Addr::from(DEV4)), &r4)
+        dp.install(ipv4_key(Ipv4Addr::from(DEV4)), &[r4])
             .expect("install v4");
         // IPv6: device fd00:1::/64 ↔ fd00:2::2/128, device port 40000.
         let r6 = rule(
@@ -91,7 +91,7 @@ impl Harness {
             2,
         );
         dp.reset_counters(2).expect("reset");
-        dp.install(ipv6_key(DEV6.parse().expect("v6")), &r6)
+        dp.install(ipv6_key(DEV6.parse().expect("v6")), &[r6])
             .expect("install v6");
         Self { dp }
     }
@@ -376,7 +376,7 @@ fn expired_entries_are_ignored_by_the_kernel() {
     // The classifier reads the coarse clock (at most a tick behind): a second is well past.
     r.expires_at_ns = monotonic_ns() - 1_000_000_000;
     let key: DeviceKey = ipv4_key(Ipv4Addr::new(10, 0, 1, 9));
-    dp.install(key, &r).expect("install");
+    dp.install(key, &[r]).expect("install");
     let h = Harness { dp };
     h.untouched(&udp4([10, 0, 1, 9], SRV4, 1, 2, 0), "expired entry");
 }
@@ -391,7 +391,7 @@ fn the_policer_passes_the_burst_then_drops_and_counts() {
     r.police_down = Policer::new(1_000_000, 10_000);
     let key = ipv4_key(Ipv4Addr::new(10, 0, 1, 50));
     dp.reset_counters(5).expect("reset");
-    dp.install(key, &r).expect("install");
+    dp.install(key, &[r]).expect("install");
     let h = Harness { dp };
     let frame = eth(
         0x0800,
@@ -461,4 +461,33 @@ fn one_sided_interfaces_look_one_way_only() {
         up,
         "uplink is not looked up on the downlink side"
     );
+}
+
+#[test]
+fn several_sessions_of_one_device_and_the_most_specific_server_wins() {
+    let h = Harness::new();
+    let mut dp = h.dp;
+    // Device 10.0.1.60: port 443 to 10.0.2.0/24 (DSCP 46), anything to 10.0.2.9/32 (DSCP 26).
+    let web = rule("10.0.2.0/24".parse().expect("net"), &[], &[(443, 443)], 6);
+    let mut host = rule("10.0.2.9/32".parse().expect("net"), &[], &[], 7);
+    host.dscp = 26;
+    host.skb_priority = 0x0001_0107;
+    dp.install(ipv4_key(Ipv4Addr::new(10, 0, 1, 60)), &[web, host])
+        .expect("install");
+    let h = Harness { dp };
+    let dev = [10, 0, 1, 60];
+    let r = h.run(&udp4(dev, [10, 0, 2, 5], 40000, 443, 0));
+    assert_eq!((r.data[15] >> 2, r.priority), (DSCP, PRIO), "first rule");
+    let r = h.run(&udp4(dev, [10, 0, 2, 9], 40000, 80, 0));
+    assert_eq!(
+        (r.data[15] >> 2, r.priority),
+        (26, 0x0001_0107),
+        "second rule"
+    );
+    // Both match 10.0.2.9:443; the /32 is more specific.
+    let r = h.run(&udp4(dev, [10, 0, 2, 9], 40000, 443, 0));
+    assert_eq!(r.data[15] >> 2, 26, "longest prefix wins");
+    h.untouched(&udp4(dev, [10, 0, 2, 5], 40000, 80, 0), "neither rule");
+    assert_eq!(h.dp.counters(7).expect("counters").up_packets, 2);
+    assert_eq!(h.dp.counters(6).expect("counters").up_packets, 1);
 }

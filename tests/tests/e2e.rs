@@ -448,10 +448,10 @@ async fn bad_requests_are_refused_precisely_and_change_nothing() {
         "a refused request left a session: {listed:?}"
     );
 
-    // Conflict: a second session for the same device, even towards another server.
+    // Conflict: a second session of the same device whose flow overlaps (same server, every port).
     let first = api.create_session(ok()).await.expect("first").into_inner();
     let err = api
-        .create_session(create_request(DEVICE_V4, OTHER_SERVER_V4, &[], "QOS_L", 60))
+        .create_session(create_request(DEVICE_V4, SERVER_V4, &[], "QOS_L", 60))
         .await
         .expect_err("conflict");
     assert_eq!(
@@ -485,7 +485,7 @@ async fn bad_requests_are_refused_precisely_and_change_nothing() {
     udp_send(
         &lab.device,
         sa(DEVICE_V4, 42000),
-        sa(OTHER_SERVER_V4, 5000),
+        sa(SERVER_V4, 6000),
         5,
         100,
     )
@@ -500,7 +500,7 @@ async fn bad_requests_are_refused_precisely_and_change_nothing() {
     .expect("udp");
     let seen = capture.finish().expect("capture");
     assert_all_dscp(
-        &flow(&seen, DEVICE_V4, OTHER_SERVER_V4, 5000),
+        &flow(&seen, DEVICE_V4, SERVER_V4, 6000),
         0,
         "refused session's flow",
     );

@@ -6,9 +6,9 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, tc},
 };
 use qod_common::{
-    CLASSIFIER, COUNTERS_MAP, DeviceKey, FAMILY_IPV4, FLOWS_V4_MAP, FLOWS_V6_MAP, FlowCounters,
-    FlowRule, IFINDEX_MASK, POLICERS_MAP, PolicerState, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK,
-    SIDES_MAP,
+    CLASSIFIER, COUNTERS_MAP, DeviceKey, DeviceRules, FAMILY_IPV4, FLOWS_V4_MAP, FLOWS_V6_MAP,
+    FlowCounters, FlowRule, IFINDEX_MASK, MAX_SESSIONS_PER_DEVICE, POLICERS_MAP, PolicerState,
+    SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK, SIDES_MAP,
 };
 use tracing::{info, warn};
 
@@ -31,8 +31,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub struct AyaDataPlane {
     /// Owns the program and its tc links; dropping it detaches the classifier.
     ebpf: Ebpf,
-    flows_v4: HashMap<MapData, u32, FlowRule>,
-    flows_v6: HashMap<MapData, [u32; 2], FlowRule>,
+    flows_v4: HashMap<MapData, u32, DeviceRules>,
+    flows_v6: HashMap<MapData, [u32; 2], DeviceRules>,
     counters: PerCpuArray<MapData, FlowCounters>,
     policers: Array<MapData, PolicerState>,
     sides: Array<MapData, u8>,
@@ -241,13 +241,18 @@ fn program_error(what: &str, e: aya::programs::ProgramError) -> DataPlaneError {
 }
 
 impl DataPlane for AyaDataPlane {
-    fn install(&mut self, key: DeviceKey, rule: &FlowRule) -> Result<(), DataPlaneError> {
+    fn install(&mut self, key: DeviceKey, rules: &[FlowRule]) -> Result<(), DataPlaneError> {
+        let mut value = DeviceRules::default();
+        for (slot, rule) in value.rules.iter_mut().zip(rules) {
+            *slot = *rule;
+        }
+        value.n = rules.len().min(MAX_SESSIONS_PER_DEVICE) as u32;
         let (map, result) = if key.family == FAMILY_IPV4 {
-            (FLOWS_V4_MAP, self.flows_v4.insert(key.addr[0], *rule, 0))
+            (FLOWS_V4_MAP, self.flows_v4.insert(key.addr[0], value, 0))
         } else {
             (
                 FLOWS_V6_MAP,
-                self.flows_v6.insert([key.addr[0], key.addr[1]], *rule, 0),
+                self.flows_v6.insert([key.addr[0], key.addr[1]], value, 0),
             )
         };
         result.map_err(|source| match &source {

@@ -16,7 +16,7 @@ pub struct FakeDataPlane {
 
 #[derive(Debug, Default)]
 pub struct FakeState {
-    pub flows: HashMap<DeviceKey, FlowRule>,
+    pub flows: HashMap<DeviceKey, Vec<FlowRule>>,
     pub counters: HashMap<u32, FlowCounters>,
     pub fail_next_install: bool,
     /// (interface, class index) → class
@@ -32,12 +32,12 @@ impl FakeDataPlane {
 }
 
 impl DataPlane for FakeDataPlane {
-    fn install(&mut self, key: DeviceKey, rule: &FlowRule) -> Result<(), DataPlaneError> {
+    fn install(&mut self, key: DeviceKey, rules: &[FlowRule]) -> Result<(), DataPlaneError> {
         let mut s = self.state();
         if std::mem::take(&mut s.fail_next_install) {
             return Err(DataPlaneError::Full { capacity: 0 });
         }
-        s.flows.insert(key, *rule);
+        s.flows.insert(key, rules.to_vec());
         Ok(())
     }
 

@@ -46,9 +46,9 @@ pub enum DataPlaneError {
 
 /// Kernel state for sessions. Every call is a few syscalls and never blocks on the network.
 pub trait DataPlane: Send + 'static {
-    /// Installs or replaces the rule for `key`.
-    fn install(&mut self, key: DeviceKey, rule: &FlowRule) -> Result<(), DataPlaneError>;
-    /// Removes the rule for `key`; a missing entry is not an error.
+    /// Installs or replaces every rule of device `key` (1 to `MAX_SESSIONS_PER_DEVICE`).
+    fn install(&mut self, key: DeviceKey, rules: &[FlowRule]) -> Result<(), DataPlaneError>;
+    /// Removes device `key`'s rules; a missing entry is not an error.
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError>;
     /// Sum over CPUs of the counters at `slot`.
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError>;
