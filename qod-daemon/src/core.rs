@@ -46,6 +46,12 @@ pub struct Limits {
     /// How long UNAVAILABLE sessions stay readable.
     pub retention: Duration,
     pub interfaces: Vec<ManagedInterface>,
+    /// Events a watcher may lag behind by before it is told it missed some.
+    pub event_buffer: usize,
+}
+
+impl Limits {
+    pub const DEFAULT_EVENT_BUFFER: usize = 4096;
 }
 
 /// The capacity pools admission control keeps per scheduled interface.
@@ -91,9 +97,6 @@ fn policer(rate_bps: u64) -> Policer {
         (rate_bps / 8 * BURST_MS / 1000).max(MIN_BURST_BYTES),
     )
 }
-
-/// Events a watcher may lag behind by before it is told it missed some.
-const EVENT_BUFFER: usize = 4096;
 
 /// A session as stored.
 #[derive(Clone, Debug)]
@@ -243,7 +246,7 @@ impl Core {
                 links_down: HashSet::new(),
             }),
             wake: Notify::new(),
-            events: broadcast::channel(EVENT_BUFFER).0,
+            events: broadcast::channel(limits.event_buffer.max(1)).0,
             policy: RwLock::new(Arc::new(policy)),
             retention: limits.retention,
             interfaces: limits.interfaces,
@@ -999,6 +1002,7 @@ mod tests {
                     max_sessions: max,
                     retention: Duration::from_secs(360),
                     interfaces: Vec::new(),
+                    event_buffer: 16,
                 },
                 None,
             )),
@@ -1290,6 +1294,7 @@ mod tests {
             max_sessions: 128,
             retention: Duration::from_secs(360),
             interfaces: vec![iface("dev0", Side::Device), iface("srv0", Side::Server)],
+            event_buffer: 16,
         };
         (
             Arc::new(Core::new(Box::new(dp.clone()), policy(), limits, None)),

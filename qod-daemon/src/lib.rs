@@ -73,6 +73,7 @@ pub async fn run(
             max_sessions: config.max_sessions,
             retention: config.unavailable_retention,
             interfaces: config.interfaces.clone(),
+            event_buffer: core::Limits::DEFAULT_EVENT_BUFFER,
         },
         Some(notifier),
     ));

@@ -209,3 +209,84 @@ impl QosProfiles for ProfileService {
         Ok(Response::new(convert::qos_profile(profile)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, time::Duration};
+
+    use clap::Parser as _;
+    use futures::StreamExt as _;
+
+    use super::*;
+    use crate::{
+        config::{Cli, Config},
+        core::Limits,
+        dataplane::FakeDataPlane,
+        model::{ApplicationServer, DeviceId, ProfileName, SessionRequest},
+    };
+
+    /// A watcher that falls behind is told how many events it missed, then carries on.
+    #[tokio::test]
+    async fn a_lagging_watcher_is_told_it_missed_events() {
+        let policy = Config::from_parts(None, &Cli::parse_from(["qodd", "-i", "lo"]))
+            .expect("defaults")
+            .policy;
+        let limits = Limits {
+            max_sessions: 16,
+            retention: Duration::from_secs(360),
+            interfaces: Vec::new(),
+            event_buffer: 2,
+        };
+        let core = Arc::new(Core::new(
+            Box::new(FakeDataPlane::default()),
+            policy,
+            limits,
+            None,
+        ));
+        let service = SessionService::new(core.clone(), CancellationToken::new(), Vec::new());
+        let mut stream = service
+            .watch_session_events(Request::new(pb::WatchSessionEventsRequest::default()))
+            .await
+            .expect("watch")
+            .into_inner();
+        for i in 1..=5u8 {
+            let ip = Ipv4Addr::new(10, 0, 0, i);
+            core.create(SessionRequest {
+                device: DeviceId::Ipv4 {
+                    public: ip,
+                    private: Some(ip),
+                    public_port: None,
+                },
+                server: ApplicationServer {
+                    ipv4: Some("192.0.2.1/32".parse().expect("net")),
+                    ipv6: None,
+                    given: (None, None),
+                },
+                device_ports: None,
+                server_ports: None,
+                profile: ProfileName::parse("qosProfile", "QOS_E").expect("name"),
+                sink: None,
+                sink_credential: None,
+                duration: 60,
+            })
+            .expect("create");
+        }
+        let first = stream.next().await.expect("item").expect("event");
+        assert!(
+            matches!(
+                first.kind,
+                Some(pb::session_event::Kind::EventsMissed(pb::EventsMissed {
+                    count: 3
+                }))
+            ),
+            "{first:?}"
+        );
+        for _ in 0..2 {
+            let ev = stream.next().await.expect("item").expect("event");
+            assert!(
+                matches!(ev.kind, Some(pb::session_event::Kind::QosStatusChanged(_))),
+                "{ev:?}"
+            );
+        }
+    }
+}
