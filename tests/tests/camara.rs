@@ -7,13 +7,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt as _;
 use qod_proto::v1 as pb;
 use qod_testkit::{
-    Capture, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, Reply, SERVER_IF, SinkServer, addr, udp_send,
+    Capture, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, Reply, SERVER_IF, SinkServer, addr,
+    api::{device, reason, require_root},
+    udp_send,
 };
 use tonic::{Code, Request};
-use tonic_types::StatusExt as _;
 
 const EVENT_TYPE: &str = "org.camaraproject.quality-on-demand.v1.qos-status-changed";
 
@@ -34,17 +34,6 @@ backoff_base_ms = 100
 backoff_max_ms = 400
 max_attempts = 4
 "#;
-
-fn v4_device(ip: &str) -> pb::Device {
-    pb::Device {
-        ipv4_address: Some(pb::DeviceIpv4Addr {
-            public_address: Some(ip.into()),
-            private_address: Some(ip.into()),
-            public_port: None,
-        }),
-        ..Default::default()
-    }
-}
 
 fn request(device: pb::Device, duration: i32) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
@@ -76,19 +65,6 @@ fn with_sink(
     r
 }
 
-fn reason(s: &tonic::Status) -> String {
-    s.get_details_error_info()
-        .map(|i| i.reason)
-        .unwrap_or_default()
-}
-
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "run as root (cargo xtask test)"
-    );
-}
-
 async fn lab(extra: &str) -> (Lab, Qodd) {
     require_root();
     let lab = Lab::new().expect("lab");
@@ -107,7 +83,7 @@ async fn every_transition_is_notified_as_a_cloud_event() {
     // Expiry: AVAILABLE, then UNAVAILABLE / DURATION_EXPIRED.
     let a = api
         .create_session(with_sink(
-            request(v4_device(addr::DEVICE_V4), 2),
+            request(device(addr::DEVICE_V4), 2),
             sink.url("/a"),
             "tok-a",
             Duration::from_secs(3600),
@@ -157,7 +133,7 @@ async fn every_transition_is_notified_as_a_cloud_event() {
     // Delete while AVAILABLE: DELETE_REQUESTED.
     let b = api
         .create_session(with_sink(
-            request(v4_device(addr::OTHER_DEVICE_V4), 600),
+            request(device(addr::OTHER_DEVICE_V4), 600),
             sink.url("/b"),
             "tok-b",
             Duration::from_secs(3600),
@@ -208,7 +184,7 @@ async fn delivery_retries_stops_on_gone_and_never_delays_the_api() {
     // 500, then success: retried, delivered, same event id both times.
     sink.script("/flaky", &[Reply::Status(500), Reply::Status(204)]);
     api.create_session(with_sink(
-        request(v4_device("10.0.1.10"), 600),
+        request(device("10.0.1.10"), 600),
         sink.url("/flaky"),
         "t",
         hour,
@@ -229,7 +205,7 @@ async fn delivery_retries_stops_on_gone_and_never_delays_the_api() {
     sink.script("/gone", &[Reply::Status(410)]);
     let gone = api
         .create_session(with_sink(
-            request(v4_device("10.0.1.11"), 600),
+            request(device("10.0.1.11"), 600),
             sink.url("/gone"),
             "t",
             hour,
@@ -256,7 +232,7 @@ async fn delivery_retries_stops_on_gone_and_never_delays_the_api() {
     sink.script("/hang", &[Reply::Hang(Duration::from_secs(30))]);
     let started = Instant::now();
     api.create_session(with_sink(
-        request(v4_device("10.0.1.12"), 600),
+        request(device("10.0.1.12"), 600),
         sink.url("/hang"),
         "t",
         hour,
@@ -264,7 +240,7 @@ async fn delivery_retries_stops_on_gone_and_never_delays_the_api() {
     .await
     .expect("create");
     api.create_session(with_sink(
-        request(v4_device("10.0.1.13"), 600),
+        request(device("10.0.1.13"), 600),
         sink.url("/ok"),
         "t",
         hour,
@@ -283,7 +259,7 @@ async fn delivery_retries_stops_on_gone_and_never_delays_the_api() {
     // Connection refused: retried then abandoned; the API is unaffected.
     let started = Instant::now();
     api.create_session(with_sink(
-        request(v4_device("10.0.1.14"), 600),
+        request(device("10.0.1.14"), 600),
         "http://127.0.0.1:9/none".into(),
         "t",
         hour,
@@ -303,7 +279,7 @@ async fn delivery_retries_stops_on_gone_and_never_delays_the_api() {
 
     // An expired sink token stops delivery: the AVAILABLE event goes out, the expiry one not.
     api.create_session(with_sink(
-        request(v4_device("10.0.1.15"), 3),
+        request(device("10.0.1.15"), 3),
         sink.url("/short"),
         "t",
         Duration::from_millis(1500),
@@ -326,7 +302,7 @@ async fn sinks_and_credentials_are_validated() {
     let (_lab, qodd) = lab(CONFIG).await;
     let mut api = qodd.sessions().await.expect("client");
     let hour = Duration::from_secs(3600);
-    let dev = || request(v4_device(addr::DEVICE_V4), 60);
+    let dev = || request(device(addr::DEVICE_V4), 60);
     let cases = [
         (
             "http to a host not allowed",
@@ -402,7 +378,7 @@ async fn correlator_is_validated_and_echoed_on_every_response() {
         r
     };
     let created = api
-        .create_session(request(v4_device(addr::DEVICE_V4), 60))
+        .create_session(request(device(addr::DEVICE_V4), 60))
         .await
         .expect("create")
         .into_inner();
@@ -494,7 +470,7 @@ async fn devices_resolve_through_pools_and_directory() {
 
     // Both identifiers given: one is picked, no cross-check, one is echoed.
     let mut both = phone("+34600000001");
-    both.ipv4_address = v4_device(addr::DEVICE_V4).ipv4_address;
+    both.ipv4_address = device(addr::DEVICE_V4).ipv4_address;
     let listed = api
         .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
             device: Some(phone("+34600000001")),
@@ -511,7 +487,7 @@ async fn devices_resolve_through_pools_and_directory() {
 
     let none = api
         .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
-            device: Some(v4_device(addr::OTHER_DEVICE_V4)),
+            device: Some(device(addr::OTHER_DEVICE_V4)),
         })
         .await
         .expect("retrieve")
@@ -527,7 +503,7 @@ async fn devices_resolve_through_pools_and_directory() {
         ),
         (
             "address outside the pools",
-            v4_device("192.0.2.7"),
+            device("192.0.2.7"),
             Code::NotFound,
             "IDENTIFIER_NOT_FOUND",
         ),
@@ -599,7 +575,7 @@ async fn profile_duration_and_extension_rules() {
     let (_lab, qodd) = lab(PROFILES).await;
     let mut api = qodd.sessions().await.expect("client");
     let with_profile = |p: &str, ip: &str, d: i32| {
-        let mut r = request(v4_device(ip), d);
+        let mut r = request(device(ip), d);
         r.qos_profile = p.into();
         r
     };
@@ -738,7 +714,7 @@ async fn profile_duration_and_extension_rules() {
     assert_eq!(names, ["QOS_T", "QOS_U"]);
     let err = profiles
         .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest {
-            device: Some(v4_device("192.0.2.1")),
+            device: Some(device("192.0.2.1")),
             ..Default::default()
         })
         .await;
@@ -757,14 +733,14 @@ async fn sighup_reloads_profiles_and_live_sessions_follow() {
         .await
         .expect("watch")
         .into_inner();
-    let mut t = request(v4_device(addr::DEVICE_V4), 20);
+    let mut t = request(device(addr::DEVICE_V4), 20);
     t.qos_profile = "QOS_T".into();
     t.application_server_ports = Some(pb::PortsSpec {
         ports: vec![5000],
         ranges: vec![],
     });
     let t = api.create_session(t).await.expect("create").into_inner();
-    let mut u = request(v4_device(addr::OTHER_DEVICE_V4), 60);
+    let mut u = request(device(addr::OTHER_DEVICE_V4), 60);
     u.qos_profile = "QOS_U".into();
     let u = api.create_session(u).await.expect("create").into_inner();
 
@@ -777,18 +753,9 @@ async fn sighup_reloads_profiles_and_live_sessions_follow() {
     std::fs::write(qodd.config_path(), text).expect("rewrite config");
     qodd.reload().expect("SIGHUP");
 
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(ev) = events.next().await {
-            if let Some(pb::session_event::Kind::QosStatusChanged(c)) = ev.expect("event").kind
-                && c.qos_status() == pb::QosStatus::Unavailable
-            {
-                return c;
-            }
-        }
-        panic!("watch ended");
-    })
-    .await
-    .expect("termination event");
+    let ended = qod_testkit::api::next_unavailable(&mut events, Duration::from_secs(10))
+        .await
+        .expect("termination event");
     assert_eq!(ended.session_id, u.session_id);
     assert_eq!(ended.status_info(), pb::StatusInfo::NetworkTerminated);
 

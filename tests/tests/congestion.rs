@@ -7,74 +7,12 @@ use std::{net::SocketAddr, time::Duration};
 use qod_proto::v1 as pb;
 use qod_testkit::{
     DEVICE_IF, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, addr,
+    api::{ip, reason, session},
     traffic::{Delivered, Probe, tcp_flows, udp_probe},
 };
 
 const PHASE: Duration = Duration::from_secs(6);
 const WARMUP: Duration = Duration::from_secs(2);
-
-fn config() -> String {
-    r#"
-[[profiles]]
-name = "QOS_E"
-status = "ACTIVE"
-service_class = "real_time_interactive"
-max_downstream_rate = { value = 500, unit = "kbps" }
-max_upstream_rate = { value = 500, unit = "kbps" }
-
-[[profiles]]
-name = "QOS_G"
-status = "ACTIVE"
-service_class = "high_throughput_data"
-target_min_downstream_rate = { value = 20, unit = "Mbps" }
-max_downstream_rate = { value = 40, unit = "Mbps" }
-target_min_upstream_rate = { value = 1, unit = "Mbps" }
-
-[[profiles]]
-name = "QOS_C"
-status = "ACTIVE"
-band = "best_effort"
-max_downstream_rate = { value = 10, unit = "Mbps" }
-"#
-    .into()
-}
-
-fn ip(s: &str) -> std::net::IpAddr {
-    s.parse().expect("ip")
-}
-
-fn session(
-    device: &str,
-    profile: &str,
-    device_ports: Option<u32>,
-    server_ports: Option<u32>,
-) -> pb::CreateSessionRequest {
-    pb::CreateSessionRequest {
-        device: Some(pb::Device {
-            ipv4_address: Some(pb::DeviceIpv4Addr {
-                public_address: Some(device.into()),
-                private_address: Some(device.into()),
-                public_port: None,
-            }),
-            ..Default::default()
-        }),
-        application_server: Some(pb::ApplicationServer {
-            ipv4_address: Some(addr::SERVER_V4.into()),
-            ..Default::default()
-        }),
-        device_ports: device_ports.map(|p| pb::PortsSpec {
-            ports: vec![p],
-            ranges: vec![],
-        }),
-        application_server_ports: server_ports.map(|p| pb::PortsSpec {
-            ports: vec![p],
-            ranges: vec![],
-        }),
-        qos_profile: profile.into(),
-        duration: 600,
-        ..Default::default()
-    }
-}
 
 /// 8 bulk flows server → 10.0.1.3 and a 10 ms probe 10.0.1.2 ⇄ server:7007, for one phase.
 fn congested_probe(lab: &Lab) -> (Probe, Delivered) {
@@ -115,11 +53,15 @@ async fn sessions_hold_their_promise_under_congestion() {
             .ip(&["addr", "add", extra, "dev", DEVICE_IF])
             .expect("address");
     }
-    let interfaces = scheduled(EDGE_DEV_IF, EDGE_SRV_IF);
+    let interfaces = qod_testkit::api::scheduled_interfaces();
     let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-    let qodd = Qodd::start(&lab.edge, &interfaces, &config())
-        .await
-        .expect("qodd");
+    let qodd = Qodd::start(
+        &lab.edge,
+        &interfaces,
+        qod_testkit::api::CONGESTION_PROFILES,
+    )
+    .await
+    .expect("qodd");
     let mut api = qodd.sessions().await.expect("client");
 
     // 1. No session: the probe queues behind the bulk flows.
@@ -137,9 +79,16 @@ async fn sessions_hold_their_promise_under_congestion() {
     );
 
     // 2. Low-latency session for the probe's flow.
-    api.create_session(session(addr::DEVICE_V4, "QOS_E", None, Some(7007)))
-        .await
-        .expect("QOS_E");
+    api.create_session(session(
+        addr::DEVICE_V4,
+        addr::SERVER_V4,
+        "QOS_E",
+        &[],
+        &[7007],
+        600,
+    ))
+    .await
+    .expect("QOS_E");
     let (with, _) = congested_probe(&lab);
     eprintln!(
         "QOS_E: probe p50 {:?} p99 {:?} loss {:.1}%",
@@ -155,9 +104,16 @@ async fn sessions_hold_their_promise_under_congestion() {
     );
 
     // 3. Guaranteed 20 Mbit/s for one flow against the 8 bulk flows.
-    api.create_session(session("10.0.1.4", "QOS_G", Some(9100), None))
-        .await
-        .expect("QOS_G");
+    api.create_session(session(
+        "10.0.1.4",
+        addr::SERVER_V4,
+        "QOS_G",
+        &[9100],
+        &[],
+        600,
+    ))
+    .await
+    .expect("QOS_G");
     let bulk = tcp_flows(
         &lab.server,
         ip(addr::SERVER_V4),
@@ -187,9 +143,16 @@ async fn sessions_hold_their_promise_under_congestion() {
     assert!(got >= 18.0, "guaranteed 20 Mbit/s, got {got:.2}");
 
     // 4. A 10 Mbit/s cap holds for a flow alone on the link.
-    api.create_session(session("10.0.1.5", "QOS_C", Some(9300), None))
-        .await
-        .expect("QOS_C");
+    api.create_session(session(
+        "10.0.1.5",
+        addr::SERVER_V4,
+        "QOS_C",
+        &[9300],
+        &[],
+        600,
+    ))
+    .await
+    .expect("QOS_C");
     let capped = tcp_flows(
         &lab.server,
         ip(addr::SERVER_V4),
@@ -213,20 +176,6 @@ async fn sessions_hold_their_promise_under_congestion() {
     );
 }
 
-fn scheduled(lab_edge_dev: &str, lab_edge_srv: &str) -> [String; 2] {
-    [
-        format!("{{ name = \"{lab_edge_dev}\", side = \"device\", capacity_mbit = 100 }}"),
-        format!("{{ name = \"{lab_edge_srv}\", side = \"server\", capacity_mbit = 100 }}"),
-    ]
-}
-
-fn reason(s: &tonic::Status) -> String {
-    use tonic_types::StatusExt as _;
-    s.get_details_error_info()
-        .map(|i| i.reason)
-        .unwrap_or_default()
-}
-
 /// Guaranteed rates never add up past the configured share: the session that does not fit is
 /// refused and nothing of it is installed.
 #[tokio::test(flavor = "multi_thread")]
@@ -236,7 +185,7 @@ async fn admission_control_refuses_what_does_not_fit() {
         "run as root (cargo xtask test)"
     );
     let lab = Lab::new().expect("lab");
-    let interfaces = scheduled(EDGE_DEV_IF, EDGE_SRV_IF);
+    let interfaces = qod_testkit::api::scheduled_interfaces();
     let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
     let profiles = r#"
 [[profiles]]
@@ -258,7 +207,7 @@ target_min_downstream_rate = { value = 30, unit = "Mbps" }
     let before = classes();
     // 80 % of 100 Mbit/s: two sessions of 30 fit, the third does not.
     for dev in ["10.0.1.2", "10.0.1.3"] {
-        api.create_session(session(dev, "QOS_30", None, None))
+        api.create_session(session(dev, addr::SERVER_V4, "QOS_30", &[], &[], 600))
             .await
             .expect("fits");
     }
@@ -268,7 +217,14 @@ target_min_downstream_rate = { value = 30, unit = "Mbps" }
         "one class per session on the device side"
     );
     let err = api
-        .create_session(session("10.0.1.4", "QOS_30", None, None))
+        .create_session(session(
+            "10.0.1.4",
+            addr::SERVER_V4,
+            "QOS_30",
+            &[],
+            &[],
+            600,
+        ))
         .await
         .expect_err("over the share");
     assert_eq!(
@@ -283,7 +239,7 @@ target_min_downstream_rate = { value = 30, unit = "Mbps" }
     );
     let listed = api
         .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
-            device: session("10.0.1.4", "QOS_30", None, None).device,
+            device: session("10.0.1.4", addr::SERVER_V4, "QOS_30", &[], &[], 600).device,
         })
         .await
         .expect("retrieve")
@@ -295,7 +251,6 @@ target_min_downstream_rate = { value = 30, unit = "Mbps" }
 /// ones are refused until it is back; a link that is deleted and re-created is attached again.
 #[tokio::test(flavor = "multi_thread")]
 async fn link_loss_terminates_sessions() {
-    use futures::StreamExt as _;
     assert!(
         nix::unistd::Uid::effective().is_root(),
         "run as root (cargo xtask test)"
@@ -311,7 +266,14 @@ async fn link_loss_terminates_sessions() {
         .expect("watch")
         .into_inner();
     let s = api
-        .create_session(session(addr::DEVICE_V4, "QOS_E", None, Some(5000)))
+        .create_session(session(
+            addr::DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_E",
+            &[],
+            &[5000],
+            600,
+        ))
         .await
         .expect("create")
         .into_inner();
@@ -319,22 +281,20 @@ async fn link_loss_terminates_sessions() {
     lab.edge
         .ip(&["link", "set", EDGE_DEV_IF, "down"])
         .expect("link down");
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(ev) = events.next().await {
-            if let Some(pb::session_event::Kind::QosStatusChanged(c)) = ev.expect("event").kind
-                && c.qos_status() == pb::QosStatus::Unavailable
-            {
-                return c;
-            }
-        }
-        panic!("watch ended");
-    })
-    .await
-    .expect("termination event");
+    let ended = qod_testkit::api::next_unavailable(&mut events, Duration::from_secs(10))
+        .await
+        .expect("termination event");
     assert_eq!(ended.session_id, s.session_id);
     assert_eq!(ended.status_info(), pb::StatusInfo::NetworkTerminated);
     let err = api
-        .create_session(session(addr::OTHER_DEVICE_V4, "QOS_E", None, None))
+        .create_session(session(
+            addr::OTHER_DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_E",
+            &[],
+            &[],
+            600,
+        ))
         .await
         .expect_err("link down");
     assert_eq!(err.code(), tonic::Code::Unavailable);
@@ -377,7 +337,14 @@ async fn link_loss_terminates_sessions() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let again = loop {
         match api
-            .create_session(session(addr::DEVICE_V4, "QOS_L", None, Some(5001)))
+            .create_session(session(
+                addr::DEVICE_V4,
+                addr::SERVER_V4,
+                "QOS_L",
+                &[],
+                &[5001],
+                600,
+            ))
             .await
         {
             Ok(s) => break s,

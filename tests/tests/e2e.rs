@@ -1,57 +1,18 @@
 //! End to end: the real `qodd` in a namespace lab, driven over gRPC, judged by what arrives on
 //! the wire. Needs root (namespaces, eBPF); run through `cargo xtask test`.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
 use futures::StreamExt as _;
 use qod_proto::v1 as pb;
 use qod_testkit::{
-    Capture, DEVICE_IF, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, SERVER_IF, Seen, addr, tcp_exchange,
-    udp_send,
+    Capture, DEVICE_IF, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, SERVER_IF, Seen, addr,
+    api::{device, reason, require_root, sa, server},
+    tcp_exchange, udp_send,
 };
-use tonic_types::StatusExt as _;
 
 const QOS_E_DSCP: u8 = 32;
 const QOS_L_DSCP: u8 = 10;
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().expect("test address"), port)
-}
-
-fn device(ip: &str) -> pb::Device {
-    if ip.contains(':') {
-        pb::Device {
-            ipv6_address: Some(ip.into()),
-            ..Default::default()
-        }
-    } else {
-        pb::Device {
-            ipv4_address: Some(pb::DeviceIpv4Addr {
-                public_address: Some(ip.into()),
-                private_address: Some(ip.into()),
-                public_port: None,
-            }),
-            ..Default::default()
-        }
-    }
-}
-
-fn server(ip: &str) -> pb::ApplicationServer {
-    if ip.contains(':') {
-        pb::ApplicationServer {
-            ipv6_address: Some(ip.into()),
-            ..Default::default()
-        }
-    } else {
-        pb::ApplicationServer {
-            ipv4_address: Some(ip.into()),
-            ..Default::default()
-        }
-    }
-}
 
 fn create_request(
     dev: &str,
@@ -60,17 +21,7 @@ fn create_request(
     profile: &str,
     duration: i32,
 ) -> pb::CreateSessionRequest {
-    pb::CreateSessionRequest {
-        device: Some(device(dev)),
-        application_server: Some(server(srv)),
-        application_server_ports: (!server_ports.is_empty()).then(|| pb::PortsSpec {
-            ports: server_ports.to_vec(),
-            ranges: vec![],
-        }),
-        qos_profile: profile.into(),
-        duration,
-        ..Default::default()
-    }
+    qod_testkit::api::session(dev, srv, profile, &[], server_ports, duration)
 }
 
 fn flow<'a>(seen: &'a [Seen], src: &str, dst: &str, dport: u16) -> Vec<&'a Seen> {
@@ -94,13 +45,6 @@ fn assert_all_dscp(pkts: &[&Seen], dscp: u8, what: &str) {
         assert_eq!(p.ecn, 0, "{what}: ECN bits changed on {p:?}");
         assert!(p.checksum_ok, "{what}: bad IPv4 header checksum on {p:?}");
     }
-}
-
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "these tests create network namespaces and load eBPF: run them as root (cargo xtask test)"
-    );
 }
 
 /// Both directions of UDP and TCP of the session are marked, nothing else is, the counters match
@@ -291,13 +235,6 @@ async fn expiry_ends_marking_and_is_reported() {
     .expect("udp");
     let after = capture.finish().expect("capture");
     assert_all_dscp(&flow(&after, DEVICE_V4, SERVER_V4, 7000), 0, "after expiry");
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_details_error_info()
-        .map(|i| i.reason)
-        .unwrap_or_default()
 }
 
 /// Bad input gets a precise code and CAMARA reason, and changes nothing.

@@ -11,9 +11,9 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use qod_proto::v1 as pb;
 use qod_testkit::{
-    DEVICE_IF, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, addr,
+    DEVICE_IF, Lab, Qodd, addr,
+    api::{CONGESTION_PROFILES, ip, scheduled_interfaces, session},
     traffic::{Delivered, Probe, SAMPLE, tcp_flows, udp_probe},
 };
 
@@ -21,72 +21,11 @@ use crate::svg::{Series, chart};
 
 const WARMUP: Duration = Duration::from_secs(2);
 
-const PROFILES: &str = r#"
-[[profiles]]
-name = "QOS_E"
-status = "ACTIVE"
-service_class = "real_time_interactive"
-max_downstream_rate = { value = 500, unit = "kbps" }
-max_upstream_rate = { value = 500, unit = "kbps" }
-
-[[profiles]]
-name = "QOS_G"
-status = "ACTIVE"
-service_class = "high_throughput_data"
-target_min_downstream_rate = { value = 20, unit = "Mbps" }
-max_downstream_rate = { value = 20, unit = "Mbps" }
-target_min_upstream_rate = { value = 1, unit = "Mbps" }
-
-[[profiles]]
-name = "QOS_C"
-status = "ACTIVE"
-band = "best_effort"
-max_downstream_rate = { value = 10, unit = "Mbps" }
-"#;
-
 struct Outcome {
     name: &'static str,
     probe: Option<Probe>,
     target: Option<Delivered>,
     bulk: Option<Delivered>,
-}
-
-fn ip(s: &str) -> std::net::IpAddr {
-    s.parse()
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
-}
-
-fn session(
-    device: &str,
-    profile: &str,
-    device_port: Option<u32>,
-    server_port: Option<u32>,
-) -> pb::CreateSessionRequest {
-    pb::CreateSessionRequest {
-        device: Some(pb::Device {
-            ipv4_address: Some(pb::DeviceIpv4Addr {
-                public_address: Some(device.into()),
-                private_address: Some(device.into()),
-                public_port: None,
-            }),
-            ..Default::default()
-        }),
-        application_server: Some(pb::ApplicationServer {
-            ipv4_address: Some(addr::SERVER_V4.into()),
-            ..Default::default()
-        }),
-        device_ports: device_port.map(|p| pb::PortsSpec {
-            ports: vec![p],
-            ranges: vec![],
-        }),
-        application_server_ports: server_port.map(|p| pb::PortsSpec {
-            ports: vec![p],
-            ranges: vec![],
-        }),
-        qos_profile: profile.into(),
-        duration: 3600,
-        ..Default::default()
-    }
 }
 
 fn run_scenario(
@@ -161,13 +100,10 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         for extra in ["10.0.1.4/24", "10.0.1.5/24"] {
             lab.device.ip(&["addr", "add", extra, "dev", DEVICE_IF])?;
         }
-        let interfaces = [
-            format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 100 }}"),
-            format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 100 }}"),
-        ];
+        let interfaces = scheduled_interfaces();
         let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
         let bin = crate::workspace_root().join("target/release/qodd");
-        let qodd = Qodd::start_bin(&bin, &lab.edge, &interfaces, PROFILES).await?;
+        let qodd = Qodd::start_bin(&bin, &lab.edge, &interfaces, CONGESTION_PROFILES).await?;
         let mut api = qodd.sessions().await?;
         println!("lab up: 100 Mbit/s scheduled bottleneck, {}s per scenario", seconds.as_secs());
 
@@ -179,12 +115,12 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         let (probe, target, bulk) = run_scenario(&lab, seconds, true, true, Some(("10.0.1.4", 9100)))?;
         outcomes.push(Outcome { name: "congested, no session", probe, target, bulk });
         println!("scenario 3/4: 8 bulk flows, QOS_E on the probe, 20 Mbit/s guaranteed on the target flow");
-        api.create_session(session(addr::DEVICE_V4, "QOS_E", None, Some(7007))).await?;
-        api.create_session(session("10.0.1.4", "QOS_G", Some(9100), None)).await?;
+        api.create_session(session(addr::DEVICE_V4, addr::SERVER_V4, "QOS_E", &[], &[7007], 3600)).await?;
+        api.create_session(session("10.0.1.4", addr::SERVER_V4, "QOS_G", &[9100], &[], 3600)).await?;
         let (probe, target, bulk) = run_scenario(&lab, seconds, true, true, Some(("10.0.1.4", 9100)))?;
         outcomes.push(Outcome { name: "congested, with sessions", probe, target, bulk });
         println!("scenario 4/4: one flow capped at 10 Mbit/s (QOS_C), alone");
-        api.create_session(session("10.0.1.5", "QOS_C", Some(9300), None)).await?;
+        api.create_session(session("10.0.1.5", addr::SERVER_V4, "QOS_C", &[9300], &[], 3600)).await?;
         let (_, target, _) = run_scenario(&lab, seconds, false, false, Some(("10.0.1.5", 9300)))?;
         outcomes.push(Outcome { name: "capped 10 Mbit/s, alone", probe: None, target, bulk: None });
         anyhow::Ok(outcomes)
