@@ -840,7 +840,11 @@ impl Core {
     /// Runs expiry until `shutdown` is cancelled.
     pub async fn run_expiry(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
-            let next = self.expire_due(Instant::now());
+            // Expiry may remove scheduler classes (tc): run it off the async workers.
+            let core = self.clone();
+            let next = tokio::task::spawn_blocking(move || core.expire_due(Instant::now()))
+                .await
+                .unwrap_or(None);
             let sleep = async {
                 match next {
                     Some(t) => tokio::time::sleep_until(t).await,

@@ -238,14 +238,27 @@ async fn watch_links(core: Arc<Core>, names: Vec<String>, stop: CancellationToke
             match now {
                 Some((index, true)) if !was_up => {
                     let recreated = last.is_none_or(|(old, _)| old != index);
-                    if recreated && let Err(e) = core.reattach(name) {
+                    let reattached = if recreated {
+                        let (core, name) = (core.clone(), name.clone());
+                        tokio::task::spawn_blocking(move || core.reattach(&name))
+                            .await
+                            .ok()
+                    } else {
+                        Some(Ok(()))
+                    };
+                    if let Some(Err(e)) = reattached {
                         warn!(interface = %name, error = %anyhow_like(&e), "cannot attach to the re-created interface");
                         continue;
                     }
                     core.link_changed(name, true);
                 }
                 Some((_, true)) => {}
-                _ if was_up || last.is_none() => core.link_changed(name, false),
+                _ if was_up || last.is_none() => {
+                    // Ending sessions removes their scheduler classes (tc): off the async workers.
+                    let (core, name) = (core.clone(), name.clone());
+                    let _ =
+                        tokio::task::spawn_blocking(move || core.link_changed(&name, false)).await;
+                }
                 _ => {}
             }
             *last = now;

@@ -30,6 +30,19 @@ pub struct SessionService {
 }
 
 impl SessionService {
+    /// Runs a core call that may wait on the kernel (map updates, `tc` for scheduler classes) on
+    /// the blocking pool, so it never stalls the async workers serving other calls.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Core) -> Result<T, CamaraError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let core = self.core.clone();
+        tokio::task::spawn_blocking(move || f(&core))
+            .await
+            .map_err(|e| Status::internal(format!("the request's worker failed: {e}")))?
+            .map_err(Status::from)
+    }
+
     pub fn new(core: Arc<Core>, shutdown: CancellationToken, sink_http_hosts: Vec<String>) -> Self {
         Self {
             core,
@@ -57,7 +70,7 @@ impl QualityOnDemand for SessionService {
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::SessionInfo>, Status> {
         let req = convert::session_request(request.into_inner(), &self.sink_http_hosts)?;
-        let view = self.core.create(req)?;
+        let view = self.blocking(move |core| core.create(req)).await?;
         Ok(Response::new(convert::session_info(&view)))
     }
 
@@ -74,7 +87,7 @@ impl QualityOnDemand for SessionService {
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let id: SessionId = request.into_inner().session_id.parse()?;
-        self.core.delete(id)?;
+        self.blocking(move |core| core.delete(id)).await?;
         Ok(Response::new(pb::DeleteSessionResponse {}))
     }
 
@@ -86,7 +99,7 @@ impl QualityOnDemand for SessionService {
         let id: SessionId = req.session_id.parse()?;
         let add = additional_duration(req.requested_additional_duration)?;
         Ok(Response::new(convert::session_info(
-            &self.core.extend(id, add)?,
+            &self.blocking(move |core| core.extend(id, add)).await?,
         )))
     }
 
