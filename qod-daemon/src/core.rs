@@ -446,7 +446,11 @@ impl Core {
             let class = match (profile.band, target, max) {
                 (Band::Guaranteed, Some(t), m) => ReservedClass {
                     interface: i.name.clone(),
-                    spec: ClassSpec::guaranteed(t, m.unwrap_or(sched.capacity_bps)),
+                    spec: ClassSpec::guaranteed(
+                        t,
+                        m.unwrap_or(sched.capacity_bps),
+                        profile.priority,
+                    ),
                     pool: Some((Pool::Guaranteed, t)),
                 },
                 (Band::LowLatency, _, Some(m)) => ReservedClass {
@@ -456,7 +460,7 @@ impl Core {
                 },
                 (_, _, Some(m)) => ReservedClass {
                     interface: i.name.clone(),
-                    spec: ClassSpec::capped(m),
+                    spec: ClassSpec::capped(m, profile.priority),
                     pool: None,
                 },
                 _ => continue,

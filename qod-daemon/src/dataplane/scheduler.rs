@@ -5,11 +5,12 @@
 //! 1:   htb root, unclassified traffic → 1:20
 //! └─ 1:1  capacity
 //!    ├─ 1:10  low-latency band: prio 0, rate = low_latency_share, ceil = capacity; short FIFO leaf
-//!    ├─ 1:20  best effort: prio 2, rate = what is left, ceil = capacity; fq_codel if the kernel
+//!    ├─ 1:20  best effort: prio 7, rate = what is left, ceil = capacity; fq_codel if the kernel
 //!    │        has it, else a 1000-packet FIFO
-//!    └─ 1:1xx one class per session with a rate on this interface: guaranteed (prio 1, rate =
+//!    └─ 1:1xx one class per session with a rate on this interface: guaranteed (prio 1-3, rate =
 //!             target minimum, ceil = maximum), low latency with a maximum (prio 0, rate = ceil =
-//!             maximum, short FIFO), or capped best effort (prio 2, ceil = maximum)
+//!             maximum, short FIFO), or capped best effort (prio 4-6, ceil = maximum); the
+//!             session's CAMARA `priority` picks within the range (who borrows spare first)
 //! ```
 //!
 //! The classifier steers packets by writing the class id into `skb->priority`, which HTB honours
@@ -40,19 +41,28 @@ pub fn session_class(index: u16) -> u32 {
 pub struct ClassSpec {
     pub rate_bps: u64,
     pub ceil_bps: u64,
-    /// HTB priority: 0 low latency, 1 guaranteed, 2 best effort.
+    /// HTB priority (who borrows spare capacity first, 0 first): 0 low latency, 1..=3
+    /// guaranteed, 4..=6 capped best effort, 7 the shared best-effort class.
     pub prio: u8,
     /// Leaf FIFO length in packets.
     pub limit: u32,
 }
 
+/// CAMARA `priority` (1..=100, lower is more important; none: the middle) scaled onto three
+/// HTB priorities starting at `base`.
+fn scaled(base: u8, priority: Option<u8>) -> u8 {
+    let p = u16::from(priority.unwrap_or(50).clamp(1, 100));
+    // (p - 1) * 3 / 100 is 0..=2.
+    base + ((p - 1) * 3 / 100) as u8
+}
+
 impl ClassSpec {
-    /// Guaranteed `rate`, borrowing up to `ceil`.
-    pub fn guaranteed(rate: u64, ceil: u64) -> Self {
+    /// Guaranteed `rate`, borrowing up to `ceil` ahead of best effort, in CAMARA `priority` order.
+    pub fn guaranteed(rate: u64, ceil: u64, priority: Option<u8>) -> Self {
         Self {
             rate_bps: rate,
             ceil_bps: ceil.max(rate),
-            prio: 1,
+            prio: scaled(1, priority),
             limit: 300,
         }
     }
@@ -67,12 +77,13 @@ impl ClassSpec {
         }
     }
 
-    /// Best effort, capped at `max` (a small own rate keeps it from starving).
-    pub fn capped(max: u64) -> Self {
+    /// Best effort, capped at `max` (a small own rate keeps it from starving), borrowing ahead of
+    /// the shared best-effort class in CAMARA `priority` order.
+    pub fn capped(max: u64, priority: Option<u8>) -> Self {
         Self {
             rate_bps: (max / 100).max(8_000).min(max),
             ceil_bps: max,
-            prio: 2,
+            prio: scaled(4, priority),
             limit: 300,
         }
     }
@@ -156,7 +167,7 @@ impl Scheduler {
         .map_err(err)?;
         for (minor, rate, prio) in [
             ("1:10", config.low_latency_bps(), "0"),
-            ("1:20", config.best_effort_bps(), "2"),
+            ("1:20", config.best_effort_bps(), "7"),
         ] {
             tc(&[
                 "class",
@@ -276,5 +287,23 @@ impl Scheduler {
         if let Err(e) = tc(&["qdisc", "del", "dev", &self.interface, "root"]) {
             warn!(interface = %self.interface, error = %e, "cannot remove the scheduler");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn camara_priority_orders_borrowing() {
+        assert_eq!(ClassSpec::guaranteed(1, 2, Some(1)).prio, 1);
+        assert_eq!(ClassSpec::guaranteed(1, 2, None).prio, 2);
+        assert_eq!(ClassSpec::guaranteed(1, 2, Some(100)).prio, 3);
+        assert_eq!(ClassSpec::capped(10_000_000, Some(1)).prio, 4);
+        assert_eq!(ClassSpec::capped(10_000_000, Some(100)).prio, 6);
+        assert!(
+            ClassSpec::capped(10_000_000, None).prio < 7,
+            "ahead of shared best effort"
+        );
     }
 }
