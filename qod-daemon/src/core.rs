@@ -86,8 +86,10 @@ pub struct Reservation {
     pub classes: Vec<ReservedClass>,
 }
 
-/// Smallest policer burst: several full frames, so low rates still pass normal bursts.
-const MIN_BURST_BYTES: u64 = 10 * 1514;
+/// Smallest policer burst.
+/// At least two of the largest GSO packets: tc sees a GSO packet whole, so a smaller burst would
+/// drop every one of them when offloads are on.
+const MIN_BURST_BYTES: u64 = 2 * 65_536;
 /// Policer burst as time at the maximum rate.
 const BURST_MS: u64 = 20;
 
@@ -320,13 +322,15 @@ impl Core {
     /// Validates `req` against the profiles and the sessions, installs it, and returns it
     /// AVAILABLE. On any error nothing changed.
     pub fn create(&self, req: SessionRequest) -> Result<SessionView, CamaraError> {
+        // The policy is read under the lock: a reload swaps it under the same lock after ending
+        // the sessions of vanished profiles, so no session can slip in on a stale snapshot.
+        let mut inner = self.lock();
         let policy = self.policy();
         let profile = Self::profile_for(&policy, &req)?;
         let key = policy.resolve(&req.device, &req.server)?;
         let flow = AppFlow::from_request(&req, key)?;
         let now = OffsetDateTime::now_utc();
         let deadline = Instant::now() + secs(req.duration);
-        let mut inner = self.lock();
         let same_device: Vec<&Session> = inner
             .by_device
             .get(&flow.device)
@@ -337,7 +341,7 @@ impl Core {
         if same_device.iter().any(|s| s.flow.overlaps(&flow)) {
             return Err(CamaraError::new(
                 CamaraCode::Conflict,
-                "conflict with an existing session for the same device and an overlapping flow: delete it or wait for it to end",
+                "conflict with an existing session of the same device whose flow overlaps (an ended one counts until it is deleted or purged)",
             ));
         }
         if same_device.len() >= MAX_SESSIONS_PER_DEVICE {
@@ -611,6 +615,9 @@ impl Core {
         for id in live {
             self.terminate(&mut inner, id, StatusInfo::NetworkTerminated, now);
         }
+        drop(inner);
+        // Their purge deadlines may come before the one the expiry task sleeps towards.
+        self.wake.notify_one();
     }
 
     /// Re-attaches the classifier and scheduler to an interface that was re-created.
@@ -716,7 +723,12 @@ impl Core {
         inner.deadlines.remove(&(session.deadline, id));
         inner.deadlines.insert((deadline, id));
         inner.sessions.insert(id, updated.clone());
-        view(&inner, &updated)
+        // Committed: a counters read failing now must not turn it into an error.
+        let counters = inner.dp.counters(slot).unwrap_or_default();
+        Ok(SessionView {
+            session: updated,
+            counters,
+        })
     }
 
     /// Sessions of `device`, under every address it is known by.
@@ -741,14 +753,18 @@ impl Core {
         let counters = inner.dp.counters(slot).unwrap_or_default();
         let rules = device_rules(inner, &session.flow.device, Some(id), None);
         if let Err(e) = sync_device(inner, &session.flow.device, &rules) {
-            // The kernel ignores the entry past its expiry anyway; the slot stays taken so no
-            // new session shares those counters.
-            error!(session = %id, error = %e, "cannot remove rule");
+            // The kernel ignores the entry past its expiry anyway. Until then the rule still
+            // counts into its slot and steers into its classes, so neither is handed out again.
+            error!(session = %id, error = %e, "cannot remove rule; its slot and classes stay reserved");
         } else {
             inner.slots.give_back(slot);
+            release(inner, session.reservation.clone());
         }
-        release(inner, session.reservation.clone());
-        let ended_at = OffsetDateTime::now_utc();
+        // An expired session ended at its scheduled end, not when the expiry task got to it.
+        let ended_at = match info {
+            StatusInfo::DurationExpired => session.started_at + secs(session.duration),
+            _ => OffsetDateTime::now_utc(),
+        };
         let purge = now + self.retention;
         let mut ended = session;
         ended.reservation = None;

@@ -120,12 +120,16 @@ pub async fn run(
     let stop = token.clone().cancelled_owned();
     let server = match &config.listen {
         Listen::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Listen {
-                    addr: addr.to_string(),
-                    source,
-                })?;
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(source) => {
+                    core.shutdown();
+                    return Err(RunError::Listen {
+                        addr: addr.to_string(),
+                        source,
+                    });
+                }
+            };
             info!(listen = %addr, "qodd ready");
             tokio::spawn(
                 router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
@@ -142,7 +146,13 @@ pub async fn run(
             {
                 std::fs::remove_file(path).map_err(err)?;
             }
-            let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+            let listener = match tokio::net::UnixListener::bind(path) {
+                Ok(l) => l,
+                Err(e) => {
+                    core.shutdown();
+                    return Err(err(e));
+                }
+            };
             info!(listen = %format!("unix:{}", path.display()), "qodd ready");
             tokio::spawn(
                 router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop),
@@ -226,42 +236,64 @@ fn link_state(name: &str) -> Option<(u32, bool)> {
 /// (`NETWORK_TERMINATED`); when it comes back (re-created: classifier and scheduler attached
 /// again) sessions are accepted again.
 async fn watch_links(core: Arc<Core>, names: Vec<String>, stop: CancellationToken) {
-    let mut known: Vec<Option<(u32, bool)>> = names.iter().map(|n| link_state(n)).collect();
+    /// What the watcher knows of one managed link.
+    struct Link {
+        name: String,
+        /// The ifindex the classifier (and scheduler) are attached to.
+        attached: Option<u32>,
+        up: bool,
+    }
+    let mut links: Vec<Link> = names
+        .into_iter()
+        .map(|name| {
+            let state = link_state(&name);
+            Link {
+                attached: state.map(|(i, _)| i),
+                up: state.is_some_and(|(_, up)| up),
+                name,
+            }
+        })
+        .collect();
+    // Calls that may run `tc` go to the blocking pool.
+    let changed = |core: &Arc<Core>, name: &str, up: bool| {
+        let (core, name) = (core.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || core.link_changed(&name, up))
+    };
     loop {
         tokio::select! {
             () = tokio::time::sleep(LINK_POLL) => {}
             () = stop.cancelled() => return,
         }
-        for (name, last) in names.iter().zip(known.iter_mut()) {
-            let now = link_state(name);
-            let was_up = last.is_some_and(|(_, up)| up);
-            match now {
-                Some((index, true)) if !was_up => {
-                    let recreated = last.is_none_or(|(old, _)| old != index);
-                    let reattached = if recreated {
-                        let (core, name) = (core.clone(), name.clone());
-                        tokio::task::spawn_blocking(move || core.reattach(&name))
-                            .await
-                            .ok()
-                    } else {
-                        Some(Ok(()))
-                    };
-                    if let Some(Err(e)) = reattached {
-                        warn!(interface = %name, error = %anyhow_like(&e), "cannot attach to the re-created interface");
-                        continue;
+        for link in &mut links {
+            match link_state(&link.name) {
+                Some((index, true)) => {
+                    if link.attached != Some(index) {
+                        // Re-created (possibly between two polls): whatever ran on the old one
+                        // is gone, so its sessions end before the new one is attached.
+                        let _ = changed(&core, &link.name, false).await;
+                        link.up = false;
+                        let (c, name) = (core.clone(), link.name.clone());
+                        match tokio::task::spawn_blocking(move || c.reattach(&name)).await {
+                            Ok(Ok(())) => link.attached = Some(index),
+                            Ok(Err(e)) => {
+                                warn!(interface = %link.name, error = %anyhow_like(&e), "cannot attach to the re-created interface");
+                                continue;
+                            }
+                            Err(_) => continue,
+                        }
                     }
-                    core.link_changed(name, true);
+                    if !link.up {
+                        let _ = changed(&core, &link.name, true).await;
+                        link.up = true;
+                    }
                 }
-                Some((_, true)) => {}
-                _ if was_up || last.is_none() => {
-                    // Ending sessions removes their scheduler classes (tc): off the async workers.
-                    let (core, name) = (core.clone(), name.clone());
-                    let _ =
-                        tokio::task::spawn_blocking(move || core.link_changed(&name, false)).await;
+                _ => {
+                    if link.up {
+                        let _ = changed(&core, &link.name, false).await;
+                        link.up = false;
+                    }
                 }
-                _ => {}
             }
-            *last = now;
         }
     }
 }

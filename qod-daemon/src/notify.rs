@@ -5,7 +5,8 @@
 //! Delivery: one bounded input queue ([`Notifier::enqueue`] never waits), one worker per sink
 //! (events to one sink arrive in the order they happened; a stuck sink holds up only itself),
 //! a per-attempt timeout, retries with exponential backoff and full jitter for timeouts,
-//! connection errors, 408, 429 and 5xx. `410 Gone` stops all delivery to that sink; other 4xx
+//! connection errors, 408, 429 and 5xx. `410 Gone` stops delivery of that session's events to
+//! that sink (other sessions may share the URL and are not cut off); other 4xx
 //! drop the event; an expired access token stops delivery for that session.
 
 use std::{
@@ -163,19 +164,20 @@ async fn dispatch(
         }
     };
     let config = Arc::new(config);
-    let gone: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // (sink, session) pairs a sink answered 410 Gone for: that session's events stop there.
+    let gone: Arc<Mutex<HashSet<(String, SessionId)>>> = Arc::default();
     let mut workers: HashMap<String, mpsc::Sender<Notification>> = HashMap::new();
     while let Some(n) = rx.recv().await {
+        let key = (n.sink.clone(), n.session_id);
         if gone
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&n.sink)
+            .contains(&key)
         {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        // A worker exits when its sink has been idle; start a new one then.
-        let worker = workers.entry(n.sink.clone()).or_insert_with(|| {
+        let spawn = || {
             spawn_worker(
                 client.clone(),
                 config.clone(),
@@ -183,17 +185,22 @@ async fn dispatch(
                 gone.clone(),
                 shutdown.clone(),
             )
-        });
+        };
+        // A worker exits when its sink has been idle; start a new one then (also when it closed
+        // between the check and the send).
+        let worker = workers.entry(n.sink.clone()).or_insert_with(spawn);
         if worker.is_closed() {
-            *worker = spawn_worker(
-                client.clone(),
-                config.clone(),
-                stats.clone(),
-                gone.clone(),
-                shutdown.clone(),
-            );
+            *worker = spawn();
         }
-        if let Err(e) = worker.try_send(n) {
+        let failed = match worker.try_send(n) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Closed(n)) => {
+                *worker = spawn();
+                worker.try_send(n).err().map(|e| e.to_string())
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = failed {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "sink queue full; event dropped");
         }
@@ -205,18 +212,25 @@ fn spawn_worker(
     client: reqwest::Client,
     config: Arc<NotifyConfig>,
     stats: Arc<NotifyStats>,
-    gone: Arc<Mutex<HashSet<String>>>,
+    gone: Arc<Mutex<HashSet<(String, SessionId)>>>,
     shutdown: CancellationToken,
 ) -> mpsc::Sender<Notification> {
     let (tx, mut rx) = mpsc::channel::<Notification>(SINK_QUEUE);
     tokio::spawn(async move {
         loop {
-            let n = tokio::select! {
-                n = rx.recv() => n,
-                () = tokio::time::sleep(Duration::from_secs(60)) => None,
-            };
-            let Some(n) = n else { return };
-            deliver(&client, &config, &stats, &gone, &shutdown, n).await;
+            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                Ok(Some(n)) => deliver(&client, &config, &stats, &gone, &shutdown, n).await,
+                Ok(None) => return,
+                Err(_) => {
+                    // Idle: take no new events, deliver what raced in, then exit (the dispatcher
+                    // starts a new worker for the sink's next event).
+                    rx.close();
+                    while let Ok(n) = rx.try_recv() {
+                        deliver(&client, &config, &stats, &gone, &shutdown, n).await;
+                    }
+                    return;
+                }
+            }
         }
     });
     tx
@@ -232,16 +246,17 @@ async fn deliver(
     client: &reqwest::Client,
     config: &NotifyConfig,
     stats: &NotifyStats,
-    gone: &Mutex<HashSet<String>>,
+    gone: &Mutex<HashSet<(String, SessionId)>>,
     shutdown: &CancellationToken,
     n: Notification,
 ) {
     let body = cloud_event(&n, config).to_string();
+    let key = (n.sink.clone(), n.session_id);
     for attempt in 1..=config.max_attempts {
         let outcome = if gone
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&n.sink)
+            .contains(&key)
         {
             Outcome::Stop("the sink answered 410 Gone earlier".into())
         } else if n
@@ -261,9 +276,7 @@ async fn deliver(
             }
             Outcome::Stop(why) => {
                 if why.contains("410") {
-                    gone.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(n.sink.clone());
+                    gone.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
                 }
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
                 info!(event = %n.event_id, sink = %n.sink, reason = %why, "notification not delivered; stopping");

@@ -114,10 +114,12 @@ struct Packet {
 fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     // SAFETY: the context pointer the kernel handed us; `ifindex` is readable from tc programs.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let sides = QOD_SIDES
-        .get(ifindex & IFINDEX_MASK)
-        .copied()
-        .unwrap_or(SIDE_BOTH);
+    // An index past the map is never aliased onto another interface's side: look both ways.
+    let sides = if ifindex > IFINDEX_MASK {
+        SIDE_BOTH
+    } else {
+        QOD_SIDES.get(ifindex).copied().unwrap_or(SIDE_BOTH)
+    };
     let pkt = parse(ctx)?;
     // Downlink: the destination is a device. Uplink: the source is.
     let down = || lookup(&pkt, pkt.dst, pkt.src, false);

@@ -348,21 +348,28 @@ impl Capture {
             };
             let mut seen = Vec::new();
             let mut buf = vec![0u8; 65_536];
-            while !flag.load(Ordering::Relaxed) {
+            // After the stop flag, keep reading without waiting until the queue is empty, so
+            // nothing that arrived is left unread.
+            loop {
+                let stopping = flag.load(Ordering::Relaxed);
                 let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
                 let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                let flags = libc::MSG_TRUNC | if stopping { libc::MSG_DONTWAIT } else { 0 };
                 // SAFETY: buf and from are valid for the sizes passed; the socket is open.
                 let n = unsafe {
                     libc::recvfrom(
                         sock.as_raw_fd(),
                         buf.as_mut_ptr().cast(),
                         buf.len(),
-                        libc::MSG_TRUNC,
+                        flags,
                         (&raw mut from).cast(),
                         &mut len,
                     )
                 };
                 if n < 0 {
+                    if stopping {
+                        break;
+                    }
                     continue; // timeout: check the stop flag
                 }
                 if from.sll_pkttype == libc::PACKET_OUTGOING {
@@ -432,6 +439,19 @@ fn packet_socket(ifname: &str) -> anyhow::Result<OwnedFd> {
         "bind AF_PACKET to {ifname}: {}",
         std::io::Error::last_os_error()
     );
+    // A large buffer so a burst (tests run in parallel on few CPUs) is not dropped before it is
+    // read: a capture that misses packets would make exact counter checks flaky.
+    let rcvbuf: libc::c_int = 32 << 20;
+    // SAFETY: rcvbuf is a valid c_int of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const rcvbuf).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+    }
     let tv = libc::timeval {
         tv_sec: 0,
         tv_usec: 100_000,

@@ -4,7 +4,8 @@
 //! ```text
 //! 1:   htb root, unclassified traffic → 1:20
 //! └─ 1:1  capacity
-//!    ├─ 1:10  low-latency band: prio 0, rate = low_latency_share, ceil = capacity; short FIFO leaf
+//!    ├─ 1:10  shared low-latency band: prio 0, rate = 1 % (sessions with a maximum get classes of
+//!    │        their own from the low-latency pool), ceil = capacity; short FIFO leaf
 //!    ├─ 1:20  best effort: prio 7, rate = what is left, ceil = capacity; fq_codel if the kernel
 //!    │        has it, else a 1000-packet FIFO
 //!    └─ 1:1xx one class per session with a rate on this interface: guaranteed (prio 1-3, rate =
@@ -77,11 +78,12 @@ impl ClassSpec {
         }
     }
 
-    /// Best effort, capped at `max` (a small own rate keeps it from starving), borrowing ahead of
-    /// the shared best-effort class in CAMARA `priority` order.
+    /// Best effort, capped at `max`, borrowing ahead of the shared best-effort class in CAMARA
+    /// `priority` order. Its own rate is a token 1 kbit/s (HTB needs one), so many capped sessions
+    /// do not oversubscribe the link.
     pub fn capped(max: u64, priority: Option<u8>) -> Self {
         Self {
-            rate_bps: (max / 100).max(8_000).min(max),
+            rate_bps: 1_000.min(max),
             ceil_bps: max,
             prio: scaled(4, priority),
             limit: 300,
@@ -108,9 +110,18 @@ impl SchedulerConfig {
         (self.capacity_bps as f64 * self.guaranteed_share) as u64
     }
 
+    /// The shared low-latency band's own rate: small, since sessions with a maximum get classes
+    /// of their own from the low-latency pool (it still borrows up to the capacity at prio 0).
+    pub fn shared_low_latency_bps(&self) -> u64 {
+        (self.capacity_bps / 100).max(8_000)
+    }
+
+    /// Best effort's own rate: what the pools and the shared band leave.
     pub fn best_effort_bps(&self) -> u64 {
         self.capacity_bps
-            .saturating_sub(self.low_latency_bps() + self.guaranteed_pool_bps())
+            .saturating_sub(
+                self.low_latency_bps() + self.guaranteed_pool_bps() + self.shared_low_latency_bps(),
+            )
             .max(8_000)
     }
 }
@@ -166,7 +177,7 @@ impl Scheduler {
         ])
         .map_err(err)?;
         for (minor, rate, prio) in [
-            ("1:10", config.low_latency_bps(), "0"),
+            ("1:10", config.shared_low_latency_bps(), "0"),
             ("1:20", config.best_effort_bps(), "7"),
         ] {
             tc(&[
