@@ -929,7 +929,7 @@ impl Qodd {
 pub enum Reply {
     /// This HTTP status.
     Status(u16),
-    /// Hold the request this long, then 204.
+    /// Hold the request this long, then 204 (recorded on arrival).
     Hang(Duration),
 }
 
@@ -991,13 +991,10 @@ impl SinkServer {
                                 None => None,
                             }
                         };
-                        let status = match reply {
-                            Some(Reply::Status(s)) => s,
-                            Some(Reply::Hang(d)) => {
-                                tokio::time::sleep(d).await;
-                                204
-                            }
-                            None => 204,
+                        let (status, hang) = match reply {
+                            Some(Reply::Status(s)) => (s, None),
+                            Some(Reply::Hang(d)) => (204, Some(d)),
+                            None => (204, None),
                         };
                         let header = |h: &str| {
                             headers
@@ -1005,6 +1002,7 @@ impl SinkServer {
                                 .and_then(|v| v.to_str().ok())
                                 .map(str::to_owned)
                         };
+                        // Recorded on arrival, so a request the sender gave up on still counts.
                         received
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -1016,6 +1014,9 @@ impl SinkServer {
                                     .unwrap_or(serde_json::Value::Null),
                                 status,
                             });
+                        if let Some(d) = hang {
+                            tokio::time::sleep(d).await;
+                        }
                         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
                     },
                 );

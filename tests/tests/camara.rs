@@ -255,6 +255,12 @@ async fn delivery_retries_stops_on_gone_and_never_delays_the_api() {
     sink.wait_for("/ok", 1, Duration::from_secs(5))
         .await
         .expect("other sinks are not held up");
+    // The hanging sink times out (1 s) and is retried: a second attempt arrives, same event.
+    let hung = sink
+        .wait_for("/hang", 2, Duration::from_secs(10))
+        .await
+        .expect("retried after the timeout");
+    assert_eq!(hung[0].body["id"], hung[1].body["id"]);
 
     // Connection refused: retried then abandoned; the API is unaffected.
     let started = Instant::now();
@@ -744,8 +750,25 @@ async fn sighup_reloads_profiles_and_live_sessions_follow() {
     u.qos_profile = "QOS_U".into();
     let u = api.create_session(u).await.expect("create").into_inner();
 
-    // QOS_T now marks AF21 (18); QOS_U is gone.
+    // The device directory does not know this phone number yet.
+    let phone = || pb::RetrieveSessionsByDeviceRequest {
+        device: Some(pb::Device {
+            phone_number: Some("+34600000077".into()),
+            ..Default::default()
+        }),
+    };
+    let err = api
+        .retrieve_sessions_by_device(phone())
+        .await
+        .expect_err("unknown phone");
+    assert_eq!(reason(&err), "IDENTIFIER_NOT_FOUND");
+
+    // QOS_T now marks AF21 (18); QOS_U is gone; the directory learns the phone number.
     let text = std::fs::read_to_string(qodd.config_path()).expect("config");
+    let text = format!(
+        "{text}\n[[devices]]\nphone_number = \"+34600000077\"\nipv4_address = \"{}\"\n",
+        addr::DEVICE_V4
+    );
     let text = text.replace("dscp = 10", "dscp = 18").replace(
         "name = \"QOS_U\"\nstatus = \"ACTIVE\"\ndscp = 26\n",
         "name = \"QOS_V\"\nstatus = \"ACTIVE\"\n",
@@ -797,6 +820,16 @@ async fn sighup_reloads_profiles_and_live_sessions_follow() {
     assert!(
         names.contains(&"QOS_V".to_owned()) && !names.contains(&"QOS_U".to_owned()),
         "{names:?}"
+    );
+    let by_phone = api
+        .retrieve_sessions_by_device(phone())
+        .await
+        .expect("directory reloaded")
+        .into_inner();
+    assert_eq!(
+        by_phone.sessions.len(),
+        1,
+        "the phone's device holds the QOS_T session"
     );
 
     // A broken file is refused and the running policy kept.
