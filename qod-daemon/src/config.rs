@@ -71,6 +71,7 @@ struct FileConfig {
     scheduler_on_exit: Option<String>,
     attach: Option<String>,
     bpffs: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     max_sessions: Option<u32>,
     unavailable_retention_secs: Option<u64>,
     profiles: Option<Vec<ProfileConfig>>,
@@ -248,6 +249,7 @@ impl FileConfig {
             scheduler_on_exit: over.scheduler_on_exit.or(self.scheduler_on_exit),
             attach: over.attach.or(self.attach),
             bpffs: over.bpffs.or(self.bpffs),
+            state_dir: over.state_dir.or(self.state_dir),
             max_sessions: over.max_sessions.or(self.max_sessions),
             unavailable_retention_secs: over
                 .unavailable_retention_secs
@@ -320,6 +322,8 @@ pub struct Config {
     pub restore_on_exit: bool,
     pub attach: AttachMode,
     pub bpffs: PathBuf,
+    /// Where the session store lives.
+    pub state_dir: PathBuf,
     pub max_sessions: u32,
     pub unavailable_retention: Duration,
     /// Profiles, pools, directory: what SIGHUP reloads.
@@ -535,6 +539,9 @@ impl Config {
             restore_on_exit,
             attach,
             bpffs: f.bpffs.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
+            state_dir: f
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/qodd")),
             max_sessions,
             unavailable_retention: Duration::from_secs(f.unavailable_retention_secs.unwrap_or(360)),
             policy: Policy {

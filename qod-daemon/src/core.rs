@@ -37,6 +37,7 @@ use crate::{
     notify::{Notification, Notifier},
     policy::Policy,
     profile::{Band, ProfileStatus, QosProfile},
+    store::{Ended, Store, StoreError, StoredSession},
 };
 
 /// Sizes and topology the core works within.
@@ -219,6 +220,8 @@ pub struct Core {
     retention: Duration,
     interfaces: Vec<ManagedInterface>,
     notifier: Option<Notifier>,
+    /// Durable copy of every session; `None` in unit tests that do not need one.
+    store: Option<Store>,
 }
 
 impl Core {
@@ -253,6 +256,152 @@ impl Core {
             retention: limits.retention,
             interfaces: limits.interfaces,
             notifier,
+            store: None,
+        }
+    }
+
+    /// Keeps every session in `store` from now on.
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    fn persist(&self, s: &Session) -> Result<(), StoreError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let ended = match s.state {
+            SessionState::Available { .. } => None,
+            SessionState::Unavailable { info, ended_at, .. } => Some(Ended { info, at: ended_at }),
+        };
+        store.put(&StoredSession {
+            id: s.id,
+            request: s.request.clone(),
+            started_at: s.started_at,
+            duration: s.duration,
+            ended,
+        })
+    }
+
+    /// Best-effort store update after a change already made in the kernel and memory.
+    fn persist_logged(&self, s: &Session) {
+        if let Err(e) = self.persist(s) {
+            error!(session = %s.id, error = %e, "cannot persist the session's new state");
+        }
+    }
+
+    fn forget(&self, id: SessionId) {
+        if let Some(store) = &self.store
+            && let Err(e) = store.remove(id)
+        {
+            error!(session = %id, error = %e, "cannot remove the session from the store");
+        }
+    }
+
+    /// Brings back the stored sessions at start: live ones are installed again for the time they
+    /// have left; ones whose time ran out while qodd was down end now (`DURATION_EXPIRED`, with
+    /// their event), ended ones stay readable for the rest of their retention.
+    pub fn restore(&self, stored: Vec<StoredSession>) {
+        let wall = OffsetDateTime::now_utc();
+        let retention = time::Duration::try_from(self.retention).unwrap_or(time::Duration::ZERO);
+        for s in stored {
+            let end = s.started_at + secs(s.duration);
+            let ended = match s.ended {
+                Some(e) => Some(e),
+                None if end <= wall => Some(Ended {
+                    info: StatusInfo::DurationExpired,
+                    at: end,
+                }),
+                None => None,
+            };
+            let Some(ended) = ended else {
+                let remaining = u32::try_from((end - wall).whole_seconds().max(1)).unwrap_or(1);
+                match self.admit(
+                    s.request.clone(),
+                    s.id,
+                    s.started_at,
+                    s.duration,
+                    remaining,
+                    true,
+                ) {
+                    Ok(_) => info!(session = %s.id, remaining, "session restored"),
+                    Err(e) => {
+                        error!(session = %s.id, error = %e, "cannot restore the session; it ends");
+                        self.keep_ended(
+                            s,
+                            Ended {
+                                info: StatusInfo::NetworkTerminated,
+                                at: wall,
+                            },
+                            retention,
+                            true,
+                        );
+                    }
+                }
+                continue;
+            };
+            let announce = s.ended.is_none();
+            self.keep_ended(s, ended, retention, announce);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Keeps an ended session readable until its retention runs out (announcing the end if it
+    /// happened while qodd was down).
+    fn keep_ended(
+        &self,
+        s: StoredSession,
+        ended: Ended,
+        retention: time::Duration,
+        announce: bool,
+    ) {
+        let left = (ended.at + retention - OffsetDateTime::now_utc()).whole_milliseconds();
+        if left <= 0 {
+            self.forget(s.id);
+            return;
+        }
+        let Ok(key) = self.policy().resolve(&s.request.device, &s.request.server) else {
+            self.forget(s.id);
+            return;
+        };
+        let Ok(flow) = AppFlow::from_request(&s.request, key) else {
+            self.forget(s.id);
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0));
+        let session = Session {
+            id: s.id,
+            request: s.request,
+            flow,
+            started_at: s.started_at,
+            duration: s.duration,
+            state: SessionState::Unavailable {
+                info: ended.info,
+                ended_at: ended.at,
+                counters: FlowCounters::default(),
+            },
+            rule: FlowRule::default(),
+            reservation: None,
+            deadline,
+        };
+        let mut inner = self.lock();
+        inner
+            .by_device
+            .entry(session.flow.device)
+            .or_default()
+            .push(session.id);
+        inner.deadlines.insert((deadline, session.id));
+        inner.sessions.insert(session.id, session.clone());
+        if announce {
+            self.persist_logged(&session);
+            info!(session = %session.id, info = ?ended.info, "session ended while qodd was down");
+            self.emit(
+                SessionView {
+                    session,
+                    counters: FlowCounters::default(),
+                },
+                ended.at,
+            );
         }
     }
 
@@ -322,15 +471,47 @@ impl Core {
     /// Validates `req` against the profiles and the sessions, installs it, and returns it
     /// AVAILABLE. On any error nothing changed.
     pub fn create(&self, req: SessionRequest) -> Result<SessionView, CamaraError> {
+        let duration = req.duration;
+        self.admit(
+            req,
+            SessionId::random(),
+            OffsetDateTime::now_utc(),
+            duration,
+            duration,
+            false,
+        )
+    }
+
+    /// Installs a session: a new one (`restoring` false: profile rules checked, persisted before
+    /// it is acknowledged, AVAILABLE event) or one read back from the store at start (its
+    /// profile need only still exist; `remaining` seconds are left of `duration`).
+    fn admit(
+        &self,
+        req: SessionRequest,
+        id: SessionId,
+        started_at: OffsetDateTime,
+        duration: u32,
+        remaining: u32,
+        restoring: bool,
+    ) -> Result<SessionView, CamaraError> {
         // The policy is read under the lock: a reload swaps it under the same lock after ending
         // the sessions of vanished profiles, so no session can slip in on a stale snapshot.
         let mut inner = self.lock();
         let policy = self.policy();
-        let profile = Self::profile_for(&policy, &req)?;
+        let profile = if restoring {
+            policy.profiles.get(&req.profile).ok_or_else(|| {
+                CamaraError::new(
+                    CamaraCode::Internal,
+                    format!("profile {} no longer exists", req.profile),
+                )
+            })?
+        } else {
+            Self::profile_for(&policy, &req)?
+        };
         let key = policy.resolve(&req.device, &req.server)?;
         let flow = AppFlow::from_request(&req, key)?;
-        let now = OffsetDateTime::now_utc();
-        let deadline = Instant::now() + secs(req.duration);
+        let now = started_at;
+        let deadline = Instant::now() + secs(remaining);
         let same_device: Vec<&Session> = inner
             .by_device
             .get(&flow.device)
@@ -376,7 +557,7 @@ impl Core {
                 return Err(e);
             }
         };
-        let rule = self.flow_rule(&flow, profile, slot, req.duration, reservation.as_ref());
+        let rule = self.flow_rule(&flow, profile, slot, remaining, reservation.as_ref());
         let installed = inner.dp.reset_counters(slot).and_then(|()| {
             let rules = device_rules(&inner, &flow.device, None, Some(rule));
             sync_device(&mut inner, &flow.device, &rules)
@@ -386,8 +567,6 @@ impl Core {
             release(&mut inner, reservation);
             return Err(dataplane_error(&e));
         }
-        let id = SessionId::random();
-        let duration = req.duration;
         let session = Session {
             id,
             request: req,
@@ -402,6 +581,20 @@ impl Core {
             deadline,
             flow,
         };
+        // Persisted before it is acknowledged; if that fails, nothing of it stays.
+        if !restoring && let Err(e) = self.persist(&session) {
+            let rules = device_rules(&inner, &session.flow.device, None, None);
+            if let Err(e) = sync_device(&mut inner, &session.flow.device, &rules) {
+                error!(error = %e, "cannot roll back an unpersisted session's rule");
+            }
+            inner.slots.give_back(slot);
+            release(&mut inner, session.reservation.clone());
+            error!(error = %e, "cannot persist a new session");
+            return Err(CamaraError::new(
+                CamaraCode::Internal,
+                "the session could not be stored; nothing was created",
+            ));
+        }
         inner
             .by_device
             .entry(session.flow.device)
@@ -413,7 +606,9 @@ impl Core {
             counters: FlowCounters::default(),
         };
         inner.sessions.insert(id, view.session.clone());
-        self.emit(view.clone(), now);
+        if !restoring {
+            self.emit(view.clone(), now);
+        }
         drop(inner);
         self.wake.notify_one();
         info!(session = %id, profile = %view.session.request.profile, "session created");
@@ -673,6 +868,7 @@ impl Core {
         inner.sessions.remove(&id);
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
+        self.forget(id);
         if let Some((view, now)) = final_view {
             self.emit(view, now);
         }
@@ -723,6 +919,7 @@ impl Core {
         inner.deadlines.remove(&(session.deadline, id));
         inner.deadlines.insert((deadline, id));
         inner.sessions.insert(id, updated.clone());
+        self.persist_logged(&updated);
         // Committed: a counters read failing now must not turn it into an error.
         let counters = inner.dp.counters(slot).unwrap_or_default();
         Ok(SessionView {
@@ -777,6 +974,7 @@ impl Core {
         ended.deadline = purge;
         inner.deadlines.insert((purge, id));
         inner.sessions.insert(id, ended.clone());
+        self.persist_logged(&ended);
         info!(session = %id, ?info, "session ended");
         self.emit(
             SessionView {
@@ -850,6 +1048,7 @@ impl Core {
                 SessionState::Unavailable { .. } => {
                     inner.sessions.remove(&id);
                     unlink(&mut inner, &session.flow.device, id);
+                    self.forget(id);
                     info!(session = %id, "unavailable session purged");
                 }
             }

@@ -12,6 +12,7 @@ pub mod model;
 pub mod notify;
 pub mod policy;
 pub mod profile;
+pub mod store;
 
 use std::{sync::Arc, time::Duration};
 
@@ -46,6 +47,8 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed")]
     Serve(#[from] tonic::transport::Error),
+    #[error("session store")]
+    Store(#[from] store::StoreError),
 }
 
 /// Re-reads the configuration (file and flags) for a SIGHUP reload.
@@ -60,23 +63,37 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     dataplane::ensure_bpffs(&config.bpffs)?;
+    // The store first: a corrupt one, or one held by another qodd, stops start-up before the
+    // data plane is touched.
+    let store = store::Store::open(&config.state_dir)?;
+    let stored = store.load()?;
     let mut dp = AyaDataPlane::load(config.max_sessions)?;
     dp.manage(&config.interfaces, config.attach, config.restore_on_exit)?;
     let token = CancellationToken::new();
     let notify_token = CancellationToken::new();
     let (notifier, _delivery) =
         notify::Notifier::start(config.notify.clone(), notify_token.clone());
-    let core = Arc::new(Core::new(
-        Box::new(dp),
-        config.policy.clone(),
-        core::Limits {
-            max_sessions: config.max_sessions,
-            retention: config.unavailable_retention,
-            interfaces: config.interfaces.clone(),
-            event_buffer: core::Limits::DEFAULT_EVENT_BUFFER,
-        },
-        Some(notifier),
-    ));
+    let core = Arc::new(
+        Core::new(
+            Box::new(dp),
+            config.policy.clone(),
+            core::Limits {
+                max_sessions: config.max_sessions,
+                retention: config.unavailable_retention,
+                interfaces: config.interfaces.clone(),
+                event_buffer: core::Limits::DEFAULT_EVENT_BUFFER,
+            },
+            Some(notifier),
+        )
+        .with_store(store),
+    );
+    {
+        let (core, n) = (core.clone(), stored.len());
+        tokio::task::spawn_blocking(move || core.restore(stored))
+            .await
+            .ok();
+        info!(sessions = n, "session store loaded");
+    }
     let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
     tokio::spawn(watch_links(
         core.clone(),

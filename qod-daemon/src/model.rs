@@ -18,7 +18,9 @@ use uuid::Uuid;
 use crate::error::{CamaraCode, CamaraError};
 
 /// A session's id: a UUID, as CAMARA's `sessionId`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct SessionId(Uuid);
 
 impl SessionId {
@@ -43,7 +45,9 @@ impl fmt::Display for SessionId {
 }
 
 /// CAMARA `QosProfileName`: 3..=256 characters of `[a-zA-Z0-9_.-]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ProfileName(String);
 
 impl ProfileName {
@@ -78,7 +82,7 @@ impl fmt::Display for ProfileName {
 }
 
 /// CAMARA `phoneNumber`: `^\+[1-9][0-9]{4,14}$`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PhoneNumber(String);
 
 impl PhoneNumber {
@@ -105,7 +109,7 @@ impl PhoneNumber {
 }
 
 /// The one device identifier a session was created with (CAMARA: the provider picks one).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeviceId {
     /// CAMARA `DeviceIpv4Addr`: the public address plus the private address and/or public port.
     Ipv4 {
@@ -152,7 +156,7 @@ fn words(b: [u8; 16]) -> [u32; 4] {
 }
 
 /// CAMARA `PortsSpec`, validated: every port in 1..=65535, every range ordered, not empty.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ports {
     pub ranges: Vec<(u16, u16)>,
     pub ports: Vec<u16>,
@@ -186,7 +190,7 @@ impl Ports {
 }
 
 /// CAMARA `ApplicationServer`: an IPv4 and/or an IPv6 address or network.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ApplicationServer {
     pub ipv4: Option<Ipv4Network>,
     pub ipv6: Option<Ipv6Network>,
@@ -205,14 +209,15 @@ impl ApplicationServer {
 }
 
 /// CAMARA `SinkCredential` of type ACCESSTOKEN (the only one accepted).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AccessToken {
     pub token: String,
+    #[serde(with = "time::serde::rfc3339")]
     pub expires: OffsetDateTime,
 }
 
 /// What a caller asked for, validated.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionRequest {
     pub device: DeviceId,
     pub server: ApplicationServer,
@@ -357,7 +362,7 @@ pub enum QosStatus {
 }
 
 /// CAMARA `statusInfo`: why a session became UNAVAILABLE.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StatusInfo {
     DurationExpired,
     NetworkTerminated,

@@ -596,6 +596,8 @@ pub struct Qodd {
     child: Option<Child>,
     pub socket: PathBuf,
     pub dir: tempfile::TempDir,
+    bin: PathBuf,
+    netns: String,
 }
 
 impl Qodd {
@@ -630,8 +632,9 @@ impl Qodd {
         fs::write(
             &config,
             format!(
-                "listen = \"unix:{}\"\ninterfaces = [{}]\n{extra_toml}",
+                "listen = \"unix:{}\"\nstate_dir = \"{}\"\ninterfaces = [{}]\n{extra_toml}",
                 socket.display(),
+                dir.path().join("state").display(),
                 list.join(", ")
             ),
         )?;
@@ -640,40 +643,70 @@ impl Qodd {
             "qodd binary not found at {} (build it first: cargo build -p qod-daemon --bins, or set QODD_BIN)",
             bin.display()
         );
-        let log = fs::File::create(dir.path().join("qodd.log"))?;
+        let mut q = Self {
+            child: None,
+            socket,
+            dir,
+            bin: bin.to_owned(),
+            netns: ns.name.clone(),
+        };
+        q.launch().await?;
+        Ok(q)
+    }
+
+    /// Starts the binary on the same configuration and state, and waits until it answers.
+    async fn launch(&mut self) -> anyhow::Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("qodd.log"))?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(bin)
+            .args(["netns", "exec", &self.netns])
+            .arg(&self.bin)
             .arg("--config")
-            .arg(&config)
+            .arg(self.config_path())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("spawn qodd")?;
-        let mut q = Self {
-            child: Some(child),
-            socket,
-            dir,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = q.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("qodd exited with {status} during start:\n{}", q.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("qodd exited with {status} during start:\n{}", self.log());
             }
-            if let Ok(mut c) = q.profiles().await
+            if let Ok(mut c) = self.profiles().await
                 && c.retrieve_qos_profiles(qod_proto::v1::RetrieveQosProfilesRequest::default())
                     .await
                     .is_ok()
             {
-                return Ok(q);
+                return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("qodd did not answer within 30 s:\n{}", q.log());
+                bail!("qodd did not answer within 30 s:\n{}", self.log());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts `qodd` again after [`Qodd::kill9`] or [`Qodd::stop`], same configuration and state.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.launch().await
     }
 
     pub fn addr(&self) -> String {
