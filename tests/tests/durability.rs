@@ -117,3 +117,25 @@ async fn acknowledged_sessions_survive_kill_9() {
         .expect_err("deleted");
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+/// A corrupt store stops start-up with a clear error instead of starting empty.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_store_is_refused() {
+    require_root();
+    let lab = Lab::new().expect("lab");
+    let mut qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF], "")
+        .await
+        .expect("qodd");
+    qodd.kill9();
+    let file = qodd.dir.path().join("state/sessions.redb");
+    std::fs::write(&file, vec![0x5au8; 8192]).expect("corrupt the store");
+    let err = qodd
+        .restart()
+        .await
+        .expect_err("must not start on a corrupt store");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("session store") && text.contains("sessions.redb"),
+        "{text}"
+    );
+}
