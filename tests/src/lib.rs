@@ -1536,3 +1536,31 @@ band = "best_effort"
 max_downstream_rate = { value = 10, unit = "Mbps" }
 "#;
 }
+
+impl Lab {
+    /// Sends 5 uplink UDP datagrams `device:device_port → server:server_port` and returns the
+    /// DSCP of each that reached the server (empty: none arrived).
+    pub fn uplink_dscp(
+        &self,
+        device: &str,
+        device_port: u16,
+        server: &str,
+        server_port: u16,
+    ) -> anyhow::Result<Vec<u8>> {
+        let capture = Capture::start(&self.server, SERVER_IF)?;
+        udp_send(
+            &self.device,
+            api::sa(device, device_port),
+            api::sa(server, server_port),
+            5,
+            64,
+        )?;
+        let (src, dst) = (api::ip(device), api::ip(server));
+        Ok(capture
+            .finish()?
+            .iter()
+            .filter(|p| p.src == src && p.dst == dst && p.dport == server_port)
+            .map(|p| p.dscp)
+            .collect())
+    }
+}

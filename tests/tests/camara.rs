@@ -782,21 +782,12 @@ async fn sighup_reloads_profiles_and_live_sessions_follow() {
     assert_eq!(ended.session_id, u.session_id);
     assert_eq!(ended.status_info(), pb::StatusInfo::NetworkTerminated);
 
-    let capture = Capture::start(&lab.server, SERVER_IF).expect("capture");
-    let sa = |ip: &str, port| SocketAddr::new(ip.parse().expect("ip"), port);
-    udp_send(
-        &lab.device,
-        sa(addr::DEVICE_V4, 44000),
-        sa(addr::SERVER_V4, 5000),
-        5,
-        64,
-    )
-    .expect("udp");
-    let seen = capture.finish().expect("capture");
-    let flow: Vec<_> = seen.iter().filter(|p| p.dport == 5000).collect();
+    let dscp = lab
+        .uplink_dscp(addr::DEVICE_V4, 44000, addr::SERVER_V4, 5000)
+        .expect("traffic");
     assert!(
-        !flow.is_empty() && flow.iter().all(|p| p.dscp == 18),
-        "reloaded DSCP applied: {flow:?}"
+        !dscp.is_empty() && dscp.iter().all(|d| *d == 18),
+        "reloaded DSCP applied: {dscp:?}"
     );
     let still = api
         .get_session(pb::GetSessionRequest {

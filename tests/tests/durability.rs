@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use qod_proto::v1 as pb;
 use qod_testkit::{
-    Capture, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, SERVER_IF, addr,
-    api::{require_root, sa, session},
-    udp_send,
+    EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, addr,
+    api::{require_root, session},
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -69,20 +68,12 @@ async fn acknowledged_sessions_survive_kill_9() {
     assert_eq!(got.qos_status(), pb::QosStatus::Available);
     assert_eq!(got.duration, 660, "its extension too");
     assert_eq!(got.started_at, long.started_at);
-    let capture = Capture::start(&lab.server, SERVER_IF).expect("capture");
-    udp_send(
-        &lab.device,
-        sa(addr::DEVICE_V4, 46000),
-        sa(addr::SERVER_V4, 5000),
-        5,
-        64,
-    )
-    .expect("udp");
-    let seen = capture.finish().expect("capture");
-    let flow: Vec<_> = seen.iter().filter(|p| p.dport == 5000).collect();
+    let dscp = lab
+        .uplink_dscp(addr::DEVICE_V4, 46000, addr::SERVER_V4, 5000)
+        .expect("traffic");
     assert!(
-        !flow.is_empty() && flow.iter().all(|p| p.dscp == 32),
-        "enforced again: {flow:?}"
+        !dscp.is_empty() && dscp.iter().all(|d| *d == 32),
+        "enforced again: {dscp:?}"
     );
 
     let ended = api
