@@ -3,7 +3,7 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr},
     str::FromStr,
     time::Duration,
 };
@@ -183,10 +183,6 @@ impl Ports {
         }
         out
     }
-
-    pub fn contains(&self, port: u16) -> bool {
-        self.merged().iter().any(|r| r.contains(port))
-    }
 }
 
 /// CAMARA `ApplicationServer`: an IPv4 and/or an IPv6 address or network.
@@ -339,20 +335,6 @@ pub fn network_words(net: IpNetwork) -> ([u32; 4], [u32; 4]) {
     }
 }
 
-/// The device address a key stands for (IPv6: the /64 network address).
-pub fn key_addr(key: &DeviceKey) -> IpAddr {
-    let b = |w: u32| w.to_ne_bytes();
-    if key.family == FAMILY_IPV4 {
-        IpAddr::V4(Ipv4Addr::from(b(key.addr[0])))
-    } else {
-        let mut o = [0u8; 16];
-        for (i, w) in key.addr.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&b(*w));
-        }
-        IpAddr::V6(Ipv6Addr::from(o))
-    }
-}
-
 /// CAMARA `qosStatus`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QosStatus {
@@ -393,10 +375,8 @@ mod tests {
         let a = ipv6_key("2001:db8:1:2::5".parse().expect("addr"));
         let b = ipv6_key("2001:db8:1:2:ffff::1".parse().expect("addr"));
         assert_eq!(a, b);
-        assert_eq!(
-            key_addr(&a),
-            "2001:db8:1:2::".parse::<IpAddr>().expect("addr")
-        );
+        let prefix: Ipv6Addr = "2001:db8:1:2::".parse().expect("addr");
+        assert_eq!(a.addr, words(prefix.octets()), "the key is the /64 itself");
     }
 
     #[test]
