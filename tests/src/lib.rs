@@ -175,15 +175,44 @@ pub const EDGE_DEV_IF: &str = "edge-dev";
 pub const EDGE_SRV_IF: &str = "edge-srv";
 pub const SERVER_IF: &str = "srv0";
 
+/// Adds `addrs` to `ifname` in `ns` (IPv6 without duplicate address detection), brings it up and
+/// turns offloads off so packets on the wire are what the classifier and the capture see.
+fn configure(ns: &Netns, ifname: &str, addrs: &[&str]) -> anyhow::Result<()> {
+    for a in addrs {
+        let mut args = vec!["addr", "add", a, "dev", ifname];
+        if a.contains(':') {
+            args.push("nodad");
+        }
+        ns.ip(&args)?;
+    }
+    ns.ip(&["link", "set", ifname, "up"])?;
+    let _ = ns.exec(
+        "ethtool",
+        &["-K", ifname, "tso", "off", "gso", "off", "gro", "off"],
+    );
+    Ok(())
+}
+
 impl Lab {
     pub fn new() -> anyhow::Result<Self> {
-        use addr::*;
         let lab = Self {
             device: Netns::new("dev")?,
             edge: Netns::new("edge")?,
             server: Netns::new("srv")?,
         };
-        let (d, e, s) = (&lab.device, &lab.edge, &lab.server);
+        lab.link_device_side()?;
+        lab.link_server_side()?;
+        lab.edge.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        lab.edge
+            .exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        lab.wait_ready()?;
+        Ok(lab)
+    }
+
+    /// (Re)creates the device ⇄ edge veth pair with its addresses and the device's routes.
+    pub fn link_device_side(&self) -> anyhow::Result<()> {
+        use addr::*;
+        let (d, e) = (&self.device, &self.edge);
         d.ip(&[
             "link",
             "add",
@@ -196,6 +225,34 @@ impl Lab {
             "netns",
             &e.name,
         ])?;
+        configure(
+            d,
+            DEVICE_IF,
+            &[
+                &format!("{DEVICE_V4}/24"),
+                &format!("{OTHER_DEVICE_V4}/24"),
+                &format!("{DEVICE_V6}/64"),
+                &format!("{OTHER_DEVICE_V6}/64"),
+            ],
+        )?;
+        configure(
+            e,
+            EDGE_DEV_IF,
+            &[
+                &format!("{EDGE_DEV_V4}/24"),
+                &format!("{EDGE_DEV_V6}/64"),
+                "fd00:11::1/64",
+            ],
+        )?;
+        d.ip(&["route", "add", "default", "via", EDGE_DEV_V4])?;
+        d.ip(&["-6", "route", "add", "default", "via", EDGE_DEV_V6])?;
+        Ok(())
+    }
+
+    /// Creates the edge ⇄ server veth pair with its addresses and the server's routes.
+    fn link_server_side(&self) -> anyhow::Result<()> {
+        use addr::*;
+        let (e, s) = (&self.edge, &self.server);
         e.ip(&[
             "link",
             "add",
@@ -208,76 +265,30 @@ impl Lab {
             "netns",
             &s.name,
         ])?;
-        for (ns, ifname, addrs) in [
-            (
-                d,
-                DEVICE_IF,
-                [
-                    format!("{DEVICE_V4}/24"),
-                    format!("{OTHER_DEVICE_V4}/24"),
-                    format!("{DEVICE_V6}/64"),
-                    format!("{OTHER_DEVICE_V6}/64"),
-                ],
-            ),
-            (
-                e,
-                EDGE_DEV_IF,
-                [
-                    format!("{EDGE_DEV_V4}/24"),
-                    format!("{EDGE_DEV_V6}/64"),
-                    "fd00:11::1/64".into(),
-                    String::new(),
-                ],
-            ),
-            (
-                e,
-                EDGE_SRV_IF,
-                [
-                    format!("{EDGE_SRV_V4}/24"),
-                    format!("{EDGE_SRV_V6}/64"),
-                    String::new(),
-                    String::new(),
-                ],
-            ),
-            (
-                s,
-                SERVER_IF,
-                [
-                    format!("{SERVER_V4}/24"),
-                    format!("{OTHER_SERVER_V4}/24"),
-                    format!("{SERVER_V6}/64"),
-                    format!("{OTHER_SERVER_V6}/64"),
-                ],
-            ),
-        ] {
-            for a in addrs.iter().filter(|a| !a.is_empty()) {
-                let mut args = vec!["addr", "add", a.as_str(), "dev", ifname];
-                if a.contains(':') {
-                    args.push("nodad");
-                }
-                ns.ip(&args)?;
-            }
-            ns.ip(&["link", "set", ifname, "up"])?;
-            // Offloads off: packets on the wire are what the classifier and the capture see.
-            let _ = ns.exec(
-                "ethtool",
-                &["-K", ifname, "tso", "off", "gso", "off", "gro", "off"],
-            );
-        }
-        d.ip(&["route", "add", "default", "via", EDGE_DEV_V4])?;
-        d.ip(&["-6", "route", "add", "default", "via", EDGE_DEV_V6])?;
+        configure(
+            e,
+            EDGE_SRV_IF,
+            &[&format!("{EDGE_SRV_V4}/24"), &format!("{EDGE_SRV_V6}/64")],
+        )?;
+        configure(
+            s,
+            SERVER_IF,
+            &[
+                &format!("{SERVER_V4}/24"),
+                &format!("{OTHER_SERVER_V4}/24"),
+                &format!("{SERVER_V6}/64"),
+                &format!("{OTHER_SERVER_V6}/64"),
+            ],
+        )?;
         s.ip(&["route", "add", "default", "via", EDGE_SRV_V4])?;
         s.ip(&["-6", "route", "add", "default", "via", EDGE_SRV_V6])?;
-        e.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        e.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
-        lab.wait_ready()?;
-        Ok(lab)
+        Ok(())
     }
 
     /// Waits until every veth reports carrier and IPv6 has installed its prefix routes (the
     /// kernel does both asynchronously, up to a second after `link set up`); packets sent before
     /// that are dropped for want of a route.
-    fn wait_ready(&self) -> anyhow::Result<()> {
+    pub fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let checks: [(&Netns, &str, &str); 4] = [
             (&self.device, DEVICE_IF, "fd00:1::/64"),
@@ -1563,4 +1574,25 @@ impl Lab {
             .map(|p| p.dscp)
             .collect())
     }
+}
+
+/// A lab with `qodd` on its edge managing both edge interfaces (marking only), `extra_toml`
+/// appended to its configuration. Fails the test unless it runs as root.
+pub async fn lab_with_qodd(extra_toml: &str) -> (Lab, Qodd) {
+    api::require_root();
+    let lab = Lab::new().expect("lab");
+    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], extra_toml)
+        .await
+        .expect("qodd");
+    (lab, qodd)
+}
+
+/// Every session event from now on.
+pub async fn watch_all(
+    api: &mut QualityOnDemandClient<Channel>,
+) -> tonic::Streaming<qod_proto::v1::SessionEvent> {
+    api.watch_session_events(qod_proto::v1::WatchSessionEventsRequest::default())
+        .await
+        .expect("watch")
+        .into_inner()
 }

@@ -9,8 +9,8 @@ use std::{
 
 use qod_proto::v1 as pb;
 use qod_testkit::{
-    Capture, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, Reply, SERVER_IF, SinkServer, addr,
-    api::{device, reason, require_root},
+    Capture, Reply, SERVER_IF, SinkServer, addr,
+    api::{device, reason},
     udp_send,
 };
 use tonic::{Code, Request};
@@ -65,18 +65,9 @@ fn with_sink(
     r
 }
 
-async fn lab(extra: &str) -> (Lab, Qodd) {
-    require_root();
-    let lab = Lab::new().expect("lab");
-    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], extra)
-        .await
-        .expect("qodd");
-    (lab, qodd)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_transition_is_notified_as_a_cloud_event() {
-    let (lab, qodd) = lab(CONFIG).await;
+    let (lab, qodd) = qod_testkit::lab_with_qodd(CONFIG).await;
     let sink = SinkServer::start(&lab.edge).expect("sink");
     let mut api = qodd.sessions().await.expect("client");
 
@@ -176,7 +167,7 @@ async fn every_transition_is_notified_as_a_cloud_event() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn delivery_retries_stops_on_gone_and_never_delays_the_api() {
-    let (lab, qodd) = lab(CONFIG).await;
+    let (lab, qodd) = qod_testkit::lab_with_qodd(CONFIG).await;
     let sink = SinkServer::start(&lab.edge).expect("sink");
     let mut api = qodd.sessions().await.expect("client");
     let hour = Duration::from_secs(3600);
@@ -305,7 +296,7 @@ async fn delivery_retries_stops_on_gone_and_never_delays_the_api() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sinks_and_credentials_are_validated() {
-    let (_lab, qodd) = lab(CONFIG).await;
+    let (_lab, qodd) = qod_testkit::lab_with_qodd(CONFIG).await;
     let mut api = qodd.sessions().await.expect("client");
     let hour = Duration::from_secs(3600);
     let dev = || request(device(addr::DEVICE_V4), 60);
@@ -373,7 +364,7 @@ async fn sinks_and_credentials_are_validated() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn correlator_is_validated_and_echoed_on_every_response() {
-    let (_lab, qodd) = lab(CONFIG).await;
+    let (_lab, qodd) = qod_testkit::lab_with_qodd(CONFIG).await;
     let mut api = qodd.sessions().await.expect("client");
     let with = |value: &str, id: &str| {
         let mut r = Request::new(pb::GetSessionRequest {
@@ -435,7 +426,7 @@ async fn correlator_is_validated_and_echoed_on_every_response() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn devices_resolve_through_pools_and_directory() {
-    let (lab, qodd) = lab(CONFIG).await;
+    let (lab, qodd) = qod_testkit::lab_with_qodd(CONFIG).await;
     let mut api = qodd.sessions().await.expect("client");
     let phone = |p: &str| pb::Device {
         phone_number: Some(p.into()),
@@ -578,7 +569,7 @@ status = "DEPRECATED"
 
 #[tokio::test(flavor = "multi_thread")]
 async fn profile_duration_and_extension_rules() {
-    let (_lab, qodd) = lab(PROFILES).await;
+    let (_lab, qodd) = qod_testkit::lab_with_qodd(PROFILES).await;
     let mut api = qodd.sessions().await.expect("client");
     let with_profile = |p: &str, ip: &str, d: i32| {
         let mut r = request(device(ip), d);
@@ -732,13 +723,9 @@ async fn profile_duration_and_extension_rules() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_profiles_and_live_sessions_follow() {
-    let (lab, qodd) = lab(PROFILES).await;
+    let (lab, qodd) = qod_testkit::lab_with_qodd(PROFILES).await;
     let mut api = qodd.sessions().await.expect("client");
-    let mut events = api
-        .watch_session_events(pb::WatchSessionEventsRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut events = qod_testkit::watch_all(&mut api).await;
     let mut t = request(device(addr::DEVICE_V4), 20);
     t.qos_profile = "QOS_T".into();
     t.application_server_ports = Some(pb::PortsSpec {

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use qod_proto::v1 as pb;
 use qod_testkit::{
-    DEVICE_IF, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, addr,
+    DEVICE_IF, EDGE_DEV_IF, Lab, Qodd, addr,
     api::{ip, reason, session},
     traffic::{Delivered, Probe, tcp_flows, udp_probe},
 };
@@ -43,10 +43,7 @@ fn congested_probe(lab: &Lab) -> (Probe, Delivered) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_hold_their_promise_under_congestion() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "run as root (cargo xtask test)"
-    );
+    qod_testkit::api::require_root();
     let lab = Lab::new().expect("lab");
     for extra in ["10.0.1.4/24", "10.0.1.5/24"] {
         lab.device
@@ -180,10 +177,7 @@ async fn sessions_hold_their_promise_under_congestion() {
 /// refused and nothing of it is installed.
 #[tokio::test(flavor = "multi_thread")]
 async fn admission_control_refuses_what_does_not_fit() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "run as root (cargo xtask test)"
-    );
+    qod_testkit::api::require_root();
     let lab = Lab::new().expect("lab");
     let interfaces = qod_testkit::api::scheduled_interfaces();
     let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
@@ -251,20 +245,9 @@ target_min_downstream_rate = { value = 30, unit = "Mbps" }
 /// ones are refused until it is back; a link that is deleted and re-created is attached again.
 #[tokio::test(flavor = "multi_thread")]
 async fn link_loss_terminates_sessions() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "run as root (cargo xtask test)"
-    );
-    let lab = Lab::new().expect("lab");
-    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "")
-        .await
-        .expect("qodd");
+    let (lab, qodd) = qod_testkit::lab_with_qodd("").await;
     let mut api = qodd.sessions().await.expect("client");
-    let mut events = api
-        .watch_session_events(pb::WatchSessionEventsRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut events = qod_testkit::watch_all(&mut api).await;
     let s = api
         .create_session(session(
             addr::DEVICE_V4,
@@ -304,35 +287,8 @@ async fn link_loss_terminates_sessions() {
         .ip(&["link", "del", EDGE_DEV_IF])
         .expect("delete link");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    lab.device
-        .ip(&[
-            "link",
-            "add",
-            DEVICE_IF,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            EDGE_DEV_IF,
-            "netns",
-            &lab.edge.name,
-        ])
-        .expect("re-create");
-    lab.device
-        .ip(&["addr", "add", "10.0.1.2/24", "dev", DEVICE_IF])
-        .expect("addr");
-    lab.device
-        .ip(&["link", "set", DEVICE_IF, "up"])
-        .expect("up");
-    lab.device
-        .ip(&["route", "add", "default", "via", addr::EDGE_DEV_V4])
-        .expect("route");
-    lab.edge
-        .ip(&["addr", "add", "10.0.1.1/24", "dev", EDGE_DEV_IF])
-        .expect("addr");
-    lab.edge
-        .ip(&["link", "set", EDGE_DEV_IF, "up"])
-        .expect("up");
+    lab.link_device_side().expect("re-create the link");
+    lab.wait_ready().expect("link up");
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let again = loop {

@@ -6,17 +6,13 @@ use std::time::Duration;
 
 use qod_proto::v1 as pb;
 use qod_testkit::{
-    EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, addr,
+    EDGE_DEV_IF, Lab, Qodd, addr,
     api::{require_root, session},
 };
 
 #[tokio::test(flavor = "multi_thread")]
 async fn acknowledged_sessions_survive_kill_9() {
-    require_root();
-    let lab = Lab::new().expect("lab");
-    let mut qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "")
-        .await
-        .expect("qodd");
+    let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
     let mut api = qodd.sessions().await.expect("client");
     let long = api
         .create_session(session(

@@ -6,7 +6,7 @@ use std::{net::IpAddr, time::Duration};
 use futures::StreamExt as _;
 use qod_proto::v1 as pb;
 use qod_testkit::{
-    Capture, DEVICE_IF, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, SERVER_IF, Seen, addr,
+    Capture, DEVICE_IF, EDGE_DEV_IF, Lab, Qodd, SERVER_IF, Seen, addr,
     api::{device, reason, require_root, sa, server},
     tcp_exchange, udp_send,
 };
@@ -55,11 +55,7 @@ async fn marks_the_session_flow_only(
     srv: &'static str,
     other_srv: &'static str,
 ) {
-    require_root();
-    let lab = Lab::new().expect("lab");
-    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "")
-        .await
-        .expect("qodd");
+    let (lab, qodd) = qod_testkit::lab_with_qodd("").await;
     let mut api = qodd.sessions().await.expect("client");
 
     let created = api
@@ -158,17 +154,9 @@ async fn ipv6_session_marks_its_flow_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn expiry_ends_marking_and_is_reported() {
     use addr::*;
-    require_root();
-    let lab = Lab::new().expect("lab");
-    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "")
-        .await
-        .expect("qodd");
+    let (lab, qodd) = qod_testkit::lab_with_qodd("").await;
     let mut api = qodd.sessions().await.expect("client");
-    let mut events = api
-        .watch_session_events(pb::WatchSessionEventsRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut events = qod_testkit::watch_all(&mut api).await;
 
     let created = api
         .create_session(create_request(DEVICE_V4, SERVER_V4, &[], "QOS_L", 3))
@@ -241,11 +229,7 @@ async fn expiry_ends_marking_and_is_reported() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_are_refused_precisely_and_change_nothing() {
     use addr::*;
-    require_root();
-    let lab = Lab::new().expect("lab");
-    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], "")
-        .await
-        .expect("qodd");
+    let (lab, qodd) = qod_testkit::lab_with_qodd("").await;
     let mut api = qodd.sessions().await.expect("client");
     let ok = || create_request(DEVICE_V4, SERVER_V4, &[5000], "QOS_E", 60);
     use tonic::Code::*;
