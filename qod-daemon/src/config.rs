@@ -15,7 +15,13 @@ use std::collections::HashMap;
 
 use ipnetwork::IpNetwork;
 
+use std::num::NonZeroU32;
+
 use crate::{
+    auth::{
+        AuthSettings, ClientLimits, JwksSource, TokenRules,
+        jwt::{SUPPORTED_ALGORITHMS, parse_jwks},
+    },
     dataplane::SchedulerConfig,
     error::CamaraCode,
     model::{PhoneNumber, ProfileName},
@@ -60,6 +66,10 @@ pub struct Cli {
     /// Print the default configuration file and exit.
     #[arg(long)]
     pub print_default_config: bool,
+    /// LABS ONLY: serve without TLS and without access tokens, so any local process may create,
+    /// read and delete every session. Logged as a warning at start.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// The file's shape. Every field is optional so a user file overrides only what it names.
@@ -79,6 +89,42 @@ struct FileConfig {
     devices: Option<Vec<DeviceEntry>>,
     duration_out_of_range: Option<String>,
     notifications: Option<NotificationsConfig>,
+    tls: Option<TlsConfig>,
+    auth: Option<AuthConfig>,
+    limits: Option<LimitsConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsConfig {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    client_auth: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthConfig {
+    jwks_file: Option<PathBuf>,
+    jwks_url: Option<String>,
+    jwks_refresh_secs: Option<u64>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway_secs: Option<u64>,
+    algorithms: Option<Vec<String>>,
+    client_id_claim: Option<String>,
+    device_claim: Option<String>,
+    client_id_from_certificate: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsConfig {
+    max_active_sessions_per_client: Option<u32>,
+    requests_per_second: Option<u32>,
+    request_burst: Option<u32>,
+    max_message_bytes: Option<usize>,
 }
 
 /// `interfaces` entries: a name (marking only, both directions), or a table.
@@ -259,6 +305,9 @@ impl FileConfig {
             devices: over.devices.or(self.devices),
             duration_out_of_range: over.duration_out_of_range.or(self.duration_out_of_range),
             notifications: over.notifications.or(self.notifications),
+            tls: over.tls.or(self.tls),
+            auth: over.auth.or(self.auth),
+            limits: over.limits.or(self.limits),
         }
     }
 }
@@ -331,6 +380,55 @@ pub struct Config {
     pub notify: NotifyConfig,
     /// Hosts a sink may use plain `http://` with (labs and tests); everything else needs https.
     pub sink_http_hosts: Vec<String>,
+    pub security: Security,
+    pub limits: ClientLimits,
+}
+
+/// How callers are authenticated.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// `--insecure`: plain text, no tokens (labs only).
+    Insecure,
+    Secure {
+        tls: Box<TlsSettings>,
+        auth: Box<AuthSettings>,
+    },
+}
+
+/// TLS material, read and checked at validation.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// Mutual TLS: client certificates must chain to these CAs.
+    pub client_ca_pem: Option<Vec<u8>>,
+    /// With a client CA: a client may also connect without a certificate.
+    pub client_auth_optional: bool,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the private key.
+        f.debug_struct("TlsSettings")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .field("client_auth_optional", &self.client_auth_optional)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsSettings {
+    /// The server side of tonic's TLS.
+    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut c =
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        if let Some(ca) = &self.client_ca_pem {
+            c = c
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(self.client_auth_optional);
+        }
+        c
+    }
 }
 
 /// Why a configuration was refused.
@@ -398,10 +496,10 @@ impl Config {
             max_sessions: cli.max_sessions,
             ..FileConfig::default()
         });
-        Self::validate(merged)
+        Self::validate(merged, cli.insecure)
     }
 
-    fn validate(f: FileConfig) -> Result<Self, ConfigError> {
+    fn validate(f: FileConfig, insecure: bool) -> Result<Self, ConfigError> {
         let listen = parse_listen(f.listen.as_deref().unwrap_or_default())?;
         let interfaces = f.interfaces.unwrap_or_default();
         if interfaces.is_empty() {
@@ -517,6 +615,12 @@ impl Config {
             ));
         }
         let sink_http_hosts = n.allow_http_hosts.unwrap_or_default();
+        let security = if insecure {
+            Security::Insecure
+        } else {
+            validate_security(f.tls.unwrap_or_default(), f.auth.unwrap_or_default())?
+        };
+        let limits = validate_limits(f.limits.unwrap_or_default())?;
         let profiles = f.profiles.unwrap_or_default();
         if profiles.is_empty() {
             return Err(invalid("no QoS profile is defined"));
@@ -552,8 +656,153 @@ impl Config {
             },
             notify,
             sink_http_hosts,
+            security,
+            limits,
         })
     }
+}
+
+fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| {
+        invalid(format!(
+            "{what} {} cannot be read ({e}); configure it, or run a lab with --insecure",
+            path.display()
+        ))
+    })
+}
+
+fn validate_security(t: TlsConfig, a: AuthConfig) -> Result<Security, ConfigError> {
+    let cert = t
+        .cert
+        .unwrap_or_else(|| PathBuf::from("/etc/qodd/tls/server.crt"));
+    let key = t
+        .key
+        .unwrap_or_else(|| PathBuf::from("/etc/qodd/tls/server.key"));
+    let client_auth_optional = match t.client_auth.as_deref().unwrap_or("required") {
+        "required" => false,
+        "optional" => true,
+        other => {
+            return Err(invalid(format!(
+                "tls.client_auth = {other:?}: expected \"required\" or \"optional\""
+            )));
+        }
+    };
+    let tls = TlsSettings {
+        cert_pem: read_file("tls.cert", &cert)?,
+        key_pem: read_file("tls.key", &key)?,
+        client_ca_pem: t
+            .client_ca
+            .as_deref()
+            .map(|p| read_file("tls.client_ca", p))
+            .transpose()?,
+        client_auth_optional,
+    };
+    tonic::transport::Server::builder()
+        .tls_config(tls.server_config())
+        .map_err(|e| {
+            invalid(format!(
+                "tls: the certificate, key or client CA is not usable: {e}"
+            ))
+        })?;
+
+    let algorithms = match a.algorithms {
+        None => SUPPORTED_ALGORITHMS.to_vec(),
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                SUPPORTED_ALGORITHMS
+                    .into_iter()
+                    .find(|a| format!("{a:?}") == *n)
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "auth.algorithms: {n:?} is not one of RS256, ES256, EdDSA"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    if algorithms.is_empty() {
+        return Err(invalid("auth.algorithms must name at least one algorithm"));
+    }
+    let jwks = match (a.jwks_file, a.jwks_url) {
+        (Some(_), Some(_)) => {
+            return Err(invalid("auth: set jwks_file or jwks_url, not both"));
+        }
+        (None, Some(u)) => JwksSource::Url(
+            url::Url::parse(&u)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "https" | "http"))
+                .ok_or_else(|| invalid(format!("auth.jwks_url = {u:?} is not an http(s) URL")))?,
+        ),
+        (file, None) => {
+            let path = file.unwrap_or_else(|| PathBuf::from("/etc/qodd/jwks.json"));
+            let text = String::from_utf8(read_file("auth.jwks_file", &path)?)
+                .map_err(|_| invalid(format!("auth.jwks_file {} is not UTF-8", path.display())))?;
+            parse_jwks(&text, &algorithms)
+                .map_err(|e| invalid(format!("auth.jwks_file {}: {e}", path.display())))?;
+            JwksSource::File(path)
+        }
+    };
+    let required = |v: Option<String>, key: &str| {
+        v.filter(|v| !v.is_empty()).ok_or_else(|| {
+            invalid(format!(
+                "auth.{key} is required: the value every access token must carry"
+            ))
+        })
+    };
+    let claim = |v: Option<String>, d: &str| v.filter(|v| !v.is_empty()).unwrap_or(d.to_owned());
+    let client_id_from_certificate = a.client_id_from_certificate.unwrap_or(false);
+    if client_id_from_certificate && (tls.client_ca_pem.is_none() || tls.client_auth_optional) {
+        return Err(invalid(
+            "auth.client_id_from_certificate needs tls.client_ca with client_auth = \"required\"",
+        ));
+    }
+    let leeway = a.leeway_secs.unwrap_or(30);
+    if leeway > 300 {
+        return Err(invalid(format!(
+            "auth.leeway_secs = {leeway}: at most 300 (a small allowance for clock skew)"
+        )));
+    }
+    Ok(Security::Secure {
+        tls: Box::new(tls),
+        auth: Box::new(AuthSettings {
+            jwks,
+            jwks_refresh: Duration::from_secs(a.jwks_refresh_secs.unwrap_or(300).max(10)),
+            rules: TokenRules {
+                issuer: required(a.issuer, "issuer")?,
+                audience: required(a.audience, "audience")?,
+                leeway: Duration::from_secs(leeway),
+                algorithms,
+            },
+            client_id_claim: claim(a.client_id_claim, "client_id"),
+            device_claim: claim(a.device_claim, "sub"),
+            client_id_from_certificate,
+        }),
+    })
+}
+
+fn validate_limits(l: LimitsConfig) -> Result<ClientLimits, ConfigError> {
+    let nonzero = |v: Option<u32>, d: u32, key: &str| {
+        NonZeroU32::new(v.unwrap_or(d))
+            .ok_or_else(|| invalid(format!("limits.{key} must be at least 1")))
+    };
+    let max_message_bytes = l.max_message_bytes.unwrap_or(65_536);
+    if !(1024..=16 << 20).contains(&max_message_bytes) {
+        return Err(invalid(format!(
+            "limits.max_message_bytes = {max_message_bytes}: must be 1024 to 16777216"
+        )));
+    }
+    Ok(ClientLimits {
+        max_active_sessions: nonzero(
+            l.max_active_sessions_per_client,
+            10_000,
+            "max_active_sessions_per_client",
+        )?
+        .get(),
+        requests_per_second: nonzero(l.requests_per_second, 100, "requests_per_second")?,
+        request_burst: nonzero(l.request_burst, 200, "request_burst")?,
+        max_message_bytes,
+    })
 }
 
 fn parse_listen(s: &str) -> Result<Listen, ConfigError> {
@@ -694,8 +943,42 @@ fn parse_tc_handle(s: &str) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// A command line for a lab (`--insecure`) plus `args`.
     fn cli(args: &[&str]) -> Cli {
-        Cli::parse_from(std::iter::once("qodd").chain(args.iter().copied()))
+        Cli::parse_from(
+            ["qodd", "--insecure"]
+                .into_iter()
+                .chain(args.iter().copied()),
+        )
+    }
+
+    /// Without `--insecure` the defaults need TLS material and a JWKS, and say so.
+    #[test]
+    fn the_defaults_require_tls_and_tokens() {
+        let err = Config::from_parts(None, &Cli::parse_from(["qodd", "-i", "lo"]))
+            .expect_err("no TLS files");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("tls.cert") && msg.contains("--insecure"),
+            "{msg}"
+        );
+
+        let dir = tempfile::tempdir().expect("dir");
+        let pki = crate::devkit::DevPki::ensure(dir.path()).expect("pki");
+        let secure = Config::from_parts(
+            Some((Path::new("t.toml"), &pki.config_toml())),
+            &Cli::parse_from(["qodd", "-i", "lo"]),
+        )
+        .expect("valid with the dev PKI");
+        assert!(matches!(secure.security, Security::Secure { .. }));
+        // The issuer is required: no default can be right.
+        let no_issuer = pki.config_toml().replace("issuer", "# issuer");
+        let err = Config::from_parts(
+            Some((Path::new("t.toml"), &no_issuer)),
+            &Cli::parse_from(["qodd", "-i", "lo"]),
+        )
+        .expect_err("no issuer");
+        assert!(err.to_string().contains("auth.issuer"), "{err}");
     }
 
     #[test]

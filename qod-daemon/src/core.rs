@@ -32,7 +32,8 @@ use crate::{
     },
     error::{CamaraCode, CamaraError},
     model::{
-        AppFlow, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words, secs,
+        AppFlow, Caller, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words,
+        secs,
     },
     notify::{Notification, Notifier},
     policy::Policy,
@@ -49,6 +50,8 @@ pub struct Limits {
     pub interfaces: Vec<ManagedInterface>,
     /// Events a watcher may lag behind by before it is told it missed some.
     pub event_buffer: usize,
+    /// AVAILABLE sessions one API client may hold at once.
+    pub max_active_per_client: u32,
 }
 
 impl Limits {
@@ -207,6 +210,34 @@ struct Inner {
     reserved: HashMap<(String, Pool), u64>,
     /// Managed interfaces that are down or gone: no session can be enforced meanwhile.
     links_down: HashSet<String>,
+    /// AVAILABLE sessions per API client.
+    active_by_owner: HashMap<String, u32>,
+}
+
+impl Inner {
+    fn count_active(&mut self, owner: &str, up: bool) {
+        if up {
+            *self.active_by_owner.entry(owner.to_owned()).or_default() += 1;
+        } else if let Some(n) = self.active_by_owner.get_mut(owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.active_by_owner.remove(owner);
+            }
+        }
+    }
+
+    /// The session `id` if `caller` may touch it: `NOT_FOUND` if there is none,
+    /// `PERMISSION_DENIED` if it is another client's (which says nothing more about it).
+    fn accessible(&self, id: SessionId, caller: &Caller) -> Result<&Session, CamaraError> {
+        let session = self.sessions.get(&id).ok_or_else(|| not_found(id))?;
+        if !caller.may_access(&session.request) {
+            return Err(CamaraError::new(
+                CamaraCode::PermissionDenied,
+                "the access token does not allow access to this session",
+            ));
+        }
+        Ok(session)
+    }
 }
 
 /// See the module docs.
@@ -218,6 +249,7 @@ pub struct Core {
     /// Profiles, pools and directory; swapped whole by [`Core::reload`].
     policy: RwLock<Arc<Policy>>,
     retention: Duration,
+    max_active_per_client: u32,
     interfaces: Vec<ManagedInterface>,
     notifier: Option<Notifier>,
     /// Durable copy of every session; `None` in unit tests that do not need one.
@@ -249,11 +281,13 @@ impl Core {
                 },
                 reserved: HashMap::new(),
                 links_down: HashSet::new(),
+                active_by_owner: HashMap::new(),
             }),
             wake: Notify::new(),
             events: broadcast::channel(limits.event_buffer.max(1)).0,
             policy: RwLock::new(Arc::new(policy)),
             retention: limits.retention,
+            max_active_per_client: limits.max_active_per_client,
             interfaces: limits.interfaces,
             notifier,
             store: None,
@@ -533,6 +567,20 @@ impl Core {
                 ),
             ));
         }
+        if !restoring
+            && inner
+                .active_by_owner
+                .get(&req.owner)
+                .is_some_and(|n| *n >= self.max_active_per_client)
+        {
+            return Err(CamaraError::new(
+                CamaraCode::QuotaExceeded,
+                format!(
+                    "this API client already holds its maximum of {} active sessions",
+                    self.max_active_per_client
+                ),
+            ));
+        }
         if let Some(link) = inner.links_down.iter().next() {
             return Err(CamaraError::new(
                 CamaraCode::Unavailable,
@@ -601,6 +649,7 @@ impl Core {
             .or_default()
             .push(id);
         inner.deadlines.insert((deadline, id));
+        inner.count_active(&session.request.owner, true);
         let view = SessionView {
             session,
             counters: FlowCounters::default(),
@@ -825,21 +874,17 @@ impl Core {
         self.lock().dp.shutdown();
     }
 
-    pub fn get(&self, id: SessionId) -> Result<SessionView, CamaraError> {
+    pub fn get(&self, id: SessionId, caller: &Caller) -> Result<SessionView, CamaraError> {
         let inner = self.lock();
-        let session = inner.sessions.get(&id).ok_or_else(|| not_found(id))?;
+        let session = inner.accessible(id, caller)?;
         view(&inner, session)
     }
 
     /// Deletes a session. An AVAILABLE one leaves the data plane and emits `DELETE_REQUESTED`;
     /// an UNAVAILABLE one is just forgotten (CAMARA: no event).
-    pub fn delete(&self, id: SessionId) -> Result<(), CamaraError> {
+    pub fn delete(&self, id: SessionId, caller: &Caller) -> Result<(), CamaraError> {
         let mut inner = self.lock();
-        let session = inner
-            .sessions
-            .get(&id)
-            .ok_or_else(|| not_found(id))?
-            .clone();
+        let session = inner.accessible(id, caller)?.clone();
         let final_view = if let SessionState::Available { slot, .. } = session.state {
             let counters = inner.dp.counters(slot).unwrap_or_default();
             let rules = device_rules(&inner, &session.flow.device, Some(id), None);
@@ -847,6 +892,7 @@ impl Core {
                 .map_err(|e| dataplane_error(&e))?;
             inner.slots.give_back(slot);
             release(&mut inner, session.reservation.clone());
+            inner.count_active(&session.request.owner, false);
             let now = OffsetDateTime::now_utc();
             let mut ended = session.clone();
             ended.reservation = None;
@@ -877,13 +923,14 @@ impl Core {
     }
 
     /// Adds time to an AVAILABLE session, silently capped at the profile's maximum duration.
-    pub fn extend(&self, id: SessionId, additional: u32) -> Result<SessionView, CamaraError> {
+    pub fn extend(
+        &self,
+        id: SessionId,
+        additional: u32,
+        caller: &Caller,
+    ) -> Result<SessionView, CamaraError> {
         let mut inner = self.lock();
-        let session = inner
-            .sessions
-            .get(&id)
-            .ok_or_else(|| not_found(id))?
-            .clone();
+        let session = inner.accessible(id, caller)?.clone();
         let SessionState::Available { slot, .. } = session.state else {
             return Err(CamaraError::new(
                 CamaraCode::SessionExtensionNotAllowed,
@@ -928,13 +975,18 @@ impl Core {
         })
     }
 
-    /// Sessions of `device`, under every address it is known by.
-    pub fn retrieve(&self, device: &DeviceId) -> Result<Vec<SessionView>, CamaraError> {
+    /// Sessions of `device` that `caller` may see, under every address the device is known by.
+    pub fn retrieve(
+        &self,
+        device: &DeviceId,
+        caller: &Caller,
+    ) -> Result<Vec<SessionView>, CamaraError> {
         let keys = self.policy().resolve_all(device)?;
         let inner = self.lock();
         keys.iter()
             .flat_map(|k| inner.by_device.get(k).into_iter().flatten())
             .filter_map(|id| inner.sessions.get(id))
+            .filter(|s| caller.may_access(&s.request))
             .map(|s| view(&inner, s))
             .collect()
     }
@@ -947,6 +999,7 @@ impl Core {
         let SessionState::Available { slot, .. } = session.state else {
             return;
         };
+        inner.count_active(&session.request.owner, false);
         let counters = inner.dp.counters(slot).unwrap_or_default();
         let rules = device_rules(inner, &session.flow.device, Some(id), None);
         if let Err(e) = sync_device(inner, &session.flow.device, &rules) {
@@ -1210,7 +1263,7 @@ mod tests {
     };
 
     fn policy() -> Policy {
-        Config::from_parts(None, &Cli::parse_from(["qodd", "-i", "lo"]))
+        Config::from_parts(None, &Cli::parse_from(["qodd", "--insecure", "-i", "lo"]))
             .expect("defaults")
             .policy
     }
@@ -1226,11 +1279,101 @@ mod tests {
                     retention: Duration::from_secs(360),
                     interfaces: Vec::new(),
                     event_buffer: 16,
+                    max_active_per_client: u32::MAX,
                 },
                 None,
             )),
             dp,
         )
+    }
+
+    /// The API client of these tests.
+    fn me() -> Caller {
+        Caller {
+            client: "client-a".into(),
+            subject: None,
+            operator: false,
+        }
+    }
+
+    /// A session is its creator's: another client gets PERMISSION_DENIED on get, extend and
+    /// delete, which change nothing, and does not see it in retrieve; a three-legged caller of
+    /// the same client sees only its own device's sessions.
+    #[test]
+    fn sessions_belong_to_the_client_that_created_them() {
+        let (core, _) = core(8);
+        let req = request([10, 0, 0, 1], 60);
+        let id = core.create(req.clone()).expect("create").session.id;
+        let other = Caller {
+            client: "client-b".into(),
+            subject: None,
+            operator: false,
+        };
+        let three_legged = Caller {
+            subject: Some(DeviceId::Ipv4 {
+                public: Ipv4Addr::new(10, 0, 0, 9),
+                private: Some(Ipv4Addr::new(10, 0, 0, 9)),
+                public_port: None,
+            }),
+            ..me()
+        };
+        for caller in [&other, &three_legged] {
+            let codes = [
+                core.get(id, caller).map(|_| ()),
+                core.extend(id, 10, caller).map(|_| ()),
+                core.delete(id, caller),
+            ]
+            .map(|r| r.expect_err("denied").code);
+            assert_eq!(codes, [CamaraCode::PermissionDenied; 3]);
+            assert!(
+                core.retrieve(&req.device, caller)
+                    .expect("retrieve")
+                    .is_empty()
+            );
+        }
+        let v = core.get(id, &me()).expect("still there");
+        assert_eq!(v.duration(), 60);
+        assert_eq!(
+            core.retrieve(&req.device, &me()).expect("retrieve").len(),
+            1
+        );
+        assert_eq!(
+            core.get(SessionId::random(), &other)
+                .expect_err("none")
+                .code,
+            CamaraCode::NotFound
+        );
+    }
+
+    /// Past its quota of active sessions a client gets QUOTA_EXCEEDED; others are not affected,
+    /// and ending a session frees a place.
+    #[test]
+    fn a_client_holds_at_most_its_quota_of_active_sessions() {
+        let core = Core::new(
+            Box::new(FakeDataPlane::default()),
+            policy(),
+            Limits {
+                max_sessions: 16,
+                retention: Duration::from_secs(360),
+                interfaces: Vec::new(),
+                event_buffer: 16,
+                max_active_per_client: 2,
+            },
+            None,
+        );
+        let a = core.create(request([10, 0, 0, 1], 60)).expect("first");
+        core.create(request([10, 0, 0, 2], 60)).expect("second");
+        assert_eq!(
+            core.create(request([10, 0, 0, 3], 60))
+                .expect_err("over quota")
+                .code,
+            CamaraCode::QuotaExceeded
+        );
+        let mut b = request([10, 0, 0, 3], 60);
+        b.owner = "client-b".into();
+        core.create(b).expect("another client");
+        core.delete(a.session.id, &me()).expect("delete");
+        core.create(request([10, 0, 0, 4], 60)).expect("room again");
     }
 
     fn request(device: [u8; 4], duration: u32) -> SessionRequest {
@@ -1255,6 +1398,8 @@ mod tests {
             sink: None,
             sink_credential: None,
             duration,
+            owner: "client-a".into(),
+            subject: None,
         }
     }
 
@@ -1286,14 +1431,14 @@ mod tests {
         assert_eq!(rule.n_device_ports, 0);
         assert_eq!(next_event(&mut events), (QosStatus::Available, None));
 
-        core.delete(v.session.id).expect("delete");
+        core.delete(v.session.id, &me()).expect("delete");
         assert!(dp.state.lock().expect("lock").flows.is_empty());
         assert_eq!(
             next_event(&mut events),
             (QosStatus::Unavailable, Some(StatusInfo::DeleteRequested))
         );
         assert_eq!(
-            core.get(v.session.id).expect_err("gone").code,
+            core.get(v.session.id, &me()).expect_err("gone").code,
             CamaraCode::NotFound
         );
     }
@@ -1314,7 +1459,7 @@ mod tests {
             .expect_err("data plane failure");
         assert_eq!(err.code, CamaraCode::QuotaExceeded);
         assert!(
-            core.retrieve(&request([10, 0, 0, 2], 1).device)
+            core.retrieve(&request([10, 0, 0, 2], 1).device, &me())
                 .expect("retrieve")
                 .is_empty()
         );
@@ -1324,7 +1469,7 @@ mod tests {
         let err = core.create(request([10, 0, 0, 3], 60)).expect_err("full");
         assert_eq!(err.code, CamaraCode::QuotaExceeded);
         assert_eq!(
-            core.get(first.session.id)
+            core.get(first.session.id, &me())
                 .expect("first")
                 .session
                 .qos_status(),
@@ -1367,7 +1512,7 @@ mod tests {
             next_event(&mut events),
             (QosStatus::Unavailable, Some(StatusInfo::DurationExpired))
         );
-        let s = core.get(v.session.id).expect("still readable");
+        let s = core.get(v.session.id, &me()).expect("still readable");
         assert_eq!(s.session.qos_status(), QosStatus::Unavailable);
         // Still blocks a new session for the device, and cannot be extended.
         assert_eq!(
@@ -1377,14 +1522,16 @@ mod tests {
             CamaraCode::Conflict
         );
         assert_eq!(
-            core.extend(v.session.id, 10).expect_err("unavailable").code,
+            core.extend(v.session.id, 10, &me())
+                .expect_err("unavailable")
+                .code,
             CamaraCode::SessionExtensionNotAllowed
         );
 
         tokio::time::advance(Duration::from_secs(360)).await;
         assert_eq!(core.expire_due(Instant::now()), None);
         assert_eq!(
-            core.get(v.session.id).expect_err("purged").code,
+            core.get(v.session.id, &me()).expect_err("purged").code,
             CamaraCode::NotFound
         );
         core.create(request([10, 0, 0, 1], 5))
@@ -1396,20 +1543,26 @@ mod tests {
         let (core, dp) = core(4);
         let v = core.create(request([10, 0, 0, 1], 86_000)).expect("create");
         let before = dp.state.lock().expect("lock").flows[&v.session.flow.device][0].expires_at_ns;
-        let ext = core.extend(v.session.id, 1_000).expect("extend");
+        let ext = core.extend(v.session.id, 1_000, &me()).expect("extend");
         assert_eq!(ext.session.duration, 86_400, "capped at QOS_E's 1 day");
         let after = dp.state.lock().expect("lock").flows[&v.session.flow.device][0].expires_at_ns;
         assert!(after > before, "kernel expiry moved");
         tokio::time::advance(Duration::from_secs(86_000)).await;
         core.expire_due(Instant::now());
         assert_eq!(
-            core.get(v.session.id).expect("get").session.qos_status(),
+            core.get(v.session.id, &me())
+                .expect("get")
+                .session
+                .qos_status(),
             QosStatus::Available
         );
         tokio::time::advance(Duration::from_secs(400)).await;
         core.expire_due(Instant::now());
         assert_eq!(
-            core.get(v.session.id).expect("get").session.qos_status(),
+            core.get(v.session.id, &me())
+                .expect("get")
+                .session
+                .qos_status(),
             QosStatus::Unavailable
         );
     }
@@ -1421,7 +1574,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         core.expire_due(Instant::now());
         let mut events = core.subscribe();
-        core.delete(v.session.id).expect("delete");
+        core.delete(v.session.id, &me()).expect("delete");
         assert!(
             events.try_recv().is_err(),
             "no event for an UNAVAILABLE session"
@@ -1465,7 +1618,10 @@ mod tests {
             (QosStatus::Unavailable, Some(StatusInfo::NetworkTerminated))
         );
         assert_eq!(
-            core.get(e.session.id).expect("get").session.qos_status(),
+            core.get(e.session.id, &me())
+                .expect("get")
+                .session
+                .qos_status(),
             QosStatus::Available
         );
         let err = core
@@ -1497,7 +1653,7 @@ mod tests {
         let v = core.create(r).expect("by phone");
         assert_eq!(v.session.flow.device, ipv4_key(Ipv4Addr::new(10, 0, 0, 7)));
         let found = core
-            .retrieve(&DeviceId::PhoneNumber(phone))
+            .retrieve(&DeviceId::PhoneNumber(phone), &me())
             .expect("retrieve");
         assert_eq!(found.len(), 1);
     }
@@ -1518,6 +1674,7 @@ mod tests {
             retention: Duration::from_secs(360),
             interfaces: vec![iface("dev0", Side::Device), iface("srv0", Side::Server)],
             event_buffer: 16,
+            max_active_per_client: u32::MAX,
         };
         (
             Arc::new(Core::new(Box::new(dp.clone()), policy(), limits, None)),
@@ -1585,7 +1742,7 @@ mod tests {
         assert!(err.message.contains("low-latency"), "{}", err.message);
         // Deleting one frees its classes and capacity.
         let before = dp.state.lock().expect("lock").classes.len();
-        core.delete(ids[0]).expect("delete");
+        core.delete(ids[0], &me()).expect("delete");
         assert_eq!(dp.state.lock().expect("lock").classes.len(), before - 2);
         core.create(profile_request([10, 0, 0, 9], "QOS_L"))
             .expect("fits again");
@@ -1613,7 +1770,10 @@ mod tests {
         core.create(profile_request([10, 0, 0, 2], "QOS_E"))
             .expect("link back");
         assert_eq!(
-            core.get(v.session.id).expect("kept").session.qos_status(),
+            core.get(v.session.id, &me())
+                .expect("kept")
+                .session
+                .qos_status(),
             QosStatus::Unavailable
         );
     }
@@ -1660,10 +1820,10 @@ mod tests {
         let err = core.create(with_ports(vec![2])).expect_err("fifth");
         assert_eq!(err.code, CamaraCode::QuotaExceeded);
         // Deleting one leaves the others in the kernel.
-        core.delete(a.session.id).expect("delete");
+        core.delete(a.session.id, &me()).expect("delete");
         assert_eq!(dp.state.lock().expect("lock").flows[&key].len(), 3);
         assert_eq!(
-            core.retrieve(&request([10, 0, 0, 1], 1).device)
+            core.retrieve(&request([10, 0, 0, 1], 1).device, &me())
                 .expect("retrieve")
                 .len(),
             3

@@ -4,9 +4,11 @@
 //! configuration and calls it, so tests can drive the same code.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod core;
 pub mod dataplane;
+pub mod devkit;
 pub mod error;
 pub mod model;
 pub mod notify;
@@ -21,6 +23,7 @@ use qod_proto::v1::{
 };
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
 use crate::{
@@ -82,6 +85,7 @@ pub async fn run(
                 retention: config.unavailable_retention,
                 interfaces: config.interfaces.clone(),
                 event_buffer: core::Limits::DEFAULT_EVENT_BUFFER,
+                max_active_per_client: config.limits.max_active_sessions,
             },
             Some(notifier),
         )
@@ -115,18 +119,31 @@ pub async fn run(
         .register_encoded_file_descriptor_set(qod_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let router = tonic::transport::Server::builder()
+    let authenticator = authenticator(&config, &token).await;
+    let mut server = tonic::transport::Server::builder();
+    if let config::Security::Secure { tls, .. } = &config.security {
+        server = server.tls_config(tls.server_config())?;
+    }
+    let max_message = config.limits.max_message_bytes;
+    // Health stays open for probes; everything else needs a valid token.
+    let router = server
         .layer(api::correlator::CorrelatorLayer)
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(QualityOnDemandServer::new(api::SessionService::new(
-            core.clone(),
-            token.clone(),
-            config.sink_http_hosts.clone(),
-        )))
-        .add_service(QosProfilesServer::new(api::ProfileService::new(
-            core.clone(),
-        )));
+        .add_service(InterceptedService::new(reflection, authenticator.clone()))
+        .add_service(InterceptedService::new(
+            QualityOnDemandServer::new(api::SessionService::new(
+                core.clone(),
+                token.clone(),
+                config.sink_http_hosts.clone(),
+            ))
+            .max_decoding_message_size(max_message),
+            authenticator.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            QosProfilesServer::new(api::ProfileService::new(core.clone()))
+                .max_decoding_message_size(max_message),
+            authenticator,
+        ));
 
     let signal_token = token.clone();
     tokio::spawn(async move {
@@ -198,6 +215,46 @@ pub async fn run(
     }
     info!("qodd stopped");
     served
+}
+
+/// The call authenticator: token verification with its key set (kept fresh in the background)
+/// and the per-client rate, or the loud insecure mode.
+async fn authenticator(config: &Config, stop: &CancellationToken) -> auth::Authenticator {
+    let config::Security::Secure { auth: settings, .. } = &config.security else {
+        warn!(
+            "INSECURE MODE (--insecure): no TLS and no access tokens; any process that reaches {:?} can create, read and delete every session. Labs only.",
+            config.listen
+        );
+        return auth::Authenticator::new(None, &config.limits);
+    };
+    let keys = match auth::jwt::fetch(&settings.jwks)
+        .await
+        .and_then(|t| auth::jwt::parse_jwks(&t, &settings.rules.algorithms))
+    {
+        Ok(keys) => keys,
+        Err(e) => {
+            // Fail closed: every token is refused until a refresh succeeds.
+            warn!(source = %settings.jwks, error = %e, "no usable JWKS yet; all calls are refused until it loads");
+            auth::jwt::KeySet::empty()
+        }
+    };
+    if keys.kids().any(|k| k.starts_with(devkit::DEV_KID_PREFIX)) {
+        warn!(
+            "the JWKS trusts a DEV-ONLY signing key made by `qodctl dev`; never use it in production"
+        );
+    }
+    info!(source = %settings.jwks, keys = keys.len(), issuer = %settings.rules.issuer, "access tokens required");
+    let empty = keys.is_empty();
+    let verifier = Arc::new(auth::Verifier::new(settings.rules.clone(), keys));
+    if empty {
+        verifier.request_refresh();
+    }
+    tokio::spawn(verifier.clone().refresh_loop(
+        settings.jwks.clone(),
+        settings.jwks_refresh,
+        stop.clone(),
+    ));
+    auth::Authenticator::new(Some(((**settings).clone(), verifier)), &config.limits)
 }
 
 /// Applies the policy of a re-read configuration on every SIGHUP; a bad file is logged and the

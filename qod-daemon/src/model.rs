@@ -224,6 +224,36 @@ pub struct SessionRequest {
     pub sink_credential: Option<AccessToken>,
     /// Requested seconds, >= 1.
     pub duration: u32,
+    /// The API client that created the session (from its access token).
+    #[serde(default)]
+    pub owner: String,
+    /// The device of the three-legged token it was created with (then `device` is that device
+    /// and is not echoed back).
+    #[serde(default)]
+    pub subject: Option<DeviceId>,
+}
+
+/// Who is calling: the API client named by its access token and, for a three-legged token, the
+/// device the token speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub client: String,
+    pub subject: Option<DeviceId>,
+    /// Sees every session (insecure local mode only).
+    pub operator: bool,
+}
+
+impl Caller {
+    /// CAMARA: a session is the API consumer's that created it; with a three-legged token the
+    /// subject must match too.
+    pub fn may_access(&self, req: &SessionRequest) -> bool {
+        self.operator
+            || (req.owner == self.client
+                && self
+                    .subject
+                    .as_ref()
+                    .is_none_or(|d| req.subject.as_ref() == Some(d)))
+    }
 }
 
 /// The App-Flow as the classifier matches it.

@@ -155,6 +155,10 @@ mod tests {
                 sink: Some("https://sink.example/cb".into()),
                 sink_credential: None,
                 duration: 60,
+                owner: "client-a".into(),
+                subject: Some(DeviceId::PhoneNumber(
+                    crate::model::PhoneNumber::parse("p", "+34600000001").expect("number"),
+                )),
             },
             started_at: OffsetDateTime::UNIX_EPOCH,
             duration: 60,

@@ -20,10 +20,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use qod_daemon::devkit::{DevPki, TokenSpec};
+use qod_proto::client::{self, QodChannel};
 use qod_proto::v1::{
     qos_profiles_client::QosProfilesClient, quality_on_demand_client::QualityOnDemandClient,
 };
-use tonic::transport::Channel;
 
 /// Runs a command to completion; fails with its stderr when it exits non-zero.
 pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -602,14 +603,22 @@ pub fn qodd_bin() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// A running `qodd` in a namespace, reachable on a Unix socket; stopped on drop.
+/// A running `qodd` in a namespace, reachable on a Unix socket with TLS and access tokens (a
+/// dev PKI of its own); stopped on drop.
 pub struct Qodd {
     child: Option<Child>,
     pub socket: PathBuf,
     pub dir: tempfile::TempDir,
     bin: PathBuf,
     netns: String,
+    /// The dev CA, certificates and token key this instance trusts.
+    pub pki: DevPki,
+    /// A token of [`TEST_CLIENT`] with every scope.
+    pub token: String,
 }
+
+/// The client id of [`Qodd::token`].
+pub const TEST_CLIENT: &str = "test-client";
 
 impl Qodd {
     /// Starts `qodd` in `ns` with `extra_toml` appended to a config that sets the socket and
@@ -626,7 +635,21 @@ impl Qodd {
         interfaces: &[&str],
         extra_toml: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_secured(bin, ns, interfaces, extra_toml, DevPki::config_toml).await
+    }
+
+    /// As [`Qodd::start_bin`], with the `[tls]` / `[auth]` / `[limits]` part of the config
+    /// written by `security` from this instance's dev PKI.
+    pub async fn start_secured(
+        bin: &Path,
+        ns: &Netns,
+        interfaces: &[&str],
+        extra_toml: &str,
+        security: impl FnOnce(&DevPki) -> String,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let pki = DevPki::ensure(&dir.path().join("pki"))?;
+        let token = pki.mint(&TokenSpec::full(TEST_CLIENT))?;
         let socket = dir.path().join("qodd.sock");
         let config = dir.path().join("qodd.toml");
         // An entry that is already an inline table (`{ name = ... }`) goes in as it is.
@@ -643,10 +666,11 @@ impl Qodd {
         fs::write(
             &config,
             format!(
-                "listen = \"unix:{}\"\nstate_dir = \"{}\"\ninterfaces = [{}]\n{extra_toml}",
+                "listen = \"unix:{}\"\nstate_dir = \"{}\"\ninterfaces = [{}]\n{extra_toml}\n{}",
                 socket.display(),
                 dir.path().join("state").display(),
-                list.join(", ")
+                list.join(", "),
+                security(&pki),
             ),
         )?;
         ensure!(
@@ -660,6 +684,8 @@ impl Qodd {
             dir,
             bin: bin.to_owned(),
             netns: ns.name.clone(),
+            pki,
+            token,
         };
         q.launch().await?;
         Ok(q)
@@ -724,15 +750,41 @@ impl Qodd {
         format!("unix:{}", self.socket.display())
     }
 
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(qod_proto::client::connect(&self.addr()).await?)
+    /// TLS trusting this instance's CA, with `token`.
+    pub fn options(&self, token: Option<&str>) -> anyhow::Result<client::Options> {
+        Ok(client::Options {
+            token: token.map(str::to_owned),
+            ca_pem: Some(self.pki.read("ca.crt")?),
+            ..Default::default()
+        })
     }
 
-    pub async fn sessions(&self) -> anyhow::Result<QualityOnDemandClient<Channel>> {
+    /// A channel as [`TEST_CLIENT`] with every scope.
+    pub async fn channel(&self) -> anyhow::Result<QodChannel> {
+        self.channel_with(&self.options(Some(&self.token))?).await
+    }
+
+    pub async fn channel_with(&self, options: &client::Options) -> anyhow::Result<QodChannel> {
+        client::connect(&self.addr(), options)
+            .await
+            .map_err(|e| anyhow::anyhow!("connect to qodd: {e}"))
+    }
+
+    pub async fn sessions(&self) -> anyhow::Result<QualityOnDemandClient<QodChannel>> {
         Ok(QualityOnDemandClient::new(self.channel().await?))
     }
 
-    pub async fn profiles(&self) -> anyhow::Result<QosProfilesClient<Channel>> {
+    /// The sessions API as the bearer of `token`.
+    pub async fn sessions_as(
+        &self,
+        token: &str,
+    ) -> anyhow::Result<QualityOnDemandClient<QodChannel>> {
+        Ok(QualityOnDemandClient::new(
+            self.channel_with(&self.options(Some(token))?).await?,
+        ))
+    }
+
+    pub async fn profiles(&self) -> anyhow::Result<QosProfilesClient<QodChannel>> {
         Ok(QosProfilesClient::new(self.channel().await?))
     }
 
@@ -1589,7 +1641,7 @@ pub async fn lab_with_qodd(extra_toml: &str) -> (Lab, Qodd) {
 
 /// Every session event from now on.
 pub async fn watch_all(
-    api: &mut QualityOnDemandClient<Channel>,
+    api: &mut QualityOnDemandClient<QodChannel>,
 ) -> tonic::Streaming<qod_proto::v1::SessionEvent> {
     api.watch_session_events(qod_proto::v1::WatchSessionEventsRequest::default())
         .await

@@ -2,7 +2,11 @@
 //! configuration, a session created with `qodctl`, packets shown marked and counted on the wire,
 //! then deleted and shown unmarked. The lab is removed at the end, also on error or Ctrl-C.
 
-use std::{net::SocketAddr, path::PathBuf, process::Command};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, ensure};
 use qod_testkit::{Capture, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, SERVER_IF, Seen, addr, udp_send};
@@ -11,11 +15,13 @@ fn release_bin(name: &str) -> PathBuf {
     crate::workspace_root().join("target/release").join(name)
 }
 
-fn qodctl(socket_addr: &str, args: &[&str]) -> anyhow::Result<String> {
+/// Runs `qodctl` against `qodd` over TLS (its dev CA) with the token in `token_file`.
+fn qodctl(qodd: &Qodd, token_file: &Path, args: &[&str]) -> anyhow::Result<String> {
     println!("\n$ qodctl {}", args.join(" "));
     let out = Command::new(release_bin("qodctl"))
-        .arg("--addr")
-        .arg(socket_addr)
+        .env("QODCTL_ADDR", qodd.addr())
+        .env("QODCTL_CA", qodd.pki.path("ca.crt"))
+        .env("QODCTL_TOKEN_FILE", token_file)
         .args(args)
         .output()
         .context("run qodctl")?;
@@ -120,14 +126,26 @@ async fn demo() -> anyhow::Result<()> {
         )
         .await?;
         let api = qodd.addr();
-        println!("qodd is up on {api}, managing {EDGE_DEV_IF} and {EDGE_SRV_IF}");
+        println!(
+            "qodd is up on {api} (TLS, access tokens required), managing {EDGE_DEV_IF} and {EDGE_SRV_IF}"
+        );
+        // The dev helper mints a token from the lab's DEV-ONLY key (qodd warns it trusts it).
+        let dir = qodd.pki.dir.display().to_string();
+        let token = qodctl(
+            &qodd,
+            Path::new("/dev/null"),
+            &["dev", "token", "--dir", &dir, "--client", "demo-app"],
+        )?;
+        let token_file = qodd.dir.path().join("demo-app.token");
+        std::fs::write(&token_file, token.trim())?;
 
-        qodctl(&api, &["profiles"])?;
+        qodctl(&qodd, &token_file, &["profiles"])?;
         println!("\nbefore any session, nothing is marked:");
         traffic(&lab)?;
 
         let created = qodctl(
-            &api,
+            &qodd,
+            &token_file,
             &[
                 "--json",
                 "create",
@@ -154,9 +172,9 @@ async fn demo() -> anyhow::Result<()> {
             "\nwith the QOS_E session, its flow (to port 5000) carries DSCP 32 (CS4); port 6000 does not:"
         );
         traffic(&lab)?;
-        qodctl(&api, &["get", &id])?;
+        qodctl(&qodd, &token_file, &["get", &id])?;
 
-        qodctl(&api, &["delete", &id])?;
+        qodctl(&qodd, &token_file, &["delete", &id])?;
         println!("\nafter delete, nothing is marked again:");
         traffic(&lab)?;
 

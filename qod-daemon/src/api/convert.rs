@@ -12,28 +12,22 @@ use crate::{
     core::{Event, SessionState, SessionView},
     error::{CamaraCode, CamaraError},
     model::{
-        AccessToken, ApplicationServer, DeviceId, PhoneNumber, Ports, ProfileName, QosStatus,
-        SessionRequest, StatusInfo,
+        AccessToken, ApplicationServer, Caller, DeviceId, PhoneNumber, Ports, ProfileName,
+        QosStatus, SessionRequest, StatusInfo,
     },
     profile::{self, QosProfile},
 };
 
-/// Builds a validated [`SessionRequest`] from a `CreateSession` message.
+/// Builds a validated [`SessionRequest`] from a `CreateSession` message of `caller`.
 pub fn session_request(
     req: pb::CreateSessionRequest,
+    caller: &Caller,
     sink_http_hosts: &[String],
 ) -> Result<SessionRequest, CamaraError> {
     let server = application_server(req.application_server.as_ref())?;
-    let device = match req.device.as_ref() {
-        Some(d) => device(d, |family| server.network(family).is_some())?,
-        None => {
-            return Err(CamaraError::field(
-                CamaraCode::MissingIdentifier,
-                "device",
-                "the device cannot be identified from the access token, so `device` is required",
-            ));
-        }
-    };
+    let device = caller_device(req.device.as_ref(), caller, |family| {
+        server.network(family).is_some()
+    })?;
     let device_ports = req
         .device_ports
         .as_ref()
@@ -81,7 +75,33 @@ pub fn session_request(
         sink,
         sink_credential,
         duration,
+        owner: caller.client.clone(),
+        subject: caller.subject.clone(),
     })
+}
+
+/// The device a call is about: the request's (two-legged token) or the token's (three-legged),
+/// never both (CAMARA: `UNNECESSARY_IDENTIFIER`, even for the same device) and never neither
+/// (`MISSING_IDENTIFIER`).
+pub fn caller_device(
+    given: Option<&pb::Device>,
+    caller: &Caller,
+    usable: impl Fn(u32) -> bool,
+) -> Result<DeviceId, CamaraError> {
+    match (given, &caller.subject) {
+        (Some(_), Some(_)) => Err(CamaraError::field(
+            CamaraCode::UnnecessaryIdentifier,
+            "device",
+            "the device is already identified by the access token; `device` must not be given",
+        )),
+        (None, Some(subject)) => Ok(subject.clone()),
+        (Some(d), None) => device(d, usable),
+        (None, None) => Err(CamaraError::field(
+            CamaraCode::MissingIdentifier,
+            "device",
+            "the device cannot be identified from the access token, so `device` is required",
+        )),
+    }
 }
 
 /// Validates every identifier present and picks one: IPv4, then IPv6, then the phone number,
@@ -311,15 +331,14 @@ fn sink_credential(c: &pb::SinkCredential) -> Result<AccessToken, CamaraError> {
 }
 
 /// A device filter or retrieve-by-device argument (no address family preference).
-pub fn lookup_device(d: Option<&pb::Device>) -> Result<DeviceId, CamaraError> {
-    match d {
-        Some(d) => device(d, |f| f == FAMILY_IPV4 || f == FAMILY_IPV6),
-        None => Err(CamaraError::field(
-            CamaraCode::MissingIdentifier,
-            "device",
-            "the device cannot be identified from the access token, so `device` is required",
-        )),
-    }
+/// A device given to look sessions or profiles up with: any address family will do.
+pub fn lookup_device(d: &pb::Device) -> Result<DeviceId, CamaraError> {
+    device(d, any_family)
+}
+
+/// For look-ups, an address of either family is usable.
+pub fn any_family(f: u32) -> bool {
+    f == FAMILY_IPV4 || f == FAMILY_IPV6
 }
 
 pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
@@ -393,7 +412,8 @@ pub fn session_info(v: &SessionView) -> pb::SessionInfo {
     };
     pb::SessionInfo {
         session_id: s.id.to_string(),
-        device: Some(device_proto(&r.device)),
+        // A three-legged token's device is never echoed (CAMARA).
+        device: r.subject.is_none().then(|| device_proto(&r.device)),
         application_server: Some(pb::ApplicationServer {
             ipv4_address: r.server.given.0.clone(),
             ipv6_address: r.server.given.1.clone(),

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    auth::{authorize, scope},
     core::Core,
     error::{CamaraCode, CamaraError},
     model::{ProfileName, SessionId},
@@ -69,7 +70,8 @@ impl QualityOnDemand for SessionService {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::SessionInfo>, Status> {
-        let req = convert::session_request(request.into_inner(), &self.sink_http_hosts)?;
+        let caller = authorize(&request, scope::SESSIONS_CREATE)?;
+        let req = convert::session_request(request.into_inner(), &caller, &self.sink_http_hosts)?;
         let view = self.blocking(move |core| core.create(req)).await?;
         Ok(Response::new(convert::session_info(&view)))
     }
@@ -78,16 +80,20 @@ impl QualityOnDemand for SessionService {
         &self,
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::SessionInfo>, Status> {
+        let caller = authorize(&request, scope::SESSIONS_READ)?;
         let id: SessionId = request.into_inner().session_id.parse()?;
-        Ok(Response::new(convert::session_info(&self.core.get(id)?)))
+        Ok(Response::new(convert::session_info(
+            &self.core.get(id, &caller)?,
+        )))
     }
 
     async fn delete_session(
         &self,
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let caller = authorize(&request, scope::SESSIONS_DELETE)?;
         let id: SessionId = request.into_inner().session_id.parse()?;
-        self.blocking(move |core| core.delete(id)).await?;
+        self.blocking(move |core| core.delete(id, &caller)).await?;
         Ok(Response::new(pb::DeleteSessionResponse {}))
     }
 
@@ -95,11 +101,14 @@ impl QualityOnDemand for SessionService {
         &self,
         request: Request<pb::ExtendQosSessionDurationRequest>,
     ) -> Result<Response<pb::SessionInfo>, Status> {
+        let caller = authorize(&request, scope::SESSIONS_UPDATE)?;
         let req = request.into_inner();
         let id: SessionId = req.session_id.parse()?;
         let add = additional_duration(req.requested_additional_duration)?;
         Ok(Response::new(convert::session_info(
-            &self.blocking(move |core| core.extend(id, add)).await?,
+            &self
+                .blocking(move |core| core.extend(id, add, &caller))
+                .await?,
         )))
     }
 
@@ -107,10 +116,15 @@ impl QualityOnDemand for SessionService {
         &self,
         request: Request<pb::RetrieveSessionsByDeviceRequest>,
     ) -> Result<Response<pb::RetrieveSessionsByDeviceResponse>, Status> {
-        let device = convert::lookup_device(request.into_inner().device.as_ref())?;
+        let caller = authorize(&request, scope::SESSIONS_RETRIEVE_BY_DEVICE)?;
+        let device = convert::caller_device(
+            request.into_inner().device.as_ref(),
+            &caller,
+            convert::any_family,
+        )?;
         let sessions = self
             .core
-            .retrieve(&device)?
+            .retrieve(&device, &caller)?
             .iter()
             .map(convert::session_info)
             .collect();
@@ -125,22 +139,31 @@ impl QualityOnDemand for SessionService {
         &self,
         request: Request<pb::WatchSessionEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let caller = authorize(&request, scope::SESSIONS_READ)?;
         let req = request.into_inner();
         let session: Option<SessionId> = req.session_id.as_deref().map(str::parse).transpose()?;
-        let device = req
-            .device
-            .as_ref()
-            .map(|d| {
-                self.core
-                    .policy()
-                    .resolve_all(&convert::lookup_device(Some(d))?)
-            })
-            .transpose()?;
+        // Watching another client's session is refused as reading it would be; one that does
+        // not exist (yet, or any more) may be watched.
+        if let Some(id) = session
+            && let Err(e) = self.core.get(id, &caller)
+            && e.code == CamaraCode::PermissionDenied
+        {
+            return Err(e.into());
+        }
+        let device = match (req.device.as_ref(), &caller.subject) {
+            (None, None) => None,
+            (given, _) => Some(self.core.policy().resolve_all(&convert::caller_device(
+                given,
+                &caller,
+                convert::any_family,
+            )?)?),
+        };
         let events = BroadcastStream::new(self.core.subscribe()).filter_map(move |item| {
             let out = match item {
                 Ok(ev) => {
                     let s = &ev.session.session;
-                    let wanted = session.is_none_or(|id| id == s.id)
+                    let wanted = caller.may_access(&s.request)
+                        && session.is_none_or(|id| id == s.id)
                         && device
                             .as_ref()
                             .is_none_or(|keys| keys.contains(&s.flow.device));
@@ -178,12 +201,17 @@ impl QosProfiles for ProfileService {
         &self,
         request: Request<pb::RetrieveQosProfilesRequest>,
     ) -> Result<Response<pb::RetrieveQosProfilesResponse>, Status> {
+        let caller = authorize(&request, scope::PROFILES_READ)?;
         let req = request.into_inner();
         let policy = self.core.policy();
-        // Every profile of this node applies to every device it serves: the device filter only
-        // checks that the node serves the device.
-        if let Some(d) = req.device.as_ref() {
-            policy.resolve_all(&convert::lookup_device(Some(d))?)?;
+        // Every profile of this node applies to every device it serves: the device (the filter
+        // of a two-legged token, or a three-legged token's subject) only has to be served here.
+        if req.device.is_some() || caller.subject.is_some() {
+            policy.resolve_all(&convert::caller_device(
+                req.device.as_ref(),
+                &caller,
+                convert::any_family,
+            )?)?;
         }
         let name = req
             .name
@@ -210,6 +238,7 @@ impl QosProfiles for ProfileService {
         &self,
         request: Request<pb::GetQosProfileRequest>,
     ) -> Result<Response<pb::QosProfile>, Status> {
+        authorize(&request, scope::PROFILES_READ)?;
         let name = ProfileName::parse("name", &request.into_inner().name)?;
         let policy = self.core.policy();
         let profile = policy.profiles.get(&name).ok_or_else(|| {
@@ -241,7 +270,7 @@ mod tests {
     /// A watcher that falls behind is told how many events it missed, then carries on.
     #[tokio::test]
     async fn a_lagging_watcher_is_told_it_missed_events() {
-        let policy = Config::from_parts(None, &Cli::parse_from(["qodd", "-i", "lo"]))
+        let policy = Config::from_parts(None, &Cli::parse_from(["qodd", "--insecure", "-i", "lo"]))
             .expect("defaults")
             .policy;
         let limits = Limits {
@@ -249,6 +278,7 @@ mod tests {
             retention: Duration::from_secs(360),
             interfaces: Vec::new(),
             event_buffer: 2,
+            max_active_per_client: u32::MAX,
         };
         let core = Arc::new(Core::new(
             Box::new(FakeDataPlane::default()),
@@ -258,7 +288,12 @@ mod tests {
         ));
         let service = SessionService::new(core.clone(), CancellationToken::new(), Vec::new());
         let mut stream = service
-            .watch_session_events(Request::new(pb::WatchSessionEventsRequest::default()))
+            .watch_session_events({
+                let mut r = Request::new(pb::WatchSessionEventsRequest::default());
+                r.extensions_mut()
+                    .insert(crate::auth::Principal::insecure());
+                r
+            })
             .await
             .expect("watch")
             .into_inner();
@@ -281,6 +316,8 @@ mod tests {
                 sink: None,
                 sink_credential: None,
                 duration: 60,
+                owner: crate::auth::INSECURE_CLIENT.into(),
+                subject: None,
             })
             .expect("create");
         }

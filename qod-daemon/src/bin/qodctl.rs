@@ -3,6 +3,8 @@
 //! Tables for people by default; `--json` prints CAMARA-shaped JSON (camelCase fields, status
 //! enums as CAMARA spells them) for scripts.
 
+use std::path::PathBuf;
+
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt as _;
@@ -31,8 +33,51 @@ struct Cli {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Access token (JWT) sent as `authorization: Bearer`.
+    #[arg(long, env = "QODCTL_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the access token.
+    #[arg(
+        long,
+        env = "QODCTL_TOKEN_FILE",
+        global = true,
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that verify qodd's certificate: connect with TLS.
+    #[arg(long, env = "QODCTL_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// PEM client certificate, for mutual TLS (with --key).
+    #[arg(long, env = "QODCTL_CERT", global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "QODCTL_KEY", global = true, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The name qodd's certificate must carry (default: the address's host, or localhost).
+    #[arg(long, global = true)]
+    server_name: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    fn options(&self) -> anyhow::Result<qod_proto::client::Options> {
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => Some(String::from_utf8(read(f)?).context("token file is not text")?),
+            (None, None) => None,
+        };
+        Ok(qod_proto::client::Options {
+            token: token.map(|t| t.trim().to_owned()),
+            ca_pem: self.ca.as_ref().map(read).transpose()?,
+            identity: match (&self.cert, &self.key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            },
+            server_name: self.server_name.clone(),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -65,6 +110,92 @@ enum Command {
     },
     /// Show one QoS profile.
     Profile { name: String },
+    /// DEV ONLY: a throwaway CA, TLS certificates and a token signing key for labs and demos.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Create the dev PKI in --dir unless it is there; print the qodd config that trusts it.
+    Init(DevDir),
+    /// Mint an access token signed with the dev key.
+    Token {
+        #[command(flatten)]
+        dir: DevDir,
+        /// The client id (`client_id` claim).
+        #[arg(long, default_value = qod_daemon::devkit::DEV_CLIENT)]
+        client: String,
+        /// Scopes to grant (repeat); default: all of them.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Make a three-legged token for this device: tel:+E164, ipv4:ADDR or ipv6:ADDR.
+        #[arg(long)]
+        device: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Issue a client certificate from the dev CA (writes PREFIX.crt and PREFIX.key).
+    ClientCert {
+        #[command(flatten)]
+        dir: DevDir,
+        /// Subject CN: the client id when qodd takes it from the certificate.
+        #[arg(long)]
+        cn: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct DevDir {
+    /// Where the dev PKI lives.
+    #[arg(long = "dir", env = "QOD_DEV_DIR", default_value = "qod-dev")]
+    path: PathBuf,
+}
+
+fn dev(command: DevCommand) -> anyhow::Result<()> {
+    use qod_daemon::devkit::{DevPki, TokenSpec};
+    match command {
+        DevCommand::Init(d) => {
+            let pki = DevPki::ensure(&d.path)?;
+            eprintln!(
+                "qodctl: DEV-ONLY PKI in {} (never use these keys in production)",
+                pki.dir.display()
+            );
+            println!("{}", pki.config_toml());
+        }
+        DevCommand::Token {
+            dir,
+            client,
+            scopes,
+            device,
+            ttl,
+        } => {
+            let pki = DevPki::ensure(&dir.path)?;
+            let mut spec = TokenSpec::full(&client);
+            if !scopes.is_empty() {
+                spec.scopes = scopes;
+            }
+            spec.device = device.map(Value::from);
+            spec.ttl = std::time::Duration::from_secs(ttl);
+            println!("{}", pki.mint(&spec)?);
+        }
+        DevCommand::ClientCert { dir, cn, out } => {
+            let pki = DevPki::ensure(&dir.path)?;
+            let (cert, key) = pki.client_cert(&cn)?;
+            let path = |ext: &str| {
+                let mut p = out.clone().into_os_string();
+                p.push(ext);
+                PathBuf::from(p)
+            };
+            std::fs::write(path(".crt"), cert)?;
+            std::fs::write(path(".key"), key)?;
+            println!("{}", path(".crt").display());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args, Default)]
@@ -177,8 +308,12 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let channel = qod_proto::client::connect(&cli.addr)
+    if let Command::Dev(d) = cli.command {
+        return dev(d);
+    }
+    let channel = qod_proto::client::connect(&cli.addr, &cli.options()?)
         .await
+        .map_err(|e| anyhow::anyhow!(e))
         .with_context(|| format!("cannot connect to qodd at {}", cli.addr))?;
     let mut sessions = QualityOnDemandClient::new(channel.clone());
     let mut profiles = QosProfilesClient::new(channel);
@@ -297,6 +432,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             print_profiles(&[p], json);
         }
+        Command::Dev(_) => unreachable!("handled before connecting"),
     }
     Ok(())
 }

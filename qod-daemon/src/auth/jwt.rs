@@ -1,0 +1,286 @@
+//! Access-token verification: JWTs signed with a key of a JWKS (file or URL, refreshed in the
+//! background), checked for algorithm, signature, `exp` / `nbf` (with leeway), `iss` and `aud`.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use jsonwebtoken::{
+    Algorithm, DecodingKey, Validation, decode, decode_header,
+    errors::ErrorKind,
+    jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm},
+};
+use serde_json::{Map, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The signature algorithms qodd can accept. Symmetric (HS*) and `none` never are.
+pub const SUPPORTED_ALGORITHMS: [Algorithm; 3] =
+    [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
+
+/// Where the trusted keys come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(url::Url),
+}
+
+impl std::fmt::Display for JwksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "{}", p.display()),
+            Self::Url(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+/// What a token must satisfy.
+#[derive(Clone, Debug)]
+pub struct TokenRules {
+    pub issuer: String,
+    pub audience: String,
+    pub leeway: Duration,
+    pub algorithms: Vec<Algorithm>,
+}
+
+/// One trusted verification key.
+struct Key {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Parses a JWKS document into the keys usable with `algorithms`; unusable keys are skipped
+/// with the reason (an empty result is an error: nothing could ever verify).
+pub fn parse_jwks(text: &str, algorithms: &[Algorithm]) -> Result<KeySet, String> {
+    let doc: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let keys = doc
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or("no `keys` array (expected a JWK Set)")?;
+    let mut out = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        match usable_key(k, algorithms) {
+            Ok(key) => out.push(key),
+            Err(why) => warn!(key = i, kid = ?k.get("kid"), "JWKS key skipped: {why}"),
+        }
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "none of its {} keys is usable with the accepted algorithms {algorithms:?}",
+            keys.len()
+        ));
+    }
+    Ok(KeySet(out))
+}
+
+fn usable_key(k: &Value, algorithms: &[Algorithm]) -> Result<Key, String> {
+    let jwk: Jwk = serde_json::from_value(k.clone()).map_err(|e| e.to_string())?;
+    let implied = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            Algorithm::EdDSA
+        }
+        AlgorithmParameters::OctetKey(_) => return Err("symmetric keys are never trusted".into()),
+        _ => return Err("unsupported key type or curve".into()),
+    };
+    let alg = match jwk.common.key_algorithm {
+        None => implied,
+        Some(KeyAlgorithm::RS256) => Algorithm::RS256,
+        Some(KeyAlgorithm::ES256) => Algorithm::ES256,
+        Some(KeyAlgorithm::EdDSA) => Algorithm::EdDSA,
+        Some(other) => return Err(format!("algorithm {other:?} is not supported")),
+    };
+    if alg != implied {
+        return Err(format!("`alg` {alg:?} does not match the key type"));
+    }
+    if !algorithms.contains(&alg) {
+        return Err(format!(
+            "algorithm {alg:?} is not accepted by the configuration"
+        ));
+    }
+    Ok(Key {
+        kid: jwk.common.key_id.clone(),
+        alg,
+        key: DecodingKey::from_jwk(&jwk).map_err(|e| e.to_string())?,
+    })
+}
+
+/// The keys of one JWKS.
+pub struct KeySet(Vec<Key>);
+
+impl KeySet {
+    /// No keys: every token is refused (until a refresh brings some).
+    pub fn empty() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Key ids, for the start-up log (and to warn about the dev key).
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|k| k.kid.as_deref())
+    }
+}
+
+/// Verifies tokens against the current key set.
+pub struct Verifier {
+    rules: TokenRules,
+    keys: RwLock<Arc<KeySet>>,
+    /// Woken when a token names a key id we do not have (a rotation we have not seen yet).
+    refresh: Notify,
+}
+
+impl Verifier {
+    pub fn new(rules: TokenRules, keys: KeySet) -> Self {
+        Self {
+            rules,
+            keys: RwLock::new(Arc::new(keys)),
+            refresh: Notify::new(),
+        }
+    }
+
+    /// Asks the refresh loop to read the key set now.
+    pub fn request_refresh(&self) {
+        self.refresh.notify_one();
+    }
+
+    fn keys(&self) -> Arc<KeySet> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The token's claims if it is valid; otherwise why not (safe to show the caller).
+    pub fn verify(&self, token: &str) -> Result<Map<String, Value>, String> {
+        let header = decode_header(token)
+            .map_err(|_| "the access token is not a well-formed signed JWT".to_owned())?;
+        if !self.rules.algorithms.contains(&header.alg) {
+            return Err(format!(
+                "the access token's algorithm {:?} is not accepted",
+                header.alg
+            ));
+        }
+        let keys = self.keys();
+        let mut candidates = keys
+            .0
+            .iter()
+            .filter(|k| k.alg == header.alg)
+            .filter(|k| header.kid.is_none() || k.kid == header.kid)
+            .peekable();
+        if candidates.peek().is_none() {
+            if header.kid.is_some() {
+                self.refresh.notify_one();
+            }
+            return Err("the access token is signed with a key that is not trusted".into());
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = self.rules.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.rules.issuer]);
+        validation.set_audience(&[&self.rules.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        for k in candidates {
+            match decode::<Map<String, Value>>(token, &k.key, &validation) {
+                Ok(data) => return Ok(data.claims),
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
+                Err(e) => return Err(describe(e.kind())),
+            }
+        }
+        Err("the access token's signature does not verify".into())
+    }
+
+    fn replace(&self, keys: KeySet) {
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+    }
+
+    /// Re-reads the key set every `every`, and soon after a token names an unknown key id (at
+    /// most once per `min_gap`). A failed read keeps the current keys.
+    pub async fn refresh_loop(
+        self: Arc<Self>,
+        source: JwksSource,
+        every: Duration,
+        stop: CancellationToken,
+    ) {
+        const MIN_GAP: Duration = Duration::from_secs(10);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = self.refresh.notified() => {}
+                () = stop.cancelled() => return,
+            }
+            match fetch(&source)
+                .await
+                .and_then(|t| parse_jwks(&t, &self.rules.algorithms))
+            {
+                Ok(keys) => {
+                    info!(source = %source, keys = keys.len(), "JWKS refreshed");
+                    self.replace(keys);
+                }
+                Err(e) => {
+                    warn!(source = %source, error = %e, "JWKS refresh failed; keeping the current keys");
+                    // Without any key every call is refused: keep trying.
+                    if self.keys().is_empty() {
+                        self.refresh.notify_one();
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(MIN_GAP) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Reads a JWKS document.
+pub async fn fetch(source: &JwksSource) -> Result<String, String> {
+    match source {
+        JwksSource::File(path) => tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", path.display())),
+        JwksSource::Url(url) => {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .map_err(|e| e.to_string())?;
+            let response = client
+                .get(url.clone())
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+            response
+                .text()
+                .await
+                .map_err(|e| format!("cannot read {url}: {e}"))
+        }
+    }
+}
+
+fn describe(kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::ExpiredSignature => "the access token has expired".into(),
+        ErrorKind::ImmatureSignature => "the access token is not valid yet (nbf)".into(),
+        ErrorKind::InvalidIssuer => "the access token was issued by an untrusted issuer".into(),
+        ErrorKind::InvalidAudience => "the access token is meant for another audience".into(),
+        ErrorKind::MissingRequiredClaim(c) => format!("the access token has no `{c}` claim"),
+        ErrorKind::InvalidClaimFormat(c) => format!("the access token's `{c}` claim is malformed"),
+        ErrorKind::InvalidAlgorithm => "the access token's algorithm does not match its key".into(),
+        _ => "the access token is not valid".into(),
+    }
+}

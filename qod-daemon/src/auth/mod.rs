@@ -1,0 +1,344 @@
+//! Who may call: bearer access tokens (JWT), CAMARA scopes per operation, per-client limits and,
+//! with mutual TLS, the client certificate.
+//!
+//! [`Authenticator`] runs before every call of the QoD and profile services: it verifies the
+//! token, applies the client's request rate and leaves a [`Principal`] in the request's
+//! extensions. Each handler then asks [`authorize`] for the scope its operation needs and gets
+//! the [`Caller`] whose sessions it may touch.
+
+pub mod jwt;
+
+use std::{num::NonZeroU32, sync::Arc, time::Duration};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use qod_proto::v1 as pb;
+use serde_json::{Map, Value};
+use tonic::{Request, Status, service::Interceptor};
+
+use crate::{
+    api::convert,
+    error::{CamaraCode, CamaraError},
+    model::{Caller, DeviceId, PhoneNumber},
+};
+
+pub use jwt::{JwksSource, TokenRules, Verifier};
+
+/// CAMARA's scopes, one per operation.
+pub mod scope {
+    pub const SESSIONS_CREATE: &str = "quality-on-demand:sessions:create";
+    pub const SESSIONS_READ: &str = "quality-on-demand:sessions:read";
+    pub const SESSIONS_DELETE: &str = "quality-on-demand:sessions:delete";
+    pub const SESSIONS_UPDATE: &str = "quality-on-demand:sessions:update";
+    pub const SESSIONS_RETRIEVE_BY_DEVICE: &str = "quality-on-demand:sessions:retrieve-by-device";
+    pub const PROFILES_READ: &str = "qos-profiles:read";
+    /// Every scope qodd knows, for tools that mint full-access tokens.
+    pub const ALL: [&str; 6] = [
+        SESSIONS_CREATE,
+        SESSIONS_READ,
+        SESSIONS_DELETE,
+        SESSIONS_UPDATE,
+        SESSIONS_RETRIEVE_BY_DEVICE,
+        PROFILES_READ,
+    ];
+}
+
+/// The token settings of a validated configuration.
+#[derive(Clone, Debug)]
+pub struct AuthSettings {
+    pub jwks: JwksSource,
+    /// How often the key set is read again.
+    pub jwks_refresh: Duration,
+    pub rules: TokenRules,
+    /// The claim naming the API client (`client_id`, RFC 9068).
+    pub client_id_claim: String,
+    /// The claim whose value, when it identifies a device, makes a token three-legged.
+    pub device_claim: String,
+    /// The client id is the client certificate's subject CN (mutual TLS); a token naming
+    /// another client is refused.
+    pub client_id_from_certificate: bool,
+}
+
+/// Per-client limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Sessions a client may hold AVAILABLE at once.
+    pub max_active_sessions: u32,
+    pub requests_per_second: NonZeroU32,
+    pub request_burst: NonZeroU32,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// What an authenticated call may do.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub caller: Caller,
+    /// `None`: every scope (insecure mode only).
+    scopes: Option<Vec<String>>,
+}
+
+impl Principal {
+    /// The caller, if the token grants `scope`.
+    pub fn require(&self, scope: &str) -> Result<&Caller, CamaraError> {
+        match &self.scopes {
+            Some(s) if !s.iter().any(|s| s == scope) => Err(CamaraError::new(
+                CamaraCode::PermissionDenied,
+                format!("the access token does not grant the scope {scope}"),
+            )),
+            _ => Ok(&self.caller),
+        }
+    }
+
+    /// The local, unauthenticated caller of insecure mode: all scopes, all sessions.
+    pub fn insecure() -> Self {
+        Self {
+            caller: Caller {
+                client: INSECURE_CLIENT.to_owned(),
+                subject: None,
+                operator: true,
+            },
+            scopes: None,
+        }
+    }
+}
+
+/// The client id sessions get in insecure mode.
+pub const INSECURE_CLIENT: &str = "insecure-local";
+
+/// The caller of `request` if its token grants `scope`.
+pub fn authorize<T>(request: &Request<T>, scope: &str) -> Result<Caller, CamaraError> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .ok_or_else(|| unauthenticated("the call was not authenticated"))?
+        .require(scope)
+        .cloned()
+}
+
+fn unauthenticated(msg: impl Into<String>) -> CamaraError {
+    CamaraError::new(CamaraCode::Unauthenticated, msg)
+}
+
+/// Authenticates every call and applies the per-client request rate.
+#[derive(Clone)]
+pub struct Authenticator(Arc<Inner>);
+
+struct Inner {
+    /// `None`: insecure mode.
+    tokens: Option<(AuthSettings, Arc<Verifier>)>,
+    limiter: DefaultKeyedRateLimiter<String>,
+}
+
+impl Authenticator {
+    pub fn new(tokens: Option<(AuthSettings, Arc<Verifier>)>, limits: &ClientLimits) -> Self {
+        let quota = Quota::per_second(limits.requests_per_second).allow_burst(limits.request_burst);
+        Self(Arc::new(Inner {
+            tokens,
+            limiter: RateLimiter::keyed(quota),
+        }))
+    }
+
+    fn authenticate(&self, request: &Request<()>) -> Result<Principal, CamaraError> {
+        let Some((settings, verifier)) = &self.0.tokens else {
+            return Ok(Principal::insecure());
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| {
+                unauthenticated("no access token: send `authorization: Bearer <token>`")
+            })?
+            .to_str()
+            .map_err(|_| unauthenticated("the authorization header is not text"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| unauthenticated("the authorization header is not `Bearer <token>`"))?;
+        let claims = verifier.verify(token).map_err(unauthenticated)?;
+        let token_client = claims
+            .get(&settings.client_id_claim)
+            .and_then(Value::as_str)
+            .filter(|c| !c.is_empty());
+        let client = if settings.client_id_from_certificate {
+            let cert = certificate_client(request)?;
+            if token_client.is_some_and(|c| c != cert) {
+                return Err(unauthenticated(
+                    "the access token was issued to another client than the certificate's",
+                ));
+            }
+            cert
+        } else {
+            token_client
+                .ok_or_else(|| {
+                    unauthenticated(format!(
+                        "the access token has no `{}` claim naming the client",
+                        settings.client_id_claim
+                    ))
+                })?
+                .to_owned()
+        };
+        let subject = claims
+            .get(&settings.device_claim)
+            .map(subject_device)
+            .transpose()?
+            .flatten();
+        Ok(Principal {
+            caller: Caller {
+                client,
+                subject,
+                operator: false,
+            },
+            scopes: Some(scopes(&claims)),
+        })
+    }
+
+    fn rate_limit(&self, client: &str) -> Result<(), CamaraError> {
+        let limiter = &self.0.limiter;
+        // Forget idle clients now and then so the table stays small.
+        if limiter.len() > 10_000 {
+            limiter.retain_recent();
+        }
+        limiter.check_key(&client.to_owned()).map_err(|_| {
+            CamaraError::new(
+                CamaraCode::TooManyRequests,
+                "rate limit reached for this client; retry later",
+            )
+        })
+    }
+}
+
+impl Interceptor for Authenticator {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let principal = self.authenticate(&request)?;
+        self.rate_limit(&principal.caller.client)?;
+        request.extensions_mut().insert(principal);
+        Ok(request)
+    }
+}
+
+/// OAuth scopes: the space-separated `scope` string, or an `scp` array.
+fn scopes(claims: &Map<String, Value>) -> Vec<String> {
+    match (claims.get("scope"), claims.get("scp")) {
+        (Some(Value::String(s)), _) => s.split_whitespace().map(str::to_owned).collect(),
+        (_, Some(Value::Array(a))) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        (_, Some(Value::String(s))) => s.split_whitespace().map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The device a three-legged token speaks for: a CAMARA `Device` object, or a string
+/// `tel:+E164` / `+E164`, `ipv4:ADDR`, `ipv6:ADDR`. Any other string (a two-legged token's
+/// subject is usually the client) is no device.
+pub fn subject_device(v: &Value) -> Result<Option<DeviceId>, CamaraError> {
+    let bad = |why: &str| unauthenticated(format!("the access token's device claim {why}"));
+    match v {
+        Value::String(s) => {
+            if let Some(n) = s
+                .strip_prefix("tel:")
+                .or(s.starts_with('+').then_some(s.as_str()))
+            {
+                return PhoneNumber::parse("device", n)
+                    .map(|p| Some(DeviceId::PhoneNumber(p)))
+                    .map_err(|_| bad("is not an E.164 phone number"));
+            }
+            if let Some(a) = s.strip_prefix("ipv4:") {
+                let a = a.parse().map_err(|_| bad("is not an IPv4 address"))?;
+                return Ok(Some(DeviceId::Ipv4 {
+                    public: a,
+                    private: Some(a),
+                    public_port: None,
+                }));
+            }
+            if let Some(a) = s.strip_prefix("ipv6:") {
+                return Ok(Some(DeviceId::Ipv6(
+                    a.parse().map_err(|_| bad("is not an IPv6 address"))?,
+                )));
+            }
+            Ok(None)
+        }
+        Value::Object(o) => {
+            let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+            let ipv4 = o.get("ipv4Address").map(|a| pb::DeviceIpv4Addr {
+                public_address: text(a.get("publicAddress")),
+                private_address: text(a.get("privateAddress")),
+                public_port: a
+                    .get("publicPort")
+                    .and_then(Value::as_u64)
+                    .and_then(|p| u32::try_from(p).ok()),
+            });
+            let device = pb::Device {
+                phone_number: text(o.get("phoneNumber")),
+                ipv4_address: ipv4,
+                ipv6_address: text(o.get("ipv6Address")),
+                network_access_identifier: text(o.get("networkAccessIdentifier")),
+            };
+            convert::lookup_device(&device)
+                .map(Some)
+                .map_err(|e| bad(&format!("is not a valid device: {}", e.message)))
+        }
+        _ => Err(bad("is neither a string nor a device object")),
+    }
+}
+
+/// The client id a client certificate carries: its subject's common name.
+fn certificate_client(request: &Request<()>) -> Result<String, CamaraError> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
+    let ext = request.extensions();
+    let certs = ext
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs)
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<UdsConnectInfo>>()
+                .and_then(TlsConnectInfo::peer_certs)
+        })
+        .ok_or_else(|| unauthenticated("a client certificate is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| unauthenticated("a client certificate is required"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|_| unauthenticated("the client certificate cannot be parsed"))?;
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .filter(|cn| !cn.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| unauthenticated("the client certificate has no subject CN"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_claims_name_devices_or_nothing() {
+        let d = |v: Value| subject_device(&v);
+        assert!(matches!(
+            d(Value::from("tel:+4915112345678")),
+            Ok(Some(DeviceId::PhoneNumber(_)))
+        ));
+        assert!(matches!(
+            d(Value::from("ipv4:10.0.0.1")),
+            Ok(Some(DeviceId::Ipv4 { .. }))
+        ));
+        assert!(matches!(d(Value::from("my-app")), Ok(None)));
+        assert!(d(Value::from("ipv4:nope")).is_err());
+        let obj = serde_json::json!({"ipv4Address": {"publicAddress": "10.0.0.1", "privateAddress": "10.0.0.1"}});
+        assert!(matches!(d(obj), Ok(Some(DeviceId::Ipv4 { .. }))));
+        assert!(d(serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn scopes_come_from_scope_or_scp() {
+        let m = |v: Value| v.as_object().cloned().unwrap_or_default();
+        assert_eq!(scopes(&m(serde_json::json!({"scope": "a b"}))), ["a", "b"]);
+        assert_eq!(scopes(&m(serde_json::json!({"scp": ["a"]}))), ["a"]);
+        assert!(scopes(&m(serde_json::json!({}))).is_empty());
+    }
+}
