@@ -718,8 +718,12 @@ impl Qodd {
             {
                 bail!("qodd exited with {status} during start:\n{}", self.log());
             }
-            if let Ok(mut c) = self.profiles().await
-                && c.retrieve_qos_profiles(qod_proto::v1::RetrieveQosProfilesRequest::default())
+            // Health needs no token (the API's readiness for probes).
+            if let Ok(channel) = self.channel().await
+                && tonic_health::pb::health_client::HealthClient::new(channel)
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: "qod.v1.QualityOnDemand".into(),
+                    })
                     .await
                     .is_ok()
             {
@@ -750,12 +754,14 @@ impl Qodd {
         format!("unix:{}", self.socket.display())
     }
 
-    /// TLS trusting this instance's CA, with `token`.
+    /// TLS trusting this instance's CA, with the dev client certificate (offered only if qodd
+    /// asks for one: mutual TLS) and `token`.
     pub fn options(&self, token: Option<&str>) -> anyhow::Result<client::Options> {
         Ok(client::Options {
             token: token.map(str::to_owned),
             ca_pem: Some(self.pki.read("ca.crt")?),
-            ..Default::default()
+            identity: Some((self.pki.read("client.crt")?, self.pki.read("client.key")?)),
+            server_name: None,
         })
     }
 

@@ -1,4 +1,5 @@
 //! CAMARA's `x-correlator`: validated on every request, echoed on every response (errors too).
+//! The same layer gives tonic's own refusal of an oversized message its CAMARA form.
 
 use std::{
     future::Future,
@@ -65,12 +66,33 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let mut resp = fut.await?;
+            if let Some(status) = oversized(resp.headers()) {
+                resp = status.into_http();
+            }
             if let Some(v) = corr {
                 resp.headers_mut().insert(HEADER, v);
             }
             Ok(resp)
         })
     }
+}
+
+/// tonic refuses a request message over the configured size with a bare OUT_OF_RANGE before
+/// any handler runs; it is answered as the CAMARA error it is: a bad request, with its reason.
+fn oversized(headers: &http::HeaderMap) -> Option<tonic::Status> {
+    let status = tonic::Status::from_header_map(headers)?;
+    (status.code() == tonic::Code::OutOfRange
+        && status
+            .message()
+            .contains("decoded message length too large"))
+    .then(|| {
+        let detail = status.message().split_once("found ").map_or("", |(_, d)| d);
+        CamaraError::invalid(
+            "request",
+            format!("the request message is too large ({detail})"),
+        )
+        .into()
+    })
 }
 
 #[cfg(test)]
