@@ -1033,6 +1033,8 @@ pub enum Reply {
     Status(u16),
     /// Hold the request this long, then 204 (recorded on arrival).
     Hang(Duration),
+    /// 200 with this JSON body (a document to serve, such as a JWKS).
+    Json(String),
 }
 
 /// One request a [`SinkServer`] received.
@@ -1093,10 +1095,11 @@ impl SinkServer {
                                 None => None,
                             }
                         };
-                        let (status, hang) = match reply {
-                            Some(Reply::Status(s)) => (s, None),
-                            Some(Reply::Hang(d)) => (204, Some(d)),
-                            None => (204, None),
+                        let (status, hang, answer) = match reply {
+                            Some(Reply::Status(s)) => (s, None, String::new()),
+                            Some(Reply::Hang(d)) => (204, Some(d), String::new()),
+                            Some(Reply::Json(b)) => (200, None, b),
+                            None => (204, None, String::new()),
                         };
                         let header = |h: &str| {
                             headers
@@ -1119,7 +1122,12 @@ impl SinkServer {
                         if let Some(d) = hang {
                             tokio::time::sleep(d).await;
                         }
-                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+                        (
+                            StatusCode::from_u16(status)
+                                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                            [(axum::http::header::CONTENT_TYPE, "application/json")],
+                            answer,
+                        )
                     },
                 );
                 axum::serve(listener, app.with_state(state))

@@ -13,7 +13,7 @@ use qod_proto::{
     v1::{self as pb, qos_profiles_client::QosProfilesClient},
 };
 use qod_testkit::{
-    EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, TEST_CLIENT, addr,
+    EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, Reply, SinkServer, TEST_CLIENT, addr,
     api::{device, reason, require_root},
     qodd_bin,
 };
@@ -704,5 +704,88 @@ async fn rs256_es256_and_eddsa_keys_verify() {
     assert_eq!(
         refusal(profiles(sign(Algorithm::EdDSA, "rsa-1", &ed)).await),
         is(Code::Unauthenticated, "UNAUTHENTICATED")
+    );
+}
+
+/// With `jwks_url` the keys come from a real HTTP server, and a token naming a key id qodd has
+/// not seen makes it read the set again: a key rotated in at the identity provider is honoured
+/// within seconds, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_url_follows_key_rotation() {
+    require_root();
+    let lab = Lab::new().expect("lab");
+    let idp = SinkServer::start(&lab.edge).expect("idp");
+    let next = tempfile::tempdir().expect("dir");
+    let next = DevPki::ensure(next.path()).expect("pki");
+    let jwks = |p: &DevPki| -> Value {
+        serde_json::from_slice(&p.read("jwks.json").expect("jwks")).expect("json")
+    };
+    let qodd = Qodd::start_secured(
+        &qodd_bin(),
+        &lab.edge,
+        &[EDGE_DEV_IF, EDGE_SRV_IF],
+        "",
+        |pki| {
+            idp.script("/jwks", &[Reply::Json(jwks(pki).to_string())]);
+            pki.config_toml().replace(
+                &format!("jwks_file = {:?}", pki.path("jwks.json")),
+                &format!("jwks_url = {:?}", idp.url("/jwks")),
+            )
+        },
+    )
+    .await
+    .expect("qodd");
+    let profiles = |token: String| {
+        let qodd = &qodd;
+        async move {
+            QosProfilesClient::new(
+                qodd.channel_with(&qodd.options(Some(&token)).expect("options"))
+                    .await
+                    .expect("channel"),
+            )
+            .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest::default())
+            .await
+        }
+    };
+    profiles(qodd.token.clone())
+        .await
+        .expect("the fetched key verifies");
+
+    // The provider rotates a new key in; a token signed with it names its new kid.
+    let mut rotated = jwks(&next)["keys"][0].clone();
+    rotated["kid"] = "rotated-2".into();
+    let mut both = jwks(&qodd.pki);
+    if let Some(k) = both["keys"].as_array_mut() {
+        k.push(rotated);
+    }
+    idp.script("/jwks", &[Reply::Json(both.to_string())]);
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("rotated-2".into());
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims(TEST_CLIENT),
+        &EncodingKey::from_ec_pem(&next.read("jwt-signing.key").expect("key")).expect("key"),
+    )
+    .expect("sign");
+    assert_eq!(
+        refusal(profiles(token.clone()).await),
+        is(Code::Unauthenticated, "UNAUTHENTICATED"),
+        "an unknown key is refused until the set is read again"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if profiles(token.clone()).await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated key was never fetched:\n{}",
+            qodd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        idp.received("/jwks").len() >= 2,
+        "the JWKS was fetched at start and again"
     );
 }
