@@ -78,7 +78,9 @@ pub struct Cli {
 struct FileConfig {
     listen: Option<String>,
     interfaces: Option<Vec<InterfaceEntry>>,
-    scheduler_on_exit: Option<String>,
+    on_exit: Option<String>,
+    pin_path: Option<PathBuf>,
+    incompatible_pins: Option<String>,
     attach: Option<String>,
     bpffs: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -292,7 +294,9 @@ impl FileConfig {
         FileConfig {
             listen: over.listen.or(self.listen),
             interfaces: over.interfaces.or(self.interfaces),
-            scheduler_on_exit: over.scheduler_on_exit.or(self.scheduler_on_exit),
+            on_exit: over.on_exit.or(self.on_exit),
+            pin_path: over.pin_path.or(self.pin_path),
+            incompatible_pins: over.incompatible_pins.or(self.incompatible_pins),
             attach: over.attach.or(self.attach),
             bpffs: over.bpffs.or(self.bpffs),
             state_dir: over.state_dir.or(self.state_dir),
@@ -367,8 +371,13 @@ pub enum AttachMode {
 pub struct Config {
     pub listen: Listen,
     pub interfaces: Vec<ManagedInterface>,
-    /// Remove the schedulers on shutdown (true) or leave them (false).
-    pub restore_on_exit: bool,
+    /// Tear the data plane (classifier, maps, schedulers) down on a graceful stop; by default it
+    /// stays, pinned, and the next qodd carries on with it.
+    pub teardown_on_exit: bool,
+    /// Where maps and links are pinned (a versioned directory under it).
+    pub pin_path: PathBuf,
+    /// What to do with a pinned data plane this qodd cannot reuse.
+    pub incompatible_pins: IncompatiblePins,
     pub attach: AttachMode,
     pub bpffs: PathBuf,
     /// Where the session store lives.
@@ -382,6 +391,15 @@ pub struct Config {
     pub sink_http_hosts: Vec<String>,
     pub security: Security,
     pub limits: ClientLimits,
+}
+
+/// What to do with a pinned data plane of another layout or capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IncompatiblePins {
+    /// Remove it and rebuild from the session store (treatment pauses until restored).
+    Rebuild,
+    /// Refuse to start.
+    Refuse,
 }
 
 /// How callers are authenticated.
@@ -517,12 +535,21 @@ impl Config {
                 return Err(invalid(format!("interface {:?} is listed twice", i.name)));
             }
         }
-        let restore_on_exit = match f.scheduler_on_exit.as_deref().unwrap_or("restore") {
-            "restore" => true,
+        let teardown_on_exit = match f.on_exit.as_deref().unwrap_or("keep") {
             "keep" => false,
+            "teardown" => true,
             other => {
                 return Err(invalid(format!(
-                    "scheduler_on_exit = {other:?}: expected \"restore\" or \"keep\""
+                    "on_exit = {other:?}: expected \"keep\" or \"teardown\""
+                )));
+            }
+        };
+        let incompatible_pins = match f.incompatible_pins.as_deref().unwrap_or("rebuild") {
+            "rebuild" => IncompatiblePins::Rebuild,
+            "refuse" => IncompatiblePins::Refuse,
+            other => {
+                return Err(invalid(format!(
+                    "incompatible_pins = {other:?}: expected \"rebuild\" or \"refuse\""
                 )));
             }
         };
@@ -640,8 +667,15 @@ impl Config {
         Ok(Self {
             listen,
             interfaces,
-            restore_on_exit,
+            teardown_on_exit,
+            incompatible_pins,
             attach,
+            pin_path: f.pin_path.unwrap_or_else(|| {
+                f.bpffs
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf"))
+                    .join("qod")
+            }),
             bpffs: f.bpffs.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
             state_dir: f
                 .state_dir

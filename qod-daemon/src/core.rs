@@ -19,7 +19,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::{
@@ -195,6 +195,28 @@ impl Slots {
     fn give_back(&mut self, slot: u32) {
         self.free.push(slot);
     }
+
+    /// Marks `taken` as in use (restoring over pinned maps); every other slot below the highest
+    /// is free.
+    fn reserve(&mut self, taken: &HashSet<u32>) {
+        let Some(max) = taken.iter().max() else {
+            return;
+        };
+        self.next = self.next.max(max + 1);
+        self.free = (0..self.next)
+            .rev()
+            .filter(|s| !taken.contains(s))
+            .collect();
+    }
+}
+
+/// How a session comes to be installed.
+#[derive(Clone, Copy, Debug)]
+enum Admission {
+    /// Asked for now: profile rules checked, persisted before it is acknowledged, announced.
+    New,
+    /// Read back from the store at start; `slot` when it keeps its place in the pinned maps.
+    Restored { slot: Option<u32> },
 }
 
 struct Inner {
@@ -308,12 +330,17 @@ impl Core {
             SessionState::Available { .. } => None,
             SessionState::Unavailable { info, ended_at, .. } => Some(Ended { info, at: ended_at }),
         };
+        let slot = match s.state {
+            SessionState::Available { slot, .. } => Some(slot),
+            SessionState::Unavailable { .. } => None,
+        };
         store.put(&StoredSession {
             id: s.id,
             request: s.request.clone(),
             started_at: s.started_at,
             duration: s.duration,
             ended,
+            slot,
         })
     }
 
@@ -335,9 +362,26 @@ impl Core {
     /// Brings back the stored sessions at start: live ones are installed again for the time they
     /// have left; ones whose time ran out while qodd was down end now (`DURATION_EXPIRED`, with
     /// their event), ended ones stay readable for the rest of their retention.
-    pub fn restore(&self, stored: Vec<StoredSession>) {
+    ///
+    /// `continuing`: the kernel maps are the pinned ones of the previous run, still enforcing.
+    /// Live sessions then keep their slots (their counters carry on), and entries no live session
+    /// accounts for (orphans: a session deleted or ended in the store but not yet in the kernel
+    /// when qodd stopped) are removed.
+    pub fn restore(&self, stored: Vec<StoredSession>, continuing: bool) {
         let wall = OffsetDateTime::now_utc();
         let retention = time::Duration::try_from(self.retention).unwrap_or(time::Duration::ZERO);
+        let live = |s: &StoredSession| s.ended.is_none() && s.started_at + secs(s.duration) > wall;
+        let kept: HashSet<u32> = if continuing {
+            stored
+                .iter()
+                .filter(|s| live(s))
+                .filter_map(|s| s.slot)
+                .filter(|slot| *slot < self.lock().slots.capacity)
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        self.lock().slots.reserve(&kept);
         for s in stored {
             let end = s.started_at + secs(s.duration);
             let ended = match s.ended {
@@ -350,13 +394,14 @@ impl Core {
             };
             let Some(ended) = ended else {
                 let remaining = u32::try_from((end - wall).whole_seconds().max(1)).unwrap_or(1);
+                let slot = s.slot.filter(|slot| kept.contains(slot));
                 match self.admit(
                     s.request.clone(),
                     s.id,
                     s.started_at,
                     s.duration,
                     remaining,
-                    true,
+                    Admission::Restored { slot },
                 ) {
                     Ok(_) => info!(session = %s.id, remaining, "session restored"),
                     Err(e) => {
@@ -377,7 +422,42 @@ impl Core {
             let announce = s.ended.is_none();
             self.keep_ended(s, ended, retention, announce);
         }
+        if continuing {
+            self.remove_orphans();
+        }
         self.wake.notify_one();
+    }
+
+    /// Removes kernel entries of devices without a live session.
+    fn remove_orphans(&self) {
+        let mut inner = self.lock();
+        let keys = match inner.dp.device_keys() {
+            Ok(k) => k,
+            Err(e) => {
+                error!(error = %e, "cannot list the kernel's entries to reconcile them");
+                return;
+            }
+        };
+        let mut removed = 0;
+        for key in keys {
+            let live = inner.by_device.get(&key).is_some_and(|ids| {
+                ids.iter().any(|id| {
+                    inner
+                        .sessions
+                        .get(id)
+                        .is_some_and(|s| matches!(s.state, SessionState::Available { .. }))
+                })
+            });
+            if !live {
+                match inner.dp.remove(&key) {
+                    Ok(()) => removed += 1,
+                    Err(e) => error!(error = %e, "cannot remove an orphaned kernel entry"),
+                }
+            }
+        }
+        if removed > 0 {
+            warn!(removed, "removed kernel entries no session accounts for");
+        }
     }
 
     /// Keeps an ended session readable until its retention runs out (announcing the end if it
@@ -512,7 +592,7 @@ impl Core {
             OffsetDateTime::now_utc(),
             duration,
             duration,
-            false,
+            Admission::New,
         )
     }
 
@@ -526,8 +606,12 @@ impl Core {
         started_at: OffsetDateTime,
         duration: u32,
         remaining: u32,
-        restoring: bool,
+        how: Admission,
     ) -> Result<SessionView, CamaraError> {
+        let (restoring, kept_slot) = match how {
+            Admission::New => (false, None),
+            Admission::Restored { slot } => (true, slot),
+        };
         // The policy is read under the lock: a reload swaps it under the same lock after ending
         // the sessions of vanished profiles, so no session can slip in on a stale snapshot.
         let mut inner = self.lock();
@@ -589,15 +673,19 @@ impl Core {
                 ),
             ));
         }
-        let slot = inner.slots.take().ok_or_else(|| {
-            CamaraError::new(
-                CamaraCode::QuotaExceeded,
-                format!(
-                    "this node holds its maximum of {} sessions",
-                    inner.slots.capacity
-                ),
-            )
-        })?;
+        // A session restored over the pinned maps keeps its slot, so its counters carry on.
+        let slot = match kept_slot {
+            Some(slot) => slot,
+            None => inner.slots.take().ok_or_else(|| {
+                CamaraError::new(
+                    CamaraCode::QuotaExceeded,
+                    format!(
+                        "this node holds its maximum of {} sessions",
+                        inner.slots.capacity
+                    ),
+                )
+            })?,
+        };
         let reservation = match self.reserve(&mut inner, profile) {
             Ok(r) => r,
             Err(e) => {
@@ -606,7 +694,12 @@ impl Core {
             }
         };
         let rule = self.flow_rule(&flow, profile, slot, remaining, reservation.as_ref());
-        let installed = inner.dp.reset_counters(slot).and_then(|()| {
+        let reset = if kept_slot.is_some() {
+            Ok(())
+        } else {
+            inner.dp.reset_counters(slot)
+        };
+        let installed = reset.and_then(|()| {
             let rules = device_rules(&inner, &flow.device, None, Some(rule));
             sync_device(&mut inner, &flow.device, &rules)
         });

@@ -52,6 +52,10 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("session store")]
     Store(#[from] store::StoreError),
+    #[error(
+        "incompatible pinned data plane: {0} (remove it, or set incompatible_pins = \"rebuild\")"
+    )]
+    IncompatiblePins(String),
 }
 
 /// Re-reads the configuration (file and flags) for a SIGHUP reload.
@@ -70,8 +74,10 @@ pub async fn run(
     // data plane is touched.
     let store = store::Store::open(&config.state_dir)?;
     let stored = store.load()?;
-    let mut dp = AyaDataPlane::load(config.max_sessions)?;
-    dp.manage(&config.interfaces, config.attach, config.restore_on_exit)?;
+    prepare_pins(&config, &store)?;
+    let mut dp = AyaDataPlane::load(config.max_sessions, &config.pin_path)?;
+    let continuing = dp.reused();
+    dp.manage(&config.interfaces, config.attach, config.teardown_on_exit)?;
     let token = CancellationToken::new();
     let notify_token = CancellationToken::new();
     let (notifier, _delivery) =
@@ -93,10 +99,13 @@ pub async fn run(
     );
     {
         let (core, n) = (core.clone(), stored.len());
-        tokio::task::spawn_blocking(move || core.restore(stored))
+        tokio::task::spawn_blocking(move || core.restore(stored, continuing))
             .await
             .ok();
-        info!(sessions = n, "session store loaded");
+        info!(
+            sessions = n,
+            continuing, "session store loaded (continuing: the pinned data plane carried on)"
+        );
     }
     let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
     tokio::spawn(watch_links(
@@ -215,6 +224,48 @@ pub async fn run(
     }
     info!("qodd stopped");
     served
+}
+
+/// The boot this host runs in (`/proc/sys/kernel/random/boot_id`).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Decides what happens to a data plane pinned by a previous qodd: reused as it is when it has
+/// this layout and capacity and was made in this boot; otherwise removed (rebuilt from the
+/// store) or, if configured, start-up is refused. Records this boot in the store.
+fn prepare_pins(config: &Config, store: &store::Store) -> Result<(), RunError> {
+    let boot = boot_id();
+    let last = store.boot_id()?;
+    let rebooted = last.as_deref().is_some_and(|b| b != boot);
+    match dataplane::inspect_pins(&config.pin_path, config.max_sessions) {
+        dataplane::Pinned::Nothing => {
+            if rebooted {
+                info!("the host rebooted since the store was written; rebuilding from the store");
+            }
+        }
+        dataplane::Pinned::Compatible if !rebooted => {
+            info!(pins = %config.pin_path.display(), "reusing the pinned data plane; installed sessions kept their treatment");
+        }
+        dataplane::Pinned::Compatible => {
+            // Kernel times in the maps belong to another boot's clock.
+            warn!(pins = %config.pin_path.display(), "the store was written in another boot; discarding the pinned data plane and rebuilding from the store");
+            dataplane::remove_pins(&config.pin_path)?;
+        }
+        dataplane::Pinned::Incompatible(why) => match config.incompatible_pins {
+            config::IncompatiblePins::Refuse => {
+                return Err(RunError::IncompatiblePins(why));
+            }
+            config::IncompatiblePins::Rebuild => {
+                warn!(reason = %why, "incompatible pinned data plane removed; rebuilding from the store (treatment pauses until sessions are restored)");
+                dataplane::remove_pins(&config.pin_path)?;
+            }
+        },
+    }
+    store.set_boot_id(&boot)?;
+    Ok(())
 }
 
 /// The call authenticator: token verification with its key set (kept fresh in the background)

@@ -10,6 +10,8 @@ use time::OffsetDateTime;
 use crate::model::{SessionId, SessionRequest, StatusInfo};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions_v1");
+/// Facts about the store itself (the boot it was last written in).
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta_v1");
 
 /// A session as persisted: what was asked and what happened; rules, classes and counters are
 /// derived again at start.
@@ -23,6 +25,9 @@ pub struct StoredSession {
     pub duration: u32,
     /// Set once the session ended.
     pub ended: Option<Ended>,
+    /// Its counters' slot in the kernel maps while it is live.
+    #[serde(default)]
+    pub slot: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,8 +84,26 @@ impl Store {
         // Make sure the table exists so reads on a new store find it.
         let tx = database.begin_write().map_err(db_err)?;
         tx.open_table(SESSIONS).map_err(db)?;
+        tx.open_table(META).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(Self { db: database })
+    }
+
+    /// The boot id recorded by the last start (`None` on a new store).
+    pub fn boot_id(&self) -> Result<Option<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(META).map_err(db)?;
+        Ok(t.get("boot_id").map_err(db)?.map(|v| v.value().to_owned()))
+    }
+
+    /// Records the boot this qodd runs in.
+    pub fn set_boot_id(&self, id: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = tx.open_table(META).map_err(db)?;
+            t.insert("boot_id", id).map_err(db)?;
+        }
+        tx.commit().map_err(db)
     }
 
     /// Writes `s` durably (the commit is fsynced before this returns).
@@ -166,13 +189,17 @@ mod tests {
                 info: StatusInfo::DurationExpired,
                 at: OffsetDateTime::UNIX_EPOCH,
             }),
+            slot: Some(3),
         };
         {
             let store = Store::open(dir.path()).expect("open");
             store.put(&s).expect("put");
+            assert_eq!(store.boot_id().expect("meta"), None);
+            store.set_boot_id("b1").expect("meta");
         }
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.load().expect("load"), vec![s.clone()]);
+        assert_eq!(store.boot_id().expect("meta").as_deref(), Some("b1"));
         store.remove(s.id).expect("remove");
         assert!(store.load().expect("load").is_empty());
     }

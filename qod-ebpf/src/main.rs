@@ -26,27 +26,27 @@ use qod_common::{
     SIDE_UPLINK,
 };
 
-/// Default capacity; user space sets the configured `max_sessions` at load time.
+/// Default capacity; user space sets the configured `max_sessions` at load time. Every map is
+/// pinned by name (in qodd's versioned pin directory), so the data plane outlives qodd.
 const DEFAULT_MAX_SESSIONS: u32 = 65_536;
 
 #[map]
 static QOD_FLOWS_V4: HashMap<u32, DeviceRules> =
-    HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
+    HashMap::pinned(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
 
 #[map]
 static QOD_FLOWS_V6: HashMap<[u32; 2], DeviceRules> =
-    HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
+    HashMap::pinned(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
 
 /// Side of each managed interface, by `ifindex & IFINDEX_MASK` (0, both, when unset).
 #[map]
-static QOD_SIDES: Array<u8> = Array::with_max_entries(IFINDEX_MASK + 1, 0);
+static QOD_SIDES: Array<u8> = Array::pinned(IFINDEX_MASK + 1, 0);
 
 #[map]
-static QOD_POLICERS: Array<PolicerState> = Array::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+static QOD_POLICERS: Array<PolicerState> = Array::pinned(DEFAULT_MAX_SESSIONS, 0);
 
 #[map]
-static QOD_COUNTERS: PerCpuArray<FlowCounters> =
-    PerCpuArray::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+static QOD_COUNTERS: PerCpuArray<FlowCounters> = PerCpuArray::pinned(DEFAULT_MAX_SESSIONS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

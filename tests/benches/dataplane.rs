@@ -86,7 +86,7 @@ fn classifier() -> anyhow::Result<()> {
     let sizes = [1u32, 1_000, 100_000, 1_000_000];
     let mut first = None;
     for &n in &sizes {
-        let mut dp = AyaDataPlane::load(n + 16)?;
+        let mut dp = AyaDataPlane::load_ephemeral(n + 16)?;
         // Fillers first, then the measured session (last installed).
         for i in 0..n.saturating_sub(1) {
             dp.install(ipv4_key(filler(i)), &[rule(i % (n + 16), false)])?;
@@ -227,7 +227,7 @@ fn forwarding() -> anyhow::Result<()> {
         let base = measure(&lab)?;
         // eBPF: the classifier on the edge's egress towards the server, N sessions.
         let ebpf = {
-            let mut dp = AyaDataPlane::load(n + 16)?;
+            let mut dp = AyaDataPlane::load_ephemeral(n + 16)?;
             for i in 0..n.saturating_sub(1) {
                 dp.install(ipv4_key(filler(i)), &[rule(i % (n + 16), false)])?;
             }

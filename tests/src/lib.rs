@@ -615,7 +615,12 @@ pub struct Qodd {
     pub pki: DevPki,
     /// A token of [`TEST_CLIENT`] with every scope.
     pub token: String,
+    /// This instance's pin root in bpffs (removed on drop).
+    pub pin_path: PathBuf,
 }
+
+/// The bpffs test instances of qodd pin their data planes under.
+pub const TEST_BPFFS: &str = "/run/qodt-bpffs";
 
 /// The client id of [`Qodd::token`].
 pub const TEST_CLIENT: &str = "test-client";
@@ -649,6 +654,25 @@ impl Qodd {
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let pki = DevPki::ensure(&dir.path().join("pki"))?;
+        // `ip netns exec` gives qodd a /sys of its own, so pins under /sys/fs/bpf would die
+        // with it: the test bpffs is mounted where the host's mounts stay visible. It is shared
+        // by every namespace, so each instance pins under its own root.
+        // Once per process: two racing mounts would stack, hiding the first one's pins.
+        static MOUNTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+        {
+            let mut mounted = MOUNTED.lock().unwrap_or_else(|p| p.into_inner());
+            if !*mounted {
+                qod_daemon::dataplane::ensure_bpffs(Path::new(TEST_BPFFS))?;
+                *mounted = true;
+            }
+        }
+        let pin_path = Path::new(TEST_BPFFS).join(format!(
+            "qodt-{}",
+            dir.path()
+                .file_name()
+                .map(|n| n.to_string_lossy().trim_start_matches('.').to_owned())
+                .unwrap_or_default()
+        ));
         let token = pki.mint(&TokenSpec::full(TEST_CLIENT))?;
         let socket = dir.path().join("qodd.sock");
         let config = dir.path().join("qodd.toml");
@@ -666,9 +690,10 @@ impl Qodd {
         fs::write(
             &config,
             format!(
-                "listen = \"unix:{}\"\nstate_dir = \"{}\"\ninterfaces = [{}]\n{extra_toml}\n{}",
+                "listen = \"unix:{}\"\nstate_dir = \"{}\"\nbpffs = \"{TEST_BPFFS}\"\npin_path = \"{}\"\ninterfaces = [{}]\n{extra_toml}\n{}",
                 socket.display(),
                 dir.path().join("state").display(),
+                pin_path.display(),
                 list.join(", "),
                 security(&pki),
             ),
@@ -686,6 +711,7 @@ impl Qodd {
             netns: ns.name.clone(),
             pki,
             token,
+            pin_path,
         };
         q.launch().await?;
         Ok(q)
@@ -820,6 +846,8 @@ impl Qodd {
 impl Drop for Qodd {
     fn drop(&mut self) {
         self.stop();
+        // qodd leaves its data plane pinned on exit; the test's goes with it.
+        let _ = fs::remove_dir_all(&self.pin_path);
     }
 }
 

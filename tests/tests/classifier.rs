@@ -72,7 +72,7 @@ impl Harness {
             nix::unistd::Uid::effective().is_root(),
             "loading eBPF needs root: run through cargo xtask test"
         );
-        let mut dp = AyaDataPlane::load(1024).expect("load classifier");
+        let mut dp = AyaDataPlane::load_ephemeral(1024).expect("load classifier");
         // IPv4: device 10.0.1.2 ↔ 10.0.2.0/24, server ports 5000-5010 and 6000.
         let r4 = rule(
             "10.0.2.0/24".parse().expect("net"),

@@ -126,3 +126,330 @@ async fn a_corrupt_store_is_refused() {
         "{text}"
     );
 }
+
+/// Sends one uplink datagram every `every` from `from` to `to` in `ns` until `stop`; returns how
+/// many were sent.
+fn udp_stream(
+    ns: &qod_testkit::Netns,
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+    ns.spawn(move || {
+        let sock = std::net::UdpSocket::bind(from)?;
+        let mut sent = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            sock.send_to(&[0x5a; 64], to)?;
+            sent += 1;
+            std::thread::sleep(every);
+        }
+        Ok(sent)
+    })
+}
+
+/// `kill -9` while a client creates sessions at a steady rate and an installed session's traffic
+/// flows. After the restart every acknowledged session is there and enforced, the traffic was
+/// marked the whole time (no packet left unmarked while qodd was down) and the session's counters
+/// match what the server received (no gap, no reset), and a session whose time ran out during the
+/// downtime has ended, with its notification.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
+    use std::sync::{Arc, Mutex, atomic::AtomicBool};
+    let (lab, mut qodd) = qod_testkit::lab_with_qodd(
+        "[notifications]\nallow_http_hosts = [\"127.0.0.1\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
+    )
+    .await;
+    let sink = qod_testkit::SinkServer::start(&lab.edge).expect("sink");
+    let mut api = qodd.sessions().await.expect("client");
+    let flow = api
+        .create_session(session(
+            addr::DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_E",
+            &[],
+            &[5000],
+            600,
+        ))
+        .await
+        .expect("flow session")
+        .into_inner();
+    let mut short = session(addr::OTHER_DEVICE_V4, addr::SERVER_V4, "QOS_L", &[], &[], 3);
+    short.sink = Some(sink.url("/short"));
+    let short = api
+        .create_session(short)
+        .await
+        .expect("short session")
+        .into_inner();
+
+    let capture = qod_testkit::Capture::start(&lab.server, qod_testkit::SERVER_IF).expect("cap");
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = udp_stream(
+        &lab.device,
+        api_sa(addr::DEVICE_V4, 47001),
+        api_sa(addr::SERVER_V4, 5000),
+        Duration::from_millis(5),
+        stop.clone(),
+    );
+
+    // The creator: one create at a time, every 50 ms, each for its own device address.
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let failed: Arc<Mutex<Vec<(String, std::time::Instant)>>> = Arc::default();
+    let creator = {
+        let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+        let channel = qodd.options(Some(&qodd.token)).expect("options");
+        let addr = qodd.addr();
+        tokio::spawn(async move {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let device = format!("10.0.9.{}", i % 250 + 1);
+                let started = std::time::Instant::now();
+                let result = async {
+                    let ch = qod_proto::client::connect(&addr, &channel)
+                        .await
+                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                    pb::quality_on_demand_client::QualityOnDemandClient::new(ch)
+                        .create_session(session(&device, addr::SERVER_V4, "QOS_E", &[], &[], 600))
+                        .await
+                }
+                .await;
+                match result {
+                    Ok(r) => acked
+                        .lock()
+                        .expect("lock")
+                        .push((r.into_inner().session_id, device)),
+                    Err(_) => failed.lock().expect("lock").push((device, started)),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if i >= 240 {
+                    break;
+                }
+            }
+        })
+    };
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_at = std::time::Instant::now();
+    qodd.kill9();
+    // Down for 4 s: the short session's 3 s run out meanwhile; the kernel keeps marking.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    qodd.restart().await.expect("restart");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    creator.await.expect("creator");
+    let sent = traffic.join().expect("traffic thread").expect("traffic");
+
+    let seen: Vec<u8> = capture
+        .finish()
+        .expect("capture")
+        .iter()
+        .filter(|p| p.dport == 5000 && p.sport == 47001)
+        .map(|p| p.dscp)
+        .collect();
+    assert_eq!(seen.len() as u64, sent, "every datagram reached the server");
+    let unmarked = seen.iter().filter(|d| **d != 32).count();
+    assert_eq!(unmarked, 0, "{unmarked} of {sent} datagrams went unmarked");
+
+    let mut api = qodd.sessions().await.expect("client");
+    let got = api
+        .get_session(pb::GetSessionRequest {
+            session_id: flow.session_id.clone(),
+        })
+        .await
+        .expect("the flow session")
+        .into_inner();
+    assert_eq!(
+        got.counters.map(|c| c.uplink_packets),
+        Some(sent),
+        "the counters carried on through the restart"
+    );
+
+    let acked = acked.lock().expect("lock").clone();
+    let failed = failed.lock().expect("lock").clone();
+    assert!(
+        acked.len() >= 40,
+        "only {} creates were acknowledged",
+        acked.len()
+    );
+    assert!(!failed.is_empty(), "no create hit the downtime");
+    for (id, device) in &acked {
+        let s = api
+            .get_session(pb::GetSessionRequest {
+                session_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged session {id} ({device}) lost: {e:?}"))
+            .into_inner();
+        assert_eq!(s.qos_status(), pb::QosStatus::Available);
+    }
+    // A create refused while qodd was down never appears. (One in flight at the kill may have
+    // been committed before its answer was lost: that one may exist.)
+    let mut in_flight = 0;
+    for (device, started) in &failed {
+        let found = api
+            .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
+                device: Some(qod_testkit::api::device(device)),
+            })
+            .await
+            .expect("retrieve")
+            .into_inner()
+            .sessions
+            .into_iter()
+            .filter(|s| !acked.iter().any(|(id, _)| *id == s.session_id))
+            .count();
+        if found > 0 {
+            assert!(*started <= killed_at, "{device}: refused yet created");
+            in_flight += found;
+        }
+    }
+    assert!(
+        in_flight <= 1,
+        "{in_flight} unacknowledged sessions appeared"
+    );
+
+    let ended = api
+        .get_session(pb::GetSessionRequest {
+            session_id: short.session_id.clone(),
+        })
+        .await
+        .expect("short")
+        .into_inner();
+    assert_eq!(
+        (ended.qos_status(), ended.status_info()),
+        (pb::QosStatus::Unavailable, pb::StatusInfo::DurationExpired)
+    );
+    let events = sink
+        .wait_for("/short", 2, Duration::from_secs(10))
+        .await
+        .expect("notifications");
+    assert_eq!(
+        events[1].body["data"]["statusInfo"], "DURATION_EXPIRED",
+        "{events:?}"
+    );
+    assert!(
+        qodd.log().contains("reusing the pinned data plane"),
+        "{}",
+        qodd.log()
+    );
+}
+
+fn api_sa(a: &str, port: u16) -> std::net::SocketAddr {
+    qod_testkit::api::sa(a, port)
+}
+
+/// A store written in another boot (the host rebooted): the pinned data plane, whose kernel times
+/// belong to the old boot, is discarded and rebuilt from the store; sessions are enforced again
+/// with fresh counters.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reboot_is_detected_and_the_data_plane_rebuilt() {
+    let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
+    let mut api = qodd.sessions().await.expect("client");
+    let s = api
+        .create_session(session(
+            addr::DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_E",
+            &[],
+            &[5000],
+            600,
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let before = lab
+        .uplink_dscp(addr::DEVICE_V4, 46100, addr::SERVER_V4, 5000)
+        .expect("traffic");
+    assert_eq!(before, [32; 5]);
+    qodd.kill9();
+    qod_daemon::store::Store::open(&qodd.dir.path().join("state"))
+        .and_then(|st| st.set_boot_id("a-boot-before-this-one"))
+        .expect("rewrite the boot id");
+    qodd.restart().await.expect("restart");
+    assert!(
+        qodd.log().contains("written in another boot"),
+        "{}",
+        qodd.log()
+    );
+    let after = lab
+        .uplink_dscp(addr::DEVICE_V4, 46101, addr::SERVER_V4, 5000)
+        .expect("traffic");
+    assert_eq!(after, [32; 5], "enforced after the rebuild");
+    let got = qodd
+        .sessions()
+        .await
+        .expect("client")
+        .get_session(pb::GetSessionRequest {
+            session_id: s.session_id,
+        })
+        .await
+        .expect("restored")
+        .into_inner();
+    assert_eq!(
+        got.counters.map(|c| c.uplink_packets),
+        Some(5),
+        "rebuilt maps count from zero"
+    );
+}
+
+/// A pinned data plane this qodd cannot reuse (another capacity, another layout version): with
+/// `incompatible_pins = "refuse"` start-up stops with the reason and the old data plane keeps
+/// enforcing untouched; with "rebuild" it is replaced and the sessions come back from the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn incompatible_pinned_maps_are_refused_or_rebuilt() {
+    let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
+    let mut api = qodd.sessions().await.expect("client");
+    api.create_session(session(
+        addr::DEVICE_V4,
+        addr::SERVER_V4,
+        "QOS_E",
+        &[],
+        &[5000],
+        600,
+    ))
+    .await
+    .expect("create");
+    qodd.kill9();
+    let path = qodd.config_path();
+    let config = std::fs::read_to_string(&path).expect("config");
+    let with = |extra: &str| {
+        std::fs::write(&path, format!("{extra}\n{config}")).expect("config");
+    };
+
+    with("max_sessions = 4096\nincompatible_pins = \"refuse\"");
+    let err = qodd.restart().await.expect_err("refused");
+    assert!(
+        format!("{err:#}").contains("incompatible pinned data plane"),
+        "{err:#}"
+    );
+    assert_eq!(
+        lab.uplink_dscp(addr::DEVICE_V4, 46200, addr::SERVER_V4, 5000)
+            .expect("traffic"),
+        [32; 5],
+        "the old data plane still enforces"
+    );
+
+    with("max_sessions = 4096\nincompatible_pins = \"rebuild\"");
+    qodd.restart().await.expect("rebuilt");
+    assert!(
+        qodd.log()
+            .contains("incompatible pinned data plane removed")
+    );
+    assert_eq!(
+        qod_daemon::dataplane::inspect_pins(&qodd.pin_path, 4096),
+        qod_daemon::dataplane::Pinned::Compatible
+    );
+    assert_eq!(
+        lab.uplink_dscp(addr::DEVICE_V4, 46201, addr::SERVER_V4, 5000)
+            .expect("traffic"),
+        [32; 5],
+        "restored from the store"
+    );
+
+    // Another layout version's directory.
+    qodd.kill9();
+    std::fs::create_dir(qodd.pin_path.join("v999")).expect("fake layout");
+    with("max_sessions = 4096\nincompatible_pins = \"refuse\"");
+    let err = qodd.restart().await.expect_err("refused");
+    assert!(format!("{err:#}").contains("another layout"), "{err:#}");
+}

@@ -1,14 +1,21 @@
-use std::{os::fd::AsFd as _, path::Path};
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, tc},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, MapType, PerCpuArray, PerCpuValues},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcHandle},
+    },
 };
 use qod_common::{
-    CLASSIFIER, COUNTERS_MAP, DeviceKey, DeviceRules, FAMILY_IPV4, FLOWS_V4_MAP, FLOWS_V6_MAP,
-    FlowCounters, FlowRule, IFINDEX_MASK, MAX_SESSIONS_PER_DEVICE, POLICERS_MAP, PolicerState,
-    SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK, SIDES_MAP,
+    CLASSIFIER, COUNTERS_MAP, DeviceKey, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FLOWS_V4_MAP,
+    FLOWS_V6_MAP, FlowCounters, FlowRule, IFINDEX_MASK, LAYOUT_VERSION, MAX_SESSIONS_PER_DEVICE,
+    POLICERS_MAP, PolicerState, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK, SIDES_MAP,
 };
 use tracing::{info, warn};
 
@@ -27,6 +34,129 @@ fn side_code(side: Side) -> u8 {
 /// The classifier object built by `build.rs` (aya-build) from `qod-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qod-ebpf"));
 
+/// The versioned directory under a pin root where one layout's maps and links live.
+pub fn pin_dir(root: &Path) -> PathBuf {
+    root.join(format!("v{LAYOUT_VERSION}"))
+}
+
+/// What a previous qodd left pinned under a pin root.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pinned {
+    /// Nothing: a fresh data plane.
+    Nothing,
+    /// Maps of this layout and capacity: reused as they are (treatment never stopped).
+    Compatible,
+    /// Something this qodd must not reuse, and why.
+    Incompatible(String),
+}
+
+/// The maps of this layout: name, type, key and value size, entries.
+fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u32); 5] {
+    use std::mem::size_of;
+    [
+        (
+            FLOWS_V4_MAP,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<DeviceRules>(),
+            max_sessions,
+        ),
+        (
+            FLOWS_V6_MAP,
+            MapType::Hash,
+            size_of::<[u32; 2]>(),
+            size_of::<DeviceRules>(),
+            max_sessions,
+        ),
+        (
+            COUNTERS_MAP,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<FlowCounters>(),
+            max_sessions,
+        ),
+        (
+            POLICERS_MAP,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<PolicerState>(),
+            max_sessions,
+        ),
+        (
+            SIDES_MAP,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<u8>(),
+            IFINDEX_MASK + 1,
+        ),
+    ]
+}
+
+/// Checks what is pinned under `root` against this layout (version, map types, key and value
+/// sizes, capacities).
+pub fn inspect_pins(root: &Path, max_sessions: u32) -> Pinned {
+    let current = pin_dir(root);
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for e in entries.flatten() {
+            if e.path() != current {
+                return Pinned::Incompatible(format!(
+                    "{} is pinned by another layout (this qodd uses layout v{LAYOUT_VERSION})",
+                    e.path().display()
+                ));
+            }
+        }
+    }
+    let mut found = 0;
+    for (name, kind, key, value, entries) in expected_maps(max_sessions) {
+        let path = current.join(name);
+        if !path.exists() {
+            continue;
+        }
+        found += 1;
+        let info = match MapInfo::from_pin(&path) {
+            Ok(i) => i,
+            Err(e) => {
+                return Pinned::Incompatible(format!("{} cannot be read: {e}", path.display()));
+            }
+        };
+        let seen = (
+            info.map_type().ok(),
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if seen != (Some(kind), key, value, entries) {
+            return Pinned::Incompatible(format!(
+                "pinned map {name} is {seen:?} (type, key, value, entries); this qodd needs {:?}",
+                (kind, key, value, entries)
+            ));
+        }
+    }
+    match found {
+        0 => Pinned::Nothing,
+        5 => Pinned::Compatible,
+        n => Pinned::Incompatible(format!("only {n} of the 5 maps are pinned")),
+    }
+}
+
+/// Removes everything pinned under `root`: the links go (the classifier detaches), and the maps
+/// with them.
+pub fn remove_pins(root: &Path) -> Result<(), DataPlaneError> {
+    match std::fs::remove_dir_all(root) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DataPlaneError::Pins {
+            path: root.to_owned(),
+            what: e.to_string(),
+        }),
+    }
+}
+
+/// The tc priority and handle of qod's filter on a clsact egress (fixed, so a restart replaces
+/// its own filter instead of adding a second).
+const NL_PRIORITY: u16 = 0x0d0d;
+const NL_HANDLE: TcHandle = TcHandle::new(0, 0x0d0d);
+
 /// The real data plane: the qod classifier loaded into the kernel and its maps.
 pub struct AyaDataPlane {
     /// Owns the program and its tc links; dropping it detaches the classifier.
@@ -43,14 +173,37 @@ pub struct AyaDataPlane {
     attach_mode: AttachMode,
     /// The HTB trees qodd owns, by interface.
     schedulers: std::collections::HashMap<String, Scheduler>,
-    restore_on_exit: bool,
+    /// Tear everything down on a graceful stop (else the data plane stays, pinned).
+    teardown_on_exit: bool,
+    /// Where maps and links are pinned (versioned).
+    pins: PathBuf,
+    /// A private pin root removed on drop (tests and benchmarks).
+    ephemeral: Option<PathBuf>,
+    /// The pinned maps were there before: their entries and counters carry on.
+    reused: bool,
+}
+
+impl Drop for AyaDataPlane {
+    fn drop(&mut self) {
+        if let Some(root) = &self.ephemeral {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
 }
 
 impl AyaDataPlane {
     /// Loads the object with maps sized for `max_sessions` and runs the verifier on the classifier.
-    /// Nothing is attached yet.
-    pub fn load(max_sessions: u32) -> Result<Self, DataPlaneError> {
+    /// Nothing is attached yet. Maps are pinned under `pin_dir(pin_root)`; ones already there are
+    /// reused as they are (check them first with [`inspect_pins`]).
+    pub fn load(max_sessions: u32, pin_root: &Path) -> Result<Self, DataPlaneError> {
+        let pins = pin_dir(pin_root);
+        std::fs::create_dir_all(&pins).map_err(|e| DataPlaneError::Pins {
+            path: pins.clone(),
+            what: e.to_string(),
+        })?;
+        let reused = pins.join(FLOWS_V4_MAP).exists();
         let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pins)
             .map_max_entries(FLOWS_V4_MAP, max_sessions)
             .map_max_entries(FLOWS_V6_MAP, max_sessions)
             .map_max_entries(COUNTERS_MAP, max_sessions)
@@ -103,8 +256,33 @@ impl AyaDataPlane {
             interfaces: Vec::new(),
             attach_mode: AttachMode::Auto,
             schedulers: std::collections::HashMap::new(),
-            restore_on_exit: true,
+            teardown_on_exit: false,
+            pins,
+            ephemeral: None,
+            reused,
         })
+    }
+
+    /// As [`AyaDataPlane::load`] under a private pin root that is removed on drop, for tests and
+    /// benchmarks: nothing outlives the value.
+    pub fn load_ephemeral(max_sessions: u32) -> Result<Self, DataPlaneError> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let bpffs = Path::new("/sys/fs/bpf");
+        ensure_bpffs(bpffs)?;
+        let root = bpffs.join(format!(
+            "qod-ephemeral-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut dp = Self::load(max_sessions, &root)?;
+        dp.ephemeral = Some(root);
+        Ok(dp)
+    }
+
+    /// Whether the maps were pinned before this qodd: entries and counters carried on.
+    pub fn reused(&self) -> bool {
+        self.reused
     }
 
     /// Attaches the classifier to every managed interface and installs the schedulers.
@@ -112,10 +290,10 @@ impl AyaDataPlane {
         &mut self,
         interfaces: &[ManagedInterface],
         mode: AttachMode,
-        restore_on_exit: bool,
+        teardown_on_exit: bool,
     ) -> Result<(), DataPlaneError> {
         self.attach_mode = mode;
-        self.restore_on_exit = restore_on_exit;
+        self.teardown_on_exit = teardown_on_exit;
         self.interfaces = interfaces.to_vec();
         for i in interfaces {
             let how = self.attach(&i.name, i.side, mode)?;
@@ -161,13 +339,39 @@ impl AyaDataPlane {
             interface: interface.to_owned(),
             what: e.to_string(),
         };
-        let tcx = |prog: &mut SchedClassifier| {
-            prog.attach_with_options(
-                interface,
-                TcAttachType::Egress,
-                tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
-            )
+        let link_pin = self.pins.join(format!("link-egress-{interface}"));
+        // tcx: the link is pinned, so the classifier stays attached while qodd is down; a pinned
+        // link from a previous run gets this program atomically (no packet goes untreated).
+        let tcx = |prog: &mut SchedClassifier| -> Result<(), DataPlaneError> {
+            if link_pin.exists() {
+                let replaced = PinnedLink::from_pin(&link_pin)
+                    .map_err(|e| attach_err(&e))
+                    .map(FdLink::from)
+                    .and_then(|l| SchedClassifierLink::try_from(l).map_err(|e| attach_err(&e)))
+                    .and_then(|l| prog.attach_to_link(l).map_err(|e| attach_err(&e)));
+                match replaced {
+                    Ok(_) => return Ok(()),
+                    Err(e) => {
+                        // A link left by an interface that went away: start afresh.
+                        warn!(interface, error = %e, "pinned classifier link unusable; attaching anew");
+                        let _ = std::fs::remove_file(&link_pin);
+                    }
+                }
+            }
+            let id = prog
+                .attach_with_options(
+                    interface,
+                    TcAttachType::Egress,
+                    tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
+                )
+                .map_err(|e| attach_err(&e))?;
+            let link = prog.take_link(id).map_err(|e| attach_err(&e))?;
+            let link = FdLink::try_from(link).map_err(|e| attach_err(&e))?;
+            link.pin(&link_pin).map_err(|e| attach_err(&e))?;
+            Ok(())
         };
+        // clsact: a tc filter outlives its loader anyway; a fixed priority and handle make a
+        // restart replace qod's filter in place.
         let clsact = |prog: &mut SchedClassifier| -> Result<(), DataPlaneError> {
             // An existing clsact qdisc is fine: we add a filter to it.
             if let Err(e) = tc::qdisc_add_clsact(interface) {
@@ -176,24 +380,63 @@ impl AyaDataPlane {
                     return Err(attach_err(&e));
                 }
             }
-            prog.attach_with_options(
+            let options = NlOptions {
+                priority: NL_PRIORITY,
+                handle: NL_HANDLE,
+                ..NlOptions::default()
+            };
+            let id = match prog.attach_with_options(
                 interface,
                 TcAttachType::Egress,
-                tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
-            )
-            .map_err(|e| attach_err(&e))?;
+                tc::TcAttachOptions::Netlink(options),
+            ) {
+                Ok(id) => id,
+                Err(_) => {
+                    let existing = SchedClassifierLink::attached(
+                        interface,
+                        TcAttachType::Egress,
+                        NL_PRIORITY,
+                        NL_HANDLE,
+                        None,
+                    )
+                    .map_err(|e| attach_err(&e))?;
+                    prog.attach_to_link(existing).map_err(|e| attach_err(&e))?
+                }
+            };
+            // Owned by nobody: dropping the link would remove the filter.
+            std::mem::forget(prog.take_link(id).map_err(|e| attach_err(&e))?);
             Ok(())
         };
         match mode {
-            AttachMode::Tcx => tcx(prog).map(|_| "tcx").map_err(|e| attach_err(&e)),
+            AttachMode::Tcx => tcx(prog).map(|()| "tcx"),
             AttachMode::Clsact => clsact(prog).map(|()| "clsact"),
             AttachMode::Auto => match tcx(prog) {
-                Ok(_) => Ok("tcx"),
+                Ok(()) => Ok("tcx"),
                 Err(e) => {
                     warn!(interface, error = %e, "tcx attach failed; falling back to clsact");
                     clsact(prog).map(|()| "clsact")
                 }
             },
+        }
+    }
+
+    /// Detaches the classifier from every managed interface and removes the pinned maps.
+    fn teardown(&mut self) {
+        for i in &self.interfaces {
+            let _ = std::fs::remove_file(self.pins.join(format!("link-egress-{}", i.name)));
+            if let Ok(link) = SchedClassifierLink::attached(
+                &i.name,
+                TcAttachType::Egress,
+                NL_PRIORITY,
+                NL_HANDLE,
+                None,
+            ) {
+                // Removes a clsact filter if there is one; nothing otherwise.
+                let _ = aya::programs::links::Link::detach(link);
+            }
+        }
+        if let Err(e) = remove_pins(&self.pins) {
+            warn!(error = %e, "cannot remove the pinned maps");
         }
     }
 
@@ -326,6 +569,8 @@ impl DataPlane for AyaDataPlane {
             .iter()
             .find(|i| i.name == interface)
             .map_or(Side::Both, |i| i.side);
+        // The old link went with the old interface.
+        let _ = std::fs::remove_file(self.pins.join(format!("link-egress-{interface}")));
         let how = self.attach(interface, side, self.attach_mode)?;
         info!(interface, mode = how, "classifier attached again");
         let config = self
@@ -341,11 +586,40 @@ impl DataPlane for AyaDataPlane {
     }
 
     fn shutdown(&mut self) {
-        if self.restore_on_exit {
+        if self.teardown_on_exit {
             for s in self.schedulers.values() {
                 s.remove();
             }
+            self.teardown();
+            info!("data plane torn down");
+        } else {
+            info!(pins = %self.pins.display(), "data plane left in place (pinned)");
         }
+    }
+
+    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
+        let mut keys = Vec::new();
+        for k in self.flows_v4.keys() {
+            let k = k.map_err(|source| DataPlaneError::Map {
+                map: FLOWS_V4_MAP,
+                source,
+            })?;
+            keys.push(DeviceKey {
+                family: FAMILY_IPV4,
+                addr: [k, 0, 0, 0],
+            });
+        }
+        for k in self.flows_v6.keys() {
+            let k = k.map_err(|source| DataPlaneError::Map {
+                map: FLOWS_V6_MAP,
+                source,
+            })?;
+            keys.push(DeviceKey {
+                family: FAMILY_IPV6,
+                addr: [k[0], k[1], 0, 0],
+            });
+        }
+        Ok(keys)
     }
 
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {

@@ -46,6 +46,10 @@ impl DataPlane for FakeDataPlane {
         Ok(())
     }
 
+    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
+        Ok(self.state().flows.keys().copied().collect())
+    }
+
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError> {
         Ok(self
             .state()

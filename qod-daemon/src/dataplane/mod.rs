@@ -5,7 +5,9 @@ mod aya_dp;
 mod fake;
 pub mod scheduler;
 
-pub use aya_dp::{AyaDataPlane, EBPF_OBJECT, ensure_bpffs};
+pub use aya_dp::{
+    AyaDataPlane, EBPF_OBJECT, Pinned, ensure_bpffs, inspect_pins, pin_dir, remove_pins,
+};
 pub use fake::FakeDataPlane;
 use qod_common::{DeviceKey, FlowCounters, FlowRule};
 pub use scheduler::SchedulerConfig;
@@ -42,6 +44,11 @@ pub enum DataPlaneError {
     Missing(&'static str),
     #[error("scheduler on {interface}: {what}")]
     Scheduler { interface: String, what: String },
+    #[error("pinned data plane at {path}: {what}")]
+    Pins {
+        path: std::path::PathBuf,
+        what: String,
+    },
 }
 
 /// Kernel state for sessions. Every call is a few syscalls and never blocks on the network.
@@ -65,8 +72,10 @@ pub trait DataPlane: Send + 'static {
     fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError>;
     /// Attaches the classifier (and scheduler) to `interface` again after it was re-created.
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError>;
-    /// Graceful stop: gives interfaces back their own queueing unless configured to keep it.
+    /// Graceful stop: the data plane stays (pinned) unless configured to be torn down.
     fn shutdown(&mut self) {}
+    /// Every device key with rules in the kernel (to find entries no session accounts for).
+    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError>;
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
