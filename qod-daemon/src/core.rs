@@ -19,7 +19,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::{
@@ -38,7 +38,7 @@ use crate::{
     notify::{Notification, Notifier},
     policy::Policy,
     profile::{Band, ProfileStatus, QosProfile},
-    store::{Ended, Store, StoreError, StoredSession},
+    store::{Ended, Op, Store, StoredSession, Ticket},
 };
 
 /// Sizes and topology the core works within.
@@ -322,10 +322,9 @@ impl Core {
         self
     }
 
-    fn persist(&self, s: &Session) -> Result<(), StoreError> {
-        let Some(store) = &self.store else {
-            return Ok(());
-        };
+    /// Queues `s`'s state (and the notification announcing it, in the same commit).
+    fn submit(&self, s: &Session, note: Option<&Notification>) -> Option<Ticket> {
+        let store = self.store.as_ref()?;
         let ended = match s.state {
             SessionState::Available { .. } => None,
             SessionState::Unavailable { info, ended_at, .. } => Some(Ended { info, at: ended_at }),
@@ -334,27 +333,31 @@ impl Core {
             SessionState::Available { slot, .. } => Some(slot),
             SessionState::Unavailable { .. } => None,
         };
-        store.put(&StoredSession {
+        let mut ops = vec![Op::PutSession(Box::new(StoredSession {
             id: s.id,
             request: s.request.clone(),
             started_at: s.started_at,
             duration: s.duration,
             ended,
             slot,
-        })
+        }))];
+        ops.extend(note.cloned().map(Op::PutOutbox));
+        Some(store.submit(ops))
     }
 
-    /// Best-effort store update after a change already made in the kernel and memory.
-    fn persist_logged(&self, s: &Session) {
-        if let Err(e) = self.persist(s) {
+    /// Store update after a change already made in the kernel and memory (logged on failure).
+    fn persist_logged(&self, s: &Session, note: Option<&Notification>) {
+        if let Some(Err(e)) = self.submit(s, note).map(Ticket::wait) {
             error!(session = %s.id, error = %e, "cannot persist the session's new state");
         }
     }
 
-    fn forget(&self, id: SessionId) {
-        if let Some(store) = &self.store
-            && let Err(e) = store.remove(id)
-        {
+    /// Removes a session from the store (with the notification of its end, if any).
+    fn forget(&self, id: SessionId, note: Option<&Notification>) {
+        let Some(store) = &self.store else { return };
+        let mut ops = vec![Op::RemoveSession(id)];
+        ops.extend(note.cloned().map(Op::PutOutbox));
+        if let Err(e) = store.submit(ops).wait() {
             error!(session = %id, error = %e, "cannot remove the session from the store");
         }
     }
@@ -382,6 +385,7 @@ impl Core {
             HashSet::new()
         };
         self.lock().slots.reserve(&kept);
+        let (mut restored, mut moved) = (0usize, Vec::new());
         for s in stored {
             let end = s.started_at + secs(s.duration);
             let ended = match s.ended {
@@ -403,7 +407,19 @@ impl Core {
                     remaining,
                     Admission::Restored { slot },
                 ) {
-                    Ok(_) => info!(session = %s.id, remaining, "session restored"),
+                    Ok(v) => {
+                        debug!(session = %s.id, remaining, "session restored");
+                        restored += 1;
+                        // A new slot is recorded, so the next restart keeps this one.
+                        if let SessionState::Available { slot: now, .. } = v.session.state
+                            && s.slot != Some(now)
+                        {
+                            moved.push(Op::PutSession(Box::new(StoredSession {
+                                slot: Some(now),
+                                ..s.clone()
+                            })));
+                        }
+                    }
                     Err(e) => {
                         error!(session = %s.id, error = %e, "cannot restore the session; it ends");
                         self.keep_ended(
@@ -422,6 +438,13 @@ impl Core {
             let announce = s.ended.is_none();
             self.keep_ended(s, ended, retention, announce);
         }
+        if let Some(store) = &self.store
+            && !moved.is_empty()
+            && let Err(e) = store.submit(moved).wait()
+        {
+            error!(error = %e, "cannot record the restored sessions' counter slots");
+        }
+        info!(restored, "live sessions restored");
         if continuing {
             self.remove_orphans();
         }
@@ -471,15 +494,15 @@ impl Core {
     ) {
         let left = (ended.at + retention - OffsetDateTime::now_utc()).whole_milliseconds();
         if left <= 0 {
-            self.forget(s.id);
+            self.forget(s.id, None);
             return;
         }
         let Ok(key) = self.policy().resolve(&s.request.device, &s.request.server) else {
-            self.forget(s.id);
+            self.forget(s.id, None);
             return;
         };
         let Ok(flow) = AppFlow::from_request(&s.request, key) else {
-            self.forget(s.id);
+            self.forget(s.id, None);
             return;
         };
         let deadline = Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0));
@@ -507,15 +530,14 @@ impl Core {
         inner.deadlines.insert((deadline, session.id));
         inner.sessions.insert(session.id, session.clone());
         if announce {
-            self.persist_logged(&session);
-            info!(session = %session.id, info = ?ended.info, "session ended while qodd was down");
-            self.emit(
-                SessionView {
-                    session,
-                    counters: FlowCounters::default(),
-                },
-                ended.at,
-            );
+            let view = SessionView {
+                session,
+                counters: FlowCounters::default(),
+            };
+            let event = self.event(view, ended.at);
+            self.persist_logged(&event.0.session.session, event.1.as_ref());
+            info!(session = %event.0.session.session.id, info = ?ended.info, "session ended while qodd was down");
+            self.publish(event);
         }
     }
 
@@ -722,20 +744,17 @@ impl Core {
             deadline,
             flow,
         };
-        // Persisted before it is acknowledged; if that fails, nothing of it stays.
-        if !restoring && let Err(e) = self.persist(&session) {
-            let rules = device_rules(&inner, &session.flow.device, None, None);
-            if let Err(e) = sync_device(&mut inner, &session.flow.device, &rules) {
-                error!(error = %e, "cannot roll back an unpersisted session's rule");
-            }
-            inner.slots.give_back(slot);
-            release(&mut inner, session.reservation.clone());
-            error!(error = %e, "cannot persist a new session");
-            return Err(CamaraError::new(
-                CamaraCode::Internal,
-                "the session could not be stored; nothing was created",
-            ));
-        }
+        let view = SessionView {
+            session: session.clone(),
+            counters: FlowCounters::default(),
+        };
+        // Persisted (with its AVAILABLE notification) before it is acknowledged. The write is
+        // queued under the lock, so no later change of the session can overtake it, and awaited
+        // outside it, so concurrent creates share one commit.
+        let event = (!restoring).then(|| self.event(view.clone(), now));
+        let ticket = event
+            .as_ref()
+            .and_then(|(_, note)| self.submit(&session, note.as_ref()));
         inner
             .by_device
             .entry(session.flow.device)
@@ -743,18 +762,42 @@ impl Core {
             .push(id);
         inner.deadlines.insert((deadline, id));
         inner.count_active(&session.request.owner, true);
-        let view = SessionView {
-            session,
-            counters: FlowCounters::default(),
-        };
-        inner.sessions.insert(id, view.session.clone());
-        if !restoring {
-            self.emit(view.clone(), now);
-        }
+        inner.sessions.insert(id, session);
         drop(inner);
+        if let Some(Err(e)) = ticket.map(Ticket::wait) {
+            // Not stored, so not created: nothing of it stays.
+            error!(error = %e, "cannot persist a new session");
+            self.roll_back(id);
+            return Err(CamaraError::new(
+                CamaraCode::Internal,
+                "the session could not be stored; nothing was created",
+            ));
+        }
+        if let Some(event) = event {
+            self.publish(event);
+        }
         self.wake.notify_one();
         info!(session = %id, profile = %view.session.request.profile, "session created");
         Ok(view)
+    }
+
+    /// Undoes the admission of a session that could not be stored.
+    fn roll_back(&self, id: SessionId) {
+        let mut inner = self.lock();
+        let Some(session) = inner.sessions.remove(&id) else {
+            return;
+        };
+        unlink(&mut inner, &session.flow.device, id);
+        inner.deadlines.remove(&(session.deadline, id));
+        if let SessionState::Available { slot, .. } = session.state {
+            let rules = device_rules(&inner, &session.flow.device, None, None);
+            if let Err(e) = sync_device(&mut inner, &session.flow.device, &rules) {
+                error!(error = %e, "cannot roll back an unpersisted session's rule");
+            }
+            inner.slots.give_back(slot);
+            release(&mut inner, session.reservation.clone());
+            inner.count_active(&session.request.owner, false);
+        }
     }
 
     /// The session's own HTB classes on the interfaces qodd schedules, after admission control.
@@ -1007,9 +1050,10 @@ impl Core {
         inner.sessions.remove(&id);
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
-        self.forget(id);
-        if let Some((view, now)) = final_view {
-            self.emit(view, now);
+        let event = final_view.map(|(view, now)| self.event(view, now));
+        self.forget(id, event.as_ref().and_then(|(_, note)| note.as_ref()));
+        if let Some(event) = event {
+            self.publish(event);
         }
         info!(session = %id, "session deleted");
         Ok(())
@@ -1059,7 +1103,7 @@ impl Core {
         inner.deadlines.remove(&(session.deadline, id));
         inner.deadlines.insert((deadline, id));
         inner.sessions.insert(id, updated.clone());
-        self.persist_logged(&updated);
+        self.persist_logged(&updated, None);
         // Committed: a counters read failing now must not turn it into an error.
         let counters = inner.dp.counters(slot).unwrap_or_default();
         Ok(SessionView {
@@ -1120,15 +1164,16 @@ impl Core {
         ended.deadline = purge;
         inner.deadlines.insert((purge, id));
         inner.sessions.insert(id, ended.clone());
-        self.persist_logged(&ended);
-        info!(session = %id, ?info, "session ended");
-        self.emit(
+        let event = self.event(
             SessionView {
-                session: ended,
+                session: ended.clone(),
                 counters,
             },
             ended_at,
         );
+        self.persist_logged(&ended, event.1.as_ref());
+        info!(session = %id, ?info, "session ended");
+        self.publish(event);
     }
 
     /// Swaps in a new policy. Live sessions follow it: a session whose profile is gone or no
@@ -1194,7 +1239,7 @@ impl Core {
                 SessionState::Unavailable { .. } => {
                     inner.sessions.remove(&id);
                     unlink(&mut inner, &session.flow.device, id);
-                    self.forget(id);
+                    self.forget(id, None);
                     info!(session = %id, "unavailable session purged");
                 }
             }
@@ -1225,25 +1270,37 @@ impl Core {
     }
 
     /// Publishes a status change to watchers and, when the session has a sink, to it.
-    fn emit(&self, session: SessionView, time: OffsetDateTime) {
+    /// The event of a status change and, if the session has a sink, its notification (to be
+    /// stored with the change, then published).
+    fn event(
+        &self,
+        session: SessionView,
+        time: OffsetDateTime,
+    ) -> (Arc<Event>, Option<Notification>) {
         let id = Uuid::new_v4();
         let s = &session.session;
-        if let (Some(notifier), Some(sink)) = (&self.notifier, &s.request.sink) {
-            notifier.enqueue(Notification {
-                event_id: id,
-                time,
-                sink: sink.clone(),
-                credential: s.request.sink_credential.clone(),
-                session_id: s.id,
-                status: s.qos_status(),
-                info: match s.state {
-                    SessionState::Unavailable { info, .. } => Some(info),
-                    SessionState::Available { .. } => None,
-                },
-            });
+        let note = s.request.sink.as_ref().map(|sink| Notification {
+            event_id: id,
+            time,
+            sink: sink.clone(),
+            credential: s.request.sink_credential.clone(),
+            session_id: s.id,
+            status: s.qos_status(),
+            info: match s.state {
+                SessionState::Unavailable { info, .. } => Some(info),
+                SessionState::Available { .. } => None,
+            },
+        });
+        (Arc::new(Event { id, time, session }), note)
+    }
+
+    /// Hands an event to the watchers and its notification to delivery.
+    fn publish(&self, (event, note): (Arc<Event>, Option<Notification>)) {
+        if let (Some(notifier), Some(note)) = (&self.notifier, note) {
+            notifier.enqueue(note);
         }
         // No receiver is not an error: nobody is watching.
-        let _ = self.events.send(Arc::new(Event { id, time, session }));
+        let _ = self.events.send(event);
     }
 }
 

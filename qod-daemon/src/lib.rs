@@ -34,6 +34,8 @@ use crate::{
 
 /// How long in-flight calls get to finish after a shutdown signal.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// How long pending notifications get after that.
+const NOTIFY_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +82,22 @@ pub async fn run(
     dp.manage(&config.interfaces, config.attach, config.teardown_on_exit)?;
     let token = CancellationToken::new();
     let notify_token = CancellationToken::new();
-    let (notifier, _delivery) =
-        notify::Notifier::start(config.notify.clone(), notify_token.clone());
+    let (notifier, _delivery) = notify::Notifier::start(
+        config.notify.clone(),
+        notify_token.clone(),
+        Some(store.clone()),
+    );
+    // Notifications not settled when the last qodd stopped go out first, with their own ids.
+    let outbox = store.load_outbox()?;
+    if !outbox.is_empty() {
+        info!(
+            pending = outbox.len(),
+            "delivering notifications left in the outbox"
+        );
+    }
+    for n in outbox {
+        notifier.enqueue(n);
+    }
     let core = Arc::new(
         Core::new(
             Box::new(dp),
@@ -93,9 +109,9 @@ pub async fn run(
                 event_buffer: core::Limits::DEFAULT_EVENT_BUFFER,
                 max_active_per_client: config.limits.max_active_sessions,
             },
-            Some(notifier),
+            Some(notifier.clone()),
         )
-        .with_store(store),
+        .with_store(store.clone()),
     );
     {
         let (core, n) = (core.clone(), stored.len());
@@ -217,12 +233,26 @@ pub async fn run(
     };
     let _ = expiry.await;
     core.shutdown();
-    // Retries still waiting end here; persisting the outbox across restarts is separate work.
+    // Notifications in flight get what is left of the grace period; whatever is still pending
+    // then stays in the outbox and goes out after the next start.
+    if !notifier.flush(NOTIFY_GRACE).await {
+        warn!(
+            pending = notifier
+                .stats
+                .pending
+                .load(std::sync::atomic::Ordering::Relaxed),
+            "notifications still pending at exit; kept in the outbox for the next start"
+        );
+    }
     notify_token.cancel();
     if let Listen::Unix(path) = &config.listen {
         let _ = std::fs::remove_file(path);
     }
-    info!("qodd stopped");
+    info!(
+        writes = store.writes(),
+        commits = store.commits(),
+        "qodd stopped (store writes and the commits they shared)"
+    );
     served
 }
 

@@ -366,7 +366,7 @@ pub fn network_words(net: IpNetwork) -> ([u32; 4], [u32; 4]) {
 }
 
 /// CAMARA `qosStatus`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum QosStatus {
     Requested,
     Available,

@@ -25,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::model::{AccessToken, QosStatus, SessionId, StatusInfo};
+use crate::{
+    model::{AccessToken, QosStatus, SessionId, StatusInfo},
+    store::{Op, Store},
+};
 
 /// The CAMARA event type (quality-on-demand 1.1.0). CAMARA's own tests use
 /// `org.camaraproject.qod.v1.qos-status-changed`; the type is configurable for them.
@@ -64,9 +67,11 @@ impl Default for NotifyConfig {
 }
 
 /// One status change to tell a sink about.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Notification {
+    /// Stable across retries and restarts: receivers deduplicate on it.
     pub event_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
     pub sink: String,
     pub credential: Option<AccessToken>,
@@ -82,6 +87,8 @@ pub struct NotifyStats {
     pub retried: AtomicU64,
     /// Dropped: queue full, sink gone, token expired, attempts exhausted, or refused by the sink.
     pub dropped: AtomicU64,
+    /// Queued and not settled yet.
+    pub pending: AtomicU64,
 }
 
 /// The sending side, held by the core.
@@ -91,24 +98,67 @@ pub struct Notifier {
     pub stats: Arc<NotifyStats>,
 }
 
+/// What delivery shares.
+struct Ctx {
+    client: reqwest::Client,
+    config: NotifyConfig,
+    stats: Arc<NotifyStats>,
+    /// (sink, session) pairs a sink answered 410 Gone for: that session's events stop there.
+    gone: Mutex<HashSet<(String, SessionId)>>,
+    shutdown: CancellationToken,
+    /// Where undelivered notifications wait across restarts.
+    outbox: Option<Store>,
+}
+
+impl Ctx {
+    /// Delivery of `n` is over (delivered or given up): it leaves the outbox.
+    fn settle(&self, n: &Notification) {
+        self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+        if let Some(store) = &self.outbox {
+            // Not awaited: if it is lost, the event is delivered again (at least once).
+            drop(store.submit(vec![Op::RemoveOutbox(n.event_id)]));
+        }
+    }
+}
+
 impl Notifier {
-    /// Starts delivery; it runs until `shutdown` is cancelled and the queue drains.
+    /// Starts delivery; it runs until `shutdown` is cancelled and the queue drains. With an
+    /// `outbox`, settled notifications are removed from it (the core writes them there).
     pub fn start(
         config: NotifyConfig,
         shutdown: CancellationToken,
+        outbox: Option<Store>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(NotifyStats::default());
-        let task = tokio::spawn(dispatch(rx, config, stats.clone(), shutdown));
+        let task = tokio::spawn(dispatch(rx, config, stats.clone(), shutdown, outbox));
         (Self { tx, stats }, task)
     }
 
-    /// Queues `n` without ever waiting; a full queue drops it with a warning.
+    /// Queues `n` without ever waiting; when the queue is full it stays in the outbox only (and
+    /// goes out after the next start).
     pub fn enqueue(&self, n: Notification) {
-        if let Err(e) = self.tx.try_send(n) {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, "notification queue full; event dropped");
+        match self.tx.try_send(n) {
+            Ok(()) => {
+                self.stats.pending.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "notification queue full; the event waits in the outbox for the next start");
+            }
         }
+    }
+
+    /// Waits until every queued notification is settled, or `grace` runs out.
+    pub async fn flush(&self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.stats.pending.load(Ordering::Relaxed) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 }
 
@@ -155,6 +205,7 @@ async fn dispatch(
     config: NotifyConfig,
     stats: Arc<NotifyStats>,
     shutdown: CancellationToken,
+    outbox: Option<Store>,
 ) {
     let client = match reqwest::Client::builder().timeout(config.timeout).build() {
         Ok(c) => c,
@@ -163,70 +214,66 @@ async fn dispatch(
             return;
         }
     };
-    let config = Arc::new(config);
-    // (sink, session) pairs a sink answered 410 Gone for: that session's events stop there.
-    let gone: Arc<Mutex<HashSet<(String, SessionId)>>> = Arc::default();
+    let ctx = Arc::new(Ctx {
+        client,
+        config,
+        stats,
+        gone: Mutex::default(),
+        shutdown,
+        outbox,
+    });
     let mut workers: HashMap<String, mpsc::Sender<Notification>> = HashMap::new();
     while let Some(n) = rx.recv().await {
         let key = (n.sink.clone(), n.session_id);
-        if gone
+        if ctx
+            .gone
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&key)
         {
-            stats.dropped.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            ctx.settle(&n);
             continue;
         }
-        let spawn = || {
-            spawn_worker(
-                client.clone(),
-                config.clone(),
-                stats.clone(),
-                gone.clone(),
-                shutdown.clone(),
-            )
-        };
         // A worker exits when its sink has been idle; start a new one then (also when it closed
         // between the check and the send).
-        let worker = workers.entry(n.sink.clone()).or_insert_with(spawn);
+        let worker = workers
+            .entry(n.sink.clone())
+            .or_insert_with(|| spawn_worker(ctx.clone()));
         if worker.is_closed() {
-            *worker = spawn();
+            *worker = spawn_worker(ctx.clone());
         }
         let failed = match worker.try_send(n) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Closed(n)) => {
-                *worker = spawn();
-                worker.try_send(n).err().map(|e| e.to_string())
+                *worker = spawn_worker(ctx.clone());
+                worker.try_send(n).err()
             }
-            Err(e) => Some(e.to_string()),
+            Err(e) => Some(e),
         };
         if let Some(e) = failed {
-            stats.dropped.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, "sink queue full; event dropped");
+            ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            // Still in the outbox: it goes out after the next start.
+            ctx.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            warn!(error = %e, "sink queue full; the event waits in the outbox for the next start");
         }
         workers.retain(|_, w| !w.is_closed());
     }
 }
 
-fn spawn_worker(
-    client: reqwest::Client,
-    config: Arc<NotifyConfig>,
-    stats: Arc<NotifyStats>,
-    gone: Arc<Mutex<HashSet<(String, SessionId)>>>,
-    shutdown: CancellationToken,
-) -> mpsc::Sender<Notification> {
+fn spawn_worker(ctx: Arc<Ctx>) -> mpsc::Sender<Notification> {
     let (tx, mut rx) = mpsc::channel::<Notification>(SINK_QUEUE);
     tokio::spawn(async move {
         loop {
             match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-                Ok(Some(n)) => deliver(&client, &config, &stats, &gone, &shutdown, n).await,
+                Ok(Some(n)) => deliver(&ctx, n).await,
                 Ok(None) => return,
                 Err(_) => {
                     // Idle: take no new events, deliver what raced in, then exit (the dispatcher
                     // starts a new worker for the sink's next event).
                     rx.close();
                     while let Ok(n) = rx.try_recv() {
-                        deliver(&client, &config, &stats, &gone, &shutdown, n).await;
+                        deliver(&ctx, n).await;
                     }
                     return;
                 }
@@ -242,15 +289,24 @@ enum Outcome {
     Stop(String),
 }
 
-async fn deliver(
-    client: &reqwest::Client,
-    config: &NotifyConfig,
-    stats: &NotifyStats,
-    gone: &Mutex<HashSet<(String, SessionId)>>,
-    shutdown: &CancellationToken,
-    n: Notification,
-) {
-    let body = cloud_event(&n, config).to_string();
+/// Delivers `n` with retries; settles it unless shutdown interrupted it (then it stays in the
+/// outbox for the next start).
+async fn deliver(ctx: &Ctx, n: Notification) {
+    if deliver_once(ctx, &n).await {
+        ctx.settle(&n);
+    }
+}
+
+/// `true` when delivery is over, `false` when shutdown cut it short.
+async fn deliver_once(ctx: &Ctx, n: &Notification) -> bool {
+    let (client, config, stats, gone, shutdown) = (
+        &ctx.client,
+        &ctx.config,
+        &*ctx.stats,
+        &ctx.gone,
+        &ctx.shutdown,
+    );
+    let body = cloud_event(n, config).to_string();
     let key = (n.sink.clone(), n.session_id);
     for attempt in 1..=config.max_attempts {
         let outcome = if gone
@@ -266,13 +322,13 @@ async fn deliver(
         {
             Outcome::Stop("the sink access token has expired".into())
         } else {
-            post(client, &n, &body).await
+            post(client, n, &body).await
         };
         match outcome {
             Outcome::Delivered => {
                 stats.delivered.fetch_add(1, Ordering::Relaxed);
                 debug!(event = %n.event_id, sink = %n.sink, attempt, "notification delivered");
-                return;
+                return true;
             }
             Outcome::Stop(why) => {
                 if why.contains("410") {
@@ -280,7 +336,7 @@ async fn deliver(
                 }
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
                 info!(event = %n.event_id, sink = %n.sink, reason = %why, "notification not delivered; stopping");
-                return;
+                return true;
             }
             Outcome::Retry(why) if attempt < config.max_attempts => {
                 stats.retried.fetch_add(1, Ordering::Relaxed);
@@ -289,8 +345,8 @@ async fn deliver(
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = shutdown.cancelled() => {
-                        stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        return;
+                        info!(event = %n.event_id, sink = %n.sink, "stopping with a retry pending; the event stays in the outbox");
+                        return false;
                     }
                 }
             }
@@ -300,6 +356,7 @@ async fn deliver(
             }
         }
     }
+    true
 }
 
 async fn post(client: &reqwest::Client, n: &Notification, body: &str) -> Outcome {

@@ -1,17 +1,29 @@
 //! The session store: an embedded transactional database (redb). A session is written before the
 //! API acknowledges it, and read back at start so a restart loses nothing that was acknowledged.
+//! Notifications are written in the same commit as the change they announce and removed once
+//! their delivery is settled, so delivery is at least once across restarts.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::model::{SessionId, SessionRequest, StatusInfo};
+use uuid::Uuid;
+
+use crate::{
+    model::{SessionId, SessionRequest, StatusInfo},
+    notify::Notification,
+};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions_v1");
 /// Facts about the store itself (the boot it was last written in).
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta_v1");
+/// Notifications not yet settled, by event id.
+const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox_v1");
 
 /// A session as persisted: what was asked and what happened; rules, classes and counters are
 /// derived again at start.
@@ -53,7 +65,9 @@ pub enum StoreError {
     },
     #[error("session store operation failed")]
     Db(#[from] Box<redb::Error>),
-    #[error("stored session {key} is unreadable")]
+    #[error("session store commit failed: {0}")]
+    Commit(String),
+    #[error("stored record {key} is unreadable")]
     Decode {
         key: String,
         #[source]
@@ -65,8 +79,131 @@ fn db<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(Box::new(e.into()))
 }
 
+/// One change, applied with others in a single commit.
+#[derive(Debug)]
+pub enum Op {
+    PutSession(Box<StoredSession>),
+    RemoveSession(SessionId),
+    /// A notification to deliver at least once (kept until its delivery is settled).
+    PutOutbox(Notification),
+    RemoveOutbox(Uuid),
+}
+
+/// A queued write; [`Ticket::wait`] returns once it is durable (or failed).
+pub struct Ticket(std::sync::mpsc::Receiver<Result<(), String>>);
+
+impl Ticket {
+    pub fn wait(self) -> Result<(), StoreError> {
+        match self.0.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Commit(e)),
+            Err(_) => Err(StoreError::Commit("the store's writer stopped".into())),
+        }
+    }
+}
+
+struct Job {
+    ops: Vec<Op>,
+    done: std::sync::mpsc::SyncSender<Result<(), String>>,
+}
+
+/// Most jobs one commit takes.
+const MAX_BATCH: usize = 4096;
+
+/// The store. Cheap to clone; every write goes through one writer thread that applies whatever
+/// is queued in a single transaction and fsyncs once (group commit), so concurrent writers share
+/// a commit instead of queueing for one each.
+#[derive(Clone)]
 pub struct Store {
-    db: Database,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Arc<Database>,
+    /// Commits made by the writer (each one fsync).
+    commits: Arc<std::sync::atomic::AtomicU64>,
+    /// Jobs submitted.
+    writes: std::sync::atomic::AtomicU64,
+    tx: Option<std::sync::mpsc::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Closing the queue stops the writer after what is queued; joining it closes the file.
+        self.tx.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(v).map_err(|e| format!("cannot encode {key}: {e}"))
+}
+
+fn apply(db: &Database, jobs: &[Job]) -> Result<(), String> {
+    let tx = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut sessions = tx.open_table(SESSIONS).map_err(|e| e.to_string())?;
+        let mut outbox = tx.open_table(OUTBOX).map_err(|e| e.to_string())?;
+        for op in jobs.iter().flat_map(|j| &j.ops) {
+            match op {
+                Op::PutSession(s) => {
+                    let key = s.id.to_string();
+                    sessions
+                        .insert(key.as_str(), encode(&key, s)?.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Op::RemoveSession(id) => {
+                    sessions
+                        .remove(id.to_string().as_str())
+                        .map_err(|e| e.to_string())?;
+                }
+                Op::PutOutbox(n) => {
+                    let key = n.event_id.to_string();
+                    outbox
+                        .insert(key.as_str(), encode(&key, n)?.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Op::RemoveOutbox(id) => {
+                    outbox
+                        .remove(id.to_string().as_str())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+    tx.commit().map_err(|e| e.to_string())
+}
+
+fn writer(
+    db: Arc<Database>,
+    rx: std::sync::mpsc::Receiver<Job>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // One failing job must not fail the others: on error, each is tried alone.
+        let results: Vec<Result<(), String>> = match apply(&db, &jobs) {
+            Ok(()) => vec![Ok(()); jobs.len()],
+            Err(_) if jobs.len() > 1 => jobs
+                .iter()
+                .map(|j| apply(&db, std::slice::from_ref(j)))
+                .collect(),
+            Err(e) => vec![Err(e)],
+        };
+        for (job, result) in jobs.into_iter().zip(results) {
+            let _ = job.done.send(result);
+        }
+    }
 }
 
 impl Store {
@@ -81,24 +218,90 @@ impl Store {
             path: path.clone(),
             source: Box::new(e),
         })?;
-        // Make sure the table exists so reads on a new store find it.
+        // Make sure the tables exist so reads on a new store find them.
         let tx = database.begin_write().map_err(db_err)?;
         tx.open_table(SESSIONS).map_err(db)?;
         tx.open_table(META).map_err(db)?;
+        tx.open_table(OUTBOX).map_err(db)?;
         tx.commit().map_err(db)?;
-        Ok(Self { db: database })
+        let db = Arc::new(database);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer = {
+            let (db, commits) = (db.clone(), commits.clone());
+            std::thread::Builder::new()
+                .name("qodd-store".into())
+                .spawn(move || writer(db, rx, commits))
+                .map_err(|source| StoreError::Dir {
+                    path: dir.to_owned(),
+                    source,
+                })?
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                db,
+                commits,
+                writes: std::sync::atomic::AtomicU64::new(0),
+                tx: Some(tx),
+                writer: Some(writer),
+            }),
+        })
+    }
+
+    /// Queues `ops` for the next commit; they apply in the order queued.
+    pub fn submit(&self, ops: Vec<Op>) -> Ticket {
+        self.shared
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (done, rx) = std::sync::mpsc::sync_channel(1);
+        if let Some(tx) = &self.shared.tx
+            && tx
+                .send(Job {
+                    ops,
+                    done: done.clone(),
+                })
+                .is_ok()
+        {
+            return Ticket(rx);
+        }
+        let _ = done.send(Err("the store's writer stopped".into()));
+        Ticket(rx)
+    }
+
+    /// Commits made so far (each is one fsync, shared by every write queued when it started).
+    pub fn commits(&self) -> u64 {
+        self.shared
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes submitted so far (each waits for one of [`Store::commits`]).
+    pub fn writes(&self) -> u64 {
+        self.shared
+            .writes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes `s` durably (the commit is fsynced before this returns).
+    pub fn put(&self, s: &StoredSession) -> Result<(), StoreError> {
+        self.submit(vec![Op::PutSession(Box::new(s.clone()))])
+            .wait()
+    }
+
+    pub fn remove(&self, id: SessionId) -> Result<(), StoreError> {
+        self.submit(vec![Op::RemoveSession(id)]).wait()
     }
 
     /// The boot id recorded by the last start (`None` on a new store).
     pub fn boot_id(&self) -> Result<Option<String>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
+        let tx = self.shared.db.begin_read().map_err(db_err)?;
         let t = tx.open_table(META).map_err(db)?;
         Ok(t.get("boot_id").map_err(db)?.map(|v| v.value().to_owned()))
     }
 
     /// Records the boot this qodd runs in.
     pub fn set_boot_id(&self, id: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let tx = self.shared.db.begin_write().map_err(db_err)?;
         {
             let mut t = tx.open_table(META).map_err(db)?;
             t.insert("boot_id", id).map_err(db)?;
@@ -106,34 +309,24 @@ impl Store {
         tx.commit().map_err(db)
     }
 
-    /// Writes `s` durably (the commit is fsynced before this returns).
-    pub fn put(&self, s: &StoredSession) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(s).map_err(|source| StoreError::Decode {
-            key: s.id.to_string(),
-            source,
-        })?;
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = tx.open_table(SESSIONS).map_err(db)?;
-            t.insert(s.id.to_string().as_str(), value.as_slice())
-                .map_err(db)?;
-        }
-        tx.commit().map_err(db)
-    }
-
-    pub fn remove(&self, id: SessionId) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = tx.open_table(SESSIONS).map_err(db)?;
-            t.remove(id.to_string().as_str()).map_err(db)?;
-        }
-        tx.commit().map_err(db)
-    }
-
     /// Every stored session.
     pub fn load(&self) -> Result<Vec<StoredSession>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(SESSIONS).map_err(db)?;
+        self.load_table(SESSIONS)
+    }
+
+    /// Notifications whose delivery was not settled when qodd stopped.
+    pub fn load_outbox(&self) -> Result<Vec<Notification>, StoreError> {
+        let mut out: Vec<Notification> = self.load_table(OUTBOX)?;
+        out.sort_by_key(|n| n.time);
+        Ok(out)
+    }
+
+    fn load_table<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let tx = self.shared.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(table).map_err(db)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(db)? {
             let (k, v) = row.map_err(db)?;
@@ -156,10 +349,8 @@ mod tests {
     use super::*;
     use crate::model::{ApplicationServer, DeviceId, ProfileName};
 
-    #[test]
-    fn sessions_survive_reopening() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = StoredSession {
+    fn sample() -> StoredSession {
+        StoredSession {
             id: SessionId::random(),
             request: SessionRequest {
                 device: DeviceId::Ipv4 {
@@ -190,7 +381,13 @@ mod tests {
                 at: OffsetDateTime::UNIX_EPOCH,
             }),
             slot: Some(3),
-        };
+        }
+    }
+
+    #[test]
+    fn sessions_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = sample();
         {
             let store = Store::open(dir.path()).expect("open");
             store.put(&s).expect("put");
@@ -202,5 +399,33 @@ mod tests {
         assert_eq!(store.boot_id().expect("meta").as_deref(), Some("b1"));
         store.remove(s.id).expect("remove");
         assert!(store.load().expect("load").is_empty());
+    }
+
+    /// Writers queued at the same time share commits, and every write lands.
+    #[test]
+    fn concurrent_writes_share_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let template = sample();
+        let barrier = Arc::new(std::sync::Barrier::new(64));
+        let threads: Vec<_> = (0..64)
+            .map(|_| {
+                let (store, barrier, mut s) = (store.clone(), barrier.clone(), template.clone());
+                s.id = SessionId::random();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    store.put(&s)
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread").expect("put");
+        }
+        assert_eq!(store.load().expect("load").len(), 64);
+        assert!(
+            store.commits() < 64,
+            "{} commits for 64 writes",
+            store.commits()
+        );
     }
 }

@@ -617,6 +617,8 @@ pub struct Qodd {
     pub token: String,
     /// This instance's pin root in bpffs (removed on drop).
     pub pin_path: PathBuf,
+    /// How long a start may take before it counts as failed.
+    pub start_timeout: Duration,
 }
 
 /// The bpffs test instances of qodd pin their data planes under.
@@ -712,6 +714,7 @@ impl Qodd {
             pki,
             token,
             pin_path,
+            start_timeout: Duration::from_secs(30),
         };
         q.launch().await?;
         Ok(q)
@@ -735,7 +738,7 @@ impl Qodd {
             .spawn()
             .context("spawn qodd")?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + self.start_timeout;
         loop {
             if let Some(status) = self
                 .child
@@ -756,10 +759,19 @@ impl Qodd {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("qodd did not answer within 30 s:\n{}", self.log());
+                bail!(
+                    "qodd did not answer within {:?}:\n{}",
+                    self.start_timeout,
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: no shutdown path runs.

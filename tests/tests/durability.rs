@@ -453,3 +453,90 @@ async fn incompatible_pinned_maps_are_refused_or_rebuilt() {
     let err = qodd.restart().await.expect_err("refused");
     assert!(format!("{err:#}").contains("another layout"), "{err:#}");
 }
+
+/// Notifications are delivered at least once across restarts with stable ids: one still being
+/// retried when qodd is killed (`kill -9`), or still pending when it is stopped (SIGTERM, after
+/// the grace period), is delivered after the next start with the same event id.
+#[tokio::test(flavor = "multi_thread")]
+async fn undelivered_notifications_survive_kill_9_and_sigterm() {
+    use qod_testkit::{Reply, SinkServer};
+    let (lab, mut qodd) = qod_testkit::lab_with_qodd(
+        "[notifications]\nallow_http_hosts = [\"127.0.0.1\"]\nbackoff_base_ms = 200\nbackoff_max_ms = 400\nmax_attempts = 100\ntimeout_ms = 1000\n",
+    )
+    .await;
+    let sink = SinkServer::start(&lab.edge).expect("sink");
+    sink.script("/cb", &[Reply::Status(503)]);
+    let mut api = qodd.sessions().await.expect("client");
+    let mut req = session(addr::DEVICE_V4, addr::SERVER_V4, "QOS_E", &[], &[5000], 600);
+    req.sink = Some(sink.url("/cb"));
+    let s = api.create_session(req).await.expect("create").into_inner();
+    let first = sink
+        .wait_for("/cb", 2, Duration::from_secs(10))
+        .await
+        .expect("retried");
+    let id = first[0].body["id"].clone();
+    assert_eq!(first[1].body["id"], id, "a retry carries the same id");
+
+    // Crash while the AVAILABLE event is being retried; the sink recovers meanwhile.
+    qodd.kill9();
+    sink.script("/cb", &[Reply::Status(204)]);
+    qodd.restart().await.expect("restart");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = sink.received("/cb");
+        if got.iter().any(|r| r.status == 204) {
+            let ok: Vec<_> = got.iter().filter(|r| r.status == 204).collect();
+            assert_eq!(ok.len(), 1, "delivered once after the restart");
+            assert_eq!(ok[0].body["id"], id, "with its original id");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never delivered: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // SIGTERM with the DELETE_REQUESTED event pending at a failing sink: the grace period
+    // passes, qodd exits cleanly, and the event goes out after the next start.
+    sink.script("/cb", &[Reply::Status(503)]);
+    let mut api = qodd.sessions().await.expect("client");
+    api.delete_session(pb::DeleteSessionRequest {
+        session_id: s.session_id.clone(),
+    })
+    .await
+    .expect("delete");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let delete_id = loop {
+        if let Some(r) = sink
+            .received("/cb")
+            .iter()
+            .find(|r| r.body["data"]["statusInfo"] == "DELETE_REQUESTED")
+        {
+            assert_eq!(r.status, 503);
+            break r.body["id"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no delete event");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let status = qodd.stop().expect("stopped");
+    assert!(status.success(), "graceful exit: {status}");
+    assert!(qodd.log().contains("kept in the outbox"), "{}", qodd.log());
+    sink.script("/cb", &[Reply::Status(204)]);
+    qodd.restart().await.expect("restart");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = sink.received("/cb");
+        if got
+            .iter()
+            .any(|r| r.status == 204 && r.body["id"] == delete_id)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never delivered: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -39,9 +39,10 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Data plane benchmarks (classifier ns/packet at 1..1M sessions; eBPF vs nftables vs
-    /// iptables marking in the forwarding path). Needs root. `-- classifier` or `-- forwarding`
-    /// runs one part.
+    /// Benchmarks: classifier ns/packet at 1..1M sessions; eBPF vs nftables vs iptables marking
+    /// in the forwarding path; durable creates/s over gRPC; restart recovery with 100k and 1M
+    /// sessions. Needs root. `-- classifier`, `-- forwarding`, `-- creates` or `-- recovery` runs
+    /// one part.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -73,12 +74,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { args } => {
             setup::run()?;
             setup::apt(&["nftables", "iptables"])?;
+            // The durability benchmark runs the release qodd.
+            cargo(&["build", "--release", "--package", "qod-daemon", "--bins"])?;
             let mut all = vec![
                 "bench",
                 "--package",
                 "qod-testkit",
                 "--bench",
                 "dataplane",
+                "--bench",
+                "durability",
                 "--",
             ];
             all.extend(args.iter().map(String::as_str));

@@ -1,0 +1,216 @@
+//! Durability benchmarks. Run with `cargo xtask bench recovery` / `cargo xtask bench creates`
+//! (root; `cargo xtask bench` runs every part). Prints numbers; asserts nothing.
+//!
+//! 1. **Restart recovery** with 100k and 1M sessions: the release `qodd` runs in a namespace lab
+//!    (default configuration: TLS, tokens) with `max_sessions` sized for them; it is killed, its
+//!    store is filled with live QOS_E sessions (one per device address) written directly through
+//!    the store library, and it is started again. Recovery time = from spawning the process to
+//!    its first answer (it serves only once every session is restored), polled every 100 ms.
+//!    Measured twice: *rebuild* (no pinned data plane: every rule installed anew, as after a
+//!    reboot) and *continuing* (after a `kill -9`: the pinned maps are reused, entries rewritten
+//!    in place, slots kept). Also printed: the store's size and qodd's resident memory.
+//! 2. **Durable creates per second** over gRPC (TLS, bearer token): C concurrent clients (each
+//!    its own connection) create sessions for distinct devices for 5 s; every create is
+//!    acknowledged only after its commit is fsynced. Reported: creates/s, latency p50 / p99, and
+//!    the store's commits per create (from qodd's exit log): group commit lets concurrent creates
+//!    share one fsync.
+
+use std::time::{Duration, Instant};
+
+use qod_daemon::{
+    model::{ApplicationServer, DeviceId, ProfileName, SessionId, SessionRequest},
+    store::{Op, Store, StoredSession},
+};
+use qod_proto::v1::quality_on_demand_client::QualityOnDemandClient;
+use qod_testkit::{EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, TEST_CLIENT, addr, api::session};
+
+fn release_qodd() -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent()?.parent().map(|d| d.join("qodd")))
+        .unwrap_or_default()
+}
+
+/// Live sessions for `n` device addresses 10.x.y.z, written straight into the store.
+fn fill_store(dir: &std::path::Path, n: u32) -> anyhow::Result<()> {
+    let store = Store::open(dir)?;
+    let now = time::OffsetDateTime::now_utc();
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..n {
+        let ip = std::net::Ipv4Addr::from(0x0a40_0000 + i);
+        batch.push(Op::PutSession(Box::new(StoredSession {
+            id: SessionId::random(),
+            request: SessionRequest {
+                device: DeviceId::Ipv4 {
+                    public: ip,
+                    private: Some(ip),
+                    public_port: None,
+                },
+                server: ApplicationServer {
+                    ipv4: Some(format!("{}/32", addr::SERVER_V4).parse()?),
+                    ipv6: None,
+                    given: (Some(addr::SERVER_V4.into()), None),
+                },
+                device_ports: None,
+                server_ports: None,
+                profile: ProfileName::parse("qosProfile", "QOS_E")?,
+                sink: None,
+                sink_credential: None,
+                duration: 86_400,
+                owner: TEST_CLIENT.into(),
+                subject: None,
+            },
+            started_at: now,
+            duration: 86_400,
+            ended: None,
+            slot: None,
+        })));
+        if batch.len() == 10_000 {
+            store.submit(std::mem::take(&mut batch)).wait()?;
+        }
+    }
+    store.submit(batch).wait()?;
+    Ok(())
+}
+
+fn rss_mib(qodd: &Qodd) -> f64 {
+    qodd.pid()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn recovery() -> anyhow::Result<()> {
+    println!("\nrestart recovery (release qodd, QOS_E sessions on a two-interface lab)");
+    println!(
+        "{:>9}  {:>11}  {:>14}  {:>10}  {:>9}",
+        "sessions", "rebuild s", "continuing s", "store MiB", "RSS MiB"
+    );
+    for n in [100_000u32, 1_000_000] {
+        let lab = Lab::new()?;
+        let mut qodd = Qodd::start_bin(
+            &release_qodd(),
+            &lab.edge,
+            &[EDGE_DEV_IF, EDGE_SRV_IF],
+            &format!("max_sessions = {}\n", n + 1024),
+        )
+        .await?;
+        qodd.start_timeout = Duration::from_secs(1200);
+        qodd.kill9();
+        let state = qodd.dir.path().join("state");
+        fill_store(&state, n)?;
+        let _ = std::fs::remove_dir_all(&qodd.pin_path);
+        let t = Instant::now();
+        qodd.restart().await?;
+        let rebuild = t.elapsed();
+        anyhow::ensure!(
+            qodd.log().contains(&format!("restored={n}")),
+            "not every session was restored:\n{}",
+            qodd.log()
+        );
+        let rss = rss_mib(&qodd);
+        qodd.kill9();
+        let t = Instant::now();
+        qodd.restart().await?;
+        let continuing = t.elapsed();
+        let size = std::fs::metadata(state.join("sessions.redb"))?.len() as f64 / 1048576.0;
+        println!(
+            "{n:>9}  {:>11.2}  {:>14.2}  {size:>10.0}  {rss:>9.0}",
+            rebuild.as_secs_f64(),
+            continuing.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+async fn creates() -> anyhow::Result<()> {
+    println!("\ndurable creates over gRPC (TLS + bearer token, release qodd, 5 s per row)");
+    println!(
+        "{:>7}  {:>10}  {:>9}  {:>9}  {:>17}",
+        "clients", "creates/s", "p50 ms", "p99 ms", "commits per create"
+    );
+    for clients in [1usize, 4, 16, 64] {
+        let lab = Lab::new()?;
+        let mut qodd = Qodd::start_bin(
+            &release_qodd(),
+            &lab.edge,
+            &[EDGE_DEV_IF, EDGE_SRV_IF],
+            "max_sessions = 1000000\n[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_active_sessions_per_client = 1000000\n",
+        )
+        .await?;
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let mut api = QualityOnDemandClient::new(qodd.channel().await?);
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = 0u32;
+                while Instant::now() < end {
+                    let ip = std::net::Ipv4Addr::from(0x0a80_0000 + ((c as u32) << 16) + i);
+                    i += 1;
+                    let t = Instant::now();
+                    api.create_session(session(
+                        &ip.to_string(),
+                        addr::SERVER_V4,
+                        "QOS_E",
+                        &[],
+                        &[],
+                        3600,
+                    ))
+                    .await?;
+                    lat.push(t.elapsed());
+                }
+                anyhow::Ok(lat)
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await??);
+        }
+        lat.sort();
+        let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        qodd.stop();
+        let commits = qodd
+            .log()
+            .lines()
+            .rev()
+            .find_map(|l| {
+                let c = l.split("commits=").nth(1)?.split_whitespace().next()?;
+                let w = l.split("writes=").nth(1)?.split_whitespace().next()?;
+                Some(c.parse::<f64>().ok()? / w.parse::<f64>().ok()?.max(1.0))
+            })
+            .unwrap_or(f64::NAN);
+        println!(
+            "{clients:>7}  {:>10.0}  {:>9.2}  {:>9.2}  {commits:>17.2}",
+            lat.len() as f64 / 5.0,
+            q(0.5).as_secs_f64() * 1e3,
+            q(0.99).as_secs_f64() * 1e3,
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "benchmarks build namespaces and load eBPF: run as root (cargo xtask bench)"
+    );
+    anyhow::ensure!(
+        release_qodd().exists(),
+        "release qodd not found at {} (cargo xtask bench builds it)",
+        release_qodd().display()
+    );
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if only.as_deref().is_none_or(|o| o == "creates") {
+        creates().await?;
+    }
+    if only.as_deref().is_none_or(|o| o == "recovery") {
+        recovery().await?;
+    }
+    Ok(())
+}
