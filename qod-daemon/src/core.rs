@@ -414,10 +414,7 @@ impl Core {
                         if let SessionState::Available { slot: now, .. } = v.session.state
                             && s.slot != Some(now)
                         {
-                            moved.push(Op::PutSession(Box::new(StoredSession {
-                                slot: Some(now),
-                                ..s.clone()
-                            })));
+                            moved.push(Op::SetSlot(s.id, now));
                         }
                     }
                     Err(e) => {

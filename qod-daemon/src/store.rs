@@ -22,6 +22,8 @@ use crate::{
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions_v1");
 /// Facts about the store itself (the boot it was last written in).
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta_v1");
+/// Counter slots of live sessions, by session id.
+const SLOTS: TableDefinition<&str, u32> = TableDefinition::new("slots_v1");
 /// Notifications not yet settled, by event id.
 const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox_v1");
 
@@ -37,8 +39,9 @@ pub struct StoredSession {
     pub duration: u32,
     /// Set once the session ended.
     pub ended: Option<Ended>,
-    /// Its counters' slot in the kernel maps while it is live.
-    #[serde(default)]
+    /// Its counters' slot in the kernel maps while it is live (kept in a table of its own, so a
+    /// restart that moves slots rewrites a few bytes per session, not the session).
+    #[serde(skip)]
     pub slot: Option<u32>,
 }
 
@@ -84,6 +87,8 @@ fn db<E: Into<redb::Error>>(e: E) -> StoreError {
 pub enum Op {
     PutSession(Box<StoredSession>),
     RemoveSession(SessionId),
+    /// Records a live session's counter slot.
+    SetSlot(SessionId, u32),
     /// A notification to deliver at least once (kept until its delivery is settled).
     PutOutbox(Notification),
     RemoveOutbox(Uuid),
@@ -147,6 +152,7 @@ fn apply(db: &Database, jobs: &[Job]) -> Result<(), String> {
     {
         let mut sessions = tx.open_table(SESSIONS).map_err(|e| e.to_string())?;
         let mut outbox = tx.open_table(OUTBOX).map_err(|e| e.to_string())?;
+        let mut slots = tx.open_table(SLOTS).map_err(|e| e.to_string())?;
         for op in jobs.iter().flat_map(|j| &j.ops) {
             match op {
                 Op::PutSession(s) => {
@@ -154,10 +160,20 @@ fn apply(db: &Database, jobs: &[Job]) -> Result<(), String> {
                     sessions
                         .insert(key.as_str(), encode(&key, s)?.as_slice())
                         .map_err(|e| e.to_string())?;
+                    match s.slot {
+                        Some(slot) => slots.insert(key.as_str(), slot).map(drop),
+                        None => slots.remove(key.as_str()).map(drop),
+                    }
+                    .map_err(|e| e.to_string())?;
                 }
                 Op::RemoveSession(id) => {
-                    sessions
-                        .remove(id.to_string().as_str())
+                    let key = id.to_string();
+                    sessions.remove(key.as_str()).map_err(|e| e.to_string())?;
+                    slots.remove(key.as_str()).map_err(|e| e.to_string())?;
+                }
+                Op::SetSlot(id, slot) => {
+                    slots
+                        .insert(id.to_string().as_str(), *slot)
                         .map_err(|e| e.to_string())?;
                 }
                 Op::PutOutbox(n) => {
@@ -214,15 +230,21 @@ impl Store {
             source,
         })?;
         let path = dir.join("sessions.redb");
-        let database = Database::create(&path).map_err(|e| StoreError::Open {
-            path: path.clone(),
-            source: Box::new(e),
-        })?;
+        // The page cache: reads happen at start, writes are appends; redb's 1 GiB default would
+        // only hold memory.
+        let database = redb::Builder::new()
+            .set_cache_size(64 << 20)
+            .create(&path)
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
         // Make sure the tables exist so reads on a new store find them.
         let tx = database.begin_write().map_err(db_err)?;
         tx.open_table(SESSIONS).map_err(db)?;
         tx.open_table(META).map_err(db)?;
         tx.open_table(OUTBOX).map_err(db)?;
+        tx.open_table(SLOTS).map_err(db)?;
         tx.commit().map_err(db)?;
         let db = Arc::new(database);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -309,9 +331,18 @@ impl Store {
         tx.commit().map_err(db)
     }
 
-    /// Every stored session.
+    /// Every stored session, with its slot.
     pub fn load(&self) -> Result<Vec<StoredSession>, StoreError> {
-        self.load_table(SESSIONS)
+        let mut sessions: Vec<StoredSession> = self.load_table(SESSIONS)?;
+        let tx = self.shared.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(SLOTS).map_err(db)?;
+        for s in &mut sessions {
+            s.slot = t
+                .get(s.id.to_string().as_str())
+                .map_err(db)?
+                .map(|v| v.value());
+        }
+        Ok(sessions)
     }
 
     /// Notifications whose delivery was not settled when qodd stopped.

@@ -139,7 +139,14 @@ pub struct Verifier {
     keys: RwLock<Arc<KeySet>>,
     /// Woken when a token names a key id we do not have (a rotation we have not seen yet).
     refresh: Notify,
+    /// Tokens already verified, with their claims, until they expire: a client reuses its
+    /// token for many calls, and a signature check costs far more than the call's own work.
+    /// Emptied whenever the key set changes.
+    verified: std::sync::Mutex<std::collections::HashMap<String, Map<String, Value>>>,
 }
+
+/// Most tokens remembered as verified (the cache is emptied when full).
+const VERIFIED_CACHE: usize = 65_536;
 
 impl Verifier {
     pub fn new(rules: TokenRules, keys: KeySet) -> Self {
@@ -147,6 +154,7 @@ impl Verifier {
             rules,
             keys: RwLock::new(Arc::new(keys)),
             refresh: Notify::new(),
+            verified: std::sync::Mutex::default(),
         }
     }
 
@@ -164,6 +172,32 @@ impl Verifier {
 
     /// The token's claims if it is valid; otherwise why not (safe to show the caller).
     pub fn verify(&self, token: &str) -> Result<Map<String, Value>, String> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let lock = || {
+            self.verified
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(claims) = lock().get(token) {
+            // Still within `exp` (less the leeway: the cache never extends a token's life).
+            if claims
+                .get("exp")
+                .and_then(Value::as_u64)
+                .is_some_and(|exp| exp > now)
+            {
+                return Ok(claims.clone());
+            }
+        }
+        let claims = self.verify_signed(token)?;
+        let mut cache = lock();
+        if cache.len() >= VERIFIED_CACHE {
+            cache.clear();
+        }
+        cache.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_signed(&self, token: &str) -> Result<Map<String, Value>, String> {
         let header = decode_header(token)
             .map_err(|_| "the access token is not a well-formed signed JWT".to_owned())?;
         if !self.rules.algorithms.contains(&header.alg) {
@@ -206,6 +240,11 @@ impl Verifier {
             .keys
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        // A key that left the set no longer vouches for its tokens.
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     /// Re-reads the key set every `every`, and soon after a token names an unknown key id (at
