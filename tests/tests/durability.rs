@@ -229,11 +229,24 @@ async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
         })
     };
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        lab.uplink_dscp(addr::OTHER_DEVICE_V4, 47100, addr::SERVER_V4, 6000)
+            .expect("traffic"),
+        [QOS_L_DSCP; 5],
+        "the short session marks before the kill"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let killed_at = std::time::Instant::now();
     qodd.kill9();
-    // Down for 4 s: the short session's 3 s run out meanwhile; the kernel keeps marking.
+    // Down for 4 s: the kernel keeps marking the long session, and ends the short one (3 s) on
+    // time by itself.
     tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        lab.uplink_dscp(addr::OTHER_DEVICE_V4, 47101, addr::SERVER_V4, 6000)
+            .expect("traffic"),
+        [0; 5],
+        "the kernel ended the short session while qodd was down"
+    );
     qodd.restart().await.expect("restart");
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -333,6 +346,9 @@ async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
         qodd.log()
     );
 }
+
+/// QOS_L's DSCP (AF11) in the default profiles.
+const QOS_L_DSCP: u8 = 10;
 
 fn api_sa(a: &str, port: u16) -> std::net::SocketAddr {
     qod_testkit::api::sa(a, port)
