@@ -60,6 +60,18 @@ fn retrieve(device: Option<pb::Device>) -> pb::RetrieveSessionsByDeviceRequest {
     pb::RetrieveSessionsByDeviceRequest { device }
 }
 
+/// The caller's sessions of device `addr` (the retrieve must succeed: `why`).
+async fn sessions_of(
+    api: &mut pb::quality_on_demand_client::QualityOnDemandClient<client::QodChannel>,
+    addr: &str,
+    why: &str,
+) -> pb::RetrieveSessionsByDeviceResponse {
+    api.retrieve_sessions_by_device(retrieve(Some(device(addr))))
+        .await
+        .unwrap_or_else(|e| panic!("{why}: {e:?}"))
+        .into_inner()
+}
+
 /// The claims of a valid full-scope token of `client`, to spoil one way or another.
 fn claims(client: &str) -> serde_json::Map<String, Value> {
     match TokenSpec::full(client).claims() {
@@ -182,11 +194,7 @@ async fn bad_tokens_are_unauthenticated_and_change_nothing() {
         c.insert("exp".into(), (now - 5).into());
     });
     let mut api = qodd.sessions_as(&lenient).await.expect("client");
-    let none = api
-        .retrieve_sessions_by_device(retrieve(Some(device(addr::DEVICE_V4))))
-        .await
-        .expect("within leeway")
-        .into_inner();
+    let none = sessions_of(&mut api, addr::DEVICE_V4, "within leeway").await;
     assert!(none.sessions.is_empty(), "a refused call created {none:?}");
 }
 
@@ -313,11 +321,7 @@ async fn scopes_ownership_and_three_legged_tokens() {
         ),
         denied
     );
-    let seen = b
-        .retrieve_sessions_by_device(retrieve(Some(device(addr::DEVICE_V4))))
-        .await
-        .expect("retrieve")
-        .into_inner();
+    let seen = sessions_of(&mut b, addr::DEVICE_V4, "retrieve").await;
     assert!(seen.sessions.is_empty(), "app-b sees {seen:?}");
     // app-a creates and deletes another session, then app-b one of its own: the first event
     // app-b's stream carries is its own.
@@ -555,11 +559,7 @@ async fn transport_security_and_client_certificates() {
     let mut api = pb::quality_on_demand_client::QualityOnDemandClient::new(
         qodd.channel_with(&with_cert).await.expect("channel"),
     );
-    let all = api
-        .retrieve_sessions_by_device(retrieve(Some(device(addr::DEVICE_V4))))
-        .await
-        .expect("retrieve")
-        .into_inner();
+    let all = sessions_of(&mut api, addr::DEVICE_V4, "retrieve").await;
     assert_eq!(all.sessions.len(), 1, "refused calls created sessions");
 }
 
@@ -608,11 +608,7 @@ async fn per_client_limits() {
         (s.code(), reason(&s)),
         is(Code::ResourceExhausted, "TOO_MANY_REQUESTS")
     );
-    let seen = b
-        .retrieve_sessions_by_device(retrieve(Some(device(addr::DEVICE_V4))))
-        .await
-        .expect("app-b is not throttled by app-a")
-        .into_inner();
+    let seen = sessions_of(&mut b, addr::DEVICE_V4, "app-b is not throttled by app-a").await;
     assert!(seen.sessions.is_empty(), "app-b sees {seen:?}");
 }
 
