@@ -832,6 +832,13 @@ impl Qodd {
         Ok(QosProfilesClient::new(self.channel().await?))
     }
 
+    /// The profiles API as the bearer of `token`.
+    pub async fn profiles_as(&self, token: &str) -> anyhow::Result<QosProfilesClient<QodChannel>> {
+        Ok(QosProfilesClient::new(
+            self.channel_with(&self.options(Some(token))?).await?,
+        ))
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("qodd.log")).unwrap_or_default()
     }

@@ -60,6 +60,18 @@ fn retrieve(device: Option<pb::Device>) -> pb::RetrieveSessionsByDeviceRequest {
     pb::RetrieveSessionsByDeviceRequest { device }
 }
 
+/// Every profile, as the bearer of `token`.
+async fn list_profiles(
+    qodd: &Qodd,
+    token: String,
+) -> Result<tonic::Response<pb::RetrieveQosProfilesResponse>, Status> {
+    qodd.profiles_as(&token)
+        .await
+        .expect("profiles client")
+        .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest::default())
+        .await
+}
+
 /// The caller's sessions of device `addr` (the retrieve must succeed: `why`).
 async fn sessions_of(
     api: &mut pb::quality_on_demand_client::QualityOnDemandClient<client::QodChannel>,
@@ -676,18 +688,7 @@ async fn rs256_es256_and_eddsa_keys_verify() {
         h.kid = Some(kid.into());
         jsonwebtoken::encode(&h, &claims(TEST_CLIENT), key).expect("sign")
     };
-    let profiles = |token: String| {
-        let qodd = &qodd;
-        async move {
-            QosProfilesClient::new(
-                qodd.channel_with(&qodd.options(Some(&token)).expect("options"))
-                    .await
-                    .expect("channel"),
-            )
-            .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest::default())
-            .await
-        }
-    };
+    let profiles = |token: String| list_profiles(&qodd, token);
     for (what, token) in [
         ("RS256", sign(Algorithm::RS256, "rsa-1", &rsa)),
         ("EdDSA", sign(Algorithm::EdDSA, "ed-1", &ed)),
@@ -731,18 +732,7 @@ async fn jwks_url_follows_key_rotation() {
     )
     .await
     .expect("qodd");
-    let profiles = |token: String| {
-        let qodd = &qodd;
-        async move {
-            QosProfilesClient::new(
-                qodd.channel_with(&qodd.options(Some(&token)).expect("options"))
-                    .await
-                    .expect("channel"),
-            )
-            .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest::default())
-            .await
-        }
-    };
+    let profiles = |token: String| list_profiles(&qodd, token);
     profiles(qodd.token.clone())
         .await
         .expect("the fetched key verifies");
