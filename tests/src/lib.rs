@@ -1700,6 +1700,23 @@ pub async fn lab_with_qodd(extra_toml: &str) -> (Lab, Qodd) {
     (lab, qodd)
 }
 
+/// A QOS_E session (DSCP 32) for the lab device's uplink to the server's port 5000, 10 minutes.
+pub async fn marked_flow(
+    api: &mut QualityOnDemandClient<QodChannel>,
+) -> qod_proto::v1::SessionInfo {
+    api.create_session(api::session(
+        addr::DEVICE_V4,
+        addr::SERVER_V4,
+        "QOS_E",
+        &[],
+        &[5000],
+        600,
+    ))
+    .await
+    .expect("create the marked flow's session")
+    .into_inner()
+}
+
 /// Every session event from now on.
 pub async fn watch_all(
     api: &mut QualityOnDemandClient<QodChannel>,

@@ -248,18 +248,7 @@ async fn link_loss_terminates_sessions() {
     let (lab, qodd) = qod_testkit::lab_with_qodd("").await;
     let mut api = qodd.sessions().await.expect("client");
     let mut events = qod_testkit::watch_all(&mut api).await;
-    let s = api
-        .create_session(session(
-            addr::DEVICE_V4,
-            addr::SERVER_V4,
-            "QOS_E",
-            &[],
-            &[5000],
-            600,
-        ))
-        .await
-        .expect("create")
-        .into_inner();
+    let s = qod_testkit::marked_flow(&mut api).await;
 
     lab.edge
         .ip(&["link", "set", EDGE_DEV_IF, "down"])

@@ -10,28 +10,11 @@ use qod_testkit::{
     api::{require_root, session},
 };
 
-/// A QOS_E session (DSCP 32) for the lab device's uplink to the server's port 5000, 10 minutes.
-async fn marked_flow(
-    api: &mut pb::quality_on_demand_client::QualityOnDemandClient<qod_proto::client::QodChannel>,
-) -> pb::SessionInfo {
-    api.create_session(session(
-        addr::DEVICE_V4,
-        addr::SERVER_V4,
-        "QOS_E",
-        &[],
-        &[5000],
-        600,
-    ))
-    .await
-    .expect("create the marked flow's session")
-    .into_inner()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn acknowledged_sessions_survive_kill_9() {
     let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
     let mut api = qodd.sessions().await.expect("client");
-    let long = marked_flow(&mut api).await;
+    let long = qod_testkit::marked_flow(&mut api).await;
     let short = api
         .create_session(session(
             addr::OTHER_DEVICE_V4,
@@ -168,7 +151,7 @@ async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
     .await;
     let sink = qod_testkit::SinkServer::start(&lab.edge).expect("sink");
     let mut api = qodd.sessions().await.expect("client");
-    let flow = marked_flow(&mut api).await;
+    let flow = qod_testkit::marked_flow(&mut api).await;
     let mut short = session(addr::OTHER_DEVICE_V4, addr::SERVER_V4, "QOS_L", &[], &[], 3);
     short.sink = Some(sink.url("/short"));
     let short = api
@@ -356,7 +339,7 @@ fn api_sa(a: &str, port: u16) -> std::net::SocketAddr {
 async fn a_reboot_is_detected_and_the_data_plane_rebuilt() {
     let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
     let mut api = qodd.sessions().await.expect("client");
-    let s = marked_flow(&mut api).await;
+    let s = qod_testkit::marked_flow(&mut api).await;
     let before = lab
         .uplink_dscp(addr::DEVICE_V4, 46100, addr::SERVER_V4, 5000)
         .expect("traffic");
@@ -399,7 +382,7 @@ async fn a_reboot_is_detected_and_the_data_plane_rebuilt() {
 async fn incompatible_pinned_maps_are_refused_or_rebuilt() {
     let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
     let mut api = qodd.sessions().await.expect("client");
-    marked_flow(&mut api).await;
+    qod_testkit::marked_flow(&mut api).await;
     qodd.kill9();
     let path = qodd.config_path();
     let config = std::fs::read_to_string(&path).expect("config");
