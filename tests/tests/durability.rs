@@ -514,3 +514,30 @@ async fn undelivered_notifications_survive_kill_9_and_sigterm() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A graceful stop leaves the data plane enforcing by default; with `on_exit = "teardown"` it
+/// removes it: the classifier is detached, nothing is pinned any more, traffic goes unmarked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_keeps_the_data_plane_unless_told_to_tear_it_down() {
+    let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
+    let mut api = qodd.sessions().await.expect("client");
+    qod_testkit::marked_flow(&mut api).await;
+    let mark = |port| {
+        lab.uplink_dscp(addr::DEVICE_V4, port, addr::SERVER_V4, 5000)
+            .expect("traffic")
+    };
+    assert!(qodd.stop().expect("stopped").success());
+    assert_eq!(mark(46300), [32; 5], "kept after a graceful stop");
+
+    let path = qodd.config_path();
+    let config = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, format!("on_exit = \"teardown\"\n{config}")).expect("config");
+    qodd.restart().await.expect("restart");
+    assert_eq!(mark(46301), [32; 5], "carried on");
+    assert!(qodd.stop().expect("stopped").success());
+    assert_eq!(mark(46302), [0; 5], "torn down");
+    assert!(
+        !qod_daemon::dataplane::pin_dir(&qodd.pin_path).exists(),
+        "nothing left pinned"
+    );
+}
