@@ -289,18 +289,33 @@ fn ports(spec: &str) -> anyhow::Result<pb::PortsSpec> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Plain text against qodd's default TLS fails at the transport, which says little.
+    let plain = cli.ca.is_none() && !cli.addr.starts_with("https://");
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            match e.downcast_ref::<tonic::Status>() {
+            let transport = match e.downcast_ref::<tonic::Status>() {
                 Some(status) => {
                     let reason = status
                         .get_details_error_info()
                         .map(|i| i.reason)
                         .unwrap_or_default();
                     eprintln!("qodctl: {:?} {reason}: {}", status.code(), status.message());
+                    reason.is_empty()
+                        && matches!(
+                            status.code(),
+                            tonic::Code::Unavailable | tonic::Code::Unknown
+                        )
                 }
-                None => eprintln!("qodctl: {e:#}"),
+                None => {
+                    eprintln!("qodctl: {e:#}");
+                    true
+                }
+            };
+            if plain && transport {
+                eprintln!(
+                    "qodctl: hint: qodd serves TLS by default; pass --ca (and --token or --token-file)"
+                );
             }
             std::process::ExitCode::FAILURE
         }

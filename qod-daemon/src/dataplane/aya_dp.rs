@@ -438,6 +438,10 @@ impl AyaDataPlane {
         if let Err(e) = remove_pins(&self.pins) {
             warn!(error = %e, "cannot remove the pinned maps");
         }
+        // The pin root too, unless something else lives there.
+        if let Some(root) = self.pins.parent() {
+            let _ = std::fs::remove_dir(root);
+        }
     }
 
     /// Tells the classifier which end of packets leaving interface `ifindex` can be a device.
