@@ -544,6 +544,17 @@ impl Config {
                 )));
             }
         };
+        let bpffs = f
+            .bpffs
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf"));
+        let pin_path = f.pin_path.clone().unwrap_or_else(|| bpffs.join("qod"));
+        if pin_path.parent().is_none() || pin_path == bpffs {
+            return Err(invalid(format!(
+                "pin_path = {:?} must be a directory of qodd's own inside bpffs, not its root",
+                pin_path.display()
+            )));
+        }
         let incompatible_pins = match f.incompatible_pins.as_deref().unwrap_or("rebuild") {
             "rebuild" => IncompatiblePins::Rebuild,
             "refuse" => IncompatiblePins::Refuse,
@@ -670,13 +681,8 @@ impl Config {
             teardown_on_exit,
             incompatible_pins,
             attach,
-            pin_path: f.pin_path.unwrap_or_else(|| {
-                f.bpffs
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf"))
-                    .join("qod")
-            }),
-            bpffs: f.bpffs.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf")),
+            pin_path,
+            bpffs,
             state_dir: f
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from("/var/lib/qodd")),

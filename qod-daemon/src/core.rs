@@ -38,7 +38,7 @@ use crate::{
     notify::{Notification, Notifier},
     policy::Policy,
     profile::{Band, ProfileStatus, QosProfile},
-    store::{Ended, Op, Store, StoredSession, Ticket},
+    store::{Ended, Op, Store, StoreError, StoredSession, Ticket},
 };
 
 /// Sizes and topology the core works within.
@@ -353,11 +353,18 @@ impl Core {
     }
 
     /// Removes a session from the store (with the notification of its end, if any).
-    fn forget(&self, id: SessionId, note: Option<&Notification>) {
-        let Some(store) = &self.store else { return };
+    fn forget(&self, id: SessionId, note: Option<&Notification>) -> Result<(), StoreError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
         let mut ops = vec![Op::RemoveSession(id)];
         ops.extend(note.cloned().map(Op::PutOutbox));
-        if let Err(e) = store.submit(ops).wait() {
+        store.submit(ops).wait()
+    }
+
+    /// As [`Core::forget`] where the session is gone anyway (purges): a failure is logged.
+    fn forget_logged(&self, id: SessionId) {
+        if let Err(e) = self.forget(id, None) {
             error!(session = %id, error = %e, "cannot remove the session from the store");
         }
     }
@@ -386,6 +393,7 @@ impl Core {
         };
         self.lock().slots.reserve(&kept);
         let (mut restored, mut moved) = (0usize, Vec::new());
+        let mut assigned = HashSet::new();
         for s in stored {
             let end = s.started_at + secs(s.duration);
             let ended = match s.ended {
@@ -398,7 +406,10 @@ impl Core {
             };
             let Some(ended) = ended else {
                 let remaining = u32::try_from((end - wall).whole_seconds().max(1)).unwrap_or(1);
-                let slot = s.slot.filter(|slot| kept.contains(slot));
+                // Each kept slot goes to one session (a second claimant gets a new one).
+                let slot = s
+                    .slot
+                    .filter(|slot| kept.contains(slot) && assigned.insert(*slot));
                 match self.admit(
                     s.request.clone(),
                     s.id,
@@ -419,6 +430,9 @@ impl Core {
                     }
                     Err(e) => {
                         error!(session = %s.id, error = %e, "cannot restore the session; it ends");
+                        if let Some(slot) = slot {
+                            self.release_kept_slot(slot);
+                        }
                         self.keep_ended(
                             s,
                             Ended {
@@ -446,6 +460,19 @@ impl Core {
             self.remove_orphans();
         }
         self.wake.notify_one();
+    }
+
+    /// Gives back a kept slot whose session could not be restored, unless the failed admission
+    /// already did.
+    fn release_kept_slot(&self, slot: u32) {
+        let mut inner = self.lock();
+        let in_use = inner
+            .sessions
+            .values()
+            .any(|s| matches!(s.state, SessionState::Available { slot: used, .. } if used == slot));
+        if !in_use && !inner.slots.free.contains(&slot) {
+            inner.slots.give_back(slot);
+        }
     }
 
     /// Removes kernel entries of devices without a live session.
@@ -491,15 +518,15 @@ impl Core {
     ) {
         let left = (ended.at + retention - OffsetDateTime::now_utc()).whole_milliseconds();
         if left <= 0 {
-            self.forget(s.id, None);
+            self.forget_logged(s.id);
             return;
         }
         let Ok(key) = self.policy().resolve(&s.request.device, &s.request.server) else {
-            self.forget(s.id, None);
+            self.forget_logged(s.id);
             return;
         };
         let Ok(flow) = AppFlow::from_request(&s.request, key) else {
-            self.forget(s.id, None);
+            self.forget_logged(s.id);
             return;
         };
         let deadline = Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0));
@@ -1018,14 +1045,8 @@ impl Core {
     pub fn delete(&self, id: SessionId, caller: &Caller) -> Result<(), CamaraError> {
         let mut inner = self.lock();
         let session = inner.accessible(id, caller)?.clone();
-        let final_view = if let SessionState::Available { slot, .. } = session.state {
+        let event = if let SessionState::Available { slot, .. } = session.state {
             let counters = inner.dp.counters(slot).unwrap_or_default();
-            let rules = device_rules(&inner, &session.flow.device, Some(id), None);
-            sync_device(&mut inner, &session.flow.device, &rules)
-                .map_err(|e| dataplane_error(&e))?;
-            inner.slots.give_back(slot);
-            release(&mut inner, session.reservation.clone());
-            inner.count_active(&session.request.owner, false);
             let now = OffsetDateTime::now_utc();
             let mut ended = session.clone();
             ended.reservation = None;
@@ -1034,7 +1055,7 @@ impl Core {
                 ended_at: now,
                 counters,
             };
-            Some((
+            Some(self.event(
                 SessionView {
                     session: ended,
                     counters,
@@ -1044,11 +1065,29 @@ impl Core {
         } else {
             None
         };
+        // The store first: a deletion that is not stored would come back at the next start.
+        self.forget(id, event.as_ref().and_then(|(_, note)| note.as_ref()))
+            .map_err(|e| {
+                error!(session = %id, error = %e, "cannot store the deletion");
+                CamaraError::new(
+                    CamaraCode::Internal,
+                    "the deletion could not be stored; nothing changed",
+                )
+            })?;
+        if let SessionState::Available { slot, .. } = session.state {
+            let rules = device_rules(&inner, &session.flow.device, Some(id), None);
+            if let Err(e) = sync_device(&mut inner, &session.flow.device, &rules) {
+                // Put the session back in the store: it is still enforced.
+                self.persist_logged(&session, None);
+                return Err(dataplane_error(&e));
+            }
+            inner.slots.give_back(slot);
+            release(&mut inner, session.reservation.clone());
+            inner.count_active(&session.request.owner, false);
+        }
         inner.sessions.remove(&id);
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
-        let event = final_view.map(|(view, now)| self.event(view, now));
-        self.forget(id, event.as_ref().and_then(|(_, note)| note.as_ref()));
         if let Some(event) = event {
             self.publish(event);
         }
@@ -1086,8 +1125,6 @@ impl Core {
         // The kernel's end moves by as much as the scheduled one.
         let mut rule = session.rule;
         rule.expires_at_ns += u64::from(added) * 1_000_000_000;
-        let rules = device_rules(&inner, &session.flow.device, Some(id), Some(rule));
-        sync_device(&mut inner, &session.flow.device, &rules).map_err(|e| dataplane_error(&e))?;
         let deadline = session.deadline + secs(added);
         let mut updated = session.clone();
         updated.duration = total;
@@ -1097,10 +1134,22 @@ impl Core {
             slot,
             expires_at: session.started_at + secs(total),
         };
+        // The store first: an extension acknowledged but not stored would be lost at a restart.
+        if let Some(Err(e)) = self.submit(&updated, None).map(Ticket::wait) {
+            error!(session = %id, error = %e, "cannot store the extension");
+            return Err(CamaraError::new(
+                CamaraCode::Internal,
+                "the extension could not be stored; nothing changed",
+            ));
+        }
+        let rules = device_rules(&inner, &session.flow.device, Some(id), Some(rule));
+        if let Err(e) = sync_device(&mut inner, &session.flow.device, &rules) {
+            self.persist_logged(&session, None);
+            return Err(dataplane_error(&e));
+        }
         inner.deadlines.remove(&(session.deadline, id));
         inner.deadlines.insert((deadline, id));
         inner.sessions.insert(id, updated.clone());
-        self.persist_logged(&updated, None);
         // Committed: a counters read failing now must not turn it into an error.
         let counters = inner.dp.counters(slot).unwrap_or_default();
         Ok(SessionView {
@@ -1236,7 +1285,7 @@ impl Core {
                 SessionState::Unavailable { .. } => {
                     inner.sessions.remove(&id);
                     unlink(&mut inner, &session.flow.device, id);
-                    self.forget(id, None);
+                    self.forget_logged(id);
                     info!(session = %id, "unavailable session purged");
                 }
             }

@@ -138,11 +138,12 @@ impl Notifier {
     /// Queues `n` without ever waiting; when the queue is full it stays in the outbox only (and
     /// goes out after the next start).
     pub fn enqueue(&self, n: Notification) {
+        // Counted before it is sent: delivery may settle it before `try_send` returns.
+        self.stats.pending.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(n) {
-            Ok(()) => {
-                self.stats.pending.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             Err(e) => {
+                self.stats.pending.fetch_sub(1, Ordering::Relaxed);
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, "notification queue full; the event waits in the outbox for the next start");
             }
@@ -207,7 +208,12 @@ async fn dispatch(
     shutdown: CancellationToken,
     outbox: Option<Store>,
 ) {
-    let client = match reqwest::Client::builder().timeout(config.timeout).build() {
+    // No redirects: a sink could otherwise send the event (and its token) past the https rule.
+    let client = match reqwest::Client::builder()
+        .timeout(config.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot build the HTTP client; notifications disabled");

@@ -177,6 +177,12 @@ async fn bad_tokens_are_unauthenticated_and_change_nothing() {
                 c.remove("client_id");
             })),
         ),
+        (
+            "an opaque subject (a user's device this node cannot identify)",
+            Some(signed(&|c| {
+                c.insert("sub".into(), "pairwise-4f2a9c".into());
+            })),
+        ),
     ];
     for (what, token) in &cases {
         let channel = qodd
@@ -208,6 +214,23 @@ async fn bad_tokens_are_unauthenticated_and_change_nothing() {
     let mut api = qodd.sessions_as(&lenient).await.expect("client");
     let none = sessions_of(&mut api, addr::DEVICE_V4, "within leeway").await;
     assert!(none.sessions.is_empty(), "a refused call created {none:?}");
+
+    // A watch stream ends when its token does.
+    let short = signed(&|c| {
+        c.insert("exp".into(), (now + 3).into());
+    });
+    let mut watch = qodd
+        .sessions_as(&short)
+        .await
+        .expect("client")
+        .watch_session_events(pb::WatchSessionEventsRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(15), watch.next())
+        .await
+        .expect("the stream ends at the token's exp");
+    assert!(end.is_none(), "{end:?}");
 }
 
 /// Scopes per operation, ownership (another client's session is PERMISSION_DENIED on get,
@@ -554,18 +577,43 @@ async fn transport_security_and_client_certificates() {
         .await
         .expect("served")
         .into_inner();
-    // Another certificate of the same CA is another client.
+    // Another certificate of the same CA is another client: dev-client's token (its `sub`
+    // names dev-client) is refused with it, and its own token is denied dev-client's session.
     let (cert, key) = pki.client_cert("someone-else").expect("cert");
-    let mut someone = pb::quality_on_demand_client::QualityOnDemandClient::new(
-        qodd.channel_with(&client::Options {
+    let someone = |token: String| {
+        let (cert, key) = (cert.clone(), key.clone());
+        let options = client::Options {
             identity: Some((cert.into_bytes(), key.into_bytes())),
+            token: Some(token),
             ..with_cert.clone()
-        })
-        .await
-        .expect("channel"),
-    );
+        };
+        let qodd = &qodd;
+        async move {
+            pb::quality_on_demand_client::QualityOnDemandClient::new(
+                qodd.channel_with(&options).await.expect("channel"),
+            )
+        }
+    };
     assert_eq!(
-        refusal(someone.get_session(get(&s.session_id)).await),
+        refusal(
+            someone(cert_token.clone())
+                .await
+                .get_session(get(&s.session_id))
+                .await
+        ),
+        is(Code::Unauthenticated, "UNAUTHENTICATED")
+    );
+    let mut c = claims("x");
+    c.remove("client_id");
+    c.insert("sub".into(), "someone-else".into());
+    let own_token = pki.sign(&Value::Object(c)).expect("sign");
+    assert_eq!(
+        refusal(
+            someone(own_token)
+                .await
+                .get_session(get(&s.session_id))
+                .await
+        ),
         is(Code::PermissionDenied, "PERMISSION_DENIED")
     );
     let mut api = pb::quality_on_demand_client::QualityOnDemandClient::new(

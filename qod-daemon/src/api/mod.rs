@@ -140,6 +140,8 @@ impl QualityOnDemand for SessionService {
         request: Request<pb::WatchSessionEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let caller = authorize(&request, scope::SESSIONS_READ)?;
+        // The stream ends when the token does; the client reconnects with a fresh one.
+        let token_left = crate::auth::time_left(&request);
         let req = request.into_inner();
         let session: Option<SessionId> = req.session_id.as_deref().map(str::parse).transpose()?;
         // Watching another client's session is refused as reading it would be; one that does
@@ -180,7 +182,16 @@ impl QualityOnDemand for SessionService {
             std::future::ready(out)
         });
         let shutdown = self.shutdown.clone().cancelled_owned();
-        Ok(Response::new(Box::pin(events.take_until(shutdown))))
+        let end = async move {
+            match token_left {
+                Some(left) => tokio::select! {
+                    () = shutdown => {}
+                    () = tokio::time::sleep(left) => {}
+                },
+                None => shutdown.await,
+            }
+        };
+        Ok(Response::new(Box::pin(events.take_until(end))))
     }
 }
 

@@ -142,7 +142,15 @@ pub struct Verifier {
     /// Tokens already verified, with their claims, until they expire: a client reuses its
     /// token for many calls, and a signature check costs far more than the call's own work.
     /// Emptied whenever the key set changes.
-    verified: std::sync::Mutex<std::collections::HashMap<String, Map<String, Value>>>,
+    verified: std::sync::Mutex<VerifiedCache>,
+}
+
+/// Verified tokens and the key-set generation they were verified under: a verification that
+/// raced a key change must not land in the emptied cache.
+#[derive(Default)]
+struct VerifiedCache {
+    generation: u64,
+    tokens: std::collections::HashMap<String, Map<String, Value>>,
 }
 
 /// Most tokens remembered as verified (the cache is emptied when full).
@@ -178,22 +186,27 @@ impl Verifier {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
-        if let Some(claims) = lock().get(token) {
-            // Still within `exp` (less the leeway: the cache never extends a token's life).
-            if claims
-                .get("exp")
-                .and_then(Value::as_u64)
-                .is_some_and(|exp| exp > now)
+        let generation = {
+            let cache = lock();
+            if let Some(claims) = cache.tokens.get(token)
+                // Still within `exp` (less the leeway: the cache never extends a token's life).
+                && claims
+                    .get("exp")
+                    .and_then(Value::as_u64)
+                    .is_some_and(|exp| exp > now)
             {
                 return Ok(claims.clone());
             }
-        }
+            cache.generation
+        };
         let claims = self.verify_signed(token)?;
         let mut cache = lock();
-        if cache.len() >= VERIFIED_CACHE {
-            cache.clear();
+        if cache.generation == generation {
+            if cache.tokens.len() >= VERIFIED_CACHE {
+                cache.tokens.clear();
+            }
+            cache.tokens.insert(token.to_owned(), claims.clone());
         }
-        cache.insert(token.to_owned(), claims.clone());
         Ok(claims)
     }
 
@@ -240,11 +253,14 @@ impl Verifier {
             .keys
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
-        // A key that left the set no longer vouches for its tokens.
-        self.verified
+        // A key that left the set no longer vouches for its tokens. The generation moves after
+        // the swap, so a verification that read the old keys cannot be cached any more.
+        let mut cache = self
+            .verified
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.generation += 1;
+        cache.tokens.clear();
     }
 
     /// Re-reads the key set every `every`, and soon after a token names an unknown key id (at

@@ -75,6 +75,8 @@ pub struct Principal {
     pub caller: Caller,
     /// `None`: every scope (insecure mode only).
     scopes: Option<Vec<String>>,
+    /// The token's `exp` (Unix seconds): a stream ends then.
+    expires_at: Option<u64>,
 }
 
 impl Principal {
@@ -98,6 +100,7 @@ impl Principal {
                 operator: true,
             },
             scopes: None,
+            expires_at: None,
         }
     }
 }
@@ -113,6 +116,13 @@ pub fn authorize<T>(request: &Request<T>, scope: &str) -> Result<Caller, CamaraE
         .ok_or_else(|| unauthenticated("the call was not authenticated"))?
         .require(scope)
         .cloned()
+}
+
+/// How long the caller's token stays valid (`None`: no end, insecure mode).
+pub fn time_left<T>(request: &Request<T>) -> Option<Duration> {
+    let exp = request.extensions().get::<Principal>()?.expires_at?;
+    let now = jsonwebtoken::get_current_timestamp();
+    Some(Duration::from_secs(exp.saturating_sub(now)))
 }
 
 fn unauthenticated(msg: impl Into<String>) -> CamaraError {
@@ -179,11 +189,19 @@ impl Authenticator {
                 })?
                 .to_owned()
         };
-        let subject = claims
-            .get(&settings.device_claim)
-            .map(subject_device)
-            .transpose()?
-            .flatten();
+        let subject = match claims.get(&settings.device_claim) {
+            None => None,
+            // A two-legged token's subject is the client itself (RFC 9068).
+            Some(Value::String(s)) if *s == client => None,
+            Some(v) => Some(subject_device(v)?.ok_or_else(|| {
+                // An opaque subject may stand for a user's device this node cannot identify:
+                // treating the token as two-legged would open every session of the client.
+                unauthenticated(format!(
+                    "the access token's `{}` is neither the client nor a device this node can identify",
+                    settings.device_claim
+                ))
+            })?),
+        };
         Ok(Principal {
             caller: Caller {
                 client,
@@ -191,6 +209,7 @@ impl Authenticator {
                 operator: false,
             },
             scopes: Some(scopes(&claims)),
+            expires_at: claims.get("exp").and_then(Value::as_u64),
         })
     }
 
@@ -233,8 +252,8 @@ fn scopes(claims: &Map<String, Value>) -> Vec<String> {
 }
 
 /// The device a three-legged token speaks for: a CAMARA `Device` object, or a string
-/// `tel:+E164` / `+E164`, `ipv4:ADDR`, `ipv6:ADDR`. Any other string (a two-legged token's
-/// subject is usually the client) is no device.
+/// `tel:+E164` / `+E164`, `ipv4:ADDR`, `ipv6:ADDR`. Any other string is no device (the caller
+/// accepts it only as the client's own id).
 pub fn subject_device(v: &Value) -> Result<Option<DeviceId>, CamaraError> {
     let bad = |why: &str| unauthenticated(format!("the access token's device claim {why}"));
     match v {

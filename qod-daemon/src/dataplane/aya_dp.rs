@@ -96,12 +96,12 @@ fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u3
 /// sizes, capacities).
 pub fn inspect_pins(root: &Path, max_sessions: u32) -> Pinned {
     let current = pin_dir(root);
-    if let Ok(entries) = std::fs::read_dir(root) {
-        for e in entries.flatten() {
-            if e.path() != current {
+    for other in layout_dirs(root) {
+        {
+            if other != current {
                 return Pinned::Incompatible(format!(
                     "{} is pinned by another layout (this qodd uses layout v{LAYOUT_VERSION})",
-                    e.path().display()
+                    other.display()
                 ));
             }
         }
@@ -139,23 +139,58 @@ pub fn inspect_pins(root: &Path, max_sessions: u32) -> Pinned {
     }
 }
 
-/// Removes everything pinned under `root`: the links go (the classifier detaches), and the maps
-/// with them.
+/// qod's layout directories (`v<N>`) under a pin root; anything else there is not qod's.
+fn layout_dirs(root: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix('v'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Removes every qod layout pinned under `root` (and `root` if nothing else is left there): the
+/// links go (the classifier detaches), and the maps with them.
 pub fn remove_pins(root: &Path) -> Result<(), DataPlaneError> {
-    match std::fs::remove_dir_all(root) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DataPlaneError::Pins {
-            path: root.to_owned(),
-            what: e.to_string(),
-        }),
+    for dir in layout_dirs(root) {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(DataPlaneError::Pins {
+                    path: dir,
+                    what: e.to_string(),
+                });
+            }
+        }
     }
+    let _ = std::fs::remove_dir(root);
+    Ok(())
 }
 
 /// The tc priority and handle of qod's filter on a clsact egress (fixed, so a restart replaces
 /// its own filter instead of adding a second).
 const NL_PRIORITY: u16 = 0x0d0d;
 const NL_HANDLE: TcHandle = TcHandle::new(0, 0x0d0d);
+
+/// Removes qod's clsact filter from `interface`'s egress, if there is one.
+fn detach_clsact(interface: &str) {
+    if let Ok(link) = SchedClassifierLink::attached(
+        interface,
+        TcAttachType::Egress,
+        NL_PRIORITY,
+        NL_HANDLE,
+        None,
+    ) {
+        let _ = aya::programs::links::Link::detach(link);
+    }
+}
 
 /// The real data plane: the qod classifier loaded into the kernel and its maps.
 pub struct AyaDataPlane {
@@ -407,7 +442,7 @@ impl AyaDataPlane {
             std::mem::forget(prog.take_link(id).map_err(|e| attach_err(&e))?);
             Ok(())
         };
-        match mode {
+        let how = match mode {
             AttachMode::Tcx => tcx(prog).map(|()| "tcx"),
             AttachMode::Clsact => clsact(prog).map(|()| "clsact"),
             AttachMode::Auto => match tcx(prog) {
@@ -417,30 +452,26 @@ impl AyaDataPlane {
                     clsact(prog).map(|()| "clsact")
                 }
             },
+        }?;
+        // An attachment of the other kind left by an earlier run would run the classifier twice.
+        if how == "tcx" {
+            detach_clsact(interface);
+        } else {
+            let _ = std::fs::remove_file(&link_pin);
         }
+        Ok(how)
     }
 
     /// Detaches the classifier from every managed interface and removes the pinned maps.
     fn teardown(&mut self) {
         for i in &self.interfaces {
             let _ = std::fs::remove_file(self.pins.join(format!("link-egress-{}", i.name)));
-            if let Ok(link) = SchedClassifierLink::attached(
-                &i.name,
-                TcAttachType::Egress,
-                NL_PRIORITY,
-                NL_HANDLE,
-                None,
-            ) {
-                // Removes a clsact filter if there is one; nothing otherwise.
-                let _ = aya::programs::links::Link::detach(link);
-            }
+            detach_clsact(&i.name);
         }
-        if let Err(e) = remove_pins(&self.pins) {
+        if let Some(root) = self.pins.parent()
+            && let Err(e) = remove_pins(root)
+        {
             warn!(error = %e, "cannot remove the pinned maps");
-        }
-        // The pin root too, unless something else lives there.
-        if let Some(root) = self.pins.parent() {
-            let _ = std::fs::remove_dir(root);
         }
     }
 
