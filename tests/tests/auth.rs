@@ -605,6 +605,20 @@ async fn transport_security_and_client_certificates() {
     );
     let mut c = claims("x");
     c.remove("client_id");
+    c.remove("sub");
+    let nameless = pki.sign(&Value::Object(c)).expect("sign");
+    assert_eq!(
+        refusal(
+            someone(nameless)
+                .await
+                .get_session(get(&s.session_id))
+                .await
+        ),
+        is(Code::Unauthenticated, "UNAUTHENTICATED"),
+        "a token naming no client is bound to none"
+    );
+    let mut c = claims("x");
+    c.remove("client_id");
     c.insert("sub".into(), "someone-else".into());
     let own_token = pki.sign(&Value::Object(c)).expect("sign");
     assert_eq!(

@@ -173,7 +173,12 @@ impl Authenticator {
             .filter(|c| !c.is_empty());
         let client = if settings.client_id_from_certificate {
             let cert = certificate_client(request)?;
-            if token_client.is_some_and(|c| c != cert) {
+            // The token must name the certificate's client (its client id, or else its
+            // subject): a token naming no client would work with any certificate.
+            let named = token_client
+                .or_else(|| claims.get("sub").and_then(Value::as_str))
+                .ok_or_else(|| unauthenticated("the access token names no client"))?;
+            if named != cert {
                 return Err(unauthenticated(
                     "the access token was issued to another client than the certificate's",
                 ));
