@@ -14,17 +14,34 @@ use qod_testkit::{
 const PHASE: Duration = Duration::from_secs(6);
 const WARMUP: Duration = Duration::from_secs(2);
 
-/// 8 bulk flows server → 10.0.1.3 and a 10 ms probe 10.0.1.2 ⇄ server:7007, for one phase.
-fn congested_probe(lab: &Lab) -> (Probe, Delivered) {
-    let bulk = tcp_flows(
+type Flows = std::thread::JoinHandle<anyhow::Result<Delivered>>;
+
+/// `n` TCP flows server → `device`:`port`, for one phase.
+fn downlink(lab: &Lab, device: &str, port: u16, n: u16) -> Flows {
+    tcp_flows(
         &lab.server,
         ip(addr::SERVER_V4),
         &lab.device,
-        SocketAddr::new(ip(addr::OTHER_DEVICE_V4), 9000),
-        8,
+        SocketAddr::new(ip(device), port),
+        n,
         PHASE,
     )
-    .expect("bulk flows");
+    .expect("TCP flows")
+}
+
+/// The goodput of finished flows after the warm-up, in Mbit/s.
+fn goodput_mbit(flows: Flows) -> f64 {
+    flows
+        .join()
+        .expect("flows thread")
+        .expect("flows")
+        .goodput_bps(WARMUP)
+        / 1e6
+}
+
+/// 8 bulk flows server → 10.0.1.3 and a 10 ms probe 10.0.1.2 ⇄ server:7007, for one phase.
+fn congested_probe(lab: &Lab) -> (Probe, Delivered) {
+    let bulk = downlink(lab, addr::OTHER_DEVICE_V4, 9000, 8);
     std::thread::sleep(Duration::from_millis(500));
     let probe = udp_probe(
         &lab.device,
@@ -111,30 +128,8 @@ async fn sessions_hold_their_promise_under_congestion() {
     ))
     .await
     .expect("QOS_G");
-    let bulk = tcp_flows(
-        &lab.server,
-        ip(addr::SERVER_V4),
-        &lab.device,
-        SocketAddr::new(ip(addr::OTHER_DEVICE_V4), 9200),
-        8,
-        PHASE,
-    )
-    .expect("bulk");
-    let target = tcp_flows(
-        &lab.server,
-        ip(addr::SERVER_V4),
-        &lab.device,
-        SocketAddr::new(ip("10.0.1.4"), 9100),
-        1,
-        PHASE,
-    )
-    .expect("target flow");
-    let got = target
-        .join()
-        .expect("thread")
-        .expect("target")
-        .goodput_bps(WARMUP)
-        / 1e6;
+    let bulk = downlink(&lab, addr::OTHER_DEVICE_V4, 9200, 8);
+    let got = goodput_mbit(downlink(&lab, "10.0.1.4", 9100, 1));
     let _ = bulk.join();
     eprintln!("QOS_G (20 Mbit/s guaranteed): {got:.2} Mbit/s");
     assert!(got >= 18.0, "guaranteed 20 Mbit/s, got {got:.2}");
@@ -150,21 +145,7 @@ async fn sessions_hold_their_promise_under_congestion() {
     ))
     .await
     .expect("QOS_C");
-    let capped = tcp_flows(
-        &lab.server,
-        ip(addr::SERVER_V4),
-        &lab.device,
-        SocketAddr::new(ip("10.0.1.5"), 9300),
-        1,
-        PHASE,
-    )
-    .expect("capped flow");
-    let got = capped
-        .join()
-        .expect("thread")
-        .expect("capped")
-        .goodput_bps(WARMUP)
-        / 1e6;
+    let got = goodput_mbit(downlink(&lab, "10.0.1.5", 9300, 1));
     eprintln!("QOS_C (10 Mbit/s maximum): {got:.2} Mbit/s");
     assert!(got <= 11.0, "maximum 10 Mbit/s, got {got:.2}");
     assert!(
