@@ -345,11 +345,11 @@ impl Core {
         Some(store.submit(ops))
     }
 
-    /// Store update after a change already made in the kernel and memory (logged on failure).
+    /// Store update after a change already made in the kernel and memory, queued without
+    /// waiting (often under the lock, for many sessions at once): queue order keeps it behind
+    /// earlier writes, and the store's writer logs it if it fails.
     fn persist_logged(&self, s: &Session, note: Option<&Notification>) {
-        if let Some(Err(e)) = self.submit(s, note).map(Ticket::wait) {
-            error!(session = %s.id, error = %e, "cannot persist the session's new state");
-        }
+        drop(self.submit(s, note));
     }
 
     /// Removes a session from the store (with the notification of its end, if any).
@@ -362,10 +362,11 @@ impl Core {
         store.submit(ops).wait()
     }
 
-    /// As [`Core::forget`] where the session is gone anyway (purges): a failure is logged.
+    /// As [`Core::forget`] where the session is gone anyway (purges): queued without waiting,
+    /// as [`Core::persist_logged`].
     fn forget_logged(&self, id: SessionId) {
-        if let Err(e) = self.forget(id, None) {
-            error!(session = %id, error = %e, "cannot remove the session from the store");
+        if let Some(store) = &self.store {
+            drop(store.submit(vec![Op::RemoveSession(id)]));
         }
     }
 
@@ -381,12 +382,13 @@ impl Core {
         let wall = OffsetDateTime::now_utc();
         let retention = time::Duration::try_from(self.retention).unwrap_or(time::Duration::ZERO);
         let live = |s: &StoredSession| s.ended.is_none() && s.started_at + secs(s.duration) > wall;
+        let capacity = self.lock().slots.capacity;
         let kept: HashSet<u32> = if continuing {
             stored
                 .iter()
                 .filter(|s| live(s))
                 .filter_map(|s| s.slot)
-                .filter(|slot| *slot < self.lock().slots.capacity)
+                .filter(|slot| *slot < capacity)
                 .collect()
         } else {
             HashSet::new()
@@ -745,10 +747,7 @@ impl Core {
         } else {
             inner.dp.reset_counters(slot)
         };
-        let installed = reset.and_then(|()| {
-            let rules = device_rules(&inner, &flow.device, None, Some(rule));
-            sync_device(&mut inner, &flow.device, &rules)
-        });
+        let installed = reset.and_then(|()| resync(&mut inner, &flow.device, None, Some(rule)));
         if let Err(e) = installed {
             inner.slots.give_back(slot);
             release(&mut inner, reservation);
@@ -814,8 +813,7 @@ impl Core {
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
         if let SessionState::Available { slot, .. } = session.state {
-            let rules = device_rules(&inner, &session.flow.device, None, None);
-            if let Err(e) = sync_device(&mut inner, &session.flow.device, &rules) {
+            if let Err(e) = resync(&mut inner, &session.flow.device, None, None) {
                 error!(error = %e, "cannot roll back an unpersisted session's rule");
             }
             inner.slots.give_back(slot);
@@ -1034,6 +1032,12 @@ impl Core {
         self.lock().dp.shutdown();
     }
 
+    /// `Ok` if `caller` may touch session `id` (as [`Core::get`] would decide, without reading
+    /// its counters).
+    pub fn check_access(&self, id: SessionId, caller: &Caller) -> Result<(), CamaraError> {
+        self.lock().accessible(id, caller).map(drop)
+    }
+
     pub fn get(&self, id: SessionId, caller: &Caller) -> Result<SessionView, CamaraError> {
         let inner = self.lock();
         let session = inner.accessible(id, caller)?;
@@ -1075,8 +1079,7 @@ impl Core {
                 )
             })?;
         if let SessionState::Available { slot, .. } = session.state {
-            let rules = device_rules(&inner, &session.flow.device, Some(id), None);
-            if let Err(e) = sync_device(&mut inner, &session.flow.device, &rules) {
+            if let Err(e) = resync(&mut inner, &session.flow.device, Some(id), None) {
                 // Put the session back in the store: it is still enforced.
                 self.persist_logged(&session, None);
                 return Err(dataplane_error(&e));
@@ -1142,8 +1145,7 @@ impl Core {
                 "the extension could not be stored; nothing changed",
             ));
         }
-        let rules = device_rules(&inner, &session.flow.device, Some(id), Some(rule));
-        if let Err(e) = sync_device(&mut inner, &session.flow.device, &rules) {
+        if let Err(e) = resync(&mut inner, &session.flow.device, Some(id), Some(rule)) {
             self.persist_logged(&session, None);
             return Err(dataplane_error(&e));
         }
@@ -1184,8 +1186,7 @@ impl Core {
         };
         inner.count_active(&session.request.owner, false);
         let counters = inner.dp.counters(slot).unwrap_or_default();
-        let rules = device_rules(inner, &session.flow.device, Some(id), None);
-        if let Err(e) = sync_device(inner, &session.flow.device, &rules) {
+        if let Err(e) = resync(inner, &session.flow.device, Some(id), None) {
             // The kernel ignores the entry past its expiry anyway. Until then the rule still
             // counts into its slot and steers into its classes, so neither is handed out again.
             error!(session = %id, error = %e, "cannot remove rule; its slot and classes stay reserved");
@@ -1244,9 +1245,7 @@ impl Core {
                         rule.skb_priority = prio;
                     }
                     if rule != session.rule {
-                        let rules =
-                            device_rules(&inner, &session.flow.device, Some(id), Some(rule));
-                        match sync_device(&mut inner, &session.flow.device, &rules) {
+                        match resync(&mut inner, &session.flow.device, Some(id), Some(rule)) {
                             Ok(()) => {
                                 if let Some(s) = inner.sessions.get_mut(&id) {
                                     s.rule = rule;
@@ -1406,16 +1405,19 @@ fn device_rules(
     rules
 }
 
-/// Puts exactly `rules` in the kernel for `key` (none: the entry goes).
-fn sync_device(
+/// Puts `key`'s AVAILABLE sessions' rules in the kernel, leaving out `skip` and adding `with`
+/// (none left: the entry goes).
+fn resync(
     inner: &mut Inner,
     key: &DeviceKey,
-    rules: &[FlowRule],
+    skip: Option<SessionId>,
+    with: Option<FlowRule>,
 ) -> Result<(), DataPlaneError> {
+    let rules = device_rules(inner, key, skip, with);
     if rules.is_empty() {
         inner.dp.remove(key)
     } else {
-        inner.dp.install(*key, rules)
+        inner.dp.install(*key, &rules)
     }
 }
 

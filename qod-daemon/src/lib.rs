@@ -233,6 +233,10 @@ pub async fn run(
     };
     let _ = expiry.await;
     core.shutdown();
+    // Writes queued without waiting (ends, purges) are on disk before qodd exits.
+    if let Err(e) = store.flush() {
+        warn!(error = %e, "the session store could not be flushed at exit");
+    }
     // Notifications in flight get what is left of the grace period; whatever is still pending
     // then stays in the outbox and goes out after the next start.
     if !notifier.flush(NOTIFY_GRACE).await {
@@ -375,16 +379,24 @@ fn anyhow_like(e: &dyn std::error::Error) -> String {
 /// How often the managed links are checked.
 const LINK_POLL: Duration = Duration::from_secs(1);
 
-/// `(ifindex, up)` of an interface: `None` when it does not exist.
-fn link_state(name: &str) -> Option<(u32, bool)> {
+/// Names of the interfaces that are up and running (one `getifaddrs` for every link).
+fn running_links() -> std::collections::HashSet<String> {
     use nix::net::if_::InterfaceFlags;
-    let index = nix::net::if_::if_nametoindex(name).ok()?;
-    let up = nix::ifaddrs::getifaddrs().ok()?.any(|a| {
-        a.interface_name == name
-            && a.flags
+    nix::ifaddrs::getifaddrs()
+        .into_iter()
+        .flatten()
+        .filter(|a| {
+            a.flags
                 .contains(InterfaceFlags::IFF_UP | InterfaceFlags::IFF_RUNNING)
-    });
-    Some((index, up))
+        })
+        .map(|a| a.interface_name)
+        .collect()
+}
+
+/// `(ifindex, up)` of an interface: `None` when it does not exist.
+fn link_state(name: &str, running: &std::collections::HashSet<String>) -> Option<(u32, bool)> {
+    let index = nix::net::if_::if_nametoindex(name).ok()?;
+    Some((index, running.contains(name)))
 }
 
 /// Watches the managed interfaces: a link that goes down or disappears ends every session
@@ -398,10 +410,11 @@ async fn watch_links(core: Arc<Core>, names: Vec<String>, stop: CancellationToke
         attached: Option<u32>,
         up: bool,
     }
+    let running = running_links();
     let mut links: Vec<Link> = names
         .into_iter()
         .map(|name| {
-            let state = link_state(&name);
+            let state = link_state(&name, &running);
             Link {
                 attached: state.map(|(i, _)| i),
                 up: state.is_some_and(|(_, up)| up),
@@ -419,8 +432,9 @@ async fn watch_links(core: Arc<Core>, names: Vec<String>, stop: CancellationToke
             () = tokio::time::sleep(LINK_POLL) => {}
             () = stop.cancelled() => return,
         }
+        let running = running_links();
         for link in &mut links {
-            match link_state(&link.name) {
+            match link_state(&link.name, &running) {
                 Some((index, true)) => {
                     if link.attached != Some(index) {
                         // Re-created (possibly between two polls): whatever ran on the old one

@@ -217,7 +217,10 @@ fn writer(
             Err(e) => vec![Err(e)],
         };
         for (job, result) in jobs.into_iter().zip(results) {
-            let _ = job.done.send(result);
+            // A write nobody waits for reports its own failure.
+            if let Err(std::sync::mpsc::SendError(Err(e))) = job.done.send(result) {
+                tracing::error!(error = %e, "store write failed");
+            }
         }
     }
 }
@@ -240,7 +243,7 @@ impl Store {
                 source: Box::new(e),
             })?;
         // Make sure the tables exist so reads on a new store find them.
-        let tx = database.begin_write().map_err(db_err)?;
+        let tx = database.begin_write().map_err(db)?;
         tx.open_table(SESSIONS).map_err(db)?;
         tx.open_table(META).map_err(db)?;
         tx.open_table(OUTBOX).map_err(db)?;
@@ -304,6 +307,11 @@ impl Store {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Returns once everything queued so far is committed.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.submit(Vec::new()).wait()
+    }
+
     /// Writes `s` durably (the commit is fsynced before this returns).
     pub fn put(&self, s: &StoredSession) -> Result<(), StoreError> {
         self.submit(vec![Op::PutSession(Box::new(s.clone()))])
@@ -316,14 +324,14 @@ impl Store {
 
     /// The boot id recorded by the last start (`None` on a new store).
     pub fn boot_id(&self) -> Result<Option<String>, StoreError> {
-        let tx = self.shared.db.begin_read().map_err(db_err)?;
+        let tx = self.shared.db.begin_read().map_err(db)?;
         let t = tx.open_table(META).map_err(db)?;
         Ok(t.get("boot_id").map_err(db)?.map(|v| v.value().to_owned()))
     }
 
     /// Records the boot this qodd runs in.
     pub fn set_boot_id(&self, id: &str) -> Result<(), StoreError> {
-        let tx = self.shared.db.begin_write().map_err(db_err)?;
+        let tx = self.shared.db.begin_write().map_err(db)?;
         {
             let mut t = tx.open_table(META).map_err(db)?;
             t.insert("boot_id", id).map_err(db)?;
@@ -334,7 +342,7 @@ impl Store {
     /// Every stored session, with its slot.
     pub fn load(&self) -> Result<Vec<StoredSession>, StoreError> {
         let mut sessions: Vec<StoredSession> = self.load_table(SESSIONS)?;
-        let tx = self.shared.db.begin_read().map_err(db_err)?;
+        let tx = self.shared.db.begin_read().map_err(db)?;
         let t = tx.open_table(SLOTS).map_err(db)?;
         for s in &mut sessions {
             s.slot = t
@@ -356,7 +364,7 @@ impl Store {
         &self,
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, StoreError> {
-        let tx = self.shared.db.begin_read().map_err(db_err)?;
+        let tx = self.shared.db.begin_read().map_err(db)?;
         let t = tx.open_table(table).map_err(db)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(db)? {
@@ -369,10 +377,6 @@ impl Store {
         }
         Ok(out)
     }
-}
-
-fn db_err(e: redb::TransactionError) -> StoreError {
-    db(e)
 }
 
 #[cfg(test)]

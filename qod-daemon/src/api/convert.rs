@@ -330,7 +330,6 @@ fn sink_credential(c: &pb::SinkCredential) -> Result<AccessToken, CamaraError> {
     Ok(AccessToken { token, expires })
 }
 
-/// A device filter or retrieve-by-device argument (no address family preference).
 /// A device given to look sessions or profiles up with: any address family will do.
 pub fn lookup_device(d: &pb::Device) -> Result<DeviceId, CamaraError> {
     device(d, any_family)

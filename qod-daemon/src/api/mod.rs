@@ -147,7 +147,7 @@ impl QualityOnDemand for SessionService {
         // Watching another client's session is refused as reading it would be; one that does
         // not exist (yet, or any more) may be watched.
         if let Some(id) = session
-            && let Err(e) = self.core.get(id, &caller)
+            && let Err(e) = self.core.check_access(id, &caller)
             && e.code == CamaraCode::PermissionDenied
         {
             return Err(e.into());

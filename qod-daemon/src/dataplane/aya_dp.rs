@@ -96,18 +96,15 @@ fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u3
 /// sizes, capacities).
 pub fn inspect_pins(root: &Path, max_sessions: u32) -> Pinned {
     let current = pin_dir(root);
-    for other in layout_dirs(root) {
-        {
-            if other != current {
-                return Pinned::Incompatible(format!(
-                    "{} is pinned by another layout (this qodd uses layout v{LAYOUT_VERSION})",
-                    other.display()
-                ));
-            }
-        }
+    if let Some(other) = layout_dirs(root).into_iter().find(|d| *d != current) {
+        return Pinned::Incompatible(format!(
+            "{} is pinned by another layout (this qodd uses layout v{LAYOUT_VERSION})",
+            other.display()
+        ));
     }
+    let expected = expected_maps(max_sessions);
     let mut found = 0;
-    for (name, kind, key, value, entries) in expected_maps(max_sessions) {
+    for (name, kind, key, value, entries) in expected {
         let path = current.join(name);
         if !path.exists() {
             continue;
@@ -134,8 +131,11 @@ pub fn inspect_pins(root: &Path, max_sessions: u32) -> Pinned {
     }
     match found {
         0 => Pinned::Nothing,
-        5 => Pinned::Compatible,
-        n => Pinned::Incompatible(format!("only {n} of the 5 maps are pinned")),
+        n if n == expected.len() => Pinned::Compatible,
+        n => Pinned::Incompatible(format!(
+            "only {n} of the {} maps are pinned",
+            expected.len()
+        )),
     }
 }
 
@@ -261,20 +261,10 @@ impl AyaDataPlane {
         let flows_v6 =
             HashMap::try_from(map(&mut ebpf, FLOWS_V6_MAP)?).map_err(map_err(FLOWS_V6_MAP))?;
         let sides = Array::try_from(map(&mut ebpf, SIDES_MAP)?).map_err(map_err(SIDES_MAP))?;
-        let counters = ebpf
-            .take_map(COUNTERS_MAP)
-            .ok_or(DataPlaneError::Missing(COUNTERS_MAP))?;
-        let counters = PerCpuArray::try_from(counters).map_err(|source| DataPlaneError::Map {
-            map: COUNTERS_MAP,
-            source,
-        })?;
-        let policers = ebpf
-            .take_map(POLICERS_MAP)
-            .ok_or(DataPlaneError::Missing(POLICERS_MAP))?;
-        let policers = Array::try_from(policers).map_err(|source| DataPlaneError::Map {
-            map: POLICERS_MAP,
-            source,
-        })?;
+        let counters =
+            PerCpuArray::try_from(map(&mut ebpf, COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
+        let policers =
+            Array::try_from(map(&mut ebpf, POLICERS_MAP)?).map_err(map_err(POLICERS_MAP))?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataPlaneError::Attach {
             interface: String::new(),
             what: format!("{what}: {e}"),
@@ -313,6 +303,11 @@ impl AyaDataPlane {
         let mut dp = Self::load(max_sessions, &root)?;
         dp.ephemeral = Some(root);
         Ok(dp)
+    }
+
+    /// Where the classifier's tcx link on `interface` is pinned.
+    fn link_pin(&self, interface: &str) -> PathBuf {
+        self.pins.join(format!("link-egress-{interface}"))
     }
 
     /// Whether the maps were pinned before this qodd: entries and counters carried on.
@@ -364,6 +359,7 @@ impl AyaDataPlane {
                 what: format!("no such interface ({e})"),
             })?;
         self.set_side(index, side)?;
+        let link_pin = self.link_pin(interface);
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(CLASSIFIER)
@@ -374,7 +370,6 @@ impl AyaDataPlane {
             interface: interface.to_owned(),
             what: e.to_string(),
         };
-        let link_pin = self.pins.join(format!("link-egress-{interface}"));
         // tcx: the link is pinned, so the classifier stays attached while qodd is down; a pinned
         // link from a previous run gets this program atomically (no packet goes untreated).
         let tcx = |prog: &mut SchedClassifier| -> Result<(), DataPlaneError> {
@@ -464,8 +459,8 @@ impl AyaDataPlane {
 
     /// Detaches the classifier from every managed interface and removes the pinned maps.
     fn teardown(&mut self) {
+        // Removing the pins (below) detaches the tcx links.
         for i in &self.interfaces {
-            let _ = std::fs::remove_file(self.pins.join(format!("link-egress-{}", i.name)));
             detach_clsact(&i.name);
         }
         if let Some(root) = self.pins.parent()
@@ -599,21 +594,16 @@ impl DataPlane for AyaDataPlane {
     }
 
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError> {
-        let side = self
+        let (side, scheduler) = self
             .interfaces
             .iter()
             .find(|i| i.name == interface)
-            .map_or(Side::Both, |i| i.side);
+            .map_or((Side::Both, None), |i| (i.side, i.scheduler));
         // The old link went with the old interface.
-        let _ = std::fs::remove_file(self.pins.join(format!("link-egress-{interface}")));
+        let _ = std::fs::remove_file(self.link_pin(interface));
         let how = self.attach(interface, side, self.attach_mode)?;
         info!(interface, mode = how, "classifier attached again");
-        let config = self
-            .interfaces
-            .iter()
-            .find(|i| i.name == interface)
-            .and_then(|i| i.scheduler);
-        if let Some(config) = config {
+        if let Some(config) = scheduler {
             self.schedulers
                 .insert(interface.to_owned(), Scheduler::install(interface, config)?);
         }
