@@ -236,10 +236,8 @@ fn forwarding() -> anyhow::Result<()> {
             r.n_server_ports = 0;
             dp.reset_counters(n)?;
             dp.install(ipv4_key(addr::DEVICE_V4.parse()?), &[r])?;
-            let edge = lab.edge.name.clone();
             // Attach from inside the edge namespace (interface names are per namespace).
             let dp = lab.edge.run(move || {
-                let _ = edge;
                 let mut dp = dp;
                 dp.attach(
                     EDGE_SRV_IF,

@@ -823,8 +823,16 @@ impl Qodd {
         &self,
         token: &str,
     ) -> anyhow::Result<QualityOnDemandClient<QodChannel>> {
+        self.sessions_with(&self.options(Some(token))?).await
+    }
+
+    /// The sessions API over a connection made with `options`.
+    pub async fn sessions_with(
+        &self,
+        options: &client::Options,
+    ) -> anyhow::Result<QualityOnDemandClient<QodChannel>> {
         Ok(QualityOnDemandClient::new(
-            self.channel_with(&self.options(Some(token))?).await?,
+            self.channel_with(options).await?,
         ))
     }
 
@@ -1281,10 +1289,6 @@ pub mod traffic {
     }
 
     impl Delivered {
-        pub fn total(&self) -> u64 {
-            self.bytes.iter().sum()
-        }
-
         /// Goodput in bit/s, leaving out the first `warmup` (slow start).
         pub fn goodput_bps(&self, warmup: Duration) -> f64 {
             let skip = (warmup.as_millis() / SAMPLE.as_millis()) as usize;

@@ -290,21 +290,13 @@ async fn scopes_ownership_and_three_legged_tokens() {
         .get_session(get(&id))
         .await
         .expect("read scope reads");
-    let no_profiles = qodd
-        .channel_with(
-            &qodd
-                .options(Some(&token(
-                    "app-a",
-                    &["quality-on-demand:sessions:read"],
-                    None,
-                )))
-                .expect("options"),
-        )
+    let mut no_profiles = qodd
+        .profiles_as(&token("app-a", &["quality-on-demand:sessions:read"], None))
         .await
-        .expect("channel");
+        .expect("client");
     assert_eq!(
         refusal(
-            QosProfilesClient::new(no_profiles)
+            no_profiles
                 .get_qos_profile(pb::GetQosProfileRequest {
                     name: "QOS_E".into()
                 })
@@ -425,13 +417,10 @@ async fn scopes_ownership_and_three_legged_tokens() {
         ),
         unnecessary
     );
-    let profiles = qodd
-        .channel_with(&qodd.options(Some(&three)).expect("options"))
-        .await
-        .expect("channel");
+    let mut profiles = qodd.profiles_as(&three).await.expect("profiles");
     assert_eq!(
         refusal(
-            QosProfilesClient::new(profiles.clone())
+            profiles
                 .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest {
                     device: Some(device(addr::OTHER_DEVICE_V4)),
                     ..Default::default()
@@ -441,7 +430,7 @@ async fn scopes_ownership_and_three_legged_tokens() {
         unnecessary
     );
     assert!(
-        !QosProfilesClient::new(profiles)
+        !profiles
             .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest::default())
             .await
             .expect("profiles for the subject")
@@ -525,8 +514,8 @@ async fn transport_security_and_client_certificates() {
     let attempt = |options: client::Options| {
         let qodd = &qodd;
         async move {
-            let channel = qodd.channel_with(&options).await?;
-            pb::quality_on_demand_client::QualityOnDemandClient::new(channel)
+            qodd.sessions_with(&options)
+                .await?
                 .create_session(create(Some(device(addr::DEVICE_V4)), 443))
                 .await
                 .map_err(|s| anyhow::anyhow!("{s:?}"))
@@ -588,11 +577,7 @@ async fn transport_security_and_client_certificates() {
             ..with_cert.clone()
         };
         let qodd = &qodd;
-        async move {
-            pb::quality_on_demand_client::QualityOnDemandClient::new(
-                qodd.channel_with(&options).await.expect("channel"),
-            )
-        }
+        async move { qodd.sessions_with(&options).await.expect("client") }
     };
     assert_eq!(
         refusal(
@@ -630,9 +615,7 @@ async fn transport_security_and_client_certificates() {
         ),
         is(Code::PermissionDenied, "PERMISSION_DENIED")
     );
-    let mut api = pb::quality_on_demand_client::QualityOnDemandClient::new(
-        qodd.channel_with(&with_cert).await.expect("channel"),
-    );
+    let mut api = qodd.sessions_with(&with_cert).await.expect("client");
     let all = sessions_of(&mut api, addr::DEVICE_V4, "retrieve").await;
     assert_eq!(all.sessions.len(), 1, "refused calls created sessions");
 }

@@ -164,8 +164,8 @@ async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = udp_stream(
         &lab.device,
-        api_sa(addr::DEVICE_V4, 47001),
-        api_sa(addr::SERVER_V4, 5000),
+        qod_testkit::api::sa(addr::DEVICE_V4, 47001),
+        qod_testkit::api::sa(addr::SERVER_V4, 5000),
         Duration::from_millis(5),
         stop.clone(),
     );
@@ -175,7 +175,7 @@ async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
     let failed: Arc<Mutex<Vec<(String, std::time::Instant)>>> = Arc::default();
     let creator = {
         let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
-        let channel = qodd.options(Some(&qodd.token)).expect("options");
+        let options = qodd.options(Some(&qodd.token)).expect("options");
         let addr = qodd.addr();
         tokio::spawn(async move {
             let mut i = 0u32;
@@ -184,7 +184,7 @@ async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
                 let device = format!("10.0.9.{}", i % 250 + 1);
                 let started = std::time::Instant::now();
                 let result = async {
-                    let ch = qod_proto::client::connect(&addr, &channel)
+                    let ch = qod_proto::client::connect(&addr, &options)
                         .await
                         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
                     pb::quality_on_demand_client::QualityOnDemandClient::new(ch)
@@ -327,10 +327,6 @@ async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
 
 /// QOS_L's DSCP (AF11) in the default profiles.
 const QOS_L_DSCP: u8 = 10;
-
-fn api_sa(a: &str, port: u16) -> std::net::SocketAddr {
-    qod_testkit::api::sa(a, port)
-}
 
 /// A store written in another boot (the host rebooted): the pinned data plane, whose kernel times
 /// belong to the old boot, is discarded and rebuilt from the store; sessions are enforced again

@@ -2,23 +2,15 @@
 //! configuration, a session created with `qodctl`, packets shown marked and counted on the wire,
 //! then deleted and shown unmarked. The lab is removed at the end, also on error or Ctrl-C.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{net::SocketAddr, path::Path, process::Command};
 
 use anyhow::{Context as _, ensure};
 use qod_testkit::{Capture, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, SERVER_IF, Seen, addr, udp_send};
 
-fn release_bin(name: &str) -> PathBuf {
-    crate::workspace_root().join("target/release").join(name)
-}
-
 /// Runs `qodctl` against `qodd` over TLS (its dev CA) with the token in `token_file`.
 fn qodctl(qodd: &Qodd, token_file: &Path, args: &[&str]) -> anyhow::Result<String> {
     println!("\n$ qodctl {}", args.join(" "));
-    let out = Command::new(release_bin("qodctl"))
+    let out = Command::new(crate::release_bin("qodctl"))
         .env("QODCTL_ADDR", qodd.addr())
         .env("QODCTL_CA", qodd.pki.path("ca.crt"))
         .env("QODCTL_TOKEN_FILE", token_file)
@@ -119,7 +111,7 @@ async fn demo() -> anyhow::Result<()> {
             lab.device.name, lab.edge.name, lab.server.name
         );
         let qodd = Qodd::start_bin(
-            &release_bin("qodd"),
+            &crate::release_bin("qodd"),
             &lab.edge,
             &[EDGE_DEV_IF, EDGE_SRV_IF],
             "",

@@ -102,7 +102,7 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         }
         let interfaces = scheduled_interfaces();
         let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-        let bin = crate::workspace_root().join("target/release/qodd");
+        let bin = crate::release_bin("qodd");
         let qodd = Qodd::start_bin(&bin, &lab.edge, &interfaces, CONGESTION_PROFILES).await?;
         let mut api = qodd.sessions().await?;
         println!("lab up: 100 Mbit/s scheduled bottleneck, {}s per scenario", seconds.as_secs());

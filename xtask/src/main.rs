@@ -51,17 +51,27 @@ enum Cmd {
     Lint,
 }
 
+/// The release `qodd` and `qodctl` the demo, the lab and the benchmarks run.
+fn build_release() -> anyhow::Result<()> {
+    cargo(&["build", "--release", "--package", "qod-daemon", "--bins"])
+}
+
+/// A binary of that release build.
+pub(crate) fn release_bin(name: &str) -> std::path::PathBuf {
+    workspace_root().join("target/release").join(name)
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
         Cmd::Demo => {
             setup::run()?;
-            cargo(&["build", "--release", "--package", "qod-daemon", "--bins"])?;
+            build_release()?;
             demo::run()
         }
         Cmd::Lab { seconds } => {
             setup::run()?;
-            cargo(&["build", "--release", "--package", "qod-daemon", "--bins"])?;
+            build_release()?;
             lab::run(seconds)
         }
         Cmd::Test { args } => {
@@ -75,7 +85,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             setup::apt(&["nftables", "iptables"])?;
             // The durability benchmark runs the release qodd.
-            cargo(&["build", "--release", "--package", "qod-daemon", "--bins"])?;
+            build_release()?;
             let mut all = vec![
                 "bench",
                 "--package",
