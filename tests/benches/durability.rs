@@ -25,10 +25,7 @@ use qod_proto::v1::quality_on_demand_client::QualityOnDemandClient;
 use qod_testkit::{EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, TEST_CLIENT, addr, api::session};
 
 fn release_qodd() -> std::path::PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent()?.parent().map(|d| d.join("qodd")))
-        .unwrap_or_default()
+    qod_testkit::release_bin("qodd")
 }
 
 /// Live sessions for `n` device addresses 10.x.y.z, written straight into the store.

@@ -603,6 +603,20 @@ pub fn qodd_bin() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The workspace root (the test kit lives in `tests/` under it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A binary of the release build (`cargo build --release -p qod-daemon --bins`), which the demo,
+/// the lab and the benchmarks run.
+pub fn release_bin(name: &str) -> PathBuf {
+    workspace_root().join("target/release").join(name)
+}
+
 /// A running `qodd` in a namespace, reachable on a Unix socket with TLS and access tokens (a
 /// dev PKI of its own); stopped on drop.
 pub struct Qodd {

@@ -2,11 +2,13 @@
 //!
 //! Every command first makes sure the machine has what qod needs (see [`setup`]); that check is
 //! idempotent and takes well under a second when everything is present.
+//!
+//! This binary must build on a machine with none of the eBPF toolchain, since installing it is
+//! its first job: it links nothing of qod's (no daemon, no test kit). The demo and the lab are
+//! binaries of the test kit (`tests/src/bin/`), which it builds and runs after the set-up.
 
-mod demo;
-mod lab;
 mod setup;
-mod svg;
+mod toolchain;
 
 use std::process::Command;
 
@@ -56,9 +58,22 @@ fn build_release() -> anyhow::Result<()> {
     cargo(&["build", "--release", "--package", "qod-daemon", "--bins"])
 }
 
-/// A binary of that release build.
-pub(crate) fn release_bin(name: &str) -> std::path::PathBuf {
-    workspace_root().join("target/release").join(name)
+/// Builds and runs a binary of the test kit (release), after the set-up and the release build.
+fn run_testkit_bin(bin: &str, args: &[&str]) -> anyhow::Result<()> {
+    let mut all = vec![
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "qod-testkit",
+        "--bin",
+        bin,
+    ];
+    if !args.is_empty() {
+        all.push("--");
+        all.extend(args);
+    }
+    cargo(&all)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,12 +82,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => {
             setup::run()?;
             build_release()?;
-            demo::run()
+            run_testkit_bin("qod-demo", &[])
         }
         Cmd::Lab { seconds } => {
             setup::run()?;
             build_release()?;
-            lab::run(seconds)
+            run_testkit_bin("qod-lab", &[&seconds.to_string()])
         }
         Cmd::Test { args } => {
             setup::run()?;

@@ -5,7 +5,9 @@
 
 use std::process::{Command, Stdio};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, anyhow, bail, ensure};
+
+use crate::toolchain;
 
 const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "ethtool", "procps"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -13,31 +15,17 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> anyhow::Result<()> {
     ensure!(
-        nix_is_root(),
+        is_root(),
         "qod's set-up installs system packages, and its demo and tests create network namespaces and load eBPF: run as root (e.g. `sudo -E cargo xtask ...`)"
     );
     apt(APT_PACKAGES)?;
     rust_src()?;
     bpf_linker()?;
-    llvm_match()
+    toolchain::check().map_err(|e| anyhow!(e))
 }
 
-fn nix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-fn output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+fn is_root() -> bool {
+    toolchain::output("id", &["-u"]).is_some_and(|o| o.trim() == "0")
 }
 
 fn run_cmd(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
@@ -55,7 +43,7 @@ pub fn apt(packages: &[&str]) -> anyhow::Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            output("dpkg-query", &["-W", "-f=${Status}", p])
+            toolchain::output("dpkg-query", &["-W", "-f=${Status}", p])
                 .is_none_or(|s| !s.contains("install ok installed"))
         })
         .collect();
@@ -77,29 +65,28 @@ pub fn apt(packages: &[&str]) -> anyhow::Result<()> {
 }
 
 fn rust_src() -> anyhow::Result<()> {
-    let toolchains = output("rustup", &["toolchain", "list"]).context("rustup is not installed")?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        bail!(
-            "no nightly Rust toolchain: the eBPF classifier is built with nightly (build-std). This machine kind ships one; qod's set-up does not fetch toolchains on purpose (a newer nightly's LLVM would not match bpf-linker's)."
-        );
+    if !toolchain::has_nightly() {
+        // check() words it.
+        bail!(toolchain::check().err().unwrap_or_default());
     }
-    let installed = output(
-        "rustup",
-        &["component", "list", "--toolchain", "nightly", "--installed"],
-    )
-    .unwrap_or_default();
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
+    if toolchain::has_rust_src() {
         return Ok(());
     }
     eprintln!("setup: adding rust-src to the nightly toolchain");
     run_cmd(
-        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            toolchain::NIGHTLY,
+        ]),
         "rustup component add rust-src",
     )
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
-    if output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+    if toolchain::bpf_linker_version().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
         return Ok(());
     }
     eprintln!(
@@ -118,30 +105,4 @@ fn bpf_linker() -> anyhow::Result<()> {
         ]),
         "cargo install bpf-linker",
     )
-}
-
-/// The LLVM major version the nightly compiler emits must be one bpf-linker can read.
-fn llvm_match() -> anyhow::Result<()> {
-    let rustc = output("rustc", &["+nightly", "-vV"]).context("cannot run rustc +nightly")?;
-    let nightly_major = rustc
-        .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))
-        .and_then(|v| v.split('.').next())
-        .map(str::to_owned)
-        .context("rustc +nightly -vV does not report its LLVM version")?;
-    let linker = output("sh", &["-c", "ldd \"$(command -v bpf-linker)\""]).unwrap_or_default();
-    let linker_major = linker
-        .split_whitespace()
-        .find_map(|w| {
-            w.strip_prefix("libLLVM.so.")
-                .or_else(|| w.strip_prefix("libLLVM-"))
-        })
-        .and_then(|v| v.split(['.', '-']).next())
-        .map(str::to_owned)
-        .context("cannot tell which LLVM bpf-linker is linked against (ldd shows no libLLVM)")?;
-    ensure!(
-        nightly_major == linker_major,
-        "LLVM mismatch: rustc +nightly emits LLVM {nightly_major} bitcode but bpf-linker uses LLVM {linker_major}. Use a nightly whose LLVM is {linker_major} (this machine kind's nightly 1.97 has LLVM 22), or rebuild bpf-linker against LLVM {nightly_major}."
-    );
-    Ok(())
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask lab`: QoS under congestion on a namespace lab, with and without sessions.
+//! `cargo xtask lab` (run by it after its set-up, with the release `qodd` built): QoS under congestion on a namespace lab, with and without sessions.
 //!
 //! Method: device / edge / server namespaces; `qodd` on the edge owns a 100 Mbit/s scheduler on
 //! both edge interfaces (HTB from the default profile shares), offloads off so HTB sees real
@@ -17,7 +17,9 @@ use qod_testkit::{
     traffic::{Delivered, Probe, SAMPLE, tcp_flows, udp_probe},
 };
 
-use crate::svg::{Series, chart};
+mod svg;
+
+use svg::{Series, chart};
 
 const WARMUP: Duration = Duration::from_secs(2);
 
@@ -90,9 +92,20 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
-pub fn run(seconds: u64) -> anyhow::Result<()> {
+/// `qod-lab [SECONDS]`: seconds per scenario (default 10, at least 4).
+fn main() -> anyhow::Result<()> {
+    let seconds = match std::env::args().nth(1) {
+        Some(s) => s
+            .parse()
+            .map_err(|e| anyhow::anyhow!("seconds per scenario {s:?}: {e}"))?,
+        None => 10,
+    };
+    run(seconds)
+}
+
+fn run(seconds: u64) -> anyhow::Result<()> {
     let seconds = Duration::from_secs(seconds.max(4));
-    let out_dir = crate::workspace_root().join("target/qod-lab");
+    let out_dir = qod_testkit::workspace_root().join("target/qod-lab");
     std::fs::create_dir_all(&out_dir)?;
     let rt = tokio::runtime::Runtime::new()?;
     let outcomes = rt.block_on(async {
@@ -102,7 +115,7 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         }
         let interfaces = scheduled_interfaces();
         let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-        let bin = crate::release_bin("qodd");
+        let bin = qod_testkit::release_bin("qodd");
         let qodd = Qodd::start_bin(&bin, &lab.edge, &interfaces, CONGESTION_PROFILES).await?;
         let mut api = qodd.sessions().await?;
         println!("lab up: 100 Mbit/s scheduled bottleneck, {}s per scenario", seconds.as_secs());

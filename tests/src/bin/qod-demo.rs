@@ -1,6 +1,8 @@
 //! The demo: a throwaway device / edge / server lab, `qodd` on the edge with the default
 //! configuration, a session created with `qodctl`, packets shown marked and counted on the wire,
 //! then deleted and shown unmarked. The lab is removed at the end, also on error or Ctrl-C.
+//!
+//! Run by `cargo xtask demo` after its set-up, with the release `qodd` and `qodctl` built.
 
 use std::{net::SocketAddr, path::Path, process::Command};
 
@@ -10,7 +12,7 @@ use qod_testkit::{Capture, EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, SERVER_IF, Seen,
 /// Runs `qodctl` against `qodd` over TLS (its dev CA) with the token in `token_file`.
 fn qodctl(qodd: &Qodd, token_file: &Path, args: &[&str]) -> anyhow::Result<String> {
     println!("\n$ qodctl {}", args.join(" "));
-    let out = Command::new(crate::release_bin("qodctl"))
+    let out = Command::new(qod_testkit::release_bin("qodctl"))
         .env("QODCTL_ADDR", qodd.addr())
         .env("QODCTL_CA", qodd.pki.path("ca.crt"))
         .env("QODCTL_TOKEN_FILE", token_file)
@@ -84,7 +86,7 @@ fn traffic(lab: &Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     // On Ctrl-C the demo future is dropped, and with it the lab and qodd (their Drop cleans up).
     runtime.block_on(async {
@@ -111,7 +113,7 @@ async fn demo() -> anyhow::Result<()> {
             lab.device.name, lab.edge.name, lab.server.name
         );
         let qodd = Qodd::start_bin(
-            &crate::release_bin("qodd"),
+            &qod_testkit::release_bin("qodd"),
             &lab.edge,
             &[EDGE_DEV_IF, EDGE_SRV_IF],
             "",
