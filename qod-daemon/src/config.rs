@@ -66,6 +66,10 @@ pub struct Cli {
     /// Print the default configuration file and exit.
     #[arg(long)]
     pub print_default_config: bool,
+    /// Validate the configuration (file and flags), print the effective one and exit: 0 when it
+    /// is valid, 64 when not. Binds nothing, loads nothing, writes nothing.
+    #[arg(long)]
+    pub check_config: bool,
     /// LABS ONLY: serve without TLS and without access tokens, so any local process may create,
     /// read and delete every session. Logged as a warning at start.
     #[arg(long)]
@@ -486,6 +490,60 @@ impl Config {
             None => None,
         };
         Self::from_parts(file.as_ref().map(|(p, t)| (*p, t.as_str())), cli)
+    }
+
+    /// The effective configuration as TOML, for `qodd --check-config`: the built-in defaults,
+    /// the file's keys over them, the flags over both (each top-level key replaced whole, as
+    /// [`Config::load`] merges them). Validate with [`Config::load`] first.
+    pub fn effective_toml(cli: &Cli) -> Result<String, ConfigError> {
+        let parse = |path: &Path, text: &str| {
+            text.parse::<toml::Table>()
+                .map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                })
+        };
+        let mut merged = parse(Path::new("<built-in defaults>"), DEFAULT_CONFIG)?;
+        if let Some(path) = &cli.config {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            merged.extend(parse(path, &text)?);
+        }
+        if let Some(listen) = &cli.listen {
+            merged.insert("listen".into(), listen.clone().into());
+        }
+        if let Some(attach) = &cli.attach {
+            merged.insert("attach".into(), attach.clone().into());
+        }
+        if let Some(max) = cli.max_sessions {
+            merged.insert("max_sessions".into(), i64::from(max).into());
+        }
+        if !cli.interfaces.is_empty() {
+            let mut list = toml::value::Array::new();
+            for i in &cli.interfaces {
+                let InterfaceEntry::Table(t) = parse_cli_interface(i)? else {
+                    continue;
+                };
+                let mut entry = toml::Table::new();
+                entry.insert("name".into(), t.name.into());
+                if let Some(side) = t.side {
+                    entry.insert("side".into(), side.into());
+                }
+                if let Some(mbit) = t.capacity_mbit {
+                    entry.insert("capacity_mbit".into(), mbit.into());
+                }
+                list.push(entry.into());
+            }
+            merged.insert("interfaces".into(), list.into());
+        }
+        let mut out = String::new();
+        if cli.insecure {
+            out.push_str("# --insecure: no TLS and no access tokens ([tls] and [auth] unused)\n");
+        }
+        out.push_str(&toml::to_string(&merged).unwrap_or_default());
+        Ok(out)
     }
 
     /// As [`Config::load`], with the file's text given.

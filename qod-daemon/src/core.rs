@@ -461,6 +461,7 @@ impl Core {
         if continuing {
             self.remove_orphans();
         }
+        self.remove_stale_classes();
         self.wake.notify_one();
     }
 
@@ -478,6 +479,39 @@ impl Core {
     }
 
     /// Removes kernel entries of devices without a live session.
+    /// Removes the per-session scheduler classes that no AVAILABLE session holds: those an
+    /// adopted tree kept for sessions that ended, or moved to another index, while qodd was down.
+    fn remove_stale_classes(&self) {
+        let mut inner = self.lock();
+        let held: HashSet<u16> = inner
+            .sessions
+            .values()
+            .filter(|s| matches!(s.state, SessionState::Available { .. }))
+            .filter_map(|s| s.reservation.as_ref().map(|r| r.index))
+            .collect();
+        let mut removed = 0usize;
+        for i in self.interfaces.iter().filter(|i| i.scheduler.is_some()) {
+            let present = match inner.dp.session_classes(&i.name) {
+                Ok(p) => p,
+                Err(e) => {
+                    error!(interface = %i.name, error = %e, "cannot list the scheduler's classes to reconcile them");
+                    continue;
+                }
+            };
+            for index in present.into_iter().filter(|x| !held.contains(x)) {
+                match inner.dp.remove_class(&i.name, index) {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        error!(interface = %i.name, index, error = %e, "cannot remove a stale scheduler class");
+                    }
+                }
+            }
+        }
+        if removed > 0 {
+            info!(removed, "removed scheduler classes no session holds");
+        }
+    }
+
     fn remove_orphans(&self) {
         let mut inner = self.lock();
         let keys = match inner.dp.device_keys() {
@@ -1884,6 +1918,33 @@ mod tests {
         let mut r = request(device, 60);
         r.profile = ProfileName::parse("qosProfile", profile).expect("name");
         r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn classes_no_session_holds_are_removed_after_restore() {
+        let (core, dp) = scheduled_core();
+        let v = core
+            .create(profile_request([10, 0, 0, 1], "QOS_L"))
+            .expect("fits");
+        let held = v.session.reservation.clone().expect("classes").index;
+        // What an adopted tree may hold: the class of a session that ended while qodd was down.
+        let stale = held + 5;
+        dp.state
+            .lock()
+            .expect("lock")
+            .classes
+            .insert(("dev0".into(), stale), ClassSpec::capped(1_000_000, None));
+        core.restore(Vec::new(), false);
+        let classes = dp.state.lock().expect("lock").classes.clone();
+        assert!(
+            !classes.contains_key(&("dev0".to_owned(), stale)),
+            "stale class removed"
+        );
+        assert!(
+            classes.contains_key(&("dev0".to_owned(), held)),
+            "a live session's class stays"
+        );
+        assert!(classes.contains_key(&("srv0".to_owned(), held)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -140,10 +140,14 @@ pub async fn run(
     health
         .set_serving::<QosProfilesServer<api::ProfileService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(qod_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection v1, and v1alpha for the grpcurl releases that distributions ship.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(qod_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
     let authenticator = authenticator(&config, &token).await;
     let mut server = tonic::transport::Server::builder();
     if let config::Security::Secure { tls, .. } = &config.security {
@@ -155,6 +159,10 @@ pub async fn run(
         .layer(api::correlator::CorrelatorLayer)
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection, authenticator.clone()))
+        .add_service(InterceptedService::new(
+            reflection_v1alpha,
+            authenticator.clone(),
+        ))
         .add_service(InterceptedService::new(
             QualityOnDemandServer::new(api::SessionService::new(
                 core.clone(),
@@ -174,6 +182,7 @@ pub async fn run(
     tokio::spawn(async move {
         shutdown.await;
         info!("shutdown requested; draining");
+        notify_service_manager(sd_notify::NotifyState::Stopping);
         signal_token.cancel();
     });
     let stop = token.clone().cancelled_owned();
@@ -219,6 +228,8 @@ pub async fn run(
         }
     };
 
+    // The store is restored and the API serves: tell systemd (Type=notify), if it started us.
+    notify_service_manager(sd_notify::NotifyState::Ready);
     token.cancelled().await;
     let served = match tokio::time::timeout(DRAIN_GRACE, server).await {
         Ok(Ok(result)) => result.map_err(RunError::from),
@@ -258,6 +269,17 @@ pub async fn run(
         "qodd stopped (store writes and the commits they shared)"
     );
     served
+}
+
+/// Sends `state` to the service manager named by `NOTIFY_SOCKET`, if any (systemd's
+/// `Type=notify` readiness protocol).
+fn notify_service_manager(state: sd_notify::NotifyState<'_>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        warn!(error = %e, "cannot notify the service manager");
+    }
 }
 
 /// The boot this host runs in (`/proc/sys/kernel/random/boot_id`).
@@ -379,25 +401,47 @@ fn anyhow_like(e: &dyn std::error::Error) -> String {
 /// How often the managed links are checked.
 const LINK_POLL: Duration = Duration::from_secs(1);
 
-/// Names of the interfaces that are up and running (one `getifaddrs` for every link).
-fn running_links() -> std::collections::HashSet<String> {
+/// Names of the interfaces that are up and running (one `getifaddrs` for every link), or why
+/// they cannot be read now (e.g. `EMFILE` when descriptors run out).
+fn running_links() -> nix::Result<std::collections::HashSet<String>> {
     use nix::net::if_::InterfaceFlags;
-    nix::ifaddrs::getifaddrs()
-        .into_iter()
-        .flatten()
+    Ok(nix::ifaddrs::getifaddrs()?
         .filter(|a| {
             a.flags
                 .contains(InterfaceFlags::IFF_UP | InterfaceFlags::IFF_RUNNING)
         })
         .map(|a| a.interface_name)
-        .collect()
+        .collect())
 }
 
-/// `(ifindex, up)` of an interface: `None` when it does not exist.
-fn link_state(name: &str, running: &std::collections::HashSet<String>) -> Option<(u32, bool)> {
-    let index = nix::net::if_::if_nametoindex(name).ok()?;
-    Some((index, running.contains(name)))
+/// What one look-up tells of a managed link.
+#[derive(Debug, PartialEq)]
+enum LinkSeen {
+    /// It exists with this ifindex, up and running or not.
+    Present { index: u32, up: bool },
+    /// The kernel says there is no such interface.
+    Gone,
+    /// It could not be read (the error): nothing is known, so nothing changes.
+    Unreadable(nix::errno::Errno),
 }
+
+/// What the kernel says of interface `name`, given this poll's running links.
+fn link_state(name: &str, running: &nix::Result<std::collections::HashSet<String>>) -> LinkSeen {
+    match nix::net::if_::if_nametoindex(name) {
+        Ok(index) => match running {
+            Ok(running) => LinkSeen::Present {
+                index,
+                up: running.contains(name),
+            },
+            Err(e) => LinkSeen::Unreadable(*e),
+        },
+        Err(nix::errno::Errno::ENODEV) => LinkSeen::Gone,
+        Err(e) => LinkSeen::Unreadable(e),
+    }
+}
+
+/// Times the link state could not be read (each one logged; none counts as a link loss).
+pub static LINK_READ_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Watches the managed interfaces: a link that goes down or disappears ends every session
 /// (`NETWORK_TERMINATED`); when it comes back (re-created: classifier and scheduler attached
@@ -414,12 +458,16 @@ async fn watch_links(core: Arc<Core>, names: Vec<String>, stop: CancellationToke
     let mut links: Vec<Link> = names
         .into_iter()
         .map(|name| {
-            let state = link_state(&name, &running);
-            Link {
-                attached: state.map(|(i, _)| i),
-                up: state.is_some_and(|(_, up)| up),
-                name,
-            }
+            // At start every managed link was just attached to, so one that cannot be read now
+            // counts as attached and up until a look-up says otherwise.
+            let (attached, up) = match link_state(&name, &running) {
+                LinkSeen::Present { index, up } => (Some(index), up),
+                LinkSeen::Gone => (None, false),
+                LinkSeen::Unreadable(_) => {
+                    (nix::net::if_::if_nametoindex(name.as_str()).ok(), true)
+                }
+            };
+            Link { name, attached, up }
         })
         .collect();
     // Calls that may run `tc` go to the blocking pool.
@@ -435,7 +483,12 @@ async fn watch_links(core: Arc<Core>, names: Vec<String>, stop: CancellationToke
         let running = running_links();
         for link in &mut links {
             match link_state(&link.name, &running) {
-                Some((index, true)) => {
+                LinkSeen::Unreadable(e) => {
+                    // Not a link loss: sessions stay, and the next poll looks again.
+                    LINK_READ_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!(interface = %link.name, error = %e, "cannot read the link state; nothing changes until it can be read");
+                }
+                LinkSeen::Present { index, up: true } => {
                     if link.attached != Some(index) {
                         // Re-created (possibly between two polls): whatever ran on the old one
                         // is gone, so its sessions end before the new one is attached.
@@ -456,7 +509,7 @@ async fn watch_links(core: Arc<Core>, names: Vec<String>, stop: CancellationToke
                         link.up = true;
                     }
                 }
-                _ => {
+                LinkSeen::Present { up: false, .. } | LinkSeen::Gone => {
                     if link.up {
                         let _ = changed(&core, &link.name, false).await;
                         link.up = false;

@@ -17,6 +17,19 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
+    if cli.check_config {
+        return match Config::effective_toml(&cli) {
+            Ok(text) => {
+                print!("{text}");
+                eprintln!("qodd: configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("qodd: invalid configuration: {:#}", anyhow::Error::from(e));
+                ExitCode::from(EXIT_BAD_CONFIG as u8)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -633,6 +633,18 @@ pub struct Qodd {
     pub pin_path: PathBuf,
     /// How long a start may take before it counts as failed.
     pub start_timeout: Duration,
+    /// How the process is started.
+    pub launch: Launch,
+}
+
+/// How a test starts the `qodd` process, beyond its configuration.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// A command (and its arguments) that runs qodd inside the namespace, e.g.
+    /// `setpriv --bounding-set …`.
+    pub wrapper: Vec<String>,
+    /// Extra environment, e.g. `NOTIFY_SOCKET`.
+    pub env: Vec<(String, String)>,
 }
 
 /// The bpffs test instances of qodd pin their data planes under.
@@ -667,6 +679,18 @@ impl Qodd {
         interfaces: &[&str],
         extra_toml: &str,
         security: impl FnOnce(&DevPki) -> String,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(bin, ns, interfaces, extra_toml, security, Launch::default()).await
+    }
+
+    /// As [`Qodd::start_secured`], launched as `launch` says (also on every restart).
+    pub async fn start_with(
+        bin: &Path,
+        ns: &Netns,
+        interfaces: &[&str],
+        extra_toml: &str,
+        security: impl FnOnce(&DevPki) -> String,
+        launch: Launch,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let pki = DevPki::ensure(&dir.path().join("pki"))?;
@@ -729,6 +753,7 @@ impl Qodd {
             token,
             pin_path,
             start_timeout: Duration::from_secs(30),
+            launch,
         };
         q.launch().await?;
         Ok(q)
@@ -742,10 +767,12 @@ impl Qodd {
             .open(self.dir.path().join("qodd.log"))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.netns])
+            .args(&self.launch.wrapper)
             .arg(&self.bin)
             .arg("--config")
             .arg(self.config_path())
             .env("RUST_LOG", "info")
+            .envs(self.launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

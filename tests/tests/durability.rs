@@ -2,12 +2,13 @@
 //! acknowledged session is back and enforced; one whose time ran out meanwhile has ended, with its
 //! event. Needs root.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use qod_proto::v1 as pb;
 use qod_testkit::{
-    EDGE_DEV_IF, Lab, Qodd, addr,
-    api::{require_root, session},
+    DEVICE_IF, EDGE_DEV_IF, Lab, Qodd, addr,
+    api::{CONGESTION_PROFILES, require_root, sa, scheduled_interfaces, session},
+    udp_send,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -536,4 +537,164 @@ async fn a_graceful_stop_keeps_the_data_plane_unless_told_to_tear_it_down() {
         !qod_daemon::dataplane::pin_dir(&qodd.pin_path).exists(),
         "nothing left pinned"
     );
+}
+
+/// `tc -s class show dev interface` in the lab's edge: each per-session HTB class (parent 1:1,
+/// minor 0x100 and up) → (its `rate … ceil …` words, bytes sent).
+fn session_classes(lab: &Lab, interface: &str) -> BTreeMap<String, (String, u64)> {
+    let text = lab
+        .edge
+        .exec("tc", &["-s", "class", "show", "dev", interface])
+        .expect("tc class show");
+    let mut classes = BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let ["class", "htb", handle, "parent", "1:1", rest @ ..] = words.as_slice() {
+            let minor = handle
+                .strip_prefix("1:")
+                .and_then(|m| u16::from_str_radix(m, 16).ok());
+            current = minor.filter(|m| *m >= 0x100).map(|_| {
+                let rate = rest
+                    .iter()
+                    .skip_while(|w| **w != "rate")
+                    .take(4)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                ((*handle).to_owned(), rate)
+            });
+        } else if let (Some((handle, rate)), ["Sent", bytes, "bytes", ..]) =
+            (current.take(), words.as_slice())
+        {
+            classes.insert(handle, (rate, bytes.parse().unwrap_or(0)));
+        }
+    }
+    classes
+}
+
+/// The per-session class that downlink UDP to `device` goes through on the edge's device side,
+/// with its rate words: the one whose byte count grows by what was sent.
+fn class_of(lab: &Lab, device: &str, port: u16) -> (String, String) {
+    let before = session_classes(lab, EDGE_DEV_IF);
+    udp_send(
+        &lab.server,
+        sa(addr::SERVER_V4, 47000),
+        sa(device, port),
+        20,
+        500,
+    )
+    .expect("downlink traffic");
+    let after = session_classes(lab, EDGE_DEV_IF);
+    let grown: Vec<(String, String)> = after
+        .into_iter()
+        .filter(|(h, (_, bytes))| *bytes >= before.get(h).map_or(0, |b| b.1) + 20 * 500)
+        .map(|(h, (rate, _))| (h, rate))
+        .collect();
+    assert_eq!(
+        grown.len(),
+        1,
+        "one class carried the flow to {device}: {grown:?}"
+    );
+    grown.into_iter().next().expect("one")
+}
+
+/// Restart with both edge interfaces scheduled (HTB trees qodd owns), after `kill -9` and after
+/// a graceful stop that keeps the data plane: qodd adopts the tree it left instead of failing to
+/// replace its root, the live sessions' traffic still goes through a class of their rate and
+/// carries their marking, and the class of a session that ended while qodd was down is removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_sessions_keep_their_treatment_across_kill_9_and_graceful_restart() {
+    require_root();
+    let lab = Lab::new().expect("lab");
+    lab.device
+        .ip(&["addr", "add", "10.0.1.4/24", "dev", DEVICE_IF])
+        .expect("third device address");
+    let interfaces = scheduled_interfaces();
+    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+    let mut qodd = Qodd::start(&lab.edge, &interfaces, CONGESTION_PROFILES)
+        .await
+        .expect("qodd");
+    let mut api = qodd.sessions().await.expect("client");
+    let rated =
+        |device: &str, duration| session(device, addr::SERVER_V4, "QOS_G", &[], &[], duration);
+    api.create_session(rated(addr::OTHER_DEVICE_V4, 600))
+        .await
+        .expect("rated session");
+    api.create_session(rated("10.0.1.4", 2))
+        .await
+        .expect("short rated session");
+    qod_testkit::marked_flow(&mut api).await;
+    let mark = |port| {
+        lab.uplink_dscp(addr::DEVICE_V4, port, addr::SERVER_V4, 5000)
+            .expect("uplink traffic")
+    };
+    let marked = mark(46400);
+    assert!(
+        marked.len() == 5 && marked[0] != 0,
+        "marked at first: {marked:?}"
+    );
+    let (_, rate) = class_of(&lab, addr::OTHER_DEVICE_V4, 9000);
+    assert!(rate.starts_with("rate 20Mbit ceil 20Mbit"), "{rate}");
+    assert_eq!(
+        session_classes(&lab, EDGE_DEV_IF).len(),
+        3,
+        "a class each: two guaranteed, one low latency"
+    );
+
+    qodd.kill9();
+    // The short session ends while qodd is down.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    qodd.restart()
+        .await
+        .expect("qodd starts again on the tree it left");
+    assert_eq!(mark(46401), marked, "marked after kill -9");
+    assert_eq!(
+        class_of(&lab, addr::OTHER_DEVICE_V4, 9001).1,
+        rate,
+        "same class rate after kill -9"
+    );
+    assert_eq!(
+        session_classes(&lab, EDGE_DEV_IF).len(),
+        2,
+        "the ended session's class is removed: {:?}\n{}",
+        session_classes(&lab, EDGE_DEV_IF),
+        qodd.log()
+    );
+    assert!(qodd.log().contains("scheduler adopted"), "{}", qodd.log());
+
+    assert!(qodd.stop().expect("stopped").success());
+    assert_eq!(mark(46402), marked, "kept enforcing while stopped");
+    qodd.restart()
+        .await
+        .expect("qodd starts again after a graceful stop");
+    assert_eq!(mark(46403), marked, "marked after a graceful restart");
+    assert_eq!(
+        class_of(&lab, addr::OTHER_DEVICE_V4, 9002).1,
+        rate,
+        "same class rate after a graceful restart"
+    );
+    assert_eq!(session_classes(&lab, EDGE_DEV_IF).len(), 2);
+    let live = api_sessions(&qodd).await;
+    assert_eq!(live, 2, "both long sessions AVAILABLE");
+}
+
+/// AVAILABLE sessions of the test client, over the API.
+async fn api_sessions(qodd: &Qodd) -> usize {
+    let mut api = qodd.sessions().await.expect("client");
+    let mut n = 0;
+    for device in [addr::DEVICE_V4, addr::OTHER_DEVICE_V4, "10.0.1.4"] {
+        n += api
+            .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
+                device: Some(qod_testkit::api::device(device)),
+            })
+            .await
+            .expect("retrieve")
+            .into_inner()
+            .sessions
+            .iter()
+            .filter(|s| s.qos_status == pb::QosStatus::Available as i32)
+            .count();
+    }
+    n
 }

@@ -538,3 +538,62 @@ fn bad_config_exits_64() {
         assert!(err.contains(needle), "{text}: {err}");
     }
 }
+
+/// Descriptors run out (what ~1,000 idle connections under a 1024 limit do): qodd cannot read
+/// the link state then, and that must not count as a link loss. Its limit is lowered to what it
+/// has open for a few link polls, then raised again: the session is still AVAILABLE, still
+/// marked on the wire, and the failure was logged.
+#[tokio::test(flavor = "multi_thread")]
+async fn link_state_that_cannot_be_read_ends_no_session() {
+    let (lab, qodd) = qod_testkit::lab_with_qodd("").await;
+    let mut api = qodd.sessions().await.expect("client");
+    let marked = qod_testkit::marked_flow(&mut api).await;
+    let pid = qodd.pid().expect("pid").to_string();
+    // A new descriptor takes the lowest free number, and the limit bounds numbers: at the
+    // lowest free one, every open fails with EMFILE.
+    let used: std::collections::HashSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let open = (0..).find(|n| !used.contains(n)).expect("a free number");
+    let limit = |n: &str| {
+        let out = std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={n}")])
+            .output()
+            .expect("prlimit (util-linux)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // The soft limit only: raising it back needs no privilege (this sandbox has no
+    // CAP_SYS_RESOURCE to raise a hard one).
+    limit(&format!("{open}:"));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let hard = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .expect("limits")
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .expect("hard limit");
+    limit(&format!("{hard}:"));
+    let log = qodd.log();
+    assert!(
+        log.contains("cannot read the link state"),
+        "qodd ran out of descriptors while polling: {log}"
+    );
+    let info = api
+        .get_session(pb::GetSessionRequest {
+            session_id: marked.session_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(info.qos_status(), pb::QosStatus::Available, "{log}");
+    assert_eq!(
+        lab.uplink_dscp(addr::DEVICE_V4, 46600, addr::SERVER_V4, 5000)
+            .expect("traffic"),
+        [32; 5]
+    );
+}

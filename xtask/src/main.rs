@@ -35,7 +35,11 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
-    /// Run the whole test suite (unit, classifier and namespace end-to-end tests). Needs root.
+    /// Build the Debian package (qodd, qodctl, the systemd unit, /etc/qodd/qodd.toml as a
+    /// conffile) under target/debian/.
+    Package,
+    /// Run the whole test suite (unit, classifier and namespace end-to-end tests, and the
+    /// package's contents). Needs root.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -56,6 +60,26 @@ enum Cmd {
 /// The release `qodd` and `qodctl` the demo, the lab and the benchmarks run.
 fn build_release() -> anyhow::Result<()> {
     cargo(&["build", "--release", "--package", "qod-daemon", "--bins"])
+}
+
+/// The release build packaged with cargo-deb; returns the .deb's path.
+fn package() -> anyhow::Result<std::path::PathBuf> {
+    setup::cargo_deb()?;
+    build_release()?;
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(["deb", "--package", "qod-daemon", "--no-build", "--no-strip"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("run cargo deb")?;
+    ensure!(out.status.success(), "cargo deb failed");
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find(|l| l.trim_end().ends_with(".deb"))
+        .map(|l| std::path::PathBuf::from(l.trim()))
+        .context("cargo deb printed no package path")?;
+    Ok(path)
 }
 
 /// Builds and runs a binary of the test kit (release), after the set-up and the release build.
@@ -89,12 +113,20 @@ fn main() -> anyhow::Result<()> {
             build_release()?;
             run_testkit_bin("qod-lab", &[&seconds.to_string()])
         }
+        Cmd::Package => {
+            setup::run()?;
+            let deb = package()?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Cmd::Test { args } => {
             setup::run()?;
+            // The package's contents are part of the suite (tests/tests/service.rs).
+            let deb = package()?;
             cargo(&["build", "--package", "qod-daemon", "--bins"])?;
             let mut all = vec!["test", "--workspace", "--exclude", "qod-ebpf"];
             all.extend(args.iter().map(String::as_str));
-            cargo_test(&all)
+            cargo_test(&all, &[("QOD_DEB", deb.as_os_str())])
         }
         Cmd::Bench { args } => {
             setup::run()?;
@@ -158,11 +190,12 @@ fn workspace_root() -> std::path::PathBuf {
 
 /// Runs `cargo test`, passing its output through, and closes with one line totalling every test
 /// binary's result (cargo prints one `test result:` line per binary).
-fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
+fn cargo_test(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(workspace_root())
         .args(args)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("run cargo test")?;

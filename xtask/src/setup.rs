@@ -11,6 +11,7 @@ use crate::toolchain;
 
 const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "ethtool", "procps"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> anyhow::Result<()> {
@@ -104,5 +105,25 @@ fn bpf_linker() -> anyhow::Result<()> {
             "llvm-22",
         ]),
         "cargo install bpf-linker",
+    )
+}
+
+/// cargo-deb, which `cargo xtask package` builds the Debian package with.
+pub fn cargo_deb() -> anyhow::Result<()> {
+    if toolchain::output("cargo", &["deb", "--version"])
+        .is_some_and(|v| v.contains(CARGO_DEB_VERSION))
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-deb {CARGO_DEB_VERSION} (a minute or two, once)");
+    run_cmd(
+        Command::new("cargo").args([
+            "install",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+            "--locked",
+        ]),
+        "cargo install cargo-deb",
     )
 }

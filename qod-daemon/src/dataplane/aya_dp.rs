@@ -593,6 +593,10 @@ impl DataPlane for AyaDataPlane {
         self.scheduler(interface)?.remove_class(index)
     }
 
+    fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError> {
+        self.scheduler(interface)?.session_classes()
+    }
+
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError> {
         let (side, scheduler) = self
             .interfaces

@@ -81,6 +81,16 @@ impl DataPlane for FakeDataPlane {
         Ok(())
     }
 
+    fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError> {
+        Ok(self
+            .state()
+            .classes
+            .keys()
+            .filter(|(i, _)| i == interface)
+            .map(|(_, index)| *index)
+            .collect())
+    }
+
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError> {
         self.state().reattached.push(interface.to_owned());
         Ok(())

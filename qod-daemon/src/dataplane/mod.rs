@@ -70,6 +70,9 @@ pub trait DataPlane: Send + 'static {
     ) -> Result<(), DataPlaneError>;
     /// Deletes per-session class `index` on `interface`.
     fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError>;
+    /// The indexes of the per-session classes on `interface`'s scheduler now (an adopted tree
+    /// holds those of the previous run).
+    fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError>;
     /// Attaches the classifier (and scheduler) to `interface` again after it was re-created.
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError>;
     /// Graceful stop: the data plane stays (pinned) unless configured to be torn down.

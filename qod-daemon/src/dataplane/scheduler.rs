@@ -1,5 +1,8 @@
 //! Egress scheduling of a managed interface: an HTB tree that `qodd` owns, set up with iproute2's
-//! `tc` (idempotent `replace` operations).
+//! `tc` (idempotent `replace` operations). A tree a previous `qodd` left (the default
+//! `on_exit = "keep"`, or a crash) is adopted: HTB cannot `change` its root in place, so the root
+//! is kept and its classes are brought to this configuration; the per-session classes no restored
+//! session claims are removed once the store is restored.
 //!
 //! ```text
 //! 1:   htb root, unclassified traffic → 1:20
@@ -147,6 +150,58 @@ fn bits(bps: u64) -> String {
     format!("{bps}bit")
 }
 
+/// What `tc -j` printed, parsed.
+fn tc_json(args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = Command::new("tc")
+        .arg("-j")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run tc: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "tc -j {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("tc -j {}: {e}", args.join(" ")))
+}
+
+/// Whether `interface`'s root qdisc is the HTB `1:` that qodd installs.
+fn has_qod_root(interface: &str) -> Result<bool, String> {
+    let root = tc_json(&["qdisc", "show", "dev", interface, "root"])?;
+    Ok(root
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|q| q["kind"] == "htb" && q["handle"] == "1:" && q["root"].as_bool().unwrap_or(false)))
+}
+
+/// The per-session class indexes in `tc class show` output (`class htb 1:1xx parent 1:1 …`).
+fn session_class_indexes(text: &str) -> Vec<u16> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let (class, kind, handle) = (words.next()?, words.next()?, words.next()?);
+            let parent = (words.next()? == "parent").then(|| words.next())??;
+            (class == "class" && kind == "htb" && parent == "1:1").then_some(())?;
+            let minor = u16::from_str_radix(handle.strip_prefix("1:")?, 16).ok()?;
+            minor
+                .checked_sub(SESSION_MINOR_BASE)
+                .filter(|index| *index < MAX_SESSION_CLASSES)
+        })
+        .collect()
+}
+
+/// HTB `burst` / `cburst` in bytes for a class of `rate_bps`: ten full frames, or 1 ms at the
+/// rate if that is more. tc's default is one rate tick of this kernel's 1 GHz psched clock, about
+/// one frame, which makes the third packet of a small burst wait for tokens (tens of ms at low
+/// rates).
+pub fn burst_bytes(rate_bps: u64) -> u64 {
+    (10 * 1514).max(rate_bps / 8 / 1000)
+}
+
 /// Bytes a class may send per round: one full frame, so low rates stay accurate.
 const QUANTUM: &str = "1514";
 
@@ -167,13 +222,18 @@ impl Scheduler {
             what,
         };
         let cap = bits(config.capacity_bps);
-        tc(&[
-            "qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default", "20",
-        ])
-        .map_err(err)?;
+        let cap_burst = burst_bytes(config.capacity_bps).to_string();
+        let adopted = has_qod_root(interface).map_err(err)?;
+        if !adopted {
+            tc(&[
+                "qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default",
+                "20",
+            ])
+            .map_err(err)?;
+        }
         tc(&[
             "class", "replace", "dev", interface, "parent", "1:", "classid", "1:1", "htb", "rate",
-            &cap, "ceil", &cap, "quantum", QUANTUM,
+            &cap, "ceil", &cap, "burst", &cap_burst, "cburst", &cap_burst, "quantum", QUANTUM,
         ])
         .map_err(err)?;
         for (minor, rate, prio) in [
@@ -194,6 +254,10 @@ impl Scheduler {
                 &bits(rate),
                 "ceil",
                 &cap,
+                "burst",
+                &burst_bytes(rate).to_string(),
+                "cburst",
+                &cap_burst,
                 "prio",
                 prio,
                 "quantum",
@@ -226,7 +290,13 @@ impl Scheduler {
             interface,
             capacity_bps = config.capacity_bps,
             best_effort_leaf,
-            "scheduler installed"
+            adopted,
+            "{}",
+            if adopted {
+                "scheduler adopted from a previous qodd"
+            } else {
+                "scheduler installed"
+            }
         );
         Ok(Self {
             interface: interface.to_owned(),
@@ -259,6 +329,10 @@ impl Scheduler {
             &bits(spec.rate_bps),
             "ceil",
             &bits(ceil),
+            "burst",
+            &burst_bytes(spec.rate_bps).to_string(),
+            "cburst",
+            &burst_bytes(ceil).to_string(),
             "prio",
             &spec.prio.to_string(),
             "quantum",
@@ -293,6 +367,32 @@ impl Scheduler {
         })
     }
 
+    /// The indexes of the per-session classes in the interface's tree now.
+    pub fn session_classes(&self) -> Result<Vec<u16>, DataPlaneError> {
+        // iproute2 6.1 prints HTB classes as text even with `-j`.
+        let out = Command::new("tc")
+            .args(["class", "show", "dev", &self.interface])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run tc: {e}"))
+            .and_then(|o| {
+                if o.status.success() {
+                    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+                } else {
+                    Err(format!(
+                        "tc class show dev {}: {}",
+                        self.interface,
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ))
+                }
+            })
+            .map_err(|what| DataPlaneError::Scheduler {
+                interface: self.interface.clone(),
+                what,
+            })?;
+        Ok(session_class_indexes(&out))
+    }
+
     /// Gives the interface back its default qdisc.
     pub fn remove(&self) {
         if let Err(e) = tc(&["qdisc", "del", "dev", &self.interface, "root"]) {
@@ -304,6 +404,19 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_classes_are_read_from_tc_output() {
+        let text = "class htb 1:100 parent 1:1 prio 0 rate 20Mbit ceil 20Mbit burst 15140b cburst 15140b \n Sent 0 bytes 0 pkt (dropped 0, overlimits 0 requeues 0) \nclass htb 1:1 root rate 100Mbit ceil 100Mbit\nclass htb 1:10 parent 1:1 prio 0 rate 1Mbit\nclass htb 1:20 parent 1:1 prio 7 rate 9Mbit\nclass htb 1:1ff parent 1:1 prio 2 rate 1Mbit\nclass htb 2:105 parent 2:1 rate 1Mbit\n";
+        assert_eq!(session_class_indexes(text), vec![0, 0xff]);
+    }
+
+    #[test]
+    fn bursts_are_ten_frames_or_a_millisecond() {
+        assert_eq!(burst_bytes(500_000), 15_140);
+        assert_eq!(burst_bytes(100_000_000), 15_140);
+        assert_eq!(burst_bytes(1_000_000_000), 125_000);
+    }
 
     #[test]
     fn camara_priority_orders_borrowing() {

@@ -1,0 +1,341 @@
+//! qodd as an operator installs it: the systemd unit (`systemd-analyze verify`), the readiness
+//! protocol over a `NOTIFY_SOCKET` of the test's own (this machine kind runs no systemd as PID 1),
+//! `--check-config`, and qodd running with only the unit's capabilities. Needs root.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use qod_daemon::devkit::DevPki;
+use qod_testkit::{
+    EDGE_DEV_IF, EDGE_SRV_IF, Lab, Launch, Qodd, addr,
+    api::{CONGESTION_PROFILES, require_root, scheduled_interfaces},
+    qodd_bin, workspace_root,
+};
+
+fn unit_path() -> PathBuf {
+    workspace_root().join("qod-daemon/packaging/qodd.service")
+}
+
+fn unit_text() -> String {
+    std::fs::read_to_string(unit_path()).expect("the unit file")
+}
+
+#[test]
+fn the_unit_passes_systemd_analyze_verify() {
+    // verify checks that ExecStart's binary exists: point it at the one this build made.
+    let dir = tempfile::tempdir().expect("dir");
+    let unit = dir.path().join("qodd.service");
+    let text = unit_text().replace("/usr/bin/qodd", &qodd_bin().display().to_string());
+    std::fs::write(&unit, &text).expect("unit copy");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
+    // Unknown keys and bad values are only warnings to verify: none may name this unit.
+    let about_us: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("qodd.service"))
+        .collect();
+    assert!(
+        about_us.is_empty(),
+        "warnings about the unit:\n{}",
+        about_us.join("\n")
+    );
+    for wanted in [
+        "Type=notify",
+        "StateDirectory=qodd",
+        "LimitNOFILE=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "ReadWritePaths=/sys/fs/bpf /var/lib/qodd",
+    ] {
+        assert!(text.contains(wanted), "the unit lacks {wanted}");
+    }
+}
+
+/// The unit's `CapabilityBoundingSet`, e.g. `["CAP_BPF", "CAP_NET_ADMIN"]`.
+fn unit_capabilities() -> Vec<String> {
+    unit_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn capability_number(name: &str) -> u32 {
+    match name {
+        "CAP_NET_ADMIN" => 12,
+        "CAP_SYS_ADMIN" => 21,
+        "CAP_SYS_RESOURCE" => 24,
+        "CAP_PERFMON" => 38,
+        "CAP_BPF" => 39,
+        other => panic!("add {other} to the test's table"),
+    }
+}
+
+/// The `CapEff` mask of process `pid`.
+fn effective_capabilities(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff")
+        .trim();
+    u64::from_str_radix(hex, 16).expect("hex")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qodd_enforces_with_only_the_units_capabilities() {
+    require_root();
+    let caps = unit_capabilities();
+    let setpriv_caps = std::iter::once("-all".to_owned())
+        .chain(
+            caps.iter()
+                .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())),
+        )
+        .collect::<Vec<_>>()
+        .join(",");
+    let lab = Lab::new().expect("lab");
+    let interfaces = scheduled_interfaces();
+    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+    let launch = Launch {
+        wrapper: vec![
+            "setpriv".into(),
+            "--no-new-privs".into(),
+            "--bounding-set".into(),
+            setpriv_caps,
+            "--inh-caps".into(),
+            "-all".into(),
+        ],
+        env: Vec::new(),
+    };
+    let qodd = Qodd::start_with(
+        &qodd_bin(),
+        &lab.edge,
+        &interfaces,
+        CONGESTION_PROFILES,
+        DevPki::config_toml,
+        launch,
+    )
+    .await
+    .expect("qodd starts with the unit's capabilities");
+    let want = caps.iter().fold(0u64, |m, c| m | 1 << capability_number(c));
+    assert_eq!(
+        effective_capabilities(qodd.pid().expect("pid")),
+        want,
+        "qodd runs with exactly {caps:?}"
+    );
+    let mut api = qodd.sessions().await.expect("client");
+    qod_testkit::marked_flow(&mut api).await;
+    assert_eq!(
+        lab.uplink_dscp(addr::DEVICE_V4, 46500, addr::SERVER_V4, 5000)
+            .expect("traffic"),
+        [32; 5],
+        "marked on the wire:\n{}",
+        qodd.log()
+    );
+    // tc ran too: the low-latency session has a class of its own on both sides.
+    for interface in [EDGE_DEV_IF, EDGE_SRV_IF] {
+        let classes = lab
+            .edge
+            .exec("tc", &["class", "show", "dev", interface])
+            .expect("tc");
+        assert!(classes.contains("1:100"), "{interface}: {classes}");
+    }
+}
+
+/// Reads one datagram from the notify socket.
+fn next_notification(socket: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a notification in time");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_and_stopping_reach_the_service_manager() {
+    require_root();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let lab = Lab::new().expect("lab");
+    let mut qodd = Qodd::start_with(
+        &qodd_bin(),
+        &lab.edge,
+        &[EDGE_DEV_IF, EDGE_SRV_IF],
+        "",
+        DevPki::config_toml,
+        Launch {
+            wrapper: Vec::new(),
+            env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        },
+    )
+    .await
+    .expect("qodd");
+    let ready = next_notification(&socket);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    // Ready means serving: a real call answers at once.
+    let mut api = qodd.sessions().await.expect("client");
+    qod_testkit::marked_flow(&mut api).await;
+    assert!(qodd.stop().expect("stopped").success());
+    let stopping = next_notification(&socket);
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+}
+
+fn check_config(dir: &Path, toml: &str, extra: &[&str]) -> std::process::Output {
+    let config = dir.join("qodd.toml");
+    std::fs::write(&config, toml).expect("config");
+    Command::new(qodd_bin())
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&config)
+        .args(extra)
+        .output()
+        .expect("run qodd --check-config")
+}
+
+#[test]
+fn check_config_validates_prints_the_effective_config_and_touches_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("state");
+    let socket = dir.path().join("qodd.sock");
+    let good = format!(
+        "listen = \"unix:{}\"\nstate_dir = \"{}\"\nmax_sessions = 1000\n",
+        socket.display(),
+        state.display()
+    );
+    let out = check_config(
+        dir.path(),
+        &good,
+        &["--insecure", "--interface", "lo:server:100"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective: toml::Table = stdout.parse().expect("the effective config is TOML");
+    assert_eq!(
+        effective["max_sessions"].as_integer(),
+        Some(1000),
+        "the file's value"
+    );
+    assert_eq!(
+        effective["interfaces"][0]["capacity_mbit"].as_float(),
+        Some(100.0),
+        "the flag's value"
+    );
+    assert_eq!(
+        effective["unavailable_retention_secs"].as_integer(),
+        Some(360),
+        "a default"
+    );
+    assert!(!state.exists(), "no state directory made");
+    assert!(!socket.exists(), "nothing bound");
+
+    for (bad, why) in [
+        ("max_sessions = \"lots\"\n", "max_sessions"),
+        ("no_such_key = 1\n", "no_such_key"),
+        ("on_exit = \"explode\"\n", "on_exit"),
+    ] {
+        let out = check_config(
+            dir.path(),
+            &format!("{good}{bad}"),
+            &["--insecure", "--interface", "lo"],
+        );
+        assert_eq!(out.status.code(), Some(64), "{bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(why), "{bad}: {stderr}");
+        assert!(
+            out.stdout.is_empty(),
+            "nothing printed as effective for {bad}"
+        );
+    }
+}
+
+#[test]
+fn the_package_holds_qodd_qodctl_the_unit_and_the_conffile() {
+    let deb = std::env::var_os("QOD_DEB").map(PathBuf::from).expect(
+        "QOD_DEB names the package to check: `cargo xtask test` builds it (`cargo xtask package`)",
+    );
+    let run = |args: &[&str]| {
+        let out = Command::new("dpkg-deb")
+            .args(args)
+            .arg(&deb)
+            .output()
+            .expect("dpkg-deb");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let contents = run(&["--contents"]);
+    for path in [
+        "./usr/bin/qodd",
+        "./usr/bin/qodctl",
+        "./lib/systemd/system/qodd.service",
+        "./etc/qodd/qodd.toml",
+    ] {
+        assert!(
+            contents.lines().any(|l| l.trim_end().ends_with(path)),
+            "{path} missing from the package:\n{contents}"
+        );
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let control = dir.path().join("control");
+    let out = Command::new("dpkg-deb")
+        .arg("--control")
+        .arg(&deb)
+        .arg(&control)
+        .output()
+        .expect("dpkg-deb --control");
+    assert!(out.status.success());
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).expect("conffiles");
+    assert_eq!(conffiles.trim(), "/etc/qodd/qodd.toml");
+    let fields = run(&["--field"]);
+    assert!(fields.contains("Package: qodd"), "{fields}");
+    assert!(
+        fields.contains("iproute2"),
+        "depends on iproute2 (tc): {fields}"
+    );
+    // The packaged unit and config are the ones in the tree.
+    let extract = dir.path().join("root");
+    let out = Command::new("dpkg-deb")
+        .arg("--extract")
+        .arg(&deb)
+        .arg(&extract)
+        .output()
+        .expect("dpkg-deb --extract");
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(extract.join("lib/systemd/system/qodd.service")).expect("unit"),
+        unit_text()
+    );
+    assert_eq!(
+        std::fs::read_to_string(extract.join("etc/qodd/qodd.toml")).expect("config"),
+        qod_daemon::config::DEFAULT_CONFIG
+    );
+    let version = Command::new(extract.join("usr/bin/qodd"))
+        .arg("--version")
+        .output()
+        .expect("packaged qodd runs");
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("qodd "));
+}
