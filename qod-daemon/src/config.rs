@@ -81,6 +81,7 @@ pub struct Cli {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
+    log_format: Option<String>,
     interfaces: Option<Vec<InterfaceEntry>>,
     on_exit: Option<String>,
     pin_path: Option<PathBuf>,
@@ -297,6 +298,7 @@ impl FileConfig {
     fn overlay(self, over: FileConfig) -> FileConfig {
         FileConfig {
             listen: over.listen.or(self.listen),
+            log_format: over.log_format.or(self.log_format),
             interfaces: over.interfaces.or(self.interfaces),
             on_exit: over.on_exit.or(self.on_exit),
             pin_path: over.pin_path.or(self.pin_path),
@@ -374,6 +376,7 @@ pub enum AttachMode {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Listen,
+    pub log_format: LogFormat,
     pub interfaces: Vec<ManagedInterface>,
     /// Tear the data plane (classifier, maps, schedulers) down on a graceful stop; by default it
     /// stays, pinned, and the next qodd carries on with it.
@@ -395,6 +398,15 @@ pub struct Config {
     pub sink_http_hosts: Vec<String>,
     pub security: Security,
     pub limits: ClientLimits,
+}
+
+/// How log lines are written (to stderr, which journald takes under systemd).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human text.
+    Text,
+    /// One JSON object per line: timestamp, level, target, fields, and the `rpc` span's fields.
+    Json,
 }
 
 /// What to do with a pinned data plane of another layout or capacity.
@@ -577,6 +589,15 @@ impl Config {
 
     fn validate(f: FileConfig, insecure: bool) -> Result<Self, ConfigError> {
         let listen = parse_listen(f.listen.as_deref().unwrap_or_default())?;
+        let log_format = match f.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(format!(
+                    "log_format = {other:?}: expected \"text\" or \"json\""
+                )));
+            }
+        };
         let interfaces = f.interfaces.unwrap_or_default();
         if interfaces.is_empty() {
             return Err(invalid(
@@ -735,6 +756,7 @@ impl Config {
         }
         Ok(Self {
             listen,
+            log_format,
             interfaces,
             teardown_on_exit,
             incompatible_pins,

@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::{
+    audit,
     config::{ManagedInterface, Side},
     dataplane::{
         DataPlane, DataPlaneError, monotonic_ns,
@@ -422,6 +423,13 @@ impl Core {
                 ) {
                     Ok(v) => {
                         debug!(session = %s.id, remaining, "session restored");
+                        audit::record(
+                            audit::Action::Restore,
+                            &s.request.owner,
+                            Some(s.id),
+                            Some(&v.session.flow.device),
+                            Ok(()),
+                        );
                         restored += 1;
                         // A new slot is recorded, so the next restart keeps this one.
                         if let SessionState::Available { slot: now, .. } = v.session.state
@@ -432,6 +440,13 @@ impl Core {
                     }
                     Err(e) => {
                         error!(session = %s.id, error = %e, "cannot restore the session; it ends");
+                        audit::record(
+                            audit::Action::Restore,
+                            &s.request.owner,
+                            Some(s.id),
+                            None,
+                            Err(&e),
+                        );
                         if let Some(slot) = slot {
                             self.release_kept_slot(slot);
                         }
@@ -668,14 +683,26 @@ impl Core {
     /// AVAILABLE. On any error nothing changed.
     pub fn create(&self, req: SessionRequest) -> Result<SessionView, CamaraError> {
         let duration = req.duration;
-        self.admit(
+        let client = req.owner.clone();
+        let created = self.admit(
             req,
             SessionId::random(),
             OffsetDateTime::now_utc(),
             duration,
             duration,
             Admission::New,
-        )
+        );
+        match &created {
+            Ok(v) => audit::record(
+                audit::Action::Create,
+                &client,
+                Some(v.session.id),
+                Some(&v.session.flow.device),
+                Ok(()),
+            ),
+            Err(e) => audit::record(audit::Action::Create, &client, None, None, Err(e)),
+        }
+        created
     }
 
     /// Installs a session: a new one (`restoring` false: profile rules checked, persisted before
@@ -834,7 +861,7 @@ impl Core {
             self.publish(event);
         }
         self.wake.notify_one();
-        info!(session = %id, profile = %view.session.request.profile, "session created");
+        debug!(session = %id, profile = %view.session.request.profile, "session created");
         Ok(view)
     }
 
@@ -1081,6 +1108,20 @@ impl Core {
     /// Deletes a session. An AVAILABLE one leaves the data plane and emits `DELETE_REQUESTED`;
     /// an UNAVAILABLE one is just forgotten (CAMARA: no event).
     pub fn delete(&self, id: SessionId, caller: &Caller) -> Result<(), CamaraError> {
+        let deleted = self.delete_inner(id, caller);
+        if let Err(e) = &deleted {
+            audit::record(
+                audit::Action::Delete,
+                &caller.client,
+                Some(id),
+                None,
+                Err(e),
+            );
+        }
+        deleted
+    }
+
+    fn delete_inner(&self, id: SessionId, caller: &Caller) -> Result<(), CamaraError> {
         let mut inner = self.lock();
         let session = inner.accessible(id, caller)?.clone();
         let event = if let SessionState::Available { slot, .. } = session.state {
@@ -1128,12 +1169,44 @@ impl Core {
         if let Some(event) = event {
             self.publish(event);
         }
-        info!(session = %id, "session deleted");
+        audit::record(
+            audit::Action::Delete,
+            &caller.client,
+            Some(id),
+            Some(&session.flow.device),
+            Ok(()),
+        );
         Ok(())
     }
 
     /// Adds time to an AVAILABLE session, silently capped at the profile's maximum duration.
     pub fn extend(
+        &self,
+        id: SessionId,
+        additional: u32,
+        caller: &Caller,
+    ) -> Result<SessionView, CamaraError> {
+        let extended = self.extend_inner(id, additional, caller);
+        match &extended {
+            Ok(v) => audit::record(
+                audit::Action::Extend,
+                &caller.client,
+                Some(id),
+                Some(&v.session.flow.device),
+                Ok(()),
+            ),
+            Err(e) => audit::record(
+                audit::Action::Extend,
+                &caller.client,
+                Some(id),
+                None,
+                Err(e),
+            ),
+        }
+        extended
+    }
+
+    fn extend_inner(
         &self,
         id: SessionId,
         additional: u32,
@@ -1254,6 +1327,17 @@ impl Core {
         );
         self.persist_logged(&ended, event.1.as_ref());
         info!(session = %id, ?info, "session ended");
+        audit::record(
+            if info == StatusInfo::DurationExpired {
+                audit::Action::Expire
+            } else {
+                audit::Action::Terminate
+            },
+            &ended.request.owner,
+            Some(id),
+            Some(&ended.flow.device),
+            Ok(()),
+        );
         self.publish(event);
     }
 

@@ -4,6 +4,7 @@
 //! configuration and calls it, so tests can drive the same code.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod core;

@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use qod_daemon::config::{Cli, Config, DEFAULT_CONFIG, EXIT_BAD_CONFIG};
+use qod_daemon::config::{Cli, Config, DEFAULT_CONFIG, EXIT_BAD_CONFIG, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -30,14 +30,22 @@ fn main() -> ExitCode {
             }
         };
     }
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

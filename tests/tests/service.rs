@@ -339,3 +339,126 @@ fn the_package_holds_qodd_qodctl_the_unit_and_the_conffile() {
         .expect("packaged qodd runs");
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("qodd "));
 }
+
+/// qodd's log as JSON objects, one a line; fails on a line that is not one.
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The audit lines of `action` for `session`.
+fn audit<'a>(
+    lines: &'a [serde_json::Value],
+    action: &str,
+    session: &str,
+) -> Vec<&'a serde_json::Value> {
+    lines
+        .iter()
+        .filter(|l| {
+            l["target"] == "qod::audit"
+                && l["fields"]["action"] == action
+                && l["fields"]["session"] == session
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_carry_the_call_and_one_audit_line_per_change() {
+    let (lab, mut qodd) = qod_testkit::lab_with_qodd("log_format = \"json\"").await;
+    let _ = &lab;
+    let mut api = qodd.sessions().await.expect("client");
+    let mut request = tonic::Request::new(qod_testkit::api::session(
+        addr::DEVICE_V4,
+        addr::SERVER_V4,
+        "QOS_E",
+        &[],
+        &[5000],
+        600,
+    ));
+    request
+        .metadata_mut()
+        .insert("x-correlator", "audit-test-1".parse().expect("header"));
+    let kept = api
+        .create_session(request)
+        .await
+        .expect("create")
+        .into_inner();
+    let deleted = api
+        .create_session(qod_testkit::api::session(
+            addr::OTHER_DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_L",
+            &[],
+            &[],
+            600,
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    api.delete_session(qod_proto::v1::DeleteSessionRequest {
+        session_id: deleted.session_id.clone(),
+    })
+    .await
+    .expect("delete");
+    let refused = api
+        .create_session(qod_testkit::api::session(
+            addr::OTHER_DEVICE_V4,
+            addr::SERVER_V4,
+            "NO_SUCH_PROFILE",
+            &[],
+            &[],
+            600,
+        ))
+        .await
+        .expect_err("unknown profile");
+    qodd.kill9();
+    qodd.restart().await.expect("restart");
+
+    let log = qodd.log();
+    assert!(!log.contains(&qodd.token), "a token was logged");
+    let lines = json_lines(&log);
+    let created = audit(&lines, "create", &kept.session_id);
+    assert_eq!(created.len(), 1, "one create line:\n{log}");
+    let line = created[0];
+    assert_eq!(line["fields"]["client"], qod_testkit::TEST_CLIENT);
+    assert_eq!(line["fields"]["device"], addr::DEVICE_V4);
+    assert_eq!(line["fields"]["result"], "ok");
+    assert_eq!(line["span"]["name"], "rpc", "{line}");
+    assert_eq!(
+        line["span"]["method"],
+        "/qod.v1.QualityOnDemand/CreateSession"
+    );
+    assert_eq!(line["span"]["correlator"], "audit-test-1");
+    assert_eq!(line["span"]["client"], qod_testkit::TEST_CLIENT);
+    // (A create's span learns its session id once the core has made it; the line has it.)
+
+    let gone = audit(&lines, "delete", &deleted.session_id);
+    assert_eq!(gone.len(), 1, "{log}");
+    assert_eq!(gone[0]["fields"]["device"], addr::OTHER_DEVICE_V4);
+    assert_eq!(
+        gone[0]["span"]["method"],
+        "/qod.v1.QualityOnDemand/DeleteSession"
+    );
+    assert_eq!(gone[0]["span"]["session"], deleted.session_id.as_str());
+
+    let refusal: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            l["target"] == "qod::audit"
+                && l["fields"]["action"] == "create"
+                && l["fields"]["result"] != "ok"
+        })
+        .collect();
+    assert_eq!(refusal.len(), 1, "{log}");
+    assert_eq!(
+        refusal[0]["fields"]["result"],
+        qod_testkit::api::reason(&refused).as_str()
+    );
+
+    // After the restart: restored, not created again; the deleted one stays gone.
+    assert_eq!(audit(&lines, "restore", &kept.session_id).len(), 1, "{log}");
+    assert_eq!(audit(&lines, "create", &kept.session_id).len(), 1);
+    assert!(audit(&lines, "restore", &deleted.session_id).is_empty());
+}

@@ -1,5 +1,7 @@
 //! CAMARA's `x-correlator`: validated on every request, echoed on every response (errors too).
-//! The same layer gives tonic's own refusal of an oversized message its CAMARA form.
+//! The same layer gives tonic's own refusal of an oversized message its CAMARA form, and opens
+//! the call's span (`rpc`: method, x-correlator; the client and session are recorded into it
+//! once known), so every line logged while serving a call carries them.
 
 use std::{
     future::Future,
@@ -9,6 +11,7 @@ use std::{
 
 use tonic::codegen::http::{self, HeaderValue};
 use tower::{Layer, Service};
+use tracing::Instrument as _;
 
 use crate::error::CamaraError;
 
@@ -63,17 +66,27 @@ where
             // The invalid value is not echoed back.
             return Box::pin(std::future::ready(Ok(status.into_http())));
         }
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let mut resp = fut.await?;
-            if let Some(status) = oversized(resp.headers()) {
-                resp = status.into_http();
+        let span = tracing::info_span!(
+            "rpc",
+            method = req.uri().path(),
+            correlator = corr.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+            client = tracing::field::Empty,
+            session = tracing::field::Empty,
+        );
+        let fut = span.in_scope(|| self.inner.call(req));
+        Box::pin(
+            async move {
+                let mut resp = fut.await?;
+                if let Some(status) = oversized(resp.headers()) {
+                    resp = status.into_http();
+                }
+                if let Some(v) = corr {
+                    resp.headers_mut().insert(HEADER, v);
+                }
+                Ok(resp)
             }
-            if let Some(v) = corr {
-                resp.headers_mut().insert(HEADER, v);
-            }
-            Ok(resp)
-        })
+            .instrument(span),
+        )
     }
 }
 

@@ -38,7 +38,9 @@ impl SessionService {
         f: impl FnOnce(&Core) -> Result<T, CamaraError> + Send + 'static,
     ) -> Result<T, Status> {
         let core = self.core.clone();
-        tokio::task::spawn_blocking(move || f(&core))
+        // The call's span goes along, so the core's lines (audit included) carry it.
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| f(&core)))
             .await
             .map_err(|e| Status::internal(format!("the request's worker failed: {e}")))?
             .map_err(Status::from)
@@ -73,6 +75,7 @@ impl QualityOnDemand for SessionService {
         let caller = authorize(&request, scope::SESSIONS_CREATE)?;
         let req = convert::session_request(request.into_inner(), &caller, &self.sink_http_hosts)?;
         let view = self.blocking(move |core| core.create(req)).await?;
+        tracing::Span::current().record("session", view.session.id.to_string());
         Ok(Response::new(convert::session_info(&view)))
     }
 
@@ -82,6 +85,7 @@ impl QualityOnDemand for SessionService {
     ) -> Result<Response<pb::SessionInfo>, Status> {
         let caller = authorize(&request, scope::SESSIONS_READ)?;
         let id: SessionId = request.into_inner().session_id.parse()?;
+        tracing::Span::current().record("session", id.to_string());
         Ok(Response::new(convert::session_info(
             &self.core.get(id, &caller)?,
         )))
@@ -93,6 +97,7 @@ impl QualityOnDemand for SessionService {
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let caller = authorize(&request, scope::SESSIONS_DELETE)?;
         let id: SessionId = request.into_inner().session_id.parse()?;
+        tracing::Span::current().record("session", id.to_string());
         self.blocking(move |core| core.delete(id, &caller)).await?;
         Ok(Response::new(pb::DeleteSessionResponse {}))
     }
@@ -104,6 +109,7 @@ impl QualityOnDemand for SessionService {
         let caller = authorize(&request, scope::SESSIONS_UPDATE)?;
         let req = request.into_inner();
         let id: SessionId = req.session_id.parse()?;
+        tracing::Span::current().record("session", id.to_string());
         let add = additional_duration(req.requested_additional_duration)?;
         Ok(Response::new(convert::session_info(
             &self

@@ -109,13 +109,14 @@ impl Principal {
 pub const INSECURE_CLIENT: &str = "insecure-local";
 
 /// The caller of `request` if its token grants `scope`.
+/// The client is recorded into the call's span.
 pub fn authorize<T>(request: &Request<T>, scope: &str) -> Result<Caller, CamaraError> {
-    request
+    let principal = request
         .extensions()
         .get::<Principal>()
-        .ok_or_else(|| unauthenticated("the call was not authenticated"))?
-        .require(scope)
-        .cloned()
+        .ok_or_else(|| unauthenticated("the call was not authenticated"))?;
+    tracing::Span::current().record("client", principal.caller.client.as_str());
+    principal.require(scope).cloned()
 }
 
 /// How long the caller's token stays valid (`None`: no end, insecure mode).
