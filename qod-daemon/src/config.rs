@@ -81,6 +81,7 @@ pub struct Cli {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
+    metrics_listen: Option<String>,
     log_format: Option<String>,
     interfaces: Option<Vec<InterfaceEntry>>,
     on_exit: Option<String>,
@@ -298,6 +299,7 @@ impl FileConfig {
     fn overlay(self, over: FileConfig) -> FileConfig {
         FileConfig {
             listen: over.listen.or(self.listen),
+            metrics_listen: over.metrics_listen.or(self.metrics_listen),
             log_format: over.log_format.or(self.log_format),
             interfaces: over.interfaces.or(self.interfaces),
             on_exit: over.on_exit.or(self.on_exit),
@@ -376,6 +378,8 @@ pub enum AttachMode {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Listen,
+    /// Where `/metrics` and `/readyz` are served (`None`: off).
+    pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub interfaces: Vec<ManagedInterface>,
     /// Tear the data plane (classifier, maps, schedulers) down on a graceful stop; by default it
@@ -589,6 +593,14 @@ impl Config {
 
     fn validate(f: FileConfig, insecure: bool) -> Result<Self, ConfigError> {
         let listen = parse_listen(f.listen.as_deref().unwrap_or_default())?;
+        let metrics_listen = match f.metrics_listen.as_deref().unwrap_or("") {
+            "" | "off" => None,
+            addr => Some(addr.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!(
+                    "metrics_listen = {addr:?}: expected \"host:port\" or \"off\" ({e})"
+                ))
+            })?),
+        };
         let log_format = match f.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -756,6 +768,7 @@ impl Config {
         }
         Ok(Self {
             listen,
+            metrics_listen,
             log_format,
             interfaces,
             teardown_on_exit,

@@ -263,6 +263,27 @@ impl Inner {
     }
 }
 
+/// What [`Core::node_stats`] reports.
+#[derive(Clone, Debug, Default)]
+pub struct NodeStats {
+    /// (status, profile) → sessions.
+    pub sessions: Vec<((&'static str, String), u64)>,
+    pub slots_used: u64,
+    pub slots_capacity: u64,
+    pub pools: Vec<PoolStats>,
+    /// Managed interfaces and whether each is usable.
+    pub links: Vec<(String, bool)>,
+}
+
+/// One admission pool of a scheduled interface.
+#[derive(Clone, Debug)]
+pub struct PoolStats {
+    pub interface: String,
+    pub pool: &'static str,
+    pub reserved_bps: u64,
+    pub capacity_bps: u64,
+}
+
 /// See the module docs.
 pub struct Core {
     inner: Mutex<Inner>,
@@ -1099,6 +1120,72 @@ impl Core {
         self.lock().accessible(id, caller).map(drop)
     }
 
+    /// The node's state for metrics and operators: sessions by status and profile, slots,
+    /// pools, links. One pass over the sessions under the lock.
+    pub fn node_stats(&self) -> NodeStats {
+        let inner = self.lock();
+        let mut sessions: std::collections::BTreeMap<(&'static str, String), u64> =
+            std::collections::BTreeMap::new();
+        let mut slots_used = 0;
+        for s in inner.sessions.values() {
+            let status = match s.state {
+                SessionState::Available { .. } => {
+                    slots_used += 1;
+                    "AVAILABLE"
+                }
+                SessionState::Unavailable { .. } => "UNAVAILABLE",
+            };
+            *sessions
+                .entry((status, s.request.profile.to_string()))
+                .or_default() += 1;
+        }
+        let mut pools = Vec::new();
+        for i in &self.interfaces {
+            let Some(sched) = i.scheduler else { continue };
+            for (pool, capacity_bps) in [
+                (Pool::Guaranteed, sched.guaranteed_pool_bps()),
+                (Pool::LowLatency, sched.low_latency_bps()),
+            ] {
+                pools.push(PoolStats {
+                    interface: i.name.clone(),
+                    pool: pool.name(),
+                    reserved_bps: inner
+                        .reserved
+                        .get(&(i.name.clone(), pool))
+                        .copied()
+                        .unwrap_or(0),
+                    capacity_bps,
+                });
+            }
+        }
+        NodeStats {
+            sessions: sessions.into_iter().collect(),
+            slots_used,
+            slots_capacity: u64::from(inner.slots.capacity),
+            pools,
+            links: self
+                .interfaces
+                .iter()
+                .map(|i| (i.name.clone(), !inner.links_down.contains(&i.name)))
+                .collect(),
+        }
+    }
+
+    /// Why a load balancer should not send this node new sessions now (`None`: ready): every
+    /// kernel slot is taken, or a managed link is down.
+    pub fn not_ready(&self) -> Option<String> {
+        let stats = self.node_stats();
+        if let Some((name, _)) = stats.links.iter().find(|(_, up)| !up) {
+            return Some(format!("managed interface {name} is down"));
+        }
+        (stats.slots_used >= stats.slots_capacity).then(|| {
+            format!(
+                "full: {} of {} sessions (max_sessions)",
+                stats.slots_used, stats.slots_capacity
+            )
+        })
+    }
+
     pub fn get(&self, id: SessionId, caller: &Caller) -> Result<SessionView, CamaraError> {
         let inner = self.lock();
         let session = inner.accessible(id, caller)?;
@@ -1397,6 +1484,9 @@ impl Core {
             };
             match session.state {
                 SessionState::Available { .. } => {
+                    crate::metrics::METRICS
+                        .expiry_lateness
+                        .observe(now.saturating_duration_since(deadline).as_secs_f64());
                     self.terminate(&mut inner, id, StatusInfo::DurationExpired, now);
                 }
                 SessionState::Unavailable { .. } => {

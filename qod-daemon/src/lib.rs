@@ -11,6 +11,7 @@ pub mod core;
 pub mod dataplane;
 pub mod devkit;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod policy;
@@ -125,6 +126,20 @@ pub async fn run(
         );
     }
     let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
+    if let Some(addr) = config.metrics_listen {
+        let collector = metrics::NodeCollector {
+            core: core.clone(),
+            store: store.clone(),
+            notify: notifier.stats.clone(),
+        };
+        if let Err(source) = metrics::serve(addr, collector, token.clone()).await {
+            core.shutdown();
+            return Err(RunError::Listen {
+                addr: addr.to_string(),
+                source,
+            });
+        }
+    }
     tokio::spawn(watch_links(
         core.clone(),
         config.interfaces.iter().map(|i| i.name.clone()).collect(),

@@ -462,3 +462,199 @@ async fn json_logs_carry_the_call_and_one_audit_line_per_change() {
     assert_eq!(audit(&lines, "create", &kept.session_id).len(), 1);
     assert!(audit(&lines, "restore", &deleted.session_id).is_empty());
 }
+
+/// GETs `http://127.0.0.1:{port}{path}` from inside `ns` with a real HTTP client: (status,
+/// content type, body).
+fn http_get(ns: &qod_testkit::Netns, port: u16, path: &str) -> (u16, String, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let resp = reqwest::Client::new().get(&url).send().await?;
+            let status = resp.status().as_u16();
+            let kind = resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            Ok((status, kind, resp.text().await?))
+        })
+    })
+    .expect("HTTP GET inside the namespace")
+}
+
+/// `name{labels}` → value, from an OpenMetrics exposition.
+fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sample `key`; a missing one fails with the samples of that metric.
+fn value(samples: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
+    *samples.get(key).unwrap_or_else(|| {
+        let name = key.split('{').next().unwrap_or(key);
+        let near: Vec<_> = samples.keys().filter(|k| k.starts_with(name)).collect();
+        panic!("no sample {key}; {name} has {near:?}")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_and_readiness_follow_sessions_calls_and_links() {
+    require_root();
+    const PORT: u16 = 9464;
+    let lab = Lab::new().expect("lab");
+    let interfaces = scheduled_interfaces();
+    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+    let qodd = Qodd::start(
+        &lab.edge,
+        &interfaces,
+        &format!("metrics_listen = \"127.0.0.1:{PORT}\"\n{CONGESTION_PROFILES}"),
+    )
+    .await
+    .expect("qodd");
+    let scrape = || {
+        let (status, kind, body) = http_get(&lab.edge, PORT, "/metrics");
+        assert_eq!(status, 200);
+        assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+        assert!(body.trim_end().ends_with("# EOF"), "{body}");
+        samples(&body)
+    };
+    let before = scrape();
+    assert_eq!(value(&before, "qod_build_info{version=\"0.1.0\"}"), 1.0);
+    assert_eq!(value(&before, "qod_session_slots_used"), 0.0);
+    assert_eq!(value(&before, "qod_link_up{interface=\"edge-dev\"}"), 1.0);
+    let reserved =
+        "qod_admission_reserved_bits_per_second{interface=\"edge-dev\",pool=\"guaranteed\"}";
+    assert_eq!(value(&before, reserved), 0.0);
+    assert_eq!(
+        value(
+            &before,
+            "qod_admission_capacity_bits_per_second{interface=\"edge-dev\",pool=\"guaranteed\"}"
+        ),
+        80e6
+    );
+    assert_eq!(http_get(&lab.edge, PORT, "/readyz").0, 200);
+
+    let mut api = qodd.sessions().await.expect("client");
+    let rated = api
+        .create_session(qod_testkit::api::session(
+            addr::OTHER_DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_G",
+            &[],
+            &[],
+            600,
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    api.create_session(qod_testkit::api::session(
+        addr::DEVICE_V4,
+        addr::SERVER_V4,
+        "QOS_E",
+        &[],
+        &[],
+        1,
+    ))
+    .await
+    .expect("create a 1 s session");
+    let refused = qodd
+        .profiles_as("not-a-jwt")
+        .await
+        .expect("client")
+        .retrieve_qos_profiles(qod_proto::v1::RetrieveQosProfilesRequest::default())
+        .await
+        .expect_err("no valid token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let during = scrape();
+    assert_eq!(
+        value(
+            &during,
+            "qod_sessions{status=\"AVAILABLE\",profile=\"QOS_G\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&during, reserved),
+        20e6,
+        "QOS_G reserves its 20 Mbit/s"
+    );
+    let created = "qod_api_requests_total{method=\"qod.v1.QualityOnDemand/CreateSession\",code=\"Ok\",reason=\"\"}";
+    assert_eq!(value(&during, created), 2.0);
+    assert_eq!(
+        value(
+            &during,
+            "qod_api_request_duration_seconds_count{method=\"qod.v1.QualityOnDemand/CreateSession\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(&during, "qod_token_refusals_total{reason=\"invalid\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &during,
+            "qod_api_requests_total{method=\"qod.v1.QosProfiles/RetrieveQosProfiles\",code=\"Unauthenticated\",reason=\"UNAUTHENTICATED\"}"
+        ),
+        1.0
+    );
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    api.delete_session(qod_proto::v1::DeleteSessionRequest {
+        session_id: rated.session_id,
+    })
+    .await
+    .expect("delete");
+    let after = scrape();
+    assert_eq!(value(&after, reserved), 0.0, "given back");
+    assert_eq!(value(&after, "qod_session_slots_used"), 0.0);
+    assert_eq!(
+        value(
+            &after,
+            "qod_sessions{status=\"UNAVAILABLE\",profile=\"QOS_E\"}"
+        ),
+        1.0,
+        "the 1 s session ended and stays readable"
+    );
+    assert_eq!(value(&after, "qod_expiry_lateness_seconds_count"), 1.0);
+    assert!(!after.contains_key("qod_sessions{status=\"AVAILABLE\",profile=\"QOS_G\"}"));
+
+    // Every metric the shipped Grafana dashboard queries is served.
+    let dashboard = std::fs::read_to_string(
+        workspace_root().join("qod-daemon/packaging/grafana-dashboard.json"),
+    )
+    .expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let served: std::collections::BTreeSet<String> = after
+        .keys()
+        .map(|k| k.split('{').next().unwrap_or(k).to_owned())
+        .collect();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("qod_") {
+                    assert!(served.contains(word), "the dashboard queries {word}, not served");
+                }
+            }
+        }
+    }
+
+    lab.edge
+        .ip(&["link", "set", EDGE_DEV_IF, "down"])
+        .expect("link down");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(value(&scrape(), "qod_link_up{interface=\"edge-dev\"}"), 0.0);
+    let (status, _, why) = http_get(&lab.edge, PORT, "/readyz");
+    assert_eq!(status, 503);
+    assert!(why.contains("edge-dev"), "{why}");
+}

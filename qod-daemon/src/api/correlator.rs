@@ -73,6 +73,8 @@ where
             client = tracing::field::Empty,
             session = tracing::field::Empty,
         );
+        let path = req.uri().path().to_owned();
+        let started = std::time::Instant::now();
         let fut = span.in_scope(|| self.inner.call(req));
         Box::pin(
             async move {
@@ -80,6 +82,13 @@ where
                 if let Some(status) = oversized(resp.headers()) {
                     resp = status.into_http();
                 }
+                // An error is in the headers (a trailers-only response); success ends with OK
+                // in the trailers. A stream counts when it opens.
+                crate::metrics::observe_call(
+                    &path,
+                    tonic::Status::from_header_map(resp.headers()).as_ref(),
+                    started.elapsed(),
+                );
                 if let Some(v) = corr {
                     resp.headers_mut().insert(HEADER, v);
                 }

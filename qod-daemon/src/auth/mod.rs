@@ -236,10 +236,48 @@ impl Authenticator {
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let principal = self.authenticate(&request)?;
+        let principal = self.authenticate(&request).inspect_err(|e| {
+            crate::metrics::METRICS
+                .token_refusals
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: refusal_reason(&e.message),
+                })
+                .inc();
+        })?;
         self.rate_limit(&principal.caller.client)?;
         request.extensions_mut().insert(principal);
         Ok(request)
+    }
+}
+
+/// The `reason` label of a refusal at authentication, from its message (the messages above and
+/// in `jwt.rs`).
+fn refusal_reason(message: &str) -> &'static str {
+    let has = |s: &str| message.contains(s);
+    if has("no access token") {
+        "missing"
+    } else if has("authorization header") {
+        "malformed_header"
+    } else if has("has expired") {
+        "expired"
+    } else if has("not valid yet") {
+        "not_yet_valid"
+    } else if has("issuer") {
+        "issuer"
+    } else if has("audience") {
+        "audience"
+    } else if has("algorithm") {
+        "algorithm"
+    } else if has("not trusted") || has("no usable key") || has("key") {
+        "key"
+    } else if has("certificate") {
+        "certificate"
+    } else if has("client") {
+        "client"
+    } else if has("device claim") || has("neither the client") {
+        "subject"
+    } else {
+        "invalid"
     }
 }
 

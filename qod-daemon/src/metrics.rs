@@ -1,0 +1,399 @@
+//! Prometheus / OpenMetrics metrics, served on `metrics_listen` (off by default) at `/metrics`,
+//! with `/readyz` beside it for load balancers.
+//!
+//! Names follow Prometheus: the `qod_` prefix, base units (seconds, bits per second), `_total`
+//! counters. No label carries a session, client or device (cardinality): per-session counters
+//! stay on the API. Events counted where they happen (API calls, token refusals, expiry
+//! lateness) live in [`METRICS`]; the node's state (sessions, pools, slots, links, store,
+//! notifications) is read at scrape time by [`NodeCollector`].
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Arc, LazyLock, atomic::Ordering},
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{core::Core, notify::NotifyStats, store::Store};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// `Service/Method`, or `unknown` for a method qodd does not serve.
+    pub method: String,
+    /// The gRPC status code's name.
+    pub code: String,
+    /// The CAMARA reason (`ErrorInfo.reason`), empty on success.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// What is counted as it happens.
+pub struct Metrics {
+    registry: Registry,
+    pub calls: Family<CallLabels, Counter>,
+    pub call_seconds: Histograms<MethodLabels>,
+    pub token_refusals: Family<ReasonLabels, Counter>,
+    pub expiry_lateness: Histogram,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::default();
+    let calls = Family::<CallLabels, Counter>::default();
+    registry.register(
+        "qod_api_requests",
+        "API calls by method, gRPC code and CAMARA reason",
+        calls.clone(),
+    );
+    let call_seconds: Histograms<MethodLabels> = Family::new_with_constructor(latency_histogram);
+    registry.register_with_unit(
+        "qod_api_request_duration",
+        "API call latency by method",
+        Unit::Seconds,
+        call_seconds.clone(),
+    );
+    let token_refusals = Family::<ReasonLabels, Counter>::default();
+    registry.register(
+        "qod_token_refusals",
+        "calls refused at authentication, by reason",
+        token_refusals.clone(),
+    );
+    let expiry_lateness = latency_histogram();
+    registry.register_with_unit(
+        "qod_expiry_lateness",
+        "how long after its scheduled end a session was ended",
+        Unit::Seconds,
+        expiry_lateness.clone(),
+    );
+    Metrics {
+        registry,
+        calls,
+        call_seconds,
+        token_refusals,
+        expiry_lateness,
+    }
+});
+
+/// The `method` label of a request path: `Service/Method` for qodd's own services, health and
+/// reflection (`code` decides `unknown`: a method nobody serves is UNIMPLEMENTED).
+pub fn method_label(path: &str, code: tonic::Code) -> String {
+    let known = [
+        "/qod.v1.QualityOnDemand/",
+        "/qod.v1.QosProfiles/",
+        "/grpc.health.v1.Health/",
+        "/grpc.reflection.v1.ServerReflection/",
+        "/grpc.reflection.v1alpha.ServerReflection/",
+    ];
+    if code == tonic::Code::Unimplemented || !known.iter().any(|k| path.starts_with(k)) {
+        return "unknown".into();
+    }
+    path.trim_start_matches('/').to_owned()
+}
+
+/// Records one finished API call.
+pub fn observe_call(path: &str, status: Option<&tonic::Status>, elapsed: Duration) {
+    use tonic_types::StatusExt as _;
+    let code = status.map_or(tonic::Code::Ok, tonic::Status::code);
+    let method = method_label(path, code);
+    let reason = status
+        .and_then(|s| s.get_details_error_info())
+        .map(|i| i.reason)
+        .unwrap_or_default();
+    METRICS
+        .calls
+        .get_or_create(&CallLabels {
+            method: method.clone(),
+            code: format!("{code:?}"),
+            reason,
+        })
+        .inc();
+    METRICS
+        .call_seconds
+        .get_or_create(&MethodLabels { method })
+        .observe(elapsed.as_secs_f64());
+}
+
+/// The node's state, read on each scrape.
+pub struct NodeCollector {
+    pub core: Arc<Core>,
+    pub store: Store,
+    pub notify: Arc<NotifyStats>,
+}
+
+impl std::fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCollector").finish_non_exhaustive()
+    }
+}
+
+fn gauge<'a, L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'a>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    values: impl IntoIterator<Item = (L, i64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        unit,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (labels, v) in values {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter<'a, L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'a>,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (labels, v) in values {
+        ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A gauge without labels.
+fn gauge1(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let v = ConstGauge::new(i(value));
+    v.encode(encoder.encode_descriptor(name, help, None, v.metric_type())?)
+}
+
+/// A counter without labels.
+fn counter1(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let v = ConstCounter::new(value);
+    v.encode(encoder.encode_descriptor(name, help, None, v.metric_type())?)
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.core.node_stats();
+        gauge(
+            &mut e,
+            "qod_build_info",
+            "qodd's version",
+            None,
+            [(vec![("version", env!("CARGO_PKG_VERSION"))], 1)],
+        )?;
+        gauge(
+            &mut e,
+            "qod_sessions",
+            "sessions held, by status and profile",
+            None,
+            stats.sessions.iter().map(|((status, profile), n)| {
+                (
+                    vec![
+                        ("status", (*status).to_owned()),
+                        ("profile", profile.clone()),
+                    ],
+                    i(*n),
+                )
+            }),
+        )?;
+        gauge1(
+            &mut e,
+            "qod_session_slots_used",
+            "kernel map slots (counters and rules) held by AVAILABLE sessions",
+            stats.slots_used,
+        )?;
+        gauge1(
+            &mut e,
+            "qod_session_slots_capacity",
+            "kernel map slots (max_sessions)",
+            stats.slots_capacity,
+        )?;
+        gauge(
+            &mut e,
+            "qod_admission_reserved_bits_per_second",
+            "rate reserved by sessions, per scheduled interface and pool",
+            None,
+            stats.pools.iter().map(|p| {
+                (
+                    vec![
+                        ("interface", p.interface.clone()),
+                        ("pool", p.pool.to_owned()),
+                    ],
+                    i(p.reserved_bps),
+                )
+            }),
+        )?;
+        gauge(
+            &mut e,
+            "qod_admission_capacity_bits_per_second",
+            "rate a pool may reserve, per scheduled interface and pool",
+            None,
+            stats.pools.iter().map(|p| {
+                (
+                    vec![
+                        ("interface", p.interface.clone()),
+                        ("pool", p.pool.to_owned()),
+                    ],
+                    i(p.capacity_bps),
+                )
+            }),
+        )?;
+        gauge(
+            &mut e,
+            "qod_link_up",
+            "managed interface usable (1) or down / gone (0)",
+            None,
+            stats
+                .links
+                .iter()
+                .map(|(name, up)| (vec![("interface", name.clone())], i64::from(*up))),
+        )?;
+        counter1(
+            &mut e,
+            "qod_link_read_failures",
+            "times the link state could not be read (never counted as a link loss)",
+            crate::LINK_READ_FAILURES.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "qod_notifications",
+            "notification deliveries to sinks, by outcome",
+            [
+                ("delivered", &self.notify.delivered),
+                ("retried", &self.notify.retried),
+                ("dropped", &self.notify.dropped),
+            ]
+            .map(|(outcome, v)| (vec![("outcome", outcome)], v.load(Ordering::Relaxed))),
+        )?;
+        gauge1(
+            &mut e,
+            "qod_notifications_pending",
+            "notifications queued or in flight (also kept in the store's outbox)",
+            self.notify.pending.load(Ordering::Relaxed),
+        )?;
+        counter1(
+            &mut e,
+            "qod_store_writes",
+            "session store writes",
+            self.store.writes(),
+        )?;
+        counter1(
+            &mut e,
+            "qod_store_commits",
+            "session store commits (writes share commits: group commit)",
+            self.store.commits(),
+        )?;
+        Ok(())
+    }
+}
+
+/// The whole exposition: counted metrics, then the node's state.
+pub fn render(node: &Registry) -> String {
+    let mut out = String::new();
+    if text::encode_registry(&mut out, &METRICS.registry).is_err()
+        || text::encode_registry(&mut out, node).is_err()
+        || text::encode_eof(&mut out).is_err()
+    {
+        let _ = writeln!(out, "# encoding failed");
+    }
+    out
+}
+
+/// Serves `/metrics` and `/readyz` on `addr` until `stop`.
+pub async fn serve(
+    addr: SocketAddr,
+    collector: NodeCollector,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get};
+    let core = collector.core.clone();
+    let mut node = Registry::default();
+    node.register_collector(Box::new(collector));
+    let node = Arc::new(node);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|State(node): State<Arc<Registry>>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render(&node),
+                )
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let core = core.clone();
+                async move {
+                    match core.not_ready() {
+                        None => (StatusCode::OK, "ready\n".to_owned()).into_response(),
+                        Some(why) => {
+                            (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
+                        }
+                    }
+                }
+            }),
+        )
+        .with_state(node);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(listen = %addr, "metrics served at /metrics, readiness at /readyz");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            warn!(error = %e, "the metrics server stopped");
+        }
+    });
+    Ok(())
+}
