@@ -643,7 +643,10 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
             let expr = target["expr"].as_str().expect("expr");
             for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
                 if word.starts_with("qod_") {
-                    assert!(served.contains(word), "the dashboard queries {word}, not served");
+                    assert!(
+                        served.contains(word),
+                        "the dashboard queries {word}, not served"
+                    );
                 }
             }
         }
@@ -657,4 +660,75 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
     let (status, _, why) = http_get(&lab.edge, PORT, "/readyz");
     assert_eq!(status, 503);
     assert!(why.contains("edge-dev"), "{why}");
+}
+
+/// Runs the `qodctl` built beside `qodd` against `qodd`: (success, stdout, stderr).
+fn qodctl(qodd: &Qodd, tls: bool, args: &[&str]) -> (bool, String, String) {
+    let token = qodd.dir.path().join("qodctl.token");
+    std::fs::write(&token, &qodd.token).expect("token file");
+    let mut cmd = Command::new(qodd_bin().with_file_name("qodctl"));
+    cmd.env("QODCTL_ADDR", qodd.addr())
+        .env("QODCTL_TOKEN_FILE", &token)
+        .env_remove("QODCTL_CA");
+    if tls {
+        cmd.env("QODCTL_CA", qodd.pki.path("ca.crt"));
+    }
+    let out = cmd.args(args).output().expect("run qodctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qodctl_says_what_is_wrong_in_words_or_json_and_prints_one_object() {
+    let (_lab, qodd) = qod_testkit::lab_with_qodd("").await;
+    // Plain text against qodd's TLS.
+    let (ok, _, stderr) = qodctl(&qodd, false, &["profiles"]);
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("qodctl: cannot talk to qodd at") && stderr.contains("pass --ca"),
+        "{stderr}"
+    );
+    let (ok, stdout, _) = qodctl(&qodd, false, &["--json", "profiles"]);
+    assert!(!ok);
+    let error: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pass --ca")),
+        "{error}"
+    );
+
+    let (ok, stdout, stderr) = qodctl(
+        &qodd,
+        true,
+        &[
+            "--json",
+            "create",
+            "--device-ipv4",
+            addr::DEVICE_V4,
+            "--server-ipv4",
+            addr::SERVER_V4,
+            "--profile",
+            "QOS_E",
+            "--duration",
+            "60",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let created: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert!(created.is_object(), "one object, not a list: {created}");
+    assert_eq!(created["qosStatus"], "AVAILABLE", "{created}");
+
+    let (ok, stdout, _) = qodctl(
+        &qodd,
+        true,
+        &["--json", "get", "00000000-0000-4000-8000-000000000000"],
+    );
+    assert!(!ok);
+    let error: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON error");
+    assert_eq!(error["error"]["code"], "NotFound", "{error}");
+    assert_eq!(error["error"]["reason"], "NOT_FOUND", "{error}");
 }

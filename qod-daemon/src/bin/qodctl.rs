@@ -291,35 +291,53 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Plain text against qodd's default TLS fails at the transport, which says little.
     let plain = cli.ca.is_none() && !cli.addr.starts_with("https://");
-    match run(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            let transport = match e.downcast_ref::<tonic::Status>() {
-                Some(status) => {
-                    let reason = status
-                        .get_details_error_info()
-                        .map(|i| i.reason)
-                        .unwrap_or_default();
-                    eprintln!("qodctl: {:?} {reason}: {}", status.code(), status.message());
-                    reason.is_empty()
-                        && matches!(
-                            status.code(),
-                            tonic::Code::Unavailable | tonic::Code::Unknown
-                        )
-                }
-                None => {
-                    eprintln!("qodctl: {e:#}");
-                    true
-                }
-            };
-            if plain && transport {
-                eprintln!(
-                    "qodctl: hint: qodd serves TLS by default; pass --ca (and --token or --token-file)"
+    let (json, addr) = (cli.json, cli.addr.clone());
+    let Err(e) = run(cli).await else {
+        return std::process::ExitCode::SUCCESS;
+    };
+    let (code, reason, message, transport) = match e.downcast_ref::<tonic::Status>() {
+        Some(status) => {
+            let reason = status
+                .get_details_error_info()
+                .map(|i| i.reason)
+                .unwrap_or_default();
+            let transport = reason.is_empty()
+                && matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Internal
                 );
-            }
-            std::process::ExitCode::FAILURE
+            (
+                format!("{:?}", status.code()),
+                reason,
+                status.message().to_owned(),
+                transport,
+            )
         }
+        None => (String::new(), String::new(), format!("{e:#}"), true),
+    };
+    let in_words = plain && transport;
+    let message = if in_words {
+        format!(
+            "cannot talk to qodd at {addr} in plain text: qodd serves TLS by default, so pass --ca (and --token or --token-file). The transport said: {message}"
+        )
+    } else {
+        message
+    };
+    if json {
+        // With --json, errors are JSON too (on stdout, where the answer would have been).
+        println!(
+            "{}",
+            json!({ "error": { "code": code, "reason": reason, "message": message } })
+        );
+    } else if code.is_empty() || in_words {
+        eprintln!("qodctl: {message}");
+    } else {
+        eprintln!("qodctl: {code} {reason}: {message}");
     }
+    std::process::ExitCode::FAILURE
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -349,14 +367,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 duration: a.duration,
             };
             let s = sessions.create_session(req).await?.into_inner();
-            print_sessions(&[s], json);
+            print_session(&s, json);
         }
         Command::Get { session_id } => {
             let s = sessions
                 .get_session(pb::GetSessionRequest { session_id })
                 .await?
                 .into_inner();
-            print_sessions(&[s], json);
+            print_session(&s, json);
         }
         Command::Delete { session_id } => {
             sessions
@@ -381,7 +399,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            print_sessions(&[s], json);
+            print_session(&s, json);
         }
         Command::List(d) => {
             let Some(device) = d.device() else {
@@ -545,6 +563,15 @@ fn event_json(ev: &pb::SessionEvent) -> Value {
             "id": ev.event_id, "time": time(ev.time.as_ref()), "type": "events-missed", "missed": m.count,
         }),
         None => json!({ "id": ev.event_id }),
+    }
+}
+
+/// One session: with `--json` one object (not a list).
+fn print_session(s: &pb::SessionInfo, json: bool) {
+    if json {
+        println!("{}", session_json(s));
+    } else {
+        print_sessions(std::slice::from_ref(s), false);
     }
 }
 

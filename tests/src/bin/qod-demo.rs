@@ -157,7 +157,7 @@ async fn demo() -> anyhow::Result<()> {
         )?;
         let created: serde_json::Value =
             serde_json::from_str(&created).context("qodctl --json output")?;
-        let id = created[0]["sessionId"]
+        let id = created["sessionId"]
             .as_str()
             .context("no sessionId in qodctl output")?
             .to_owned();
