@@ -9,6 +9,7 @@ fn main() -> anyhow::Result<()> {
         "qod/v1/common.proto",
         "qod/v1/sessions.proto",
         "qod/v1/profiles.proto",
+        "qod/v1/node.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -263,6 +263,37 @@ impl Inner {
     }
 }
 
+/// Which sessions [`Core::node_sessions`] lists (`None`: any).
+#[derive(Clone, Debug, Default)]
+pub struct SessionFilter {
+    pub status: Option<QosStatus>,
+    pub profile: Option<String>,
+    pub client: Option<String>,
+    pub device: Option<qod_common::DeviceKey>,
+}
+
+/// The kernel state and who owns each part of it.
+#[derive(Clone, Debug)]
+pub struct KernelView {
+    pub entries: Vec<(qod_common::DeviceKey, Vec<qod_common::FlowRule>)>,
+    /// (interface, per-session class index) present in the schedulers.
+    pub classes: Vec<(String, u16)>,
+    /// Counter slot → the AVAILABLE session holding it, and its device.
+    pub slot_owner: HashMap<u32, (SessionId, qod_common::DeviceKey)>,
+    /// (interface, class index) → the AVAILABLE session holding it.
+    pub class_owner: HashMap<(String, u16), SessionId>,
+}
+
+/// What [`Core::verify`] found.
+#[derive(Clone, Debug)]
+pub struct Drift {
+    pub store_sessions: usize,
+    pub memory_sessions: usize,
+    pub available: usize,
+    pub kernel_entries: usize,
+    pub drift: Vec<String>,
+}
+
 /// What [`Core::node_stats`] reports.
 #[derive(Clone, Debug, Default)]
 pub struct NodeStats {
@@ -1169,6 +1200,170 @@ impl Core {
                 .map(|i| (i.name.clone(), !inner.links_down.contains(&i.name)))
                 .collect(),
         }
+    }
+
+    /// The managed interfaces as configured.
+    pub fn interfaces(&self) -> &[ManagedInterface] {
+        &self.interfaces
+    }
+
+    /// Every session of the node (any client), with its client, matching `filter`, in id order,
+    /// the first `limit` after `after`.
+    pub fn node_sessions(
+        &self,
+        filter: &SessionFilter,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Vec<(SessionView, String)> {
+        let inner = self.lock();
+        let mut matching: Vec<&Session> = inner
+            .sessions
+            .values()
+            .filter(|s| after.is_none_or(|a| s.id.to_string() > a.to_string()))
+            .filter(|s| {
+                filter.status.is_none_or(|want| {
+                    matches!(
+                        (want, &s.state),
+                        (QosStatus::Available, SessionState::Available { .. })
+                            | (QosStatus::Unavailable, SessionState::Unavailable { .. })
+                    )
+                })
+            })
+            .filter(|s| {
+                filter
+                    .profile
+                    .as_deref()
+                    .is_none_or(|p| s.request.profile.to_string() == p)
+            })
+            .filter(|s| {
+                filter
+                    .client
+                    .as_deref()
+                    .is_none_or(|c| s.request.owner == c)
+            })
+            .filter(|s| filter.device.is_none_or(|d| s.flow.device == d))
+            .collect();
+        matching.sort_by_key(|s| s.id.to_string());
+        matching
+            .into_iter()
+            .take(limit)
+            .filter_map(|s| Some((view(&inner, s).ok()?, s.request.owner.clone())))
+            .collect()
+    }
+
+    /// The kernel's entries and the scheduler's per-session classes, with the sessions that
+    /// own them (by counter slot and class index).
+    pub fn kernel_view(&self) -> Result<KernelView, DataPlaneError> {
+        let inner = self.lock();
+        let mut slot_owner = HashMap::new();
+        let mut class_owner = HashMap::new();
+        for s in inner.sessions.values() {
+            if let SessionState::Available { slot, .. } = s.state {
+                slot_owner.insert(slot, (s.id, s.flow.device));
+                if let Some(r) = &s.reservation {
+                    for c in &r.classes {
+                        class_owner.insert((c.interface.clone(), r.index), s.id);
+                    }
+                }
+            }
+        }
+        let entries = inner.dp.entries()?;
+        let mut classes = Vec::new();
+        for i in self.interfaces.iter().filter(|i| i.scheduler.is_some()) {
+            for index in inner.dp.session_classes(&i.name)? {
+                classes.push((i.name.clone(), index));
+            }
+        }
+        Ok(KernelView {
+            entries,
+            classes,
+            slot_owner,
+            class_owner,
+        })
+    }
+
+    /// Compares the store's sessions, qodd's memory and the kernel; returns every difference.
+    pub fn verify(&self, stored: &[crate::store::StoredSession]) -> Result<Drift, DataPlaneError> {
+        let kernel = self.kernel_view()?;
+        let wall = OffsetDateTime::now_utc();
+        let mut drift = Vec::new();
+        let (memory, available): (HashMap<SessionId, bool>, usize) = {
+            let inner = self.lock();
+            let m: HashMap<SessionId, bool> = inner
+                .sessions
+                .values()
+                .map(|s| (s.id, matches!(s.state, SessionState::Available { .. })))
+                .collect();
+            let n = m.values().filter(|a| **a).count();
+            (m, n)
+        };
+        let live_in_store: HashSet<SessionId> = stored
+            .iter()
+            .filter(|s| s.ended.is_none() && s.started_at + secs(s.duration) > wall)
+            .map(|s| s.id)
+            .collect();
+        for id in &live_in_store {
+            if memory.get(id) != Some(&true) {
+                drift.push(format!(
+                    "session {id} is live in the store but not AVAILABLE in qodd"
+                ));
+            }
+        }
+        for (id, available) in &memory {
+            if *available && !live_in_store.contains(id) {
+                drift.push(format!(
+                    "session {id} is AVAILABLE in qodd but not live in the store"
+                ));
+            }
+        }
+        let mut ruled = HashSet::new();
+        for (key, rules) in &kernel.entries {
+            for r in rules {
+                match kernel.slot_owner.get(&r.slot) {
+                    Some((id, device)) if device == key => {
+                        ruled.insert(*id);
+                    }
+                    _ => drift.push(format!(
+                        "kernel rule for device {} (slot {}) belongs to no AVAILABLE session",
+                        crate::audit::device(key),
+                        r.slot
+                    )),
+                }
+            }
+        }
+        for (id, _) in kernel.slot_owner.values() {
+            if !ruled.contains(id) {
+                drift.push(format!("session {id} is AVAILABLE but has no kernel rule"));
+            }
+        }
+        let present: HashSet<(String, u16)> = kernel.classes.iter().cloned().collect();
+        for (interface, index) in &kernel.classes {
+            if !kernel
+                .class_owner
+                .contains_key(&(interface.clone(), *index))
+            {
+                drift.push(format!(
+                    "scheduler class 1:{:x} on {interface} is held by no session",
+                    crate::dataplane::scheduler::SESSION_MINOR_BASE + index
+                ));
+            }
+        }
+        for ((interface, index), id) in &kernel.class_owner {
+            if !present.contains(&(interface.clone(), *index)) {
+                drift.push(format!(
+                    "session {id}'s scheduler class 1:{:x} is missing on {interface}",
+                    crate::dataplane::scheduler::SESSION_MINOR_BASE + index
+                ));
+            }
+        }
+        drift.sort();
+        Ok(Drift {
+            store_sessions: stored.len(),
+            memory_sessions: memory.len(),
+            available,
+            kernel_entries: kernel.entries.len(),
+            drift,
+        })
     }
 
     /// Why a load balancer should not send this node new sessions now (`None`: ready): every

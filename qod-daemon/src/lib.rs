@@ -191,6 +191,18 @@ pub async fn run(
         .add_service(InterceptedService::new(
             QosProfilesServer::new(api::ProfileService::new(core.clone()))
                 .max_decoding_message_size(max_message),
+            authenticator.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            qod_proto::v1::qod_node_server::QodNodeServer::new(api::node::NodeService {
+                core: core.clone(),
+                store: store.clone(),
+                notify: notifier.stats.clone(),
+                attach: config.attach,
+                state_dir: config.state_dir.clone(),
+                started: std::time::Instant::now(),
+            })
+            .max_decoding_message_size(max_message),
             authenticator,
         ));
 

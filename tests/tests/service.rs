@@ -664,8 +664,13 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
 
 /// Runs the `qodctl` built beside `qodd` against `qodd`: (success, stdout, stderr).
 fn qodctl(qodd: &Qodd, tls: bool, args: &[&str]) -> (bool, String, String) {
+    qodctl_as(qodd, &qodd.token, tls, args)
+}
+
+/// As [`qodctl`] with `token`.
+fn qodctl_as(qodd: &Qodd, token_text: &str, tls: bool, args: &[&str]) -> (bool, String, String) {
     let token = qodd.dir.path().join("qodctl.token");
-    std::fs::write(&token, &qodd.token).expect("token file");
+    std::fs::write(&token, token_text).expect("token file");
     let mut cmd = Command::new(qodd_bin().with_file_name("qodctl"));
     cmd.env("QODCTL_ADDR", qodd.addr())
         .env("QODCTL_TOKEN_FILE", &token)
@@ -731,4 +736,162 @@ async fn qodctl_says_what_is_wrong_in_words_or_json_and_prints_one_object() {
     let error: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON error");
     assert_eq!(error["error"]["code"], "NotFound", "{error}");
     assert_eq!(error["error"]["reason"], "NOT_FOUND", "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_commands_show_the_node_and_verify_catches_planted_drift() {
+    require_root();
+    let lab = Lab::new().expect("lab");
+    let interfaces = scheduled_interfaces();
+    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+    let qodd = Qodd::start(&lab.edge, &interfaces, CONGESTION_PROFILES)
+        .await
+        .expect("qodd");
+    let admin = qodd
+        .pki
+        .mint(&qod_daemon::devkit::TokenSpec {
+            scopes: vec![qod_daemon::auth::scope::ADMIN.into()],
+            ..qod_daemon::devkit::TokenSpec::full("ops")
+        })
+        .expect("admin token");
+    let ops = |args: &[&str]| -> (bool, serde_json::Value) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let (ok, stdout, stderr) = qodctl_as(&qodd, &admin, true, &all);
+        let v = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("qodctl {args:?}: not JSON ({e}): {stdout} {stderr}"));
+        (ok, v)
+    };
+    let mut api = qodd.sessions().await.expect("client");
+    let rated = api
+        .create_session(qod_testkit::api::session(
+            addr::OTHER_DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_G",
+            &[],
+            &[],
+            600,
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let marked = qod_testkit::marked_flow(&mut api).await;
+
+    // Not for API clients: their tokens lack qod:admin.
+    let (ok, refused) = {
+        let (ok, stdout, _) = qodctl(&qodd, true, &["--json", "status"]);
+        (
+            ok,
+            serde_json::from_str::<serde_json::Value>(&stdout).expect("JSON"),
+        )
+    };
+    assert!(!ok);
+    assert_eq!(refused["error"]["reason"], "PERMISSION_DENIED", "{refused}");
+
+    let (ok, status) = ops(&["status"]);
+    assert!(ok, "{status}");
+    assert_eq!(status["slotsUsed"], 2, "{status}");
+    assert_eq!(status["sessionsByStatus"]["AVAILABLE"], 2, "{status}");
+    assert_eq!(status["interfaces"].as_array().map(Vec::len), Some(2));
+    assert!(
+        status["interfaces"][0]["linkUp"].as_bool().unwrap_or(false),
+        "{status}"
+    );
+    let pool = status["pools"]
+        .as_array()
+        .expect("pools")
+        .iter()
+        .find(|p| p["interface"] == EDGE_DEV_IF && p["pool"] == "guaranteed")
+        .expect("the device side's guaranteed pool")
+        .clone();
+    assert_eq!(pool["reservedBps"], 20_000_000, "{pool}");
+
+    let (ok, listed) = ops(&["sessions", "--profile", "QOS_G"]);
+    assert!(ok);
+    let listed = listed["sessions"].as_array().expect("sessions").clone();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["sessionId"], rated.session_id.as_str());
+    assert_eq!(listed[0]["client"], qod_testkit::TEST_CLIENT);
+    let (_, first) = ops(&["sessions", "--page-size", "1"]);
+    let token = first["nextPageToken"].as_str().expect("token").to_owned();
+    assert!(!token.is_empty(), "{first}");
+    let (_, second) = ops(&["sessions", "--page-size", "1", "--page-token", &token]);
+    assert_eq!(second["sessions"].as_array().map(Vec::len), Some(1));
+    assert_ne!(
+        first["sessions"][0]["sessionId"],
+        second["sessions"][0]["sessionId"]
+    );
+    assert_eq!(second["nextPageToken"], "", "two sessions, two pages");
+
+    let (ok, dump) = ops(&["dump"]);
+    assert!(ok);
+    let entry = dump["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["device"] == addr::DEVICE_V4)
+        .expect("the marked device's entry")
+        .clone();
+    assert_eq!(
+        entry["rules"][0]["sessionId"],
+        marked.session_id.as_str(),
+        "{entry}"
+    );
+    assert_eq!(entry["rules"][0]["dscp"], 32);
+    assert_eq!(entry["rules"][0]["serverPorts"], "5000");
+    let classes = dump["classes"].as_array().expect("classes").clone();
+    assert!(
+        classes
+            .iter()
+            .any(|c| c["interface"] == EDGE_DEV_IF && c["sessionId"] == rated.session_id.as_str()),
+        "{dump}"
+    );
+    assert!(classes.iter().all(|c| c["sessionId"] != ""), "{dump}");
+
+    let (ok, verified) = ops(&["verify"]);
+    assert!(ok, "{verified}");
+    assert_eq!(verified["drift"].as_array().map(Vec::len), Some(0));
+
+    // Drift planted behind qodd's back: a class no session holds.
+    lab.edge
+        .exec(
+            "tc",
+            &[
+                "class",
+                "add",
+                "dev",
+                EDGE_DEV_IF,
+                "parent",
+                "1:1",
+                "classid",
+                "1:1ff",
+                "htb",
+                "rate",
+                "1mbit",
+            ],
+        )
+        .expect("plant a class");
+    let (ok, verified) = ops(&["verify"]);
+    assert!(!ok, "verify exits non-zero on drift");
+    let drift = verified["drift"].as_array().expect("drift").clone();
+    assert_eq!(drift.len(), 1, "{verified}");
+    assert!(
+        drift[0]
+            .as_str()
+            .is_some_and(|d| d.contains("1:1ff") && d.contains(EDGE_DEV_IF)),
+        "{verified}"
+    );
+    let (_, dump) = ops(&["dump"]);
+    assert!(
+        dump["classes"]
+            .as_array()
+            .expect("classes")
+            .iter()
+            .any(|c| c["classId"] == "1:1ff" && c["sessionId"] == ""),
+        "{dump}"
+    );
+    // The human form says the same.
+    let (ok, text, _) = qodctl_as(&qodd, &admin, true, &["verify"]);
+    assert!(!ok);
+    assert!(text.contains("DRIFT: scheduler class 1:1ff"), "{text}");
 }

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod correlator;
+pub mod node;
 
 use std::{pin::Pin, sync::Arc};
 

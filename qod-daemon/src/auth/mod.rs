@@ -31,6 +31,9 @@ pub mod scope {
     pub const SESSIONS_UPDATE: &str = "quality-on-demand:sessions:update";
     pub const SESSIONS_RETRIEVE_BY_DEVICE: &str = "quality-on-demand:sessions:retrieve-by-device";
     pub const PROFILES_READ: &str = "qos-profiles:read";
+    /// The operator's view of the node (`qod.v1.QodNode`): every client's sessions, the kernel
+    /// state. Not CAMARA's, and not in [`ALL`]: grant it to operators only.
+    pub const ADMIN: &str = "qod:admin";
     /// Every scope qodd knows, for tools that mint full-access tokens.
     pub const ALL: [&str; 6] = [
         SESSIONS_CREATE,

@@ -110,10 +110,49 @@ enum Command {
     },
     /// Show one QoS profile.
     Profile { name: String },
+    /// Operator (scope qod:admin): version, uptime, interfaces, pools, sessions, map pressure,
+    /// store size, pending notifications.
+    Status,
+    /// Operator (scope qod:admin): every session on the node, filtered, paged.
+    Sessions {
+        /// AVAILABLE or UNAVAILABLE.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        profile: Option<String>,
+        /// The API client that created them.
+        #[arg(long)]
+        client: Option<String>,
+        /// The device's IPv4 address, or an address in its IPv6 /64.
+        #[arg(long)]
+        device: Option<String>,
+        /// Sessions per page (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        /// Start after this page token (printed after a full page).
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Operator (scope qod:admin): the kernel maps and scheduler classes, named by session.
+    Dump,
+    /// Operator (scope qod:admin): compare store, memory and kernel; exit 1 on drift.
+    Verify,
     /// DEV ONLY: a throwaway CA, TLS certificates and a token signing key for labs and demos.
     #[command(subcommand)]
     Dev(DevCommand),
 }
+
+/// `verify` found drift (already printed): exit 1 without another message.
+#[derive(Debug)]
+struct DriftFound;
+
+impl std::fmt::Display for DriftFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("drift found")
+    }
+}
+
+impl std::error::Error for DriftFound {}
 
 #[derive(Subcommand)]
 enum DevCommand {
@@ -295,6 +334,9 @@ async fn main() -> std::process::ExitCode {
     let Err(e) = run(cli).await else {
         return std::process::ExitCode::SUCCESS;
     };
+    if e.downcast_ref::<DriftFound>().is_some() {
+        return std::process::ExitCode::FAILURE;
+    }
     let (code, reason, message, transport) = match e.downcast_ref::<tonic::Status>() {
         Some(status) => {
             let reason = status
@@ -349,6 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(e))
         .with_context(|| format!("cannot connect to qodd at {}", cli.addr))?;
     let mut sessions = QualityOnDemandClient::new(channel.clone());
+    let mut node = qod_proto::v1::qod_node_client::QodNodeClient::new(channel.clone());
     let mut profiles = QosProfilesClient::new(channel);
     let json = cli.json;
     match cli.command {
@@ -465,9 +508,270 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             print_profiles(&[p], json);
         }
+        Command::Status => {
+            let s = node.status(pb::NodeStatusRequest {}).await?.into_inner();
+            print_status(&s, json);
+        }
+        Command::Sessions {
+            status,
+            profile,
+            client,
+            device,
+            page_size,
+            page_token,
+        } => {
+            let r = node
+                .list_sessions(pb::ListSessionsRequest {
+                    status: status.unwrap_or_default(),
+                    profile: profile.unwrap_or_default(),
+                    client: client.unwrap_or_default(),
+                    device: device.unwrap_or_default(),
+                    page_size,
+                    page_token: page_token.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                let list: Vec<Value> = r
+                    .sessions
+                    .iter()
+                    .map(|n| {
+                        let mut v = n.session.as_ref().map(session_json).unwrap_or_default();
+                        v["client"] = json!(n.client);
+                        v
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({ "sessions": list, "nextPageToken": r.next_page_token })
+                );
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .sessions
+                    .iter()
+                    .filter_map(|n| {
+                        let s = n.session.as_ref()?;
+                        let v = session_json(s);
+                        Some(vec![
+                            s.session_id.clone(),
+                            n.client.clone(),
+                            s.qos_profile.clone(),
+                            v["qosStatus"].as_str().unwrap_or_default().to_owned(),
+                            v["expiresAt"].as_str().unwrap_or_default().to_owned(),
+                        ])
+                    })
+                    .collect();
+                table(
+                    &["SESSION", "CLIENT", "PROFILE", "STATUS", "EXPIRES/ENDED"],
+                    &rows,
+                );
+                if !r.next_page_token.is_empty() {
+                    println!("more: --page-token {}", r.next_page_token);
+                }
+            }
+        }
+        Command::Dump => {
+            let d = node.dump(pb::DumpRequest {}).await?.into_inner();
+            print_dump(&d, json);
+        }
+        Command::Verify => {
+            let v = node.verify(pb::VerifyRequest {}).await?.into_inner();
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "storeSessions": v.store_sessions,
+                        "memorySessions": v.memory_sessions,
+                        "kernelEntries": v.kernel_entries,
+                        "drift": v.drift,
+                    })
+                );
+            } else {
+                println!(
+                    "store {} sessions, memory {}, kernel {} device entries",
+                    v.store_sessions, v.memory_sessions, v.kernel_entries
+                );
+                if v.drift.is_empty() {
+                    println!("no drift");
+                }
+                for d in &v.drift {
+                    println!("DRIFT: {d}");
+                }
+            }
+            if !v.drift.is_empty() {
+                return Err(DriftFound.into());
+            }
+        }
         Command::Dev(_) => unreachable!("handled before connecting"),
     }
     Ok(())
+}
+
+fn print_status(s: &pb::NodeStatus, json: bool) {
+    let interfaces: Vec<Value> = s
+        .interfaces
+        .iter()
+        .map(|i| {
+            json!({
+                "name": i.name, "side": i.side, "capacityBps": i.capacity_bps,
+                "attach": i.attach, "linkUp": i.link_up,
+            })
+        })
+        .collect();
+    let pools: Vec<Value> = s
+        .pools
+        .iter()
+        .map(|p| {
+            json!({
+                "interface": p.interface, "pool": p.pool,
+                "reservedBps": p.reserved_bps, "capacityBps": p.capacity_bps,
+            })
+        })
+        .collect();
+    if json {
+        println!(
+            "{}",
+            json!({
+                "version": s.version, "uptimeSeconds": s.uptime_seconds,
+                "interfaces": interfaces, "pools": pools,
+                "sessionsByStatus": s.sessions_by_status,
+                "slotsUsed": s.slots_used, "slotsCapacity": s.slots_capacity,
+                "storeBytes": s.store_bytes, "pendingNotifications": s.pending_notifications,
+            })
+        );
+        return;
+    }
+    println!("qodd {} up {} s", s.version, s.uptime_seconds);
+    let rows: Vec<Vec<String>> = s
+        .interfaces
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.side.clone(),
+                if i.capacity_bps == 0 {
+                    "-".into()
+                } else {
+                    format!("{} Mbit/s", i.capacity_bps / 1_000_000)
+                },
+                i.attach.clone(),
+                if i.link_up { "up" } else { "DOWN" }.into(),
+            ]
+        })
+        .collect();
+    table(&["INTERFACE", "SIDE", "CAPACITY", "ATTACH", "LINK"], &rows);
+    let rows: Vec<Vec<String>> = s
+        .pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.interface.clone(),
+                p.pool.clone(),
+                format!("{} kbit/s", p.reserved_bps / 1000),
+                format!(
+                    "{} kbit/s",
+                    p.capacity_bps.saturating_sub(p.reserved_bps) / 1000
+                ),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        table(&["INTERFACE", "POOL", "RESERVED", "FREE"], &rows);
+    }
+    let mut by: Vec<_> = s.sessions_by_status.iter().collect();
+    by.sort();
+    let by: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "sessions: {}; kernel slots {} of {}; store {} bytes; pending notifications {}",
+        if by.is_empty() {
+            "none".into()
+        } else {
+            by.join(", ")
+        },
+        s.slots_used,
+        s.slots_capacity,
+        s.store_bytes,
+        s.pending_notifications
+    );
+}
+
+fn print_dump(d: &pb::DumpResponse, json: bool) {
+    if json {
+        let entries: Vec<Value> = d
+            .entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "device": e.device,
+                    "rules": e.rules.iter().map(|r| json!({
+                        "sessionId": r.session_id, "slot": r.slot,
+                        "serverNetwork": r.server_network, "devicePorts": r.device_ports,
+                        "serverPorts": r.server_ports, "dscp": r.dscp,
+                        "skbPriority": r.skb_priority, "policeUpBps": r.police_up_bps,
+                        "policeDownBps": r.police_down_bps,
+                        "expiresInSeconds": r.expires_in_seconds,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let classes: Vec<Value> = d
+            .classes
+            .iter()
+            .map(|c| {
+                json!({ "interface": c.interface, "classId": c.class_id, "sessionId": c.session_id })
+            })
+            .collect();
+        println!("{}", json!({ "entries": entries, "classes": classes }));
+        return;
+    }
+    let none = |s: &str| {
+        if s.is_empty() {
+            "(none)".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    let rows: Vec<Vec<String>> = d
+        .entries
+        .iter()
+        .flat_map(|e| {
+            e.rules.iter().map(move |r| {
+                vec![
+                    e.device.clone(),
+                    none(&r.session_id),
+                    r.slot.to_string(),
+                    r.server_network.clone(),
+                    format!("{} -> {}", r.device_ports, r.server_ports),
+                    r.dscp.to_string(),
+                    r.skb_priority.clone(),
+                    format!("{}/{}", r.police_up_bps, r.police_down_bps),
+                    r.expires_in_seconds.to_string(),
+                ]
+            })
+        })
+        .collect();
+    table(
+        &[
+            "DEVICE",
+            "SESSION",
+            "SLOT",
+            "SERVER",
+            "PORTS",
+            "DSCP",
+            "PRIORITY",
+            "POLICE UP/DOWN",
+            "EXPIRES IN",
+        ],
+        &rows,
+    );
+    let rows: Vec<Vec<String>> = d
+        .classes
+        .iter()
+        .map(|c| vec![c.interface.clone(), c.class_id.clone(), none(&c.session_id)])
+        .collect();
+    if !rows.is_empty() {
+        table(&["INTERFACE", "CLASS", "SESSION"], &rows);
+    }
 }
 
 /// The CAMARA spelling of a proto enum value: its name without the type prefix.

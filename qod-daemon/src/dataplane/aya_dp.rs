@@ -626,6 +626,44 @@ impl DataPlane for AyaDataPlane {
         }
     }
 
+    fn entries(&self) -> Result<Vec<(DeviceKey, Vec<FlowRule>)>, DataPlaneError> {
+        let rules = |v: &DeviceRules| {
+            v.rules
+                .iter()
+                .take(v.n as usize)
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        let mut out = Vec::new();
+        for e in self.flows_v4.iter() {
+            let (k, v) = e.map_err(|source| DataPlaneError::Map {
+                map: FLOWS_V4_MAP,
+                source,
+            })?;
+            out.push((
+                DeviceKey {
+                    family: FAMILY_IPV4,
+                    addr: [k, 0, 0, 0],
+                },
+                rules(&v),
+            ));
+        }
+        for e in self.flows_v6.iter() {
+            let (k, v) = e.map_err(|source| DataPlaneError::Map {
+                map: FLOWS_V6_MAP,
+                source,
+            })?;
+            out.push((
+                DeviceKey {
+                    family: FAMILY_IPV6,
+                    addr: [k[0], k[1], 0, 0],
+                },
+                rules(&v),
+            ));
+        }
+        Ok(out)
+    }
+
     fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
         let mut keys = Vec::new();
         for k in self.flows_v4.keys() {

@@ -46,6 +46,15 @@ impl DataPlane for FakeDataPlane {
         Ok(())
     }
 
+    fn entries(&self) -> Result<Vec<(DeviceKey, Vec<FlowRule>)>, DataPlaneError> {
+        Ok(self
+            .state()
+            .flows
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect())
+    }
+
     fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
         Ok(self.state().flows.keys().copied().collect())
     }

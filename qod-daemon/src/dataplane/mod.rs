@@ -79,6 +79,8 @@ pub trait DataPlane: Send + 'static {
     fn shutdown(&mut self) {}
     /// Every device key with rules in the kernel (to find entries no session accounts for).
     fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError>;
+    /// Every kernel entry with its rules, as the classifier reads them (operators' dump).
+    fn entries(&self) -> Result<Vec<(DeviceKey, Vec<FlowRule>)>, DataPlaneError>;
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
