@@ -115,46 +115,14 @@ pub async fn run(
         )
         .with_store(store.clone()),
     );
-    {
-        let (core, n) = (core.clone(), stored.len());
-        tokio::task::spawn_blocking(move || core.restore(stored, continuing))
-            .await
-            .ok();
-        info!(
-            sessions = n,
-            continuing, "session store loaded (continuing: the pinned data plane carried on)"
-        );
-    }
-    let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
-    if let Some(addr) = config.metrics_listen {
-        let collector = metrics::NodeCollector {
-            core: core.clone(),
-            store: store.clone(),
-            notify: notifier.stats.clone(),
-        };
-        if let Err(source) = metrics::serve(addr, collector, token.clone()).await {
-            core.shutdown();
-            return Err(RunError::Listen {
-                addr: addr.to_string(),
-                source,
-            });
-        }
-    }
-    tokio::spawn(watch_links(
-        core.clone(),
-        config.interfaces.iter().map(|i| i.name.clone()).collect(),
-        token.clone(),
-    ));
-    if let Some(reload) = reload {
-        tokio::spawn(reload_on_sighup(core.clone(), reload, token.clone()));
-    }
-
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Health answers from now on, NOT_SERVING until the store is restored; every other call
+    // is refused with UNAVAILABLE until then.
     health
-        .set_serving::<QualityOnDemandServer<api::SessionService>>()
+        .set_not_serving::<QualityOnDemandServer<api::SessionService>>()
         .await;
     health
-        .set_serving::<QosProfilesServer<api::ProfileService>>()
+        .set_not_serving::<QosProfilesServer<api::ProfileService>>()
         .await;
     // Reflection v1, and v1alpha for the grpcurl releases that distributions ship.
     let reflection = || {
@@ -165,6 +133,8 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let reflection = reflection().build_v1()?;
     let authenticator = authenticator(&config, &token).await;
+    let gate = authenticator.gate();
+    gate.store(false, std::sync::atomic::Ordering::SeqCst);
     let mut server = tonic::transport::Server::builder();
     if let config::Security::Secure { tls, .. } = &config.security {
         server = server.tls_config(tls.server_config())?;
@@ -226,7 +196,7 @@ pub async fn run(
                     });
                 }
             };
-            info!(listen = %addr, "qodd ready");
+            info!(listen = %addr, "qodd listening");
             tokio::spawn(
                 router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
             )
@@ -249,15 +219,57 @@ pub async fn run(
                     return Err(err(e));
                 }
             };
-            info!(listen = %format!("unix:{}", path.display()), "qodd ready");
+            info!(listen = %format!("unix:{}", path.display()), "qodd listening");
             tokio::spawn(
                 router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop),
             )
         }
     };
 
+    {
+        let (core, n) = (core.clone(), stored.len());
+        tokio::task::spawn_blocking(move || core.restore(stored, continuing))
+            .await
+            .ok();
+        info!(
+            sessions = n,
+            continuing, "session store loaded (continuing: the pinned data plane carried on)"
+        );
+    }
+    gate.store(true, std::sync::atomic::Ordering::SeqCst);
+    health
+        .set_serving::<QualityOnDemandServer<api::SessionService>>()
+        .await;
+    health
+        .set_serving::<QosProfilesServer<api::ProfileService>>()
+        .await;
+    info!("qodd ready");
     // The store is restored and the API serves: tell systemd (Type=notify), if it started us.
     notify_service_manager(sd_notify::NotifyState::Ready);
+    let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
+    if let Some(addr) = config.metrics_listen {
+        let collector = metrics::NodeCollector {
+            core: core.clone(),
+            store: store.clone(),
+            notify: notifier.stats.clone(),
+        };
+        if let Err(source) = metrics::serve(addr, collector, token.clone()).await {
+            core.shutdown();
+            return Err(RunError::Listen {
+                addr: addr.to_string(),
+                source,
+            });
+        }
+    }
+    tokio::spawn(watch_links(
+        core.clone(),
+        config.interfaces.iter().map(|i| i.name.clone()).collect(),
+        token.clone(),
+    ));
+    if let Some(reload) = reload {
+        tokio::spawn(reload_on_sighup(core.clone(), reload, token.clone()));
+    }
+
     token.cancelled().await;
     let served = match tokio::time::timeout(DRAIN_GRACE, server).await {
         Ok(Ok(result)) => result.map_err(RunError::from),

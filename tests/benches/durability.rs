@@ -17,57 +17,11 @@
 
 use std::time::{Duration, Instant};
 
-use qod_daemon::{
-    model::{ApplicationServer, DeviceId, ProfileName, SessionId, SessionRequest},
-    store::{Op, Store, StoredSession},
-};
 use qod_proto::v1::quality_on_demand_client::QualityOnDemandClient;
-use qod_testkit::{EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, TEST_CLIENT, addr, api::session};
+use qod_testkit::{EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, addr, api::session};
 
 fn release_qodd() -> std::path::PathBuf {
     qod_testkit::release_bin("qodd")
-}
-
-/// Live sessions for `n` device addresses 10.x.y.z, written straight into the store.
-fn fill_store(dir: &std::path::Path, n: u32) -> anyhow::Result<()> {
-    let store = Store::open(dir)?;
-    let now = time::OffsetDateTime::now_utc();
-    let mut batch = Vec::with_capacity(10_000);
-    for i in 0..n {
-        let ip = std::net::Ipv4Addr::from(0x0a40_0000 + i);
-        batch.push(Op::PutSession(Box::new(StoredSession {
-            id: SessionId::random(),
-            request: SessionRequest {
-                device: DeviceId::Ipv4 {
-                    public: ip,
-                    private: Some(ip),
-                    public_port: None,
-                },
-                server: ApplicationServer {
-                    ipv4: Some(format!("{}/32", addr::SERVER_V4).parse()?),
-                    ipv6: None,
-                    given: (Some(addr::SERVER_V4.into()), None),
-                },
-                device_ports: None,
-                server_ports: None,
-                profile: ProfileName::parse("qosProfile", "QOS_E")?,
-                sink: None,
-                sink_credential: None,
-                duration: 86_400,
-                owner: TEST_CLIENT.into(),
-                subject: None,
-            },
-            started_at: now,
-            duration: 86_400,
-            ended: None,
-            slot: None,
-        })));
-        if batch.len() == 10_000 {
-            store.submit(std::mem::take(&mut batch)).wait()?;
-        }
-    }
-    store.submit(batch).wait()?;
-    Ok(())
 }
 
 fn rss_mib(qodd: &Qodd) -> f64 {
@@ -99,7 +53,7 @@ async fn recovery() -> anyhow::Result<()> {
         qodd.start_timeout = Duration::from_secs(1200);
         qodd.kill9();
         let state = qodd.dir.path().join("state");
-        fill_store(&state, n)?;
+        qod_testkit::fill_store(&state, n)?;
         let _ = std::fs::remove_dir_all(&qodd.pin_path);
         let t = Instant::now();
         qodd.restart().await?;

@@ -761,6 +761,17 @@ impl Qodd {
 
     /// Starts the binary on the same configuration and state, and waits until it answers.
     async fn launch(&mut self) -> anyhow::Result<()> {
+        self.spawn_process()?;
+        self.wait_serving().await
+    }
+
+    /// Starts `qodd` again after [`Qodd::kill9`] or [`Qodd::stop`] without waiting for it.
+    pub fn restart_no_wait(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn_process()
+    }
+
+    fn spawn_process(&mut self) -> anyhow::Result<()> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -779,6 +790,11 @@ impl Qodd {
             .spawn()
             .context("spawn qodd")?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until health says SERVING (the store restored), or fails on exit or timeout.
+    pub async fn wait_serving(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + self.start_timeout;
         loop {
             if let Some(status) = self
@@ -788,14 +804,18 @@ impl Qodd {
             {
                 bail!("qodd exited with {status} during start:\n{}", self.log());
             }
-            // Health needs no token (the API's readiness for probes).
+            // Health needs no token (the API's readiness for probes): SERVING once the store is
+            // restored.
             if let Ok(channel) = self.channel().await
                 && tonic_health::pb::health_client::HealthClient::new(channel)
                     .check(tonic_health::pb::HealthCheckRequest {
                         service: "qod.v1.QualityOnDemand".into(),
                     })
                     .await
-                    .is_ok()
+                    .is_ok_and(|r| {
+                        r.into_inner().status()
+                            == tonic_health::pb::health_check_response::ServingStatus::Serving
+                    })
             {
                 return Ok(());
             }
@@ -1770,4 +1790,48 @@ pub async fn watch_all(
         .await
         .expect("watch")
         .into_inner()
+}
+
+/// Live sessions for `n` device addresses 10.x.y.z, written straight into the store.
+pub fn fill_store(dir: &std::path::Path, n: u32) -> anyhow::Result<()> {
+    let store = qod_daemon::store::Store::open(dir)?;
+    let now = time::OffsetDateTime::now_utc();
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..n {
+        let ip = std::net::Ipv4Addr::from(0x0a40_0000 + i);
+        batch.push(qod_daemon::store::Op::PutSession(Box::new(
+            qod_daemon::store::StoredSession {
+                id: qod_daemon::model::SessionId::random(),
+                request: qod_daemon::model::SessionRequest {
+                    device: qod_daemon::model::DeviceId::Ipv4 {
+                        public: ip,
+                        private: Some(ip),
+                        public_port: None,
+                    },
+                    server: qod_daemon::model::ApplicationServer {
+                        ipv4: Some(format!("{}/32", addr::SERVER_V4).parse()?),
+                        ipv6: None,
+                        given: (Some(addr::SERVER_V4.into()), None),
+                    },
+                    device_ports: None,
+                    server_ports: None,
+                    profile: qod_daemon::model::ProfileName::parse("qosProfile", "QOS_E")?,
+                    sink: None,
+                    sink_credential: None,
+                    duration: 86_400,
+                    owner: TEST_CLIENT.into(),
+                    subject: None,
+                },
+                started_at: now,
+                duration: 86_400,
+                ended: None,
+                slot: None,
+            },
+        )));
+        if batch.len() == 10_000 {
+            store.submit(std::mem::take(&mut batch)).wait()?;
+        }
+    }
+    store.submit(batch).wait()?;
+    Ok(())
 }

@@ -698,3 +698,69 @@ async fn api_sessions(qodd: &Qodd) -> usize {
     }
     n
 }
+
+/// While a large store is restored, health answers NOT_SERVING and every other call is refused
+/// UNAVAILABLE (nothing can race the restore); then health says SERVING and the restored
+/// sessions are there.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_is_not_serving_until_the_store_is_restored() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let (_lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
+    assert!(qodd.stop().expect("stopped").success());
+    qod_testkit::fill_store(&qodd.dir.path().join("state"), 50_000).expect("fill the store");
+    qodd.restart_no_wait().expect("spawn");
+    let (mut not_serving, mut refused) = (0, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "{}", qodd.log());
+        let Ok(channel) = qodd.channel().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "qod.v1.QualityOnDemand".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status());
+        match status {
+            Ok(ServingStatus::Serving) => break,
+            Ok(ServingStatus::NotServing) => {
+                not_serving += 1;
+                let mut api = qodd.sessions().await.expect("client");
+                if let Err(e) = api
+                    .create_session(session(
+                        addr::DEVICE_V4,
+                        addr::SERVER_V4,
+                        "QOS_E",
+                        &[],
+                        &[],
+                        60,
+                    ))
+                    .await
+                {
+                    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                    assert_eq!(qod_testkit::api::reason(&e), "UNAVAILABLE");
+                    refused += 1;
+                }
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(not_serving > 0, "health said NOT_SERVING while restoring");
+    assert!(refused > 0, "calls were refused while restoring");
+    let status = qodd
+        .sessions()
+        .await
+        .expect("client")
+        .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
+            device: Some(qod_testkit::api::device("10.64.0.7")),
+        })
+        .await
+        .expect("retrieve")
+        .into_inner();
+    assert_eq!(status.sessions.len(), 1, "a restored session");
+}

@@ -141,6 +141,8 @@ struct Inner {
     /// `None`: insecure mode.
     tokens: Option<(AuthSettings, Arc<Verifier>)>,
     limiter: DefaultKeyedRateLimiter<String>,
+    /// Cleared while the store is being restored: calls are refused with UNAVAILABLE.
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Authenticator {
@@ -149,7 +151,13 @@ impl Authenticator {
         Self(Arc::new(Inner {
             tokens,
             limiter: RateLimiter::keyed(quota),
+            ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }))
+    }
+
+    /// The switch that opens the API once the store is restored.
+    pub fn gate(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.0.ready.clone()
     }
 
     fn authenticate(&self, request: &Request<()>) -> Result<Principal, CamaraError> {
@@ -239,6 +247,13 @@ impl Authenticator {
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if !self.0.ready.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CamaraError::new(
+                CamaraCode::Unavailable,
+                "qodd is restoring its sessions; try again shortly",
+            )
+            .into());
+        }
         let principal = self.authenticate(&request).inspect_err(|e| {
             crate::metrics::METRICS
                 .token_refusals
