@@ -895,3 +895,109 @@ async fn operator_commands_show_the_node_and_verify_catches_planted_drift() {
     assert!(!ok);
     assert!(text.contains("DRIFT: scheduler class 1:1ff"), "{text}");
 }
+
+/// A tmux session of the test's own, killed on drop.
+struct Tmux(String);
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qodctl_top_shows_live_rates_in_a_terminal() {
+    let (lab, qodd) = qod_testkit::lab_with_qodd("").await;
+    let mut api = qodd.sessions().await.expect("client");
+    let marked = qod_testkit::marked_flow(&mut api).await;
+    let token = qodd
+        .pki
+        .mint(&qod_daemon::devkit::TokenSpec {
+            scopes: vec![
+                qod_daemon::auth::scope::ADMIN.into(),
+                qod_daemon::auth::scope::PROFILES_READ.into(),
+            ],
+            ..qod_daemon::devkit::TokenSpec::full("ops")
+        })
+        .expect("token");
+    let token_file = qodd.dir.path().join("top.token");
+    std::fs::write(&token_file, token).expect("token file");
+    // Uplink traffic of the session for the whole test: 20 × 500 B every 100 ms ≈ 800 kbit/s.
+    let sender = lab.device.spawn(|| {
+        let sock = std::net::UdpSocket::bind(qod_testkit::api::sa(addr::DEVICE_V4, 47100))?;
+        let to = qod_testkit::api::sa(addr::SERVER_V4, 5000);
+        for _ in 0..80 {
+            for _ in 0..20 {
+                sock.send_to(&[0u8; 500], to)?;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::Ok(())
+    });
+    let name = format!("qodt-top-{}", std::process::id());
+    let tmux = Tmux(name.clone());
+    let command = format!(
+        "env QODCTL_ADDR={} QODCTL_CA={} QODCTL_TOKEN_FILE={} {} top --interval 0.5",
+        qodd.addr(),
+        qodd.pki.path("ca.crt").display(),
+        token_file.display(),
+        qodd_bin().with_file_name("qodctl").display()
+    );
+    let out = Command::new("tmux")
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &name,
+            "-x",
+            "160",
+            "-y",
+            "30",
+            &command,
+        ])
+        .output()
+        .expect("tmux");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pane = Command::new("tmux")
+        .args(["capture-pane", "-p", "-t", &name])
+        .output()
+        .expect("capture-pane");
+    let screen = String::from_utf8_lossy(&pane.stdout).into_owned();
+    let line = screen
+        .lines()
+        .find(|l| l.contains(&marked.session_id))
+        .unwrap_or_else(|| panic!("the session is on screen:\n{screen}"));
+    let words: Vec<&str> = line
+        .split(|c: char| c.is_whitespace() || c == '│')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let at = words
+        .iter()
+        .position(|w| *w == marked.session_id)
+        .expect("id");
+    assert_eq!(words[at + 1], qod_testkit::TEST_CLIENT, "{line}");
+    assert_eq!(words[at + 2], "QOS_E", "{line}");
+    let up: f64 = words[at + 3].parse().expect("UP kbit/s");
+    assert!(up > 100.0, "the uplink rate is live: {line}\n{screen}");
+    assert!(line.contains("500 kbps"), "the granted maximum: {line}");
+    // q quits and gives the terminal back.
+    Command::new("tmux")
+        .args(["send-keys", "-t", &name, "q"])
+        .output()
+        .expect("send-keys");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let alive = Command::new("tmux")
+        .args(["has-session", "-t", &name])
+        .output()
+        .expect("has-session");
+    assert!(!alive.status.success(), "qodctl top ended on q");
+    drop(tmux);
+    let _ = sender.join();
+}

@@ -3,7 +3,9 @@
 //! Tables for people by default; `--json` prints CAMARA-shaped JSON (camelCase fields, status
 //! enums as CAMARA spells them) for scripts.
 
-use std::path::PathBuf;
+mod top;
+
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
@@ -137,6 +139,13 @@ enum Command {
     Dump,
     /// Operator (scope qod:admin): compare store, memory and kernel; exit 1 on drift.
     Verify,
+    /// Operator (scope qod:admin, and qos-profiles:read for granted rates): a live view of the
+    /// AVAILABLE sessions, their rate per direction against the profile's maximum, and drops.
+    Top {
+        /// Seconds between reads.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
     /// DEV ONLY: a throwaway CA, TLS certificates and a token signing key for labs and demos.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -391,6 +400,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(e))
         .with_context(|| format!("cannot connect to qodd at {}", cli.addr))?;
     let mut sessions = QualityOnDemandClient::new(channel.clone());
+    if let Command::Top { interval } = cli.command {
+        return top::run(
+            channel,
+            Duration::from_secs_f64(interval.clamp(0.1, 3600.0)),
+        )
+        .await;
+    }
     let mut node = qod_proto::v1::qod_node_client::QodNodeClient::new(channel.clone());
     let mut profiles = QosProfilesClient::new(channel);
     let json = cli.json;
@@ -603,6 +619,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Dev(_) => unreachable!("handled before connecting"),
+        Command::Top { .. } => unreachable!("handled before the other clients"),
     }
     Ok(())
 }
