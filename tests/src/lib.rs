@@ -1765,6 +1765,44 @@ pub async fn lab_with_qodd(extra_toml: &str) -> (Lab, Qodd) {
     (lab, qodd)
 }
 
+/// A lab with `qodd` on its edge owning a 100 Mbit/s scheduler on both edge interfaces
+/// ([`api::scheduled_interfaces`]) with [`api::CONGESTION_PROFILES`]; `extra_toml` (top-level keys)
+/// goes before the profiles. Fails the test unless it runs as root.
+pub async fn scheduled_lab_with_qodd(extra_toml: &str) -> (Lab, Qodd) {
+    api::require_root();
+    let lab = Lab::new().expect("lab");
+    let interfaces = api::scheduled_interfaces();
+    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+    let qodd = Qodd::start(
+        &lab.edge,
+        &interfaces,
+        &format!("{extra_toml}\n{}", api::CONGESTION_PROFILES),
+    )
+    .await
+    .expect("qodd");
+    (lab, qodd)
+}
+
+/// A QOS_G session (20 Mbit/s guaranteed downlink under [`api::CONGESTION_PROFILES`]) for
+/// `device`, any server port, `duration` seconds.
+pub async fn rated_session(
+    api: &mut QualityOnDemandClient<QodChannel>,
+    device: &str,
+    duration: i32,
+) -> qod_proto::v1::SessionInfo {
+    api.create_session(api::session(
+        device,
+        addr::SERVER_V4,
+        "QOS_G",
+        &[],
+        &[],
+        duration,
+    ))
+    .await
+    .expect("create a rated session")
+    .into_inner()
+}
+
 /// A QOS_E session (DSCP 32) for the lab device's uplink to the server's port 5000, 10 minutes.
 pub async fn marked_flow(
     api: &mut QualityOnDemandClient<QodChannel>,

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 use qod_proto::v1 as pb;
 use qod_testkit::{
     DEVICE_IF, EDGE_DEV_IF, Lab, Qodd, addr,
-    api::{CONGESTION_PROFILES, require_root, sa, scheduled_interfaces, session},
+    api::{require_root, sa, session},
     udp_send,
 };
 
@@ -605,25 +605,13 @@ fn class_of(lab: &Lab, device: &str, port: u16) -> (String, String) {
 /// carries their marking, and the class of a session that ended while qodd was down is removed.
 #[tokio::test(flavor = "multi_thread")]
 async fn scheduled_sessions_keep_their_treatment_across_kill_9_and_graceful_restart() {
-    require_root();
-    let lab = Lab::new().expect("lab");
+    let (lab, mut qodd) = qod_testkit::scheduled_lab_with_qodd("").await;
     lab.device
         .ip(&["addr", "add", "10.0.1.4/24", "dev", DEVICE_IF])
         .expect("third device address");
-    let interfaces = scheduled_interfaces();
-    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-    let mut qodd = Qodd::start(&lab.edge, &interfaces, CONGESTION_PROFILES)
-        .await
-        .expect("qodd");
     let mut api = qodd.sessions().await.expect("client");
-    let rated =
-        |device: &str, duration| session(device, addr::SERVER_V4, "QOS_G", &[], &[], duration);
-    api.create_session(rated(addr::OTHER_DEVICE_V4, 600))
-        .await
-        .expect("rated session");
-    api.create_session(rated("10.0.1.4", 2))
-        .await
-        .expect("short rated session");
+    qod_testkit::rated_session(&mut api, addr::OTHER_DEVICE_V4, 600).await;
+    qod_testkit::rated_session(&mut api, "10.0.1.4", 2).await;
     qod_testkit::marked_flow(&mut api).await;
     let mark = |port| {
         lab.uplink_dscp(addr::DEVICE_V4, port, addr::SERVER_V4, 5000)
@@ -645,22 +633,27 @@ async fn scheduled_sessions_keep_their_treatment_across_kill_9_and_graceful_rest
     qodd.kill9();
     // The short session ends while qodd is down.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // After each restart: still marked, the rated flow still in a class of its rate, and only
+    // the live sessions' classes left.
+    let treated = |after: &str, port: u16, qodd: &Qodd| {
+        assert_eq!(mark(46400 + port), marked, "marked after {after}");
+        assert_eq!(
+            class_of(&lab, addr::OTHER_DEVICE_V4, 9000 + port).1,
+            rate,
+            "same class rate after {after}"
+        );
+        assert_eq!(
+            session_classes(&lab, EDGE_DEV_IF).len(),
+            2,
+            "after {after}, the ended session's class is removed: {:?}\n{}",
+            session_classes(&lab, EDGE_DEV_IF),
+            qodd.log()
+        );
+    };
     qodd.restart()
         .await
         .expect("qodd starts again on the tree it left");
-    assert_eq!(mark(46401), marked, "marked after kill -9");
-    assert_eq!(
-        class_of(&lab, addr::OTHER_DEVICE_V4, 9001).1,
-        rate,
-        "same class rate after kill -9"
-    );
-    assert_eq!(
-        session_classes(&lab, EDGE_DEV_IF).len(),
-        2,
-        "the ended session's class is removed: {:?}\n{}",
-        session_classes(&lab, EDGE_DEV_IF),
-        qodd.log()
-    );
+    treated("kill -9", 1, &qodd);
     assert!(qodd.log().contains("scheduler adopted"), "{}", qodd.log());
 
     assert!(qodd.stop().expect("stopped").success());
@@ -668,13 +661,7 @@ async fn scheduled_sessions_keep_their_treatment_across_kill_9_and_graceful_rest
     qodd.restart()
         .await
         .expect("qodd starts again after a graceful stop");
-    assert_eq!(mark(46403), marked, "marked after a graceful restart");
-    assert_eq!(
-        class_of(&lab, addr::OTHER_DEVICE_V4, 9002).1,
-        rate,
-        "same class rate after a graceful restart"
-    );
-    assert_eq!(session_classes(&lab, EDGE_DEV_IF).len(), 2);
+    treated("a graceful restart", 3, &qodd);
     let live = api_sessions(&qodd).await;
     assert_eq!(live, 2, "both long sessions AVAILABLE");
 }

@@ -508,18 +508,10 @@ fn value(samples: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_and_readiness_follow_sessions_calls_and_links() {
-    require_root();
     const PORT: u16 = 9464;
-    let lab = Lab::new().expect("lab");
-    let interfaces = scheduled_interfaces();
-    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-    let qodd = Qodd::start(
-        &lab.edge,
-        &interfaces,
-        &format!("metrics_listen = \"127.0.0.1:{PORT}\"\n{CONGESTION_PROFILES}"),
-    )
-    .await
-    .expect("qodd");
+    let (lab, qodd) =
+        qod_testkit::scheduled_lab_with_qodd(&format!("metrics_listen = \"127.0.0.1:{PORT}\""))
+            .await;
     let scrape = || {
         let (status, kind, body) = http_get(&lab.edge, PORT, "/metrics");
         assert_eq!(status, 200);
@@ -544,18 +536,7 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
     assert_eq!(http_get(&lab.edge, PORT, "/readyz").0, 200);
 
     let mut api = qodd.sessions().await.expect("client");
-    let rated = api
-        .create_session(qod_testkit::api::session(
-            addr::OTHER_DEVICE_V4,
-            addr::SERVER_V4,
-            "QOS_G",
-            &[],
-            &[],
-            600,
-        ))
-        .await
-        .expect("create")
-        .into_inner();
+    let rated = qod_testkit::rated_session(&mut api, addr::OTHER_DEVICE_V4, 600).await;
     api.create_session(qod_testkit::api::session(
         addr::DEVICE_V4,
         addr::SERVER_V4,
@@ -662,6 +643,18 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
     assert!(why.contains("edge-dev"), "{why}");
 }
 
+/// A token of client `ops` with the scope qod:admin and `more`.
+fn operator_token(qodd: &Qodd, more: &[&str]) -> String {
+    let mut scopes = vec![qod_daemon::auth::scope::ADMIN.to_owned()];
+    scopes.extend(more.iter().map(|s| (*s).to_owned()));
+    qodd.pki
+        .mint(&qod_daemon::devkit::TokenSpec {
+            scopes,
+            ..qod_daemon::devkit::TokenSpec::full("ops")
+        })
+        .expect("operator token")
+}
+
 /// Runs the `qodctl` built beside `qodd` against `qodd`: (success, stdout, stderr).
 fn qodctl(qodd: &Qodd, tls: bool, args: &[&str]) -> (bool, String, String) {
     qodctl_as(qodd, &qodd.token, tls, args)
@@ -740,20 +733,8 @@ async fn qodctl_says_what_is_wrong_in_words_or_json_and_prints_one_object() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn operator_commands_show_the_node_and_verify_catches_planted_drift() {
-    require_root();
-    let lab = Lab::new().expect("lab");
-    let interfaces = scheduled_interfaces();
-    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-    let qodd = Qodd::start(&lab.edge, &interfaces, CONGESTION_PROFILES)
-        .await
-        .expect("qodd");
-    let admin = qodd
-        .pki
-        .mint(&qod_daemon::devkit::TokenSpec {
-            scopes: vec![qod_daemon::auth::scope::ADMIN.into()],
-            ..qod_daemon::devkit::TokenSpec::full("ops")
-        })
-        .expect("admin token");
+    let (lab, qodd) = qod_testkit::scheduled_lab_with_qodd("").await;
+    let admin = operator_token(&qodd, &[]);
     let ops = |args: &[&str]| -> (bool, serde_json::Value) {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
@@ -763,18 +744,7 @@ async fn operator_commands_show_the_node_and_verify_catches_planted_drift() {
         (ok, v)
     };
     let mut api = qodd.sessions().await.expect("client");
-    let rated = api
-        .create_session(qod_testkit::api::session(
-            addr::OTHER_DEVICE_V4,
-            addr::SERVER_V4,
-            "QOS_G",
-            &[],
-            &[],
-            600,
-        ))
-        .await
-        .expect("create")
-        .into_inner();
+    let rated = qod_testkit::rated_session(&mut api, addr::OTHER_DEVICE_V4, 600).await;
     let marked = qod_testkit::marked_flow(&mut api).await;
 
     // Not for API clients: their tokens lack qod:admin.
@@ -912,16 +882,7 @@ async fn qodctl_top_shows_live_rates_in_a_terminal() {
     let (lab, qodd) = qod_testkit::lab_with_qodd("").await;
     let mut api = qodd.sessions().await.expect("client");
     let marked = qod_testkit::marked_flow(&mut api).await;
-    let token = qodd
-        .pki
-        .mint(&qod_daemon::devkit::TokenSpec {
-            scopes: vec![
-                qod_daemon::auth::scope::ADMIN.into(),
-                qod_daemon::auth::scope::PROFILES_READ.into(),
-            ],
-            ..qod_daemon::devkit::TokenSpec::full("ops")
-        })
-        .expect("token");
+    let token = operator_token(&qodd, &[qod_daemon::auth::scope::PROFILES_READ]);
     let token_file = qodd.dir.path().join("top.token");
     std::fs::write(&token_file, token).expect("token file");
     // Uplink traffic of the session for the whole test: 20 × 500 B every 100 ms ≈ 800 kbit/s.
