@@ -59,6 +59,8 @@ pub struct Metrics {
     pub call_seconds: Histograms<MethodLabels>,
     pub token_refusals: Family<ReasonLabels, Counter>,
     pub expiry_lateness: Histogram,
+    pub store_commit_seconds: Histogram,
+    pub store_writes_per_commit: Histogram,
 }
 
 fn latency_histogram() -> Histogram {
@@ -94,12 +96,27 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Unit::Seconds,
         expiry_lateness.clone(),
     );
+    let store_commit_seconds = latency_histogram();
+    registry.register_with_unit(
+        "qod_store_commit_duration",
+        "how long one store commit (fsync included) took",
+        Unit::Seconds,
+        store_commit_seconds.clone(),
+    );
+    let store_writes_per_commit = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+    registry.register(
+        "qod_store_writes_per_commit",
+        "writes that shared one commit (group commit)",
+        store_writes_per_commit.clone(),
+    );
     Metrics {
         registry,
         calls,
         call_seconds,
         token_refusals,
         expiry_lateness,
+        store_commit_seconds,
+        store_writes_per_commit,
     }
 });
 

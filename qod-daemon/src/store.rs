@@ -207,6 +207,7 @@ fn writer(
             }
         }
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
         // One failing job must not fail the others: on error, each is tried alone.
         let results: Vec<Result<(), String>> = match apply(&db, &jobs) {
             Ok(()) => vec![Ok(()); jobs.len()],
@@ -216,6 +217,12 @@ fn writer(
                 .collect(),
             Err(e) => vec![Err(e)],
         };
+        crate::metrics::METRICS
+            .store_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        crate::metrics::METRICS
+            .store_writes_per_commit
+            .observe(jobs.len() as f64);
         for (job, result) in jobs.into_iter().zip(results) {
             // A write nobody waits for reports its own failure.
             if let Err(std::sync::mpsc::SendError(Err(e))) = job.done.send(result) {

@@ -607,6 +607,11 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
         "the 1 s session ended and stays readable"
     );
     assert_eq!(value(&after, "qod_expiry_lateness_seconds_count"), 1.0);
+    assert!(
+        value(&after, "qod_store_commit_duration_seconds_count") >= 3.0,
+        "two creates and a delete were committed"
+    );
+    assert!(value(&after, "qod_store_writes_per_commit_count") >= 3.0);
     assert!(!after.contains_key("qod_sessions{status=\"AVAILABLE\",profile=\"QOS_G\"}"));
 
     // Every metric the shipped Grafana dashboard queries is served.
