@@ -143,10 +143,14 @@ pub async fn run(
     // Health stays open for probes; everything else needs a valid token.
     let router = server
         .layer(api::correlator::CorrelatorLayer)
-        .add_service(health_service)
-        .add_service(InterceptedService::new(reflection, authenticator.clone()))
+        // Health answers without a token: it gets the same message bound as everything else.
+        .add_service(health_service.max_decoding_message_size(max_message))
         .add_service(InterceptedService::new(
-            reflection_v1alpha,
+            reflection.max_decoding_message_size(max_message),
+            authenticator.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            reflection_v1alpha.max_decoding_message_size(max_message),
             authenticator.clone(),
         ))
         .add_service(InterceptedService::new(

@@ -234,12 +234,33 @@ fn writer(
 
 impl Store {
     /// Opens (or creates) `<dir>/sessions.redb`.
+    ///
+    /// The directory and the file are the owner's only (0700 / 0600): the store holds sink
+    /// credentials.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+        let dir_error = |source| StoreError::Dir {
             path: dir.to_owned(),
             source,
-        })?;
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(dir_error)?;
+        // An existing directory (or one made by an older qodd) is tightened too.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(dir_error)?;
         let path = dir.join("sessions.redb");
+        if !path.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(dir_error)?;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(dir_error)?;
         // The page cache: reads happen at start, writes are appends; redb's 1 GiB default would
         // only hold memory.
         let database = redb::Builder::new()
@@ -441,6 +462,25 @@ mod tests {
         assert_eq!(store.boot_id().expect("meta").as_deref(), Some("b1"));
         store.remove(s.id).expect("remove");
         assert!(store.load().expect("load").is_empty());
+    }
+
+    /// The store holds sink credentials: its directory and file are the owner's only, also when
+    /// an older qodd made them open.
+    #[test]
+    fn the_store_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        drop(Store::open(&state).expect("open"));
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join("sessions.redb")), 0o600);
+        let open = std::fs::Permissions::from_mode(0o755);
+        std::fs::set_permissions(&state, open.clone()).expect("chmod");
+        std::fs::set_permissions(state.join("sessions.redb"), open).expect("chmod");
+        drop(Store::open(&state).expect("reopen"));
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join("sessions.redb")), 0o600);
     }
 
     /// Writers queued at the same time share commits, and every write lands.

@@ -820,3 +820,52 @@ async fn jwks_url_follows_key_rotation() {
         "the JWKS was fetched at start and again"
     );
 }
+
+/// RFC 6750: the `Bearer` scheme is case-insensitive; other schemes are still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let (_lab, qodd) = qod_testkit::lab_with_qodd("").await;
+    let channel = qodd
+        .channel_with(&qodd.options(None).expect("options"))
+        .await
+        .expect("channel");
+    for (header, ok) in [
+        (format!("BEARER {}", qodd.token), true),
+        (format!("bearer {}", qodd.token), true),
+        (format!("BeArEr  {}", qodd.token), true),
+        (format!("Basic {}", qodd.token), false),
+        ("Bearer".to_owned(), false),
+    ] {
+        let mut request = tonic::Request::new(pb::RetrieveQosProfilesRequest::default());
+        request
+            .metadata_mut()
+            .insert("authorization", header.parse().expect("header"));
+        let result = QosProfilesClient::new(channel.clone())
+            .retrieve_qos_profiles(request)
+            .await;
+        match (ok, result) {
+            (true, Ok(_)) => {}
+            (false, Err(e)) => assert_eq!(e.code(), Code::Unauthenticated, "{header}: {e:?}"),
+            (want, got) => panic!("{header:.12}: wanted ok={want}, got {got:?}"),
+        }
+    }
+}
+
+/// Health answers without a token, so it is bound like everything else: a message over
+/// `max_message_bytes` is refused before it is decoded, with CAMARA's error.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_is_bounded_by_max_message_bytes() {
+    let (_lab, qodd) = qod_testkit::lab_with_qodd("").await;
+    let channel = qodd
+        .channel_with(&qodd.options(None).expect("options"))
+        .await
+        .expect("channel");
+    let err = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "x".repeat(1 << 20),
+        })
+        .await
+        .expect_err("a 1 MiB health check");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(reason(&err), "INVALID_ARGUMENT");
+}

@@ -172,10 +172,12 @@ impl Authenticator {
             })?
             .to_str()
             .map_err(|_| unauthenticated("the authorization header is not text"))?;
+        // RFC 6750 / 7235: the scheme is case-insensitive.
         let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
+            .trim()
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthenticated("the authorization header is not `Bearer <token>`"))?;
         let claims = verifier.verify(token).map_err(unauthenticated)?;
