@@ -231,6 +231,38 @@ async fn bad_tokens_are_unauthenticated_and_change_nothing() {
         .await
         .expect("the stream ends at the token's exp");
     assert!(end.is_none(), "{end:?}");
+
+    // RFC 7519 NumericDate may be fractional: honoured as such, expired or not.
+    let fractional_expired = signed(&|c| {
+        c.insert("exp".into(), (now as f64 - 120.5).into());
+    });
+    let r = QosProfilesClient::new(
+        qodd.channel_with(&qodd.options(Some(&fractional_expired)).expect("options"))
+            .await
+            .expect("channel"),
+    )
+    .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest::default())
+    .await;
+    assert_eq!(
+        refusal(r),
+        is(Code::Unauthenticated, "UNAUTHENTICATED"),
+        "a fractional exp two minutes ago"
+    );
+    let fractional = signed(&|c| {
+        c.insert("exp".into(), (now as f64 + 3.25).into());
+    });
+    let mut watch = qodd
+        .sessions_as(&fractional)
+        .await
+        .expect("client")
+        .watch_session_events(pb::WatchSessionEventsRequest::default())
+        .await
+        .expect("watch with a fractional exp")
+        .into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(15), watch.next())
+        .await
+        .expect("the stream ends at a fractional exp too");
+    assert!(end.is_none(), "{end:?}");
 }
 
 /// Scopes per operation, ownership (another client's session is PERMISSION_DENIED on get,

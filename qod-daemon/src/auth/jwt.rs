@@ -190,10 +190,7 @@ impl Verifier {
             let cache = lock();
             if let Some(claims) = cache.tokens.get(token)
                 // Still within `exp` (less the leeway: the cache never extends a token's life).
-                && claims
-                    .get("exp")
-                    .and_then(Value::as_u64)
-                    .is_some_and(|exp| exp > now)
+                && numeric_date(claims.get("exp")).is_some_and(|exp| exp > now)
             {
                 return Ok(claims.clone());
             }
@@ -240,7 +237,7 @@ impl Verifier {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         for k in candidates {
             match decode::<Map<String, Value>>(token, &k.key, &validation) {
-                Ok(data) => return Ok(data.claims),
+                Ok(data) => return check_times(data.claims, validation.leeway),
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
                 Err(e) => return Err(describe(e.kind())),
             }
@@ -325,6 +322,35 @@ pub async fn fetch(source: &JwksSource) -> Result<String, String> {
                 .map_err(|e| format!("cannot read {url}: {e}"))
         }
     }
+}
+
+/// An RFC 7519 NumericDate (seconds, possibly fractional), floored to whole seconds.
+pub fn numeric_date(v: Option<&Value>) -> Option<u64> {
+    let v = v?;
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f.floor() as u64)
+    })
+}
+
+/// `exp` and `nbf` checked as NumericDates, fractional ones included, whatever the JWT library
+/// made of them.
+fn check_times(claims: Map<String, Value>, leeway: u64) -> Result<Map<String, Value>, String> {
+    let now = jsonwebtoken::get_current_timestamp();
+    let exp = numeric_date(claims.get("exp"))
+        .ok_or_else(|| "the access token's `exp` claim is malformed".to_owned())?;
+    if exp.saturating_add(leeway) <= now {
+        return Err("the access token has expired".into());
+    }
+    if let Some(nbf) = claims.get("nbf") {
+        let nbf = numeric_date(Some(nbf))
+            .ok_or_else(|| "the access token's `nbf` claim is malformed".to_owned())?;
+        if nbf > now.saturating_add(leeway) {
+            return Err("the access token is not valid yet (nbf)".into());
+        }
+    }
+    Ok(claims)
 }
 
 fn describe(kind: &ErrorKind) -> String {

@@ -228,7 +228,7 @@ impl Authenticator {
                 operator: false,
             },
             scopes: Some(scopes(&claims)),
-            expires_at: claims.get("exp").and_then(Value::as_u64),
+            expires_at: jwt::numeric_date(claims.get("exp")),
         })
     }
 
