@@ -118,6 +118,12 @@ pub fn device(d: &pb::Device, usable: impl Fn(u32) -> bool) -> Result<DeviceId, 
                 format!("{v6:?} is not an IPv6 address"),
             )
         })?;
+        if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() {
+            return Err(CamaraError::invalid(
+                "device.ipv6Address",
+                "must be a unicast address of a device (not unspecified, loopback or multicast)",
+            ));
+        }
         candidates.push(DeviceId::Ipv6(addr));
     }
     if let Some(p) = &d.phone_number {
@@ -146,12 +152,19 @@ pub fn device(d: &pb::Device, usable: impl Fn(u32) -> bool) -> Result<DeviceId, 
 
 fn ipv4_device(v4: &pb::DeviceIpv4Addr) -> Result<DeviceId, CamaraError> {
     let addr = |field: &str, s: &str| {
-        s.parse::<Ipv4Addr>().map_err(|_| {
+        let a = s.parse::<Ipv4Addr>().map_err(|_| {
             CamaraError::invalid(
                 field,
                 format!("{s:?} is not an IPv4 address (no mask allowed)"),
             )
-        })
+        })?;
+        if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() {
+            return Err(CamaraError::invalid(
+                field,
+                "must be a unicast address of a device (not unspecified, loopback, multicast or broadcast)",
+            ));
+        }
+        Ok(a)
     };
     let public = match &v4.public_address {
         Some(s) => addr("device.ipv4Address.publicAddress", s)?,
@@ -194,28 +207,42 @@ fn application_server(s: Option<&pb::ApplicationServer>) -> Result<ApplicationSe
             "must contain ipv4Address or ipv6Address",
         ));
     }
+    // ipnetwork also reads a dotted netmask (a.b.c.d/255.255.255.0); CAMARA's form is a prefix.
+    let prefix_form = |a: &str| {
+        a.split_once('/').is_none_or(|(_, p)| {
+            !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
+        })
+    };
     let ipv4 = s
         .ipv4_address
         .as_deref()
         .map(|a| {
-            a.parse::<Ipv4Network>().map_err(|_| {
-                CamaraError::invalid(
-                    "applicationServer.ipv4Address",
-                    format!("{a:?} is not an IPv4 address or network (a.b.c.d or a.b.c.d/0-32)"),
-                )
-            })
+            Some(a)
+                .filter(|a| prefix_form(a))
+                .and_then(|a| a.parse::<Ipv4Network>().ok())
+                .ok_or_else(|| {
+                    CamaraError::invalid(
+                        "applicationServer.ipv4Address",
+                        format!(
+                            "{a:?} is not an IPv4 address or network (a.b.c.d or a.b.c.d/0-32)"
+                        ),
+                    )
+                })
         })
         .transpose()?;
     let ipv6 = s
         .ipv6_address
         .as_deref()
         .map(|a| {
-            a.parse::<Ipv6Network>().map_err(|_| {
-                CamaraError::invalid(
-                    "applicationServer.ipv6Address",
-                    format!("{a:?} is not an IPv6 address or network (x:y::z or x:y::/0-128)"),
-                )
-            })
+            Some(a)
+                .filter(|a| prefix_form(a))
+                .and_then(|a| a.parse::<Ipv6Network>().ok())
+                .ok_or_else(|| {
+                    CamaraError::invalid(
+                        "applicationServer.ipv6Address",
+                        format!("{a:?} is not an IPv6 address or network (x:y::z or x:y::/0-128)"),
+                    )
+                })
         })
         .transpose()?;
     Ok(ApplicationServer {
@@ -533,5 +560,59 @@ pub fn qos_profile(p: &QosProfile) -> pb::QosProfile {
             .service_class
             .map(|c| c.as_str().to_owned())
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(addr: &str) -> pb::Device {
+        pb::Device {
+            ipv4_address: Some(pb::DeviceIpv4Addr {
+                public_address: Some(addr.into()),
+                private_address: Some(addr.into()),
+                public_port: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_unicast_device_addresses_are_served() {
+        assert!(device(&v4("10.0.1.2"), |_| true).is_ok());
+        for odd in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"] {
+            let e = device(&v4(odd), |_| true).expect_err(odd);
+            assert_eq!(e.code, CamaraCode::InvalidArgument, "{odd}");
+        }
+        for odd in ["::", "::1", "ff02::1"] {
+            let d = pb::Device {
+                ipv6_address: Some(odd.into()),
+                ..Default::default()
+            };
+            let e = device(&d, |_| true).expect_err(odd);
+            assert_eq!(e.code, CamaraCode::InvalidArgument, "{odd}");
+        }
+    }
+
+    #[test]
+    fn server_networks_take_a_prefix_length_not_a_netmask() {
+        let server = |v4: &str| {
+            application_server(Some(&pb::ApplicationServer {
+                ipv4_address: Some(v4.into()),
+                ipv6_address: None,
+            }))
+        };
+        assert!(server("10.0.2.0/24").is_ok());
+        assert!(server("10.0.2.2").is_ok());
+        for bad in ["10.0.2.0/255.255.255.0", "10.0.2.0/", "10.0.2.0/033"] {
+            let e = server(bad).expect_err(bad);
+            assert_eq!(e.code, CamaraCode::InvalidArgument, "{bad}");
+        }
+        let v6 = application_server(Some(&pb::ApplicationServer {
+            ipv4_address: None,
+            ipv6_address: Some("fd00:2::/64".into()),
+        }));
+        assert!(v6.is_ok());
     }
 }
