@@ -219,18 +219,7 @@ async fn bad_tokens_are_unauthenticated_and_change_nothing() {
     let short = signed(&|c| {
         c.insert("exp".into(), (now + 3).into());
     });
-    let mut watch = qodd
-        .sessions_as(&short)
-        .await
-        .expect("client")
-        .watch_session_events(pb::WatchSessionEventsRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
-    let end = tokio::time::timeout(Duration::from_secs(15), watch.next())
-        .await
-        .expect("the stream ends at the token's exp");
-    assert!(end.is_none(), "{end:?}");
+    watch_ends_with(&qodd, &short, "a whole-second exp").await;
 
     // RFC 7519 NumericDate may be fractional: honoured as such, expired or not.
     let fractional_expired = signed(&|c| {
@@ -251,18 +240,23 @@ async fn bad_tokens_are_unauthenticated_and_change_nothing() {
     let fractional = signed(&|c| {
         c.insert("exp".into(), (now as f64 + 3.25).into());
     });
+    watch_ends_with(&qodd, &fractional, "a fractional exp").await;
+}
+
+/// A watch stream opened with `token` ends (within 15 s) when the token does.
+async fn watch_ends_with(qodd: &Qodd, token: &str, what: &str) {
     let mut watch = qodd
-        .sessions_as(&fractional)
+        .sessions_as(token)
         .await
         .expect("client")
         .watch_session_events(pb::WatchSessionEventsRequest::default())
         .await
-        .expect("watch with a fractional exp")
+        .expect("watch")
         .into_inner();
     let end = tokio::time::timeout(Duration::from_secs(15), watch.next())
         .await
-        .expect("the stream ends at a fractional exp too");
-    assert!(end.is_none(), "{end:?}");
+        .unwrap_or_else(|_| panic!("the stream ends at the token's exp ({what})"));
+    assert!(end.is_none(), "{what}: {end:?}");
 }
 
 /// Scopes per operation, ownership (another client's session is PERMISSION_DENIED on get,
