@@ -4,11 +4,12 @@
 //! filter them (`RUST_LOG=qod::audit=info`, or the `target` field of `log_format = "json"`).
 //! Never a token or a sink credential.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 use qod_common::{DeviceKey, FAMILY_IPV4};
 
-use crate::{error::CamaraError, model::SessionId};
+use crate::{
+    error::CamaraError,
+    model::{SessionId, words_ip},
+};
 
 /// The target audit lines are logged under.
 pub const TARGET: &str = "qod::audit";
@@ -42,14 +43,11 @@ impl Action {
 
 /// A device key as an operator reads it: the IPv4 address, or the IPv6 /64.
 pub fn device(key: &DeviceKey) -> String {
-    let bytes = |words: &[u32]| -> Vec<u8> { words.iter().flat_map(|w| w.to_ne_bytes()).collect() };
+    let ip = words_ip(key.family, &key.addr);
     if key.family == FAMILY_IPV4 {
-        let b = bytes(&key.addr[..1]);
-        Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()
+        ip.to_string()
     } else {
-        let mut octets = [0u8; 16];
-        octets[..8].copy_from_slice(&bytes(&key.addr[..2]));
-        format!("{}/64", Ipv6Addr::from(octets))
+        format!("{ip}/64")
     }
 }
 

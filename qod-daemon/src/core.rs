@@ -197,6 +197,11 @@ impl Slots {
         self.free.push(slot);
     }
 
+    /// Whether every slot is in use (the next [`Slots::take`] would fail).
+    fn take_none_left(&self) -> bool {
+        self.free.is_empty() && self.next >= self.capacity
+    }
+
     /// Marks `taken` as in use (restoring over pinned maps); every other slot below the highest
     /// is free.
     fn reserve(&mut self, taken: &HashSet<u32>) {
@@ -1155,8 +1160,11 @@ impl Core {
     /// pools, links. One pass over the sessions under the lock.
     pub fn node_stats(&self) -> NodeStats {
         let inner = self.lock();
-        let mut sessions: std::collections::BTreeMap<(&'static str, String), u64> =
-            std::collections::BTreeMap::new();
+        // Counted by borrowed name; each profile's name is copied once, not once per session.
+        let mut sessions: std::collections::BTreeMap<
+            (&'static str, &crate::model::ProfileName),
+            u64,
+        > = std::collections::BTreeMap::new();
         let mut slots_used = 0;
         for s in inner.sessions.values() {
             let status = match s.state {
@@ -1166,9 +1174,7 @@ impl Core {
                 }
                 SessionState::Unavailable { .. } => "UNAVAILABLE",
             };
-            *sessions
-                .entry((status, s.request.profile.to_string()))
-                .or_default() += 1;
+            *sessions.entry((status, &s.request.profile)).or_default() += 1;
         }
         let mut pools = Vec::new();
         for i in &self.interfaces {
@@ -1190,7 +1196,10 @@ impl Core {
             }
         }
         NodeStats {
-            sessions: sessions.into_iter().collect(),
+            sessions: sessions
+                .into_iter()
+                .map(|((status, profile), n)| ((status, profile.to_string()), n))
+                .collect(),
             slots_used,
             slots_capacity: u64::from(inner.slots.capacity),
             pools,
@@ -1369,14 +1378,18 @@ impl Core {
     /// Why a load balancer should not send this node new sessions now (`None`: ready): every
     /// kernel slot is taken, or a managed link is down.
     pub fn not_ready(&self) -> Option<String> {
-        let stats = self.node_stats();
-        if let Some((name, _)) = stats.links.iter().find(|(_, up)| !up) {
-            return Some(format!("managed interface {name} is down"));
+        let inner = self.lock();
+        if let Some(name) = self
+            .interfaces
+            .iter()
+            .find(|i| inner.links_down.contains(&i.name))
+        {
+            return Some(format!("managed interface {} is down", name.name));
         }
-        (stats.slots_used >= stats.slots_capacity).then(|| {
+        inner.slots.take_none_left().then(|| {
             format!(
                 "full: {} of {} sessions (max_sessions)",
-                stats.slots_used, stats.slots_capacity
+                inner.slots.capacity, inner.slots.capacity
             )
         })
     }

@@ -150,6 +150,20 @@ pub fn ipv6_key(addr: Ipv6Addr) -> DeviceKey {
     }
 }
 
+/// The address held in `words` (network order, as in [`DeviceKey`] and [`network_words`]):
+/// IPv4 in the first word, IPv6 in all four.
+pub fn words_ip(family: u32, words: &[u32; 4]) -> std::net::IpAddr {
+    let mut b = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    if family == FAMILY_IPV4 {
+        Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()
+    } else {
+        Ipv6Addr::from(b).into()
+    }
+}
+
 fn words(b: [u8; 16]) -> [u32; 4] {
     let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     [w(0), w(4), w(8), w(12)]

@@ -1783,6 +1783,20 @@ pub async fn scheduled_lab_with_qodd(extra_toml: &str) -> (Lab, Qodd) {
     (lab, qodd)
 }
 
+/// Every session of `device` the caller may see (RetrieveSessionsByDevice).
+pub async fn sessions_of_device(
+    api: &mut QualityOnDemandClient<QodChannel>,
+    device: &str,
+) -> Vec<qod_proto::v1::SessionInfo> {
+    api.retrieve_sessions_by_device(qod_proto::v1::RetrieveSessionsByDeviceRequest {
+        device: Some(api::device(device)),
+    })
+    .await
+    .expect("retrieve sessions by device")
+    .into_inner()
+    .sessions
+}
+
 /// A QOS_G session (20 Mbit/s guaranteed downlink under [`api::CONGESTION_PROFILES`]) for
 /// `device`, any server port, `duration` seconds.
 pub async fn rated_session(

@@ -279,14 +279,8 @@ async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
     // been committed before its answer was lost: that one may exist.)
     let mut in_flight = 0;
     for (device, started) in &failed {
-        let found = api
-            .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
-                device: Some(qod_testkit::api::device(device)),
-            })
+        let found = qod_testkit::sessions_of_device(&mut api, device)
             .await
-            .expect("retrieve")
-            .into_inner()
-            .sessions
             .into_iter()
             .filter(|s| !acked.iter().any(|(id, _)| *id == s.session_id))
             .count();
@@ -671,14 +665,8 @@ async fn api_sessions(qodd: &Qodd) -> usize {
     let mut api = qodd.sessions().await.expect("client");
     let mut n = 0;
     for device in [addr::DEVICE_V4, addr::OTHER_DEVICE_V4, "10.0.1.4"] {
-        n += api
-            .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
-                device: Some(qod_testkit::api::device(device)),
-            })
+        n += qod_testkit::sessions_of_device(&mut api, device)
             .await
-            .expect("retrieve")
-            .into_inner()
-            .sessions
             .iter()
             .filter(|s| s.qos_status == pb::QosStatus::Available as i32)
             .count();
@@ -739,15 +727,7 @@ async fn health_is_not_serving_until_the_store_is_restored() {
     }
     assert!(not_serving > 0, "health said NOT_SERVING while restoring");
     assert!(refused > 0, "calls were refused while restoring");
-    let status = qodd
-        .sessions()
-        .await
-        .expect("client")
-        .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
-            device: Some(qod_testkit::api::device("10.64.0.7")),
-        })
-        .await
-        .expect("retrieve")
-        .into_inner();
-    assert_eq!(status.sessions.len(), 1, "a restored session");
+    let mut api = qodd.sessions().await.expect("client");
+    let restored = qod_testkit::sessions_of_device(&mut api, "10.64.0.7").await;
+    assert_eq!(restored.len(), 1, "a restored session");
 }

@@ -22,6 +22,18 @@ use crate::{
     model::{ProfileName, SessionId},
 };
 
+/// Runs `f` on the blocking pool (it may wait on the kernel, `tc` or the store), with the call's
+/// span, so the core's lines (audit included) carry it.
+pub(crate) async fn off_async<T: Send + 'static, E: Into<Status> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Status> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(|e| Status::internal(format!("the request's worker failed: {e}")))?
+        .map_err(Into::into)
+}
+
 /// `qod.v1.QualityOnDemand`.
 pub struct SessionService {
     core: Arc<Core>,
@@ -39,12 +51,7 @@ impl SessionService {
         f: impl FnOnce(&Core) -> Result<T, CamaraError> + Send + 'static,
     ) -> Result<T, Status> {
         let core = self.core.clone();
-        // The call's span goes along, so the core's lines (audit included) carry it.
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(|| f(&core)))
-            .await
-            .map_err(|e| Status::internal(format!("the request's worker failed: {e}")))?
-            .map_err(Status::from)
+        off_async(move || f(&core)).await
     }
 
     pub fn new(core: Arc<Core>, shutdown: CancellationToken, sink_http_hosts: Vec<String>) -> Self {

@@ -35,9 +35,7 @@ impl NodeService {
         f: impl FnOnce(&Core, &Store) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let (core, store) = (self.core.clone(), self.store.clone());
-        tokio::task::spawn_blocking(move || f(&core, &store))
-            .await
-            .map_err(|e| Status::internal(format!("the request's worker failed: {e}")))?
+        super::off_async(move || f(&core, &store)).await
     }
 }
 
@@ -80,18 +78,11 @@ fn police_bps(p: &qod_common::Policer) -> u64 {
 }
 
 fn server_network(r: &FlowRule, family: u32) -> String {
-    let bytes: Vec<u8> = r.server_addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    if family == qod_common::FAMILY_IPV4 {
-        format!(
-            "{}/{}",
-            std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]),
-            r.server_prefix_len
-        )
-    } else {
-        let mut o = [0u8; 16];
-        o.copy_from_slice(&bytes[..16]);
-        format!("{}/{}", std::net::Ipv6Addr::from(o), r.server_prefix_len)
-    }
+    format!(
+        "{}/{}",
+        crate::model::words_ip(family, &r.server_addr),
+        r.server_prefix_len
+    )
 }
 
 #[tonic::async_trait]

@@ -129,14 +129,15 @@ impl SchedulerConfig {
     }
 }
 
-fn tc(args: &[&str]) -> Result<(), String> {
+/// Runs `tc args`: its stdout, or an error naming the command and what tc said.
+fn tc_output(args: &[&str]) -> Result<String, String> {
     let out = Command::new("tc")
         .args(args)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run tc: {e}"))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!(
             "tc {}: {}",
@@ -146,26 +147,18 @@ fn tc(args: &[&str]) -> Result<(), String> {
     }
 }
 
+fn tc(args: &[&str]) -> Result<(), String> {
+    tc_output(args).map(drop)
+}
+
 fn bits(bps: u64) -> String {
     format!("{bps}bit")
 }
 
 /// What `tc -j` printed, parsed.
 fn tc_json(args: &[&str]) -> Result<serde_json::Value, String> {
-    let out = Command::new("tc")
-        .arg("-j")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run tc: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "tc -j {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("tc -j {}: {e}", args.join(" ")))
+    let all: Vec<&str> = std::iter::once("-j").chain(args.iter().copied()).collect();
+    serde_json::from_str(&tc_output(&all)?).map_err(|e| format!("tc -j {}: {e}", args.join(" ")))
 }
 
 /// Whether `interface`'s root qdisc is the HTB `1:` that qodd installs.
@@ -370,26 +363,12 @@ impl Scheduler {
     /// The indexes of the per-session classes in the interface's tree now.
     pub fn session_classes(&self) -> Result<Vec<u16>, DataPlaneError> {
         // iproute2 6.1 prints HTB classes as text even with `-j`.
-        let out = Command::new("tc")
-            .args(["class", "show", "dev", &self.interface])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run tc: {e}"))
-            .and_then(|o| {
-                if o.status.success() {
-                    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-                } else {
-                    Err(format!(
-                        "tc class show dev {}: {}",
-                        self.interface,
-                        String::from_utf8_lossy(&o.stderr).trim()
-                    ))
-                }
-            })
-            .map_err(|what| DataPlaneError::Scheduler {
+        let out = tc_output(&["class", "show", "dev", &self.interface]).map_err(|what| {
+            DataPlaneError::Scheduler {
                 interface: self.interface.clone(),
                 what,
-            })?;
+            }
+        })?;
         Ok(session_class_indexes(&out))
     }
 
