@@ -240,13 +240,14 @@ pub async fn run(
             continuing, "session store loaded (continuing: the pinned data plane carried on)"
         );
     }
-    gate.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Health says SERVING before the gate opens: a call let through means health says so too.
     health
         .set_serving::<QualityOnDemandServer<api::SessionService>>()
         .await;
     health
         .set_serving::<QosProfilesServer<api::ProfileService>>()
         .await;
+    gate.store(true, std::sync::atomic::Ordering::SeqCst);
     info!("qodd ready");
     // The store is restored and the API serves: tell systemd (Type=notify), if it started us.
     notify_service_manager(sd_notify::NotifyState::Ready);

@@ -53,7 +53,7 @@ async fn recovery() -> anyhow::Result<()> {
         qodd.start_timeout = Duration::from_secs(1200);
         qodd.kill9();
         let state = qodd.dir.path().join("state");
-        qod_testkit::fill_store(&state, n)?;
+        qod_testkit::fill_store(&state, n, "QOS_E")?;
         let _ = std::fs::remove_dir_all(&qodd.pin_path);
         let t = Instant::now();
         qodd.restart().await?;

@@ -1765,6 +1765,54 @@ pub async fn lab_with_qodd(extra_toml: &str) -> (Lab, Qodd) {
     (lab, qodd)
 }
 
+/// How `qodd` treats the lab's edge interfaces: restart and failure tests run in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Marking and policing only (no capacity).
+    Marking,
+    /// Both edge interfaces scheduled (`capacity_mbit = 1000`: HTB trees qodd owns).
+    Scheduled,
+}
+
+/// A lab with `qodd` on its edge in `mode`, the built-in profiles, `extra_toml` appended.
+pub async fn lab_in(mode: Mode, extra_toml: &str) -> (Lab, Qodd) {
+    match mode {
+        Mode::Marking => lab_with_qodd(extra_toml).await,
+        Mode::Scheduled => {
+            api::require_root();
+            let lab = Lab::new().expect("lab");
+            // 1 Gbit/s, so the pools admit the dozens of rated sessions these tests create
+            // (100 Mbit/s holds 20 QOS_E sessions in its low-latency pool).
+            let interfaces = [
+                format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 1000 }}"),
+                format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 1000 }}"),
+            ];
+            let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+            let qodd = Qodd::start(&lab.edge, &interfaces, extra_toml)
+                .await
+                .expect("qodd");
+            (lab, qodd)
+        }
+    }
+}
+
+/// Runs an `async fn(Mode)` test once per [`Mode`], as `NAME::marking` and `NAME::scheduled`.
+#[macro_export]
+macro_rules! in_every_mode {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn marking() {
+                super::$body($crate::Mode::Marking).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn scheduled() {
+                super::$body($crate::Mode::Scheduled).await
+            }
+        }
+    };
+}
+
 /// A lab with `qodd` on its edge owning a 100 Mbit/s scheduler on both edge interfaces
 /// ([`api::scheduled_interfaces`]) with [`api::CONGESTION_PROFILES`]; `extra_toml` (top-level keys)
 /// goes before the profiles. Fails the test unless it runs as root.
@@ -1844,8 +1892,8 @@ pub async fn watch_all(
         .into_inner()
 }
 
-/// Live sessions for `n` device addresses 10.x.y.z, written straight into the store.
-pub fn fill_store(dir: &std::path::Path, n: u32) -> anyhow::Result<()> {
+/// Live sessions of `profile` for `n` device addresses 10.x.y.z, written straight into the store.
+pub fn fill_store(dir: &std::path::Path, n: u32, profile: &str) -> anyhow::Result<()> {
     let store = qod_daemon::store::Store::open(dir)?;
     let now = time::OffsetDateTime::now_utc();
     let mut batch = Vec::with_capacity(10_000);
@@ -1867,7 +1915,7 @@ pub fn fill_store(dir: &std::path::Path, n: u32) -> anyhow::Result<()> {
                     },
                     device_ports: None,
                     server_ports: None,
-                    profile: qod_daemon::model::ProfileName::parse("qosProfile", "QOS_E")?,
+                    profile: qod_daemon::model::ProfileName::parse("qosProfile", profile)?,
                     sink: None,
                     sink_credential: None,
                     duration: 86_400,

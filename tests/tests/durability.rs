@@ -11,9 +11,12 @@ use qod_testkit::{
     udp_send,
 };
 
-#[tokio::test(flavor = "multi_thread")]
-async fn acknowledged_sessions_survive_kill_9() {
-    let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
+qod_testkit::in_every_mode!(
+    acknowledged_sessions_survive_kill_9,
+    check_acknowledged_sessions_survive_kill_9
+);
+async fn check_acknowledged_sessions_survive_kill_9(mode: qod_testkit::Mode) {
+    let (lab, mut qodd) = qod_testkit::lab_in(mode, "").await;
     let mut api = qodd.sessions().await.expect("client");
     let long = qod_testkit::marked_flow(&mut api).await;
     let short = api
@@ -138,15 +141,18 @@ fn udp_stream(
     })
 }
 
+qod_testkit::in_every_mode!(
+    kill_9_under_load_loses_nothing_and_treatment_never_stops,
+    check_kill_9_under_load_loses_nothing_and_treatment_never_stops
+);
 /// `kill -9` while a client creates sessions at a steady rate and an installed session's traffic
 /// flows. After the restart every acknowledged session is there and enforced, the traffic was
 /// marked the whole time (no packet left unmarked while qodd was down) and the session's counters
 /// match what the server received (no gap, no reset), and a session whose time ran out during the
 /// downtime has ended, with its notification.
-#[tokio::test(flavor = "multi_thread")]
-async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
+async fn check_kill_9_under_load_loses_nothing_and_treatment_never_stops(mode: qod_testkit::Mode) {
     use std::sync::{Arc, Mutex, atomic::AtomicBool};
-    let (lab, mut qodd) = qod_testkit::lab_with_qodd(
+    let (lab, mut qodd) = qod_testkit::lab_in(mode,
         "[notifications]\nallow_http_hosts = [\"127.0.0.1\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
     )
     .await;
@@ -259,8 +265,14 @@ async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
 
     let acked = acked.lock().expect("lock").clone();
     let failed = failed.lock().expect("lock").clone();
+    // Enough creates for the check to mean something. Scheduled, each create also runs `tc` for
+    // its classes (four processes, #11), so fewer fit in the same window.
+    let enough = match mode {
+        qod_testkit::Mode::Marking => 40,
+        qod_testkit::Mode::Scheduled => 25,
+    };
     assert!(
-        acked.len() >= 40,
+        acked.len() >= enough,
         "only {} creates were acknowledged",
         acked.len()
     );
@@ -323,12 +335,15 @@ async fn kill_9_under_load_loses_nothing_and_treatment_never_stops() {
 /// QOS_L's DSCP (AF11) in the default profiles.
 const QOS_L_DSCP: u8 = 10;
 
+qod_testkit::in_every_mode!(
+    a_reboot_is_detected_and_the_data_plane_rebuilt,
+    check_a_reboot_is_detected_and_the_data_plane_rebuilt
+);
 /// A store written in another boot (the host rebooted): the pinned data plane, whose kernel times
 /// belong to the old boot, is discarded and rebuilt from the store; sessions are enforced again
 /// with fresh counters.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_reboot_is_detected_and_the_data_plane_rebuilt() {
-    let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
+async fn check_a_reboot_is_detected_and_the_data_plane_rebuilt(mode: qod_testkit::Mode) {
+    let (lab, mut qodd) = qod_testkit::lab_in(mode, "").await;
     let mut api = qodd.sessions().await.expect("client");
     let s = qod_testkit::marked_flow(&mut api).await;
     let before = lab
@@ -366,12 +381,15 @@ async fn a_reboot_is_detected_and_the_data_plane_rebuilt() {
     );
 }
 
+qod_testkit::in_every_mode!(
+    incompatible_pinned_maps_are_refused_or_rebuilt,
+    check_incompatible_pinned_maps_are_refused_or_rebuilt
+);
 /// A pinned data plane this qodd cannot reuse (another capacity, another layout version): with
 /// `incompatible_pins = "refuse"` start-up stops with the reason and the old data plane keeps
 /// enforcing untouched; with "rebuild" it is replaced and the sessions come back from the store.
-#[tokio::test(flavor = "multi_thread")]
-async fn incompatible_pinned_maps_are_refused_or_rebuilt() {
-    let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
+async fn check_incompatible_pinned_maps_are_refused_or_rebuilt(mode: qod_testkit::Mode) {
+    let (lab, mut qodd) = qod_testkit::lab_in(mode, "").await;
     let mut api = qodd.sessions().await.expect("client");
     qod_testkit::marked_flow(&mut api).await;
     qodd.kill9();
@@ -419,13 +437,16 @@ async fn incompatible_pinned_maps_are_refused_or_rebuilt() {
     assert!(format!("{err:#}").contains("another layout"), "{err:#}");
 }
 
+qod_testkit::in_every_mode!(
+    undelivered_notifications_survive_kill_9_and_sigterm,
+    check_undelivered_notifications_survive_kill_9_and_sigterm
+);
 /// Notifications are delivered at least once across restarts with stable ids: one still being
 /// retried when qodd is killed (`kill -9`), or still pending when it is stopped (SIGTERM, after
 /// the grace period), is delivered after the next start with the same event id.
-#[tokio::test(flavor = "multi_thread")]
-async fn undelivered_notifications_survive_kill_9_and_sigterm() {
+async fn check_undelivered_notifications_survive_kill_9_and_sigterm(mode: qod_testkit::Mode) {
     use qod_testkit::{Reply, SinkServer};
-    let (lab, mut qodd) = qod_testkit::lab_with_qodd(
+    let (lab, mut qodd) = qod_testkit::lab_in(mode,
         "[notifications]\nallow_http_hosts = [\"127.0.0.1\"]\nbackoff_base_ms = 200\nbackoff_max_ms = 400\nmax_attempts = 100\ntimeout_ms = 1000\n",
     )
     .await;
@@ -506,11 +527,16 @@ async fn undelivered_notifications_survive_kill_9_and_sigterm() {
     }
 }
 
+qod_testkit::in_every_mode!(
+    a_graceful_stop_keeps_the_data_plane_unless_told_to_tear_it_down,
+    check_a_graceful_stop_keeps_the_data_plane_unless_told_to_tear_it_down
+);
 /// A graceful stop leaves the data plane enforcing by default; with `on_exit = "teardown"` it
 /// removes it: the classifier is detached, nothing is pinned any more, traffic goes unmarked.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_graceful_stop_keeps_the_data_plane_unless_told_to_tear_it_down() {
-    let (lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
+async fn check_a_graceful_stop_keeps_the_data_plane_unless_told_to_tear_it_down(
+    mode: qod_testkit::Mode,
+) {
+    let (lab, mut qodd) = qod_testkit::lab_in(mode, "").await;
     let mut api = qodd.sessions().await.expect("client");
     qod_testkit::marked_flow(&mut api).await;
     let mark = |port| {
@@ -674,17 +700,30 @@ async fn api_sessions(qodd: &Qodd) -> usize {
     n
 }
 
+qod_testkit::in_every_mode!(
+    health_is_not_serving_until_the_store_is_restored,
+    check_health_is_not_serving_until_the_store_is_restored
+);
 /// While a large store is restored, health answers NOT_SERVING and every other call is refused
 /// UNAVAILABLE (nothing can race the restore); then health says SERVING and the restored
 /// sessions are there.
-#[tokio::test(flavor = "multi_thread")]
-async fn health_is_not_serving_until_the_store_is_restored() {
+async fn check_health_is_not_serving_until_the_store_is_restored(mode: qod_testkit::Mode) {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let (_lab, mut qodd) = qod_testkit::lab_with_qodd("").await;
+    // Scheduled, a rated session gets a class each (and the pools hold a few dozen): the store
+    // is filled with a profile of no rates, so the restore takes as long in both modes.
+    let (profile, profiles) = match mode {
+        qod_testkit::Mode::Marking => ("QOS_E", ""),
+        qod_testkit::Mode::Scheduled => (
+            "QOS_PLAIN",
+            "[[profiles]]\nname = \"QOS_PLAIN\"\nstatus = \"ACTIVE\"\n",
+        ),
+    };
+    let (_lab, mut qodd) = qod_testkit::lab_in(mode, profiles).await;
     assert!(qodd.stop().expect("stopped").success());
-    qod_testkit::fill_store(&qodd.dir.path().join("state"), 50_000).expect("fill the store");
+    qod_testkit::fill_store(&qodd.dir.path().join("state"), 50_000, profile)
+        .expect("fill the store");
     qodd.restart_no_wait().expect("spawn");
     let (mut not_serving, mut refused) = (0, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -705,7 +744,7 @@ async fn health_is_not_serving_until_the_store_is_restored() {
             Ok(ServingStatus::NotServing) => {
                 not_serving += 1;
                 let mut api = qodd.sessions().await.expect("client");
-                if let Err(e) = api
+                match api
                     .create_session(session(
                         addr::DEVICE_V4,
                         addr::SERVER_V4,
@@ -716,9 +755,22 @@ async fn health_is_not_serving_until_the_store_is_restored() {
                     ))
                     .await
                 {
-                    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-                    assert_eq!(qod_testkit::api::reason(&e), "UNAVAILABLE");
-                    refused += 1;
+                    Err(e) if e.code() == tonic::Code::Unavailable => {
+                        assert_eq!(qod_testkit::api::reason(&e), "UNAVAILABLE");
+                        refused += 1;
+                    }
+                    // The restore ended meanwhile: a call gets through only once health says
+                    // SERVING.
+                    other => {
+                        let now = HealthClient::new(qodd.channel().await.expect("channel"))
+                            .check(HealthCheckRequest {
+                                service: "qod.v1.QualityOnDemand".into(),
+                            })
+                            .await
+                            .map(|r| r.into_inner().status());
+                        assert_eq!(now.ok(), Some(ServingStatus::Serving), "{other:?}");
+                        break;
+                    }
                 }
             }
             _ => {}
