@@ -8,7 +8,7 @@
 use core::mem::size_of;
 
 /// Bumped on any change to a map's name, key, value or meaning.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Hash map IPv4 device address (`u32`, network byte order) -> `DeviceRules`.
 pub const FLOWS_V4_MAP: &str = "QOD_FLOWS_V4";
@@ -22,10 +22,53 @@ pub const COUNTERS_MAP: &str = "QOD_COUNTERS";
 pub const POLICERS_MAP: &str = "QOD_POLICERS";
 /// The tc classifier program.
 pub const CLASSIFIER: &str = "qod_tc";
-/// Array of `u8` sides by `ifindex & IFINDEX_MASK`: which end of a packet leaving that
-/// interface can be a device, so a one-sided interface costs one look-up instead of two.
-pub const SIDES_MAP: &str = "QOD_SIDES";
+/// Array of [`InterfaceInfo`] by `ifindex & IFINDEX_MASK`: which end of a packet leaving that
+/// interface can be a device (so a one-sided interface costs one look-up instead of two), and
+/// where its per-band counters live.
+pub const INTERFACES_MAP: &str = "QOD_INTERFACES";
 pub const IFINDEX_MASK: u32 = 0xffff;
+/// Per-CPU array of [`BandCounters`], indexed by [`band_counter_index`]: what the classifier
+/// treated on each managed interface, per band.
+pub const BAND_COUNTERS_MAP: &str = "QOD_BAND_COUNTERS";
+/// Most managed interfaces with counters of their own; counter slot 0 gathers packets on
+/// interfaces without one (an index past the interface map).
+pub const MAX_INTERFACES: u32 = 63;
+/// Band codes carried in [`FlowRule::band`] (a power-of-two count keeps the index a shift).
+pub const BAND_BEST_EFFORT: u8 = 0;
+pub const BAND_LOW_LATENCY: u8 = 1;
+pub const BAND_GUARANTEED: u8 = 2;
+pub const BANDS: u32 = 4;
+pub const BAND_COUNTERS_ENTRIES: u32 = (MAX_INTERFACES + 1) * BANDS;
+
+/// The [`BAND_COUNTERS_MAP`] index of interface counter slot `slot` and band `band`.
+#[inline(always)]
+pub const fn band_counter_index(slot: u8, band: u8) -> u32 {
+    ((slot as u32 & MAX_INTERFACES) << 2) | (band as u32 & (BANDS - 1))
+}
+
+/// One managed interface, as the classifier sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceInfo {
+    /// `SIDE_*`.
+    pub side: u8,
+    /// Counter slot (1..=`MAX_INTERFACES`); 0 when none was given.
+    pub counters: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<InterfaceInfo>() == 4);
+
+/// Per-CPU packets and bytes one interface treated in one band (`skb->len` at egress), and what
+/// the maximum-rate policer dropped there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BandCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub policer_dropped_packets: u64,
+    pub policer_dropped_bytes: u64,
+}
+const _: () = assert!(size_of::<BandCounters>() == 32);
 /// Either end, destination first (the default for an interface not in the map).
 pub const SIDE_BOTH: u8 = 0;
 /// Device-facing: egress is downlink, the device is the destination.
@@ -95,7 +138,9 @@ pub struct FlowRule {
     pub n_server_ports: u8,
     pub device_ports: [PortRange; MAX_PORT_RANGES],
     pub server_ports: [PortRange; MAX_PORT_RANGES],
-    pub _reserved: u32,
+    /// `BAND_*`: which band's interface counters count this session's packets.
+    pub band: u8,
+    pub _reserved: [u8; 3],
     /// Maximum-rate policer per direction; a zero `ns_per_byte_q16` means no policing.
     pub police_up: Policer,
     pub police_down: Policer,
@@ -186,7 +231,9 @@ const _: () = assert!(size_of::<FlowCounters>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{DeviceKey, DeviceRules, FlowCounters, FlowRule, PolicerState};
+    use super::{
+        BandCounters, DeviceKey, DeviceRules, FlowCounters, FlowRule, InterfaceInfo, PolicerState,
+    };
     // SAFETY: all three are `#[repr(C)]`, made only of integers, with no implicit padding (sizes
     // asserted above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for DeviceKey {}
@@ -198,4 +245,8 @@ mod pod {
     unsafe impl aya::Pod for PolicerState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DeviceRules {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for InterfaceInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BandCounters {}
 }

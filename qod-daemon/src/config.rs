@@ -616,6 +616,13 @@ impl Config {
                 "no managed interface: set `interfaces` in the config file or pass --interface",
             ));
         }
+        if interfaces.len() > qod_common::MAX_INTERFACES as usize {
+            return Err(invalid(format!(
+                "{} managed interfaces: at most {} (each has its own classifier counters)",
+                interfaces.len(),
+                qod_common::MAX_INTERFACES
+            )));
+        }
         let interfaces = interfaces
             .into_iter()
             .map(validate_interface)

@@ -309,6 +309,13 @@ pub struct NodeStats {
     pub pools: Vec<PoolStats>,
     /// Managed interfaces and whether each is usable.
     pub links: Vec<(String, bool)>,
+    /// Per-session scheduler classes held by AVAILABLE sessions, per scheduled interface.
+    pub session_classes: Vec<(String, u64)>,
+    /// What the classifier treated per managed interface and band (empty if unreadable).
+    pub bands: Vec<(
+        String,
+        [qod_common::BandCounters; qod_common::BANDS as usize],
+    )>,
 }
 
 /// One admission pool of a scheduled interface.
@@ -1105,7 +1112,8 @@ impl Core {
             n_server_ports: flow.server_ports.len().min(MAX_PORT_RANGES) as u8,
             device_ports: ranges(&flow.device_ports),
             server_ports: ranges(&flow.server_ports),
-            _reserved: 0,
+            band: profile.band.code(),
+            _reserved: [0; 3],
             police_up: police(class_on(Side::Server), profile.max_upstream_rate),
             police_down: police(class_on(Side::Device), profile.max_downstream_rate),
         }
@@ -1166,7 +1174,18 @@ impl Core {
             u64,
         > = std::collections::BTreeMap::new();
         let mut slots_used = 0;
+        let mut session_classes: Vec<(String, u64)> = self
+            .interfaces
+            .iter()
+            .filter(|i| i.scheduler.is_some())
+            .map(|i| (i.name.clone(), 0))
+            .collect();
         for s in inner.sessions.values() {
+            for c in s.reservation.iter().flat_map(|r| &r.classes) {
+                if let Some((_, n)) = session_classes.iter_mut().find(|(i, _)| *i == c.interface) {
+                    *n += 1;
+                }
+            }
             let status = match s.state {
                 SessionState::Available { .. } => {
                     slots_used += 1;
@@ -1208,6 +1227,11 @@ impl Core {
                 .iter()
                 .map(|i| (i.name.clone(), !inner.links_down.contains(&i.name)))
                 .collect(),
+            session_classes,
+            bands: inner.dp.band_counters().unwrap_or_else(|e| {
+                warn!(error = %e, "cannot read the classifier's band counters");
+                Vec::new()
+            }),
         }
     }
 

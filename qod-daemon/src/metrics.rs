@@ -312,6 +312,58 @@ impl Collector for NodeCollector {
                 .iter()
                 .map(|(name, up)| (vec![("interface", name.clone())], i64::from(*up))),
         )?;
+        gauge(
+            &mut e,
+            "qod_scheduler_session_classes",
+            "per-session scheduler classes held by AVAILABLE sessions, per scheduled interface",
+            None,
+            stats
+                .session_classes
+                .iter()
+                .map(|(name, n)| (vec![("interface", name.clone())], i(*n))),
+        )?;
+        let bands = || {
+            stats.bands.iter().flat_map(|(name, bands)| {
+                bands.iter().enumerate().filter_map(move |(code, c)| {
+                    let band = crate::profile::Band::label(code);
+                    (band != "unknown").then(|| ((name.clone(), band), c))
+                })
+            })
+        };
+        let labels = |(interface, band): (String, &'static str)| {
+            vec![("interface", interface), ("band", band.to_owned())]
+        };
+        let dropped = |(interface, band): (String, &'static str)| {
+            vec![
+                ("interface", interface),
+                ("band", band.to_owned()),
+                ("reason", "policer".to_owned()),
+            ]
+        };
+        counter(
+            &mut e,
+            "qod_classifier_packets",
+            "packets of sessions the classifier passed on each managed interface's egress, by band",
+            bands().map(|(k, c)| (labels(k), c.packets)),
+        )?;
+        counter(
+            &mut e,
+            "qod_classifier_bytes",
+            "bytes (skb->len) of sessions the classifier passed on each managed interface, by band",
+            bands().map(|(k, c)| (labels(k), c.bytes)),
+        )?;
+        counter(
+            &mut e,
+            "qod_classifier_dropped_packets",
+            "packets of sessions the classifier dropped, by interface, band and reason",
+            bands().map(|(k, c)| (dropped(k), c.policer_dropped_packets)),
+        )?;
+        counter(
+            &mut e,
+            "qod_classifier_dropped_bytes",
+            "bytes of sessions the classifier dropped, by interface, band and reason",
+            bands().map(|(k, c)| (dropped(k), c.policer_dropped_bytes)),
+        )?;
         counter1(
             &mut e,
             "qod_link_read_failures",

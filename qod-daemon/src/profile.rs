@@ -152,6 +152,27 @@ pub enum Band {
     BestEffort,
 }
 
+impl Band {
+    /// The classifier's code for the band (`qod_common::BAND_*`).
+    pub fn code(self) -> u8 {
+        match self {
+            Band::LowLatency => qod_common::BAND_LOW_LATENCY,
+            Band::Guaranteed => qod_common::BAND_GUARANTEED,
+            Band::BestEffort => qod_common::BAND_BEST_EFFORT,
+        }
+    }
+
+    /// The band of a classifier code, as a metrics label (`unknown` for a code qodd never sets).
+    pub fn label(code: usize) -> &'static str {
+        match u8::try_from(code) {
+            Ok(qod_common::BAND_LOW_LATENCY) => "low_latency",
+            Ok(qod_common::BAND_GUARANTEED) => "guaranteed",
+            Ok(qod_common::BAND_BEST_EFFORT) => "best_effort",
+            _ => "unknown",
+        }
+    }
+}
+
 /// CAMARA `countryAvailability` entry.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

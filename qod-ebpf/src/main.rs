@@ -21,9 +21,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use qod_common::{
-    DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FlowCounters, FlowRule, IFINDEX_MASK, MAX_PORT_RANGES,
-    MAX_SESSIONS_PER_DEVICE, Policer, PolicerState, PortRange, SIDE_BOTH, SIDE_DOWNLINK,
-    SIDE_UPLINK,
+    BAND_COUNTERS_ENTRIES, BandCounters, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FlowCounters,
+    FlowRule, IFINDEX_MASK, InterfaceInfo, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, Policer,
+    PolicerState, PortRange, SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index,
 };
 
 /// Default capacity; user space sets the configured `max_sessions` at load time. Every map is
@@ -38,9 +38,14 @@ static QOD_FLOWS_V4: HashMap<u32, DeviceRules> =
 static QOD_FLOWS_V6: HashMap<[u32; 2], DeviceRules> =
     HashMap::pinned(DEFAULT_MAX_SESSIONS, BPF_F_NO_PREALLOC);
 
-/// Side of each managed interface, by `ifindex & IFINDEX_MASK` (0, both, when unset).
+/// Side and counter slot of each managed interface, by `ifindex & IFINDEX_MASK` (zero, both
+/// sides and slot 0, when unset).
 #[map]
-static QOD_SIDES: Array<u8> = Array::pinned(IFINDEX_MASK + 1, 0);
+static QOD_INTERFACES: Array<InterfaceInfo> = Array::pinned(IFINDEX_MASK + 1, 0);
+
+/// What each interface treated, per band.
+#[map]
+static QOD_BAND_COUNTERS: PerCpuArray<BandCounters> = PerCpuArray::pinned(BAND_COUNTERS_ENTRIES, 0);
 
 #[map]
 static QOD_POLICERS: Array<PolicerState> = Array::pinned(DEFAULT_MAX_SESSIONS, 0);
@@ -115,11 +120,12 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     // SAFETY: the context pointer the kernel handed us; `ifindex` is readable from tc programs.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // An index past the map is never aliased onto another interface's side: look both ways.
-    let sides = if ifindex > IFINDEX_MASK {
-        SIDE_BOTH
+    let iface = if ifindex > IFINDEX_MASK {
+        InterfaceInfo::default()
     } else {
-        QOD_SIDES.get(ifindex).copied().unwrap_or(SIDE_BOTH)
+        QOD_INTERFACES.get(ifindex).copied().unwrap_or_default()
     };
+    let sides = iface.side;
     let pkt = parse(ctx)?;
     // Downlink: the destination is a device. Uplink: the source is.
     let down = || lookup(&pkt, pkt.dst, pkt.src, false);
@@ -155,6 +161,18 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
                 }
                 (true, false) => (*c).up_dropped += 1,
                 (false, false) => (*c).down_dropped += 1,
+            }
+        }
+    }
+    if let Some(b) = QOD_BAND_COUNTERS.get_ptr_mut(band_counter_index(iface.counters, rule.band)) {
+        // SAFETY: a per-CPU slot, as above.
+        unsafe {
+            if conforms {
+                (*b).packets += 1;
+                (*b).bytes += len;
+            } else {
+                (*b).policer_dropped_packets += 1;
+                (*b).policer_dropped_bytes += len;
             }
         }
     }

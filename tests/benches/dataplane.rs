@@ -59,7 +59,8 @@ fn rule(slot: u32, police: bool) -> FlowRule {
         n_server_ports: MAX_PORT_RANGES as u8,
         device_ports: ranges,
         server_ports: ranges,
-        _reserved: 0,
+        band: 0,
+        _reserved: [0; 3],
         police_up: if police {
             Policer::new(400_000_000_000, 1 << 30)
         } else {

@@ -60,7 +60,8 @@ fn rule(
         n_server_ports: server_ports.len() as u8,
         device_ports: fill(device_ports),
         server_ports: fill(server_ports),
-        _reserved: 0,
+        band: 0,
+        _reserved: [0; 3],
         police_up: Policer::default(),
         police_down: Policer::default(),
     }

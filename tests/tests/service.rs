@@ -547,6 +547,29 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
     ))
     .await
     .expect("create a 1 s session");
+    // Traffic the classifier counts per interface and band: 50 paced datagrams to the QOS_G
+    // device (guaranteed, its own class) and a burst to a QOS_C flow (best effort, a capped
+    // class of its own: shaped by HTB, so the classifier passes all of it).
+    api.create_session(qod_testkit::api::session(
+        addr::DEVICE_V4,
+        addr::OTHER_SERVER_V4,
+        "QOS_C",
+        &[],
+        &[],
+        600,
+    ))
+    .await
+    .expect("create a capped session");
+    qod_testkit::udp_send(
+        &lab.server,
+        qod_testkit::api::sa(addr::SERVER_V4, 7000),
+        qod_testkit::api::sa(addr::OTHER_DEVICE_V4, 7000),
+        50,
+        1000,
+    )
+    .expect("paced datagrams");
+    const BURST: u64 = 200;
+    udp_burst(&lab, addr::OTHER_SERVER_V4, addr::DEVICE_V4, BURST);
     let refused = qodd
         .profiles_as("not-a-jwt")
         .await
@@ -569,14 +592,47 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
         "QOS_G reserves its 20 Mbit/s"
     );
     let created = "qod_api_requests_total{method=\"qod.v1.QualityOnDemand/CreateSession\",code=\"Ok\",reason=\"\"}";
-    assert_eq!(value(&during, created), 2.0);
+    assert_eq!(value(&during, created), 3.0);
     assert_eq!(
         value(
             &during,
             "qod_api_request_duration_seconds_count{method=\"qod.v1.QualityOnDemand/CreateSession\"}"
         ),
-        2.0
+        3.0
     );
+    assert_eq!(
+        value(
+            &during,
+            "qod_scheduler_session_classes{interface=\"edge-dev\"}"
+        ),
+        3.0,
+        "QOS_E, QOS_G and QOS_C each hold a class on the device side"
+    );
+    let band = |name: &str, band: &str| {
+        value(
+            &during,
+            &format!("{name}{{interface=\"edge-dev\",band=\"{band}\"}}"),
+        )
+    };
+    assert_eq!(band("qod_classifier_packets_total", "guaranteed"), 50.0);
+    // 1,000 B of payload + UDP, IPv4 and Ethernet headers.
+    assert_eq!(
+        band("qod_classifier_bytes_total", "guaranteed"),
+        50.0 * 1042.0
+    );
+    assert_eq!(
+        band("qod_classifier_packets_total", "best_effort"),
+        BURST as f64
+    );
+    assert_eq!(
+        value(
+            &during,
+            "qod_classifier_dropped_packets_total{interface=\"edge-dev\",band=\"best_effort\",reason=\"policer\"}"
+        ),
+        0.0,
+        "a shaped class is not policed"
+    );
+    assert_eq!(band("qod_classifier_packets_total", "low_latency"), 0.0);
     assert_eq!(
         value(&during, "qod_token_refusals_total{reason=\"invalid\"}"),
         1.0
@@ -597,7 +653,19 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
     .expect("delete");
     let after = scrape();
     assert_eq!(value(&after, reserved), 0.0, "given back");
-    assert_eq!(value(&after, "qod_session_slots_used"), 0.0);
+    assert_eq!(
+        value(&after, "qod_session_slots_used"),
+        1.0,
+        "the policed session stays"
+    );
+    assert_eq!(
+        value(
+            &after,
+            "qod_scheduler_session_classes{interface=\"edge-dev\"}"
+        ),
+        1.0,
+        "QOS_C's class is left"
+    );
     assert_eq!(
         value(
             &after,
@@ -646,6 +714,80 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
     let (status, _, why) = http_get(&lab.edge, PORT, "/readyz");
     assert_eq!(status, 503);
     assert!(why.contains("edge-dev"), "{why}");
+}
+
+/// Sends `n` datagrams of 1,400 B from `from` (in the server namespace) to `to` as fast as the
+/// socket takes them.
+fn udp_burst(lab: &Lab, from: &'static str, to: &'static str, n: u64) {
+    lab.server
+        .run(move || {
+            let sock = std::net::UdpSocket::bind(qod_testkit::api::sa(from, 7001))?;
+            for _ in 0..n {
+                sock.send_to(&[0u8; 1400], qod_testkit::api::sa(to, 7001))?;
+            }
+            anyhow::Ok(())
+        })
+        .expect("a burst");
+}
+
+/// Where a maximum rate is policed in the classifier (no scheduler), a burst beyond the policer's
+/// bucket is cut, and the drops are counted per interface, band and reason; the other
+/// direction's interface counts nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn classifier_counts_treated_and_policed_packets_per_interface_and_band() {
+    const PORT: u16 = 9465;
+    require_root();
+    let lab = Lab::new().expect("lab");
+    let qodd = Qodd::start(
+        &lab.edge,
+        &[EDGE_DEV_IF, EDGE_SRV_IF],
+        &format!("metrics_listen = \"127.0.0.1:{PORT}\"\n{CONGESTION_PROFILES}"),
+    )
+    .await
+    .expect("qodd");
+    let mut api = qodd.sessions().await.expect("client");
+    api.create_session(qod_testkit::api::session(
+        addr::DEVICE_V4,
+        addr::SERVER_V4,
+        "QOS_C",
+        &[],
+        &[],
+        600,
+    ))
+    .await
+    .expect("create a policed session");
+    // 10 Mbit/s with a 128 KiB bucket: 400 × 1,442 B back to back overflow it.
+    const BURST: u64 = 400;
+    udp_burst(&lab, addr::SERVER_V4, addr::DEVICE_V4, BURST);
+    let (status, _, body) = http_get(&lab.edge, PORT, "/metrics");
+    assert_eq!(status, 200);
+    let m = samples(&body);
+    let at = |name: &str, interface: &str, extra: &str| {
+        value(
+            &m,
+            &format!("{name}{{interface=\"{interface}\",band=\"best_effort\"{extra}}}"),
+        )
+    };
+    let policer = ",reason=\"policer\"";
+    let passed = at("qod_classifier_packets_total", EDGE_DEV_IF, "");
+    let dropped = at("qod_classifier_dropped_packets_total", EDGE_DEV_IF, policer);
+    assert!(
+        passed >= 80.0 && dropped > 0.0 && passed + dropped == BURST as f64,
+        "the burst: {passed} passed, {dropped} dropped by the policer, of {BURST}"
+    );
+    assert_eq!(
+        at("qod_classifier_bytes_total", EDGE_DEV_IF, ""),
+        passed * 1442.0
+    );
+    assert_eq!(
+        at("qod_classifier_dropped_bytes_total", EDGE_DEV_IF, policer),
+        dropped * 1442.0
+    );
+    assert_eq!(
+        at("qod_classifier_dropped_packets_total", EDGE_SRV_IF, policer),
+        0.0,
+        "nothing is policed uplink (QOS_C has no upstream maximum)"
+    );
 }
 
 /// A token of client `ops` with the scope qod:admin and `more`.
@@ -814,6 +956,7 @@ async fn operator_commands_show_the_node_and_verify_catches_planted_drift() {
     );
     assert_eq!(entry["rules"][0]["dscp"], 32);
     assert_eq!(entry["rules"][0]["serverPorts"], "5000");
+    assert_eq!(entry["rules"][0]["band"], "low_latency", "QOS_E's band");
     let classes = dump["classes"].as_array().expect("classes").clone();
     assert!(
         classes

@@ -250,6 +250,7 @@ impl QodNode for NodeService {
                         server_ports: ports(&r.server_ports[..usize::from(r.n_server_ports)]),
                         dscp: u32::from(r.dscp),
                         skb_priority: priority(r.skb_priority),
+                        band: crate::profile::Band::label(usize::from(r.band)).to_owned(),
                         police_up_bps: police_bps(&r.police_up),
                         police_down_bps: police_bps(&r.police_down),
                         expires_in_seconds: if r.expires_at_ns == 0 {

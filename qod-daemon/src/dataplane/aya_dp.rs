@@ -13,9 +13,11 @@ use aya::{
     },
 };
 use qod_common::{
-    CLASSIFIER, COUNTERS_MAP, DeviceKey, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FLOWS_V4_MAP,
-    FLOWS_V6_MAP, FlowCounters, FlowRule, IFINDEX_MASK, LAYOUT_VERSION, MAX_SESSIONS_PER_DEVICE,
-    POLICERS_MAP, PolicerState, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK, SIDES_MAP,
+    BAND_COUNTERS_ENTRIES, BAND_COUNTERS_MAP, BANDS, BandCounters, CLASSIFIER, COUNTERS_MAP,
+    DeviceKey, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FLOWS_V4_MAP, FLOWS_V6_MAP, FlowCounters,
+    FlowRule, IFINDEX_MASK, INTERFACES_MAP, InterfaceInfo, LAYOUT_VERSION, MAX_INTERFACES,
+    MAX_SESSIONS_PER_DEVICE, POLICERS_MAP, PolicerState, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK,
+    band_counter_index,
 };
 use tracing::{info, warn};
 
@@ -51,7 +53,7 @@ pub enum Pinned {
 }
 
 /// The maps of this layout: name, type, key and value size, entries.
-fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u32); 5] {
+fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u32); 6] {
     use std::mem::size_of;
     [
         (
@@ -83,11 +85,18 @@ fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u3
             max_sessions,
         ),
         (
-            SIDES_MAP,
+            INTERFACES_MAP,
             MapType::Array,
             size_of::<u32>(),
-            size_of::<u8>(),
+            size_of::<InterfaceInfo>(),
             IFINDEX_MASK + 1,
+        ),
+        (
+            BAND_COUNTERS_MAP,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<BandCounters>(),
+            BAND_COUNTERS_ENTRIES,
         ),
     ]
 }
@@ -200,7 +209,8 @@ pub struct AyaDataPlane {
     flows_v6: HashMap<MapData, [u32; 2], DeviceRules>,
     counters: PerCpuArray<MapData, FlowCounters>,
     policers: Array<MapData, PolicerState>,
-    sides: Array<MapData, u8>,
+    interface_info: Array<MapData, InterfaceInfo>,
+    band_counters: PerCpuArray<MapData, BandCounters>,
     capacity: u32,
     nr_cpus: usize,
     /// Managed interfaces and how the classifier was attached to each.
@@ -260,7 +270,10 @@ impl AyaDataPlane {
             HashMap::try_from(map(&mut ebpf, FLOWS_V4_MAP)?).map_err(map_err(FLOWS_V4_MAP))?;
         let flows_v6 =
             HashMap::try_from(map(&mut ebpf, FLOWS_V6_MAP)?).map_err(map_err(FLOWS_V6_MAP))?;
-        let sides = Array::try_from(map(&mut ebpf, SIDES_MAP)?).map_err(map_err(SIDES_MAP))?;
+        let interface_info =
+            Array::try_from(map(&mut ebpf, INTERFACES_MAP)?).map_err(map_err(INTERFACES_MAP))?;
+        let band_counters = PerCpuArray::try_from(map(&mut ebpf, BAND_COUNTERS_MAP)?)
+            .map_err(map_err(BAND_COUNTERS_MAP))?;
         let counters =
             PerCpuArray::try_from(map(&mut ebpf, COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
         let policers =
@@ -275,7 +288,8 @@ impl AyaDataPlane {
             flows_v6,
             counters,
             policers,
-            sides,
+            interface_info,
+            band_counters,
             capacity: max_sessions,
             nr_cpus,
             interfaces: Vec::new(),
@@ -358,7 +372,14 @@ impl AyaDataPlane {
                 interface: interface.to_owned(),
                 what: format!("no such interface ({e})"),
             })?;
-        self.set_side(index, side)?;
+        // Counter slots follow the configured order (1-based); an interface attached outside
+        // `manage` shares slot 0.
+        let counters = self
+            .interfaces
+            .iter()
+            .position(|i| i.name == interface)
+            .map_or(0, |p| p + 1);
+        self.set_interface(index, side, u8::try_from(counters).unwrap_or(0))?;
         let link_pin = self.link_pin(interface);
         let prog: &mut SchedClassifier = self
             .ebpf
@@ -470,22 +491,59 @@ impl AyaDataPlane {
         }
     }
 
-    /// Tells the classifier which end of packets leaving interface `ifindex` can be a device.
-    /// An interface whose index does not fit the map stays two-sided (correct, one look-up more).
-    pub fn set_side(&mut self, ifindex: u32, side: Side) -> Result<(), DataPlaneError> {
+    /// Tells the classifier which end of packets leaving interface `ifindex` can be a device,
+    /// and which counter slot (1..=`MAX_INTERFACES`, 0 shared) counts them. A slot that counted
+    /// another interface before (the configured order changed across a restart) starts from
+    /// zero. An interface whose index does not fit the map stays two-sided (correct, one
+    /// look-up more) and counts in slot 0.
+    pub fn set_interface(
+        &mut self,
+        ifindex: u32,
+        side: Side,
+        counters: u8,
+    ) -> Result<(), DataPlaneError> {
         if ifindex > IFINDEX_MASK {
             warn!(
                 ifindex,
-                "interface index beyond the side map; looking both ways"
+                "interface index beyond the interface map; looking both ways"
             );
             return Ok(());
         }
-        self.sides
-            .set(ifindex, side_code(side), 0)
-            .map_err(|source| DataPlaneError::Map {
-                map: SIDES_MAP,
-                source,
-            })
+        let counters = if u32::from(counters) > MAX_INTERFACES {
+            0
+        } else {
+            counters
+        };
+        let map_err = |map| move |source| DataPlaneError::Map { map, source };
+        let before = self
+            .interface_info
+            .get(&ifindex, 0)
+            .map_err(map_err(INTERFACES_MAP))?;
+        if before.counters != counters && counters != 0 {
+            for band in 0..BANDS as u8 {
+                let zeros = PerCpuValues::try_from(vec![BandCounters::default(); self.nr_cpus])
+                    .map_err(|e| DataPlaneError::Map {
+                        map: BAND_COUNTERS_MAP,
+                        source: MapError::from(e),
+                    })?;
+                self.band_counters
+                    .set(band_counter_index(counters, band), zeros, 0)
+                    .map_err(map_err(BAND_COUNTERS_MAP))?;
+            }
+        }
+        let info = InterfaceInfo {
+            side: side_code(side),
+            counters,
+            _pad: [0; 2],
+        };
+        self.interface_info
+            .set(ifindex, info, 0)
+            .map_err(map_err(INTERFACES_MAP))
+    }
+
+    /// As [`AyaDataPlane::set_interface`] with the shared counter slot.
+    pub fn set_side(&mut self, ifindex: u32, side: Side) -> Result<(), DataPlaneError> {
+        self.set_interface(ifindex, side, 0)
     }
 
     /// The loaded classifier, for `BPF_PROG_TEST_RUN`.
@@ -687,6 +745,33 @@ impl DataPlane for AyaDataPlane {
             });
         }
         Ok(keys)
+    }
+
+    fn band_counters(
+        &self,
+    ) -> Result<Vec<(String, [BandCounters; BANDS as usize])>, DataPlaneError> {
+        let mut out = Vec::with_capacity(self.interfaces.len());
+        for (n, i) in self.interfaces.iter().enumerate() {
+            let Ok(slot) = u8::try_from(n + 1) else { break };
+            let mut bands = [BandCounters::default(); BANDS as usize];
+            for (band, sum) in bands.iter_mut().enumerate() {
+                let per_cpu = self
+                    .band_counters
+                    .get(&band_counter_index(slot, band as u8), 0)
+                    .map_err(|source| DataPlaneError::Map {
+                        map: BAND_COUNTERS_MAP,
+                        source,
+                    })?;
+                for c in per_cpu.iter() {
+                    sum.packets += c.packets;
+                    sum.bytes += c.bytes;
+                    sum.policer_dropped_packets += c.policer_dropped_packets;
+                    sum.policer_dropped_bytes += c.policer_dropped_bytes;
+                }
+            }
+            out.push((i.name.clone(), bands));
+        }
+        Ok(out)
     }
 
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {

@@ -55,6 +55,18 @@ impl DataPlane for FakeDataPlane {
             .collect())
     }
 
+    fn band_counters(
+        &self,
+    ) -> Result<
+        Vec<(
+            String,
+            [qod_common::BandCounters; qod_common::BANDS as usize],
+        )>,
+        DataPlaneError,
+    > {
+        Ok(Vec::new())
+    }
+
     fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
         Ok(self.state().flows.keys().copied().collect())
     }

@@ -9,7 +9,7 @@ pub use aya_dp::{
     AyaDataPlane, EBPF_OBJECT, Pinned, ensure_bpffs, inspect_pins, pin_dir, remove_pins,
 };
 pub use fake::FakeDataPlane;
-use qod_common::{DeviceKey, FlowCounters, FlowRule};
+use qod_common::{BANDS, BandCounters, DeviceKey, FlowCounters, FlowRule};
 pub use scheduler::SchedulerConfig;
 
 /// Failure of a data plane operation.
@@ -59,6 +59,11 @@ pub trait DataPlane: Send + 'static {
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError>;
     /// Sum over CPUs of the counters at `slot`.
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError>;
+    /// What the classifier treated on each managed interface (configured order), per band
+    /// (`qod_common::BAND_*`), summed over CPUs.
+    fn band_counters(
+        &self,
+    ) -> Result<Vec<(String, [BandCounters; BANDS as usize])>, DataPlaneError>;
     /// Zeroes the counters and policer state at `slot` before it is handed to a new session.
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError>;
     /// Creates or updates per-session class `index` on `interface`'s scheduler.
