@@ -55,6 +55,23 @@ pub mod client {
     /// Opens a channel to `addr`: `unix:/path/to.sock`, `host:port`, or an `http://` /
     /// `https://` URL. TLS is used when `options.ca_pem` is set or the URL is `https://`.
     pub async fn connect(addr: &str, options: &Options) -> Result<QodChannel, Error> {
+        connect_via(addr, options, None).await
+    }
+
+    /// Opens a TCP connection for a channel (e.g. from inside another network namespace).
+    pub type Dial = std::sync::Arc<
+        dyn Fn() -> std::pin::Pin<
+                Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>,
+            > + Send
+            + Sync,
+    >;
+
+    /// As [`connect`]; a TCP address is reached through `dial` when given.
+    pub async fn connect_via(
+        addr: &str,
+        options: &Options,
+        dial: Option<Dial>,
+    ) -> Result<QodChannel, Error> {
         let bearer = Bearer(
             options
                 .token
@@ -106,7 +123,17 @@ pub mod client {
                     }))
                     .await?
             }
-            None => endpoint.connect().await?,
+            None => match dial {
+                Some(dial) => {
+                    endpoint
+                        .connect_with_connector(tower::service_fn(move |_| {
+                            let dial = dial.clone();
+                            async move { dial().await.map(TokioIo::new) }
+                        }))
+                        .await?
+                }
+                None => endpoint.connect().await?,
+            },
         };
         Ok(InterceptedService::new(channel, bearer))
     }

@@ -133,6 +133,10 @@ struct LimitsConfig {
     requests_per_second: Option<u32>,
     request_burst: Option<u32>,
     max_message_bytes: Option<usize>,
+    max_connections: Option<u32>,
+    max_connections_per_peer: Option<u32>,
+    handshake_timeout_ms: Option<u64>,
+    max_streams_per_connection: Option<u32>,
 }
 
 /// `interfaces` entries: a name (marking only, both directions), or a table.
@@ -402,6 +406,7 @@ pub struct Config {
     pub sink_http_hosts: Vec<String>,
     pub security: Security,
     pub limits: ClientLimits,
+    pub connections: crate::listener::ConnectionLimits,
 }
 
 /// How log lines are written (to stderr, which journald takes under systemd).
@@ -751,12 +756,12 @@ impl Config {
             ));
         }
         let sink_http_hosts = n.allow_http_hosts.unwrap_or_default();
+        let (limits, connections) = validate_limits(f.limits.unwrap_or_default())?;
         let security = if insecure {
             Security::Insecure
         } else {
             validate_security(f.tls.unwrap_or_default(), f.auth.unwrap_or_default())?
         };
-        let limits = validate_limits(f.limits.unwrap_or_default())?;
         let profiles = f.profiles.unwrap_or_default();
         if profiles.is_empty() {
             return Err(invalid("no QoS profile is defined"));
@@ -798,6 +803,7 @@ impl Config {
             sink_http_hosts,
             security,
             limits,
+            connections,
         })
     }
 }
@@ -921,7 +927,50 @@ fn validate_security(t: TlsConfig, a: AuthConfig) -> Result<Security, ConfigErro
     })
 }
 
-fn validate_limits(l: LimitsConfig) -> Result<ClientLimits, ConfigError> {
+fn validate_limits(
+    l: LimitsConfig,
+) -> Result<(ClientLimits, crate::listener::ConnectionLimits), ConfigError> {
+    let d = crate::listener::ConnectionLimits::DEFAULT;
+    let bounded = |v: Option<u32>, d: u32, key: &str, range: std::ops::RangeInclusive<u32>| {
+        let v = v.unwrap_or(d);
+        if range.contains(&v) {
+            Ok(v)
+        } else {
+            Err(invalid(format!(
+                "limits.{key} = {v}: must be {} to {}",
+                range.start(),
+                range.end()
+            )))
+        }
+    };
+    let max_connections = bounded(
+        l.max_connections,
+        d.max_connections,
+        "max_connections",
+        1..=1_000_000,
+    )?;
+    let connections = crate::listener::ConnectionLimits {
+        max_connections,
+        max_connections_per_peer: bounded(
+            l.max_connections_per_peer,
+            d.max_connections_per_peer.min(max_connections),
+            "max_connections_per_peer",
+            1..=max_connections,
+        )?,
+        handshake_timeout: Duration::from_millis(u64::from(bounded(
+            l.handshake_timeout_ms
+                .map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
+            d.handshake_timeout.as_millis() as u32,
+            "handshake_timeout_ms",
+            100..=60_000,
+        )?)),
+        max_streams_per_connection: bounded(
+            l.max_streams_per_connection,
+            d.max_streams_per_connection,
+            "max_streams_per_connection",
+            1..=10_000,
+        )?,
+    };
     let nonzero = |v: Option<u32>, d: u32, key: &str| {
         NonZeroU32::new(v.unwrap_or(d))
             .ok_or_else(|| invalid(format!("limits.{key} must be at least 1")))
@@ -932,7 +981,7 @@ fn validate_limits(l: LimitsConfig) -> Result<ClientLimits, ConfigError> {
             "limits.max_message_bytes = {max_message_bytes}: must be 1024 to 16777216"
         )));
     }
-    Ok(ClientLimits {
+    let client = ClientLimits {
         max_active_sessions: nonzero(
             l.max_active_sessions_per_client,
             10_000,
@@ -942,7 +991,8 @@ fn validate_limits(l: LimitsConfig) -> Result<ClientLimits, ConfigError> {
         requests_per_second: nonzero(l.requests_per_second, 100, "requests_per_second")?,
         request_burst: nonzero(l.request_burst, 200, "request_burst")?,
         max_message_bytes,
-    })
+    };
+    Ok((client, connections))
 }
 
 fn parse_listen(s: &str) -> Result<Listen, ConfigError> {

@@ -11,6 +11,7 @@ pub mod core;
 pub mod dataplane;
 pub mod devkit;
 pub mod error;
+pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod notify;
@@ -23,7 +24,6 @@ use std::{sync::Arc, time::Duration};
 use qod_proto::v1::{
     qos_profiles_server::QosProfilesServer, quality_on_demand_server::QualityOnDemandServer,
 };
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
@@ -135,9 +135,15 @@ pub async fn run(
     let authenticator = authenticator(&config, &token).await;
     let gate = authenticator.gate();
     gate.store(false, std::sync::atomic::Ordering::SeqCst);
-    let mut server = tonic::transport::Server::builder();
+    let connections = listener::fit_descriptors(config.connections);
+    // Dead peers are found by HTTP/2 pings; live ones answer them, so a quiet Watch stream
+    // stays. Connection counts and silent newcomers are bounded in `listener`.
+    let mut server = tonic::transport::Server::builder()
+        .max_concurrent_streams(connections.max_streams_per_connection)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
     if let config::Security::Secure { tls, .. } = &config.security {
-        server = server.tls_config(tls.server_config())?;
+        server = server.tls_config(tls.server_config().timeout(connections.handshake_timeout))?;
     }
     let max_message = config.limits.max_message_bytes;
     // Health stays open for probes; everything else needs a valid token.
@@ -200,10 +206,11 @@ pub async fn run(
                     });
                 }
             };
-            info!(listen = %addr, "qodd listening");
-            tokio::spawn(
-                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
-            )
+            info!(listen = %addr, max_connections = connections.max_connections, "qodd listening");
+            tokio::spawn(router.serve_with_incoming_shutdown(
+                listener::incoming(listener, connections, token.clone()),
+                stop,
+            ))
         }
         Listen::Unix(path) => {
             let err = |source| RunError::Listen {
@@ -223,10 +230,11 @@ pub async fn run(
                     return Err(err(e));
                 }
             };
-            info!(listen = %format!("unix:{}", path.display()), "qodd listening");
-            tokio::spawn(
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop),
-            )
+            info!(listen = %format!("unix:{}", path.display()), max_connections = connections.max_connections, "qodd listening");
+            tokio::spawn(router.serve_with_incoming_shutdown(
+                listener::incoming(listener, connections, token.clone()),
+                stop,
+            ))
         }
     };
 

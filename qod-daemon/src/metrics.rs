@@ -364,6 +364,32 @@ impl Collector for NodeCollector {
             "bytes of sessions the classifier dropped, by interface, band and reason",
             bands().map(|(k, c)| (dropped(k), c.policer_dropped_bytes)),
         )?;
+        {
+            use crate::listener::CONNECTIONS as c;
+            gauge1(
+                &mut e,
+                "qod_api_connections_open",
+                "API connections held (each takes a place of limits.max_connections)",
+                c.open.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "qod_api_connections_refused",
+                "API connections closed at once or before their first call, by reason",
+                [
+                    ("max_connections", &c.refused_total),
+                    ("max_connections_per_peer", &c.refused_per_peer),
+                    ("handshake_timeout", &c.handshake_timeouts),
+                ]
+                .map(|(reason, v)| (vec![("reason", reason)], v.load(Ordering::Relaxed))),
+            )?;
+            counter1(
+                &mut e,
+                "qod_api_accept_errors",
+                "failed accepts (EMFILE, ENFILE...): qodd backs off and carries on",
+                c.accept_errors.load(Ordering::Relaxed),
+            )?;
+        }
         counter1(
             &mut e,
             "qod_link_read_failures",

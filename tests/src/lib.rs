@@ -127,14 +127,56 @@ impl Netns {
         &self,
         f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
     ) -> JoinHandle<anyhow::Result<T>> {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("setns {path}"))?;
-            f()
-        })
+        in_netns(&self.name, f)
     }
+
+    /// A TCP connection to `to` from inside this namespace (from `from` when given); the
+    /// socket stays in the namespace whichever thread uses it.
+    pub fn tcp_connect(
+        &self,
+        to: SocketAddr,
+        from: Option<SocketAddr>,
+    ) -> anyhow::Result<std::net::TcpStream> {
+        tcp_connect_in(&self.name, to, from)
+    }
+}
+
+/// Runs `f` on a new thread that has entered network namespace `name`.
+fn in_netns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> JoinHandle<anyhow::Result<T>> {
+    let path = format!("/var/run/netns/{name}");
+    std::thread::spawn(move || {
+        let file = fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns {path}"))?;
+        f()
+    })
+}
+
+/// See [`Netns::tcp_connect`].
+fn tcp_connect_in(
+    name: &str,
+    to: SocketAddr,
+    from: Option<SocketAddr>,
+) -> anyhow::Result<std::net::TcpStream> {
+    in_netns(name, move || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        if let Some(from) = from {
+            socket.bind(&from.into())?;
+        }
+        socket
+            .connect_timeout(&to.into(), Duration::from_secs(5))
+            .with_context(|| format!("connect to {to}"))?;
+        Ok(socket.into())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("connect thread panicked"))?
 }
 
 impl Drop for Netns {
@@ -645,6 +687,9 @@ pub struct Launch {
     pub wrapper: Vec<String>,
     /// Extra environment, e.g. `NOTIFY_SOCKET`.
     pub env: Vec<(String, String)>,
+    /// Listen on this TCP address inside the namespace instead of the Unix socket; the test
+    /// kit's clients reach it from inside the namespace.
+    pub tcp_listen: Option<SocketAddr>,
 }
 
 /// The bpffs test instances of qodd pin their data planes under.
@@ -730,8 +775,10 @@ impl Qodd {
         fs::write(
             &config,
             format!(
-                "listen = \"unix:{}\"\nstate_dir = \"{}\"\nbpffs = \"{TEST_BPFFS}\"\npin_path = \"{}\"\ninterfaces = [{}]\n{extra_toml}\n{}",
-                socket.display(),
+                "listen = \"{}\"\nstate_dir = \"{}\"\nbpffs = \"{TEST_BPFFS}\"\npin_path = \"{}\"\ninterfaces = [{}]\n{extra_toml}\n{}",
+                launch
+                    .tcp_listen
+                    .map_or_else(|| format!("unix:{}", socket.display()), |a| a.to_string()),
                 dir.path().join("state").display(),
                 pin_path.display(),
                 list.join(", "),
@@ -850,7 +897,10 @@ impl Qodd {
     }
 
     pub fn addr(&self) -> String {
-        format!("unix:{}", self.socket.display())
+        match self.launch.tcp_listen {
+            Some(a) => a.to_string(),
+            None => format!("unix:{}", self.socket.display()),
+        }
     }
 
     /// TLS trusting this instance's CA, with the dev client certificate (offered only if qodd
@@ -870,7 +920,22 @@ impl Qodd {
     }
 
     pub async fn channel_with(&self, options: &client::Options) -> anyhow::Result<QodChannel> {
-        client::connect(&self.addr(), options)
+        let dial = self.launch.tcp_listen.map(|to| {
+            let netns = self.netns.clone();
+            let dial: client::Dial = std::sync::Arc::new(move || {
+                let netns = netns.clone();
+                Box::pin(async move {
+                    let s = tokio::task::spawn_blocking(move || tcp_connect_in(&netns, to, None))
+                        .await
+                        .map_err(std::io::Error::other)?
+                        .map_err(std::io::Error::other)?;
+                    s.set_nonblocking(true)?;
+                    tokio::net::TcpStream::from_std(s)
+                })
+            });
+            dial
+        });
+        client::connect_via(&self.addr(), options, dial)
             .await
             .map_err(|e| anyhow::anyhow!("connect to qodd: {e}"))
     }
@@ -1757,12 +1822,7 @@ impl Lab {
 /// A lab with `qodd` on its edge managing both edge interfaces (marking only), `extra_toml`
 /// appended to its configuration. Fails the test unless it runs as root.
 pub async fn lab_with_qodd(extra_toml: &str) -> (Lab, Qodd) {
-    api::require_root();
-    let lab = Lab::new().expect("lab");
-    let qodd = Qodd::start(&lab.edge, &[EDGE_DEV_IF, EDGE_SRV_IF], extra_toml)
-        .await
-        .expect("qodd");
-    (lab, qodd)
+    lab_in(Mode::Marking, extra_toml).await
 }
 
 /// How `qodd` treats the lab's edge interfaces: restart and failure tests run in both.
@@ -1776,24 +1836,34 @@ pub enum Mode {
 
 /// A lab with `qodd` on its edge in `mode`, the built-in profiles, `extra_toml` appended.
 pub async fn lab_in(mode: Mode, extra_toml: &str) -> (Lab, Qodd) {
-    match mode {
-        Mode::Marking => lab_with_qodd(extra_toml).await,
-        Mode::Scheduled => {
-            api::require_root();
-            let lab = Lab::new().expect("lab");
-            // 1 Gbit/s, so the pools admit the dozens of rated sessions these tests create
-            // (100 Mbit/s holds 20 QOS_E sessions in its low-latency pool).
-            let interfaces = [
-                format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 1000 }}"),
-                format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 1000 }}"),
-            ];
-            let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
-            let qodd = Qodd::start(&lab.edge, &interfaces, extra_toml)
-                .await
-                .expect("qodd");
-            (lab, qodd)
-        }
-    }
+    lab_launched(mode, extra_toml, Launch::default()).await
+}
+
+/// As [`lab_in`], qodd started as `launch` says.
+pub async fn lab_launched(mode: Mode, extra_toml: &str, launch: Launch) -> (Lab, Qodd) {
+    api::require_root();
+    let lab = Lab::new().expect("lab");
+    // 1 Gbit/s, so the pools admit the dozens of rated sessions these tests create
+    // (100 Mbit/s holds 20 QOS_E sessions in its low-latency pool).
+    let scheduled = [
+        format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 1000 }}"),
+        format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 1000 }}"),
+    ];
+    let interfaces: Vec<&str> = match mode {
+        Mode::Marking => vec![EDGE_DEV_IF, EDGE_SRV_IF],
+        Mode::Scheduled => scheduled.iter().map(String::as_str).collect(),
+    };
+    let qodd = Qodd::start_with(
+        &qodd_bin(),
+        &lab.edge,
+        &interfaces,
+        extra_toml,
+        DevPki::config_toml,
+        launch,
+    )
+    .await
+    .expect("qodd");
+    (lab, qodd)
 }
 
 /// Runs an `async fn(Mode)` test once per [`Mode`], as `NAME::marking` and `NAME::scheduled`.

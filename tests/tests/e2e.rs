@@ -526,6 +526,18 @@ fn bad_config_exits_64() {
         ("interfaces = [\"lo\"]\nlisten = \"nowhere\"\n", "listen"),
         ("interfaces = [\"lo\"]\nunknown_key = 1\n", "unknown"),
         ("interfaces = []\n", "no managed interface"),
+        (
+            "interfaces = [\"lo\"]\n[limits]\nmax_connections = 0\n",
+            "limits.max_connections = 0: must be 1 to 1000000",
+        ),
+        (
+            "interfaces = [\"lo\"]\n[limits]\nmax_connections = 10\nmax_connections_per_peer = 11\n",
+            "limits.max_connections_per_peer = 11: must be 1 to 10",
+        ),
+        (
+            "interfaces = [\"lo\"]\n[limits]\nhandshake_timeout_ms = 5\n",
+            "limits.handshake_timeout_ms = 5: must be 100 to 60000",
+        ),
     ] {
         std::fs::write(&cfg, text).expect("write");
         let out = std::process::Command::new(qod_testkit::qodd_bin())

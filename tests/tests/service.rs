@@ -120,7 +120,7 @@ async fn qodd_enforces_with_only_the_units_capabilities() {
             "--inh-caps".into(),
             "-all".into(),
         ],
-        env: Vec::new(),
+        ..Launch::default()
     };
     let qodd = Qodd::start_with(
         &qodd_bin(),
@@ -183,6 +183,7 @@ async fn readiness_and_stopping_reach_the_service_manager() {
         Launch {
             wrapper: Vec::new(),
             env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+            ..Launch::default()
         },
     )
     .await

@@ -1,0 +1,178 @@
+//! Hostile and careless clients at the connection level: idle connections, silent TLS
+//! handshakes, one peer opening hundreds of connections, all under systemd's default
+//! 1024-descriptor limit. None of it may starve other clients or touch a session.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use qod_proto::v1 as pb;
+use qod_testkit::{Launch, Mode, addr, in_every_mode};
+
+/// Where qodd listens inside the lab's edge namespace.
+const API: &str = "127.0.0.1:50051";
+/// The attacker's own loopback address, so its connections count against a peer of their own.
+const ATTACKER: &str = "127.0.0.2";
+const PER_PEER: usize = 64;
+const HANDSHAKE_MS: u64 = 2000;
+
+/// Whether the server has closed `s`: a read sees EOF or a reset (not a timeout).
+fn closed_by_server(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // A TLS alert or HTTP/2 GOAWAY before the close.
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// 1,100 idle connections (no ClientHello) from one peer, 40 that send half a ClientHello
+/// and stall, against a qodd whose descriptor limit is 1024 (soft and hard): the peer gets its
+/// 64 places and no more, the silent ones are closed after the handshake timeout, the stalled
+/// TLS handshakes too; meanwhile another client creates and reads sessions, the session held
+/// before is still AVAILABLE and still marked on the wire, and no descriptor ran out.
+async fn idle_connections_neither_starve_the_api_nor_end_sessions(mode: Mode) {
+    let api_addr: SocketAddr = API.parse().expect("addr");
+    let launch = Launch {
+        wrapper: ["prlimit", "--nofile=1024:1024", "--"]
+            .map(str::to_owned)
+            .to_vec(),
+        tcp_listen: Some(api_addr),
+        ..Launch::default()
+    };
+    let (lab, qodd) = qod_testkit::lab_launched(
+        mode,
+        &format!(
+            "metrics_listen = \"127.0.0.1:9466\"\n[limits]\nmax_connections_per_peer = {PER_PEER}\nhandshake_timeout_ms = {HANDSHAKE_MS}\n"
+        ),
+        launch,
+    )
+    .await;
+    let mut api = qodd.sessions().await.expect("client");
+    let marked = qod_testkit::marked_flow(&mut api).await;
+
+    // The crowd: every connection from the attacker's address, held open.
+    let from = |port: u16| Some(SocketAddr::new(ATTACKER.parse().expect("ip"), port));
+    let mut idle = Vec::new();
+    for _ in 0..1100 {
+        match lab.edge.tcp_connect(api_addr, from(0)) {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("the kernel refused a connection ({e}): the backlog must not fill"),
+        }
+    }
+    let opened = Instant::now();
+    // Places beyond the peer's are closed at once.
+    let refused = idle
+        .iter_mut()
+        .filter_map(|s| closed_by_server(s, Duration::from_millis(20)).then_some(()))
+        .count();
+    assert!(
+        refused >= 1100 - PER_PEER,
+        "{refused} of 1,100 connections closed at once; the peer may hold {PER_PEER}"
+    );
+
+    // Another client, during the crowd: a new connection, a create, a read.
+    let mut other = match qodd.sessions().await {
+        Ok(c) => c,
+        Err(e) => panic!("a client must get through the crowd: {e:?}\n{}", qodd.log()),
+    };
+    let created = other
+        .create_session(qod_testkit::api::session(
+            addr::OTHER_DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_E",
+            &[],
+            &[],
+            600,
+        ))
+        .await
+        .expect("create during the crowd")
+        .into_inner();
+    assert_eq!(created.qos_status(), pb::QosStatus::Available);
+
+    // The crowd's held places are closed once the handshake timeout passes.
+    let wait = Duration::from_millis(HANDSHAKE_MS * 3).saturating_sub(opened.elapsed());
+    let still_open = idle
+        .iter_mut()
+        .filter_map(|s| (!closed_by_server(s, wait.max(Duration::from_millis(50)))).then_some(()))
+        .count();
+    assert_eq!(
+        still_open, 0,
+        "silent connections outlived the handshake timeout"
+    );
+    drop(idle);
+
+    // Half a ClientHello, then silence: the TLS handshake times out too.
+    let mut stalled = Vec::new();
+    for _ in 0..40 {
+        let mut s = lab.edge.tcp_connect(api_addr, from(0)).expect("connect");
+        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .expect("a partial record");
+        stalled.push(s);
+    }
+    for s in &mut stalled {
+        assert!(
+            closed_by_server(s, Duration::from_millis(HANDSHAKE_MS * 3)),
+            "a stalled TLS handshake outlived the handshake timeout"
+        );
+    }
+
+    let got = api
+        .get_session(pb::GetSessionRequest {
+            session_id: marked.session_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.qos_status(), pb::QosStatus::Available, "{}", qodd.log());
+    assert_eq!(
+        lab.uplink_dscp(addr::DEVICE_V4, 46610, addr::SERVER_V4, 5000)
+            .expect("traffic"),
+        [32; 5]
+    );
+    let log = qodd.log();
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert!(!log.contains("NETWORK_TERMINATED"), "{log}");
+    // The refusals are counted by reason.
+    let metrics = lab
+        .edge
+        .run(|| {
+            let mut s = TcpStream::connect("127.0.0.1:9466")?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })
+        .expect("scrape");
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} not served:\n{metrics}"))
+    };
+    assert!(
+        value("qod_api_connections_refused_total{reason=\"max_connections_per_peer\"}")
+            >= (1100 - PER_PEER) as f64
+    );
+    assert!(
+        value("qod_api_connections_refused_total{reason=\"handshake_timeout\"}") >= PER_PEER as f64,
+        "{metrics}"
+    );
+}
+
+in_every_mode!(
+    idle_connections,
+    idle_connections_neither_starve_the_api_nor_end_sessions
+);
