@@ -32,6 +32,7 @@ use crate::{
         },
     },
     error::{CamaraCode, CamaraError},
+    events::{Announcer, Decided},
     model::{
         AppFlow, Caller, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words,
         secs,
@@ -167,13 +168,7 @@ impl SessionView {
     }
 }
 
-/// A CAMARA `qos-status-changed` event.
-#[derive(Clone, Debug)]
-pub struct Event {
-    pub id: Uuid,
-    pub time: OffsetDateTime,
-    pub session: SessionView,
-}
+pub use crate::events::Event;
 
 /// Hands out counter slots; a slot is in use exactly while its session is AVAILABLE.
 #[derive(Debug)]
@@ -332,13 +327,13 @@ pub struct Core {
     inner: Mutex<Inner>,
     /// Wakes the expiry task when an earlier deadline appears.
     wake: Notify,
-    events: broadcast::Sender<Arc<Event>>,
+    /// Events in the order they were decided, each after what it announces is durable.
+    announcer: Announcer,
     /// Profiles, pools and directory; swapped whole by [`Core::reload`].
     policy: RwLock<Arc<Policy>>,
     retention: Duration,
     max_active_per_client: u32,
     interfaces: Vec<ManagedInterface>,
-    notifier: Option<Notifier>,
     /// Durable copy of every session; `None` in unit tests that do not need one.
     store: Option<Store>,
 }
@@ -371,12 +366,11 @@ impl Core {
                 active_by_owner: HashMap::new(),
             }),
             wake: Notify::new(),
-            events: broadcast::channel(limits.event_buffer.max(1)).0,
+            announcer: Announcer::new(limits.event_buffer, notifier),
             policy: RwLock::new(Arc::new(policy)),
             retention: limits.retention,
             max_active_per_client: limits.max_active_per_client,
             interfaces: limits.interfaces,
-            notifier,
             store: None,
         }
     }
@@ -674,9 +668,9 @@ impl Core {
                 counters: FlowCounters::default(),
             };
             let event = self.event(view, ended.at);
-            self.persist_logged(&event.0.session.session, event.1.as_ref());
-            info!(session = %event.0.session.session.id, info = ?ended.info, "session ended while qodd was down");
-            self.publish(event);
+            self.persist_logged(&event.event.session.session, event.note.as_ref());
+            info!(session = %event.event.session.session.id, info = ?ended.info, "session ended while qodd was down");
+            self.announcer.queue(event, false);
         }
     }
 
@@ -696,7 +690,7 @@ impl Core {
 
     /// New watchers see events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.events.subscribe()
+        self.announcer.subscribe()
     }
 
     fn profile_for<'p>(
@@ -899,10 +893,13 @@ impl Core {
         // Persisted (with its AVAILABLE notification) before it is acknowledged. The write is
         // queued under the lock, so no later change of the session can overtake it, and awaited
         // outside it, so concurrent creates share one commit.
+        // Its AVAILABLE event is queued under the lock too, held until the commit: anything
+        // that happens to the session meanwhile (an expiry, a link loss) is announced after it.
         let event = (!restoring).then(|| self.event(view.clone(), now));
         let ticket = event
             .as_ref()
-            .and_then(|(_, note)| self.submit(&session, note.as_ref()));
+            .and_then(|e| self.submit(&session, e.note.as_ref()));
+        let place = event.map(|e| self.announcer.queue(e, ticket.is_some()));
         inner
             .by_device
             .entry(session.flow.device)
@@ -913,25 +910,29 @@ impl Core {
         inner.sessions.insert(id, session);
         drop(inner);
         if let Some(Err(e)) = ticket.map(Ticket::wait) {
-            // Not stored, so not created: nothing of it stays.
+            // Not stored, so not created: nothing of it stays, and nothing of it is announced.
             error!(error = %e, "cannot persist a new session");
-            self.roll_back(id);
+            self.roll_back(id, place);
             return Err(CamaraError::new(
                 CamaraCode::Internal,
                 "the session could not be stored; nothing was created",
             ));
         }
-        if let Some(event) = event {
-            self.publish(event);
+        if let Some(place) = place {
+            self.announcer.release(place);
         }
         self.wake.notify_one();
         debug!(session = %id, profile = %view.session.request.profile, "session created");
         Ok(view)
     }
 
-    /// Undoes the admission of a session that could not be stored.
-    fn roll_back(&self, id: SessionId) {
+    /// Undoes the admission of a session that could not be stored, and withdraws its held
+    /// event (under the lock: no event of the session can be decided after it).
+    fn roll_back(&self, id: SessionId, place: Option<crate::events::Place>) {
         let mut inner = self.lock();
+        if let Some(place) = place {
+            self.announcer.withdraw(place);
+        }
         let Some(session) = inner.sessions.remove(&id) else {
             return;
         };
@@ -1464,7 +1465,7 @@ impl Core {
             None
         };
         // The store first: a deletion that is not stored would come back at the next start.
-        self.forget(id, event.as_ref().and_then(|(_, note)| note.as_ref()))
+        self.forget(id, event.as_ref().and_then(|e| e.note.as_ref()))
             .map_err(|e| {
                 error!(session = %id, error = %e, "cannot store the deletion");
                 CamaraError::new(
@@ -1486,7 +1487,7 @@ impl Core {
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
         if let Some(event) = event {
-            self.publish(event);
+            self.announcer.queue(event, false);
         }
         audit::record(
             audit::Action::Delete,
@@ -1644,7 +1645,7 @@ impl Core {
             },
             ended_at,
         );
-        self.persist_logged(&ended, event.1.as_ref());
+        self.persist_logged(&ended, event.note.as_ref());
         info!(session = %id, ?info, "session ended");
         audit::record(
             if info == StatusInfo::DurationExpired {
@@ -1657,7 +1658,7 @@ impl Core {
             Some(&ended.flow.device),
             Ok(()),
         );
-        self.publish(event);
+        self.announcer.queue(event, false);
     }
 
     /// Swaps in a new policy. Live sessions follow it: a session whose profile is gone or no
@@ -1754,14 +1755,9 @@ impl Core {
         }
     }
 
-    /// Publishes a status change to watchers and, when the session has a sink, to it.
     /// The event of a status change and, if the session has a sink, its notification (to be
-    /// stored with the change, then published).
-    fn event(
-        &self,
-        session: SessionView,
-        time: OffsetDateTime,
-    ) -> (Arc<Event>, Option<Notification>) {
+    /// stored with the change, then queued for announcement).
+    fn event(&self, session: SessionView, time: OffsetDateTime) -> Decided {
         let id = Uuid::new_v4();
         let s = &session.session;
         let note = s.request.sink.as_ref().map(|sink| Notification {
@@ -1776,16 +1772,15 @@ impl Core {
                 SessionState::Available { .. } => None,
             },
         });
-        (Arc::new(Event { id, time, session }), note)
-    }
-
-    /// Hands an event to the watchers and its notification to delivery.
-    fn publish(&self, (event, note): (Arc<Event>, Option<Notification>)) {
-        if let (Some(notifier), Some(note)) = (&self.notifier, note) {
-            notifier.enqueue(note);
+        Decided {
+            event: Event {
+                id,
+                time,
+                sequence: 0,
+                session,
+            },
+            note,
         }
-        // No receiver is not an error: nobody is watching.
-        let _ = self.events.send(event);
     }
 }
 
@@ -2440,6 +2435,59 @@ mod tests {
                 .session
                 .qos_status(),
             QosStatus::Unavailable
+        );
+    }
+
+    /// A session that ends while its create waits for the commit (a link loss here; a 1 s
+    /// expiry does the same) is announced AVAILABLE first, then UNAVAILABLE, with increasing
+    /// sequence numbers; a create whose commit fails is never announced, and neither is its end.
+    #[test]
+    fn a_session_is_announced_available_before_it_is_announced_ended() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path()).expect("store");
+        let dp = FakeDataPlane::default();
+        let core = Arc::new(
+            Core::new(
+                Box::new(dp),
+                policy(),
+                Limits {
+                    max_sessions: 16,
+                    retention: Duration::from_secs(360),
+                    interfaces: Vec::new(),
+                    event_buffer: 16,
+                    max_active_per_client: u32::MAX,
+                },
+                None,
+            )
+            .with_store(store.clone()),
+        );
+        let mut events = core.subscribe();
+        let held = store.hold_commits();
+        let creating = {
+            let core = core.clone();
+            std::thread::spawn(move || core.create(request([10, 0, 0, 1], 60)))
+        };
+        // The create has decided and waits for its commit.
+        while core.lock().sessions.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        core.link_changed("dev0", false);
+        assert!(
+            events.try_recv().is_err(),
+            "nothing is announced before the create is durable"
+        );
+        drop(held);
+        let created = creating.join().expect("thread").expect("create");
+        let first = events.try_recv().expect("AVAILABLE");
+        let second = events.try_recv().expect("UNAVAILABLE");
+        assert_eq!(first.session.session.id, created.session.id);
+        assert_eq!(first.session.session.qos_status(), QosStatus::Available);
+        assert_eq!(second.session.session.qos_status(), QosStatus::Unavailable);
+        assert!(
+            first.sequence < second.sequence,
+            "{} {}",
+            first.sequence,
+            second.sequence
         );
     }
 

@@ -11,6 +11,7 @@ pub mod core;
 pub mod dataplane;
 pub mod devkit;
 pub mod error;
+pub mod events;
 pub mod listener;
 pub mod metrics;
 pub mod model;

@@ -131,6 +131,9 @@ struct Shared {
     writes: std::sync::atomic::AtomicU64,
     tx: Option<std::sync::mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Taken by the writer around each commit (uncontended), so a test can hold commits back.
+    #[cfg_attr(not(test), expect(dead_code, reason = "only tests take the gate"))]
+    gate: Arc<std::sync::Mutex<()>>,
 }
 
 impl Drop for Shared {
@@ -197,8 +200,10 @@ fn writer(
     db: Arc<Database>,
     rx: std::sync::mpsc::Receiver<Job>,
     commits: Arc<std::sync::atomic::AtomicU64>,
+    gate: Arc<std::sync::Mutex<()>>,
 ) {
     while let Ok(first) = rx.recv() {
+        let _gate = gate.lock().unwrap_or_else(|p| p.into_inner());
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -280,11 +285,12 @@ impl Store {
         let db = Arc::new(database);
         let (tx, rx) = std::sync::mpsc::channel();
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let gate = Arc::new(std::sync::Mutex::new(()));
         let writer = {
-            let (db, commits) = (db.clone(), commits.clone());
+            let (db, commits, gate) = (db.clone(), commits.clone(), gate.clone());
             std::thread::Builder::new()
                 .name("qodd-store".into())
-                .spawn(move || writer(db, rx, commits))
+                .spawn(move || writer(db, rx, commits, gate))
                 .map_err(|source| StoreError::Dir {
                     path: dir.to_owned(),
                     source,
@@ -297,8 +303,15 @@ impl Store {
                 writes: std::sync::atomic::AtomicU64::new(0),
                 tx: Some(tx),
                 writer: Some(writer),
+                gate,
             }),
         })
+    }
+
+    /// Holds every commit back while the guard lives (tests of what happens meanwhile).
+    #[cfg(test)]
+    pub(crate) fn hold_commits(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.shared.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues `ops` for the next commit; they apply in the order queued.

@@ -181,6 +181,7 @@ async fn expiry_ends_marking_and_is_reported() {
     );
 
     let mut statuses = Vec::new();
+    let mut sequences = Vec::new();
     let expired = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(ev) = events.next().await {
             let ev = ev.expect("event");
@@ -189,6 +190,7 @@ async fn expiry_ends_marking_and_is_reported() {
             };
             assert_eq!(c.session_id, id);
             statuses.push((c.qos_status(), c.status_info()));
+            sequences.push(ev.sequence);
             if c.qos_status() == pb::QosStatus::Unavailable {
                 return c;
             }
@@ -202,6 +204,10 @@ async fn expiry_ends_marking_and_is_reported() {
         (pb::QosStatus::Available, pb::StatusInfo::Unspecified)
     );
     assert_eq!(expired.status_info(), pb::StatusInfo::DurationExpired);
+    assert!(
+        sequences[0] > 0 && sequences.windows(2).all(|w| w[0] < w[1]),
+        "sequence numbers increase: {sequences:?}"
+    );
 
     let info = api
         .get_session(pb::GetSessionRequest { session_id: id })

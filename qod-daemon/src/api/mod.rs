@@ -187,6 +187,7 @@ impl QualityOnDemand for SessionService {
                 }
                 Err(BroadcastStreamRecvError::Lagged(count)) => Some(Ok(pb::SessionEvent {
                     event_id: uuid::Uuid::new_v4().to_string(),
+                    sequence: 0,
                     time: Some(convert::timestamp(time::OffsetDateTime::now_utc())),
                     kind: Some(pb::session_event::Kind::EventsMissed(pb::EventsMissed {
                         count,
