@@ -191,6 +191,29 @@ target_min_downstream_rate = { value = 30, unit = "Mbps" }
         before + 2,
         "one class per session on the device side"
     );
+    // What the kernel holds (installed over rtnetlink): the rate, the ceiling (the capacity),
+    // ten-frame bursts (15,140 B; tc prints them back a few bytes short, as it does its own),
+    // and a 300-packet FIFO leaf.
+    let shown = lab
+        .edge
+        .exec("tc", &["class", "show", "dev", EDGE_DEV_IF])
+        .expect("tc");
+    let class = shown
+        .lines()
+        .find(|l| l.starts_with("class htb 1:10") && l.contains("parent 1:1 leaf 10"))
+        .unwrap_or_else(|| panic!("a per-session class: {shown}"));
+    assert!(
+        class.contains("prio 2 rate 30Mbit ceil 100Mbit burst 151") && class.contains("cburst 151"),
+        "{class}"
+    );
+    let leaves = lab
+        .edge
+        .exec("tc", &["qdisc", "show", "dev", EDGE_DEV_IF])
+        .expect("tc");
+    assert!(
+        leaves.contains("qdisc pfifo 100: parent 1:100 limit 300p"),
+        "{leaves}"
+    );
     let err = api
         .create_session(session(
             "10.0.1.4",

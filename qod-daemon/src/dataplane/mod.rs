@@ -3,6 +3,7 @@
 
 mod aya_dp;
 mod fake;
+mod netlink;
 pub mod scheduler;
 
 pub use aya_dp::{

@@ -1,5 +1,6 @@
 //! Egress scheduling of a managed interface: an HTB tree that `qodd` owns, set up with iproute2's
-//! `tc` (idempotent `replace` operations). A tree a previous `qodd` left (the default
+//! `tc` (idempotent `replace` operations, each with a deadline); the per-session classes, the hot
+//! path, go over rtnetlink ([`super::netlink`]). A tree a previous `qodd` left (the default
 //! `on_exit = "keep"`, or a crash) is adopted: HTB cannot `change` its root in place, so the root
 //! is kept and its classes are brought to this configuration; the per-session classes no restored
 //! session claims are removed once the store is restored.
@@ -20,11 +21,23 @@
 //! The classifier steers packets by writing the class id into `skb->priority`, which HTB honours
 //! before any filter.
 
-use std::process::{Command, Stdio};
+use std::{
+    io::Read as _,
+    process::{Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use tracing::{info, warn};
 
-use super::DataPlaneError;
+use super::{
+    DataPlaneError,
+    netlink::{HtbClass, Rtnl},
+};
+
+/// Longest a `tc` run or a netlink acknowledgement may take before it counts as failed (a
+/// stuck `tc` is killed): the daemon never waits on the kernel's tc layer without end.
+pub const TC_DEADLINE: Duration = Duration::from_secs(5);
 
 /// `skb->priority` of the low-latency band.
 pub const LOW_LATENCY_CLASS: u32 = 0x0001_0010;
@@ -129,20 +142,55 @@ impl SchedulerConfig {
     }
 }
 
-/// Runs `tc args`: its stdout, or an error naming the command and what tc said.
+/// Runs `tc args`: its stdout, or an error naming the command and what tc said. A run past
+/// [`TC_DEADLINE`] is killed and fails.
 fn tc_output(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("tc")
+    let mut child = Command::new("tc")
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| format!("cannot run tc: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    // Read both pipes while waiting: a large listing must not block tc on a full pipe.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut out);
+            }
+            out
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() < TC_DEADLINE => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "tc {}: no answer within {TC_DEADLINE:?}; killed",
+                    args.join(" ")
+                ));
+            }
+            Err(e) => return Err(format!("cannot wait for tc: {e}")),
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if status.success() {
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
     } else {
         Err(format!(
             "tc {}: {}",
             args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&stderr).trim()
         ))
     }
 }
@@ -197,6 +245,7 @@ pub fn burst_bytes(rate_bps: u64) -> u64 {
 
 /// Bytes a class may send per round: one full frame, so low rates stay accurate.
 const QUANTUM: &str = "1514";
+const QUANTUM_BYTES: u32 = 1514;
 
 /// The HTB tree on one interface.
 #[derive(Debug)]
@@ -205,6 +254,9 @@ pub struct Scheduler {
     pub config: SchedulerConfig,
     /// The leaf qdisc chosen for best effort.
     pub best_effort_leaf: &'static str,
+    ifindex: u32,
+    /// Per-session classes go over this socket.
+    rtnl: Mutex<Rtnl>,
 }
 
 impl Scheduler {
@@ -279,6 +331,9 @@ impl Scheduler {
             .map_err(err)?;
             "pfifo"
         };
+        let ifindex = nix::net::if_::if_nametoindex(interface)
+            .map_err(|e| err(format!("no such interface ({e})")))?;
+        let rtnl = Rtnl::open(TC_DEADLINE).map_err(|e| err(format!("rtnetlink socket: {e}")))?;
         info!(
             interface,
             capacity_bps = config.capacity_bps,
@@ -295,69 +350,48 @@ impl Scheduler {
             interface: interface.to_owned(),
             config,
             best_effort_leaf,
+            ifindex,
+            rtnl: Mutex::new(rtnl),
         })
     }
 
-    /// Creates (or updates) per-session class `index`.
+    fn rtnl(&self) -> std::sync::MutexGuard<'_, Rtnl> {
+        self.rtnl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates (or updates) per-session class `index` and its FIFO leaf (rtnetlink).
     pub fn set_class(&self, index: u16, spec: ClassSpec) -> Result<(), DataPlaneError> {
-        let err = |what: String| DataPlaneError::Scheduler {
-            interface: self.interface.clone(),
-            what,
-        };
-        let classid = format!("1:{:x}", SESSION_MINOR_BASE + index);
+        let minor = SESSION_MINOR_BASE + index;
         let ceil = spec
             .ceil_bps
             .clamp(spec.rate_bps, self.config.capacity_bps.max(spec.rate_bps));
-        tc(&[
-            "class",
-            "replace",
-            "dev",
-            &self.interface,
-            "parent",
-            "1:1",
-            "classid",
-            &classid,
-            "htb",
-            "rate",
-            &bits(spec.rate_bps),
-            "ceil",
-            &bits(ceil),
-            "burst",
-            &burst_bytes(spec.rate_bps).to_string(),
-            "cburst",
-            &burst_bytes(ceil).to_string(),
-            "prio",
-            &spec.prio.to_string(),
-            "quantum",
-            QUANTUM,
-        ])
-        .map_err(err)?;
-        let handle = format!("{:x}:", SESSION_MINOR_BASE + index);
-        tc(&[
-            "qdisc",
-            "replace",
-            "dev",
-            &self.interface,
-            "parent",
-            &classid,
-            "handle",
-            &handle,
-            "pfifo",
-            "limit",
-            &spec.limit.to_string(),
-        ])
-        .map_err(err)
+        let class = HtbClass {
+            ifindex: self.ifindex,
+            parent: 0x0001_0001,
+            classid: session_class(index),
+            rate_bps: spec.rate_bps,
+            ceil_bps: ceil,
+            burst_bytes: burst_bytes(spec.rate_bps),
+            cburst_bytes: burst_bytes(ceil),
+            quantum: QUANTUM_BYTES,
+            prio: spec.prio,
+        };
+        self.rtnl()
+            .replace_class(&class, u32::from(minor) << 16, spec.limit)
+            .map_err(|e| DataPlaneError::Scheduler {
+                interface: self.interface.clone(),
+                what: format!("class 1:{minor:x}: {e}"),
+            })
     }
 
-    /// Deletes guaranteed-rate class `index` (its leaf goes with it).
+    /// Deletes per-session class `index` (its leaf goes with it; rtnetlink).
     pub fn remove_class(&self, index: u16) -> Result<(), DataPlaneError> {
-        let classid = format!("1:{:x}", SESSION_MINOR_BASE + index);
-        tc(&["class", "del", "dev", &self.interface, "classid", &classid]).map_err(|what| {
-            DataPlaneError::Scheduler {
+        self.rtnl()
+            .delete_class(self.ifindex, session_class(index))
+            .map_err(|e| DataPlaneError::Scheduler {
                 interface: self.interface.clone(),
-                what,
-            }
-        })
+                what: format!("delete class 1:{:x}: {e}", SESSION_MINOR_BASE + index),
+            })
     }
 
     /// The indexes of the per-session classes in the interface's tree now.

@@ -1,0 +1,319 @@
+//! HTB classes and their leaf FIFOs over rtnetlink, without forking `tc`.
+//!
+//! The per-session class operations (replace a class and its leaf, delete a class) are the hot
+//! path of a scheduled create or end: `tc` costs two fork/execs per interface per session, this
+//! one `sendmsg` and one acknowledgement read per message, with a deadline on every read.
+//! Messages are what iproute2 sends: `RTM_NEWTCLASS` with an `htb` kind and nested
+//! `TCA_HTB_PARMS` (rates as `tc_ratespec` with an Ethernet link layer, so the kernel needs no
+//! rate tables, and `TCA_HTB_RATE64` / `TCA_HTB_CEIL64` past 32 bits of bytes per second),
+//! `RTM_NEWQDISC` with a `pfifo` and its `tc_fifo_qopt`, `RTM_DELTCLASS`. No crate we could use
+//! encodes HTB's attributes, so they are written here, on the plain netlink framing.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, OwnedFd},
+    time::Duration,
+};
+
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
+    setsockopt, socket, sockopt,
+};
+
+const RTM_NEWQDISC: u16 = 36;
+const RTM_NEWTCLASS: u16 = 40;
+const RTM_DELTCLASS: u16 = 41;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_CREATE: u16 = 0x400;
+const TCA_KIND: u16 = 1;
+const TCA_OPTIONS: u16 = 2;
+const TCA_HTB_PARMS: u16 = 1;
+const TCA_HTB_RATE64: u16 = 6;
+const TCA_HTB_CEIL64: u16 = 7;
+const TC_LINKLAYER_ETHERNET: u8 = 1;
+/// The kernel's psched ticks are 64 ns (`PSCHED_SHIFT` 6), whatever `/proc/net/psched` says.
+const PSCHED_TICK_NS: u128 = 64;
+
+/// One HTB class as the kernel takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HtbClass {
+    pub ifindex: u32,
+    pub parent: u32,
+    pub classid: u32,
+    pub rate_bps: u64,
+    pub ceil_bps: u64,
+    pub burst_bytes: u64,
+    pub cburst_bytes: u64,
+    pub quantum: u32,
+    pub prio: u8,
+}
+
+/// A netlink route socket with a read deadline.
+#[derive(Debug)]
+pub struct Rtnl {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+/// A message being built: header, fixed part, attributes (4-byte aligned).
+struct Msg(Vec<u8>);
+
+impl Msg {
+    fn new(kind: u16, flags: u16, seq: u32) -> Self {
+        let mut b = Vec::with_capacity(128);
+        b.extend_from_slice(&0u32.to_ne_bytes()); // length, set by `finish`
+        b.extend_from_slice(&kind.to_ne_bytes());
+        b.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        b.extend_from_slice(&seq.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+        Self(b)
+    }
+
+    /// `struct tcmsg`.
+    fn tcmsg(mut self, ifindex: u32, handle: u32, parent: u32) -> Self {
+        self.0.extend_from_slice(&[0u8, 0, 0, 0]); // family AF_UNSPEC, padding
+        self.0.extend_from_slice(&ifindex.to_ne_bytes());
+        self.0.extend_from_slice(&handle.to_ne_bytes());
+        self.0.extend_from_slice(&parent.to_ne_bytes());
+        self.0.extend_from_slice(&0u32.to_ne_bytes()); // info
+        self
+    }
+
+    fn attr(&mut self, kind: u16, payload: &[u8]) {
+        let len = 4 + payload.len();
+        self.0
+            .extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(payload);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.0.len() % 4 != 0 {
+            self.0.push(0);
+        }
+    }
+
+    /// Starts a nested attribute; `end_nest` with the returned offset closes it.
+    fn begin_nest(&mut self, kind: u16) -> usize {
+        let at = self.0.len();
+        self.0.extend_from_slice(&0u16.to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        at
+    }
+
+    fn end_nest(&mut self, at: usize) {
+        let len = u16::try_from(self.0.len() - at).unwrap_or(u16::MAX);
+        self.0[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let len = u32::try_from(self.0.len()).unwrap_or(u32::MAX);
+        self.0[..4].copy_from_slice(&len.to_ne_bytes());
+        self.0
+    }
+}
+
+/// `struct tc_ratespec` for `bytes_per_s` (saturated at 32 bits; RATE64 carries the rest).
+fn ratespec(bytes_per_s: u64) -> [u8; 12] {
+    let mut r = [0u8; 12];
+    r[1] = TC_LINKLAYER_ETHERNET;
+    let rate = u32::try_from(bytes_per_s).unwrap_or(u32::MAX);
+    r[8..12].copy_from_slice(&rate.to_ne_bytes());
+    r
+}
+
+/// Time to send `bytes` at `bytes_per_s`, in psched ticks (HTB's `buffer` / `cbuffer`).
+/// Rounded up, so the kernel's burst is never short of the one asked for.
+fn ticks(bytes: u64, bytes_per_s: u64) -> u32 {
+    let per_tick = u128::from(bytes_per_s.max(1)) * PSCHED_TICK_NS;
+    let ticks = (u128::from(bytes) * 1_000_000_000).div_ceil(per_tick);
+    u32::try_from(ticks).unwrap_or(u32::MAX)
+}
+
+/// The `RTM_NEWTCLASS` payload (`tcmsg` and attributes) of `c`.
+fn class_message(c: &HtbClass, seq: u32) -> Vec<u8> {
+    let (rate, ceil) = (c.rate_bps / 8, c.ceil_bps / 8);
+    let mut m = Msg::new(RTM_NEWTCLASS, NLM_F_CREATE, seq).tcmsg(c.ifindex, c.classid, c.parent);
+    m.attr(TCA_KIND, b"htb\0");
+    let nest = m.begin_nest(TCA_OPTIONS);
+    // struct tc_htb_opt: rate, ceil, buffer, cbuffer, quantum, level, prio.
+    let mut opt = Vec::with_capacity(44);
+    opt.extend_from_slice(&ratespec(rate));
+    opt.extend_from_slice(&ratespec(ceil));
+    opt.extend_from_slice(&ticks(c.burst_bytes, rate).to_ne_bytes());
+    opt.extend_from_slice(&ticks(c.cburst_bytes, ceil).to_ne_bytes());
+    opt.extend_from_slice(&c.quantum.to_ne_bytes());
+    opt.extend_from_slice(&0u32.to_ne_bytes());
+    opt.extend_from_slice(&u32::from(c.prio).to_ne_bytes());
+    m.attr(TCA_HTB_PARMS, &opt);
+    if rate > u64::from(u32::MAX) {
+        m.attr(TCA_HTB_RATE64, &rate.to_ne_bytes());
+    }
+    if ceil > u64::from(u32::MAX) {
+        m.attr(TCA_HTB_CEIL64, &ceil.to_ne_bytes());
+    }
+    m.end_nest(nest);
+    m.finish()
+}
+
+impl Rtnl {
+    /// A socket whose every acknowledgement must arrive within `deadline`.
+    pub fn open(deadline: Duration) -> io::Result<Self> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        let tv = nix::sys::time::TimeVal::new(
+            i64::try_from(deadline.as_secs()).unwrap_or(i64::MAX),
+            i64::from(deadline.subsec_micros()),
+        );
+        setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?;
+        Ok(Self { fd, seq: 0 })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Sends `messages` (already numbered `first..`) and waits for each acknowledgement; the
+    /// first error the kernel reports is returned (every message is still acknowledged).
+    fn exchange(&mut self, messages: &[(u32, Vec<u8>)]) -> io::Result<()> {
+        let mut batch = Vec::new();
+        for (_, m) in messages {
+            batch.extend_from_slice(m);
+        }
+        send(self.fd.as_raw_fd(), &batch, MsgFlags::empty())?;
+        let mut pending: Vec<u32> = messages.iter().map(|(s, _)| *s).collect();
+        let mut first_error = None;
+        let mut buf = vec![0u8; 16 << 10];
+        while !pending.is_empty() {
+            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(|e| {
+                if e == nix::errno::Errno::EAGAIN {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no netlink acknowledgement in time",
+                    )
+                } else {
+                    io::Error::from(e)
+                }
+            })?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let word = |at: usize| {
+                    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+                };
+                let len = word(off) as usize;
+                let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+                let seq = word(off + 8);
+                if len < 16 || off + len > n {
+                    break;
+                }
+                if kind == NLMSG_ERROR && len >= 20 {
+                    let errno = i32::from_ne_bytes([
+                        buf[off + 16],
+                        buf[off + 17],
+                        buf[off + 18],
+                        buf[off + 19],
+                    ]);
+                    pending.retain(|s| *s != seq);
+                    if errno != 0 && first_error.is_none() {
+                        first_error = Some(io::Error::from_raw_os_error(-errno));
+                    }
+                }
+                off += (len + 3) & !3;
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Creates or replaces HTB class `c` and gives it a `pfifo` leaf of `limit` packets with
+    /// handle `leaf` (major:0), in one exchange.
+    pub fn replace_class(&mut self, c: &HtbClass, leaf: u32, limit: u32) -> io::Result<()> {
+        let class_seq = self.next_seq();
+        let class = class_message(c, class_seq);
+        let leaf_seq = self.next_seq();
+        let mut q = Msg::new(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_REPLACE, leaf_seq)
+            .tcmsg(c.ifindex, leaf, c.classid);
+        q.attr(TCA_KIND, b"pfifo\0");
+        q.attr(TCA_OPTIONS, &limit.to_ne_bytes());
+        self.exchange(&[(class_seq, class), (leaf_seq, q.finish())])
+    }
+
+    /// Deletes class `classid` (its leaf goes with it).
+    pub fn delete_class(&mut self, ifindex: u32, classid: u32) -> io::Result<()> {
+        let seq = self.next_seq();
+        let m = Msg::new(RTM_DELTCLASS, 0, seq).tcmsg(ifindex, classid, 0);
+        self.exchange(&[(seq, m.finish())])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_class_message_carries_what_iproute2_sends() {
+        let c = HtbClass {
+            ifindex: 7,
+            parent: 0x0001_0001,
+            classid: 0x0001_0100,
+            rate_bps: 20_000_000,
+            ceil_bps: 100_000_000,
+            burst_bytes: 15_140,
+            cburst_bytes: 15_140,
+            quantum: 1514,
+            prio: 2,
+        };
+        let m = class_message(&c, 9);
+        // nlmsghdr 16 + tcmsg 20 + kind 8 + options (4 + parms 4 + 44) = 96.
+        assert_eq!(m.len(), 96);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().expect("len")), 96);
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), RTM_NEWTCLASS);
+        assert_eq!(
+            u32::from_ne_bytes(m[20..24].try_into().expect("ifindex")),
+            7
+        );
+        assert_eq!(&m[40..44], b"htb\0");
+        // Rate in bytes/s at tc_ratespec offset 8, after the 4+4 option headers.
+        let parms = 52;
+        assert_eq!(
+            u32::from_ne_bytes(m[parms + 8..parms + 12].try_into().expect("rate")),
+            2_500_000
+        );
+        assert_eq!(m[parms + 1], TC_LINKLAYER_ETHERNET);
+        // buffer: 15,140 B at 2.5 MB/s = 6.056 ms = 94,625 ticks of 64 ns.
+        assert_eq!(
+            u32::from_ne_bytes(m[parms + 24..parms + 28].try_into().expect("buffer")),
+            94_625
+        );
+        // cbuffer: 15,140 B at 12.5 MB/s = 1.2112 ms = 18,925 ticks.
+        assert_eq!(
+            u32::from_ne_bytes(m[parms + 28..parms + 32].try_into().expect("cbuffer")),
+            18_925
+        );
+    }
+
+    #[test]
+    fn rates_past_32_bits_of_bytes_go_in_rate64() {
+        let c = HtbClass {
+            ifindex: 1,
+            parent: 1,
+            classid: 2,
+            rate_bps: 40_000_000_000,
+            ceil_bps: 40_000_000_000,
+            burst_bytes: 1,
+            cburst_bytes: 1,
+            quantum: 1514,
+            prio: 0,
+        };
+        assert_eq!(class_message(&c, 1).len(), 96 + 2 * 12);
+    }
+}
