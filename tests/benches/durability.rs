@@ -13,7 +13,9 @@
 //!    its own connection) create sessions for distinct devices for 5 s; every create is
 //!    acknowledged only after its commit is fsynced. Reported: creates/s, latency p50 / p99, and
 //!    the store's commits per create (from qodd's exit log): group commit lets concurrent creates
-//!    share one fsync.
+//!    share one fsync. Two modes: *marking* (no interface scheduled, QOS_E) and *scheduled* (both
+//!    edge interfaces with `capacity_mbit = 100000`, a rated profile that gets its own HTB class
+//!    on each: two class changes per create, over rtnetlink).
 
 use std::time::{Duration, Instant};
 
@@ -78,69 +80,94 @@ async fn recovery() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rated profile of the scheduled rows: a class of its own on each scheduled interface.
+const RATED: &str = r#"
+[[profiles]]
+name = "QOS_B"
+status = "ACTIVE"
+target_min_downstream_rate = { value = 100, unit = "kbps" }
+target_min_upstream_rate = { value = 100, unit = "kbps" }
+max_downstream_rate = { value = 1, unit = "Mbps" }
+max_upstream_rate = { value = 1, unit = "Mbps" }
+"#;
+
 async fn creates() -> anyhow::Result<()> {
     println!("\ndurable creates over gRPC (TLS + bearer token, release qodd, 5 s per row)");
     println!(
-        "{:>7}  {:>10}  {:>9}  {:>9}  {:>17}",
-        "clients", "creates/s", "p50 ms", "p99 ms", "commits per create"
+        "{:>9}  {:>7}  {:>10}  {:>9}  {:>9}  {:>17}",
+        "mode", "clients", "creates/s", "p50 ms", "p99 ms", "commits per create"
     );
-    for clients in [1usize, 4, 16, 64] {
-        let lab = Lab::new()?;
-        let mut qodd = Qodd::start_bin(
-            &release_qodd(),
-            &lab.edge,
-            &[EDGE_DEV_IF, EDGE_SRV_IF],
-            "max_sessions = 1000000\n[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_active_sessions_per_client = 1000000\n",
-        )
-        .await?;
-        let end = Instant::now() + Duration::from_secs(5);
-        let mut tasks = Vec::new();
-        for c in 0..clients {
-            let mut api = QualityOnDemandClient::new(qodd.channel().await?);
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut i = 0u32;
-                while Instant::now() < end {
-                    let ip = std::net::Ipv4Addr::from(0x0a80_0000 + ((c as u32) << 16) + i);
-                    i += 1;
-                    let t = Instant::now();
-                    api.create_session(session(
-                        &ip.to_string(),
-                        addr::SERVER_V4,
-                        "QOS_E",
-                        &[],
-                        &[],
-                        3600,
-                    ))
-                    .await?;
-                    lat.push(t.elapsed());
-                }
-                anyhow::Ok(lat)
-            }));
+    let scheduled = [
+        format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 100000 }}"),
+        format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 100000 }}"),
+    ];
+    let limits = "max_sessions = 1000000\n[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_active_sessions_per_client = 1000000\n";
+    for (mode, interfaces, profile, extra) in [
+        (
+            "marking",
+            vec![EDGE_DEV_IF, EDGE_SRV_IF],
+            "QOS_E",
+            limits.to_owned(),
+        ),
+        (
+            "scheduled",
+            scheduled.iter().map(String::as_str).collect(),
+            "QOS_B",
+            format!("{limits}{RATED}"),
+        ),
+    ] {
+        for clients in [1usize, 4, 16, 64] {
+            let lab = Lab::new()?;
+            let mut qodd = Qodd::start_bin(&release_qodd(), &lab.edge, &interfaces, &extra).await?;
+            let end = Instant::now() + Duration::from_secs(5);
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let mut api = QualityOnDemandClient::new(qodd.channel().await?);
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut i = 0u32;
+                    while Instant::now() < end {
+                        let ip = std::net::Ipv4Addr::from(0x0a80_0000 + ((c as u32) << 16) + i);
+                        i += 1;
+                        let t = Instant::now();
+                        api.create_session(session(
+                            &ip.to_string(),
+                            addr::SERVER_V4,
+                            profile,
+                            &[],
+                            &[],
+                            3600,
+                        ))
+                        .await?;
+                        lat.push(t.elapsed());
+                    }
+                    anyhow::Ok(lat)
+                }));
+            }
+            let mut lat = Vec::new();
+            for t in tasks {
+                lat.extend(t.await??);
+            }
+            lat.sort();
+            let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+            qodd.stop();
+            let commits = qodd
+                .log()
+                .lines()
+                .rev()
+                .find_map(|l| {
+                    let c = l.split("commits=").nth(1)?.split_whitespace().next()?;
+                    let w = l.split("writes=").nth(1)?.split_whitespace().next()?;
+                    Some(c.parse::<f64>().ok()? / w.parse::<f64>().ok()?.max(1.0))
+                })
+                .unwrap_or(f64::NAN);
+            println!(
+                "{mode:>9}  {clients:>7}  {:>10.0}  {:>9.2}  {:>9.2}  {commits:>17.2}",
+                lat.len() as f64 / 5.0,
+                q(0.5).as_secs_f64() * 1e3,
+                q(0.99).as_secs_f64() * 1e3,
+            );
         }
-        let mut lat = Vec::new();
-        for t in tasks {
-            lat.extend(t.await??);
-        }
-        lat.sort();
-        let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-        qodd.stop();
-        let commits = qodd
-            .log()
-            .lines()
-            .rev()
-            .find_map(|l| {
-                let c = l.split("commits=").nth(1)?.split_whitespace().next()?;
-                let w = l.split("writes=").nth(1)?.split_whitespace().next()?;
-                Some(c.parse::<f64>().ok()? / w.parse::<f64>().ok()?.max(1.0))
-            })
-            .unwrap_or(f64::NAN);
-        println!(
-            "{clients:>7}  {:>10.0}  {:>9.2}  {:>9.2}  {commits:>17.2}",
-            lat.len() as f64 / 5.0,
-            q(0.5).as_secs_f64() * 1e3,
-            q(0.99).as_secs_f64() * 1e3,
-        );
     }
     Ok(())
 }
