@@ -92,6 +92,7 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     max_sessions: Option<u32>,
     unavailable_retention_secs: Option<u64>,
+    link_resync_secs: Option<u64>,
     profiles: Option<Vec<ProfileConfig>>,
     ue_pools: Option<Vec<String>>,
     devices: Option<Vec<DeviceEntry>>,
@@ -316,6 +317,7 @@ impl FileConfig {
             unavailable_retention_secs: over
                 .unavailable_retention_secs
                 .or(self.unavailable_retention_secs),
+            link_resync_secs: over.link_resync_secs.or(self.link_resync_secs),
             profiles: over.profiles.or(self.profiles),
             ue_pools: over.ue_pools.or(self.ue_pools),
             devices: over.devices.or(self.devices),
@@ -399,6 +401,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub max_sessions: u32,
     pub unavailable_retention: Duration,
+    /// How often the managed links' state is read in full beside their netlink events.
+    pub link_resync: Duration,
     /// Profiles, pools, directory: what SIGHUP reloads.
     pub policy: Policy,
     pub notify: NotifyConfig,
@@ -757,6 +761,14 @@ impl Config {
         }
         let sink_http_hosts = n.allow_http_hosts.unwrap_or_default();
         let (limits, connections) = validate_limits(f.limits.unwrap_or_default())?;
+        let link_resync = match f.link_resync_secs.unwrap_or(30) {
+            secs @ 1..=3600 => Duration::from_secs(secs),
+            other => {
+                return Err(invalid(format!(
+                    "link_resync_secs = {other}: must be 1 to 3600"
+                )));
+            }
+        };
         let security = if insecure {
             Security::Insecure
         } else {
@@ -793,6 +805,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/var/lib/qodd")),
             max_sessions,
             unavailable_retention: Duration::from_secs(f.unavailable_retention_secs.unwrap_or(360)),
+            link_resync,
             policy: Policy {
                 profiles: Profiles::new(out),
                 pools,

@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod devkit;
 pub mod error;
 pub mod events;
+pub mod links;
 pub mod listener;
 pub mod metrics;
 pub mod model;
@@ -275,9 +276,10 @@ pub async fn run(
             });
         }
     }
-    tokio::spawn(watch_links(
+    tokio::spawn(links::watch(
         core.clone(),
         config.interfaces.iter().map(|i| i.name.clone()).collect(),
+        config.link_resync,
         token.clone(),
     ));
     if let Some(reload) = reload {
@@ -441,7 +443,7 @@ async fn reload_on_sighup(core: Arc<Core>, reload: Reloader, stop: CancellationT
 }
 
 /// `error: cause: cause` without pulling anyhow into the library.
-fn anyhow_like(e: &dyn std::error::Error) -> String {
+pub(crate) fn anyhow_like(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
@@ -452,124 +454,3 @@ fn anyhow_like(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// How often the managed links are checked.
-const LINK_POLL: Duration = Duration::from_secs(1);
-
-/// Names of the interfaces that are up and running (one `getifaddrs` for every link), or why
-/// they cannot be read now (e.g. `EMFILE` when descriptors run out).
-fn running_links() -> nix::Result<std::collections::HashSet<String>> {
-    use nix::net::if_::InterfaceFlags;
-    Ok(nix::ifaddrs::getifaddrs()?
-        .filter(|a| {
-            a.flags
-                .contains(InterfaceFlags::IFF_UP | InterfaceFlags::IFF_RUNNING)
-        })
-        .map(|a| a.interface_name)
-        .collect())
-}
-
-/// What one look-up tells of a managed link.
-#[derive(Debug, PartialEq)]
-enum LinkSeen {
-    /// It exists with this ifindex, up and running or not.
-    Present { index: u32, up: bool },
-    /// The kernel says there is no such interface.
-    Gone,
-    /// It could not be read (the error): nothing is known, so nothing changes.
-    Unreadable(nix::errno::Errno),
-}
-
-/// What the kernel says of interface `name`, given this poll's running links.
-fn link_state(name: &str, running: &nix::Result<std::collections::HashSet<String>>) -> LinkSeen {
-    match nix::net::if_::if_nametoindex(name) {
-        Ok(index) => match running {
-            Ok(running) => LinkSeen::Present {
-                index,
-                up: running.contains(name),
-            },
-            Err(e) => LinkSeen::Unreadable(*e),
-        },
-        Err(nix::errno::Errno::ENODEV) => LinkSeen::Gone,
-        Err(e) => LinkSeen::Unreadable(e),
-    }
-}
-
-/// Times the link state could not be read (each one logged; none counts as a link loss).
-pub static LINK_READ_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Watches the managed interfaces: a link that goes down or disappears ends every session
-/// (`NETWORK_TERMINATED`); when it comes back (re-created: classifier and scheduler attached
-/// again) sessions are accepted again.
-async fn watch_links(core: Arc<Core>, names: Vec<String>, stop: CancellationToken) {
-    /// What the watcher knows of one managed link.
-    struct Link {
-        name: String,
-        /// The ifindex the classifier (and scheduler) are attached to.
-        attached: Option<u32>,
-        up: bool,
-    }
-    let running = running_links();
-    let mut links: Vec<Link> = names
-        .into_iter()
-        .map(|name| {
-            // At start every managed link was just attached to, so one that cannot be read now
-            // counts as attached and up until a look-up says otherwise.
-            let (attached, up) = match link_state(&name, &running) {
-                LinkSeen::Present { index, up } => (Some(index), up),
-                LinkSeen::Gone => (None, false),
-                LinkSeen::Unreadable(_) => {
-                    (nix::net::if_::if_nametoindex(name.as_str()).ok(), true)
-                }
-            };
-            Link { name, attached, up }
-        })
-        .collect();
-    // Calls that may run `tc` go to the blocking pool.
-    let changed = |core: &Arc<Core>, name: &str, up: bool| {
-        let (core, name) = (core.clone(), name.to_owned());
-        tokio::task::spawn_blocking(move || core.link_changed(&name, up))
-    };
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(LINK_POLL) => {}
-            () = stop.cancelled() => return,
-        }
-        let running = running_links();
-        for link in &mut links {
-            match link_state(&link.name, &running) {
-                LinkSeen::Unreadable(e) => {
-                    // Not a link loss: sessions stay, and the next poll looks again.
-                    LINK_READ_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    warn!(interface = %link.name, error = %e, "cannot read the link state; nothing changes until it can be read");
-                }
-                LinkSeen::Present { index, up: true } => {
-                    if link.attached != Some(index) {
-                        // Re-created (possibly between two polls): whatever ran on the old one
-                        // is gone, so its sessions end before the new one is attached.
-                        let _ = changed(&core, &link.name, false).await;
-                        link.up = false;
-                        let (c, name) = (core.clone(), link.name.clone());
-                        match tokio::task::spawn_blocking(move || c.reattach(&name)).await {
-                            Ok(Ok(())) => link.attached = Some(index),
-                            Ok(Err(e)) => {
-                                warn!(interface = %link.name, error = %anyhow_like(&e), "cannot attach to the re-created interface");
-                                continue;
-                            }
-                            Err(_) => continue,
-                        }
-                    }
-                    if !link.up {
-                        let _ = changed(&core, &link.name, true).await;
-                        link.up = true;
-                    }
-                }
-                LinkSeen::Present { up: false, .. } | LinkSeen::Gone => {
-                    if link.up {
-                        let _ = changed(&core, &link.name, false).await;
-                        link.up = false;
-                    }
-                }
-            }
-        }
-    }
-}

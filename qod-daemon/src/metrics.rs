@@ -394,7 +394,7 @@ impl Collector for NodeCollector {
             &mut e,
             "qod_link_read_failures",
             "times the link state could not be read (never counted as a link loss)",
-            crate::LINK_READ_FAILURES.load(Ordering::Relaxed),
+            crate::links::LINK_READ_FAILURES.load(Ordering::Relaxed),
         )?;
         counter(
             &mut e,

@@ -3,7 +3,7 @@
 
 mod aya_dp;
 mod fake;
-mod netlink;
+pub(crate) mod netlink;
 pub mod scheduler;
 
 pub use aya_dp::{

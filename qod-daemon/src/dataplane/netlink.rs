@@ -37,6 +37,46 @@ const TC_LINKLAYER_ETHERNET: u8 = 1;
 /// The kernel's psched ticks are 64 ns (`PSCHED_SHIFT` 6), whatever `/proc/net/psched` says.
 const PSCHED_TICK_NS: u128 = 64;
 
+/// One netlink message of a datagram: its type, sequence number and what follows the header.
+pub struct Message<'a> {
+    pub kind: u16,
+    pub seq: u32,
+    pub payload: &'a [u8],
+}
+
+/// The messages in one received datagram (a truncated tail is ignored).
+pub fn messages(buf: &[u8]) -> impl Iterator<Item = Message<'_>> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let header = buf.get(off..off + 16)?;
+        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = u16::from_ne_bytes([header[4], header[5]]);
+        let seq = u32::from_ne_bytes([header[8], header[9], header[10], header[11]]);
+        if len < 16 {
+            return None;
+        }
+        let payload = buf.get(off + 16..off + len)?;
+        off += (len + 3) & !3;
+        Some(Message { kind, seq, payload })
+    })
+}
+
+/// The attributes (`rtattr`: type, payload) in `buf`.
+pub fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let header = buf.get(off..off + 4)?;
+        let len = usize::from(u16::from_ne_bytes([header[0], header[1]]));
+        let kind = u16::from_ne_bytes([header[2], header[3]]);
+        if len < 4 {
+            return None;
+        }
+        let payload = buf.get(off + 4..off + len)?;
+        off += (len + 3) & !3;
+        Some((kind, payload))
+    })
+}
+
 /// One HTB class as the kernel takes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HtbClass {
@@ -205,30 +245,19 @@ impl Rtnl {
                     io::Error::from(e)
                 }
             })?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let word = |at: usize| {
-                    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
-                };
-                let len = word(off) as usize;
-                let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-                let seq = word(off + 8);
-                if len < 16 || off + len > n {
-                    break;
-                }
-                if kind == NLMSG_ERROR && len >= 20 {
+            for m in messages(&buf[..n]) {
+                if m.kind == NLMSG_ERROR && m.payload.len() >= 4 {
                     let errno = i32::from_ne_bytes([
-                        buf[off + 16],
-                        buf[off + 17],
-                        buf[off + 18],
-                        buf[off + 19],
+                        m.payload[0],
+                        m.payload[1],
+                        m.payload[2],
+                        m.payload[3],
                     ]);
-                    pending.retain(|s| *s != seq);
+                    pending.retain(|s| *s != m.seq);
                     if errno != 0 && first_error.is_none() {
                         first_error = Some(io::Error::from_raw_os_error(-errno));
                     }
                 }
-                off += (len + 3) & !3;
             }
         }
         first_error.map_or(Ok(()), Err)
