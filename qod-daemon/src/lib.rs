@@ -453,4 +453,3 @@ pub(crate) fn anyhow_like(e: &dyn std::error::Error) -> String {
     }
     out
 }
-

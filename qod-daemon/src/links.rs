@@ -20,8 +20,8 @@ use std::{
 };
 
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv,
-    setsockopt, socket, sockopt,
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, setsockopt,
+    socket, sockopt,
 };
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
@@ -95,7 +95,9 @@ fn subscribe() -> io::Result<AsyncFd<OwnedFd>> {
     // Room for a burst of flaps before the kernel has to drop (ENOBUFS, then a full re-read).
     let _ = setsockopt(&fd, sockopt::RcvBuf, &(1 << 20));
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))?;
-    AsyncFd::new(fd)
+    // SAFETY: an OwnedFd moved into the AsyncFd: the descriptor stays open and the same until
+    // the AsyncFd drops it.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }
 
 /// Names of the interfaces that are up and running (one `getifaddrs` for every link), or why

@@ -245,7 +245,7 @@ impl Rtnl {
                     io::Error::from(e)
                 }
             })?;
-            for m in messages(&buf[..n]) {
+            for m in self::messages(&buf[..n]) {
                 if m.kind == NLMSG_ERROR && m.payload.len() >= 4 {
                     let errno = i32::from_ne_bytes([
                         m.payload[0],
