@@ -1901,19 +1901,24 @@ mod tests {
             .policy
     }
 
+    /// No managed interface, 360 s retention, a 16-event buffer.
+    fn limits(max_sessions: u32, max_active_per_client: u32) -> Limits {
+        Limits {
+            max_sessions,
+            retention: Duration::from_secs(360),
+            interfaces: Vec::new(),
+            event_buffer: 16,
+            max_active_per_client,
+        }
+    }
+
     fn core(max: u32) -> (Arc<Core>, FakeDataPlane) {
         let dp = FakeDataPlane::default();
         (
             Arc::new(Core::new(
                 Box::new(dp.clone()),
                 policy(),
-                Limits {
-                    max_sessions: max,
-                    retention: Duration::from_secs(360),
-                    interfaces: Vec::new(),
-                    event_buffer: 16,
-                    max_active_per_client: u32::MAX,
-                },
+                limits(max, u32::MAX),
                 None,
             )),
             dp,
@@ -1985,13 +1990,7 @@ mod tests {
         let core = Core::new(
             Box::new(FakeDataPlane::default()),
             policy(),
-            Limits {
-                max_sessions: 16,
-                retention: Duration::from_secs(360),
-                interfaces: Vec::new(),
-                event_buffer: 16,
-                max_active_per_client: 2,
-            },
+            limits(16, 2),
             None,
         );
         let a = core.create(request([10, 0, 0, 1], 60)).expect("first");
@@ -2447,19 +2446,7 @@ mod tests {
         let store = Store::open(dir.path()).expect("store");
         let dp = FakeDataPlane::default();
         let core = Arc::new(
-            Core::new(
-                Box::new(dp),
-                policy(),
-                Limits {
-                    max_sessions: 16,
-                    retention: Duration::from_secs(360),
-                    interfaces: Vec::new(),
-                    event_buffer: 16,
-                    max_active_per_client: u32::MAX,
-                },
-                None,
-            )
-            .with_store(store.clone()),
+            Core::new(Box::new(dp), policy(), limits(16, u32::MAX), None).with_store(store.clone()),
         );
         let mut events = core.subscribe();
         let held = store.hold_commits();
