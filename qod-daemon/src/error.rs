@@ -134,20 +134,68 @@ impl CamaraError {
     }
 }
 
+/// Longest error message sent (bytes): it travels twice in the trailers (`grpc-message` and
+/// the details), which standard clients cap at 16 KiB in all.
+pub const MAX_MESSAGE_BYTES: usize = 512;
+/// Longest `field` path sent.
+pub const MAX_FIELD_BYTES: usize = 128;
+
+/// `text` as an error may echo it: control characters (which the trailers would escape, and
+/// which may forge log lines) as `?`, cut at a character boundary to `max` bytes with `…`.
+pub fn sanitized(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        let c = if c.is_control() { '?' } else { c };
+        if out.len() + c.len_utf8() > max.saturating_sub('…'.len_utf8()) {
+            out.push('…');
+            return out;
+        }
+        out.push(c);
+    }
+    out
+}
+
 impl From<CamaraError> for tonic::Status {
     fn from(e: CamaraError) -> Self {
         let mut metadata = std::collections::HashMap::new();
         if let Some(field) = &e.field {
-            metadata.insert("field".to_owned(), field.clone());
+            metadata.insert("field".to_owned(), sanitized(field, MAX_FIELD_BYTES));
         }
         let details = ErrorDetails::with_error_info(e.code.reason(), ERROR_DOMAIN, metadata);
-        tonic::Status::with_error_details(e.code.grpc_code(), e.message, details)
+        tonic::Status::with_error_details(
+            e.code.grpc_code(),
+            sanitized(&e.message, MAX_MESSAGE_BYTES),
+            details,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echoes_are_capped_and_control_characters_replaced() {
+        let long: tonic::Status = CamaraError::invalid(
+            "sessionId",
+            format!("not a session id: {}", "é".repeat(30_000)),
+        )
+        .into();
+        assert!(
+            long.message().len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            long.message().len()
+        );
+        assert!(long.message().ends_with('…'));
+        assert!(
+            long.message()
+                .starts_with("sessionId: not a session id: éé")
+        );
+        let forged: tonic::Status =
+            CamaraError::invalid("x", "line\r\nlevel=ERROR fake\u{7}").into();
+        assert_eq!(forged.message(), "x: line??level=ERROR fake?");
+        assert_eq!(sanitized("short", 512), "short");
+    }
 
     #[test]
     fn status_carries_reason_and_field() {

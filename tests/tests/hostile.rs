@@ -176,3 +176,44 @@ in_every_mode!(
     idle_connections,
     idle_connections_neither_starve_the_api_nor_end_sessions
 );
+
+/// Errors echo bounded, clean input: a 60 KB session id and a device address full of control
+/// characters get INVALID_ARGUMENT with an ErrorInfo, a message of at most 512 bytes and no
+/// control character, which a standard client reads (instead of failing on trailers over its
+/// 16 KiB metadata limit).
+#[tokio::test(flavor = "multi_thread")]
+async fn error_echoes_are_capped_and_sanitised() {
+    use tonic_types::StatusExt as _;
+    let (_lab, qodd) = qod_testkit::lab_with_qodd("").await;
+    let mut api = qodd.sessions().await.expect("client");
+    let huge = "f".repeat(60_000);
+    let err = api
+        .get_session(pb::GetSessionRequest { session_id: huge })
+        .await
+        .expect_err("not a session id");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().len() <= 512, "{} bytes", err.message().len());
+    assert_eq!(
+        err.get_details_error_info().expect("ErrorInfo").reason,
+        "INVALID_ARGUMENT"
+    );
+    let forged = format!("10.0.1.2\r\nlevel=ERROR{}", "\u{7}".repeat(20_000));
+    let err = api
+        .create_session(qod_testkit::api::session(
+            &forged,
+            addr::SERVER_V4,
+            "QOS_E",
+            &[],
+            &[],
+            60,
+        ))
+        .await
+        .expect_err("not an address");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().len() <= 512, "{} bytes", err.message().len());
+    assert!(
+        !err.message().chars().any(char::is_control),
+        "{:?}",
+        err.message()
+    );
+}
