@@ -217,3 +217,108 @@ async fn error_echoes_are_capped_and_sanitised() {
         err.message()
     );
 }
+
+/// Sends raw bytes as a request message (and reads whatever comes back as bytes).
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+struct RawCoder;
+
+impl tonic::codec::Encoder for RawCoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf as _;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCoder;
+    type Decoder = RawCoder;
+    fn encoder(&mut self) -> RawCoder {
+        RawCoder
+    }
+    fn decoder(&mut self) -> RawCoder {
+        RawCoder
+    }
+}
+
+/// Garbage for a request message, and a unary call with no message at all, are the client's
+/// fault: INVALID_ARGUMENT with an ErrorInfo on every method tried, never INTERNAL, and nothing
+/// is created.
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_and_missing_messages_are_invalid_arguments() {
+    use tonic_types::StatusExt as _;
+    let (_lab, qodd) = qod_testkit::lab_with_qodd("").await;
+    let mut grpc = tonic::client::Grpc::new(qodd.channel().await.expect("channel"));
+    let methods = [
+        "/qod.v1.QualityOnDemand/CreateSession",
+        "/qod.v1.QualityOnDemand/GetSession",
+        "/qod.v1.QualityOnDemand/WatchSessionEvents",
+        "/qod.v1.QosProfiles/RetrieveQosProfiles",
+    ];
+    let check = |what: &str, method: &str, err: tonic::Status| {
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{what} to {method}: {err:?}"
+        );
+        assert_eq!(
+            err.get_details_error_info()
+                .unwrap_or_else(|| panic!("{what} to {method}: no ErrorInfo"))
+                .reason,
+            "INVALID_ARGUMENT"
+        );
+    };
+    for method in methods {
+        let path: tonic::codegen::http::uri::PathAndQuery = method.parse().expect("path");
+        // Field 1 with wire type 7, which does not exist.
+        for garbage in [vec![0x0f, 0x01], vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0xff]] {
+            grpc.ready().await.expect("ready");
+            let err = grpc
+                .unary(tonic::Request::new(garbage), path.clone(), Raw)
+                .await
+                .expect_err("garbage");
+            check("garbage", method, err);
+        }
+        grpc.ready().await.expect("ready");
+        let err = grpc
+            .client_streaming(
+                tonic::Request::new(futures::stream::empty::<Vec<u8>>()),
+                path.clone(),
+                Raw,
+            )
+            .await
+            .expect_err("no message");
+        check("no message", method, err);
+    }
+    let mut api = qodd.sessions().await.expect("client");
+    let listed = api
+        .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
+            device: Some(qod_testkit::api::device(addr::DEVICE_V4)),
+        })
+        .await
+        .expect("retrieve")
+        .into_inner();
+    assert!(listed.sessions.is_empty(), "nothing was created");
+}

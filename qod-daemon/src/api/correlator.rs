@@ -1,5 +1,6 @@
 //! CAMARA's `x-correlator`: validated on every request, echoed on every response (errors too).
-//! The same layer gives tonic's own refusal of an oversized message its CAMARA form, and opens
+//! The same layer gives tonic's own refusals (an oversized, undecodable or missing message) their
+//! CAMARA form, and opens
 //! the call's span (`rpc`: method, x-correlator; the client and session are recorded into it
 //! once known), so every line logged while serving a call carries them.
 
@@ -79,7 +80,7 @@ where
         Box::pin(
             async move {
                 let mut resp = fut.await?;
-                if let Some(status) = oversized(resp.headers()) {
+                if let Some(status) = refused_by_tonic(resp.headers()) {
                     resp = status.into_http();
                 }
                 // An error is in the headers (a trailers-only response); success ends with OK
@@ -99,26 +100,51 @@ where
     }
 }
 
-/// tonic refuses a request message over the configured size with a bare OUT_OF_RANGE before
-/// any handler runs; it is answered as the CAMARA error it is: a bad request, with its reason.
-fn oversized(headers: &http::HeaderMap) -> Option<tonic::Status> {
+/// tonic refuses some requests before any handler runs, with bare statuses: a message over the
+/// configured size (OUT_OF_RANGE), one that is not valid protobuf, and a unary call without a
+/// message (both INTERNAL). Each is the client's fault and is answered as the CAMARA error it
+/// is: INVALID_ARGUMENT, with its ErrorInfo.
+fn refused_by_tonic(headers: &http::HeaderMap) -> Option<tonic::Status> {
     let status = tonic::Status::from_header_map(headers)?;
-    (status.code() == tonic::Code::OutOfRange
-        && status
-            .message()
-            .contains("decoded message length too large"))
-    .then(|| {
-        let detail = status.message().split_once("found ").map_or("", |(_, d)| d);
-        CamaraError::invalid(
-            "request",
-            format!("the request message is too large ({detail})"),
-        )
-        .into()
-    })
+    let message = status.message();
+    let refusal = match status.code() {
+        tonic::Code::OutOfRange if message.contains("decoded message length too large") => {
+            let detail = message.split_once("found ").map_or("", |(_, d)| d);
+            format!("the request message is too large ({detail})")
+        }
+        tonic::Code::Internal if message.starts_with("failed to decode Protobuf message") => {
+            format!("the request message is not valid protobuf ({message})")
+        }
+        tonic::Code::Internal if message.starts_with("Missing request message") => {
+            "the call carried no request message".to_owned()
+        }
+        _ => return None,
+    };
+    Some(CamaraError::invalid("request", refusal).into())
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tonic_refusals_become_invalid_argument() {
+        use tonic_types::StatusExt as _;
+        for status in [
+            tonic::Status::internal("failed to decode Protobuf message: invalid wire type"),
+            tonic::Status::internal("Missing request message."),
+            tonic::Status::out_of_range("decoded message length too large: found 70000 bytes"),
+        ] {
+            let resp = status.into_http::<()>();
+            let mapped = super::refused_by_tonic(resp.headers()).expect("mapped");
+            assert_eq!(mapped.code(), tonic::Code::InvalidArgument);
+            assert_eq!(
+                mapped.get_details_error_info().expect("info").reason,
+                "INVALID_ARGUMENT"
+            );
+        }
+        let internal = tonic::Status::internal("the store failed").into_http::<()>();
+        assert!(super::refused_by_tonic(internal.headers()).is_none());
+    }
+
     #[test]
     fn pattern() {
         assert!(super::valid(b"b4333c46-49c0-4f62-80d7-f0ef930f1c46"));
