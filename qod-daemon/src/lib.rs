@@ -80,6 +80,21 @@ pub async fn run(
     // data plane is touched.
     let store = store::Store::open(&config.state_dir)?;
     let stored = store.load()?;
+    // The listeners next (after the store, which no other qodd holds then, so a socket file
+    // removed here is not a live one): an address in use stops start-up before the data plane
+    // is touched.
+    let api_listener = bind_api(&config.listen).await?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     prepare_pins(&config, &store)?;
     let mut dp = AyaDataPlane::load(config.max_sessions, &config.pin_path)?;
     let continuing = dp.reused();
@@ -196,43 +211,16 @@ pub async fn run(
         signal_token.cancel();
     });
     let stop = token.clone().cancelled_owned();
-    let server = match &config.listen {
-        Listen::Tcp(addr) => {
-            let listener = match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => l,
-                Err(source) => {
-                    core.shutdown();
-                    return Err(RunError::Listen {
-                        addr: addr.to_string(),
-                        source,
-                    });
-                }
-            };
-            info!(listen = %addr, max_connections = connections.max_connections, "qodd listening");
+    let server = match api_listener {
+        Bound::Tcp(listener) => {
+            info!(listen = %config.listen, max_connections = connections.max_connections, "qodd listening");
             tokio::spawn(router.serve_with_incoming_shutdown(
                 listener::incoming(listener, connections, token.clone()),
                 stop,
             ))
         }
-        Listen::Unix(path) => {
-            let err = |source| RunError::Listen {
-                addr: format!("unix:{}", path.display()),
-                source,
-            };
-            // A socket file left by a previous run would make bind fail.
-            if std::fs::symlink_metadata(path)
-                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-            {
-                std::fs::remove_file(path).map_err(err)?;
-            }
-            let listener = match tokio::net::UnixListener::bind(path) {
-                Ok(l) => l,
-                Err(e) => {
-                    core.shutdown();
-                    return Err(err(e));
-                }
-            };
-            info!(listen = %format!("unix:{}", path.display()), max_connections = connections.max_connections, "qodd listening");
+        Bound::Unix(listener) => {
+            info!(listen = %config.listen, max_connections = connections.max_connections, "qodd listening");
             tokio::spawn(router.serve_with_incoming_shutdown(
                 listener::incoming(listener, connections, token.clone()),
                 stop,
@@ -262,19 +250,13 @@ pub async fn run(
     // The store is restored and the API serves: tell systemd (Type=notify), if it started us.
     notify_service_manager(sd_notify::NotifyState::Ready);
     let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
-    if let Some(addr) = config.metrics_listen {
+    if let Some(listener) = metrics_listener {
         let collector = metrics::NodeCollector {
             core: core.clone(),
             store: store.clone(),
             notify: notifier.stats.clone(),
         };
-        if let Err(source) = metrics::serve(addr, collector, token.clone()).await {
-            core.shutdown();
-            return Err(RunError::Listen {
-                addr: addr.to_string(),
-                source,
-            });
-        }
+        metrics::serve(listener, collector, token.clone());
     }
     tokio::spawn(links::watch(
         core.clone(),
@@ -325,6 +307,39 @@ pub async fn run(
         "qodd stopped (store writes and the commits they shared)"
     );
     served
+}
+
+/// The API's bound socket.
+enum Bound {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// Binds the API's address; a socket file left by a previous run is replaced.
+async fn bind_api(listen: &Listen) -> Result<Bound, RunError> {
+    match listen {
+        Listen::Tcp(addr) => tokio::net::TcpListener::bind(addr)
+            .await
+            .map(Bound::Tcp)
+            .map_err(|source| RunError::Listen {
+                addr: addr.to_string(),
+                source,
+            }),
+        Listen::Unix(path) => {
+            let err = |source| RunError::Listen {
+                addr: format!("unix:{}", path.display()),
+                source,
+            };
+            if std::fs::symlink_metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                std::fs::remove_file(path).map_err(err)?;
+            }
+            tokio::net::UnixListener::bind(path)
+                .map(Bound::Unix)
+                .map_err(err)
+        }
+    }
 }
 
 /// Sends `state` to the service manager named by `NOTIFY_SOCKET`, if any (systemd's

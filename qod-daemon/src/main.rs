@@ -60,8 +60,14 @@ fn main() -> ExitCode {
     )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // An address that cannot be used is a configuration error, like the others (64).
+            let code = if matches!(e, qod_daemon::RunError::Listen { .. }) {
+                ExitCode::from(64)
+            } else {
+                ExitCode::FAILURE
+            };
             eprintln!("qodd: {:#}", anyhow::Error::from(e));
-            ExitCode::FAILURE
+            code
         }
     }
 }

@@ -9,7 +9,6 @@
 
 use std::{
     fmt::Write as _,
-    net::SocketAddr,
     sync::{Arc, LazyLock, atomic::Ordering},
     time::Duration,
 };
@@ -441,12 +440,8 @@ pub fn render(node: &Registry) -> String {
     out
 }
 
-/// Serves `/metrics` and `/readyz` on `addr` until `stop`.
-pub async fn serve(
-    addr: SocketAddr,
-    collector: NodeCollector,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
+/// Serves `/metrics` and `/readyz` on `listener` until `stop`.
+pub fn serve(listener: tokio::net::TcpListener, collector: NodeCollector, stop: CancellationToken) {
     use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get};
     let core = collector.core.clone();
     let mut node = Registry::default();
@@ -480,7 +475,9 @@ pub async fn serve(
             }),
         )
         .with_state(node);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
     info!(listen = %addr, "metrics served at /metrics, readiness at /readyz");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
@@ -490,5 +487,4 @@ pub async fn serve(
             warn!(error = %e, "the metrics server stopped");
         }
     });
-    Ok(())
 }

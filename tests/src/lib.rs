@@ -853,7 +853,9 @@ impl Qodd {
             }
             // Health needs no token (the API's readiness for probes): SERVING once the store is
             // restored.
-            if let Ok(channel) = self.channel().await
+            // Bounded: something else listening on the address may never answer.
+            if let Ok(Ok(channel)) =
+                tokio::time::timeout(Duration::from_secs(2), self.channel()).await
                 && tonic_health::pb::health_client::HealthClient::new(channel)
                     .check(tonic_health::pb::HealthCheckRequest {
                         service: "qod.v1.QualityOnDemand".into(),

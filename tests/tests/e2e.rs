@@ -620,3 +620,45 @@ qod_testkit::in_every_mode!(
     unreadable_link_state,
     link_state_that_cannot_be_read_ends_no_session
 );
+
+/// An API address already in use is found before the data plane is touched: qodd exits 64
+/// saying which address, and attached nothing (no classifier on the interfaces).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_address_in_use_exits_64_before_the_data_plane() {
+    qod_testkit::api::require_root();
+    let lab = qod_testkit::Lab::new().expect("lab");
+    let addr: std::net::SocketAddr = "127.0.0.1:50052".parse().expect("addr");
+    let _taken = lab
+        .edge
+        .run(move || Ok(std::net::TcpListener::bind(addr)?))
+        .expect("occupy the port");
+    let failed = qod_testkit::Qodd::start_with(
+        &qod_testkit::qodd_bin(),
+        &lab.edge,
+        &[qod_testkit::EDGE_DEV_IF, qod_testkit::EDGE_SRV_IF],
+        "",
+        qod_daemon::devkit::DevPki::config_toml,
+        qod_testkit::Launch {
+            tcp_listen: Some(addr),
+            ..qod_testkit::Launch::default()
+        },
+    )
+    .await
+    .err()
+    .expect("qodd must not start")
+    .to_string();
+    assert!(failed.contains("exit status: 64"), "{failed}");
+    assert!(
+        failed.contains("cannot listen on 127.0.0.1:50052"),
+        "{failed}"
+    );
+    assert!(!failed.contains("classifier attached"), "{failed}");
+    let filters = lab
+        .edge
+        .exec(
+            "tc",
+            &["filter", "show", "dev", qod_testkit::EDGE_DEV_IF, "egress"],
+        )
+        .unwrap_or_default();
+    assert!(!filters.contains("qod"), "{filters}");
+}
