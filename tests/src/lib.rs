@@ -1917,6 +1917,19 @@ pub async fn sessions_of_device(
     .sessions
 }
 
+/// Session `id` as GetSession returns it (the test fails if the call does).
+pub async fn session_info(
+    api: &mut QualityOnDemandClient<QodChannel>,
+    id: &str,
+) -> qod_proto::v1::SessionInfo {
+    api.get_session(qod_proto::v1::GetSessionRequest {
+        session_id: id.to_owned(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("get session {id}: {e:?}"))
+    .into_inner()
+}
+
 /// A QOS_G session (20 Mbit/s guaranteed downlink under [`api::CONGESTION_PROFILES`]) for
 /// `device`, any server port, `duration` seconds.
 pub async fn rated_session(

@@ -668,13 +668,7 @@ async fn profile_duration_and_extension_rules() {
             "QUALITY_ON_DEMAND.SESSION_EXTENSION_NOT_ALLOWED"
         )
     );
-    let got = api
-        .get_session(pb::GetSessionRequest {
-            session_id: short.session_id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let got = qod_testkit::session_info(&mut api, &short.session_id).await;
     assert_eq!(got.qos_status(), pb::QosStatus::Unavailable);
     assert_eq!(got.status_info(), pb::StatusInfo::DurationExpired);
     assert!(

@@ -47,13 +47,7 @@ async fn check_acknowledged_sessions_survive_kill_9(mode: qod_testkit::Mode) {
     qodd.restart().await.expect("restart");
     let mut api = qodd.sessions().await.expect("client");
 
-    let got = api
-        .get_session(pb::GetSessionRequest {
-            session_id: long.session_id.clone(),
-        })
-        .await
-        .expect("the long session is back")
-        .into_inner();
+    let got = qod_testkit::session_info(&mut api, &long.session_id).await;
     assert_eq!(got.qos_status(), pb::QosStatus::Available);
     assert_eq!(got.duration, 660, "its extension too");
     assert_eq!(got.started_at, long.started_at);
@@ -65,13 +59,7 @@ async fn check_acknowledged_sessions_survive_kill_9(mode: qod_testkit::Mode) {
         "enforced again: {dscp:?}"
     );
 
-    let ended = api
-        .get_session(pb::GetSessionRequest {
-            session_id: short.session_id.clone(),
-        })
-        .await
-        .expect("the short session is readable")
-        .into_inner();
+    let ended = qod_testkit::session_info(&mut api, &short.session_id).await;
     assert_eq!(ended.qos_status(), pb::QosStatus::Unavailable);
     assert_eq!(ended.status_info(), pb::StatusInfo::DurationExpired);
     assert_eq!(ended.duration, 2, "it ended at its scheduled end");
@@ -250,13 +238,7 @@ async fn check_kill_9_under_load_loses_nothing_and_treatment_never_stops(mode: q
     assert_eq!(unmarked, 0, "{unmarked} of {sent} datagrams went unmarked");
 
     let mut api = qodd.sessions().await.expect("client");
-    let got = api
-        .get_session(pb::GetSessionRequest {
-            session_id: flow.session_id.clone(),
-        })
-        .await
-        .expect("the flow session")
-        .into_inner();
+    let got = qod_testkit::session_info(&mut api, &flow.session_id).await;
     assert_eq!(
         got.counters.map(|c| c.uplink_packets),
         Some(sent),
@@ -306,13 +288,7 @@ async fn check_kill_9_under_load_loses_nothing_and_treatment_never_stops(mode: q
         "{in_flight} unacknowledged sessions appeared"
     );
 
-    let ended = api
-        .get_session(pb::GetSessionRequest {
-            session_id: short.session_id.clone(),
-        })
-        .await
-        .expect("short")
-        .into_inner();
+    let ended = qod_testkit::session_info(&mut api, &short.session_id).await;
     assert_eq!(
         (ended.qos_status(), ended.status_info()),
         (pb::QosStatus::Unavailable, pb::StatusInfo::DurationExpired)

@@ -601,13 +601,7 @@ async fn link_state_that_cannot_be_read_ends_no_session(mode: qod_testkit::Mode)
         log.contains("cannot read the link state"),
         "qodd ran out of descriptors while polling: {log}"
     );
-    let info = api
-        .get_session(pb::GetSessionRequest {
-            session_id: marked.session_id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let info = qod_testkit::session_info(&mut api, &marked.session_id).await;
     assert_eq!(info.qos_status(), pb::QosStatus::Available, "{log}");
     assert_eq!(
         lab.uplink_dscp(addr::DEVICE_V4, 46600, addr::SERVER_V4, 5000)

@@ -129,13 +129,7 @@ async fn idle_connections_neither_starve_the_api_nor_end_sessions(mode: Mode) {
         );
     }
 
-    let got = api
-        .get_session(pb::GetSessionRequest {
-            session_id: marked.session_id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let got = qod_testkit::session_info(&mut api, &marked.session_id).await;
     assert_eq!(got.qos_status(), pb::QosStatus::Available, "{}", qodd.log());
     assert_eq!(
         lab.uplink_dscp(addr::DEVICE_V4, 46610, addr::SERVER_V4, 5000)
