@@ -220,8 +220,7 @@ pub async fn watch(
             Link { name, attached, up }
         })
         .collect();
-    // Anything that changed between the attach and the subscription.
-    resync(&core, &mut links).await;
+    // The read above came after the subscription: nothing can fall between the two.
     let Some(events) = events else {
         loop {
             tokio::select! {

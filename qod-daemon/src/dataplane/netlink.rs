@@ -96,6 +96,8 @@ pub struct HtbClass {
 pub struct Rtnl {
     fd: OwnedFd,
     seq: u32,
+    /// Receive buffer, kept across exchanges (the hot path allocates nothing).
+    buf: Vec<u8>,
 }
 
 /// A message being built: header, fixed part, attributes (4-byte aligned).
@@ -215,7 +217,11 @@ impl Rtnl {
             i64::from(deadline.subsec_micros()),
         );
         setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?;
-        Ok(Self { fd, seq: 0 })
+        Ok(Self {
+            fd,
+            seq: 0,
+            buf: vec![0u8; 16 << 10],
+        })
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -233,9 +239,8 @@ impl Rtnl {
         send(self.fd.as_raw_fd(), &batch, MsgFlags::empty())?;
         let mut pending: Vec<u32> = messages.iter().map(|(s, _)| *s).collect();
         let mut first_error = None;
-        let mut buf = vec![0u8; 16 << 10];
         while !pending.is_empty() {
-            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(|e| {
+            let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()).map_err(|e| {
                 if e == nix::errno::Errno::EAGAIN {
                     io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -245,7 +250,7 @@ impl Rtnl {
                     io::Error::from(e)
                 }
             })?;
-            for m in self::messages(&buf[..n]) {
+            for m in self::messages(&self.buf[..n]) {
                 if m.kind == NLMSG_ERROR && m.payload.len() >= 4 {
                     let errno = i32::from_ne_bytes([
                         m.payload[0],

@@ -244,8 +244,7 @@ pub fn burst_bytes(rate_bps: u64) -> u64 {
 }
 
 /// Bytes a class may send per round: one full frame, so low rates stay accurate.
-const QUANTUM: &str = "1514";
-const QUANTUM_BYTES: u32 = 1514;
+const QUANTUM: u32 = 1514;
 
 /// The HTB tree on one interface.
 #[derive(Debug)]
@@ -262,6 +261,7 @@ pub struct Scheduler {
 impl Scheduler {
     /// Replaces the interface's root qdisc with qod's tree.
     pub fn install(interface: &str, config: SchedulerConfig) -> Result<Self, DataPlaneError> {
+        let quantum = QUANTUM.to_string();
         let err = |what: String| DataPlaneError::Scheduler {
             interface: interface.to_owned(),
             what,
@@ -278,7 +278,7 @@ impl Scheduler {
         }
         tc(&[
             "class", "replace", "dev", interface, "parent", "1:", "classid", "1:1", "htb", "rate",
-            &cap, "ceil", &cap, "burst", &cap_burst, "cburst", &cap_burst, "quantum", QUANTUM,
+            &cap, "ceil", &cap, "burst", &cap_burst, "cburst", &cap_burst, "quantum", &quantum,
         ])
         .map_err(err)?;
         for (minor, rate, prio) in [
@@ -306,7 +306,7 @@ impl Scheduler {
                 "prio",
                 prio,
                 "quantum",
-                QUANTUM,
+                &quantum,
             ])
             .map_err(err)?;
         }
@@ -373,7 +373,7 @@ impl Scheduler {
             ceil_bps: ceil,
             burst_bytes: burst_bytes(spec.rate_bps),
             cburst_bytes: burst_bytes(ceil),
-            quantum: QUANTUM_BYTES,
+            quantum: QUANTUM,
             prio: spec.prio,
         };
         self.rtnl()
