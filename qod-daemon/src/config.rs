@@ -293,6 +293,8 @@ struct NotificationsConfig {
     event_type: Option<String>,
     source: Option<String>,
     allow_http_hosts: Option<Vec<String>>,
+    allow_sink_ranges: Option<Vec<String>>,
+    deny_sink_ranges: Option<Vec<String>>,
     queue: Option<usize>,
     timeout_ms: Option<u64>,
     max_attempts: Option<u32>,
@@ -415,8 +417,6 @@ pub struct Config {
     /// Profiles, pools, directory: what SIGHUP reloads.
     pub policy: Policy,
     pub notify: NotifyConfig,
-    /// Hosts a sink may use plain `http://` with (labs and tests); everything else needs https.
-    pub sink_http_hosts: Vec<String>,
     pub security: Security,
     pub limits: ClientLimits,
     pub connections: crate::listener::ConnectionLimits,
@@ -762,13 +762,19 @@ impl Config {
             max_attempts: n.max_attempts.unwrap_or(defaults.max_attempts),
             backoff_base: ms(n.backoff_base_ms, defaults.backoff_base),
             backoff_max: ms(n.backoff_max_ms, defaults.backoff_max),
+            sinks: crate::notify::SinkRules {
+                http_hosts: n.allow_http_hosts.unwrap_or_default(),
+                addresses: crate::notify::SinkAddresses {
+                    allow: networks("notifications.allow_sink_ranges", n.allow_sink_ranges)?,
+                    deny: networks("notifications.deny_sink_ranges", n.deny_sink_ranges)?,
+                },
+            },
         };
         if notify.queue == 0 || notify.max_attempts == 0 || notify.timeout.is_zero() {
             return Err(invalid(
                 "notifications: queue, max_attempts and timeout_ms must be positive",
             ));
         }
-        let sink_http_hosts = n.allow_http_hosts.unwrap_or_default();
         let (limits, connections) = validate_limits(f.limits.unwrap_or_default())?;
         let link_resync = match f.link_resync_secs.unwrap_or(30) {
             secs @ 1..=3600 => Duration::from_secs(secs),
@@ -822,12 +828,25 @@ impl Config {
                 duration_error,
             },
             notify,
-            sink_http_hosts,
             security,
             limits,
             connections,
         })
     }
+}
+
+/// A list of CIDR networks (an address alone is its own /32 or /128).
+fn networks(key: &str, v: Option<Vec<String>>) -> Result<Vec<ipnetwork::IpNetwork>, ConfigError> {
+    v.unwrap_or_default()
+        .iter()
+        .map(|n| {
+            n.parse().map_err(|e| {
+                invalid(format!(
+                    "{key}: {n:?} is not an address or CIDR network ({e})"
+                ))
+            })
+        })
+        .collect()
 }
 
 fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {

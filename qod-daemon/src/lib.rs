@@ -180,7 +180,7 @@ pub async fn run(
             QualityOnDemandServer::new(api::SessionService::new(
                 core.clone(),
                 token.clone(),
-                config.sink_http_hosts.clone(),
+                config.notify.sinks.clone(),
             ))
             .max_decoding_message_size(max_message),
             authenticator.clone(),

@@ -34,6 +34,100 @@ use crate::{
 /// `org.camaraproject.qod.v1.qos-status-changed`; the type is configurable for them.
 pub const DEFAULT_EVENT_TYPE: &str = "org.camaraproject.quality-on-demand.v1.qos-status-changed";
 
+/// Which addresses a sink may be reached at. By default any address but loopback, link-local,
+/// unspecified, multicast and broadcast (a sink chosen by a client must not reach the node's own
+/// services or its link neighbours); `deny` adds ranges to that, and `allow` lets ranges through
+/// whatever else says (a lab's loopback sink). Checked on the URL's literal address at create and
+/// on every address a host name resolves to, at each connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SinkAddresses {
+    pub allow: Vec<ipnetwork::IpNetwork>,
+    pub deny: Vec<ipnetwork::IpNetwork>,
+}
+
+impl SinkAddresses {
+    /// `Err` names why `ip` is refused.
+    pub fn check(&self, ip: std::net::IpAddr) -> Result<(), String> {
+        use std::net::IpAddr;
+        // An IPv4-mapped IPv6 address reaches the IPv4 host.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if self.allow.iter().any(|n| n.contains(ip)) {
+            return Ok(());
+        }
+        let class = match ip {
+            IpAddr::V4(a) if a.is_loopback() => Some("loopback"),
+            IpAddr::V4(a) if a.is_link_local() => Some("link-local"),
+            IpAddr::V4(a) if a.is_unspecified() => Some("unspecified"),
+            IpAddr::V4(a) if a.is_multicast() => Some("multicast"),
+            IpAddr::V4(a) if a.is_broadcast() => Some("broadcast"),
+            IpAddr::V6(a) if a.is_loopback() => Some("loopback"),
+            IpAddr::V6(a) if a.is_unicast_link_local() => Some("link-local"),
+            IpAddr::V6(a) if a.is_unspecified() => Some("unspecified"),
+            IpAddr::V6(a) if a.is_multicast() => Some("multicast"),
+            _ => None,
+        };
+        if let Some(class) = class {
+            return Err(format!(
+                "{ip} is a {class} address, which a sink may not use"
+            ));
+        }
+        if let Some(n) = self.deny.iter().find(|n| n.contains(ip)) {
+            return Err(format!(
+                "{ip} is in {n}, which notifications.deny_sink_ranges refuses"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A sink's host resolved to refused addresses only (never retried: the answer is the
+/// configuration's, not the network's).
+#[derive(Debug)]
+struct RefusedAddress(String);
+
+impl std::fmt::Display for RefusedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RefusedAddress {}
+
+/// Resolves a sink's host and keeps only the addresses [`SinkAddresses`] allows, so a name
+/// cannot smuggle a refused address past the check made at create.
+struct GuardedResolver(SinkAddresses);
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let rules = self.0.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let all: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut why = None;
+            let usable: Vec<_> = all
+                .into_iter()
+                .filter(|a| match rules.check(a.ip()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        why.get_or_insert(e);
+                        false
+                    }
+                })
+                .collect();
+            if usable.is_empty() {
+                let why = why.unwrap_or_else(|| "no address".into());
+                return Err(Box::new(RefusedAddress(format!("{host}: {why}")))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(usable.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// Delivery settings.
 #[derive(Clone, Debug)]
 pub struct NotifyConfig {
@@ -50,6 +144,16 @@ pub struct NotifyConfig {
     /// First retry delay; doubles per attempt up to `backoff_max`, with full jitter.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// What a sink URL may be.
+    pub sinks: SinkRules,
+}
+
+/// What a sink URL may be: `https://`, or plain `http://` to `http_hosts` (labs), reaching only
+/// addresses `addresses` allows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SinkRules {
+    pub http_hosts: Vec<String>,
+    pub addresses: SinkAddresses,
 }
 
 impl Default for NotifyConfig {
@@ -62,6 +166,7 @@ impl Default for NotifyConfig {
             max_attempts: 8,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
+            sinks: SinkRules::default(),
         }
     }
 }
@@ -212,6 +317,7 @@ async fn dispatch(
     let client = match reqwest::Client::builder()
         .timeout(config.timeout)
         .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(GuardedResolver(config.sinks.addresses.clone())))
         .build()
     {
         Ok(c) => c,
@@ -328,7 +434,7 @@ async fn deliver_once(ctx: &Ctx, n: &Notification) -> bool {
         {
             Outcome::Stop("the sink access token has expired".into())
         } else {
-            post(client, n, &body).await
+            post(client, n, &body, &config.sinks.addresses).await
         };
         match outcome {
             Outcome::Delivered => {
@@ -365,7 +471,22 @@ async fn deliver_once(ctx: &Ctx, n: &Notification) -> bool {
     true
 }
 
-async fn post(client: &reqwest::Client, n: &Notification, body: &str) -> Outcome {
+async fn post(
+    client: &reqwest::Client,
+    n: &Notification,
+    body: &str,
+    addresses: &SinkAddresses,
+) -> Outcome {
+    // A literal address is never resolved, so it is checked here (the rules may have changed
+    // since the create, by a reload or a restart).
+    let literal = url::Url::parse(&n.sink).ok().and_then(|u| match u.host() {
+        Some(url::Host::Ipv4(a)) => Some(std::net::IpAddr::V4(a)),
+        Some(url::Host::Ipv6(a)) => Some(std::net::IpAddr::V6(a)),
+        _ => None,
+    });
+    if let Some(Err(why)) = literal.map(|ip| addresses.check(ip)) {
+        return Outcome::Stop(format!("sink address refused: {why}"));
+    }
     let mut req = client
         .post(&n.sink)
         .header(
@@ -392,7 +513,16 @@ async fn post(client: &reqwest::Client, n: &Notification, body: &str) -> Outcome
                 Outcome::Stop(format!("status {s}"))
             }
         }
-        Err(e) => Outcome::Retry(e.to_string()),
+        Err(e) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(cause) = source {
+                if let Some(refused) = cause.downcast_ref::<RefusedAddress>() {
+                    return Outcome::Stop(format!("sink address refused: {refused}"));
+                }
+                source = cause.source();
+            }
+            Outcome::Retry(e.to_string())
+        }
     }
 }
 
@@ -427,6 +557,42 @@ mod tests {
                 "attempt {attempt}: {d:?}"
             );
         }
+    }
+
+    #[test]
+    fn sink_addresses_refuse_local_classes_unless_allowed() {
+        let net = |s: &str| s.parse::<ipnetwork::IpNetwork>().expect("net");
+        let default = SinkAddresses::default();
+        for refused in [
+            "127.0.0.1",
+            "::1",
+            "169.254.169.254",
+            "fe80::1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(
+                default.check(refused.parse().expect("ip")).is_err(),
+                "{refused}"
+            );
+        }
+        for fine in ["192.0.2.10", "10.1.2.3", "2001:db8::1", "fd00::5"] {
+            assert!(default.check(fine.parse().expect("ip")).is_ok(), "{fine}");
+        }
+        let lab = SinkAddresses {
+            allow: vec![net("127.0.0.0/8")],
+            deny: vec![net("10.0.0.0/8")],
+        };
+        assert!(lab.check("127.0.0.1".parse().expect("ip")).is_ok());
+        assert!(lab.check("::1".parse().expect("ip")).is_err());
+        let e = lab
+            .check("10.9.9.9".parse().expect("ip"))
+            .expect_err("denied");
+        assert!(e.contains("deny_sink_ranges"), "{e}");
     }
 
     #[test]

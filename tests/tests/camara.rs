@@ -28,6 +28,7 @@ ipv4_address = "10.0.1.2"
 
 [notifications]
 allow_http_hosts = ["127.0.0.1"]
+allow_sink_ranges = ["127.0.0.0/8"]
 source = "https://qod.example/quality-on-demand/v1"
 timeout_ms = 1000
 backoff_base_ms = 100
@@ -300,6 +301,13 @@ async fn sinks_and_credentials_are_validated() {
     let mut api = qodd.sessions().await.expect("client");
     let hour = Duration::from_secs(3600);
     let dev = || request(device(addr::DEVICE_V4), 60);
+    let cred = |f: fn(&mut pb::SinkCredential)| {
+        let mut r = with_sink(dev(), "https://sink.example/cb".into(), "t", hour);
+        if let Some(c) = r.sink_credential.as_mut() {
+            f(c);
+        }
+        r
+    };
     let cases = [
         (
             "http to a host not allowed",
@@ -318,25 +326,86 @@ async fn sinks_and_credentials_are_validated() {
         ),
         (
             "PLAIN credential",
-            {
-                let mut r = with_sink(dev(), "https://sink.example/cb".into(), "t", hour);
-                if let Some(c) = r.sink_credential.as_mut() {
-                    c.credential_type = pb::CredentialType::Plain.into();
-                }
-                r
-            },
+            cred(|c| c.credential_type = pb::CredentialType::Plain.into()),
             "INVALID_CREDENTIAL",
         ),
         (
-            "token type not bearer",
-            {
-                let mut r = with_sink(dev(), "https://sink.example/cb".into(), "t", hour);
-                if let Some(c) = r.sink_credential.as_mut() {
-                    c.access_token_type = pb::AccessTokenType::Unspecified.into();
-                }
-                r
-            },
+            "REFRESHTOKEN credential",
+            cred(|c| c.credential_type = pb::CredentialType::Refreshtoken.into()),
+            "INVALID_CREDENTIAL",
+        ),
+        (
+            "token type unknown",
+            cred(|c| c.access_token_type = 7),
             "INVALID_TOKEN",
+        ),
+        (
+            "token type missing",
+            cred(|c| c.access_token_type = pb::AccessTokenType::Unspecified.into()),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "an empty sinkCredential: credentialType missing",
+            cred(|c| *c = pb::SinkCredential::default()),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "an access token already expired",
+            cred(|c| {
+                c.access_token_expires_utc = Some(prost_types::Timestamp::from(
+                    std::time::SystemTime::now() - Duration::from_secs(60),
+                ));
+            }),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "an expiry in the year 10000",
+            cred(|c| {
+                c.access_token_expires_utc = Some(prost_types::Timestamp {
+                    seconds: 253_402_300_800,
+                    nanos: 0,
+                });
+            }),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "negative nanos",
+            cred(|c| {
+                if let Some(t) = c.access_token_expires_utc.as_mut() {
+                    t.nanos = -1;
+                }
+            }),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "an access token over 4096 characters",
+            cred(|c| c.access_token = Some("t".repeat(4097))),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "a loopback literal (loopback allowed only as 127.0.0.0/8)",
+            with_sink(dev(), "https://[::1]:8443/cb".into(), "t", hour),
+            "INVALID_SINK",
+        ),
+        (
+            "a link-local literal (cloud metadata)",
+            with_sink(dev(), "https://169.254.169.254/latest".into(), "t", hour),
+            "INVALID_SINK",
+        ),
+        (
+            "a multicast literal",
+            with_sink(dev(), "https://224.0.0.1/cb".into(), "t", hour),
+            "INVALID_SINK",
+        ),
+        (
+            "an unspecified literal",
+            with_sink(dev(), "https://0.0.0.0/cb".into(), "t", hour),
+            "INVALID_SINK",
+        ),
+        (
+            "a mapped link-local literal",
+            with_sink(dev(), "https://[::ffff:a9fe:a9fe]/cb".into(), "t", hour),
+            "INVALID_SINK",
         ),
     ];
     for (what, req, want) in cases {
@@ -345,6 +414,10 @@ async fn sinks_and_credentials_are_validated() {
             (err.code(), reason(&err).as_str()),
             (Code::InvalidArgument, want),
             "{what}: {err:?}"
+        );
+        assert!(
+            !err.message().contains("is required") || what.contains("missing"),
+            "{what}: a precise message, not a generic one: {err:?}"
         );
     }
     let ok = api
@@ -360,6 +433,75 @@ async fn sinks_and_credentials_are_validated() {
         ok.into_inner().sink.as_deref(),
         Some("https://sink.example/cb")
     );
+}
+
+/// A sink host name that resolves to a refused address is never dialled, though it passed the
+/// create (only a literal address can be judged then); with the loopback range allowed, the same
+/// sink is reached.
+#[tokio::test(flavor = "multi_thread")]
+async fn sink_addresses_are_checked_at_every_connection() {
+    let config = |allow: &str| {
+        format!(
+            "ue_pools = [\"10.0.1.0/24\"]\n[notifications]\nallow_http_hosts = [\"localhost\", \"127.0.0.1\"]\n{allow}max_attempts = 2\nbackoff_base_ms = 50\n"
+        )
+    };
+    let (lab, qodd) = qod_testkit::lab_with_qodd(&config("")).await;
+    let sink = SinkServer::start(&lab.edge).expect("sink");
+    let mut api = qodd.sessions().await.expect("client");
+    let hour = Duration::from_secs(3600);
+    let literal = api
+        .create_session(with_sink(
+            request(device(addr::DEVICE_V4), 60),
+            sink.url("/literal"),
+            "t",
+            hour,
+        ))
+        .await
+        .expect_err("a loopback literal");
+    assert_eq!(reason(&literal), "INVALID_SINK", "{literal:?}");
+    let by_name = format!("http://localhost:{}/named", sink.port);
+    api.create_session(with_sink(
+        request(device(addr::DEVICE_V4), 60),
+        by_name.clone(),
+        "t",
+        hour,
+    ))
+    .await
+    .expect("a host name passes the create");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !qodd.log().contains("sink address refused") {
+        assert!(
+            Instant::now() < deadline,
+            "the refusal was never logged:\n{}",
+            qodd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        sink.received("/named").is_empty(),
+        "a refused address was dialled"
+    );
+    drop(qodd);
+
+    let qodd = qod_testkit::Qodd::start(
+        &lab.edge,
+        &[qod_testkit::EDGE_DEV_IF, qod_testkit::EDGE_SRV_IF],
+        &config("allow_sink_ranges = [\"127.0.0.0/8\", \"::1\"]\n"),
+    )
+    .await
+    .expect("qodd");
+    let mut api = qodd.sessions().await.expect("client");
+    api.create_session(with_sink(
+        request(device("10.0.1.9"), 60),
+        by_name,
+        "t",
+        hour,
+    ))
+    .await
+    .expect("create");
+    sink.wait_for("/named", 1, Duration::from_secs(10))
+        .await
+        .expect("an allowed range is reached by name");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -141,7 +141,7 @@ qod_testkit::in_every_mode!(
 async fn check_kill_9_under_load_loses_nothing_and_treatment_never_stops(mode: qod_testkit::Mode) {
     use std::sync::{Arc, Mutex, atomic::AtomicBool};
     let (lab, mut qodd) = qod_testkit::lab_in(mode,
-        "[notifications]\nallow_http_hosts = [\"127.0.0.1\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
+        "[notifications]\nallow_http_hosts = [\"127.0.0.1\"]\nallow_sink_ranges = [\"127.0.0.0/8\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
     )
     .await;
     let sink = qod_testkit::SinkServer::start(&lab.edge).expect("sink");
@@ -423,7 +423,7 @@ qod_testkit::in_every_mode!(
 async fn check_undelivered_notifications_survive_kill_9_and_sigterm(mode: qod_testkit::Mode) {
     use qod_testkit::{Reply, SinkServer};
     let (lab, mut qodd) = qod_testkit::lab_in(mode,
-        "[notifications]\nallow_http_hosts = [\"127.0.0.1\"]\nbackoff_base_ms = 200\nbackoff_max_ms = 400\nmax_attempts = 100\ntimeout_ms = 1000\n",
+        "[notifications]\nallow_http_hosts = [\"127.0.0.1\"]\nallow_sink_ranges = [\"127.0.0.0/8\"]\nbackoff_base_ms = 200\nbackoff_max_ms = 400\nmax_attempts = 100\ntimeout_ms = 1000\n",
     )
     .await;
     let sink = SinkServer::start(&lab.edge).expect("sink");

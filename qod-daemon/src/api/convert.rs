@@ -15,6 +15,7 @@ use crate::{
         AccessToken, ApplicationServer, Caller, DeviceId, PhoneNumber, Ports, ProfileName,
         QosStatus, SessionRequest, StatusInfo,
     },
+    notify::SinkRules,
     profile::{self, QosProfile},
 };
 
@@ -22,7 +23,7 @@ use crate::{
 pub fn session_request(
     req: pb::CreateSessionRequest,
     caller: &Caller,
-    sink_http_hosts: &[String],
+    sinks: &SinkRules,
 ) -> Result<SessionRequest, CamaraError> {
     let server = application_server(req.application_server.as_ref())?;
     let device = caller_device(req.device.as_ref(), caller, |family| {
@@ -51,10 +52,7 @@ pub fn session_request(
                 format!("{} must be at least 1 second", req.duration),
             )
         })?;
-    let sink = req
-        .sink
-        .map(|s| sink(&s, sink_http_hosts).map(|()| s))
-        .transpose()?;
+    let sink = req.sink.map(|s| sink(&s, sinks).map(|()| s)).transpose()?;
     let sink_credential = req
         .sink_credential
         .as_ref()
@@ -291,8 +289,9 @@ fn ports(field: &str, p: &pb::PortsSpec) -> Result<Ports, CamaraError> {
     Ok(Ports { ranges, ports })
 }
 
-/// CAMARA: an `https://` URL. Plain `http://` only to hosts the configuration allows (labs).
-fn sink(s: &str, http_hosts: &[String]) -> Result<(), CamaraError> {
+/// CAMARA: an `https://` URL. Plain `http://` only to hosts the configuration allows (labs). A
+/// literal address must be one sinks may use (a host name is checked at each connection).
+fn sink(s: &str, rules: &SinkRules) -> Result<(), CamaraError> {
     let bad =
         |why: &str| CamaraError::field(CamaraCode::InvalidSink, "sink", format!("{s:?} {why}"));
     if s.len() > 2048 {
@@ -306,10 +305,19 @@ fn sink(s: &str, http_hosts: &[String]) -> Result<(), CamaraError> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err(bad("must not carry credentials; use sinkCredential"));
     }
+    let literal = match url.host() {
+        Some(url::Host::Ipv4(a)) => Some(std::net::IpAddr::V4(a)),
+        Some(url::Host::Ipv6(a)) => Some(std::net::IpAddr::V6(a)),
+        _ => None,
+    };
+    if let Some(Err(why)) = literal.map(|ip| rules.addresses.check(ip)) {
+        return Err(bad(&format!("is refused: {why}")));
+    }
     match url.scheme() {
         "https" => Ok(()),
         "http"
-            if http_hosts
+            if rules
+                .http_hosts
                 .iter()
                 .any(|h| h.trim_matches(['[', ']']) == host.trim_matches(['[', ']'])) =>
         {
@@ -322,6 +330,14 @@ fn sink(s: &str, http_hosts: &[String]) -> Result<(), CamaraError> {
 fn sink_credential(c: &pb::SinkCredential) -> Result<AccessToken, CamaraError> {
     match pb::CredentialType::try_from(c.credential_type) {
         Ok(pb::CredentialType::Accesstoken) => {}
+        // A required property missing is the caller's malformed request, not an unsupported
+        // credential (CAMARA keeps INVALID_CREDENTIAL for PLAIN and REFRESHTOKEN).
+        Ok(pb::CredentialType::Unspecified) => {
+            return Err(CamaraError::invalid(
+                "sinkCredential.credentialType",
+                "is required",
+            ));
+        }
         _ => {
             return Err(CamaraError::field(
                 CamaraCode::InvalidCredential,
@@ -330,31 +346,69 @@ fn sink_credential(c: &pb::SinkCredential) -> Result<AccessToken, CamaraError> {
             ));
         }
     }
-    if pb::AccessTokenType::try_from(c.access_token_type) != Ok(pb::AccessTokenType::Bearer) {
-        return Err(CamaraError::field(
-            CamaraCode::InvalidToken,
-            "sinkCredential.accessTokenType",
-            "only bearer is supported",
-        ));
+    match pb::AccessTokenType::try_from(c.access_token_type) {
+        Ok(pb::AccessTokenType::Bearer) => {}
+        Ok(pb::AccessTokenType::Unspecified) => {
+            return Err(CamaraError::invalid(
+                "sinkCredential.accessTokenType",
+                "is required",
+            ));
+        }
+        Err(_) => {
+            return Err(CamaraError::field(
+                CamaraCode::InvalidToken,
+                "sinkCredential.accessTokenType",
+                "only bearer is supported",
+            ));
+        }
     }
     let token = c
         .access_token
         .clone()
         .filter(|t| !t.is_empty())
         .ok_or_else(|| CamaraError::invalid("sinkCredential.accessToken", "is required"))?;
-    let expires = c
-        .access_token_expires_utc
-        .as_ref()
-        .and_then(|t| {
-            OffsetDateTime::from_unix_timestamp_nanos(
-                i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
-            )
-            .ok()
-        })
-        .ok_or_else(|| {
-            CamaraError::invalid("sinkCredential.accessTokenExpiresUtc", "is required")
-        })?;
+    if token.len() > 4096 {
+        return Err(CamaraError::invalid(
+            "sinkCredential.accessToken",
+            "is longer than 4096 characters",
+        ));
+    }
+    let expires = expiry_time(c.access_token_expires_utc.as_ref())?;
     Ok(AccessToken { token, expires })
+}
+
+/// `accessTokenExpiresUtc`: a valid RFC 3339 instant (years 1 to 9999) still in the future. A
+/// token already expired would silently never notify.
+fn expiry_time(t: Option<&prost_types::Timestamp>) -> Result<OffsetDateTime, CamaraError> {
+    const FIELD: &str = "sinkCredential.accessTokenExpiresUtc";
+    let t = t.ok_or_else(|| CamaraError::invalid(FIELD, "is required"))?;
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(CamaraError::invalid(
+            FIELD,
+            format!("nanos = {} must be 0 to 999999999", t.nanos),
+        ));
+    }
+    let at = OffsetDateTime::from_unix_timestamp_nanos(
+        i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
+    )
+    .ok()
+    .filter(|at| at.year() >= 1)
+    .ok_or_else(|| {
+        CamaraError::invalid(
+            FIELD,
+            format!(
+                "seconds = {} is outside the years 0001 to 9999 that RFC 3339 can write",
+                t.seconds
+            ),
+        )
+    })?;
+    if at <= OffsetDateTime::now_utc() {
+        return Err(CamaraError::invalid(
+            FIELD,
+            "is in the past: a sink would never be notified with an expired token",
+        ));
+    }
+    Ok(at)
 }
 
 /// A device given to look sessions or profiles up with: any address family will do.

@@ -20,6 +20,7 @@ use crate::{
     core::Core,
     error::{CamaraCode, CamaraError},
     model::{ProfileName, SessionId},
+    notify::SinkRules,
 };
 
 /// Runs `f` on the blocking pool (it may wait on the kernel, `tc` or the store), with the call's
@@ -39,8 +40,8 @@ pub struct SessionService {
     core: Arc<Core>,
     /// Ends watch streams when the daemon shuts down, so the server can drain.
     shutdown: CancellationToken,
-    /// Hosts a sink may reach over plain http.
-    sink_http_hosts: Arc<Vec<String>>,
+    /// What a sink URL may be.
+    sinks: Arc<SinkRules>,
 }
 
 impl SessionService {
@@ -54,11 +55,11 @@ impl SessionService {
         off_async(move || f(&core)).await
     }
 
-    pub fn new(core: Arc<Core>, shutdown: CancellationToken, sink_http_hosts: Vec<String>) -> Self {
+    pub fn new(core: Arc<Core>, shutdown: CancellationToken, sinks: SinkRules) -> Self {
         Self {
             core,
             shutdown,
-            sink_http_hosts: Arc::new(sink_http_hosts),
+            sinks: Arc::new(sinks),
         }
     }
 }
@@ -81,7 +82,7 @@ impl QualityOnDemand for SessionService {
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::SessionInfo>, Status> {
         let caller = authorize(&request, scope::SESSIONS_CREATE)?;
-        let req = convert::session_request(request.into_inner(), &caller, &self.sink_http_hosts)?;
+        let req = convert::session_request(request.into_inner(), &caller, &self.sinks)?;
         let view = self.blocking(move |core| core.create(req)).await?;
         tracing::Span::current().record("session", view.session.id.to_string());
         Ok(Response::new(convert::session_info(&view)))
@@ -312,7 +313,8 @@ mod tests {
             limits,
             None,
         ));
-        let service = SessionService::new(core.clone(), CancellationToken::new(), Vec::new());
+        let service =
+            SessionService::new(core.clone(), CancellationToken::new(), SinkRules::default());
         let mut stream = service
             .watch_session_events({
                 let mut r = Request::new(pb::WatchSessionEventsRequest::default());
