@@ -237,6 +237,13 @@ mod tests {
             .verify(&a.mint(&TokenSpec::full("c1")).expect("mint"))
             .expect("valid");
         assert_eq!(claims["client_id"], "c1");
+        // A CAMARA Device object as `sub` (a three-legged token) verifies too.
+        let mut spec = TokenSpec::full("c1");
+        spec.device = Some(json!({"ipv4Address": {"publicAddress": "10.0.1.2"}}));
+        let claims = verifier
+            .verify(&a.mint(&spec).expect("mint"))
+            .expect("a Device object as sub");
+        assert_eq!(claims["sub"]["ipv4Address"]["publicAddress"], "10.0.1.2");
         assert!(
             verifier
                 .verify(&b.mint(&TokenSpec::full("c1")).expect("mint"))

@@ -103,15 +103,29 @@ impl Policy {
                         format!("{} is not in this node's device directory", p.as_str()),
                     )
                 })?;
-                let mut keys = Vec::new();
-                if let Some(a) = entry.ipv4 {
-                    self.check("device.phoneNumber", IpAddr::V4(a))?;
-                    keys.push(ipv4_key(a));
-                }
-                if let Some(a) = entry.ipv6 {
-                    self.check("device.phoneNumber", IpAddr::V6(a))?;
-                    keys.push(ipv6_key(a));
-                }
+                // The operator knows the device but this node cannot serve it: CAMARA's 422
+                // SERVICE_NOT_APPLICABLE. The message never names the addresses the directory
+                // maps the number to: the caller did not send them.
+                let keys: Vec<DeviceKey> = entry
+                    .ipv4
+                    .map(IpAddr::V4)
+                    .into_iter()
+                    .chain(entry.ipv6.map(IpAddr::V6))
+                    .map(|a| {
+                        if self.served(a) {
+                            Ok(match a {
+                                IpAddr::V4(a) => ipv4_key(a),
+                                IpAddr::V6(a) => ipv6_key(a),
+                            })
+                        } else {
+                            Err(CamaraError::field(
+                                CamaraCode::ServiceNotApplicable,
+                                "device.phoneNumber",
+                                format!("the device {} is not served by this node", p.as_str()),
+                            ))
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
                 Ok(keys)
             }
         }

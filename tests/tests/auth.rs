@@ -94,7 +94,7 @@ fn claims(client: &str) -> serde_json::Map<String, Value> {
 
 async fn lab() -> (Lab, Qodd) {
     qod_testkit::lab_with_qodd(
-        "[[devices]]\nphone_number = \"+34600000003\"\nipv4_address = \"10.0.1.3\"\n",
+        "ue_pools = [\"10.0.1.0/24\", \"fd00:1::/64\", \"fd00:11::/64\"]\n[[devices]]\nphone_number = \"+34600000003\"\nipv4_address = \"10.0.1.3\"\n",
     )
     .await
 }
@@ -487,6 +487,60 @@ async fn scopes_ownership_and_three_legged_tokens() {
     );
     // The same client's session of another device is not this subject's.
     assert_eq!(refusal(a3.get_session(get(&id)).await), denied);
+
+    // A CAMARA Device object as the default `sub` claim names the same device.
+    let object = {
+        let mut spec = TokenSpec::full("app-a");
+        spec.device = Some(serde_json::json!({
+            "ipv4Address": {
+                "publicAddress": addr::OTHER_DEVICE_V4,
+                "privateAddress": addr::OTHER_DEVICE_V4,
+            }
+        }));
+        pki.mint(&spec).expect("mint")
+    };
+    let mut by_object = qodd.sessions_as(&object).await.expect("client");
+    let theirs = by_object
+        .retrieve_sessions_by_device(retrieve(None))
+        .await
+        .expect("a Device object in `sub` identifies the device")
+        .into_inner();
+    assert_eq!(
+        theirs
+            .sessions
+            .iter()
+            .map(|s| s.session_id.as_str())
+            .collect::<Vec<_>>(),
+        [s3.session_id.as_str()]
+    );
+
+    // A profile is available to a three-legged token only if this node serves its device.
+    let unserved = token("app-a", &[], Some("ipv4:192.0.2.9"));
+    let mut unserved = qodd.profiles_as(&unserved).await.expect("profiles");
+    assert_eq!(
+        refusal(
+            unserved
+                .get_qos_profile(pb::GetQosProfileRequest {
+                    name: "QOS_E".into()
+                })
+                .await
+        ),
+        is(Code::NotFound, "NOT_FOUND")
+    );
+    assert_eq!(
+        refusal(
+            unserved
+                .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest::default())
+                .await
+        ),
+        is(Code::NotFound, "IDENTIFIER_NOT_FOUND")
+    );
+    profiles
+        .get_qos_profile(pb::GetQosProfileRequest {
+            name: "QOS_E".into(),
+        })
+        .await
+        .expect("a served subject gets the profile");
     // On the wire: the token's device is the one treated.
     let dscp = lab
         .uplink_dscp(addr::OTHER_DEVICE_V4, 47000, addr::SERVER_V4, 5000)

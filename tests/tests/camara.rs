@@ -26,6 +26,10 @@ unavailable_retention_secs = 360
 phone_number = "+34600000001"
 ipv4_address = "10.0.1.2"
 
+[[devices]]
+phone_number = "+34600000002"
+ipv4_address = "192.0.2.50"
+
 [notifications]
 allow_http_hosts = ["127.0.0.1"]
 allow_sink_ranges = ["127.0.0.0/8"]
@@ -570,6 +574,7 @@ async fn correlator_is_validated_and_echoed_on_every_response() {
 async fn devices_resolve_through_pools_and_directory() {
     let (lab, qodd) = qod_testkit::lab_with_qodd(CONFIG).await;
     let mut api = qodd.sessions().await.expect("client");
+    let mut profiles = qodd.profiles().await.expect("client");
     let phone = |p: &str| pb::Device {
         phone_number: Some(p.into()),
         ..Default::default()
@@ -647,6 +652,12 @@ async fn devices_resolve_through_pools_and_directory() {
             "IDENTIFIER_NOT_FOUND",
         ),
         (
+            "a device the directory knows at an address this node does not serve",
+            phone("+34600000002"),
+            Code::FailedPrecondition,
+            "SERVICE_NOT_APPLICABLE",
+        ),
+        (
             "bad phone",
             phone("0034600"),
             Code::InvalidArgument,
@@ -671,13 +682,31 @@ async fn devices_resolve_through_pools_and_directory() {
             (code, want),
             "{what}: {err:?}"
         );
+        assert!(
+            !format!("{err:?}").contains("192.0.2.50"),
+            "{what}: an error never names what the directory maps a number to: {err:?}"
+        );
         let err = api
             .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
-                device: Some(device),
+                device: Some(device.clone()),
             })
             .await
             .expect_err(what);
         assert_eq!(reason(&err), want, "retrieve, {what}");
+        assert!(
+            !format!("{err:?}").contains("192.0.2.50"),
+            "{what}: {err:?}"
+        );
+        if want != "INVALID_ARGUMENT" {
+            let err = profiles
+                .retrieve_qos_profiles(pb::RetrieveQosProfilesRequest {
+                    device: Some(device),
+                    ..Default::default()
+                })
+                .await
+                .expect_err(what);
+            assert_eq!(reason(&err), want, "profiles, {what}");
+        }
     }
     let err = api
         .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest { device: None })

@@ -265,16 +265,24 @@ impl QosProfiles for ProfileService {
         &self,
         request: Request<pb::GetQosProfileRequest>,
     ) -> Result<Response<pb::QosProfile>, Status> {
-        authorize(&request, scope::PROFILES_READ)?;
+        let caller = authorize(&request, scope::PROFILES_READ)?;
         let name = ProfileName::parse("name", &request.into_inner().name)?;
         let policy = self.core.policy();
-        let profile = policy.profiles.get(&name).ok_or_else(|| {
+        let not_found = || {
             CamaraError::field(
                 CamaraCode::NotFound,
                 "name",
-                format!("no QoS profile named {name}"),
+                format!("no QoS profile named {name} is available"),
             )
-        })?;
+        };
+        // CAMARA: with a three-legged token, a profile only if it is available to the token's
+        // device, which it is when this node serves that device (as the list does).
+        if let Some(subject) = &caller.subject
+            && policy.resolve_all(subject).is_err()
+        {
+            return Err(not_found().into());
+        }
+        let profile = policy.profiles.get(&name).ok_or_else(not_found)?;
         Ok(Response::new(convert::qos_profile(profile)))
     }
 }
