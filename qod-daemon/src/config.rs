@@ -117,6 +117,7 @@ struct TlsConfig {
 struct AuthConfig {
     jwks_file: Option<PathBuf>,
     jwks_url: Option<String>,
+    jwks_allow_http: Option<bool>,
     jwks_refresh_secs: Option<u64>,
     issuer: Option<String>,
     audience: Option<String>,
@@ -887,9 +888,27 @@ fn validate_security(t: TlsConfig, a: AuthConfig) -> Result<Security, ConfigErro
     tonic::transport::Server::builder()
         .tls_config(tls.server_config())
         .map_err(|e| {
-            invalid(format!(
-                "tls: the certificate, key or client CA is not usable: {e}"
-            ))
+            // tonic says only "transport error"; the cause is in its sources.
+            let mut why = Vec::new();
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                why.push(c.to_string());
+                cause = c.source();
+            }
+            let why = why.join(": ");
+            if why.contains("KeyMismatch") || why.contains("does not match") {
+                invalid(format!(
+                    "tls: the key {} does not belong to the certificate {} (their public keys differ)",
+                    key.display(),
+                    cert.display()
+                ))
+            } else {
+                invalid(format!(
+                    "tls: the certificate {}, key {} or client CA is not usable: {why}",
+                    cert.display(),
+                    key.display()
+                ))
+            }
         })?;
 
     let algorithms = match a.algorithms {
@@ -915,12 +934,20 @@ fn validate_security(t: TlsConfig, a: AuthConfig) -> Result<Security, ConfigErro
         (Some(_), Some(_)) => {
             return Err(invalid("auth: set jwks_file or jwks_url, not both"));
         }
-        (None, Some(u)) => JwksSource::Url(
-            url::Url::parse(&u)
+        (None, Some(u)) => {
+            let url = url::Url::parse(&u)
                 .ok()
-                .filter(|u| matches!(u.scheme(), "https" | "http"))
-                .ok_or_else(|| invalid(format!("auth.jwks_url = {u:?} is not an http(s) URL")))?,
-        ),
+                .filter(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some())
+                .ok_or_else(|| invalid(format!("auth.jwks_url = {u:?} is not an https URL")))?;
+            // The key set is the trust root of every token: over plain http anyone on the path
+            // could swap it. Only a lab may say so.
+            if url.scheme() == "http" && !a.jwks_allow_http.unwrap_or(false) {
+                return Err(invalid(format!(
+                    "auth.jwks_url = {u:?} is plain http, which lets anyone on the path replace the keys tokens are trusted with; use https, or set auth.jwks_allow_http = true in a lab"
+                )));
+            }
+            JwksSource::Url(url)
+        }
         (file, None) => {
             let path = file.unwrap_or_else(|| PathBuf::from("/etc/qodd/jwks.json"));
             let text = String::from_utf8(read_file("auth.jwks_file", &path)?)
@@ -1260,6 +1287,42 @@ mod tests {
         assert!(err(dup).to_string().contains("twice"));
         let rate = "[[profiles]]\nname=\"AAA\"\nstatus=\"ACTIVE\"\nmax_upstream_rate={value=2000,unit=\"kbps\"}\n";
         assert!(err(rate).to_string().contains("1024"));
+        let dir = tempfile::tempdir().expect("dir");
+        let pki = crate::devkit::DevPki::ensure(dir.path()).expect("pki");
+        let jwks_url = |url: &str, extra: &str| {
+            pki.config_toml().replace(
+                &format!("jwks_file = {:?}", pki.path("jwks.json")),
+                &format!("jwks_url = {url:?}\n{extra}"),
+            )
+        };
+        let secure = |text: &str| {
+            Config::from_parts(
+                Some((Path::new("t.toml"), text)),
+                &Cli::parse_from(["qodd", "-i", "lo"]),
+            )
+        };
+        let plain = secure(&jwks_url("http://idp.example/jwks", ""))
+            .expect_err("plain http JWKS")
+            .to_string();
+        assert!(
+            plain.contains("jwks_allow_http") && plain.contains("https"),
+            "{plain}"
+        );
+        secure(&jwks_url(
+            "http://idp.example/jwks",
+            "jwks_allow_http = true",
+        ))
+        .expect("allowed in a lab");
+        secure(&jwks_url("https://idp.example/jwks", "")).expect("https");
+        // A key of another certificate is named as such.
+        let other = tempfile::tempdir().expect("dir");
+        let other = crate::devkit::DevPki::ensure(other.path()).expect("pki");
+        let mismatched = pki.config_toml().replace(
+            &format!("{:?}", pki.path("server.key")),
+            &format!("{:?}", other.path("server.key")),
+        );
+        let e = secure(&mismatched).expect_err("mismatch").to_string();
+        assert!(e.contains("does not belong to the certificate"), "{e}");
         let missing = Config::from_parts(None, &cli(&["-i", "qod-no-such0"])).expect_err("refused");
         assert!(missing.to_string().contains("does not exist"));
     }

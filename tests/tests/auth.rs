@@ -851,7 +851,7 @@ async fn jwks_url_follows_key_rotation() {
             idp.script("/jwks", &[Reply::Json(jwks(pki).to_string())]);
             pki.config_toml().replace(
                 &format!("jwks_file = {:?}", pki.path("jwks.json")),
-                &format!("jwks_url = {:?}", idp.url("/jwks")),
+                &format!("jwks_url = {:?}\njwks_allow_http = true", idp.url("/jwks")),
             )
         },
     )
