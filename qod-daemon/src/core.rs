@@ -2030,6 +2030,7 @@ mod tests {
             sink: None,
             sink_credential: None,
             duration,
+            device_given: None,
             owner: "client-a".into(),
             subject: None,
         }

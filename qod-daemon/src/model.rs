@@ -230,6 +230,10 @@ pub struct AccessToken {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionRequest {
     pub device: DeviceId,
+    /// The device's address as the caller wrote it, where that differs from its canonical form
+    /// (`FD00:1:0:2:0:0:0:2` for `fd00:1:0:2::2`): CAMARA echoes the device as provided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_given: Option<String>,
     pub server: ApplicationServer,
     pub device_ports: Option<Ports>,
     pub server_ports: Option<Ports>,

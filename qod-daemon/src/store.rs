@@ -445,6 +445,7 @@ mod tests {
                 sink: Some("https://sink.example/cb".into()),
                 sink_credential: None,
                 duration: 60,
+                device_given: None,
                 owner: "client-a".into(),
                 subject: Some(DeviceId::PhoneNumber(
                     crate::model::PhoneNumber::parse("p", "+34600000001").expect("number"),

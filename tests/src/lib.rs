@@ -2004,6 +2004,7 @@ pub fn fill_store(dir: &std::path::Path, n: u32, profile: &str) -> anyhow::Resul
                     sink: None,
                     sink_credential: None,
                     duration: 86_400,
+                    device_given: None,
                     owner: TEST_CLIENT.into(),
                     subject: None,
                 },

@@ -612,6 +612,47 @@ async fn devices_resolve_through_pools_and_directory() {
             && seen.iter().any(|p| p.dport == 5000)
     );
 
+    // A device is echoed exactly as given (CAMARA), not in canonical form, on every read.
+    let mut v6 = request(
+        pb::Device {
+            ipv6_address: Some("FD00:1:0:0:0:0:0:2".into()),
+            ..Default::default()
+        },
+        60,
+    );
+    v6.application_server = Some(pb::ApplicationServer {
+        ipv6_address: Some(addr::SERVER_V6.into()),
+        ..Default::default()
+    });
+    let created = api
+        .create_session(v6)
+        .await
+        .expect("create v6")
+        .into_inner();
+    let echoed = |s: &pb::SessionInfo| {
+        s.device
+            .as_ref()
+            .and_then(|d| d.ipv6_address.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(echoed(&created), "FD00:1:0:0:0:0:0:2");
+    let read = qod_testkit::session_info(&mut api, &created.session_id).await;
+    assert_eq!(echoed(&read), "FD00:1:0:0:0:0:0:2");
+    let listed = api
+        .retrieve_sessions_by_device(pb::RetrieveSessionsByDeviceRequest {
+            device: Some(pb::Device {
+                ipv6_address: Some(addr::DEVICE_V6.into()),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("retrieve")
+        .into_inner();
+    assert_eq!(
+        listed.sessions.iter().map(echoed).collect::<Vec<_>>(),
+        ["FD00:1:0:0:0:0:0:2"]
+    );
+
     // Both identifiers given: one is picked, no cross-check, one is echoed.
     let mut both = phone("+34600000001");
     both.ipv4_address = device(addr::DEVICE_V4).ipv4_address;

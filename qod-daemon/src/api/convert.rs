@@ -64,8 +64,20 @@ pub fn session_request(
             "is given without a sink",
         ));
     }
+    // The one identifier whose text can differ from its canonical form is an IPv6 address.
+    let device_given = match (&device, req.device.as_ref()) {
+        (
+            DeviceId::Ipv6(a),
+            Some(pb::Device {
+                ipv6_address: Some(text),
+                ..
+            }),
+        ) if *text != a.to_string() => Some(text.clone()),
+        _ => None,
+    };
     Ok(SessionRequest {
         device,
+        device_given,
         server,
         device_ports,
         server_ports,
@@ -493,7 +505,13 @@ pub fn session_info(v: &SessionView) -> pb::SessionInfo {
     pb::SessionInfo {
         session_id: s.id.to_string(),
         // A three-legged token's device is never echoed (CAMARA).
-        device: r.subject.is_none().then(|| device_proto(&r.device)),
+        device: r.subject.is_none().then(|| {
+            let mut d = device_proto(&r.device);
+            if d.ipv6_address.is_some() && r.device_given.is_some() {
+                d.ipv6_address.clone_from(&r.device_given);
+            }
+            d
+        }),
         application_server: Some(pb::ApplicationServer {
             ipv4_address: r.server.given.0.clone(),
             ipv6_address: r.server.given.1.clone(),

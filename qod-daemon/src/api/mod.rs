@@ -352,6 +352,7 @@ mod tests {
                 sink: None,
                 sink_credential: None,
                 duration: 60,
+                device_given: None,
                 owner: crate::auth::INSECURE_CLIENT.into(),
                 subject: None,
             })
