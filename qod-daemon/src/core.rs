@@ -797,25 +797,27 @@ impl Core {
         let flow = AppFlow::from_request(&req, key)?;
         let now = started_at;
         let deadline = Instant::now() + secs(remaining);
+        // Only live sessions hold a device: an ended one stays readable for its retention but
+        // blocks nobody, so no client keeps a device from others beyond its own quota of live
+        // sessions.
         let same_device: Vec<&Session> = inner
             .by_device
             .get(&flow.device)
             .into_iter()
             .flatten()
             .filter_map(|id| inner.sessions.get(id))
+            .filter(|s| matches!(s.state, SessionState::Available { .. }))
             .collect();
         if same_device.iter().any(|s| s.flow.overlaps(&flow)) {
             return Err(CamaraError::new(
                 CamaraCode::Conflict,
-                "conflict with an existing session of the same device whose flow overlaps (an ended one counts until it is deleted or purged)",
+                "conflict with an existing session of the same device whose flow overlaps",
             ));
         }
         if same_device.len() >= MAX_SESSIONS_PER_DEVICE {
             return Err(CamaraError::new(
                 CamaraCode::QuotaExceeded,
-                format!(
-                    "a device holds at most {MAX_SESSIONS_PER_DEVICE} sessions at once (ended ones count until deleted or purged)"
-                ),
+                format!("a device holds at most {MAX_SESSIONS_PER_DEVICE} live sessions at once"),
             ));
         }
         if !restoring
@@ -2147,19 +2149,33 @@ mod tests {
         );
         let s = core.get(v.session.id, &me()).expect("still readable");
         assert_eq!(s.session.qos_status(), QosStatus::Unavailable);
-        // Still blocks a new session for the device, and cannot be extended.
-        assert_eq!(
-            core.create(request([10, 0, 0, 1], 5))
-                .expect_err("blocked")
-                .code,
-            CamaraCode::Conflict
-        );
+        // Cannot be extended, and no longer holds the device: another client's session for it
+        // is admitted while the ended record stays readable.
         assert_eq!(
             core.extend(v.session.id, 10, &me())
                 .expect_err("unavailable")
                 .code,
             CamaraCode::SessionExtensionNotAllowed
         );
+        let mut other = request([10, 0, 0, 1], 5);
+        other.owner = "client-b".into();
+        let next = core.create(other).expect("an ended session blocks nobody");
+        assert_eq!(
+            core.get(v.session.id, &me())
+                .expect("still readable")
+                .session
+                .qos_status(),
+            QosStatus::Unavailable
+        );
+        core.delete(
+            next.session.id,
+            &Caller {
+                client: "client-b".into(),
+                subject: None,
+                operator: false,
+            },
+        )
+        .expect("delete");
 
         tokio::time::advance(Duration::from_secs(360)).await;
         assert_eq!(core.expire_due(Instant::now()), None);

@@ -749,6 +749,78 @@ async fn per_client_limits() {
     assert!(seen.sessions.is_empty(), "app-b sees {seen:?}");
 }
 
+/// A client cannot hold devices from others with sessions that ended: with a quota of 2 live
+/// sessions, app-a runs short catch-all sessions on six devices in turn; once they end, app-b
+/// gets every one of those devices (with app-c and app-d), and app-a can still read its ended
+/// records.
+#[tokio::test(flavor = "multi_thread")]
+async fn ended_sessions_hold_no_device() {
+    let (_lab, qodd) = qod_testkit::lab_with_qodd(
+        "unavailable_retention_secs = 360\n[limits]\nmax_active_sessions_per_client = 2\n",
+    )
+    .await;
+    let mint = |c: &str| qodd.pki.mint(&TokenSpec::full(c)).expect("mint");
+    let mut a = qodd.sessions_as(&mint("app-a")).await.expect("a");
+    let catch_all = |ip: &str, duration: i32| pb::CreateSessionRequest {
+        device: Some(device(ip)),
+        application_server: Some(pb::ApplicationServer {
+            ipv4_address: Some("0.0.0.0/0".into()),
+            ..Default::default()
+        }),
+        qos_profile: "QOS_E".into(),
+        duration,
+        ..Default::default()
+    };
+    let devices: Vec<String> = (10..16).map(|n| format!("10.0.1.{n}")).collect();
+    let mut ended = Vec::new();
+    for pair in devices.chunks(2) {
+        for ip in pair {
+            ended.push(
+                a.create_session(catch_all(ip, 1))
+                    .await
+                    .expect("within the quota")
+                    .into_inner()
+                    .session_id,
+            );
+        }
+        // Wait for the pair to end before the next (the quota counts live sessions).
+        for id in &ended[ended.len() - 2..] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while qod_testkit::session_info(&mut a, id).await.qos_status
+                != i32::from(pb::QosStatus::Unavailable)
+            {
+                assert!(std::time::Instant::now() < deadline, "{id} never ended");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // Other clients (two devices each, their own quota) get every device.
+    for (i, pair) in devices.chunks(2).enumerate() {
+        let mut other = qodd
+            .sessions_as(&mint(&format!("app-{}", ["b", "c", "d"][i])))
+            .await
+            .expect("client");
+        for ip in pair {
+            other
+                .create_session(catch_all(ip, 60))
+                .await
+                .unwrap_or_else(|e| panic!("{ip} is held by an ended session: {e:?}"));
+        }
+    }
+    for id in &ended {
+        assert_eq!(
+            qod_testkit::session_info(&mut a, id).await.qos_status,
+            i32::from(pb::QosStatus::Unavailable),
+            "the ended record stays readable for its retention"
+        );
+    }
+    // A live session still holds its device.
+    assert_eq!(
+        refusal(a.create_session(catch_all(&devices[0], 60)).await),
+        is(Code::AlreadyExists, "CONFLICT")
+    );
+}
+
 /// RS256 and EdDSA keys in the JWKS verify their tokens as ES256 does; a token claiming one
 /// key's id with another algorithm does not.
 #[tokio::test(flavor = "multi_thread")]
