@@ -132,6 +132,8 @@ struct AuthConfig {
 #[serde(deny_unknown_fields)]
 struct LimitsConfig {
     max_active_sessions_per_client: Option<u32>,
+    max_sinks_per_client: Option<u32>,
+    max_watches_per_client: Option<u32>,
     requests_per_second: Option<u32>,
     request_burst: Option<u32>,
     max_message_bytes: Option<usize>,
@@ -1056,6 +1058,8 @@ fn validate_limits(
             "max_active_sessions_per_client",
         )?
         .get(),
+        max_sinks: nonzero(l.max_sinks_per_client, 16, "max_sinks_per_client")?.get(),
+        max_watches: nonzero(l.max_watches_per_client, 64, "max_watches_per_client")?.get(),
         requests_per_second: nonzero(l.requests_per_second, 100, "requests_per_second")?,
         request_burst: nonzero(l.request_burst, 200, "request_burst")?,
         max_message_bytes,

@@ -54,6 +54,8 @@ pub struct Limits {
     pub event_buffer: usize,
     /// AVAILABLE sessions one API client may hold at once.
     pub max_active_per_client: u32,
+    /// Distinct sinks (by origin) one API client's AVAILABLE sessions may notify.
+    pub max_sinks_per_client: u32,
 }
 
 impl Limits {
@@ -233,18 +235,39 @@ struct Inner {
     reserved: HashMap<(String, Pool), u64>,
     /// Managed interfaces that are down or gone: no session can be enforced meanwhile.
     links_down: HashSet<String>,
-    /// AVAILABLE sessions per API client.
-    active_by_owner: HashMap<String, u32>,
+    /// What each API client's AVAILABLE sessions hold.
+    active_by_owner: HashMap<String, OwnerUse>,
+}
+
+/// An API client's AVAILABLE sessions: how many, and how many per sink origin (each origin is
+/// one delivery worker, so their number is bounded per client).
+#[derive(Debug, Default)]
+struct OwnerUse {
+    active: u32,
+    sinks: HashMap<String, u32>,
 }
 
 impl Inner {
-    fn count_active(&mut self, owner: &str, up: bool) {
+    fn count_active(&mut self, req: &SessionRequest, up: bool) {
+        let origin = req.sink.as_deref().map(crate::notify::sink_origin);
         if up {
-            *self.active_by_owner.entry(owner.to_owned()).or_default() += 1;
-        } else if let Some(n) = self.active_by_owner.get_mut(owner) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.active_by_owner.remove(owner);
+            let usage = self.active_by_owner.entry(req.owner.clone()).or_default();
+            usage.active += 1;
+            if let Some(o) = origin {
+                *usage.sinks.entry(o).or_default() += 1;
+            }
+        } else if let Some(usage) = self.active_by_owner.get_mut(&req.owner) {
+            usage.active = usage.active.saturating_sub(1);
+            if let Some(o) = origin
+                && let Some(n) = usage.sinks.get_mut(&o)
+            {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    usage.sinks.remove(&o);
+                }
+            }
+            if usage.active == 0 {
+                self.active_by_owner.remove(&req.owner);
             }
         }
     }
@@ -333,6 +356,7 @@ pub struct Core {
     policy: RwLock<Arc<Policy>>,
     retention: Duration,
     max_active_per_client: u32,
+    max_sinks_per_client: u32,
     interfaces: Vec<ManagedInterface>,
     /// Durable copy of every session; `None` in unit tests that do not need one.
     store: Option<Store>,
@@ -370,6 +394,7 @@ impl Core {
             policy: RwLock::new(Arc::new(policy)),
             retention: limits.retention,
             max_active_per_client: limits.max_active_per_client,
+            max_sinks_per_client: limits.max_sinks_per_client,
             interfaces: limits.interfaces,
             store: None,
         }
@@ -820,19 +845,29 @@ impl Core {
                 format!("a device holds at most {MAX_SESSIONS_PER_DEVICE} live sessions at once"),
             ));
         }
-        if !restoring
-            && inner
-                .active_by_owner
-                .get(&req.owner)
-                .is_some_and(|n| *n >= self.max_active_per_client)
-        {
-            return Err(CamaraError::new(
-                CamaraCode::QuotaExceeded,
-                format!(
-                    "this API client already holds its maximum of {} active sessions",
-                    self.max_active_per_client
-                ),
-            ));
+        if !restoring && let Some(usage) = inner.active_by_owner.get(&req.owner) {
+            if usage.active >= self.max_active_per_client {
+                return Err(CamaraError::new(
+                    CamaraCode::QuotaExceeded,
+                    format!(
+                        "this API client already holds its maximum of {} active sessions",
+                        self.max_active_per_client
+                    ),
+                ));
+            }
+            if let Some(sink) = &req.sink
+                && usage.sinks.len() >= self.max_sinks_per_client as usize
+                && !usage.sinks.contains_key(&crate::notify::sink_origin(sink))
+            {
+                return Err(CamaraError::field(
+                    CamaraCode::QuotaExceeded,
+                    "sink",
+                    format!(
+                        "this API client's active sessions already notify {} distinct sinks (scheme, host and port), its maximum; reuse one of them",
+                        self.max_sinks_per_client
+                    ),
+                ));
+            }
         }
         if let Some(link) = inner.links_down.iter().next() {
             return Err(CamaraError::new(
@@ -908,7 +943,7 @@ impl Core {
             .or_default()
             .push(id);
         inner.deadlines.insert((deadline, id));
-        inner.count_active(&session.request.owner, true);
+        inner.count_active(&session.request, true);
         inner.sessions.insert(id, session);
         drop(inner);
         if let Some(Err(e)) = ticket.map(Ticket::wait) {
@@ -946,7 +981,7 @@ impl Core {
             }
             inner.slots.give_back(slot);
             release(&mut inner, session.reservation.clone());
-            inner.count_active(&session.request.owner, false);
+            inner.count_active(&session.request, false);
         }
     }
 
@@ -1483,7 +1518,7 @@ impl Core {
             }
             inner.slots.give_back(slot);
             release(&mut inner, session.reservation.clone());
-            inner.count_active(&session.request.owner, false);
+            inner.count_active(&session.request, false);
         }
         inner.sessions.remove(&id);
         unlink(&mut inner, &session.flow.device, id);
@@ -1613,7 +1648,7 @@ impl Core {
         let SessionState::Available { slot, .. } = session.state else {
             return;
         };
-        inner.count_active(&session.request.owner, false);
+        inner.count_active(&session.request, false);
         let counters = inner.dp.counters(slot).unwrap_or_default();
         if let Err(e) = resync(inner, &session.flow.device, Some(id), None) {
             // The kernel ignores the entry past its expiry anyway. Until then the rule still
@@ -1911,6 +1946,7 @@ mod tests {
             interfaces: Vec::new(),
             event_buffer: 16,
             max_active_per_client,
+            max_sinks_per_client: u32::MAX,
         }
     }
 
@@ -2324,6 +2360,7 @@ mod tests {
             interfaces: vec![iface("dev0", Side::Device), iface("srv0", Side::Server)],
             event_buffer: 16,
             max_active_per_client: u32::MAX,
+            max_sinks_per_client: u32::MAX,
         };
         (
             Arc::new(Core::new(Box::new(dp.clone()), policy(), limits, None)),

@@ -127,6 +127,7 @@ pub async fn run(
                 interfaces: config.interfaces.clone(),
                 event_buffer: core::Limits::DEFAULT_EVENT_BUFFER,
                 max_active_per_client: config.limits.max_active_sessions,
+                max_sinks_per_client: config.limits.max_sinks,
             },
             Some(notifier.clone()),
         )
@@ -181,6 +182,7 @@ pub async fn run(
                 core.clone(),
                 token.clone(),
                 config.notify.sinks.clone(),
+                config.limits.max_watches,
             ))
             .max_decoding_message_size(max_message),
             authenticator.clone(),

@@ -3,7 +3,8 @@
 //! call.
 //!
 //! Delivery: one bounded input queue ([`Notifier::enqueue`] never waits), one worker per sink
-//! (events to one sink arrive in the order they happened; a stuck sink holds up only itself),
+//! origin (events to one sink arrive in the order they happened; a stuck sink holds up only its
+//! own server; a client's active sessions may name at most `max_sinks_per_client` origins),
 //! a per-attempt timeout, retries with exponential backoff and full jitter for timeouts,
 //! connection errors, 408, 429 and 5xx. `410 Gone` stops delivery of that session's events to
 //! that sink (other sessions may share the URL and are not cut off); other 4xx
@@ -303,6 +304,12 @@ pub fn cloud_event(n: &Notification, config: &NotifyConfig) -> serde_json::Value
     })
 }
 
+/// The origin a sink URL is delivered to (scheme, host, port): one delivery worker each, so a
+/// client choosing many paths on one server costs one worker.
+pub fn sink_origin(sink: &str) -> String {
+    url::Url::parse(sink).map_or_else(|_| sink.to_owned(), |u| u.origin().ascii_serialization())
+}
+
 /// Per-sink queue depth; beyond it a sink's new events are dropped.
 const SINK_QUEUE: usize = 1_000;
 
@@ -350,7 +357,7 @@ async fn dispatch(
         // A worker exits when its sink has been idle; start a new one then (also when it closed
         // between the check and the send).
         let worker = workers
-            .entry(n.sink.clone())
+            .entry(sink_origin(&n.sink))
             .or_insert_with(|| spawn_worker(ctx.clone()));
         if worker.is_closed() {
             *worker = spawn_worker(ctx.clone());

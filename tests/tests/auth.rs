@@ -821,6 +821,86 @@ async fn ended_sessions_hold_no_device() {
     );
 }
 
+/// One client can neither open unbounded Watch streams nor make qodd run a delivery worker for
+/// every sink it invents: both are capped per client, and another client is unaffected.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_streams_and_sinks_are_capped_per_client() {
+    let (_lab, qodd) = qod_testkit::lab_with_qodd(
+        "[limits]\nmax_watches_per_client = 3\nmax_sinks_per_client = 2\n",
+    )
+    .await;
+    let mint = |c: &str| qodd.pki.mint(&TokenSpec::full(c)).expect("mint");
+    let mut a = qodd.sessions_as(&mint("app-a")).await.expect("a");
+    let mut b = qodd.sessions_as(&mint("app-b")).await.expect("b");
+    let watch = pb::WatchSessionEventsRequest::default;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(
+            a.watch_session_events(watch())
+                .await
+                .expect("within the cap")
+                .into_inner(),
+        );
+    }
+    assert_eq!(
+        refusal(a.watch_session_events(watch()).await),
+        is(Code::ResourceExhausted, "QUOTA_EXCEEDED")
+    );
+    let _theirs = b
+        .watch_session_events(watch())
+        .await
+        .expect("another client is not capped by app-a");
+    // Closing a stream frees its place (once the server sees the reset).
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let _again = loop {
+        match a.watch_session_events(watch()).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert_eq!(reason(&e), "QUOTA_EXCEEDED", "{e:?}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a closed stream kept its place"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    let with_sink = |ip: &str, sink: &str| {
+        let mut r = create(Some(device(ip)), 443);
+        r.sink = Some(sink.into());
+        r
+    };
+    a.create_session(with_sink("10.0.1.20", "https://one.example/a"))
+        .await
+        .expect("first origin");
+    a.create_session(with_sink("10.0.1.21", "https://one.example/other/path"))
+        .await
+        .expect("the same origin on another path");
+    let two = a
+        .create_session(with_sink("10.0.1.22", "https://two.example/x"))
+        .await
+        .expect("second origin")
+        .into_inner();
+    let third = refusal(
+        a.create_session(with_sink("10.0.1.23", "https://three.example/x"))
+            .await,
+    );
+    assert_eq!(third, is(Code::ResourceExhausted, "QUOTA_EXCEEDED"));
+    b.create_session(with_sink("10.0.1.24", "https://three.example/x"))
+        .await
+        .expect("another client's own sinks");
+    a.delete_session(pb::DeleteSessionRequest {
+        session_id: two.session_id,
+    })
+    .await
+    .expect("delete");
+    a.create_session(with_sink("10.0.1.23", "https://three.example/x"))
+        .await
+        .expect("an origin freed by its last session's end");
+}
+
 /// RS256 and EdDSA keys in the JWKS verify their tokens as ES256 does; a token claiming one
 /// key's id with another algorithm does not.
 #[tokio::test(flavor = "multi_thread")]

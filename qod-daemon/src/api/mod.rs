@@ -42,6 +42,55 @@ pub struct SessionService {
     shutdown: CancellationToken,
     /// What a sink URL may be.
     sinks: Arc<SinkRules>,
+    /// Watch streams open per client.
+    watches: Arc<Watches>,
+}
+
+/// Watch streams open per API client, at most `max` each: a stream costs a task and a place on
+/// the event fan-out, and one client must not take them all.
+#[derive(Debug)]
+struct Watches {
+    max: u32,
+    open: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// One open Watch stream; closing it (dropping the stream) frees its place.
+struct WatchSlot {
+    watches: Arc<Watches>,
+    client: String,
+}
+
+impl Watches {
+    fn open(self: &Arc<Self>, client: &str) -> Result<WatchSlot, CamaraError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(client.to_owned()).or_default();
+        if *n >= self.max {
+            return Err(CamaraError::new(
+                CamaraCode::QuotaExceeded,
+                format!(
+                    "this API client already has its maximum of {} watch streams open; close one, or watch several sessions on one stream",
+                    self.max
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(WatchSlot {
+            watches: self.clone(),
+            client: client.to_owned(),
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.watches.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
 }
 
 impl SessionService {
@@ -55,11 +104,20 @@ impl SessionService {
         off_async(move || f(&core)).await
     }
 
-    pub fn new(core: Arc<Core>, shutdown: CancellationToken, sinks: SinkRules) -> Self {
+    pub fn new(
+        core: Arc<Core>,
+        shutdown: CancellationToken,
+        sinks: SinkRules,
+        max_watches_per_client: u32,
+    ) -> Self {
         Self {
             core,
             shutdown,
             sinks: Arc::new(sinks),
+            watches: Arc::new(Watches {
+                max: max_watches_per_client,
+                open: std::sync::Mutex::default(),
+            }),
         }
     }
 }
@@ -175,7 +233,10 @@ impl QualityOnDemand for SessionService {
                 convert::any_family,
             )?)?),
         };
+        let slot = self.watches.open(&caller.client)?;
         let events = BroadcastStream::new(self.core.subscribe()).filter_map(move |item| {
+            // The stream holds its place until it is dropped.
+            let _open = &slot;
             let out = match item {
                 Ok(ev) => {
                     let s = &ev.session.session;
@@ -314,6 +375,7 @@ mod tests {
             interfaces: Vec::new(),
             event_buffer: 2,
             max_active_per_client: u32::MAX,
+            max_sinks_per_client: u32::MAX,
         };
         let core = Arc::new(Core::new(
             Box::new(FakeDataPlane::default()),
@@ -321,8 +383,12 @@ mod tests {
             limits,
             None,
         ));
-        let service =
-            SessionService::new(core.clone(), CancellationToken::new(), SinkRules::default());
+        let service = SessionService::new(
+            core.clone(),
+            CancellationToken::new(),
+            SinkRules::default(),
+            64,
+        );
         let mut stream = service
             .watch_session_events({
                 let mut r = Request::new(pb::WatchSessionEventsRequest::default());

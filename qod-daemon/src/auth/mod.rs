@@ -66,6 +66,10 @@ pub struct AuthSettings {
 pub struct ClientLimits {
     /// Sessions a client may hold AVAILABLE at once.
     pub max_active_sessions: u32,
+    /// Distinct sink origins a client's active sessions may notify.
+    pub max_sinks: u32,
+    /// Watch streams a client may hold open at once.
+    pub max_watches: u32,
     pub requests_per_second: NonZeroU32,
     pub request_burst: NonZeroU32,
     /// Largest request message accepted, in bytes.
