@@ -8,7 +8,7 @@
 use core::mem::size_of;
 
 /// Bumped on any change to a map's name, key, value or meaning.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Hash map IPv4 device address (`u32`, network byte order) -> `DeviceRules`.
 pub const FLOWS_V4_MAP: &str = "QOD_FLOWS_V4";
@@ -69,6 +69,56 @@ pub struct BandCounters {
     pub policer_dropped_bytes: u64,
 }
 const _: () = assert!(size_of::<BandCounters>() == 32);
+/// LRU hash map [`FragmentKey`] -> [`FragmentPorts`]: the ports of a fragmented datagram whose
+/// first fragment matched a session, so its later fragments (which carry no transport header)
+/// get the same treatment.
+pub const FRAGMENTS_MAP: &str = "QOD_FRAGMENTS";
+/// Datagrams in flight remembered at once (least recently used ones are forgotten first).
+pub const FRAGMENTS_ENTRIES: u32 = 16_384;
+/// Per-CPU array of [`ParseCounters`], indexed by an interface's counter slot (as bands are).
+pub const PARSE_COUNTERS_MAP: &str = "QOD_PARSE_COUNTERS";
+
+/// Identifies one fragmented datagram (RFC 791 / RFC 8200: addresses, protocol and the
+/// identification field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub id: u32,
+    pub protocol: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FragmentKey>() == 40);
+
+/// The transport ports of a fragmented datagram, as its first fragment carried them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentPorts {
+    pub src: u16,
+    pub dst: u16,
+}
+const _: () = assert!(size_of::<FragmentPorts>() == 4);
+
+/// Per-CPU, per interface: what the classifier could not read, and the fragments it followed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ParseCounters {
+    /// IPv6 packets whose extension-header chain is longer than the classifier walks: their
+    /// ports are unknown, so only sessions without ports can match them.
+    pub ipv6_chain_too_long: u64,
+    /// First fragments of a session's datagram whose ports were remembered.
+    pub fragments_remembered: u64,
+    /// Later fragments given their datagram's ports.
+    pub fragments_followed: u64,
+    /// Later fragments with ports unknown (first fragment not seen, not a session's, or
+    /// forgotten): only sessions without ports can match them.
+    pub fragments_unknown: u64,
+}
+const _: () = assert!(size_of::<ParseCounters>() == 32);
+
 /// Either end, destination first (the default for an interface not in the map).
 pub const SIDE_BOTH: u8 = 0;
 /// Device-facing: egress is downlink, the device is the destination.
@@ -232,7 +282,8 @@ const _: () = assert!(size_of::<FlowCounters>() == 48);
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        BandCounters, DeviceKey, DeviceRules, FlowCounters, FlowRule, InterfaceInfo, PolicerState,
+        BandCounters, DeviceKey, DeviceRules, FlowCounters, FlowRule, InterfaceInfo, ParseCounters,
+        PolicerState,
     };
     // SAFETY: all three are `#[repr(C)]`, made only of integers, with no implicit padding (sizes
     // asserted above), so every bit pattern is a valid value.
@@ -249,4 +300,6 @@ mod pod {
     unsafe impl aya::Pod for InterfaceInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for BandCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ParseCounters {}
 }

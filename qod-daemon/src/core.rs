@@ -334,6 +334,8 @@ pub struct NodeStats {
         String,
         [qod_common::BandCounters; qod_common::BANDS as usize],
     )>,
+    /// What the classifier could not parse, and the fragments it followed, per interface.
+    pub parse: Vec<(String, qod_common::ParseCounters)>,
 }
 
 /// One admission pool of a scheduled interface.
@@ -1268,6 +1270,10 @@ impl Core {
             session_classes,
             bands: inner.dp.band_counters().unwrap_or_else(|e| {
                 warn!(error = %e, "cannot read the classifier's band counters");
+                Vec::new()
+            }),
+            parse: inner.dp.parse_counters().unwrap_or_else(|e| {
+                warn!(error = %e, "cannot read the classifier's parse counters");
                 Vec::new()
             }),
         }

@@ -363,6 +363,28 @@ impl Collector for NodeCollector {
             "bytes of sessions the classifier dropped, by interface, band and reason",
             bands().map(|(k, c)| (dropped(k), c.policer_dropped_bytes)),
         )?;
+        let parse = |reason: &'static str, f: fn(&qod_common::ParseCounters) -> u64| {
+            stats.parse.iter().map(move |(i, c)| {
+                (
+                    vec![("interface", i.clone()), ("reason", reason.to_owned())],
+                    f(c),
+                )
+            })
+        };
+        counter(
+            &mut e,
+            "qod_classifier_unparsed_packets",
+            "packets whose ports the classifier could not read, so only sessions without ports could match them: an IPv6 extension chain longer than it walks, or a later fragment of a datagram whose first fragment matched no session (or was forgotten)",
+            parse("ipv6_extension_chain", |c| c.ipv6_chain_too_long)
+                .chain(parse("fragment_ports_unknown", |c| c.fragments_unknown)),
+        )?;
+        counter(
+            &mut e,
+            "qod_classifier_fragments",
+            "fragments of sessions' datagrams: first fragments whose ports were remembered, later fragments given them",
+            parse("remembered", |c| c.fragments_remembered)
+                .chain(parse("followed", |c| c.fragments_followed)),
+        )?;
         {
             use crate::listener::CONNECTIONS as c;
             gauge1(

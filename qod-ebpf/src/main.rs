@@ -17,13 +17,14 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use qod_common::{
-    BAND_COUNTERS_ENTRIES, BandCounters, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FlowCounters,
-    FlowRule, IFINDEX_MASK, InterfaceInfo, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, Policer,
-    PolicerState, PortRange, SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index,
+    BAND_COUNTERS_ENTRIES, BandCounters, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FRAGMENTS_ENTRIES,
+    FlowCounters, FlowRule, FragmentKey, FragmentPorts, IFINDEX_MASK, InterfaceInfo,
+    MAX_INTERFACES, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, ParseCounters, Policer, PolicerState,
+    PortRange, SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index,
 };
 
 /// Default capacity; user space sets the configured `max_sessions` at load time. Every map is
@@ -47,6 +48,15 @@ static QOD_INTERFACES: Array<InterfaceInfo> = Array::pinned(IFINDEX_MASK + 1, 0)
 #[map]
 static QOD_BAND_COUNTERS: PerCpuArray<BandCounters> = PerCpuArray::pinned(BAND_COUNTERS_ENTRIES, 0);
 
+/// Ports of fragmented datagrams whose first fragment matched a session.
+#[map]
+static QOD_FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
+    LruHashMap::pinned(FRAGMENTS_ENTRIES, 0);
+
+/// What could not be parsed, and the fragments followed, per interface counter slot.
+#[map]
+static QOD_PARSE_COUNTERS: PerCpuArray<ParseCounters> = PerCpuArray::pinned(MAX_INTERFACES + 1, 0);
+
 #[map]
 static QOD_POLICERS: Array<PolicerState> = Array::pinned(DEFAULT_MAX_SESSIONS, 0);
 
@@ -61,10 +71,13 @@ const ETH_P_8021AD: u16 = 0x88A8;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPV6_HLEN: usize = 40;
-/// Furthest offset a header is read at (Ethernet, two VLAN tags, IPv6, six extension headers).
+/// Furthest offset a header is read at directly in the linear data; beyond it (long IPv6
+/// extension chains) headers are copied out with `bpf_skb_load_bytes`, which also reaches
+/// paged data.
 const MAX_HEADER_OFFSET: usize = 1024;
-/// IPv6 extension headers walked before giving up on finding the transport header.
-const MAX_IPV6_EXT_HEADERS: usize = 6;
+/// IPv6 extension headers walked before giving up on finding the transport header (each may be
+/// up to 2 KiB; the whole chain must lie in the first 64 KiB).
+const MAX_IPV6_EXT_HEADERS: usize = 32;
 
 /// Why a packet was left alone; every variant means "pass untouched".
 enum Skip {
@@ -114,6 +127,62 @@ struct Packet {
     dst: [u32; 4],
     /// `Some((src_port, dst_port))` for TCP/UDP with a readable header in the first fragment.
     ports: Option<(u16, u16)>,
+    /// What fragment of a larger datagram the packet is (plain scalars, always set: the
+    /// verifier refuses a spill of an undefined register, which an `Option` can compile to).
+    fragment: Fragment,
+    /// The IPv6 extension chain is longer than the classifier walks.
+    chain_too_long: bool,
+}
+
+/// A fragment of a datagram: its identification, transport protocol, and which one it is.
+#[derive(Clone, Copy)]
+struct Fragment {
+    id: u32,
+    protocol: u8,
+    kind: u8,
+}
+
+/// [`Fragment::kind`]: not a fragment, the first one (carrying the transport header), a later one.
+const NOT_FRAGMENT: u8 = 0;
+const FIRST_FRAGMENT: u8 = 1;
+const LATER_FRAGMENT: u8 = 2;
+
+impl Fragment {
+    const NONE: Self = Self {
+        id: 0,
+        protocol: 0,
+        kind: NOT_FRAGMENT,
+    };
+}
+
+impl Packet {
+    fn fragment_key(&self, f: &Fragment) -> FragmentKey {
+        FragmentKey {
+            src: self.src,
+            dst: self.dst,
+            id: f.id,
+            protocol: f.protocol,
+            family: self.family as u8,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// [`ParseCounters`] fields, as word indexes (the struct is four `u64`s).
+const CHAIN_TOO_LONG: usize = 0;
+const FRAGMENTS_REMEMBERED: usize = 1;
+const FRAGMENTS_FOLLOWED: usize = 2;
+const FRAGMENTS_UNKNOWN: usize = 3;
+const _: () = assert!(core::mem::size_of::<ParseCounters>() == 4 * 8);
+
+/// Adds one to word `field` of an interface's parse counters.
+#[inline(always)]
+fn count_parse(slot: u32, field: usize) {
+    if let Some(c) = QOD_PARSE_COUNTERS.get_ptr_mut(slot & MAX_INTERFACES) {
+        // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered on
+        // the same CPU while it runs; `field & 3` stays inside the four words.
+        unsafe { *c.cast::<u64>().add(field & 3) += 1 };
+    }
 }
 
 fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
@@ -126,7 +195,23 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
         QOD_INTERFACES.get(ifindex).copied().unwrap_or_default()
     };
     let sides = iface.side;
-    let pkt = parse(ctx)?;
+    let slot = u32::from(iface.counters);
+    let mut pkt = parse(ctx)?;
+    if pkt.chain_too_long {
+        count_parse(slot, CHAIN_TOO_LONG);
+    }
+    // A later fragment has no transport header: it takes the ports its first fragment had,
+    // when that one matched a session.
+    if pkt.fragment.kind == LATER_FRAGMENT {
+        // SAFETY: the LRU map's value is copied out at once.
+        match unsafe { QOD_FRAGMENTS.get(pkt.fragment_key(&pkt.fragment)) } {
+            Some(p) => {
+                pkt.ports = Some((p.src, p.dst));
+                count_parse(slot, FRAGMENTS_FOLLOWED);
+            }
+            None => count_parse(slot, FRAGMENTS_UNKNOWN),
+        }
+    }
     // Downlink: the destination is a device. Uplink: the source is.
     let down = || lookup(&pkt, pkt.dst, pkt.src, false);
     let up = || lookup(&pkt, pkt.src, pkt.dst, true);
@@ -138,6 +223,19 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
             None => (up().ok_or(Skip::NoMatch)?, true),
         },
     };
+
+    if pkt.fragment.kind == FIRST_FRAGMENT
+        && let Some((src, dst)) = pkt.ports
+        && QOD_FRAGMENTS
+            .insert(
+                pkt.fragment_key(&pkt.fragment),
+                FragmentPorts { src, dst },
+                0,
+            )
+            .is_ok()
+    {
+        count_parse(slot, FRAGMENTS_REMEMBERED);
+    }
 
     let len = u64::from(ctx.len());
     let policer = if uplink {
@@ -356,10 +454,22 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
     let dst = load::<u32>(ctx, l3 + 16)?;
     // Only a first (or unfragmented) packet carries the transport header.
     let first_fragment = frag & 0x1fff == 0;
+    let more_fragments = frag & 0x2000 != 0;
     let ports = if first_fragment {
         l4_ports(ctx, protocol, l3 + ihl)
     } else {
         None
+    };
+    let fragment = Fragment {
+        id: u32::from(load::<u16>(ctx, l3 + 4)?),
+        protocol,
+        kind: if !first_fragment {
+            LATER_FRAGMENT
+        } else if more_fragments {
+            FIRST_FRAGMENT
+        } else {
+            NOT_FRAGMENT
+        },
     };
     Ok(Packet {
         family: FAMILY_IPV4,
@@ -367,6 +477,8 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         src: [src, 0, 0, 0],
         dst: [dst, 0, 0, 0],
         ports,
+        fragment,
+        chain_too_long: false,
     })
 }
 
@@ -379,40 +491,54 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
     let dst = load::<[u32; 4]>(ctx, l3 + 24)?;
     let mut next = load::<u8>(ctx, l3 + 6)?;
     let mut off = l3 + IPV6_HLEN;
-    let mut first_fragment = true;
+    let mut fragment = Fragment::NONE;
     let mut i = 0;
     while i < MAX_IPV6_EXT_HEADERS {
-        match next {
-            // Hop-by-hop, routing, destination options: length in 8-octet units, not counting
-            // the first 8.
-            0 | 43 | 60 => {
-                let hdr = load::<[u8; 2]>(ctx, off)?;
-                next = hdr[0];
-                off += (usize::from(hdr[1]) + 1) * 8;
+        let kind = next;
+        if !is_ipv6_extension(kind) {
+            break;
+        }
+        // Every extension header is at least 8 bytes: one copy serves each kind. The kernel
+        // copies it (`bpf_skb_load_bytes`), so deep or paged headers are reached too, and the
+        // verifier sees one path per header instead of a tree of bounds checks.
+        let hdr = ctx.load::<[u8; 8]>(off).map_err(|_| Skip::Truncated)?;
+        next = hdr[0];
+        if kind == 44 {
+            // Fragment header: fixed 8 bytes; a non-zero offset means no transport header.
+            let first = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 == 0;
+            fragment = Fragment {
+                id: u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]),
+                protocol: next,
+                kind: if first {
+                    FIRST_FRAGMENT
+                } else {
+                    LATER_FRAGMENT
+                },
+            };
+            off += 8;
+            // What follows a later fragment's header is payload, not headers.
+            if !first {
+                break;
             }
-            // Fragment header: fixed 8 bytes; a non-zero offset means no transport header here.
-            44 => {
-                let hdr = load::<[u8; 4]>(ctx, off)?;
-                next = hdr[0];
-                if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
-                    first_fragment = false;
-                }
-                off += 8;
-            }
+        } else if kind == 51 {
             // Authentication header: length in 4-octet units, minus 2.
-            51 => {
-                let hdr = load::<[u8; 2]>(ctx, off)?;
-                next = hdr[0];
-                off += (usize::from(hdr[1]) + 2) * 4;
-            }
-            _ => break,
+            off += (usize::from(hdr[1]) + 2) * 4;
+        } else {
+            // The others: length in 8-octet units, not counting the first 8.
+            off += (usize::from(hdr[1]) + 1) * 8;
+        }
+        // A bound the verifier can hold across iterations (the chain must lie in 64 KiB).
+        if off > 0xffff {
+            return Err(Skip::Truncated);
         }
         i += 1;
     }
-    let ports = if first_fragment {
-        l4_ports(ctx, next, off)
-    } else {
+    let later_fragment = fragment.kind == LATER_FRAGMENT;
+    let chain_too_long = !later_fragment && is_ipv6_extension(next);
+    let ports = if chain_too_long || later_fragment {
         None
+    } else {
+        l4_ports(ctx, next, off)
     };
     Ok(Packet {
         family: FAMILY_IPV6,
@@ -420,7 +546,26 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         src,
         dst,
         ports,
+        fragment,
+        chain_too_long,
     })
+}
+
+/// Hop-by-hop, routing, fragment, authentication, destination options, mobility, HIP, shim6.
+#[inline(always)]
+fn is_ipv6_extension(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140)
+}
+
+/// Reads a `T` at `off`: straight from the linear data when it lies there, else copied out by
+/// the kernel (deep offsets, paged data).
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Skip> {
+    match load::<T>(ctx, off) {
+        Ok(v) => Ok(v),
+        Err(_) if off <= 0xffff => ctx.load::<T>(off).map_err(|_| Skip::Truncated),
+        Err(e) => Err(e),
+    }
 }
 
 #[inline(always)]
@@ -428,7 +573,7 @@ fn l4_ports(ctx: &TcContext, protocol: u8, off: usize) -> Option<(u16, u16)> {
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return None;
     }
-    let ports = load::<[u16; 2]>(ctx, off).ok()?;
+    let ports = read::<[u16; 2]>(ctx, off).ok()?;
     Some((u16::from_be(ports[0]), u16::from_be(ports[1])))
 }
 

@@ -6,7 +6,8 @@
 //!    conforms, DSCP rewrite, skb->priority, per-CPU counters), and a packet of no session (two
 //!    misses), with 1, 1k, 100k and 1M sessions installed. Median of 5 runs of 1M repeats.
 //!    After the first run the DSCP is already set, so later runs skip the checksum update (a few
-//!    ns).
+//!    ns). Fragments of the session's datagram: a first fragment (its ports remembered in the LRU
+//!    map) and a later one (its ports looked up there).
 //! 2. The same DSCP-marking job in the forwarding path of a namespace lab, for eBPF (qod's
 //!    classifier on the edge's egress), nftables (one verdict-map lookup on the source address)
 //!    and iptables (one mangle rule per session, DSCP target): a single UDP sender pushes 64-byte
@@ -82,8 +83,10 @@ fn median(mut v: Vec<u32>) -> u32 {
 
 fn classifier() -> anyhow::Result<()> {
     println!("## classifier, BPF_PROG_TEST_RUN, ns/packet (median of 5 × 1M runs)\n");
-    println!("| sessions | matching packet | no session | no session, two-sided program |");
-    println!("|---:|---:|---:|---:|");
+    println!(
+        "| sessions | matching packet | no session | no session, two-sided program | first fragment | later fragment |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
     let sizes = [1u32, 1_000, 100_000, 1_000_000];
     let mut first = None;
     for &n in &sizes {
@@ -127,6 +130,26 @@ fn classifier() -> anyhow::Result<()> {
                 &l4(17, 8005, 5003, 18),
             ),
         );
+        // A fragmented datagram of the session: the first fragment (MF, offset 0) remembers its
+        // ports in the LRU map; a later one (offset 1480) looks them up before the rule.
+        let first_fragment = eth(
+            0x0800,
+            &[],
+            &ipv4(
+                [10, 0, 1, 2],
+                [10, 0, 2, 7],
+                17,
+                0,
+                &[],
+                0x2000,
+                &l4(17, 8005, 5003, 18),
+            ),
+        );
+        let later_fragment = eth(
+            0x0800,
+            &[],
+            &ipv4([10, 0, 1, 2], [10, 0, 2, 7], 17, 0, &[], 185, &[0x5a; 26]),
+        );
         let mut runs = |side: Side, pkt: &[u8]| -> anyhow::Result<u32> {
             // test_run hands the skb the loopback device (index 1).
             dp.set_side(1, side)?;
@@ -141,15 +164,17 @@ fn classifier() -> anyhow::Result<()> {
         };
         // The uplink program (server-facing interface) sees the uplink packet; the two-sided one
         // (an interface carrying both directions) pays two look-ups on a miss.
-        let (h, m, m2) = (
+        let (h, m, m2, f1, f2) = (
             runs(Side::Server, &hit)?,
             runs(Side::Server, &miss)?,
             runs(Side::Both, &miss)?,
+            runs(Side::Server, &first_fragment)?,
+            runs(Side::Server, &later_fragment)?,
         );
         let c = dp.counters(slot)?;
         anyhow::ensure!(c.up_packets > 0, "the measured packet did not match");
         first.get_or_insert(h);
-        println!("| {n} | {h} | {m} | {m2} |");
+        println!("| {n} | {h} | {m} | {m2} | {f1} | {f2} |");
     }
     if let Some(one) = first {
         println!(

@@ -591,6 +591,28 @@ pub fn udp_send(
     })
 }
 
+/// `GET http://127.0.0.1:{port}{path}` inside `ns`: status, content type and body.
+pub fn http_get(ns: &Netns, port: u16, path: &str) -> (u16, String, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let resp = reqwest::Client::new().get(&url).send().await?;
+            let status = resp.status().as_u16();
+            let kind = resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            Ok((status, kind, resp.text().await?))
+        })
+    })
+    .expect("HTTP GET inside the namespace")
+}
+
 /// A TCP exchange: `server_ns` listens on `server`, `client_ns` connects from `client`; each side
 /// sends `bytes` and reads the other's. Returns when both are done.
 pub fn tcp_exchange(

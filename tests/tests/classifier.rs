@@ -207,30 +207,128 @@ fn ipv4_with_options_vlan_and_fragments() {
     assert_eq!(r.data[18 + 1] >> 2, DSCP, "802.1Q");
     let r = h.run(&eth(0x0800, &[100, 200], &inner));
     assert_eq!(r.data[22 + 1] >> 2, DSCP, "QinQ");
-    // First fragment (MF, offset 0) carries the ports: matched. A later fragment has no ports:
-    // a session that names ports cannot claim it.
+    // First fragment (MF, offset 0) carries the ports: matched, and its ports remembered. A
+    // later fragment of the same datagram (same addresses, protocol and id) has no transport
+    // header but gets the same treatment; one of another datagram cannot be claimed by a
+    // session that names ports.
+    let before = h.dp.parse_counters_at(0).expect("parse counters");
     let r = h.run(&eth(
         0x0800,
         &[],
         &ipv4(DEV4, SRV4, UDP, 0, &[], 0x2000, &l4(UDP, 40000, 5000, 16)),
     ));
     assert_eq!(r.data[15] >> 2, DSCP, "first fragment");
-    h.untouched(
-        &eth(
-            0x0800,
+    let later = eth(
+        0x0800,
+        &[],
+        &ipv4(DEV4, SRV4, UDP, 0, &[], 0x0010, &[0x5a; 24]),
+    );
+    let r = h.run(&later);
+    assert_eq!(
+        r.data[15] >> 2,
+        DSCP,
+        "a later fragment of the same datagram"
+    );
+    assert_eq!(checksum(&r.data[14..34]), 0);
+    let mut other = later.clone();
+    other[18..20].copy_from_slice(&[0x43, 0x21]);
+    other[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&other[14..34]);
+    other[24..26].copy_from_slice(&c.to_be_bytes());
+    h.untouched(&other, "a later fragment of another datagram");
+    let after = h.dp.parse_counters_at(0).expect("parse counters");
+    assert_eq!(
+        (
+            after.fragments_remembered - before.fragments_remembered,
+            after.fragments_followed - before.fragments_followed,
+            after.fragments_unknown - before.fragments_unknown,
+        ),
+        (1, 1, 1)
+    );
+}
+
+/// IPv6: fragments follow their first one, and extension chains are walked up to 32 headers of
+/// any size (each up to 2 KiB, copied out past the first KiB); a longer chain is counted.
+#[test]
+fn ipv6_fragments_and_long_extension_chains() {
+    let h = Harness::new();
+    let dscp_of = |data: &[u8]| ((u16::from_be_bytes([data[14], data[15]]) >> 4) as u8) >> 2;
+    // Fragment header: next header (filled in by ipv6()), reserved, offset|M, id.
+    let frag = |offset_units: u16, more: bool, id: u32| {
+        let word = (offset_units << 3) | u16::from(more);
+        let mut v = vec![0];
+        v.extend_from_slice(&word.to_be_bytes());
+        v.extend_from_slice(&id.to_be_bytes());
+        (44u8, v)
+    };
+    let first = eth(
+        0x86dd,
+        &[],
+        &ipv6(
+            v6(DEV6),
+            v6(SRV6),
+            UDP,
+            0,
+            0,
+            &[frag(0, true, 7)],
+            &l4(UDP, 40000, 443, 16),
+        ),
+    );
+    assert_eq!(dscp_of(&h.run(&first).data), DSCP, "first fragment");
+    let later = |id: u32| {
+        eth(
+            0x86dd,
             &[],
-            &ipv4(
-                DEV4,
-                SRV4,
+            &ipv6(
+                v6(DEV6),
+                v6(SRV6),
                 UDP,
                 0,
-                &[],
-                0x0010,
-                &[0x13, 0x88, 0x13, 0x88, 0, 0, 0, 0],
+                0,
+                &[frag(3, false, id)],
+                &[0x5a; 24],
             ),
-        ),
-        "non-first fragment",
+        )
+    };
+    assert_eq!(
+        dscp_of(&h.run(&later(7)).data),
+        DSCP,
+        "a later fragment follows"
     );
+    h.untouched(&later(8), "a later fragment of another datagram");
+
+    let before = h.dp.parse_counters_at(0).expect("parse counters");
+    let dst_opts = |len_units: u8| {
+        (60u8, {
+            // PadN filling the header: 2 + 8·len_units − 2 bytes after next-header and length.
+            let total = 8 * (usize::from(len_units) + 1);
+            let mut v = vec![len_units, 1, (total - 4) as u8];
+            v.resize(total - 1, 0);
+            v
+        })
+    };
+    let chain = |n: usize| vec![dst_opts(0); n];
+    let through = |ext: &[(u8, Vec<u8>)]| {
+        eth(
+            0x86dd,
+            &[],
+            &ipv6(v6(DEV6), v6(SRV6), UDP, 0, 0, ext, &l4(UDP, 40000, 443, 16)),
+        )
+    };
+    assert_eq!(
+        dscp_of(&h.run(&through(&chain(31))).data),
+        DSCP,
+        "31 headers"
+    );
+    // One 2 KiB header: the transport header lies past the first KiB.
+    assert_eq!(
+        dscp_of(&h.run(&through(&[dst_opts(255)])).data),
+        DSCP,
+        "a 2 KiB header"
+    );
+    h.untouched(&through(&chain(40)), "40 headers: beyond the walk");
+    let after = h.dp.parse_counters_at(0).expect("parse counters");
+    assert_eq!(after.ipv6_chain_too_long - before.ipv6_chain_too_long, 1);
 }
 
 #[test]

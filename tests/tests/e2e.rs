@@ -149,6 +149,49 @@ async fn ipv6_session_marks_its_flow_only() {
     marks_the_session_flow_only(DEVICE_V6, OTHER_DEVICE_V6, SERVER_V6, OTHER_SERVER_V6).await;
 }
 
+/// A datagram larger than the path MTU leaves the device in fragments; only the first carries
+/// the ports a session names, yet every fragment must get the session's treatment (one datagram
+/// split across bands arrives late or not at all). The classifier's fragment counters move.
+async fn fragmented_datagrams_are_treated_whole(dev: &'static str, srv: &'static str) {
+    const PORT: u16 = 9468;
+    let (lab, qodd) =
+        qod_testkit::lab_with_qodd(&format!("metrics_listen = \"127.0.0.1:{PORT}\"")).await;
+    let mut api = qodd.sessions().await.expect("client");
+    api.create_session(create_request(dev, srv, &[5000], "QOS_E", 60))
+        .await
+        .expect("create");
+    let capture = Capture::start(&lab.server, SERVER_IF).expect("capture");
+    udp_send(&lab.device, sa(dev, 43000), sa(srv, 5000), 5, 3000).expect("udp");
+    let seen = capture.finish().expect("capture");
+    let (src, dst): (IpAddr, IpAddr) = (dev.parse().expect("ip"), srv.parse().expect("ip"));
+    let datagram: Vec<&Seen> = seen
+        .iter()
+        .filter(|p| p.src == src && p.dst == dst)
+        .collect();
+    assert!(
+        datagram.len() >= 15,
+        "5 datagrams of 3000 bytes are at least 15 fragments: {datagram:?}"
+    );
+    assert_all_dscp(&datagram, QOS_E_DSCP, "every fragment");
+    let (_, _, metrics) = qod_testkit::http_get(&lab.edge, PORT, "/metrics");
+    let followed = metrics
+        .lines()
+        .filter(|l| l.starts_with("qod_classifier_fragments_total") && l.contains("followed"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert!(followed >= 10.0, "later fragments followed: {metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fragmented_ipv4_datagrams_are_treated_whole() {
+    fragmented_datagrams_are_treated_whole(addr::DEVICE_V4, addr::SERVER_V4).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fragmented_ipv6_datagrams_are_treated_whole() {
+    fragmented_datagrams_are_treated_whole(addr::DEVICE_V6, addr::SERVER_V6).await;
+}
+
 /// Duration expiry: the watch stream reports DURATION_EXPIRED, the session reads UNAVAILABLE,
 /// and the flow is no longer marked.
 #[tokio::test(flavor = "multi_thread")]

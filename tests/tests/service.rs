@@ -466,27 +466,6 @@ async fn json_logs_carry_the_call_and_one_audit_line_per_change() {
 
 /// GETs `http://127.0.0.1:{port}{path}` from inside `ns` with a real HTTP client: (status,
 /// content type, body).
-fn http_get(ns: &qod_testkit::Netns, port: u16, path: &str) -> (u16, String, String) {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let resp = reqwest::Client::new().get(&url).send().await?;
-            let status = resp.status().as_u16();
-            let kind = resp
-                .headers()
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            Ok((status, kind, resp.text().await?))
-        })
-    })
-    .expect("HTTP GET inside the namespace")
-}
-
 /// `name{labels}` → value, from an OpenMetrics exposition.
 fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
     text.lines()
@@ -514,7 +493,7 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
         qod_testkit::scheduled_lab_with_qodd(&format!("metrics_listen = \"127.0.0.1:{PORT}\""))
             .await;
     let scrape = || {
-        let (status, kind, body) = http_get(&lab.edge, PORT, "/metrics");
+        let (status, kind, body) = qod_testkit::http_get(&lab.edge, PORT, "/metrics");
         assert_eq!(status, 200);
         assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
         assert!(body.trim_end().ends_with("# EOF"), "{body}");
@@ -534,7 +513,7 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
         ),
         80e6
     );
-    assert_eq!(http_get(&lab.edge, PORT, "/readyz").0, 200);
+    assert_eq!(qod_testkit::http_get(&lab.edge, PORT, "/readyz").0, 200);
 
     let mut api = qodd.sessions().await.expect("client");
     let rated = qod_testkit::rated_session(&mut api, addr::OTHER_DEVICE_V4, 600).await;
@@ -712,7 +691,7 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
         .expect("link down");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(value(&scrape(), "qod_link_up{interface=\"edge-dev\"}"), 0.0);
-    let (status, _, why) = http_get(&lab.edge, PORT, "/readyz");
+    let (status, _, why) = qod_testkit::http_get(&lab.edge, PORT, "/readyz");
     assert_eq!(status, 503);
     assert!(why.contains("edge-dev"), "{why}");
 }
@@ -760,7 +739,7 @@ async fn classifier_counts_treated_and_policed_packets_per_interface_and_band() 
     // 10 Mbit/s with a 128 KiB bucket: 400 × 1,442 B back to back overflow it.
     const BURST: u64 = 400;
     udp_burst(&lab, addr::SERVER_V4, addr::DEVICE_V4, BURST);
-    let (status, _, body) = http_get(&lab.edge, PORT, "/metrics");
+    let (status, _, body) = qod_testkit::http_get(&lab.edge, PORT, "/metrics");
     assert_eq!(status, 200);
     let m = samples(&body);
     let at = |name: &str, interface: &str, extra: &str| {

@@ -14,10 +14,11 @@ use aya::{
 };
 use qod_common::{
     BAND_COUNTERS_ENTRIES, BAND_COUNTERS_MAP, BANDS, BandCounters, CLASSIFIER, COUNTERS_MAP,
-    DeviceKey, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FLOWS_V4_MAP, FLOWS_V6_MAP, FlowCounters,
-    FlowRule, IFINDEX_MASK, INTERFACES_MAP, InterfaceInfo, LAYOUT_VERSION, MAX_INTERFACES,
-    MAX_SESSIONS_PER_DEVICE, POLICERS_MAP, PolicerState, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK,
-    band_counter_index,
+    DeviceKey, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FLOWS_V4_MAP, FLOWS_V6_MAP,
+    FRAGMENTS_ENTRIES, FRAGMENTS_MAP, FlowCounters, FlowRule, FragmentKey, FragmentPorts,
+    IFINDEX_MASK, INTERFACES_MAP, InterfaceInfo, LAYOUT_VERSION, MAX_INTERFACES,
+    MAX_SESSIONS_PER_DEVICE, PARSE_COUNTERS_MAP, POLICERS_MAP, ParseCounters, PolicerState,
+    SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index,
 };
 use tracing::{info, warn};
 
@@ -53,7 +54,7 @@ pub enum Pinned {
 }
 
 /// The maps of this layout: name, type, key and value size, entries.
-fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u32); 6] {
+fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u32); 8] {
     use std::mem::size_of;
     [
         (
@@ -97,6 +98,20 @@ fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u3
             size_of::<u32>(),
             size_of::<BandCounters>(),
             BAND_COUNTERS_ENTRIES,
+        ),
+        (
+            FRAGMENTS_MAP,
+            MapType::LruHash,
+            size_of::<FragmentKey>(),
+            size_of::<FragmentPorts>(),
+            FRAGMENTS_ENTRIES,
+        ),
+        (
+            PARSE_COUNTERS_MAP,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<ParseCounters>(),
+            MAX_INTERFACES + 1,
         ),
     ]
 }
@@ -211,6 +226,7 @@ pub struct AyaDataPlane {
     policers: Array<MapData, PolicerState>,
     interface_info: Array<MapData, InterfaceInfo>,
     band_counters: PerCpuArray<MapData, BandCounters>,
+    parse_counters: PerCpuArray<MapData, ParseCounters>,
     capacity: u32,
     nr_cpus: usize,
     /// Managed interfaces and how the classifier was attached to each.
@@ -237,6 +253,26 @@ impl Drop for AyaDataPlane {
 }
 
 impl AyaDataPlane {
+    /// The parse counters of interface counter slot `slot` (0: packets on interfaces without
+    /// one), summed over CPUs.
+    pub fn parse_counters_at(&self, slot: u32) -> Result<ParseCounters, DataPlaneError> {
+        let per_cpu = self
+            .parse_counters
+            .get(&slot, 0)
+            .map_err(|source| DataPlaneError::Map {
+                map: PARSE_COUNTERS_MAP,
+                source,
+            })?;
+        let mut sum = ParseCounters::default();
+        for c in per_cpu.iter() {
+            sum.ipv6_chain_too_long += c.ipv6_chain_too_long;
+            sum.fragments_remembered += c.fragments_remembered;
+            sum.fragments_followed += c.fragments_followed;
+            sum.fragments_unknown += c.fragments_unknown;
+        }
+        Ok(sum)
+    }
+
     /// Loads the object with maps sized for `max_sessions` and runs the verifier on the classifier.
     /// Nothing is attached yet. Maps are pinned under `pin_dir(pin_root)`; ones already there are
     /// reused as they are (check them first with [`inspect_pins`]).
@@ -274,6 +310,8 @@ impl AyaDataPlane {
             Array::try_from(map(&mut ebpf, INTERFACES_MAP)?).map_err(map_err(INTERFACES_MAP))?;
         let band_counters = PerCpuArray::try_from(map(&mut ebpf, BAND_COUNTERS_MAP)?)
             .map_err(map_err(BAND_COUNTERS_MAP))?;
+        let parse_counters = PerCpuArray::try_from(map(&mut ebpf, PARSE_COUNTERS_MAP)?)
+            .map_err(map_err(PARSE_COUNTERS_MAP))?;
         let counters =
             PerCpuArray::try_from(map(&mut ebpf, COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
         let policers =
@@ -290,6 +328,7 @@ impl AyaDataPlane {
             policers,
             interface_info,
             band_counters,
+            parse_counters,
             capacity: max_sessions,
             nr_cpus,
             interfaces: Vec::new(),
@@ -745,6 +784,17 @@ impl DataPlane for AyaDataPlane {
             });
         }
         Ok(keys)
+    }
+
+    fn parse_counters(&self) -> Result<Vec<(String, ParseCounters)>, DataPlaneError> {
+        let mut out = Vec::with_capacity(self.interfaces.len());
+        for (n, i) in self.interfaces.iter().enumerate() {
+            let Ok(slot) = u32::try_from(n + 1) else {
+                break;
+            };
+            out.push((i.name.clone(), self.parse_counters_at(slot)?));
+        }
+        Ok(out)
     }
 
     fn band_counters(

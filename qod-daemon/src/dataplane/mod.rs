@@ -65,6 +65,11 @@ pub trait DataPlane: Send + 'static {
     fn band_counters(
         &self,
     ) -> Result<Vec<(String, [BandCounters; BANDS as usize])>, DataPlaneError>;
+    /// What the classifier could not parse, and the fragments it followed, per managed
+    /// interface (configured order), summed over CPUs.
+    fn parse_counters(&self) -> Result<Vec<(String, qod_common::ParseCounters)>, DataPlaneError> {
+        Ok(Vec::new())
+    }
     /// Zeroes the counters and policer state at `slot` before it is handed to a new session.
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError>;
     /// Creates or updates per-session class `index` on `interface`'s scheduler.
