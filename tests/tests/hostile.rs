@@ -9,7 +9,7 @@ use std::{
 };
 
 use qod_proto::v1 as pb;
-use qod_testkit::{Launch, Mode, addr, in_every_mode};
+use qod_testkit::{Launch, Mode, addr, in_every_mode, raw::Raw};
 
 /// Where qodd listens inside the lab's edge namespace.
 const API: &str = "127.0.0.1:50051";
@@ -210,51 +210,6 @@ async fn error_echoes_are_capped_and_sanitised() {
         "{:?}",
         err.message()
     );
-}
-
-/// Sends raw bytes as a request message (and reads whatever comes back as bytes).
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-struct RawCoder;
-
-impl tonic::codec::Encoder for RawCoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        use bytes::BufMut as _;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawCoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, tonic::Status> {
-        use bytes::Buf as _;
-        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
-    }
-}
-
-impl tonic::codec::Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCoder;
-    type Decoder = RawCoder;
-    fn encoder(&mut self) -> RawCoder {
-        RawCoder
-    }
-    fn decoder(&mut self) -> RawCoder {
-        RawCoder
-    }
 }
 
 /// Garbage for a request message, and a unary call with no message at all, are the client's
