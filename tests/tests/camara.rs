@@ -888,20 +888,21 @@ async fn profile_duration_and_extension_rules() {
         "effective duration {}",
         got.duration
     );
-    // Still blocks a new session for the device until deleted.
-    let err = api
-        .create_session(with_profile("QOS_U", addr::OTHER_DEVICE_V4, 60))
+    // An ended session holds its device no more (only live sessions do), and stays readable.
+    api.create_session(with_profile("QOS_U", addr::OTHER_DEVICE_V4, 60))
         .await
-        .expect_err("retained");
-    assert_eq!(reason(&err), "CONFLICT");
+        .expect("device free once its session ended");
+    assert_eq!(
+        qod_testkit::session_info(&mut api, &short.session_id)
+            .await
+            .qos_status(),
+        pb::QosStatus::Unavailable
+    );
     api.delete_session(pb::DeleteSessionRequest {
         session_id: short.session_id,
     })
     .await
     .expect("delete");
-    api.create_session(with_profile("QOS_U", addr::OTHER_DEVICE_V4, 60))
-        .await
-        .expect("device free");
 
     // Profile filters.
     let mut profiles = qodd.profiles().await.expect("client");
