@@ -93,6 +93,7 @@ struct FileConfig {
     max_sessions: Option<u32>,
     unavailable_retention_secs: Option<u64>,
     link_resync_secs: Option<u64>,
+    policer_burst_ms: Option<u64>,
     profiles: Option<Vec<ProfileConfig>>,
     ue_pools: Option<Vec<String>>,
     devices: Option<Vec<DeviceEntry>>,
@@ -323,6 +324,7 @@ impl FileConfig {
                 .unavailable_retention_secs
                 .or(self.unavailable_retention_secs),
             link_resync_secs: over.link_resync_secs.or(self.link_resync_secs),
+            policer_burst_ms: over.policer_burst_ms.or(self.policer_burst_ms),
             profiles: over.profiles.or(self.profiles),
             ue_pools: over.ue_pools.or(self.ue_pools),
             devices: over.devices.or(self.devices),
@@ -417,6 +419,9 @@ pub struct Config {
     pub unavailable_retention: Duration,
     /// How often the managed links' state is read in full beside their netlink events.
     pub link_resync: Duration,
+    /// Depth of a maximum-rate policer's bucket, as time at the rate (where qodd does not own
+    /// the queue).
+    pub policer_burst: Duration,
     /// Profiles, pools, directory: what SIGHUP reloads.
     pub policy: Policy,
     pub notify: NotifyConfig,
@@ -787,6 +792,17 @@ impl Config {
                 )));
             }
         };
+        let policer_burst = match f
+            .policer_burst_ms
+            .unwrap_or(crate::core::DEFAULT_POLICER_BURST_MS)
+        {
+            ms @ 5..=5000 => Duration::from_millis(ms),
+            other => {
+                return Err(invalid(format!(
+                    "policer_burst_ms = {other}: must be 5 to 5000"
+                )));
+            }
+        };
         let security = if insecure {
             Security::Insecure
         } else {
@@ -824,6 +840,7 @@ impl Config {
             max_sessions,
             unavailable_retention: Duration::from_secs(f.unavailable_retention_secs.unwrap_or(360)),
             link_resync,
+            policer_burst,
             policy: Policy {
                 profiles: Profiles::new(out),
                 pools,

@@ -56,6 +56,8 @@ pub struct Limits {
     pub max_active_per_client: u32,
     /// Distinct sinks (by origin) one API client's AVAILABLE sessions may notify.
     pub max_sinks_per_client: u32,
+    /// Maximum-rate policers' bucket depth, as time at the rate.
+    pub policer_burst: Duration,
 }
 
 impl Limits {
@@ -98,14 +100,17 @@ pub struct Reservation {
 /// At least two of the largest GSO packets: tc sees a GSO packet whole, so a smaller burst would
 /// drop every one of them when offloads are on.
 const MIN_BURST_BYTES: u64 = 2 * 65_536;
-/// Policer burst as time at the maximum rate.
-const BURST_MS: u64 = 20;
+/// Default policer burst as time at the maximum rate (`policer_burst_ms`): deep enough for TCP's
+/// window bursts to pass, so a flow reaches its maximum instead of losing whole windows (see
+/// BENCHMARKS.md, "TCP through a policed maximum").
+pub const DEFAULT_POLICER_BURST_MS: u64 = 250;
 
-fn policer(rate_bps: u64) -> Policer {
-    Policer::new(
-        rate_bps,
-        (rate_bps / 8 * BURST_MS / 1000).max(MIN_BURST_BYTES),
-    )
+/// The policer of a `rate_bps` maximum: its bucket holds `burst` at the rate, at least
+/// [`MIN_BURST_BYTES`].
+fn policer(rate_bps: u64, burst: Duration) -> Policer {
+    let bytes =
+        u64::try_from(u128::from(rate_bps / 8) * burst.as_millis() / 1000).unwrap_or(u64::MAX);
+    Policer::new(rate_bps, bytes.max(MIN_BURST_BYTES))
 }
 
 /// A session as stored.
@@ -359,6 +364,7 @@ pub struct Core {
     retention: Duration,
     max_active_per_client: u32,
     max_sinks_per_client: u32,
+    policer_burst: Duration,
     interfaces: Vec<ManagedInterface>,
     /// Durable copy of every session; `None` in unit tests that do not need one.
     store: Option<Store>,
@@ -397,6 +403,7 @@ impl Core {
             retention: limits.retention,
             max_active_per_client: limits.max_active_per_client,
             max_sinks_per_client: limits.max_sinks_per_client,
+            policer_burst: limits.policer_burst,
             interfaces: limits.interfaces,
             store: None,
         }
@@ -1131,7 +1138,9 @@ impl Core {
             })
         };
         let police = |shaped: bool, max: Option<crate::profile::Rate>| match max {
-            Some(m) if !shaped && m.bits_per_second() > 0 => policer(m.bits_per_second()),
+            Some(m) if !shaped && m.bits_per_second() > 0 => {
+                policer(m.bits_per_second(), self.policer_burst)
+            }
             _ => Policer::default(),
         };
         let band_class = match (reservation, profile.band) {
@@ -1953,6 +1962,7 @@ mod tests {
             event_buffer: 16,
             max_active_per_client,
             max_sinks_per_client: u32::MAX,
+            policer_burst: Duration::from_millis(DEFAULT_POLICER_BURST_MS),
         }
     }
 
@@ -2098,8 +2108,14 @@ mod tests {
         let rule = dp.state.lock().expect("lock").flows[&key][0];
         assert_eq!((rule.dscp, rule.skb_priority), (32, LOW_LATENCY_CLASS));
         // No scheduled interface here: the 500 kbit/s maximum is policed in the classifier.
-        assert_eq!(rule.police_down, policer(500_000));
-        assert_eq!(rule.police_up, policer(500_000));
+        assert_eq!(
+            rule.police_down,
+            policer(500_000, Duration::from_millis(DEFAULT_POLICER_BURST_MS))
+        );
+        assert_eq!(
+            rule.police_up,
+            policer(500_000, Duration::from_millis(DEFAULT_POLICER_BURST_MS))
+        );
         assert_eq!(rule.n_server_ports, 2);
         assert_eq!(
             (rule.server_ports[0].from, rule.server_ports[0].to),
@@ -2367,6 +2383,7 @@ mod tests {
             event_buffer: 16,
             max_active_per_client: u32::MAX,
             max_sinks_per_client: u32::MAX,
+            policer_burst: Duration::from_millis(DEFAULT_POLICER_BURST_MS),
         };
         (
             Arc::new(Core::new(Box::new(dp.clone()), policy(), limits, None)),

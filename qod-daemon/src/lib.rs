@@ -128,6 +128,7 @@ pub async fn run(
                 event_buffer: core::Limits::DEFAULT_EVENT_BUFFER,
                 max_active_per_client: config.limits.max_active_sessions,
                 max_sinks_per_client: config.limits.max_sinks,
+                policer_burst: config.policer_burst,
             },
             Some(notifier.clone()),
         )

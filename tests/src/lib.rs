@@ -1554,6 +1554,93 @@ pub mod traffic {
         }))
     }
 
+    /// A paced UDP flow of `rate_bps` (1200-byte datagrams) from `sender` in `sender_ns` to
+    /// `receiver` in `receiver_ns` for `duration`; what arrived, in `SAMPLE` intervals.
+    pub fn udp_flood(
+        sender_ns: &Netns,
+        sender: SocketAddr,
+        receiver_ns: &Netns,
+        receiver: SocketAddr,
+        rate_bps: u64,
+        duration: Duration,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Delivered>>> {
+        const SIZE: usize = 1200;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = received.clone();
+        let receiving = receiver_ns.spawn(move || {
+            let sock = UdpSocket::bind(receiver).context("bind the receiver")?;
+            sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let _ = ready_tx.send(());
+            let mut buf = vec![0u8; 2048];
+            let end = Instant::now() + duration + Duration::from_millis(500);
+            while Instant::now() < end {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the receiver did not bind")?;
+        let sending = sender_ns.spawn(move || {
+            let sock = UdpSocket::bind(sender).context("bind the sender")?;
+            let data = vec![0x5au8; SIZE];
+            let gap = Duration::from_secs_f64(SIZE as f64 * 8.0 / rate_bps as f64);
+            let start = Instant::now();
+            let mut sent = 0u32;
+            while start.elapsed() < duration {
+                let _ = sock.send_to(&data, receiver);
+                sent += 1;
+                if let Some(wait) = (start + gap * sent).checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            Ok(())
+        });
+        Ok(std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut samples = Vec::new();
+            let mut last = 0u64;
+            while start.elapsed() < duration {
+                std::thread::sleep(SAMPLE);
+                let now = received.load(Ordering::Relaxed);
+                samples.push(now - last);
+                last = now;
+            }
+            sending
+                .join()
+                .map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+            receiving
+                .join()
+                .map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
+            Ok(Delivered {
+                bytes: vec![received.load(Ordering::Relaxed)],
+                samples,
+                duration,
+            })
+        }))
+    }
+
+    /// TCP segments retransmitted so far by the stack of `ns` (`TcpRetransSegs`).
+    pub fn tcp_retransmits(ns: &Netns) -> anyhow::Result<u64> {
+        ns.run(|| {
+            let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+            let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+            let (names, values) = (tcp.next(), tcp.next());
+            let (Some(names), Some(values)) = (names, values) else {
+                anyhow::bail!("no Tcp lines in /proc/net/snmp");
+            };
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(n, _)| *n == "RetransSegs")
+                .and_then(|(_, v)| v.parse().ok())
+                .context("no RetransSegs")
+        })
+    }
+
     /// Round trips of a UDP probe; `None` for a probe that never came back.
     #[derive(Clone, Debug, Default)]
     pub struct Probe {
@@ -1812,6 +1899,12 @@ name = "QOS_C"
 status = "ACTIVE"
 band = "best_effort"
 max_downstream_rate = { value = 10, unit = "Mbps" }
+
+[[profiles]]
+name = "QOS_GU"
+status = "ACTIVE"
+service_class = "high_throughput_data"
+target_min_downstream_rate = { value = 20, unit = "Mbps" }
 "#;
 }
 

@@ -62,7 +62,7 @@ fn congested_probe(lab: &Lab) -> (Probe, Delivered) {
 async fn sessions_hold_their_promise_under_congestion() {
     qod_testkit::api::require_root();
     let lab = Lab::new().expect("lab");
-    for extra in ["10.0.1.4/24", "10.0.1.5/24"] {
+    for extra in ["10.0.1.4/24", "10.0.1.5/24", "10.0.1.6/24"] {
         lab.device
             .ip(&["addr", "add", extra, "dev", DEVICE_IF])
             .expect("address");
@@ -151,6 +151,29 @@ async fn sessions_hold_their_promise_under_congestion() {
     assert!(
         got >= 2.0,
         "the capped flow should still get through: {got:.2}"
+    );
+
+    // 5. A guarantee without a maximum and without a CAMARA priority beside 8 bulk flows: it
+    //    keeps its 20 Mbit/s and shares the spare capacity equally with best effort (one HTB
+    //    priority, round robin), so best effort is not starved (it used to get 14-16 Mbit/s).
+    api.create_session(session(
+        "10.0.1.6",
+        addr::SERVER_V4,
+        "QOS_GU",
+        &[9400],
+        &[],
+        600,
+    ))
+    .await
+    .expect("QOS_GU");
+    let bulk = downlink(&lab, addr::OTHER_DEVICE_V4, 9500, 8);
+    let got = goodput_mbit(downlink(&lab, "10.0.1.6", 9400, 1));
+    let bulk = goodput_mbit(bulk);
+    eprintln!("QOS_GU (20 Mbit/s guaranteed, no maximum): {got:.2} Mbit/s, bulk {bulk:.2} Mbit/s");
+    assert!(got >= 18.0, "guaranteed 20 Mbit/s, got {got:.2}");
+    assert!(
+        bulk >= 25.0,
+        "best effort shares the spare capacity: {bulk:.2} Mbit/s"
     );
 }
 

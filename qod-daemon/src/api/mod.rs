@@ -376,6 +376,7 @@ mod tests {
             event_buffer: 2,
             max_active_per_client: u32::MAX,
             max_sinks_per_client: u32::MAX,
+            policer_burst: Duration::from_millis(crate::core::DEFAULT_POLICER_BURST_MS),
         };
         let core = Arc::new(Core::new(
             Box::new(FakeDataPlane::default()),

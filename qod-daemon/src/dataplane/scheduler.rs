@@ -12,10 +12,12 @@
 //!    │        their own from the low-latency pool), ceil = capacity; short FIFO leaf
 //!    ├─ 1:20  best effort: prio 7, rate = what is left, ceil = capacity; fq_codel if the kernel
 //!    │        has it, else a 1000-packet FIFO
-//!    └─ 1:1xx one class per session with a rate on this interface: guaranteed (prio 1-3, rate =
-//!             target minimum, ceil = maximum), low latency with a maximum (prio 0, rate = ceil =
-//!             maximum, short FIFO), or capped best effort (prio 4-6, ceil = maximum); the
-//!             session's CAMARA `priority` picks within the range (who borrows spare first)
+//!    └─ 1:1xx one class per session with a rate on this interface: guaranteed (rate = target
+//!             minimum, ceil = maximum), low latency with a maximum (prio 0, rate = ceil =
+//!             maximum, short FIFO), or capped best effort (ceil = maximum). Spare capacity:
+//!             a profile with a CAMARA `priority` borrows ahead of best effort (guaranteed prio
+//!             1-3, capped 4-6, by that priority); without one, the class borrows at best
+//!             effort's prio 7 and HTB's round robin gives it and best effort equal shares
 //! ```
 //!
 //! The classifier steers packets by writing the class id into `skb->priority`, which HTB honours
@@ -59,18 +61,30 @@ pub struct ClassSpec {
     pub rate_bps: u64,
     pub ceil_bps: u64,
     /// HTB priority (who borrows spare capacity first, 0 first): 0 low latency, 1..=3
-    /// guaranteed, 4..=6 capped best effort, 7 the shared best-effort class.
+    /// guaranteed and 4..=6 capped best effort when the profile gives a CAMARA `priority`, 7
+    /// the shared best-effort class and every session class whose profile gives none.
     pub prio: u8,
     /// Leaf FIFO length in packets.
     pub limit: u32,
 }
 
-/// CAMARA `priority` (1..=100, lower is more important; none: the middle) scaled onto three
-/// HTB priorities starting at `base`.
+/// HTB priority of best effort, and of every session class whose profile gives no CAMARA
+/// `priority`: classes at one HTB priority share spare capacity by deficit round robin, one
+/// frame (`QUANTUM`) each per round, so best effort gets an equal share beside them.
+pub const BEST_EFFORT_PRIO: u8 = 7;
+
+/// Who borrows spare capacity first. A profile with a CAMARA `priority` (1..=100, lower is more
+/// important) says its sessions go ahead of best effort: it is scaled onto three HTB priorities
+/// from `base`. Without one, the session shares spare capacity equally with best effort.
 fn scaled(base: u8, priority: Option<u8>) -> u8 {
-    let p = u16::from(priority.unwrap_or(50).clamp(1, 100));
-    // (p - 1) * 3 / 100 is 0..=2.
-    base + ((p - 1) * 3 / 100) as u8
+    match priority {
+        Some(p) => {
+            let p = u16::from(p.clamp(1, 100));
+            // (p - 1) * 3 / 100 is 0..=2.
+            base + ((p - 1) * 3 / 100) as u8
+        }
+        None => BEST_EFFORT_PRIO,
+    }
 }
 
 impl ClassSpec {
@@ -434,13 +448,13 @@ mod tests {
     #[test]
     fn camara_priority_orders_borrowing() {
         assert_eq!(ClassSpec::guaranteed(1, 2, Some(1)).prio, 1);
-        assert_eq!(ClassSpec::guaranteed(1, 2, None).prio, 2);
+        assert_eq!(ClassSpec::guaranteed(1, 2, Some(50)).prio, 2);
         assert_eq!(ClassSpec::guaranteed(1, 2, Some(100)).prio, 3);
         assert_eq!(ClassSpec::capped(10_000_000, Some(1)).prio, 4);
         assert_eq!(ClassSpec::capped(10_000_000, Some(100)).prio, 6);
-        assert!(
-            ClassSpec::capped(10_000_000, None).prio < 7,
-            "ahead of shared best effort"
-        );
+        // Without a priority the profile does not say to go first: spare capacity is shared
+        // equally with best effort.
+        assert_eq!(ClassSpec::guaranteed(1, 2, None).prio, BEST_EFFORT_PRIO);
+        assert_eq!(ClassSpec::capped(10_000_000, None).prio, BEST_EFFORT_PRIO);
     }
 }
