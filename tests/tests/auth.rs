@@ -128,8 +128,29 @@ async fn bad_tokens_are_unauthenticated_and_change_nothing() {
         &EncodingKey::from_secret(&pki.read("jwks.json").expect("jwks")),
     )
     .expect("hs256");
+    let typed = |typ: &str| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("qod-dev-es256".into());
+        h.typ = Some(typ.into());
+        jsonwebtoken::encode(
+            &h,
+            &claims(TEST_CLIENT),
+            &EncodingKey::from_ec_pem(&pki.read("jwt-signing.key").expect("key")).expect("key"),
+        )
+        .expect("sign")
+    };
+    // RFC 9068's type, and plain JWT, are access tokens.
+    for typ in ["at+jwt", "application/at+jwt", "JWT"] {
+        list_profiles(&qodd, typed(typ))
+            .await
+            .unwrap_or_else(|e| panic!("typ {typ}: {e:?}"));
+    }
     let cases: Vec<(&str, Option<String>)> = vec![
         ("no token", None),
+        (
+            "a DPoP proof, not an access token (typ)",
+            Some(typed("dpop+jwt")),
+        ),
         ("malformed", Some("not.a-jwt".into())),
         (
             "signed by an untrusted key",

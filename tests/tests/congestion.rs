@@ -214,8 +214,9 @@ target_min_downstream_rate = { value = 30, unit = "Mbps" }
         before + 2,
         "one class per session on the device side"
     );
-    // What the kernel holds (installed over rtnetlink): the rate, the ceiling (the capacity),
-    // ten-frame bursts (15,140 B; tc prints them back a few bytes short, as it does its own),
+    // What the kernel holds (installed over rtnetlink): best effort's HTB priority (the profile
+    // gives no CAMARA priority, so it shares spare capacity with best effort), the rate, the
+    // ceiling (the capacity), ten-frame bursts (15,140 B; tc prints them back a few bytes short, as it does its own),
     // and a 300-packet FIFO leaf.
     let shown = lab
         .edge
@@ -226,7 +227,7 @@ target_min_downstream_rate = { value = 30, unit = "Mbps" }
         .find(|l| l.starts_with("class htb 1:10") && l.contains("parent 1:1 leaf 10"))
         .unwrap_or_else(|| panic!("a per-session class: {shown}"));
     assert!(
-        class.contains("prio 2 rate 30Mbit ceil 100Mbit burst 151") && class.contains("cburst 151"),
+        class.contains("prio 7 rate 30Mbit ceil 100Mbit burst 151") && class.contains("cburst 151"),
         "{class}"
     );
     let leaves = lab

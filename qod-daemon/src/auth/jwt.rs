@@ -211,6 +211,13 @@ impl Verifier {
     fn verify_signed(&self, token: &str) -> Result<Map<String, Value>, String> {
         let header = decode_header(token)
             .map_err(|_| "the access token is not a well-formed signed JWT".to_owned())?;
+        if let Some(typ) = &header.typ
+            && !access_token_type(typ)
+        {
+            return Err(format!(
+                "the access token's type (typ) {typ:?} is not an access token's (at+jwt or JWT)"
+            ));
+        }
         if !self.rules.algorithms.contains(&header.alg) {
             return Err(format!(
                 "the access token's algorithm {:?} is not accepted",
@@ -352,6 +359,16 @@ pub fn numeric_date(v: Option<&Value>) -> Option<u64> {
     })
 }
 
+/// RFC 9068 §2.1: an access token's `typ` is `at+jwt` (`application/at+jwt`); plain `JWT` is
+/// accepted too, since many identity providers still issue it. Any other type (an ID token, a
+/// DPoP proof, a logout token) is a token of another kind and must not open the API. The media
+/// type is compared case-insensitively (RFC 7515 §4.1.9).
+fn access_token_type(typ: &str) -> bool {
+    let t = typ.to_ascii_lowercase();
+    let t = t.strip_prefix("application/").unwrap_or(&t);
+    t == "at+jwt" || t == "jwt"
+}
+
 /// RFC 7519 §4.1: `iss` must be the trusted issuer, `aud` (a string or an array) must hold our
 /// audience, `exp` and `nbf` are NumericDates (fractional ones included) checked with leeway.
 fn check_claims(
@@ -404,5 +421,18 @@ fn describe(kind: &ErrorKind) -> String {
     match kind {
         ErrorKind::InvalidAlgorithm => "the access token's algorithm does not match its key".into(),
         _ => "the access token is not valid".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_access_token_types_are_accepted() {
+        for ok in ["at+jwt", "application/at+jwt", "AT+JWT", "JWT", "jwt"] {
+            assert!(super::access_token_type(ok), "{ok}");
+        }
+        for refused in ["dpop+jwt", "logout+jwt", "id_token+jwt", "JOSE", ""] {
+            assert!(!super::access_token_type(refused), "{refused}");
+        }
     }
 }
