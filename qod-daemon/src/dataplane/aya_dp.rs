@@ -353,7 +353,10 @@ impl AyaDataPlane {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut dp = Self::load(max_sessions, &root)?;
+        // A load the verifier refuses leaves no pins behind either.
+        let mut dp = Self::load(max_sessions, &root).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&root);
+        })?;
         dp.ephemeral = Some(root);
         Ok(dp)
     }
