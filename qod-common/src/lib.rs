@@ -8,7 +8,7 @@
 use core::mem::size_of;
 
 /// Bumped on any change to a map's name, key, value or meaning.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Hash map IPv4 device address (`u32`, network byte order) -> `DeviceRules`.
 pub const FLOWS_V4_MAP: &str = "QOD_FLOWS_V4";
@@ -239,6 +239,18 @@ impl Policer {
         }
     }
 
+    /// This policer with the deeper of its own bucket and `other`'s (same rate).
+    pub const fn max_burst(self, other: Self) -> Self {
+        Self {
+            ns_per_byte_q16: self.ns_per_byte_q16,
+            burst_ns: if other.burst_ns > self.burst_ns {
+                other.burst_ns
+            } else {
+                self.burst_ns
+            },
+        }
+    }
+
     #[inline(always)]
     pub fn cost_ns(&self, bytes: u64) -> u64 {
         (bytes * self.ns_per_byte_q16) >> 16
@@ -276,8 +288,11 @@ pub struct FlowCounters {
     /// Packets dropped by the maximum-rate policer, per direction.
     pub up_dropped: u64,
     pub down_dropped: u64,
+    /// Bytes of those packets (so matched = let through + dropped, in bytes too).
+    pub up_dropped_bytes: u64,
+    pub down_dropped_bytes: u64,
 }
-const _: () = assert!(size_of::<FlowCounters>() == 48);
+const _: () = assert!(size_of::<FlowCounters>() == 64);
 
 #[cfg(feature = "user")]
 mod pod {

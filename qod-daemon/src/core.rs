@@ -28,7 +28,8 @@ use crate::{
     dataplane::{
         DataPlane, DataPlaneError, monotonic_ns,
         scheduler::{
-            BEST_EFFORT_CLASS, ClassSpec, LOW_LATENCY_CLASS, MAX_SESSION_CLASSES, session_class,
+            BEST_EFFORT_CLASS, BurstRule, ClassSpec, LOW_LATENCY_CLASS, MAX_SESSION_CLASSES,
+            session_class,
         },
     },
     error::{CamaraCode, CamaraError},
@@ -111,6 +112,19 @@ fn policer(rate_bps: u64, burst: Duration) -> Policer {
     let bytes =
         u64::try_from(u128::from(rate_bps / 8) * burst.as_millis() / 1000).unwrap_or(u64::MAX);
     Policer::new(rate_bps, bytes.max(MIN_BURST_BYTES))
+}
+
+/// What `profile` says of bursts in the direction that leaves through a `side` interface:
+/// downstream towards the device, upstream towards the server.
+fn burst_rule(profile: &QosProfile, side: Side) -> BurstRule {
+    let burst_rate = match side {
+        Side::Device => profile.max_downstream_burst_rate,
+        _ => profile.max_upstream_burst_rate,
+    };
+    BurstRule {
+        burst_rate_bps: burst_rate.map(|r| r.bits_per_second()).filter(|b| *b > 0),
+        delay_budget: profile.packet_delay_budget.map(|d| d.as_duration()),
+    }
 }
 
 /// A session as stored.
@@ -242,6 +256,43 @@ struct Inner {
     links_down: HashSet<String>,
     /// What each API client's AVAILABLE sessions hold.
     active_by_owner: HashMap<String, OwnerUse>,
+    /// Each live session's last achieved-rate reading (GetSession).
+    meters: HashMap<SessionId, Meter>,
+}
+
+/// The delivered bytes per direction (up, down) at one reading, and the rates measured then.
+#[derive(Clone, Copy, Debug)]
+struct Meter {
+    at: Instant,
+    bytes: [u64; 2],
+    achieved: [Option<u64>; 2],
+    interval: Duration,
+}
+
+/// Shortest interval an achieved rate is measured over: readings closer together repeat the
+/// previous rate.
+pub const METER_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One direction of a live session as GetSession reports it: what its own scheduler class (where
+/// the direction has one) delivered, dropped and queues, and the achieved rate beside the granted
+/// one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectionReport {
+    pub class: Option<crate::dataplane::TcStats>,
+    /// Bit/s delivered (after the class's queue, or let through by the classifier where the
+    /// direction has no class of its own) over `interval`.
+    pub achieved_bps: Option<u64>,
+    pub interval: Option<Duration>,
+    /// The profile's target minimum and maximum for the direction.
+    pub granted_min_bps: Option<u64>,
+    pub granted_max_bps: Option<u64>,
+}
+
+/// Both directions of a live session (see [`DirectionReport`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Delivery {
+    pub up: DirectionReport,
+    pub down: DirectionReport,
 }
 
 /// An API client's AVAILABLE sessions: how many, and how many per sink origin (each origin is
@@ -340,6 +391,8 @@ pub struct NodeStats {
         [qod_common::BandCounters; qod_common::BANDS as usize],
     )>,
     /// What the classifier could not parse, and the fragments it followed, per interface.
+    /// Each scheduled interface's queues: what they delivered, dropped and hold.
+    pub queues: Vec<(String, crate::dataplane::QueueStats)>,
     pub parse: Vec<(String, qod_common::ParseCounters)>,
 }
 
@@ -396,6 +449,7 @@ impl Core {
                 reserved: HashMap::new(),
                 links_down: HashSet::new(),
                 active_by_owner: HashMap::new(),
+                meters: HashMap::new(),
             }),
             wake: Notify::new(),
             announcer: Announcer::new(limits.event_buffer, notifier),
@@ -1021,6 +1075,7 @@ impl Core {
             let bps =
                 |r: Option<crate::profile::Rate>| r.map(|r| r.bits_per_second()).filter(|b| *b > 0);
             let (target, max) = (bps(target), bps(max));
+            let rule = burst_rule(profile, i.side);
             let class = match (profile.band, target, max) {
                 (Band::Guaranteed, Some(t), m) => ReservedClass {
                     interface: i.name.clone(),
@@ -1028,17 +1083,18 @@ impl Core {
                         t,
                         m.unwrap_or(sched.capacity_bps),
                         profile.priority,
+                        rule,
                     ),
                     pool: Some((Pool::Guaranteed, t)),
                 },
                 (Band::LowLatency, _, Some(m)) => ReservedClass {
                     interface: i.name.clone(),
-                    spec: ClassSpec::low_latency(m),
+                    spec: ClassSpec::low_latency(m, rule),
                     pool: Some((Pool::LowLatency, m)),
                 },
                 (_, _, Some(m)) => ReservedClass {
                     interface: i.name.clone(),
-                    spec: ClassSpec::capped(m, profile.priority),
+                    spec: ClassSpec::capped(m, profile.priority, rule),
                     pool: None,
                 },
                 _ => continue,
@@ -1128,20 +1184,36 @@ impl Core {
             }
             out
         };
-        let class_on = |side: Side| {
-            reservation.is_some_and(|r| {
-                r.classes.iter().any(|c| {
+        // The side whose egress carries a direction: downlink leaves on the device side.
+        let class_of = |side: Side| {
+            reservation.and_then(|r| {
+                r.classes.iter().find(|c| {
                     self.interfaces
                         .iter()
                         .any(|i| i.name == c.interface && i.side == side)
                 })
             })
         };
-        let police = |shaped: bool, max: Option<crate::profile::Rate>| match max {
-            Some(m) if !shaped && m.bits_per_second() > 0 => {
-                policer(m.bits_per_second(), self.policer_burst)
+        let police = |side: Side, max: Option<crate::profile::Rate>| {
+            let Some(m) = max.map(|m| m.bits_per_second()).filter(|m| *m > 0) else {
+                return Policer::default();
+            };
+            let rule = burst_rule(profile, side);
+            match class_of(side) {
+                // A low-latency class: the classifier's bucket matches the class's allowance,
+                // so what exceeds it is dropped before it can queue behind the delay budget.
+                Some(c) if c.spec.prio == 0 => Policer::new(m, c.spec.burst_bytes),
+                // Shaped by its own class.
+                Some(_) => Policer::default(),
+                // Policed: TCP-friendly depth, or the burst rate's allowance where larger.
+                None => {
+                    let p = policer(m, self.policer_burst);
+                    match rule.burst_rate_bps {
+                        Some(_) => p.max_burst(Policer::new(m, rule.allowance(m))),
+                        None => p,
+                    }
+                }
             }
-            _ => Policer::default(),
         };
         let band_class = match (reservation, profile.band) {
             (Some(r), _) => session_class(r.index),
@@ -1163,8 +1235,8 @@ impl Core {
             server_ports: ranges(&flow.server_ports),
             band: profile.band.code(),
             _reserved: [0; 3],
-            police_up: police(class_on(Side::Server), profile.max_upstream_rate),
-            police_down: police(class_on(Side::Device), profile.max_downstream_rate),
+            police_up: police(Side::Server, profile.max_upstream_rate),
+            police_down: police(Side::Device, profile.max_downstream_rate),
         }
     }
 
@@ -1279,6 +1351,10 @@ impl Core {
             session_classes,
             bands: inner.dp.band_counters().unwrap_or_else(|e| {
                 warn!(error = %e, "cannot read the classifier's band counters");
+                Vec::new()
+            }),
+            queues: inner.dp.queue_stats().unwrap_or_else(|e| {
+                warn!(error = %e, "cannot read the schedulers' statistics");
                 Vec::new()
             }),
             parse: inner.dp.parse_counters().unwrap_or_else(|e| {
@@ -1477,6 +1553,98 @@ impl Core {
         view(&inner, session)
     }
 
+    /// [`Self::get`] with, for a live session, what each direction delivered against what it
+    /// was granted. The achieved rate is measured from the previous such reading of the session
+    /// (at least [`METER_INTERVAL`] before; the first reading measures from the start).
+    pub fn get_delivery(
+        &self,
+        id: SessionId,
+        caller: &Caller,
+    ) -> Result<(SessionView, Option<Delivery>), CamaraError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let session = inner.accessible(id, caller)?;
+        let v = view(&inner, session)?;
+        let SessionState::Available { .. } = v.session.state else {
+            inner.meters.remove(&id);
+            return Ok((v, None));
+        };
+        let policy = self.policy();
+        let profile = policy.profiles.get(&v.session.request.profile);
+        let mut report = [DirectionReport::default(), DirectionReport::default()];
+        // Up leaves through the server side, down through the device side.
+        for (n, side) in [Side::Server, Side::Device].into_iter().enumerate() {
+            let r = &mut report[n];
+            if let Some(p) = profile {
+                let (min, max) = match side {
+                    Side::Device => (p.target_min_downstream_rate, p.max_downstream_rate),
+                    _ => (p.target_min_upstream_rate, p.max_upstream_rate),
+                };
+                r.granted_min_bps = min.map(|r| r.bits_per_second());
+                r.granted_max_bps = max.map(|r| r.bits_per_second());
+            }
+            let class = v.session.reservation.as_ref().and_then(|res| {
+                res.classes
+                    .iter()
+                    .find(|c| {
+                        self.interfaces
+                            .iter()
+                            .any(|i| i.name == c.interface && i.side == side)
+                    })
+                    .map(|c| (c.interface.as_str(), res.index))
+            });
+            if let Some((interface, index)) = class {
+                match inner.dp.class_stats(interface, index) {
+                    Ok(stats) => r.class = Some(stats),
+                    Err(e) => warn!(session = %id, error = %e, "cannot read a session class"),
+                }
+            }
+        }
+        let delivered =
+            |n: usize, let_through: u64| report[n].class.map_or(let_through, |c| c.bytes);
+        let bytes = [
+            delivered(0, v.counters.up_bytes),
+            delivered(1, v.counters.down_bytes),
+        ];
+        let previous = inner.meters.get(&id).copied();
+        let meter = match previous {
+            Some(m) if now.duration_since(m.at) < METER_INTERVAL => m,
+            _ => {
+                let (at, before) = previous.map_or_else(
+                    || (self.started_instant(&v.session, now), [0, 0]),
+                    |m| (m.at, m.bytes),
+                );
+                let interval = now.duration_since(at);
+                let rate = |n: usize| {
+                    let secs = interval.as_secs_f64();
+                    (secs > 0.0)
+                        .then(|| (bytes[n].saturating_sub(before[n]) as f64 * 8.0 / secs) as u64)
+                };
+                let m = Meter {
+                    at: now,
+                    bytes,
+                    achieved: [rate(0), rate(1)],
+                    interval,
+                };
+                inner.meters.insert(id, m);
+                m
+            }
+        };
+        for (n, r) in report.iter_mut().enumerate() {
+            r.achieved_bps = meter.achieved[n];
+            r.interval = Some(meter.interval);
+        }
+        let [up, down] = report;
+        Ok((v, Some(Delivery { up, down })))
+    }
+
+    /// When `session` (live) started, on the monotonic clock.
+    fn started_instant(&self, session: &Session, now: Instant) -> Instant {
+        let since = OffsetDateTime::now_utc() - session.started_at;
+        now.checked_sub(Duration::try_from(since).unwrap_or_default())
+            .unwrap_or(now)
+    }
+
     /// Deletes a session. An AVAILABLE one leaves the data plane and emits `DELETE_REQUESTED`;
     /// an UNAVAILABLE one is just forgotten (CAMARA: no event).
     pub fn delete(&self, id: SessionId, caller: &Caller) -> Result<(), CamaraError> {
@@ -1536,6 +1704,7 @@ impl Core {
             inner.count_active(&session.request, false);
         }
         inner.sessions.remove(&id);
+        inner.meters.remove(&id);
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
         if let Some(event) = event {
@@ -1690,6 +1859,7 @@ impl Core {
         ended.deadline = purge;
         inner.deadlines.insert((purge, id));
         inner.sessions.insert(id, ended.clone());
+        inner.meters.remove(&id);
         let event = self.event(
             SessionView {
                 session: ended.clone(),
@@ -1776,6 +1946,7 @@ impl Core {
                 }
                 SessionState::Unavailable { .. } => {
                     inner.sessions.remove(&id);
+                    inner.meters.remove(&id);
                     unlink(&mut inner, &session.flow.device, id);
                     self.forget_logged(id);
                     info!(session = %id, "unavailable session purged");
@@ -2406,11 +2577,10 @@ mod tests {
         let held = v.session.reservation.clone().expect("classes").index;
         // What an adopted tree may hold: the class of a session that ended while qodd was down.
         let stale = held + 5;
-        dp.state
-            .lock()
-            .expect("lock")
-            .classes
-            .insert(("dev0".into(), stale), ClassSpec::capped(1_000_000, None));
+        dp.state.lock().expect("lock").classes.insert(
+            ("dev0".into(), stale),
+            ClassSpec::capped(1_000_000, None, BurstRule::default()),
+        );
         core.restore(Vec::new(), false);
         let classes = dp.state.lock().expect("lock").classes.clone();
         assert!(
@@ -2459,14 +2629,28 @@ mod tests {
             "nothing left behind"
         );
         // Low latency draws on its own pool: QOS_E gets a strict-priority class at its 500 kbit/s
-        // maximum on each side, shaped there rather than policed.
+        // maximum on each side, with ten frames of burst (10 ms at 500 kbit/s is less), and the
+        // classifier polices it with the same bucket, so what exceeds it is dropped, not queued.
         let e = core
             .create(profile_request([10, 0, 0, 20], "QOS_E"))
             .expect("low latency");
         let r = e.session.reservation.clone().expect("classes");
         assert_eq!(e.session.rule.skb_priority, session_class(r.index));
-        assert_eq!(r.classes[0].spec, ClassSpec::low_latency(500_000));
-        assert_eq!(e.session.rule.police_down, Policer::default());
+        assert_eq!(
+            r.classes[0].spec,
+            ClassSpec::low_latency(
+                500_000,
+                BurstRule {
+                    burst_rate_bps: None,
+                    delay_budget: Some(Duration::from_millis(10)),
+                }
+            )
+        );
+        assert_eq!(
+            e.session.rule.police_down,
+            Policer::new(500_000, r.classes[0].spec.burst_bytes)
+        );
+        assert_eq!(r.classes[0].spec.burst_bytes, 15_140);
         // 10 % of 100 Mbit/s is 10 Mbit/s of low-latency pool: 20 sessions of 500 kbit/s.
         for i in 21..40 {
             core.create(profile_request([10, 0, 0, i], "QOS_E"))

@@ -363,6 +363,57 @@ impl Collector for NodeCollector {
             "bytes of sessions the classifier dropped, by interface, band and reason",
             bands().map(|(k, c)| (dropped(k), c.policer_dropped_bytes)),
         )?;
+        let queues = |f: fn(&crate::dataplane::TcStats) -> u64| {
+            stats.queues.iter().flat_map(move |(interface, q)| {
+                [
+                    ("low_latency", &q.low_latency),
+                    ("best_effort", &q.best_effort),
+                    ("sessions", &q.sessions),
+                ]
+                .into_iter()
+                .map(move |(queue, s)| {
+                    (
+                        vec![
+                            ("interface", interface.clone()),
+                            ("queue", queue.to_owned()),
+                        ],
+                        f(s),
+                    )
+                })
+            })
+        };
+        counter(
+            &mut e,
+            "qod_scheduler_delivered_packets",
+            "packets the scheduler sent on (after shaping) per scheduled interface and queue: the shared low-latency band, best effort, and the per-session classes together",
+            queues(|s| s.packets),
+        )?;
+        counter(
+            &mut e,
+            "qod_scheduler_delivered_bytes",
+            "bytes the scheduler sent on, per scheduled interface and queue",
+            queues(|s| s.bytes),
+        )?;
+        counter(
+            &mut e,
+            "qod_scheduler_dropped_packets",
+            "packets dropped because a queue was full, per scheduled interface and queue",
+            queues(|s| s.drops),
+        )?;
+        gauge(
+            &mut e,
+            "qod_scheduler_backlog_bytes",
+            "bytes queued now, per scheduled interface and queue",
+            None,
+            queues(|s| s.backlog_bytes).map(|(l, v)| (l, i(v))),
+        )?;
+        gauge(
+            &mut e,
+            "qod_scheduler_backlog_packets",
+            "packets queued now, per scheduled interface and queue",
+            None,
+            queues(|s| s.backlog_packets).map(|(l, v)| (l, i(v))),
+        )?;
         let parse = |reason: &'static str, f: fn(&qod_common::ParseCounters) -> u64| {
             stats.parse.iter().map(move |(i, c)| {
                 (

@@ -257,8 +257,14 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
                     (*c).down_packets += 1;
                     (*c).down_bytes += len;
                 }
-                (true, false) => (*c).up_dropped += 1,
-                (false, false) => (*c).down_dropped += 1,
+                (true, false) => {
+                    (*c).up_dropped += 1;
+                    (*c).up_dropped_bytes += len;
+                }
+                (false, false) => {
+                    (*c).down_dropped += 1;
+                    (*c).down_dropped_bytes += len;
+                }
             }
         }
     }

@@ -592,6 +592,26 @@ pub fn udp_send(
 }
 
 /// `GET http://127.0.0.1:{port}{path}` inside `ns`: status, content type and body.
+/// The samples of an OpenMetrics text: `name{labels}` → value.
+pub fn metric_samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sample `key`; a missing one fails with the samples of that metric.
+pub fn metric_value(samples: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
+    *samples.get(key).unwrap_or_else(|| {
+        let name = key.split('{').next().unwrap_or(key);
+        let near: Vec<_> = samples.keys().filter(|k| k.starts_with(name)).collect();
+        panic!("no sample {key}; {name} has {near:?}")
+    })
+}
+
 pub fn http_get(ns: &Netns, port: u16, path: &str) -> (u16, String, String) {
     let url = format!("http://127.0.0.1:{port}{path}");
     ns.run(move || {
@@ -1655,6 +1675,14 @@ pub mod traffic {
             self.rtts.iter().filter(|r| r.is_none()).count() as f64 / self.rtts.len() as f64
         }
 
+        /// The probe without its first `n` datagrams (the first of a new flow also waits for
+        /// neighbour resolution on the way).
+        pub fn skip(&self, n: usize) -> Probe {
+            Probe {
+                rtts: self.rtts.get(n..).unwrap_or_default().to_vec(),
+            }
+        }
+
         /// Sorted round trips of the answered probes.
         pub fn sorted(&self) -> Vec<Duration> {
             let mut v: Vec<Duration> = self.rtts.iter().flatten().copied().collect();
@@ -1682,6 +1710,36 @@ pub mod traffic {
         interval: Duration,
         duration: Duration,
     ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Probe>>> {
+        udp_bursts(
+            client_ns,
+            client,
+            server_ns,
+            server,
+            Bursts { count: 1, size: 64 },
+            interval,
+            duration,
+        )
+    }
+
+    /// Bursts of `count` datagrams of `size` bytes sent back to back (the shape of a game tick,
+    /// a video frame, a voice packet train).
+    #[derive(Clone, Copy, Debug)]
+    pub struct Bursts {
+        pub count: usize,
+        pub size: usize,
+    }
+
+    /// [`udp_probe`] sending a burst every `interval`: each datagram is answered with its first
+    /// 64 bytes, so what is measured is the way out (towards the server's answer).
+    pub fn udp_bursts(
+        client_ns: &Netns,
+        client: SocketAddr,
+        server_ns: &Netns,
+        server: SocketAddr,
+        bursts: Bursts,
+        interval: Duration,
+        duration: Duration,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Probe>>> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         // The echo runs until the client is done, so the port is free for the next probe.
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1693,7 +1751,7 @@ pub mod traffic {
             let mut buf = [0u8; 2048];
             while !echo_done.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(&buf[..n], from);
+                    let _ = sock.send_to(&buf[..n.min(64)], from);
                 }
             }
             Ok(())
@@ -1709,7 +1767,8 @@ pub mod traffic {
             let sock = UdpSocket::bind(client).context("bind probe")?;
             let rx = sock.try_clone()?;
             rx.set_read_timeout(Some(Duration::from_millis(100)))?;
-            let count = (duration.as_micros() / interval.as_micros().max(1)) as usize;
+            let ticks = (duration.as_micros() / interval.as_micros().max(1)) as usize;
+            let count = ticks * bursts.count;
             let start = Instant::now();
             let receiver = std::thread::spawn(move || {
                 let mut rtts = vec![None; count];
@@ -1731,15 +1790,18 @@ pub mod traffic {
                 }
                 rtts
             });
-            let mut pkt = [0u8; 64];
-            for seq in 0..count {
-                let due = start + interval * seq as u32;
+            let mut pkt = vec![0u8; bursts.size.max(16)];
+            for tick in 0..ticks {
+                let due = start + interval * tick as u32;
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
-                pkt[..8].copy_from_slice(&(seq as u64).to_be_bytes());
-                pkt[8..16].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_be_bytes());
-                let _ = sock.send_to(&pkt, server);
+                for n in 0..bursts.count {
+                    let seq = tick * bursts.count + n;
+                    pkt[..8].copy_from_slice(&(seq as u64).to_be_bytes());
+                    pkt[8..16].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_be_bytes());
+                    let _ = sock.send_to(&pkt, server);
+                }
             }
             let rtts = receiver
                 .join()

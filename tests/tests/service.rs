@@ -13,7 +13,7 @@ use qod_daemon::devkit::DevPki;
 use qod_testkit::{
     EDGE_DEV_IF, EDGE_SRV_IF, Lab, Launch, Qodd, addr,
     api::{CONGESTION_PROFILES, require_root, scheduled_interfaces},
-    qodd_bin, workspace_root,
+    metric_value as value, qodd_bin, workspace_root,
 };
 
 fn unit_path() -> PathBuf {
@@ -464,28 +464,6 @@ async fn json_logs_carry_the_call_and_one_audit_line_per_change() {
     assert!(audit(&lines, "restore", &deleted.session_id).is_empty());
 }
 
-/// GETs `http://127.0.0.1:{port}{path}` from inside `ns` with a real HTTP client: (status,
-/// content type, body).
-/// `name{labels}` → value, from an OpenMetrics exposition.
-fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// The sample `key`; a missing one fails with the samples of that metric.
-fn value(samples: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
-    *samples.get(key).unwrap_or_else(|| {
-        let name = key.split('{').next().unwrap_or(key);
-        let near: Vec<_> = samples.keys().filter(|k| k.starts_with(name)).collect();
-        panic!("no sample {key}; {name} has {near:?}")
-    })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_and_readiness_follow_sessions_calls_and_links() {
     const PORT: u16 = 9464;
@@ -497,7 +475,7 @@ async fn metrics_and_readiness_follow_sessions_calls_and_links() {
         assert_eq!(status, 200);
         assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
         assert!(body.trim_end().ends_with("# EOF"), "{body}");
-        samples(&body)
+        qod_testkit::metric_samples(&body)
     };
     let before = scrape();
     assert_eq!(value(&before, "qod_build_info{version=\"0.1.0\"}"), 1.0);
@@ -741,7 +719,7 @@ async fn classifier_counts_treated_and_policed_packets_per_interface_and_band() 
     udp_burst(&lab, addr::SERVER_V4, addr::DEVICE_V4, BURST);
     let (status, _, body) = qod_testkit::http_get(&lab.edge, PORT, "/metrics");
     assert_eq!(status, 200);
-    let m = samples(&body);
+    let m = qod_testkit::metric_samples(&body);
     let at = |name: &str, interface: &str, extra: &str| {
         value(
             &m,

@@ -537,7 +537,59 @@ pub fn session_info(v: &SessionView) -> pb::SessionInfo {
             downlink_bytes: v.counters.down_bytes,
             uplink_dropped: v.counters.up_dropped,
             downlink_dropped: v.counters.down_dropped,
+            uplink: None,
+            downlink: None,
         }),
+    }
+}
+
+/// [`session_info`] with each direction's delivery (GetSession).
+pub fn session_info_with_delivery(
+    v: &SessionView,
+    delivery: Option<&crate::core::Delivery>,
+) -> pb::SessionInfo {
+    let mut info = session_info(v);
+    if let (Some(d), Some(c)) = (delivery, info.counters.as_mut()) {
+        let f = &v.counters;
+        c.uplink = Some(direction_report(
+            &d.up,
+            [f.up_packets, f.up_bytes],
+            [f.up_dropped, f.up_dropped_bytes],
+        ));
+        c.downlink = Some(direction_report(
+            &d.down,
+            [f.down_packets, f.down_bytes],
+            [f.down_dropped, f.down_dropped_bytes],
+        ));
+    }
+    info
+}
+
+/// One direction's report from its delivery and the classifier's [packets, bytes] let through
+/// and dropped by the policer.
+fn direction_report(
+    d: &crate::core::DirectionReport,
+    passed: [u64; 2],
+    dropped: [u64; 2],
+) -> pb::DirectionReport {
+    pb::DirectionReport {
+        matched_packets: passed[0] + dropped[0],
+        matched_bytes: passed[1] + dropped[1],
+        policer_dropped_packets: dropped[0],
+        policer_dropped_bytes: dropped[1],
+        class: d.class.map(|c| pb::ClassReport {
+            delivered_packets: c.packets,
+            delivered_bytes: c.bytes,
+            queue_dropped_packets: c.drops,
+            backlog_packets: c.backlog_packets,
+            backlog_bytes: c.backlog_bytes,
+        }),
+        achieved_bps: d.achieved_bps,
+        achieved_interval_ms: d
+            .interval
+            .map(|i| u64::try_from(i.as_millis()).unwrap_or(u64::MAX)),
+        granted_min_bps: d.granted_min_bps,
+        granted_max_bps: d.granted_max_bps,
     }
 }
 

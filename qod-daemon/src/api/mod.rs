@@ -153,8 +153,10 @@ impl QualityOnDemand for SessionService {
         let caller = authorize(&request, scope::SESSIONS_READ)?;
         let id: SessionId = request.into_inner().session_id.parse()?;
         tracing::Span::current().record("session", id.to_string());
-        Ok(Response::new(convert::session_info(
-            &self.core.get(id, &caller)?,
+        let (view, delivery) = self.core.get_delivery(id, &caller)?;
+        Ok(Response::new(convert::session_info_with_delivery(
+            &view,
+            delivery.as_ref(),
         )))
     }
 

@@ -677,6 +677,8 @@ impl DataPlane for AyaDataPlane {
                 down_bytes: a.down_bytes + c.down_bytes,
                 up_dropped: a.up_dropped + c.up_dropped,
                 down_dropped: a.down_dropped + c.down_dropped,
+                up_dropped_bytes: a.up_dropped_bytes + c.up_dropped_bytes,
+                down_dropped_bytes: a.down_dropped_bytes + c.down_dropped_bytes,
             }))
     }
 
@@ -695,6 +697,18 @@ impl DataPlane for AyaDataPlane {
 
     fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError> {
         self.scheduler(interface)?.session_classes()
+    }
+
+    fn class_stats(&self, interface: &str, index: u16) -> Result<super::TcStats, DataPlaneError> {
+        self.scheduler(interface)?.class_stats(index)
+    }
+
+    fn queue_stats(&self) -> Result<Vec<(String, super::QueueStats)>, DataPlaneError> {
+        self.interfaces
+            .iter()
+            .filter_map(|i| self.schedulers.get(&i.name))
+            .map(|s| Ok((s.interface.clone(), s.queue_stats()?)))
+            .collect()
     }
 
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError> {

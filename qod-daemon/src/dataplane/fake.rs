@@ -21,6 +21,8 @@ pub struct FakeState {
     pub fail_next_install: bool,
     /// (interface, class index) → class
     pub classes: HashMap<(String, u16), super::scheduler::ClassSpec>,
+    /// (interface, class index) → what the class reports (zero when absent)
+    pub class_stats: HashMap<(String, u16), super::TcStats>,
     pub reattached: Vec<String>,
 }
 
@@ -100,6 +102,18 @@ impl DataPlane for FakeDataPlane {
     fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
         self.state().classes.remove(&(interface.to_owned(), index));
         Ok(())
+    }
+
+    fn class_stats(&self, interface: &str, index: u16) -> Result<super::TcStats, DataPlaneError> {
+        let s = self.state();
+        let key = (interface.to_owned(), index);
+        if !s.classes.contains_key(&key) {
+            return Err(DataPlaneError::Scheduler {
+                interface: interface.to_owned(),
+                what: format!("no class {index}"),
+            });
+        }
+        Ok(s.class_stats.get(&key).copied().unwrap_or_default())
     }
 
     fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError> {

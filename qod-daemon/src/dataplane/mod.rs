@@ -10,8 +10,9 @@ pub use aya_dp::{
     AyaDataPlane, EBPF_OBJECT, Pinned, ensure_bpffs, inspect_pins, pin_dir, remove_pins,
 };
 pub use fake::FakeDataPlane;
+pub use netlink::TcStats;
 use qod_common::{BANDS, BandCounters, DeviceKey, FlowCounters, FlowRule};
-pub use scheduler::SchedulerConfig;
+pub use scheduler::{QueueStats, SchedulerConfig};
 
 /// Failure of a data plane operation.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,13 @@ pub trait DataPlane: Send + 'static {
     ) -> Result<(), DataPlaneError>;
     /// Deletes per-session class `index` on `interface`.
     fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError>;
+    /// What per-session class `index` on `interface` delivered (after its queue), dropped (its
+    /// queue full) and holds now.
+    fn class_stats(&self, interface: &str, index: u16) -> Result<TcStats, DataPlaneError>;
+    /// Each scheduled interface's queues (configured order).
+    fn queue_stats(&self) -> Result<Vec<(String, QueueStats)>, DataPlaneError> {
+        Ok(Vec::new())
+    }
     /// The indexes of the per-session classes on `interface`'s scheduler now (an adopted tree
     /// holds those of the previous run).
     fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError>;

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use super::scheduler::Leaf;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
     setsockopt, socket, sockopt,
@@ -23,9 +24,19 @@ use nix::sys::socket::{
 const RTM_NEWQDISC: u16 = 36;
 const RTM_NEWTCLASS: u16 = 40;
 const RTM_DELTCLASS: u16 = 41;
+const RTM_GETQDISC: u16 = 38;
+const RTM_GETTCLASS: u16 = 42;
+const TCA_STATS2: u16 = 7;
+const TCA_STATS_BASIC: u16 = 1;
+const TCA_STATS_QUEUE: u16 = 3;
+const TCA_STATS_PKT64: u16 = 8;
+/// `TC_H_ROOT`: the parent of a root qdisc.
+pub const TC_H_ROOT: u32 = 0xffff_ffff;
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+/// Send the answer back to the requester: a tc `GET` answers the `RTNLGRP_TC` group otherwise.
+const NLM_F_ECHO: u16 = 0x8;
 const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_CREATE: u16 = 0x400;
 const TCA_KIND: u16 = 1;
@@ -89,6 +100,76 @@ pub struct HtbClass {
     pub cburst_bytes: u64,
     pub quantum: u32,
     pub prio: u8,
+}
+
+/// What a qdisc or class reports of itself (`TCA_STATS2`): sent (for an HTB class: what left
+/// its queue, after shaping), dropped (its leaf queue was full), and what it holds now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub drops: u64,
+    pub overlimits: u64,
+    pub backlog_bytes: u64,
+    pub backlog_packets: u64,
+}
+
+impl TcStats {
+    /// `self` less `other`, field by field (never below zero).
+    pub fn minus(self, other: Self) -> Self {
+        Self {
+            packets: self.packets.saturating_sub(other.packets),
+            bytes: self.bytes.saturating_sub(other.bytes),
+            drops: self.drops.saturating_sub(other.drops),
+            overlimits: self.overlimits.saturating_sub(other.overlimits),
+            backlog_bytes: self.backlog_bytes.saturating_sub(other.backlog_bytes),
+            backlog_packets: self.backlog_packets.saturating_sub(other.backlog_packets),
+        }
+    }
+}
+
+fn word(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 4).map_or(0, |w| {
+        u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+    })
+}
+
+fn dword(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8).map_or(0, |w| {
+        u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+    })
+}
+
+/// The statistics in an `RTM_NEWQDISC` / `RTM_NEWTCLASS` payload (`tcmsg`, then attributes).
+pub fn parse_stats(payload: &[u8]) -> TcStats {
+    let mut out = TcStats::default();
+    let Some(attrs) = payload.get(20..) else {
+        return out;
+    };
+    for (kind, value) in attributes(attrs) {
+        if kind != TCA_STATS2 {
+            continue;
+        }
+        for (kind, v) in attributes(value) {
+            match kind {
+                // struct gnet_stats_basic { __u64 bytes; __u32 packets; }
+                TCA_STATS_BASIC => {
+                    out.bytes = dword(v, 0);
+                    out.packets = out.packets.max(word(v, 8));
+                }
+                TCA_STATS_PKT64 => out.packets = dword(v, 0),
+                // struct gnet_stats_queue { qlen, backlog, drops, requeues, overlimits }
+                TCA_STATS_QUEUE => {
+                    out.backlog_packets = word(v, 0);
+                    out.backlog_bytes = word(v, 4);
+                    out.drops = word(v, 8);
+                    out.overlimits = word(v, 16);
+                }
+                _ => {}
+            }
+        }
+    }
+    out
 }
 
 /// A netlink route socket with a read deadline.
@@ -232,6 +313,47 @@ impl Rtnl {
     /// Sends `messages` (already numbered `first..`) and waits for each acknowledgement; the
     /// first error the kernel reports is returned (every message is still acknowledged).
     fn exchange(&mut self, messages: &[(u32, Vec<u8>)]) -> io::Result<()> {
+        self.exchange_with(messages, |_| {})
+    }
+
+    /// The statistics of the qdisc (`RTM_GETQDISC`) or class (`RTM_GETTCLASS`) `handle` of
+    /// `parent` on `ifindex`.
+    pub fn stats(
+        &mut self,
+        kind: u16,
+        ifindex: u32,
+        handle: u32,
+        parent: u32,
+    ) -> io::Result<TcStats> {
+        let seq = self.next_seq();
+        let m = Msg::new(kind, NLM_F_ECHO, seq)
+            .tcmsg(ifindex, handle, parent)
+            .finish();
+        let mut found = None;
+        self.exchange_with(&[(seq, m)], |reply| {
+            if matches!(reply.kind, RTM_NEWQDISC | RTM_NEWTCLASS) && reply.seq == seq {
+                found = Some(parse_stats(reply.payload));
+            }
+        })?;
+        found.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no statistics in the reply"))
+    }
+
+    /// The statistics of HTB class `classid` on `ifindex`.
+    pub fn class_stats(&mut self, ifindex: u32, classid: u32) -> io::Result<TcStats> {
+        self.stats(RTM_GETTCLASS, ifindex, classid, 0)
+    }
+
+    /// The statistics of the root qdisc `handle` on `ifindex`.
+    pub fn root_stats(&mut self, ifindex: u32, handle: u32) -> io::Result<TcStats> {
+        self.stats(RTM_GETQDISC, ifindex, handle, TC_H_ROOT)
+    }
+
+    /// [`Self::exchange`], handing every other message of the replies to `reply`.
+    fn exchange_with(
+        &mut self,
+        messages: &[(u32, Vec<u8>)],
+        mut reply: impl FnMut(&Message<'_>),
+    ) -> io::Result<()> {
         let mut batch = Vec::new();
         for (_, m) in messages {
             batch.extend_from_slice(m);
@@ -251,6 +373,9 @@ impl Rtnl {
                 }
             })?;
             for m in self::messages(&self.buf[..n]) {
+                if m.kind != NLMSG_ERROR {
+                    reply(&m);
+                }
                 if m.kind == NLMSG_ERROR && m.payload.len() >= 4 {
                     let errno = i32::from_ne_bytes([
                         m.payload[0],
@@ -268,15 +393,20 @@ impl Rtnl {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Creates or replaces HTB class `c` and gives it a `pfifo` leaf of `limit` packets with
-    /// handle `leaf` (major:0), in one exchange.
-    pub fn replace_class(&mut self, c: &HtbClass, leaf: u32, limit: u32) -> io::Result<()> {
+    /// Creates or replaces HTB class `c` and gives it a FIFO leaf (`pfifo` of a length in
+    /// packets, `bfifo` in bytes) with handle `handle` (major:0), in one exchange.
+    pub fn replace_class(&mut self, c: &HtbClass, handle: u32, leaf: Leaf) -> io::Result<()> {
         let class_seq = self.next_seq();
         let class = class_message(c, class_seq);
         let leaf_seq = self.next_seq();
         let mut q = Msg::new(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_REPLACE, leaf_seq)
-            .tcmsg(c.ifindex, leaf, c.classid);
-        q.attr(TCA_KIND, b"pfifo\0");
+            .tcmsg(c.ifindex, handle, c.classid);
+        let (kind, limit): (&[u8], u32) = match leaf {
+            Leaf::Packets(n) => (b"pfifo\0", n),
+            Leaf::Bytes(n) => (b"bfifo\0", n),
+        };
+        q.attr(TCA_KIND, kind);
+        // struct tc_fifo_qopt.
         q.attr(TCA_OPTIONS, &limit.to_ne_bytes());
         self.exchange(&[(class_seq, class), (leaf_seq, q.finish())])
     }

@@ -14,7 +14,8 @@
 //!    │        has it, else a 1000-packet FIFO
 //!    └─ 1:1xx one class per session with a rate on this interface: guaranteed (rate = target
 //!             minimum, ceil = maximum), low latency with a maximum (prio 0, rate = ceil =
-//!             maximum, short FIFO), or capped best effort (ceil = maximum). Spare capacity:
+//!             maximum, a byte FIFO of its burst allowance and delay budget), or capped best
+//!             effort (ceil = maximum); bursts from the profile (`BurstRule`). Spare capacity:
 //!             a profile with a CAMARA `priority` borrows ahead of best effort (guaranteed prio
 //!             1-3, capped 4-6, by that priority); without one, the class borrows at best
 //!             effort's prio 7 and HTB's round robin gives it and best effort equal shares
@@ -34,7 +35,7 @@ use tracing::{info, warn};
 
 use super::{
     DataPlaneError,
-    netlink::{HtbClass, Rtnl},
+    netlink::{HtbClass, Rtnl, TcStats},
 };
 
 /// Longest a `tc` run or a netlink acknowledgement may take before it counts as failed (a
@@ -55,17 +56,74 @@ pub fn session_class(index: u16) -> u32 {
     0x0001_0000 | u32::from(SESSION_MINOR_BASE + index)
 }
 
+/// One full Ethernet frame, the unit of HTB's quantum and of the smallest burst.
+const FRAME: u64 = 1514;
+/// Fewest bytes a burst allowance holds: ten full frames. tc's default is one rate tick of this
+/// kernel's 1 GHz psched clock, about one frame, which makes the third packet of a small burst
+/// wait for tokens (tens of ms at low rates).
+pub const MIN_BURST_BYTES: u64 = 10 * FRAME;
+/// The burst window of a profile that gives no `packetDelayBudget`.
+pub const DEFAULT_BURST_WINDOW: Duration = Duration::from_millis(10);
+
+/// Bytes `bps` carries in `d`.
+pub fn bytes_in(bps: u64, d: Duration) -> u64 {
+    u64::try_from(u128::from(bps) * d.as_nanos() / 8_000_000_000).unwrap_or(u64::MAX)
+}
+
+/// What one direction of a profile says about bursts: CAMARA's `max*BurstRate` and
+/// `packetDelayBudget`. It sizes the burst allowance of the direction's class (HTB `burst` /
+/// `cburst`, and the classifier's bucket in front of a low-latency class) and its leaf queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BurstRule {
+    /// `max*BurstRate`, bit/s.
+    pub burst_rate_bps: Option<u64>,
+    /// `packetDelayBudget`.
+    pub delay_budget: Option<Duration>,
+}
+
+impl BurstRule {
+    /// The window W over which bursts are measured: the delay budget, or
+    /// [`DEFAULT_BURST_WINDOW`].
+    pub fn window(&self) -> Duration {
+        self.delay_budget.unwrap_or(DEFAULT_BURST_WINDOW)
+    }
+
+    /// The burst allowance A of a token bucket filling at `rate_bps`. With a burst rate P, in
+    /// any window W at most P × W bytes pass (A + rate × W = P × W) and over longer times the
+    /// rate holds; without one, A = rate × W (the allowance of a burst rate twice the rate).
+    /// Never less than [`MIN_BURST_BYTES`].
+    pub fn allowance(&self, rate_bps: u64) -> u64 {
+        let extra = self
+            .burst_rate_bps
+            .map_or(rate_bps, |p| p.saturating_sub(rate_bps));
+        bytes_in(extra, self.window()).max(MIN_BURST_BYTES)
+    }
+}
+
+/// A class's leaf FIFO: a length in packets, or in bytes where a delay budget bounds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leaf {
+    Packets(u32),
+    Bytes(u32),
+}
+
+/// Leaf of a throughput class without a delay budget: deep enough for TCP at the class's rate.
+const THROUGHPUT_LEAF: Leaf = Leaf::Packets(300);
+
 /// One session's HTB class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClassSpec {
     pub rate_bps: u64,
     pub ceil_bps: u64,
+    /// HTB `burst`: bytes the class may send at once above its rate after idling.
+    pub burst_bytes: u64,
+    /// HTB `cburst`: the same against the ceiling.
+    pub cburst_bytes: u64,
     /// HTB priority (who borrows spare capacity first, 0 first): 0 low latency, 1..=3
     /// guaranteed and 4..=6 capped best effort when the profile gives a CAMARA `priority`, 7
     /// the shared best-effort class and every session class whose profile gives none.
     pub prio: u8,
-    /// Leaf FIFO length in packets.
-    pub limit: u32,
+    pub leaf: Leaf,
 }
 
 /// HTB priority of best effort, and of every session class whose profile gives no CAMARA
@@ -87,36 +145,66 @@ fn scaled(base: u8, priority: Option<u8>) -> u8 {
     }
 }
 
+/// A byte length for a bfifo (saturated at 32 bits).
+fn byte_leaf(bytes: u64) -> Leaf {
+    Leaf::Bytes(u32::try_from(bytes).unwrap_or(u32::MAX))
+}
+
+/// The leaf of a class that may send up to `ceil` with `cburst`: with a delay budget D, what
+/// its allowance plus D at the ceiling holds (a longer queue could only hold packets beyond the
+/// budget); without one, [`THROUGHPUT_LEAF`].
+fn throughput_leaf(ceil: u64, cburst: u64, rule: BurstRule) -> Leaf {
+    rule.delay_budget
+        .map_or(THROUGHPUT_LEAF, |d| byte_leaf(cburst + bytes_in(ceil, d)))
+}
+
 impl ClassSpec {
     /// Guaranteed `rate`, borrowing up to `ceil` ahead of best effort, in CAMARA `priority` order.
-    pub fn guaranteed(rate: u64, ceil: u64, priority: Option<u8>) -> Self {
+    pub fn guaranteed(rate: u64, ceil: u64, priority: Option<u8>, rule: BurstRule) -> Self {
+        let ceil = ceil.max(rate);
+        let cburst = rule.allowance(ceil);
         Self {
             rate_bps: rate,
-            ceil_bps: ceil.max(rate),
+            ceil_bps: ceil,
+            burst_bytes: BurstRule {
+                burst_rate_bps: None,
+                ..rule
+            }
+            .allowance(rate),
+            cburst_bytes: cburst,
             prio: scaled(1, priority),
-            limit: 300,
+            leaf: throughput_leaf(ceil, cburst, rule),
         }
     }
 
-    /// Strict priority up to `max`, with a short queue.
-    pub fn low_latency(max: u64) -> Self {
+    /// Strict priority up to `max`, never borrowing. Its allowance A passes at once; the leaf
+    /// holds A plus the delay budget at `max` in bytes, so a flow within its allowance is never
+    /// queued longer than the budget (the classifier polices the session at `max` with the same
+    /// A in front of it, so the excess of a flow beyond its allowance is dropped, not queued).
+    pub fn low_latency(max: u64, rule: BurstRule) -> Self {
+        let allowance = rule.allowance(max);
         Self {
             rate_bps: max,
             ceil_bps: max,
+            burst_bytes: allowance,
+            cburst_bytes: allowance,
             prio: 0,
-            limit: 50,
+            leaf: byte_leaf(allowance + bytes_in(max, rule.window())),
         }
     }
 
     /// Best effort, capped at `max`, borrowing ahead of the shared best-effort class in CAMARA
     /// `priority` order. Its own rate is a token 1 kbit/s (HTB needs one), so many capped sessions
     /// do not oversubscribe the link.
-    pub fn capped(max: u64, priority: Option<u8>) -> Self {
+    pub fn capped(max: u64, priority: Option<u8>, rule: BurstRule) -> Self {
+        let cburst = rule.allowance(max);
         Self {
             rate_bps: 1_000.min(max),
             ceil_bps: max,
+            burst_bytes: MIN_BURST_BYTES,
+            cburst_bytes: cburst,
             prio: scaled(4, priority),
-            limit: 300,
+            leaf: throughput_leaf(max, cburst, rule),
         }
     }
 }
@@ -249,16 +337,22 @@ fn session_class_indexes(text: &str) -> Vec<u16> {
         .collect()
 }
 
-/// HTB `burst` / `cburst` in bytes for a class of `rate_bps`: ten full frames, or 1 ms at the
-/// rate if that is more. tc's default is one rate tick of this kernel's 1 GHz psched clock, about
-/// one frame, which makes the third packet of a small burst wait for tokens (tens of ms at low
-/// rates).
+/// HTB `burst` / `cburst` in bytes of the tree's own classes (capacity, shared bands) at
+/// `rate_bps`: ten full frames, or 1 ms at the rate if that is more.
 pub fn burst_bytes(rate_bps: u64) -> u64 {
-    (10 * 1514).max(rate_bps / 8 / 1000)
+    MIN_BURST_BYTES.max(bytes_in(rate_bps, Duration::from_millis(1)))
 }
 
 /// Bytes a class may send per round: one full frame, so low rates stay accurate.
-const QUANTUM: u32 = 1514;
+const QUANTUM: u32 = FRAME as u32;
+
+/// The statistics of one interface's tree by queue (see [`Scheduler::queue_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub low_latency: TcStats,
+    pub best_effort: TcStats,
+    pub sessions: TcStats,
+}
 
 /// The HTB tree on one interface.
 #[derive(Debug)]
@@ -385,13 +479,13 @@ impl Scheduler {
             classid: session_class(index),
             rate_bps: spec.rate_bps,
             ceil_bps: ceil,
-            burst_bytes: burst_bytes(spec.rate_bps),
-            cburst_bytes: burst_bytes(ceil),
+            burst_bytes: spec.burst_bytes,
+            cburst_bytes: spec.cburst_bytes,
             quantum: QUANTUM,
             prio: spec.prio,
         };
         self.rtnl()
-            .replace_class(&class, u32::from(minor) << 16, spec.limit)
+            .replace_class(&class, u32::from(minor) << 16, spec.leaf)
             .map_err(|e| DataPlaneError::Scheduler {
                 interface: self.interface.clone(),
                 what: format!("class 1:{minor:x}: {e}"),
@@ -406,6 +500,42 @@ impl Scheduler {
                 interface: self.interface.clone(),
                 what: format!("delete class 1:{:x}: {e}", SESSION_MINOR_BASE + index),
             })
+    }
+
+    fn stats_error(&self, what: &str, e: &std::io::Error) -> DataPlaneError {
+        DataPlaneError::Scheduler {
+            interface: self.interface.clone(),
+            what: format!("statistics of {what}: {e}"),
+        }
+    }
+
+    /// What per-session class `index` delivered and dropped, and holds now.
+    pub fn class_stats(&self, index: u16) -> Result<TcStats, DataPlaneError> {
+        self.rtnl()
+            .class_stats(self.ifindex, session_class(index))
+            .map_err(|e| self.stats_error(&format!("class 1:{:x}", SESSION_MINOR_BASE + index), &e))
+    }
+
+    /// The tree's queues: the shared low-latency band, best effort, and every per-session class
+    /// together (the capacity class less the two shared ones, so the sum keeps counting up when
+    /// session classes come and go).
+    pub fn queue_stats(&self) -> Result<QueueStats, DataPlaneError> {
+        let mut rtnl = self.rtnl();
+        let class = |rtnl: &mut Rtnl, id: u32| {
+            rtnl.class_stats(self.ifindex, id).map_err(|e| {
+                self.stats_error(&format!("class {:x}:{:x}", id >> 16, id & 0xffff), &e)
+            })
+        };
+        let low_latency = class(&mut rtnl, LOW_LATENCY_CLASS)?;
+        let best_effort = class(&mut rtnl, BEST_EFFORT_CLASS)?;
+        let root = rtnl
+            .root_stats(self.ifindex, 0x0001_0000)
+            .map_err(|e| self.stats_error("qdisc 1:", &e))?;
+        Ok(QueueStats {
+            low_latency,
+            best_effort,
+            sessions: root.minus(low_latency).minus(best_effort),
+        })
     }
 
     /// The indexes of the per-session classes in the interface's tree now.
@@ -447,14 +577,60 @@ mod tests {
 
     #[test]
     fn camara_priority_orders_borrowing() {
-        assert_eq!(ClassSpec::guaranteed(1, 2, Some(1)).prio, 1);
-        assert_eq!(ClassSpec::guaranteed(1, 2, Some(50)).prio, 2);
-        assert_eq!(ClassSpec::guaranteed(1, 2, Some(100)).prio, 3);
-        assert_eq!(ClassSpec::capped(10_000_000, Some(1)).prio, 4);
-        assert_eq!(ClassSpec::capped(10_000_000, Some(100)).prio, 6);
+        let r = BurstRule::default();
+        assert_eq!(ClassSpec::guaranteed(1, 2, Some(1), r).prio, 1);
+        assert_eq!(ClassSpec::guaranteed(1, 2, Some(50), r).prio, 2);
+        assert_eq!(ClassSpec::guaranteed(1, 2, Some(100), r).prio, 3);
+        assert_eq!(ClassSpec::capped(10_000_000, Some(1), r).prio, 4);
+        assert_eq!(ClassSpec::capped(10_000_000, Some(100), r).prio, 6);
         // Without a priority the profile does not say to go first: spare capacity is shared
         // equally with best effort.
-        assert_eq!(ClassSpec::guaranteed(1, 2, None).prio, BEST_EFFORT_PRIO);
-        assert_eq!(ClassSpec::capped(10_000_000, None).prio, BEST_EFFORT_PRIO);
+        assert_eq!(ClassSpec::guaranteed(1, 2, None, r).prio, BEST_EFFORT_PRIO);
+        assert_eq!(
+            ClassSpec::capped(10_000_000, None, r).prio,
+            BEST_EFFORT_PRIO
+        );
+    }
+
+    #[test]
+    fn allowances_follow_the_burst_rate_and_the_delay_budget() {
+        let ms = Duration::from_millis;
+        // QOS_E (500 kbit/s, 10 ms budget): 625 B of window, so ten frames.
+        let qos_e = BurstRule {
+            burst_rate_bps: None,
+            delay_budget: Some(ms(10)),
+        };
+        assert_eq!(qos_e.allowance(500_000), MIN_BURST_BYTES);
+        let c = ClassSpec::low_latency(500_000, qos_e);
+        assert_eq!((c.burst_bytes, c.cburst_bytes), (15_140, 15_140));
+        // The leaf holds the allowance and 10 ms at 500 kbit/s.
+        assert_eq!(c.leaf, Leaf::Bytes(15_140 + 625));
+        // A 20 Mbit/s maximum bursting at 100 Mbit/s over a 50 ms budget: 80 Mbit/s × 50 ms.
+        let bursty = BurstRule {
+            burst_rate_bps: Some(100_000_000),
+            delay_budget: Some(ms(50)),
+        };
+        assert_eq!(bursty.allowance(20_000_000), 500_000);
+        // In any 50 ms, allowance plus 50 ms at the maximum is the burst rate's 50 ms.
+        assert_eq!(
+            bursty.allowance(20_000_000) + bytes_in(20_000_000, ms(50)),
+            bytes_in(100_000_000, ms(50))
+        );
+        // A burst rate at or below the maximum adds nothing beyond the floor.
+        let flat = BurstRule {
+            burst_rate_bps: Some(10_000_000),
+            delay_budget: None,
+        };
+        assert_eq!(flat.allowance(20_000_000), MIN_BURST_BYTES);
+        // Without either: 10 ms at the rate.
+        assert_eq!(BurstRule::default().allowance(30_000_000), 37_500);
+        // A guaranteed class: its rate bucket ignores the burst rate, its ceiling's uses it, and
+        // its leaf is a byte FIFO only under a delay budget.
+        let g = ClassSpec::guaranteed(10_000_000, 20_000_000, None, bursty);
+        assert_eq!(g.burst_bytes, bytes_in(10_000_000, ms(50)));
+        assert_eq!(g.cburst_bytes, 500_000);
+        assert_eq!(g.leaf, Leaf::Bytes(500_000 + 125_000));
+        let plain = ClassSpec::guaranteed(10_000_000, 20_000_000, None, BurstRule::default());
+        assert_eq!(plain.leaf, Leaf::Packets(300));
     }
 }

@@ -858,10 +858,85 @@ fn session_json(s: &pb::SessionInfo) -> Value {
             "uplinkPackets": c.uplink_packets, "uplinkBytes": c.uplink_bytes,
             "downlinkPackets": c.downlink_packets, "downlinkBytes": c.downlink_bytes,
             "uplinkDropped": c.uplink_dropped, "downlinkDropped": c.downlink_dropped,
+            "uplink": c.uplink.as_ref().map(direction_json),
+            "downlink": c.downlink.as_ref().map(direction_json),
         },
     });
     strip_nulls(&mut v);
     v
+}
+
+fn direction_json(d: &pb::DirectionReport) -> Value {
+    json!({
+        "matchedPackets": d.matched_packets, "matchedBytes": d.matched_bytes,
+        "policerDroppedPackets": d.policer_dropped_packets,
+        "policerDroppedBytes": d.policer_dropped_bytes,
+        "class": d.class.as_ref().map(|c| json!({
+            "deliveredPackets": c.delivered_packets, "deliveredBytes": c.delivered_bytes,
+            "queueDroppedPackets": c.queue_dropped_packets,
+            "backlogPackets": c.backlog_packets, "backlogBytes": c.backlog_bytes,
+        })),
+        "achievedBps": d.achieved_bps, "achievedIntervalMs": d.achieved_interval_ms,
+        "grantedMinBps": d.granted_min_bps, "grantedMaxBps": d.granted_max_bps,
+    })
+}
+
+/// A rate in bit/s for people: `19.8 Mbit/s`.
+fn human_bps(bps: u64) -> String {
+    match bps {
+        b if b >= 1_000_000_000 => format!("{:.2} Gbit/s", b as f64 / 1e9),
+        b if b >= 1_000_000 => format!("{:.2} Mbit/s", b as f64 / 1e6),
+        b if b >= 1_000 => format!("{:.1} kbit/s", b as f64 / 1e3),
+        b => format!("{b} bit/s"),
+    }
+}
+
+/// Each direction's delivery against what was granted (GetSession of a live session).
+fn print_delivery(c: &pb::SessionCounters) {
+    let rows: Vec<Vec<String>> = [("up", c.uplink.as_ref()), ("down", c.downlink.as_ref())]
+        .into_iter()
+        .filter_map(|(name, d)| {
+            let d = d?;
+            let class = d.class.as_ref();
+            let granted = match (d.granted_min_bps, d.granted_max_bps) {
+                (Some(min), Some(max)) => format!("{} – {}", human_bps(min), human_bps(max)),
+                (Some(min), None) => format!("≥ {}", human_bps(min)),
+                (None, Some(max)) => format!("≤ {}", human_bps(max)),
+                (None, None) => "best effort".to_owned(),
+            };
+            Some(vec![
+                name.to_owned(),
+                format!("{}/{}", d.matched_packets, d.matched_bytes),
+                d.policer_dropped_packets.to_string(),
+                class.map_or("-".into(), |c| {
+                    format!("{}/{}", c.delivered_packets, c.delivered_bytes)
+                }),
+                class.map_or("-".into(), |c| c.queue_dropped_packets.to_string()),
+                class.map_or("-".into(), |c| {
+                    format!("{}/{}", c.backlog_packets, c.backlog_bytes)
+                }),
+                d.achieved_bps.map_or("-".into(), human_bps),
+                granted,
+            ])
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    table(
+        &[
+            "DIRECTION",
+            "MATCHED PKTS/BYTES",
+            "POLICED PKTS",
+            "DELIVERED PKTS/BYTES",
+            "QUEUE DROPS",
+            "BACKLOG PKTS/BYTES",
+            "ACHIEVED",
+            "GRANTED",
+        ],
+        &rows,
+    );
 }
 
 fn strip_nulls(v: &mut Value) {
@@ -896,6 +971,9 @@ fn print_session(s: &pb::SessionInfo, json: bool) {
         println!("{}", session_json(s));
     } else {
         print_sessions(std::slice::from_ref(s), false);
+        if let Some(c) = &s.counters {
+            print_delivery(c);
+        }
     }
 }
 
