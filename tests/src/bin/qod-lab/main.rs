@@ -15,6 +15,10 @@
 //! the same flow through a hand-built 20 Mbit/s HTB class on the same interface (the reference,
 //! run right after in the same lab), with the retransmits each caused; and a 30 Mbit/s UDP flow
 //! through the same maximum (what is delivered must be the maximum).
+//!
+//! Then bursts and delivery ([`bursts`]): a bursty QOS_E flow within and beyond its allowance
+//! against hand-built references, and flooded sessions' GetSession counters against their
+//! receivers. `QOD_LAB_ONLY_POLICING=1` / `QOD_LAB_ONLY_BURSTS=1` run just those parts.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -24,6 +28,7 @@ use qod_testkit::{
     traffic::{Delivered, Probe, SAMPLE, tcp_flows, tcp_retransmits, udp_flood, udp_probe},
 };
 
+mod bursts;
 mod svg;
 
 use svg::{Series, chart};
@@ -207,6 +212,9 @@ fn run(seconds: u64) -> anyhow::Result<()> {
     if std::env::var_os("QOD_LAB_ONLY_POLICING").is_some() {
         return tokio::runtime::Runtime::new()?.block_on(policing(seconds));
     }
+    if std::env::var_os("QOD_LAB_ONLY_BURSTS").is_some() {
+        return tokio::runtime::Runtime::new()?.block_on(bursts::bursts(seconds));
+    }
     let out_dir = qod_testkit::workspace_root().join("target/qod-lab");
     std::fs::create_dir_all(&out_dir)?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -340,7 +348,9 @@ fn run(seconds: u64) -> anyhow::Result<()> {
         display(&cdf_path),
         display(&tput_path)
     );
-    tokio::runtime::Runtime::new()?.block_on(policing(seconds))
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(policing(seconds))?;
+    rt.block_on(bursts::bursts(seconds))
 }
 
 fn display(p: &Path) -> String {
