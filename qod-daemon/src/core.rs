@@ -41,7 +41,7 @@ use crate::{
     notify::{Notification, Notifier},
     policy::Policy,
     profile::{Band, ProfileStatus, QosProfile},
-    store::{Ended, Op, Store, StoreError, StoredSession, Ticket},
+    store::{Ended, Op, Store, StoredSession, Ticket},
 };
 
 /// Sizes and topology the core works within.
@@ -499,14 +499,13 @@ impl Core {
         drop(self.submit(s, note));
     }
 
-    /// Removes a session from the store (with the notification of its end, if any).
-    fn forget(&self, id: SessionId, note: Option<&Notification>) -> Result<(), StoreError> {
-        let Some(store) = &self.store else {
-            return Ok(());
-        };
+    /// Queues the removal of a session from the store (with the notification of its end, if
+    /// any); the ticket tells when it is durable.
+    fn forget(&self, id: SessionId, note: Option<&Notification>) -> Option<Ticket> {
+        let store = self.store.as_ref()?;
         let mut ops = vec![Op::RemoveSession(id)];
         ops.extend(note.cloned().map(Op::PutOutbox));
-        store.submit(ops).wait()
+        Some(store.submit(ops))
     }
 
     /// As [`Core::forget`] where the session is gone anyway (purges): queued without waiting,
@@ -1684,21 +1683,13 @@ impl Core {
         } else {
             None
         };
-        // The store first: a deletion that is not stored would come back at the next start.
-        self.forget(id, event.as_ref().and_then(|e| e.note.as_ref()))
-            .map_err(|e| {
-                error!(session = %id, error = %e, "cannot store the deletion");
-                CamaraError::new(
-                    CamaraCode::Internal,
-                    "the deletion could not be stored; nothing changed",
-                )
-            })?;
+        // Decided under the lock and applied in order: the kernel (a failure there changes
+        // nothing), then the store's removal queued, then the event, held until the removal is
+        // durable. The commit is awaited outside the lock, so deletions share commits with
+        // everything else instead of each holding the core for its fsync.
         if let SessionState::Available { slot, .. } = session.state {
-            if let Err(e) = resync(&mut inner, &session.flow.device, Some(id), None) {
-                // Put the session back in the store: it is still enforced.
-                self.persist_logged(&session, None);
-                return Err(dataplane_error(&e));
-            }
+            resync(&mut inner, &session.flow.device, Some(id), None)
+                .map_err(|e| dataplane_error(&e))?;
             inner.slots.give_back(slot);
             release(&mut inner, session.reservation.clone());
             inner.count_active(&session.request, false);
@@ -1707,8 +1698,25 @@ impl Core {
         inner.meters.remove(&id);
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
-        if let Some(event) = event {
-            self.announcer.queue(event, false);
+        let ticket = self.forget(id, event.as_ref().and_then(|e| e.note.as_ref()));
+        let place = event.map(|e| self.announcer.queue(e, ticket.is_some()));
+        drop(inner);
+        if let Some(Err(e)) = ticket.map(Ticket::wait) {
+            // Gone from the kernel and from memory, but not from the store: the removal is
+            // queued again (it would otherwise come back at the next start) and the end is not
+            // announced, since it is not durable.
+            error!(session = %id, error = %e, "cannot store the deletion; queued again");
+            if let Some(place) = place {
+                self.announcer.withdraw(place);
+            }
+            self.forget_logged(id);
+            return Err(CamaraError::new(
+                CamaraCode::Internal,
+                "the deletion could not be stored; it is retried",
+            ));
+        }
+        if let Some(place) = place {
+            self.announcer.release(place);
         }
         audit::record(
             audit::Action::Delete,
@@ -1785,27 +1793,53 @@ impl Core {
             slot,
             expires_at: session.started_at + secs(total),
         };
-        // The store first: an extension acknowledged but not stored would be lost at a restart.
-        if let Some(Err(e)) = self.submit(&updated, None).map(Ticket::wait) {
-            error!(session = %id, error = %e, "cannot store the extension");
+        // The kernel first (a failure there changes nothing), then the store's write queued
+        // under the lock and awaited outside it; acknowledged only once durable, undone if not.
+        resync(&mut inner, &session.flow.device, Some(id), Some(rule))
+            .map_err(|e| dataplane_error(&e))?;
+        inner.deadlines.remove(&(session.deadline, id));
+        inner.deadlines.insert((deadline, id));
+        inner.sessions.insert(id, updated.clone());
+        let ticket = self.submit(&updated, None);
+        // A counters read failing must not turn the extension into an error.
+        let counters = inner.dp.counters(slot).unwrap_or_default();
+        drop(inner);
+        if let Some(Err(e)) = ticket.map(Ticket::wait) {
+            error!(session = %id, error = %e, "cannot store the extension; undone");
+            self.undo_extension(&session, &updated);
             return Err(CamaraError::new(
                 CamaraCode::Internal,
                 "the extension could not be stored; nothing changed",
             ));
         }
-        if let Err(e) = resync(&mut inner, &session.flow.device, Some(id), Some(rule)) {
-            self.persist_logged(&session, None);
-            return Err(dataplane_error(&e));
-        }
-        inner.deadlines.remove(&(session.deadline, id));
-        inner.deadlines.insert((deadline, id));
-        inner.sessions.insert(id, updated.clone());
-        // Committed: a counters read failing now must not turn it into an error.
-        let counters = inner.dp.counters(slot).unwrap_or_default();
         Ok(SessionView {
             session: updated,
             counters,
         })
+    }
+
+    /// Puts `before` back where an extension to `after` could not be stored, unless the session
+    /// changed again meanwhile (then that later change stands).
+    fn undo_extension(&self, before: &Session, after: &Session) {
+        let mut inner = self.lock();
+        let unchanged = inner
+            .sessions
+            .get(&before.id)
+            .is_some_and(|s| s.deadline == after.deadline && s.duration == after.duration);
+        if !unchanged {
+            return;
+        }
+        if let Err(e) = resync(
+            &mut inner,
+            &before.flow.device,
+            Some(before.id),
+            Some(before.rule),
+        ) {
+            error!(session = %before.id, error = %e, "cannot undo an unstored extension in the kernel");
+        }
+        inner.deadlines.remove(&(after.deadline, before.id));
+        inner.deadlines.insert((before.deadline, before.id));
+        inner.sessions.insert(before.id, before.clone());
     }
 
     /// Sessions of `device` that `caller` may see, under every address the device is known by.
@@ -2737,6 +2771,61 @@ mod tests {
             first.sequence,
             second.sequence
         );
+    }
+
+    /// A deletion and an extension wait for their commit outside the core's lock: while their
+    /// fsync is held back, reads and other sessions' calls go on; the deletion's end is announced
+    /// only once it is durable.
+    #[test]
+    fn deletions_and_extensions_wait_for_the_store_outside_the_lock() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path()).expect("store");
+        let dp = FakeDataPlane::default();
+        let core = Arc::new(
+            Core::new(Box::new(dp.clone()), policy(), limits(16, u32::MAX), None)
+                .with_store(store.clone()),
+        );
+        let a = core.create(request([10, 0, 0, 1], 60)).expect("a");
+        let b = core.create(request([10, 0, 0, 2], 60)).expect("b");
+        let mut events = core.subscribe();
+        let held = store.hold_commits();
+        let (a_id, b_id) = (a.session.id, b.session.id);
+        let deleting = {
+            let core = core.clone();
+            std::thread::spawn(move || core.delete(a_id, &me()))
+        };
+        let extending = {
+            let core = core.clone();
+            std::thread::spawn(move || core.extend(b_id, 30, &me()))
+        };
+        // Both have been applied to the kernel and memory and wait for their commit.
+        while core.lock().sessions.contains_key(&a_id)
+            || core.lock().sessions.get(&b_id).is_some_and(|s| s.duration == 60)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            !dp.state
+                .lock()
+                .expect("lock")
+                .flows
+                .contains_key(&ipv4_key(Ipv4Addr::new(10, 0, 0, 1))),
+            "the deleted session's rule left the kernel first"
+        );
+        // The lock is free: a read is served while both commits wait.
+        assert_eq!(core.get(b_id, &me()).expect("get").session.duration, 90);
+        assert!(events.try_recv().is_err(), "the end is not announced before it is durable");
+        drop(held);
+        deleting.join().expect("thread").expect("delete");
+        assert_eq!(
+            extending.join().expect("thread").expect("extend").session.duration,
+            90
+        );
+        let ended = events.try_recv().expect("DELETE_REQUESTED");
+        assert_eq!(ended.session.session.id, a_id);
+        let stored = store.load().expect("load");
+        assert_eq!(stored.len(), 1);
+        assert_eq!((stored[0].id, stored[0].duration), (b_id, 90));
     }
 
     #[tokio::test(start_paused = true)]

@@ -464,6 +464,18 @@ impl Collector for NodeCollector {
         }
         counter1(
             &mut e,
+            "qod_store_records_set_aside",
+            "stored records that could not be read at start, moved to the store's set_aside_v1 table (the rest loaded)",
+            crate::store::SET_ASIDE_RECORDS.load(Ordering::Relaxed),
+        )?;
+        counter1(
+            &mut e,
+            "qod_store_records_migrated",
+            "stored records of an older schema rewritten in the current one at start",
+            crate::store::MIGRATED_RECORDS.load(Ordering::Relaxed),
+        )?;
+        counter1(
+            &mut e,
             "qod_link_read_failures",
             "times the link state could not be read (never counted as a link loss)",
             crate::links::LINK_READ_FAILURES.load(Ordering::Relaxed),

@@ -304,6 +304,16 @@ pub fn cloud_event(n: &Notification, config: &NotifyConfig) -> serde_json::Value
     })
 }
 
+/// The IP address a URL names literally (none for a host name, which is checked at each
+/// connection by the resolver instead).
+pub fn literal_address(url: &url::Url) -> Option<std::net::IpAddr> {
+    match url.host() {
+        Some(url::Host::Ipv4(a)) => Some(std::net::IpAddr::V4(a)),
+        Some(url::Host::Ipv6(a)) => Some(std::net::IpAddr::V6(a)),
+        _ => None,
+    }
+}
+
 /// The origin a sink URL is delivered to (scheme, host, port): one delivery worker each, so a
 /// client choosing many paths on one server costs one worker.
 pub fn sink_origin(sink: &str) -> String {
@@ -486,11 +496,9 @@ async fn post(
 ) -> Outcome {
     // A literal address is never resolved, so it is checked here (the rules may have changed
     // since the create, by a reload or a restart).
-    let literal = url::Url::parse(&n.sink).ok().and_then(|u| match u.host() {
-        Some(url::Host::Ipv4(a)) => Some(std::net::IpAddr::V4(a)),
-        Some(url::Host::Ipv6(a)) => Some(std::net::IpAddr::V6(a)),
-        _ => None,
-    });
+    let literal = url::Url::parse(&n.sink)
+        .ok()
+        .and_then(|u| literal_address(&u));
     if let Some(Err(why)) = literal.map(|ip| addresses.check(ip)) {
         return Outcome::Stop(format!("sink address refused: {why}"));
     }

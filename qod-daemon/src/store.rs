@@ -8,7 +8,9 @@ use std::{
     sync::Arc,
 };
 
-use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use redb::{
+    Database, ReadableDatabase as _, ReadableTable as _, TableDefinition, TableHandle as _,
+};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -26,6 +28,64 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta_v1");
 const SLOTS: TableDefinition<&str, u32> = TableDefinition::new("slots_v1");
 /// Notifications not yet settled, by event id.
 const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox_v1");
+/// Records that could not be read at start, kept for inspection: `<table>/<key>` → a JSON
+/// [`SetAside`].
+const SET_ASIDE: TableDefinition<&str, &[u8]> = TableDefinition::new("set_aside_v1");
+
+/// Schema of the session and outbox records this qodd writes, in each record's `schema` field.
+/// 1: the first releases' bare JSON (no `schema` field); 2: the same fields in a versioned
+/// record. A record of an older schema is migrated at start and written back in this one; one of
+/// a newer schema, or one that does not decode, is set aside.
+pub const RECORD_SCHEMA: u32 = 2;
+
+/// Records set aside since start (each also logged).
+pub static SET_ASIDE_RECORDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Records migrated from an older schema since start.
+pub static MIGRATED_RECORDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A record as written: its schema, then its fields.
+#[derive(Serialize)]
+struct Versioned<'a, T> {
+    schema: u32,
+    #[serde(flatten)]
+    record: &'a T,
+}
+
+/// A record that could not be read, as kept in `set_aside_v1`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAside {
+    pub table: String,
+    pub key: String,
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The record's bytes, base64.
+    pub record: String,
+}
+
+/// The record in `bytes` and the schema it was written in.
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let schema = match value.get("schema") {
+        None => 1,
+        Some(s) => s
+            .as_u64()
+            .and_then(|s| u32::try_from(s).ok())
+            .ok_or_else(|| format!("schema {s} is not a version number"))?,
+    };
+    let value = match schema {
+        // v1 → v2 added the envelope only: the fields are the same.
+        1 | RECORD_SCHEMA => value,
+        newer => {
+            return Err(format!(
+                "schema {newer} is not one this qodd reads (it writes {RECORD_SCHEMA})"
+            ));
+        }
+    };
+    let record = serde_json::from_value(value).map_err(|e| format!("schema {schema}: {e}"))?;
+    Ok((record, schema))
+}
 
 /// A session as persisted: what was asked and what happened; rules, classes and counters are
 /// derived again at start.
@@ -147,7 +207,11 @@ impl Drop for Shared {
 }
 
 fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, String> {
-    serde_json::to_vec(v).map_err(|e| format!("cannot encode {key}: {e}"))
+    serde_json::to_vec(&Versioned {
+        schema: RECORD_SCHEMA,
+        record: v,
+    })
+    .map_err(|e| format!("cannot encode {key}: {e}"))
 }
 
 fn apply(db: &Database, jobs: &[Job]) -> Result<(), String> {
@@ -401,22 +465,111 @@ impl Store {
         Ok(out)
     }
 
-    fn load_table<T: serde::de::DeserializeOwned>(
+    /// Every record of `table`. A record of an older schema is written back in this one; one
+    /// that cannot be read is moved to `set_aside_v1` (logged and counted) and the rest load.
+    fn load_table<T: serde::de::DeserializeOwned + Serialize>(
         &self,
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        let mut migrated = Vec::new();
+        let mut unreadable = Vec::new();
+        {
+            let tx = self.shared.db.begin_read().map_err(db)?;
+            let t = tx.open_table(table).map_err(db)?;
+            for row in t.iter().map_err(db)? {
+                let (k, v) = row.map_err(db)?;
+                match decode::<T>(v.value()) {
+                    Ok((record, schema)) => {
+                        if schema < RECORD_SCHEMA {
+                            migrated.push(out.len());
+                        }
+                        out.push((k.value().to_owned(), record));
+                    }
+                    Err(reason) => {
+                        unreadable.push((k.value().to_owned(), v.value().to_vec(), reason))
+                    }
+                }
+            }
+        }
+        if !migrated.is_empty() || !unreadable.is_empty() {
+            let name = table.name().to_owned();
+            let tx = self.shared.db.begin_write().map_err(db)?;
+            {
+                let mut t = tx.open_table(table).map_err(db)?;
+                let mut aside = tx.open_table(SET_ASIDE).map_err(db)?;
+                for &i in &migrated {
+                    let (key, record) = &out[i];
+                    let bytes = encode(key, record).map_err(StoreError::Commit)?;
+                    t.insert(key.as_str(), bytes.as_slice()).map_err(db)?;
+                }
+                for (key, bytes, reason) in &unreadable {
+                    use base64::Engine as _;
+                    tracing::error!(table = %name, key = %key, reason = %reason, "a stored record cannot be read: set aside in {}, the rest loads", SET_ASIDE.name());
+                    let kept = SetAside {
+                        table: name.clone(),
+                        key: key.clone(),
+                        reason: reason.clone(),
+                        at: OffsetDateTime::now_utc(),
+                        record: base64::engine::general_purpose::STANDARD.encode(bytes),
+                    };
+                    let kept = serde_json::to_vec(&kept)
+                        .map_err(|e| StoreError::Commit(format!("cannot keep {key}: {e}")))?;
+                    aside
+                        .insert(format!("{name}/{key}").as_str(), kept.as_slice())
+                        .map_err(db)?;
+                    t.remove(key.as_str()).map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)?;
+            if !migrated.is_empty() {
+                tracing::info!(table = %name, records = migrated.len(), schema = RECORD_SCHEMA, "stored records migrated");
+            }
+            use std::sync::atomic::Ordering::Relaxed;
+            MIGRATED_RECORDS.fetch_add(migrated.len() as u64, Relaxed);
+            SET_ASIDE_RECORDS.fetch_add(unreadable.len() as u64, Relaxed);
+        }
+        Ok(out.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// The records set aside so far.
+    pub fn set_aside(&self) -> Result<Vec<SetAside>, StoreError> {
         let tx = self.shared.db.begin_read().map_err(db)?;
-        let t = tx.open_table(table).map_err(db)?;
+        let t = match tx.open_table(SET_ASIDE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db(e)),
+        };
         let mut out = Vec::new();
         for row in t.iter().map_err(db)? {
             let (k, v) = row.map_err(db)?;
-            let s = serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
-                key: k.value().to_owned(),
-                source,
-            })?;
-            out.push(s);
+            out.push(
+                serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                    key: k.value().to_owned(),
+                    source,
+                })?,
+            );
         }
         Ok(out)
+    }
+
+    /// The raw record of session `key` (tests, inspection).
+    #[doc(hidden)]
+    pub fn raw_session_record(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.shared.db.begin_read().map_err(db)?;
+        let t = tx.open_table(SESSIONS).map_err(db)?;
+        Ok(t.get(key).map_err(db)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes `bytes` as the raw record of session `key` (tests: records of other schemas).
+    #[doc(hidden)]
+    pub fn put_raw_session(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let tx = self.shared.db.begin_write().map_err(db)?;
+        tx.open_table(SESSIONS)
+            .map_err(db)?
+            .insert(key, bytes)
+            .map_err(db)?;
+        tx.commit().map_err(db)
     }
 }
 
@@ -476,6 +629,82 @@ mod tests {
         assert_eq!(store.boot_id().expect("meta").as_deref(), Some("b1"));
         store.remove(s.id).expect("remove");
         assert!(store.load().expect("load").is_empty());
+    }
+
+    fn raw_session(store: &Store, id: SessionId) -> serde_json::Value {
+        let tx = store.shared.db.begin_read().expect("read");
+        let t = tx.open_table(SESSIONS).expect("table");
+        let v = t.get(id.to_string().as_str()).expect("get").expect("row");
+        serde_json::from_slice(v.value()).expect("json")
+    }
+
+    /// A first-release record (bare JSON) is read and written back in the current schema; one
+    /// that does not decode, and one of a newer schema, are set aside and the rest loads.
+    #[test]
+    fn old_records_are_migrated_and_unreadable_ones_set_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The raw record carries no slot (slots live in a table of their own).
+        let (current, old) = (
+            sample(),
+            StoredSession {
+                slot: None,
+                ..sample()
+            },
+        );
+        let store = Store::open(dir.path()).expect("open");
+        store.put(&current).expect("put");
+        assert_eq!(raw_session(&store, current.id)["schema"], RECORD_SCHEMA);
+        let v1 = serde_json::to_vec(&old).expect("v1 record");
+        store
+            .put_raw_session(&old.id.to_string(), &v1)
+            .expect("raw");
+        store
+            .put_raw_session("garbage", b"{\"id\": 7")
+            .expect("raw");
+        let mut newer = raw_session(&store, current.id);
+        newer["schema"] = serde_json::json!(RECORD_SCHEMA + 1);
+        store
+            .put_raw_session("from-a-newer-qodd", newer.to_string().as_bytes())
+            .expect("raw");
+        drop(store);
+
+        let store = Store::open(dir.path()).expect("reopen");
+        let mut loaded = store.load().expect("the rest loads");
+        loaded.sort_by_key(|s| s.id.to_string());
+        let mut want = vec![current.clone(), old.clone()];
+        want.sort_by_key(|s| s.id.to_string());
+        assert_eq!(loaded, want);
+        assert_eq!(
+            raw_session(&store, old.id)["schema"],
+            RECORD_SCHEMA,
+            "migrated"
+        );
+        let mut aside = store.set_aside().expect("set aside");
+        aside.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(aside.len(), 2, "{aside:?}");
+        assert_eq!(
+            (aside[0].table.as_str(), aside[0].key.as_str()),
+            ("sessions_v1", "from-a-newer-qodd")
+        );
+        assert!(aside[0].reason.contains("schema 3"), "{}", aside[0].reason);
+        assert_eq!(aside[1].key, "garbage");
+        assert!(
+            aside[1].reason.starts_with("not JSON"),
+            "{}",
+            aside[1].reason
+        );
+        {
+            use base64::Engine as _;
+            let kept = base64::engine::general_purpose::STANDARD
+                .decode(&aside[1].record)
+                .expect("base64");
+            assert_eq!(kept, b"{\"id\": 7", "kept for inspection as it was");
+        }
+        // Set aside once: the next start reads only good records.
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.load().expect("load").len(), 2);
+        assert_eq!(store.set_aside().expect("set aside").len(), 2);
     }
 
     /// The store holds sink credentials: its directory and file are the owner's only, also when

@@ -1470,6 +1470,20 @@ pub mod traffic {
         }
     }
 
+    /// What the byte count `total` grew by in each `SAMPLE` interval, for `duration`.
+    fn sample(duration: Duration, total: impl Fn() -> u64) -> Vec<u64> {
+        let start = Instant::now();
+        let mut samples = Vec::new();
+        let mut last = 0u64;
+        while start.elapsed() < duration {
+            std::thread::sleep(SAMPLE);
+            let now = total();
+            samples.push(now - last);
+            last = now;
+        }
+        samples
+    }
+
     /// `flows` TCP flows, each sending as fast as it can for `duration`, from `sender_ns` (bound
     /// to `sender_ip`) to listeners in `receiver_ns` on `receiver`'s address, ports
     /// `receiver.port()..+flows`.
@@ -1551,15 +1565,9 @@ pub mod traffic {
             Ok(())
         });
         Ok(std::thread::spawn(move || {
-            let start = Instant::now();
-            let mut samples = Vec::new();
-            let mut last = 0u64;
-            while start.elapsed() < duration {
-                std::thread::sleep(SAMPLE);
-                let now: u64 = counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-                samples.push(now - last);
-                last = now;
-            }
+            let samples = sample(duration, || {
+                counters.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+            });
             senders
                 .join()
                 .map_err(|_| anyhow::anyhow!("senders panicked"))??;
@@ -1620,15 +1628,7 @@ pub mod traffic {
             Ok(())
         });
         Ok(std::thread::spawn(move || {
-            let start = Instant::now();
-            let mut samples = Vec::new();
-            let mut last = 0u64;
-            while start.elapsed() < duration {
-                std::thread::sleep(SAMPLE);
-                let now = received.load(Ordering::Relaxed);
-                samples.push(now - last);
-                last = now;
-            }
+            let samples = sample(duration, || received.load(Ordering::Relaxed));
             sending
                 .join()
                 .map_err(|_| anyhow::anyhow!("the sender panicked"))??;

@@ -759,3 +759,70 @@ async fn check_health_is_not_serving_until_the_store_is_restored(mode: qod_testk
     let restored = qod_testkit::sessions_of_device(&mut api, "10.64.0.7").await;
     assert_eq!(restored.len(), 1, "a restored session");
 }
+
+qod_testkit::in_every_mode!(
+    old_records_are_migrated_and_unreadable_ones_set_aside,
+    check_old_records_are_migrated_and_unreadable_ones_set_aside
+);
+/// A record of the first schema (bare JSON) is read, enforced and written back in the current
+/// one; an undecodable record is set aside and never stops the start.
+async fn check_old_records_are_migrated_and_unreadable_ones_set_aside(mode: qod_testkit::Mode) {
+    let (lab, mut qodd) = qod_testkit::lab_in(mode, "").await;
+    let mut api = qodd.sessions().await.expect("client");
+    let s = qod_testkit::marked_flow(&mut api).await;
+    drop(api);
+    qodd.stop();
+    {
+        let store =
+            qod_daemon::store::Store::open(&qodd.dir.path().join("state")).expect("the store");
+        let raw = store
+            .raw_session_record(&s.session_id)
+            .expect("read")
+            .expect("the session's record");
+        let mut record: serde_json::Value = serde_json::from_slice(&raw).expect("JSON");
+        assert_eq!(record["schema"], qod_daemon::store::RECORD_SCHEMA);
+        record.as_object_mut().expect("an object").remove("schema");
+        store
+            .put_raw_session(&s.session_id, record.to_string().as_bytes())
+            .expect("write the old record");
+        store
+            .put_raw_session("a-record-nobody-can-read", b"\x00\x01 not json")
+            .expect("write garbage");
+    }
+    qodd.restart()
+        .await
+        .expect("starts despite the unreadable record");
+    let mut api = qodd.sessions().await.expect("client");
+    let info = qod_testkit::session_info(&mut api, &s.session_id).await;
+    assert_eq!(info.qos_status(), pb::QosStatus::Available);
+    let dscp = lab
+        .uplink_dscp(addr::DEVICE_V4, 46000, addr::SERVER_V4, 5000)
+        .expect("traffic");
+    assert!(
+        !dscp.is_empty() && dscp.iter().all(|d| *d == 32),
+        "the migrated session is enforced: {dscp:?}"
+    );
+    let log = qodd.log();
+    assert!(
+        log.contains("a-record-nobody-can-read") && log.contains("set aside"),
+        "{log}"
+    );
+    assert!(log.contains("stored records migrated"), "{log}");
+    qodd.stop();
+    let store = qod_daemon::store::Store::open(&qodd.dir.path().join("state")).expect("the store");
+    let migrated: serde_json::Value = serde_json::from_slice(
+        &store
+            .raw_session_record(&s.session_id)
+            .expect("read")
+            .expect("the record"),
+    )
+    .expect("JSON");
+    assert_eq!(
+        migrated["schema"],
+        qod_daemon::store::RECORD_SCHEMA,
+        "written back"
+    );
+    let aside = store.set_aside().expect("set aside");
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(aside[0].key, "a-record-nobody-can-read");
+}

@@ -332,12 +332,17 @@ fn sessions_held(lab: &qod_testkit::Lab) -> u64 {
         .sum::<f64>() as u64
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn random_and_garbage_requests_never_fail_inside_nor_change_state() {
+qod_testkit::in_every_mode!(
+    random_and_garbage_requests_never_fail_inside_nor_change_state,
+    fuzz
+);
+
+/// In every mode: a scheduled qodd also plans classes and admission for what it accepts.
+async fn fuzz(mode: qod_testkit::Mode) {
     let seed = env_or("QOD_FUZZ_SEED", 0x5eed_2026);
     let requests = env_or("QOD_FUZZ_REQUESTS", 10_000);
     let garbage = env_or("QOD_FUZZ_GARBAGE", 1_000);
-    let (lab, qodd) = qod_testkit::lab_with_qodd(CONFIG).await;
+    let (lab, qodd) = qod_testkit::lab_in(mode, CONFIG).await;
     let pid = qodd.pid().expect("pid");
     let mut g = Gen(fastrand::Rng::with_seed(seed));
     let mut api = qodd.sessions().await.expect("client");

@@ -317,12 +317,8 @@ fn sink(s: &str, rules: &SinkRules) -> Result<(), CamaraError> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err(bad("must not carry credentials; use sinkCredential"));
     }
-    let literal = match url.host() {
-        Some(url::Host::Ipv4(a)) => Some(std::net::IpAddr::V4(a)),
-        Some(url::Host::Ipv6(a)) => Some(std::net::IpAddr::V6(a)),
-        _ => None,
-    };
-    if let Some(Err(why)) = literal.map(|ip| rules.addresses.check(ip)) {
+    if let Some(Err(why)) = crate::notify::literal_address(&url).map(|ip| rules.addresses.check(ip))
+    {
         return Err(bad(&format!("is refused: {why}")));
     }
     match url.scheme() {
