@@ -2800,7 +2800,11 @@ mod tests {
         };
         // Both have been applied to the kernel and memory and wait for their commit.
         while core.lock().sessions.contains_key(&a_id)
-            || core.lock().sessions.get(&b_id).is_some_and(|s| s.duration == 60)
+            || core
+                .lock()
+                .sessions
+                .get(&b_id)
+                .is_some_and(|s| s.duration == 60)
         {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -2814,11 +2818,19 @@ mod tests {
         );
         // The lock is free: a read is served while both commits wait.
         assert_eq!(core.get(b_id, &me()).expect("get").session.duration, 90);
-        assert!(events.try_recv().is_err(), "the end is not announced before it is durable");
+        assert!(
+            events.try_recv().is_err(),
+            "the end is not announced before it is durable"
+        );
         drop(held);
         deleting.join().expect("thread").expect("delete");
         assert_eq!(
-            extending.join().expect("thread").expect("extend").session.duration,
+            extending
+                .join()
+                .expect("thread")
+                .expect("extend")
+                .session
+                .duration,
             90
         );
         let ended = events.try_recv().expect("DELETE_REQUESTED");

@@ -16,6 +16,9 @@
 //!    share one fsync. Two modes: *marking* (no interface scheduled, QOS_E) and *scheduled* (both
 //!    edge interfaces with `capacity_mbit = 100000`, a rated profile that gets its own HTB class
 //!    on each: two class changes per create, over rtnetlink).
+//!
+//!    Then each client deletes the sessions it created, one call at a time, for up to 5 s:
+//!    deletes/s (every call acknowledged after its removal is fsynced) and their p99.
 
 use std::time::{Duration, Instant};
 
@@ -94,8 +97,15 @@ max_upstream_rate = { value = 1, unit = "Mbps" }
 async fn creates() -> anyhow::Result<()> {
     println!("\ndurable creates over gRPC (TLS + bearer token, release qodd, 5 s per row)");
     println!(
-        "{:>9}  {:>7}  {:>10}  {:>9}  {:>9}  {:>17}",
-        "mode", "clients", "creates/s", "p50 ms", "p99 ms", "commits per create"
+        "{:>9}  {:>7}  {:>10}  {:>9}  {:>9}  {:>17}  {:>10}  {:>9}",
+        "mode",
+        "clients",
+        "creates/s",
+        "p50 ms",
+        "p99 ms",
+        "commits per create",
+        "deletes/s",
+        "p99 ms"
     );
     let scheduled = [
         format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 100000 }}"),
@@ -125,31 +135,65 @@ async fn creates() -> anyhow::Result<()> {
                 let mut api = QualityOnDemandClient::new(qodd.channel().await?);
                 tasks.push(tokio::spawn(async move {
                     let mut lat = Vec::new();
+                    let mut ids = Vec::new();
                     let mut i = 0u32;
                     while Instant::now() < end {
                         let ip = std::net::Ipv4Addr::from(0x0a80_0000 + ((c as u32) << 16) + i);
                         i += 1;
                         let t = Instant::now();
-                        api.create_session(session(
-                            &ip.to_string(),
-                            addr::SERVER_V4,
-                            profile,
-                            &[],
-                            &[],
-                            3600,
-                        ))
-                        .await?;
+                        let created = api
+                            .create_session(session(
+                                &ip.to_string(),
+                                addr::SERVER_V4,
+                                profile,
+                                &[],
+                                &[],
+                                3600,
+                            ))
+                            .await?
+                            .into_inner();
+                        lat.push(t.elapsed());
+                        ids.push(created.session_id);
+                    }
+                    anyhow::Ok((api, lat, ids))
+                }));
+            }
+            let mut lat = Vec::new();
+            let mut clients_ids = Vec::new();
+            for t in tasks {
+                let (api, l, ids) = t.await??;
+                lat.extend(l);
+                clients_ids.push((api, ids));
+            }
+            lat.sort();
+            let q = |lat: &[Duration], p: f64| {
+                lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)]
+            };
+            // Then every client deletes what it created (up to 5 s).
+            let started = Instant::now();
+            let end = started + Duration::from_secs(5);
+            let mut tasks = Vec::new();
+            for (mut api, ids) in clients_ids {
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    for id in ids {
+                        if Instant::now() >= end {
+                            break;
+                        }
+                        let t = Instant::now();
+                        api.delete_session(qod_proto::v1::DeleteSessionRequest { session_id: id })
+                            .await?;
                         lat.push(t.elapsed());
                     }
                     anyhow::Ok(lat)
                 }));
             }
-            let mut lat = Vec::new();
+            let mut del = Vec::new();
             for t in tasks {
-                lat.extend(t.await??);
+                del.extend(t.await??);
             }
-            lat.sort();
-            let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+            let deleting = started.elapsed().as_secs_f64();
+            del.sort();
             qodd.stop();
             let commits = qodd
                 .log()
@@ -162,10 +206,12 @@ async fn creates() -> anyhow::Result<()> {
                 })
                 .unwrap_or(f64::NAN);
             println!(
-                "{mode:>9}  {clients:>7}  {:>10.0}  {:>9.2}  {:>9.2}  {commits:>17.2}",
+                "{mode:>9}  {clients:>7}  {:>10.0}  {:>9.2}  {:>9.2}  {commits:>17.2}  {:>10.0}  {:>9.2}",
                 lat.len() as f64 / 5.0,
-                q(0.5).as_secs_f64() * 1e3,
-                q(0.99).as_secs_f64() * 1e3,
+                q(&lat, 0.5).as_secs_f64() * 1e3,
+                q(&lat, 0.99).as_secs_f64() * 1e3,
+                del.len() as f64 / deleting,
+                q(&del, 0.99).as_secs_f64() * 1e3,
             );
         }
     }

@@ -153,7 +153,10 @@ impl QualityOnDemand for SessionService {
         let caller = authorize(&request, scope::SESSIONS_READ)?;
         let id: SessionId = request.into_inner().session_id.parse()?;
         tracing::Span::current().record("session", id.to_string());
-        let (view, delivery) = self.core.get_delivery(id, &caller)?;
+        // It reads the session's classes from the kernel (rtnetlink): off the async workers.
+        let (view, delivery) = self
+            .blocking(move |core| core.get_delivery(id, &caller))
+            .await?;
         Ok(Response::new(convert::session_info_with_delivery(
             &view,
             delivery.as_ref(),
