@@ -162,6 +162,8 @@ struct InterfaceTable {
     capacity_mbit: Option<f64>,
     low_latency_share: Option<f64>,
     guaranteed_share: Option<f64>,
+    /// Let qodd replace a root qdisc that is not its own (default: refuse to start).
+    replace_foreign_root: Option<bool>,
 }
 
 fn parse_cli_interface(s: &str) -> Result<InterfaceEntry, ConfigError> {
@@ -266,6 +268,7 @@ fn validate_interface(e: InterfaceEntry) -> Result<ManagedInterface, ConfigError
                 capacity_bps: (c * 1_000_000.0) as u64,
                 low_latency_share: share(t.low_latency_share, 0.1, "low_latency_share")?,
                 guaranteed_share: share(t.guaranteed_share, 0.8, "guaranteed_share")?,
+                replace_foreign_root: t.replace_foreign_root.unwrap_or(false),
             };
             if config.low_latency_share + config.guaranteed_share > 0.95 {
                 return Err(invalid(format!(
@@ -575,6 +578,9 @@ impl Config {
                 }
                 if let Some(mbit) = t.capacity_mbit {
                     entry.insert("capacity_mbit".into(), mbit.into());
+                }
+                if let Some(replace) = t.replace_foreign_root {
+                    entry.insert("replace_foreign_root".into(), replace.into());
                 }
                 list.push(entry.into());
             }

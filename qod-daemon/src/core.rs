@@ -2579,6 +2579,7 @@ mod tests {
                 capacity_bps: 100_000_000,
                 low_latency_share: 0.1,
                 guaranteed_share: 0.8,
+                replace_foreign_root: false,
             }),
         };
         let limits = Limits {

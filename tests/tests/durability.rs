@@ -632,7 +632,12 @@ async fn scheduled_sessions_keep_their_treatment_across_kill_9_and_graceful_rest
     // After each restart: still marked, the rated flow still in a class of its rate, and only
     // the live sessions' classes left.
     let treated = |after: &str, port: u16, qodd: &Qodd| {
-        assert_eq!(mark(46400 + port), marked, "marked after {after}");
+        assert_eq!(
+            mark(46400 + port),
+            marked,
+            "marked after {after}\n{}",
+            qodd.log()
+        );
         assert_eq!(
             class_of(&lab, addr::OTHER_DEVICE_V4, 9000 + port).1,
             rate,
@@ -825,4 +830,60 @@ async fn check_old_records_are_migrated_and_unreadable_ones_set_aside(mode: qod_
     let aside = store.set_aside().expect("set aside");
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert_eq!(aside[0].key, "a-record-nobody-can-read");
+}
+
+/// A root qdisc qodd did not install is someone else's shaping: qodd refuses to start on it and
+/// leaves it as it was, unless the interface says `replace_foreign_root = true`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_root_qdisc_is_refused_unless_replacing_it_is_allowed() {
+    require_root();
+    let lab = Lab::new().expect("lab");
+    lab.edge
+        .exec(
+            "tc",
+            &[
+                "qdisc",
+                "add",
+                "dev",
+                EDGE_DEV_IF,
+                "root",
+                "handle",
+                "5:",
+                "tbf",
+                "rate",
+                "50mbit",
+                "burst",
+                "20kb",
+                "latency",
+                "50ms",
+            ],
+        )
+        .expect("an operator's own root qdisc");
+    let root = || {
+        lab.edge
+            .exec("tc", &["qdisc", "show", "dev", EDGE_DEV_IF, "root"])
+            .expect("tc")
+    };
+    let interface =
+        format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 100 }}");
+    let Err(err) = Qodd::start(&lab.edge, &[&interface], "").await else {
+        panic!("started on a foreign root: {}", root());
+    };
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("tbf 5:") && text.contains("replace_foreign_root"),
+        "{text}"
+    );
+    assert!(
+        root().contains("qdisc tbf 5: root"),
+        "left as it was: {}",
+        root()
+    );
+    let interface = format!(
+        "{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 100, replace_foreign_root = true }}"
+    );
+    let _qodd = Qodd::start(&lab.edge, &[&interface], "")
+        .await
+        .expect("replaces it when told to");
+    assert!(root().contains("qdisc htb 1: root"), "{}", root());
 }

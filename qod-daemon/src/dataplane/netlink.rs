@@ -22,6 +22,7 @@ use nix::sys::socket::{
 };
 
 const RTM_NEWQDISC: u16 = 36;
+const RTM_DELQDISC: u16 = 37;
 const RTM_NEWTCLASS: u16 = 40;
 const RTM_DELTCLASS: u16 = 41;
 const RTM_GETQDISC: u16 = 38;
@@ -395,7 +396,24 @@ impl Rtnl {
 
     /// Creates or replaces HTB class `c` and gives it a FIFO leaf (`pfifo` of a length in
     /// packets, `bfifo` in bytes) with handle `handle` (major:0), in one exchange.
+    /// A leaf of another kind (a class index reused with another kind of FIFO, as after a
+    /// restart) cannot be changed in place (EINVAL): it is deleted and made again.
     pub fn replace_class(&mut self, c: &HtbClass, handle: u32, leaf: Leaf) -> io::Result<()> {
+        match self.replace_class_once(c, handle, leaf) {
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINVAL as i32) => {
+                let seq = self.next_seq();
+                let del = Msg::new(RTM_DELQDISC, 0, seq)
+                    .tcmsg(c.ifindex, handle, c.classid)
+                    .finish();
+                // Gone already is fine: what matters is the exchange below.
+                let _ = self.exchange(&[(seq, del)]);
+                self.replace_class_once(c, handle, leaf)
+            }
+            other => other,
+        }
+    }
+
+    fn replace_class_once(&mut self, c: &HtbClass, handle: u32, leaf: Leaf) -> io::Result<()> {
         let class_seq = self.next_seq();
         let class = class_message(c, class_seq);
         let leaf_seq = self.next_seq();

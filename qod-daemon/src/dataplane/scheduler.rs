@@ -217,6 +217,8 @@ pub struct SchedulerConfig {
     pub low_latency_share: f64,
     /// The most that guaranteed-rate sessions may reserve together (admission control).
     pub guaranteed_share: f64,
+    /// Replace a root qdisc qodd does not own instead of refusing to start.
+    pub replace_foreign_root: bool,
 }
 
 impl SchedulerConfig {
@@ -311,14 +313,36 @@ fn tc_json(args: &[&str]) -> Result<serde_json::Value, String> {
     serde_json::from_str(&tc_output(&all)?).map_err(|e| format!("tc -j {}: {e}", args.join(" ")))
 }
 
-/// Whether `interface`'s root qdisc is the HTB `1:` that qodd installs.
-fn has_qod_root(interface: &str) -> Result<bool, String> {
-    let root = tc_json(&["qdisc", "show", "dev", interface, "root"])?;
-    Ok(root
+/// What holds an interface's root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Root {
+    /// The kernel's default (handle `0:`: noqueue, pfifo_fast, mq, fq_codel...).
+    Default,
+    /// The HTB tree qodd installs: handle `1:`, unclassified traffic to best effort (`1:20`).
+    Qod,
+    /// Someone else's: its kind and handle.
+    Foreign { kind: String, handle: String },
+}
+
+/// Reads `tc -j qdisc show dev X root` output.
+fn root_of(json: &serde_json::Value) -> Root {
+    let Some(q) = json
         .as_array()
         .into_iter()
         .flatten()
-        .any(|q| q["kind"] == "htb" && q["handle"] == "1:" && q["root"].as_bool().unwrap_or(false)))
+        .find(|q| q["root"].as_bool().unwrap_or(false))
+    else {
+        return Root::Default;
+    };
+    let kind = q["kind"].as_str().unwrap_or("?").to_owned();
+    let handle = q["handle"].as_str().unwrap_or("?").to_owned();
+    if handle == "0:" {
+        Root::Default
+    } else if kind == "htb" && handle == "1:" && q["options"]["default"] == "0x20" {
+        Root::Qod
+    } else {
+        Root::Foreign { kind, handle }
+    }
 }
 
 /// The per-session class indexes in `tc class show` output (`class htb 1:1xx parent 1:1 …`).
@@ -376,7 +400,19 @@ impl Scheduler {
         };
         let cap = bits(config.capacity_bps);
         let cap_burst = burst_bytes(config.capacity_bps).to_string();
-        let adopted = has_qod_root(interface).map_err(err)?;
+        let root = root_of(&tc_json(&["qdisc", "show", "dev", interface, "root"]).map_err(err)?);
+        let adopted = root == Root::Qod;
+        if let Root::Foreign { kind, handle } = &root {
+            if !config.replace_foreign_root {
+                return Err(err(format!(
+                    "the root qdisc is {kind} {handle}, which is not qodd's: refusing to replace it \
+                     (remove it, or set replace_foreign_root = true on this interface to let qodd \
+                     replace it)"
+                )));
+            }
+            warn!(interface, kind = %kind, handle = %handle, "replacing a root qdisc that is not qodd's (replace_foreign_root)");
+            tc(&["qdisc", "del", "dev", interface, "root"]).map_err(err)?;
+        }
         if !adopted {
             tc(&[
                 "qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default",
@@ -561,6 +597,38 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_root_is_told_apart_by_kind_handle_and_default_class() {
+        let read = |s: &str| root_of(&serde_json::from_str(s).expect("json"));
+        assert_eq!(read("[]"), Root::Default);
+        assert_eq!(
+            read(r#"[{"kind":"noqueue","handle":"0:","root":true,"refcnt":2,"options":{}}]"#),
+            Root::Default
+        );
+        assert_eq!(
+            read(
+                r#"[{"kind":"htb","handle":"1:","root":true,"options":{"r2q":10,"default":"0x20","direct_packets_stat":0}}]"#
+            ),
+            Root::Qod
+        );
+        assert_eq!(
+            read(
+                r#"[{"kind":"htb","handle":"1:","root":true,"options":{"r2q":10,"default":"0x1"}}]"#
+            ),
+            Root::Foreign {
+                kind: "htb".into(),
+                handle: "1:".into()
+            }
+        );
+        assert_eq!(
+            read(r#"[{"kind":"tbf","handle":"5:","root":true,"options":{}}]"#),
+            Root::Foreign {
+                kind: "tbf".into(),
+                handle: "5:".into()
+            }
+        );
+    }
 
     #[test]
     fn session_classes_are_read_from_tc_output() {
