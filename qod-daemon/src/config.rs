@@ -193,26 +193,6 @@ fn parse_cli_interface(s: &str) -> Result<InterfaceEntry, ConfigError> {
     }))
 }
 
-/// Which traffic leaves through a managed interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    /// Faces the devices: its egress carries downlink.
-    Device,
-    /// Faces the servers: its egress carries uplink.
-    Server,
-    /// Both directions (marking only).
-    Both,
-}
-
-/// A managed interface, validated.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ManagedInterface {
-    pub name: String,
-    pub side: Side,
-    /// Present when qodd owns the interface's egress queueing.
-    pub scheduler: Option<SchedulerConfig>,
-}
-
 fn validate_interface(e: InterfaceEntry) -> Result<ManagedInterface, ConfigError> {
     let t = match e {
         InterfaceEntry::Name(name) => InterfaceTable {
@@ -284,6 +264,8 @@ fn validate_interface(e: InterfaceEntry) -> Result<ManagedInterface, ConfigError
         scheduler,
     })
 }
+
+pub use crate::dataplane::{AttachMode, ManagedInterface, Side};
 
 /// A device directory entry: a phone number and the addresses the device uses.
 #[derive(Debug, Deserialize)]
@@ -389,14 +371,6 @@ impl std::fmt::Display for Listen {
             Self::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
-}
-
-/// How the classifier is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
-    Auto,
-    Tcx,
-    Clsact,
 }
 
 /// A validated configuration.

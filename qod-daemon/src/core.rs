@@ -24,9 +24,8 @@ use uuid::Uuid;
 
 use crate::{
     audit,
-    config::{ManagedInterface, Side},
     dataplane::{
-        DataPlane, DataPlaneError, monotonic_ns,
+        DataPlane, DataPlaneError, ManagedInterface, Side, monotonic_ns,
         scheduler::{
             BEST_EFFORT_CLASS, BurstRule, ClassSpec, LOW_LATENCY_CLASS, MAX_SESSION_CLASSES,
             session_class,

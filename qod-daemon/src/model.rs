@@ -404,6 +404,20 @@ pub fn secs(s: u32) -> Duration {
     Duration::from_secs(u64::from(s))
 }
 
+/// One status change to tell a sink about.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Notification {
+    /// Stable across retries and restarts: receivers deduplicate on it.
+    pub event_id: uuid::Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: time::OffsetDateTime,
+    pub sink: String,
+    pub credential: Option<AccessToken>,
+    pub session_id: SessionId,
+    pub status: QosStatus,
+    pub info: Option<StatusInfo>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,10 +24,9 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use uuid::Uuid;
 
 use crate::{
-    model::{AccessToken, QosStatus, SessionId, StatusInfo},
+    model::{QosStatus, SessionId, StatusInfo},
     store::{Op, Store},
 };
 
@@ -172,19 +171,7 @@ impl Default for NotifyConfig {
     }
 }
 
-/// One status change to tell a sink about.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Notification {
-    /// Stable across retries and restarts: receivers deduplicate on it.
-    pub event_id: Uuid,
-    #[serde(with = "time::serde::rfc3339")]
-    pub time: OffsetDateTime,
-    pub sink: String,
-    pub credential: Option<AccessToken>,
-    pub session_id: SessionId,
-    pub status: QosStatus,
-    pub info: Option<StatusInfo>,
-}
+pub use crate::model::Notification;
 
 /// Counters of what delivery did, for logs and tests.
 #[derive(Debug, Default)]
@@ -613,7 +600,7 @@ mod tests {
     #[test]
     fn cloud_event_shape() {
         let n = Notification {
-            event_id: Uuid::nil(),
+            event_id: uuid::Uuid::nil(),
             time: OffsetDateTime::UNIX_EPOCH,
             sink: "https://sink.example/cb".into(),
             credential: None,

@@ -16,10 +16,7 @@ use time::OffsetDateTime;
 
 use uuid::Uuid;
 
-use crate::{
-    model::{SessionId, SessionRequest, StatusInfo},
-    notify::Notification,
-};
+use crate::model::{Notification, SessionId, SessionRequest, StatusInfo};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions_v1");
 /// Facts about the store itself (the boot it was last written in).

@@ -22,8 +22,8 @@ use qod_common::{
 };
 use tracing::{info, warn};
 
+use super::{AttachMode, ManagedInterface, Side};
 use super::{DataPlane, DataPlaneError, scheduler::Scheduler};
-use crate::config::{AttachMode, ManagedInterface, Side};
 
 /// The classifier's code for an interface's side.
 fn side_code(side: Side) -> u8 {

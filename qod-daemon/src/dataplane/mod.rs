@@ -14,6 +14,34 @@ pub use netlink::TcStats;
 use qod_common::{BANDS, BandCounters, DeviceKey, FlowCounters, FlowRule};
 pub use scheduler::{QueueStats, SchedulerConfig};
 
+/// Which traffic leaves through a managed interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Faces the devices: its egress carries downlink.
+    Device,
+    /// Faces the servers: its egress carries uplink.
+    Server,
+    /// Both directions (marking only).
+    Both,
+}
+
+/// A managed interface, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManagedInterface {
+    pub name: String,
+    pub side: Side,
+    /// Present when qodd owns the interface's egress queueing.
+    pub scheduler: Option<SchedulerConfig>,
+}
+
+/// How the classifier is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Auto,
+    Tcx,
+    Clsact,
+}
+
 /// Failure of a data plane operation.
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
