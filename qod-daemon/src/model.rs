@@ -418,6 +418,140 @@ pub struct Notification {
     pub info: Option<StatusInfo>,
 }
 
+/// A CAMARA `Device` object as given, before validation: what the gRPC API, a token's `sub` (and
+/// any other edge) carry alike, so one set of rules checks them all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceGiven {
+    pub phone_number: Option<String>,
+    pub ipv4: Option<Ipv4Given>,
+    pub ipv6_address: Option<String>,
+    pub network_access_identifier: Option<String>,
+}
+
+/// CAMARA `DeviceIpv4Addr` as given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ipv4Given {
+    pub public_address: Option<String>,
+    pub private_address: Option<String>,
+    pub public_port: Option<u32>,
+}
+
+impl DeviceGiven {
+    /// Validates every identifier present and picks one: IPv4, then IPv6, then the phone
+    /// number, preferring an address family for which `usable` holds.
+    pub fn resolve(&self, usable: impl Fn(u32) -> bool) -> Result<DeviceId, CamaraError> {
+        resolve_device(self, usable)
+    }
+}
+
+/// For look-ups, an address of either family is usable.
+pub fn any_family(f: u32) -> bool {
+    f == FAMILY_IPV4 || f == FAMILY_IPV6
+}
+
+/// Validates every identifier present and picks one: IPv4, then IPv6, then the phone number,
+/// preferring an address family for which `usable` holds.
+fn resolve_device(d: &DeviceGiven, usable: impl Fn(u32) -> bool) -> Result<DeviceId, CamaraError> {
+    let mut candidates = Vec::new();
+    if let Some(v4) = &d.ipv4 {
+        candidates.push(ipv4_device(v4)?);
+    }
+    if let Some(v6) = &d.ipv6_address {
+        let addr: Ipv6Addr = v6.parse().map_err(|_| {
+            CamaraError::invalid(
+                "device.ipv6Address",
+                format!("{v6:?} is not an IPv6 address"),
+            )
+        })?;
+        if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() {
+            return Err(CamaraError::invalid(
+                "device.ipv6Address",
+                "must be a unicast address of a device (not unspecified, loopback or multicast)",
+            ));
+        }
+        candidates.push(DeviceId::Ipv6(addr));
+    }
+    if let Some(p) = &d.phone_number {
+        candidates.push(DeviceId::PhoneNumber(PhoneNumber::parse(
+            "device.phoneNumber",
+            p,
+        )?));
+    }
+    if candidates.is_empty() {
+        return Err(if d.network_access_identifier.is_some() {
+            CamaraError::field(
+                CamaraCode::UnsupportedIdentifier,
+                "device.networkAccessIdentifier",
+                "is not supported; identify the device by phoneNumber, ipv4Address or ipv6Address",
+            )
+        } else {
+            CamaraError::invalid("device", "must contain at least one identifier")
+        });
+    }
+    let pick = candidates
+        .iter()
+        .position(|c| c.family().is_some_and(&usable))
+        .unwrap_or(0);
+    Ok(candidates.swap_remove(pick))
+}
+
+fn ipv4_device(v4: &Ipv4Given) -> Result<DeviceId, CamaraError> {
+    let addr = |field: &str, s: &str| {
+        let a = s.parse::<Ipv4Addr>().map_err(|_| {
+            CamaraError::invalid(
+                field,
+                format!("{s:?} is not an IPv4 address (no mask allowed)"),
+            )
+        })?;
+        if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() {
+            return Err(CamaraError::invalid(
+                field,
+                "must be a unicast address of a device (not unspecified, loopback, multicast or broadcast)",
+            ));
+        }
+        Ok(a)
+    };
+    let public = match &v4.public_address {
+        Some(s) => addr("device.ipv4Address.publicAddress", s)?,
+        None => {
+            return Err(CamaraError::invalid(
+                "device.ipv4Address.publicAddress",
+                "is required",
+            ));
+        }
+    };
+    let private = v4
+        .private_address
+        .as_deref()
+        .map(|s| addr("device.ipv4Address.privateAddress", s))
+        .transpose()?;
+    let public_port = v4
+        .public_port
+        .map(|p| port("device.ipv4Address.publicPort", p))
+        .transpose()?;
+    if private.is_none() && public_port.is_none() {
+        return Err(CamaraError::invalid(
+            "device.ipv4Address",
+            "publicAddress alone is not enough: add privateAddress (equal to publicAddress without NAT) or publicPort",
+        ));
+    }
+    Ok(DeviceId::Ipv4 {
+        public,
+        private,
+        public_port,
+    })
+}
+
+pub fn port(field: &str, p: u32) -> Result<u16, CamaraError> {
+    u16::try_from(p).ok().filter(|p| *p >= 1).ok_or_else(|| {
+        CamaraError::field(
+            CamaraCode::OutOfRange,
+            field,
+            format!("port {p} is outside 1..=65535"),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,7 @@
 //! Proto ↔ domain conversion, done once at the API edge. Every check a request field needs
 //! happens here and names the field in its error.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 use ipnetwork::{Ipv4Network, Ipv6Network};
-use qod_common::{FAMILY_IPV4, FAMILY_IPV6};
 use qod_proto::v1 as pb;
 use time::OffsetDateTime;
 
@@ -12,8 +9,8 @@ use crate::{
     core::{Event, SessionState, SessionView},
     error::{CamaraCode, CamaraError},
     model::{
-        AccessToken, ApplicationServer, Caller, DeviceId, PhoneNumber, Ports, ProfileName,
-        QosStatus, SessionRequest, StatusInfo,
+        AccessToken, ApplicationServer, Caller, DeviceGiven, DeviceId, Ipv4Given, Ports,
+        ProfileName, QosStatus, SessionRequest, StatusInfo, port,
     },
     notify::SinkRules,
     profile::{self, QosProfile},
@@ -114,97 +111,19 @@ pub fn caller_device(
     }
 }
 
-/// Validates every identifier present and picks one: IPv4, then IPv6, then the phone number,
-/// preferring an address family for which `usable` holds.
+/// Validates every identifier present and picks one (see [`DeviceGiven::resolve`]).
 pub fn device(d: &pb::Device, usable: impl Fn(u32) -> bool) -> Result<DeviceId, CamaraError> {
-    let mut candidates = Vec::new();
-    if let Some(v4) = &d.ipv4_address {
-        candidates.push(ipv4_device(v4)?);
+    DeviceGiven {
+        phone_number: d.phone_number.clone(),
+        ipv4: d.ipv4_address.as_ref().map(|a| Ipv4Given {
+            public_address: a.public_address.clone(),
+            private_address: a.private_address.clone(),
+            public_port: a.public_port,
+        }),
+        ipv6_address: d.ipv6_address.clone(),
+        network_access_identifier: d.network_access_identifier.clone(),
     }
-    if let Some(v6) = &d.ipv6_address {
-        let addr: Ipv6Addr = v6.parse().map_err(|_| {
-            CamaraError::invalid(
-                "device.ipv6Address",
-                format!("{v6:?} is not an IPv6 address"),
-            )
-        })?;
-        if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() {
-            return Err(CamaraError::invalid(
-                "device.ipv6Address",
-                "must be a unicast address of a device (not unspecified, loopback or multicast)",
-            ));
-        }
-        candidates.push(DeviceId::Ipv6(addr));
-    }
-    if let Some(p) = &d.phone_number {
-        candidates.push(DeviceId::PhoneNumber(PhoneNumber::parse(
-            "device.phoneNumber",
-            p,
-        )?));
-    }
-    if candidates.is_empty() {
-        return Err(if d.network_access_identifier.is_some() {
-            CamaraError::field(
-                CamaraCode::UnsupportedIdentifier,
-                "device.networkAccessIdentifier",
-                "is not supported; identify the device by phoneNumber, ipv4Address or ipv6Address",
-            )
-        } else {
-            CamaraError::invalid("device", "must contain at least one identifier")
-        });
-    }
-    let pick = candidates
-        .iter()
-        .position(|c| c.family().is_some_and(&usable))
-        .unwrap_or(0);
-    Ok(candidates.swap_remove(pick))
-}
-
-fn ipv4_device(v4: &pb::DeviceIpv4Addr) -> Result<DeviceId, CamaraError> {
-    let addr = |field: &str, s: &str| {
-        let a = s.parse::<Ipv4Addr>().map_err(|_| {
-            CamaraError::invalid(
-                field,
-                format!("{s:?} is not an IPv4 address (no mask allowed)"),
-            )
-        })?;
-        if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() {
-            return Err(CamaraError::invalid(
-                field,
-                "must be a unicast address of a device (not unspecified, loopback, multicast or broadcast)",
-            ));
-        }
-        Ok(a)
-    };
-    let public = match &v4.public_address {
-        Some(s) => addr("device.ipv4Address.publicAddress", s)?,
-        None => {
-            return Err(CamaraError::invalid(
-                "device.ipv4Address.publicAddress",
-                "is required",
-            ));
-        }
-    };
-    let private = v4
-        .private_address
-        .as_deref()
-        .map(|s| addr("device.ipv4Address.privateAddress", s))
-        .transpose()?;
-    let public_port = v4
-        .public_port
-        .map(|p| port("device.ipv4Address.publicPort", p))
-        .transpose()?;
-    if private.is_none() && public_port.is_none() {
-        return Err(CamaraError::invalid(
-            "device.ipv4Address",
-            "publicAddress alone is not enough: add privateAddress (equal to publicAddress without NAT) or publicPort",
-        ));
-    }
-    Ok(DeviceId::Ipv4 {
-        public,
-        private,
-        public_port,
-    })
+    .resolve(usable)
 }
 
 fn application_server(s: Option<&pb::ApplicationServer>) -> Result<ApplicationServer, CamaraError> {
@@ -259,16 +178,6 @@ fn application_server(s: Option<&pb::ApplicationServer>) -> Result<ApplicationSe
         ipv4,
         ipv6,
         given: (s.ipv4_address.clone(), s.ipv6_address.clone()),
-    })
-}
-
-fn port(field: &str, p: u32) -> Result<u16, CamaraError> {
-    u16::try_from(p).ok().filter(|p| *p >= 1).ok_or_else(|| {
-        CamaraError::field(
-            CamaraCode::OutOfRange,
-            field,
-            format!("port {p} is outside 1..=65535"),
-        )
     })
 }
 
@@ -424,10 +333,7 @@ pub fn lookup_device(d: &pb::Device) -> Result<DeviceId, CamaraError> {
     device(d, any_family)
 }
 
-/// For look-ups, an address of either family is usable.
-pub fn any_family(f: u32) -> bool {
-    f == FAMILY_IPV4 || f == FAMILY_IPV6
-}
+pub use crate::model::any_family;
 
 pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
     prost_types::Timestamp {

@@ -11,14 +11,12 @@ pub mod jwt;
 use std::{num::NonZeroU32, sync::Arc, time::Duration};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use qod_proto::v1 as pb;
 use serde_json::{Map, Value};
 use tonic::{Request, Status, service::Interceptor};
 
 use crate::{
-    api::convert,
     error::{CamaraCode, CamaraError},
-    model::{Caller, DeviceId, PhoneNumber},
+    model::{Caller, DeviceGiven, DeviceId, Ipv4Given, PhoneNumber, any_family},
 };
 
 pub use jwt::{JwksSource, TokenRules, Verifier};
@@ -351,7 +349,7 @@ pub fn subject_device(v: &Value) -> Result<Option<DeviceId>, CamaraError> {
         }
         Value::Object(o) => {
             let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
-            let ipv4 = o.get("ipv4Address").map(|a| pb::DeviceIpv4Addr {
+            let ipv4 = o.get("ipv4Address").map(|a| Ipv4Given {
                 public_address: text(a.get("publicAddress")),
                 private_address: text(a.get("privateAddress")),
                 public_port: a
@@ -359,13 +357,14 @@ pub fn subject_device(v: &Value) -> Result<Option<DeviceId>, CamaraError> {
                     .and_then(Value::as_u64)
                     .and_then(|p| u32::try_from(p).ok()),
             });
-            let device = pb::Device {
+            let device = DeviceGiven {
                 phone_number: text(o.get("phoneNumber")),
-                ipv4_address: ipv4,
+                ipv4,
                 ipv6_address: text(o.get("ipv6Address")),
                 network_access_identifier: text(o.get("networkAccessIdentifier")),
             };
-            convert::lookup_device(&device)
+            device
+                .resolve(any_family)
                 .map(Some)
                 .map_err(|e| bad(&format!("is not a valid device: {}", e.message)))
         }

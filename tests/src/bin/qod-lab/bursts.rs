@@ -20,13 +20,28 @@ use qod_testkit::{
     traffic::{Bursts, Delivered, Probe, tcp_flows, udp_bursts, udp_flood, udp_probe},
 };
 
-const SMALL: Bursts = Bursts {
-    count: 4,
-    size: 1200,
+/// A burst shape and how often it is sent.
+#[derive(Clone, Copy)]
+struct Pattern {
+    shape: Bursts,
+    every: Duration,
+}
+
+/// 4 × 1,200 B every 100 ms (400 kbit/s, inside QOS_E's 500).
+const SMALL: Pattern = Pattern {
+    shape: Bursts {
+        count: 4,
+        size: 1200,
+    },
+    every: Duration::from_millis(100),
 };
-const LARGE: Bursts = Bursts {
-    count: 40,
-    size: 1200,
+/// 40 × 1,200 B every second (384 kbit/s on average, 48 KB at once).
+const LARGE: Pattern = Pattern {
+    shape: Bursts {
+        count: 40,
+        size: 1200,
+    },
+    every: Duration::from_secs(1),
 };
 
 fn join<T>(h: std::thread::JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -34,14 +49,12 @@ fn join<T>(h: std::thread::JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {
         .map_err(|_| anyhow::anyhow!("traffic thread panicked"))?
 }
 
-/// Bursts of `shape` server:`port` → `device`:7000 every `interval` for `seconds`, with or
-/// without 8 bulk flows beside them; the first burst left out.
+/// Bursts of `pattern` server:`port` → `device`:7000 for `seconds`, with or without 8 bulk
+/// flows beside them; the first burst left out.
 fn run_bursts(
     lab: &Lab,
-    device: &str,
-    port: u16,
-    shape: Bursts,
-    interval: Duration,
+    (device, port): (&str, u16),
+    Pattern { shape, every }: Pattern,
     seconds: Duration,
     congested: bool,
 ) -> anyhow::Result<Probe> {
@@ -64,7 +77,7 @@ fn run_bursts(
         &lab.device,
         SocketAddr::new(ip(device), 7000),
         shape,
-        interval,
+        every,
         seconds,
     )?)?;
     if let Some(b) = bulk {
@@ -142,34 +155,10 @@ pub async fn bursts(seconds: Duration) -> anyhow::Result<()> {
     println!("bursts: references on a hand-built tree (no qodd)");
     let reference = lab_with_devices()?;
     reference_tree(&reference, None, 7101)?;
-    let ref_default = run_bursts(
-        &reference,
-        addr::DEVICE_V4,
-        7101,
-        SMALL,
-        Duration::from_millis(100),
-        seconds,
-        true,
-    )?;
+    let ref_default = run_bursts(&reference, (addr::DEVICE_V4, 7101), SMALL, seconds, true)?;
     reference_tree(&reference, Some(15_140), 7101)?;
-    let ref_frames = run_bursts(
-        &reference,
-        addr::DEVICE_V4,
-        7101,
-        SMALL,
-        Duration::from_millis(100),
-        seconds,
-        true,
-    )?;
-    let ref_over = run_bursts(
-        &reference,
-        addr::DEVICE_V4,
-        7101,
-        LARGE,
-        Duration::from_secs(1),
-        seconds,
-        true,
-    )?;
+    let ref_frames = run_bursts(&reference, (addr::DEVICE_V4, 7101), SMALL, seconds, true)?;
+    let ref_over = run_bursts(&reference, (addr::DEVICE_V4, 7101), LARGE, seconds, true)?;
     drop(reference);
 
     println!("bursts: qodd, both interfaces scheduled");
@@ -203,24 +192,8 @@ pub async fn bursts(seconds: Duration) -> anyhow::Result<()> {
     create("10.0.1.5", "QOS_E", 7103).await?;
     let flooded = create("10.0.1.6", "QOS_E", 7105).await?;
     let capped = create(addr::DEVICE_V4, "QOS_C", 7106).await?;
-    let idle = run_bursts(
-        &lab,
-        addr::DEVICE_V4,
-        7101,
-        SMALL,
-        Duration::from_millis(100),
-        seconds,
-        false,
-    )?;
-    let small = run_bursts(
-        &lab,
-        addr::DEVICE_V4,
-        7101,
-        SMALL,
-        Duration::from_millis(100),
-        seconds,
-        true,
-    )?;
+    let idle = run_bursts(&lab, (addr::DEVICE_V4, 7101), SMALL, seconds, false)?;
+    let small = run_bursts(&lab, (addr::DEVICE_V4, 7101), SMALL, seconds, true)?;
     // Beyond the allowance, with a neighbouring QOS_E probe (64 B every 10 ms).
     let neighbour = udp_probe(
         &lab.server,
@@ -230,15 +203,7 @@ pub async fn bursts(seconds: Duration) -> anyhow::Result<()> {
         Duration::from_millis(10),
         seconds + Duration::from_millis(500),
     )?;
-    let over = run_bursts(
-        &lab,
-        "10.0.1.4",
-        7102,
-        LARGE,
-        Duration::from_secs(1),
-        seconds,
-        true,
-    )?;
+    let over = run_bursts(&lab, ("10.0.1.4", 7102), LARGE, seconds, true)?;
     let neighbour = join(neighbour)?;
 
     println!();
