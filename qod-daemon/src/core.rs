@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::{
     audit,
+    core::events::{Announcer, Decided},
     dataplane::{
         DataPlane, DataPlaneError, ManagedInterface, Side, monotonic_ns,
         scheduler::{
@@ -32,7 +33,6 @@ use crate::{
         },
     },
     error::{CamaraCode, CamaraError},
-    events::{Announcer, Decided},
     model::{
         AppFlow, Caller, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words,
         secs,
@@ -188,7 +188,8 @@ impl SessionView {
     }
 }
 
-pub use crate::events::Event;
+pub mod events;
+pub use events::Event;
 
 /// Hands out counter slots; a slot is in use exactly while its session is AVAILABLE.
 #[derive(Debug)]
@@ -1026,7 +1027,7 @@ impl Core {
 
     /// Undoes the admission of a session that could not be stored, and withdraws its held
     /// event (under the lock: no event of the session can be decided after it).
-    fn roll_back(&self, id: SessionId, place: Option<crate::events::Place>) {
+    fn roll_back(&self, id: SessionId, place: Option<crate::core::events::Place>) {
         let mut inner = self.lock();
         if let Some(place) = place {
             self.announcer.withdraw(place);

@@ -11,7 +11,7 @@ pub mod core;
 pub mod dataplane;
 pub mod devkit;
 pub mod error;
-pub mod events;
+pub mod exposition;
 pub mod links;
 pub mod listener;
 pub mod metrics;
@@ -254,12 +254,12 @@ pub async fn run(
     notify_service_manager(sd_notify::NotifyState::Ready);
     let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
     if let Some(listener) = metrics_listener {
-        let collector = metrics::NodeCollector {
+        let collector = exposition::NodeCollector {
             core: core.clone(),
             store: store.clone(),
             notify: notifier.stats.clone(),
         };
-        metrics::serve(listener, collector, token.clone());
+        exposition::serve(listener, collector, token.clone());
     }
     tokio::spawn(links::watch(
         core.clone(),
