@@ -113,6 +113,21 @@ fn policer(rate_bps: u64, burst: Duration) -> Policer {
     Policer::new(rate_bps, bytes.max(MIN_BURST_BYTES))
 }
 
+/// The target minimum and maximum rate of the direction that leaves through a `side` interface:
+/// downstream towards the device, upstream towards the server.
+fn direction_rates(
+    profile: &QosProfile,
+    side: Side,
+) -> (Option<crate::profile::Rate>, Option<crate::profile::Rate>) {
+    match side {
+        Side::Device => (
+            profile.target_min_downstream_rate,
+            profile.max_downstream_rate,
+        ),
+        _ => (profile.target_min_upstream_rate, profile.max_upstream_rate),
+    }
+}
+
 /// What `profile` says of bursts in the direction that leaves through a `side` interface:
 /// downstream towards the device, upstream towards the server.
 fn burst_rule(profile: &QosProfile, side: Side) -> BurstRule {
@@ -1063,14 +1078,10 @@ impl Core {
         let mut wanted: Vec<ReservedClass> = Vec::new();
         for i in &self.interfaces {
             let Some(sched) = i.scheduler else { continue };
-            let (target, max) = match i.side {
-                Side::Device => (
-                    profile.target_min_downstream_rate,
-                    profile.max_downstream_rate,
-                ),
-                Side::Server => (profile.target_min_upstream_rate, profile.max_upstream_rate),
-                Side::Both => continue,
-            };
+            if i.side == Side::Both {
+                continue;
+            }
+            let (target, max) = direction_rates(profile, i.side);
             let bps =
                 |r: Option<crate::profile::Rate>| r.map(|r| r.bits_per_second()).filter(|b| *b > 0);
             let (target, max) = (bps(target), bps(max));
@@ -1184,15 +1195,7 @@ impl Core {
             out
         };
         // The side whose egress carries a direction: downlink leaves on the device side.
-        let class_of = |side: Side| {
-            reservation.and_then(|r| {
-                r.classes.iter().find(|c| {
-                    self.interfaces
-                        .iter()
-                        .any(|i| i.name == c.interface && i.side == side)
-                })
-            })
-        };
+        let class_of = |side: Side| reservation.and_then(|r| self.class_on(r, side));
         let police = |side: Side, max: Option<crate::profile::Rate>| {
             let Some(m) = max.map(|m| m.bits_per_second()).filter(|m| *m > 0) else {
                 return Policer::default();
@@ -1575,21 +1578,12 @@ impl Core {
         for (n, side) in [Side::Server, Side::Device].into_iter().enumerate() {
             let r = &mut report[n];
             if let Some(p) = profile {
-                let (min, max) = match side {
-                    Side::Device => (p.target_min_downstream_rate, p.max_downstream_rate),
-                    _ => (p.target_min_upstream_rate, p.max_upstream_rate),
-                };
+                let (min, max) = direction_rates(p, side);
                 r.granted_min_bps = min.map(|r| r.bits_per_second());
                 r.granted_max_bps = max.map(|r| r.bits_per_second());
             }
             let class = v.session.reservation.as_ref().and_then(|res| {
-                res.classes
-                    .iter()
-                    .find(|c| {
-                        self.interfaces
-                            .iter()
-                            .any(|i| i.name == c.interface && i.side == side)
-                    })
+                self.class_on(res, side)
                     .map(|c| (c.interface.as_str(), res.index))
             });
             if let Some((interface, index)) = class {
@@ -1635,6 +1629,15 @@ impl Core {
         }
         let [up, down] = report;
         Ok((v, Some(Delivery { up, down })))
+    }
+
+    /// `reservation`'s class on the interface of `side`, if it has one there.
+    fn class_on<'r>(&self, reservation: &'r Reservation, side: Side) -> Option<&'r ReservedClass> {
+        reservation.classes.iter().find(|c| {
+            self.interfaces
+                .iter()
+                .any(|i| i.name == c.interface && i.side == side)
+        })
     }
 
     /// When `session` (live) started, on the monotonic clock.
