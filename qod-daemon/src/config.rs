@@ -53,6 +53,9 @@ pub struct Cli {
     /// gRPC listen address: host:port or unix:/path.
     #[arg(long)]
     pub listen: Option<String>,
+    /// CAMARA REST API listen address: host:port, or "off".
+    #[arg(long)]
+    pub rest_listen: Option<String>,
     /// Managed interface NAME[:SIDE[:MBIT]] (repeat for several; replaces the file's list).
     /// SIDE is device, server or both; MBIT, the capacity, makes qodd own its egress queueing.
     #[arg(short, long = "interface")]
@@ -102,6 +105,16 @@ struct FileConfig {
     tls: Option<TlsConfig>,
     auth: Option<AuthConfig>,
     limits: Option<LimitsConfig>,
+    rest: Option<RestConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestConfig {
+    listen: Option<String>,
+    api_root: Option<String>,
+    public_url: Option<String>,
+    request_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,6 +331,15 @@ impl FileConfig {
             tls: over.tls.or(self.tls),
             auth: over.auth.or(self.auth),
             limits: over.limits.or(self.limits),
+            rest: match (self.rest, over.rest) {
+                (Some(base), Some(over)) => Some(RestConfig {
+                    listen: over.listen.or(base.listen),
+                    api_root: over.api_root.or(base.api_root),
+                    public_url: over.public_url.or(base.public_url),
+                    request_timeout_ms: over.request_timeout_ms.or(base.request_timeout_ms),
+                }),
+                (base, over) => over.or(base),
+            },
         }
     }
 }
@@ -405,6 +427,21 @@ pub struct Config {
     pub security: Security,
     pub limits: ClientLimits,
     pub connections: crate::listener::ConnectionLimits,
+    /// CAMARA's REST API (`None`: off).
+    pub rest: Option<RestSettings>,
+}
+
+/// Where and how CAMARA's REST API is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestSettings {
+    pub listen: SocketAddr,
+    /// The path of `apiRoot`: `""`, or `/a/b` (no trailing `/`).
+    pub api_root: String,
+    /// `apiRoot` as clients reach it, for the served OpenAPI documents' `servers`; `None`: the
+    /// scheme and `Host` of each request.
+    pub public_url: Option<String>,
+    /// For a request's headers, and again for its body.
+    pub request_timeout: Duration,
 }
 
 /// How log lines are written (to stderr, which journald takes under systemd).
@@ -592,6 +629,10 @@ impl Config {
                 .transpose()?,
             attach: cli.attach.clone(),
             max_sessions: cli.max_sessions,
+            rest: cli.rest_listen.clone().map(|listen| RestConfig {
+                listen: Some(listen),
+                ..RestConfig::default()
+            }),
             ..FileConfig::default()
         });
         Self::validate(merged, cli.insecure)
@@ -607,6 +648,7 @@ impl Config {
                 ))
             })?),
         };
+        let rest = validate_rest(f.rest.unwrap_or_default())?;
         let log_format = match f.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -831,6 +873,7 @@ impl Config {
             security,
             limits,
             connections,
+            rest,
         })
     }
 }
@@ -1062,6 +1105,54 @@ fn validate_limits(
         max_message_bytes,
     };
     Ok((client, connections))
+}
+
+fn validate_rest(r: RestConfig) -> Result<Option<RestSettings>, ConfigError> {
+    let listen = match r.listen.as_deref().unwrap_or("off") {
+        "" | "off" => return Ok(None),
+        addr => addr.parse::<SocketAddr>().map_err(|e| {
+            invalid(format!(
+                "rest.listen = {addr:?}: expected \"host:port\" or \"off\" ({e})"
+            ))
+        })?,
+    };
+    let api_root = r.api_root.unwrap_or_default();
+    let path_char = |c: char| c.is_ascii_alphanumeric() || "-._~/".contains(c);
+    if !api_root.is_empty()
+        && (!api_root.starts_with('/')
+            || api_root.ends_with('/')
+            || api_root.contains("//")
+            || !api_root.chars().all(path_char))
+    {
+        return Err(invalid(format!(
+            "rest.api_root = {api_root:?}: expected \"\" or a path such as \"/camara\" (no trailing '/')"
+        )));
+    }
+    let public_url = r
+        .public_url
+        .map(|u| {
+            let parsed = url::Url::parse(&u)
+                .map_err(|e| invalid(format!("rest.public_url = {u:?} is not a URL ({e})")))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                return Err(invalid(format!(
+                    "rest.public_url = {u:?}: expected an http:// or https:// URL with a host"
+                )));
+            }
+            Ok(u.trim_end_matches('/').to_owned())
+        })
+        .transpose()?;
+    let timeout = r.request_timeout_ms.unwrap_or(10_000);
+    if !(100..=300_000).contains(&timeout) {
+        return Err(invalid(format!(
+            "rest.request_timeout_ms = {timeout}: must be 100 to 300000"
+        )));
+    }
+    Ok(Some(RestSettings {
+        listen,
+        api_root,
+        public_url,
+        request_timeout: Duration::from_millis(timeout),
+    }))
 }
 
 fn parse_listen(s: &str) -> Result<Listen, ConfigError> {

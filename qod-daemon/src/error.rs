@@ -93,6 +93,33 @@ impl CamaraCode {
     }
 }
 
+impl CamaraCode {
+    /// The HTTP status CAMARA's OpenAPI gives the code (the REST edge).
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidArgument
+            | Self::OutOfRange
+            | Self::DurationOutOfRange
+            | Self::InvalidSink
+            | Self::InvalidCredential
+            | Self::InvalidToken => 400,
+            Self::Unauthenticated => 401,
+            Self::PermissionDenied => 403,
+            Self::NotFound | Self::IdentifierNotFound => 404,
+            Self::Conflict | Self::SessionExtensionNotAllowed => 409,
+            Self::ServiceNotApplicable
+            | Self::MissingIdentifier
+            | Self::UnsupportedIdentifier
+            | Self::UnnecessaryIdentifier
+            | Self::QosProfileNotApplicable => 422,
+            Self::QuotaExceeded | Self::TooManyRequests => 429,
+            Self::Internal => 500,
+            Self::NotImplemented => 501,
+            Self::Unavailable => 503,
+        }
+    }
+}
+
 impl fmt::Display for CamaraCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.reason())

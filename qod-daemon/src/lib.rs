@@ -62,6 +62,8 @@ pub enum RunError {
         "incompatible pinned data plane: {0} (remove it, or set incompatible_pins = \"rebuild\")"
     )]
     IncompatiblePins(String),
+    #[error("the REST API's TLS")]
+    RestTls(#[from] api::rest::serve::TlsError),
 }
 
 /// Re-reads the configuration (file and flags) for a SIGHUP reload.
@@ -94,6 +96,20 @@ pub async fn run(
                 })?,
         ),
         None => None,
+    };
+    let rest_listener =
+        match &config.rest {
+            Some(rest) => Some(tokio::net::TcpListener::bind(rest.listen).await.map_err(
+                |source| RunError::Listen {
+                    addr: rest.listen.to_string(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+    let rest_tls = match (&config.rest, &config.security) {
+        (Some(_), config::Security::Secure { tls, .. }) => Some(api::rest::serve::tls_config(tls)?),
+        _ => None,
     };
     prepare_pins(&config, &store)?;
     let mut dp = AyaDataPlane::load(config.max_sessions, &config.pin_path)?;
@@ -165,6 +181,25 @@ pub async fn run(
         server = server.tls_config(tls.server_config().timeout(connections.handshake_timeout))?;
     }
     let max_message = config.limits.max_message_bytes;
+    let ops = api::Operations::new(core.clone(), config.notify.sinks.clone());
+    let rest_app = config.rest.as_ref().map(|rest| {
+        let security = match &config.security {
+            config::Security::Insecure => api::rest::openapi::Security::None,
+            config::Security::Secure { auth, .. } => api::rest::openapi::Security::Bearer {
+                issuer: auth.rules.issuer.clone(),
+                audience: auth.rules.audience.clone(),
+            },
+        };
+        api::rest::Rest::new(
+            ops.clone(),
+            authenticator.clone(),
+            max_message,
+            rest.request_timeout,
+            rest.api_root.clone(),
+            api::rest::openapi::Documents::new(&security, rest.public_url.clone()),
+        )
+        .router()
+    });
     // Health stays open for probes; everything else needs a valid token.
     let router = server
         .layer(api::correlator::CorrelatorLayer)
@@ -180,16 +215,15 @@ pub async fn run(
         ))
         .add_service(InterceptedService::new(
             QualityOnDemandServer::new(api::SessionService::new(
-                core.clone(),
+                ops.clone(),
                 token.clone(),
-                config.notify.sinks.clone(),
                 config.limits.max_watches,
             ))
             .max_decoding_message_size(max_message),
             authenticator.clone(),
         ))
         .add_service(InterceptedService::new(
-            QosProfilesServer::new(api::ProfileService::new(core.clone()))
+            QosProfilesServer::new(api::ProfileService::new(ops))
                 .max_decoding_message_size(max_message),
             authenticator.clone(),
         ))
@@ -229,6 +263,22 @@ pub async fn run(
                 stop,
             ))
         }
+    };
+
+    let rest_server = match (rest_listener, rest_app, &config.rest) {
+        (Some(listener), Some(app), Some(rest)) => {
+            info!(listen = %rest.listen, api_root = %rest.api_root, "CAMARA REST API listening");
+            Some(tokio::spawn(api::rest::serve::serve(
+                listener,
+                app,
+                rest_tls,
+                connections,
+                rest.request_timeout,
+                token.clone(),
+                DRAIN_GRACE,
+            )))
+        }
+        _ => None,
     };
 
     {
@@ -283,6 +333,9 @@ pub async fn run(
             Ok(())
         }
     };
+    if let Some(rest) = rest_server {
+        let _ = tokio::time::timeout(DRAIN_GRACE, rest).await;
+    }
     let _ = expiry.await;
     core.shutdown();
     // Writes queued without waiting (ends, purges) are on disk before qodd exits.

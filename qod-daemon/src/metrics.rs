@@ -21,9 +21,10 @@ use prometheus_client::{
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
-    /// `Service/Method`, or `unknown` for a method qodd does not serve.
+    /// `Service/Method` (gRPC), `rest/<operationId>` (REST), or `unknown` for a method qodd
+    /// does not serve.
     pub method: String,
-    /// The gRPC status code's name.
+    /// The gRPC status code's name, or the HTTP status (REST).
     pub code: String,
     /// The CAMARA reason (`ErrorInfo.reason`), empty on success.
     pub reason: String,
@@ -125,20 +126,22 @@ pub fn method_label(path: &str, code: tonic::Code) -> String {
     path.trim_start_matches('/').to_owned()
 }
 
-/// Records one finished API call.
-pub fn observe_call(path: &str, status: Option<&tonic::Status>, elapsed: Duration) {
-    use tonic_types::StatusExt as _;
-    let code = status.map_or(tonic::Code::Ok, tonic::Status::code);
-    let method = method_label(path, code);
-    let reason = status
-        .and_then(|s| s.get_details_error_info())
-        .map(|i| i.reason)
-        .unwrap_or_default();
+/// Records one finished REST call: `method` is `rest/<operationId>`, `code` the HTTP status.
+pub fn observe_rest(operation: &str, status: u16, reason: &str, elapsed: Duration) {
+    observe(
+        format!("rest/{operation}"),
+        status.to_string(),
+        reason.to_owned(),
+        elapsed,
+    );
+}
+
+fn observe(method: String, code: String, reason: String, elapsed: Duration) {
     METRICS
         .calls
         .get_or_create(&CallLabels {
             method: method.clone(),
-            code: format!("{code:?}"),
+            code,
             reason,
         })
         .inc();
@@ -146,4 +149,20 @@ pub fn observe_call(path: &str, status: Option<&tonic::Status>, elapsed: Duratio
         .call_seconds
         .get_or_create(&MethodLabels { method })
         .observe(elapsed.as_secs_f64());
+}
+
+/// Records one finished API call.
+pub fn observe_call(path: &str, status: Option<&tonic::Status>, elapsed: Duration) {
+    use tonic_types::StatusExt as _;
+    let code = status.map_or(tonic::Code::Ok, tonic::Status::code);
+    let reason = status
+        .and_then(|s| s.get_details_error_info())
+        .map(|i| i.reason)
+        .unwrap_or_default();
+    observe(
+        method_label(path, code),
+        format!("{code:?}"),
+        reason,
+        elapsed,
+    );
 }

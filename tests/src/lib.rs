@@ -55,4 +55,7 @@ pub mod api;
 /// A gRPC codec of raw bytes, to send what no generated client would.
 pub mod raw;
 
+/// An HTTPS client for the REST API, inside a namespace.
+pub mod rest;
+
 pub use traffic::{tcp_exchange, udp_send};

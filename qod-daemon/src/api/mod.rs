@@ -4,6 +4,8 @@
 pub mod convert;
 pub mod correlator;
 pub mod node;
+pub mod ops;
+pub mod rest;
 
 use std::{pin::Pin, sync::Arc};
 
@@ -19,12 +21,12 @@ use crate::{
     auth::{authorize, scope},
     core::Core,
     error::{CamaraCode, CamaraError},
-    model::{ProfileName, SessionId},
-    notify::SinkRules,
+    model::SessionId,
 };
 
-/// Runs `f` on the blocking pool (it may wait on the kernel, `tc` or the store), with the call's
-/// span, so the core's lines (audit included) carry it.
+pub use ops::Operations;
+
+/// [`ops::blocking`] for the node service, whose errors are statuses already.
 pub(crate) async fn off_async<T: Send + 'static, E: Into<Status> + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Status> {
@@ -37,11 +39,9 @@ pub(crate) async fn off_async<T: Send + 'static, E: Into<Status> + Send + 'stati
 
 /// `qod.v1.QualityOnDemand`.
 pub struct SessionService {
-    core: Arc<Core>,
+    ops: Operations,
     /// Ends watch streams when the daemon shuts down, so the server can drain.
     shutdown: CancellationToken,
-    /// What a sink URL may be.
-    sinks: Arc<SinkRules>,
     /// Watch streams open per client.
     watches: Arc<Watches>,
 }
@@ -94,44 +94,23 @@ impl Drop for WatchSlot {
 }
 
 impl SessionService {
-    /// Runs a core call that may wait on the kernel (map updates, `tc` for scheduler classes) on
-    /// the blocking pool, so it never stalls the async workers serving other calls.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Core) -> Result<T, CamaraError> + Send + 'static,
-    ) -> Result<T, Status> {
-        let core = self.core.clone();
-        off_async(move || f(&core)).await
-    }
-
-    pub fn new(
-        core: Arc<Core>,
-        shutdown: CancellationToken,
-        sinks: SinkRules,
-        max_watches_per_client: u32,
-    ) -> Self {
+    pub fn new(ops: Operations, shutdown: CancellationToken, max_watches_per_client: u32) -> Self {
         Self {
-            core,
+            ops,
             shutdown,
-            sinks: Arc::new(sinks),
             watches: Arc::new(Watches {
                 max: max_watches_per_client,
                 open: std::sync::Mutex::default(),
             }),
         }
     }
+
+    fn core(&self) -> &Core {
+        self.ops.core()
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;
-
-fn additional_duration(n: i32) -> Result<u32, CamaraError> {
-    u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
-        CamaraError::invalid(
-            "requestedAdditionalDuration",
-            format!("{n} must be at least 1 second"),
-        )
-    })
-}
 
 #[tonic::async_trait]
 impl QualityOnDemand for SessionService {
@@ -140,10 +119,8 @@ impl QualityOnDemand for SessionService {
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::SessionInfo>, Status> {
         let caller = authorize(&request, scope::SESSIONS_CREATE)?;
-        let req = convert::session_request(request.into_inner(), &caller, &self.sinks)?;
-        let view = self.blocking(move |core| core.create(req)).await?;
-        tracing::Span::current().record("session", view.session.id.to_string());
-        Ok(Response::new(convert::session_info(&view)))
+        let info = self.ops.create(&caller, request.into_inner()).await?;
+        Ok(Response::new(info))
     }
 
     async fn get_session(
@@ -151,16 +128,8 @@ impl QualityOnDemand for SessionService {
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::SessionInfo>, Status> {
         let caller = authorize(&request, scope::SESSIONS_READ)?;
-        let id: SessionId = request.into_inner().session_id.parse()?;
-        tracing::Span::current().record("session", id.to_string());
-        // It reads the session's classes from the kernel (rtnetlink): off the async workers.
-        let (view, delivery) = self
-            .blocking(move |core| core.get_delivery(id, &caller))
-            .await?;
-        Ok(Response::new(convert::session_info_with_delivery(
-            &view,
-            delivery.as_ref(),
-        )))
+        let id = request.into_inner().session_id;
+        Ok(Response::new(self.ops.get(&caller, &id, true).await?))
     }
 
     async fn delete_session(
@@ -168,9 +137,8 @@ impl QualityOnDemand for SessionService {
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let caller = authorize(&request, scope::SESSIONS_DELETE)?;
-        let id: SessionId = request.into_inner().session_id.parse()?;
-        tracing::Span::current().record("session", id.to_string());
-        self.blocking(move |core| core.delete(id, &caller)).await?;
+        let id = request.into_inner().session_id;
+        self.ops.delete(&caller, &id).await?;
         Ok(Response::new(pb::DeleteSessionResponse {}))
     }
 
@@ -180,14 +148,15 @@ impl QualityOnDemand for SessionService {
     ) -> Result<Response<pb::SessionInfo>, Status> {
         let caller = authorize(&request, scope::SESSIONS_UPDATE)?;
         let req = request.into_inner();
-        let id: SessionId = req.session_id.parse()?;
-        tracing::Span::current().record("session", id.to_string());
-        let add = additional_duration(req.requested_additional_duration)?;
-        Ok(Response::new(convert::session_info(
-            &self
-                .blocking(move |core| core.extend(id, add, &caller))
-                .await?,
-        )))
+        let info = self
+            .ops
+            .extend(
+                &caller,
+                &req.session_id,
+                req.requested_additional_duration.into(),
+            )
+            .await?;
+        Ok(Response::new(info))
     }
 
     async fn retrieve_sessions_by_device(
@@ -195,17 +164,9 @@ impl QualityOnDemand for SessionService {
         request: Request<pb::RetrieveSessionsByDeviceRequest>,
     ) -> Result<Response<pb::RetrieveSessionsByDeviceResponse>, Status> {
         let caller = authorize(&request, scope::SESSIONS_RETRIEVE_BY_DEVICE)?;
-        let device = convert::caller_device(
-            request.into_inner().device.as_ref(),
-            &caller,
-            convert::any_family,
-        )?;
         let sessions = self
-            .core
-            .retrieve(&device, &caller)?
-            .iter()
-            .map(convert::session_info)
-            .collect();
+            .ops
+            .retrieve(&caller, request.into_inner().device.as_ref())?;
         Ok(Response::new(pb::RetrieveSessionsByDeviceResponse {
             sessions,
         }))
@@ -225,21 +186,21 @@ impl QualityOnDemand for SessionService {
         // Watching another client's session is refused as reading it would be; one that does
         // not exist (yet, or any more) may be watched.
         if let Some(id) = session
-            && let Err(e) = self.core.check_access(id, &caller)
+            && let Err(e) = self.core().check_access(id, &caller)
             && e.code == CamaraCode::PermissionDenied
         {
             return Err(e.into());
         }
         let device = match (req.device.as_ref(), &caller.subject) {
             (None, None) => None,
-            (given, _) => Some(self.core.policy().resolve_all(&convert::caller_device(
+            (given, _) => Some(self.core().policy().resolve_all(&convert::caller_device(
                 given,
                 &caller,
                 convert::any_family,
             )?)?),
         };
         let slot = self.watches.open(&caller.client)?;
-        let events = BroadcastStream::new(self.core.subscribe()).filter_map(move |item| {
+        let events = BroadcastStream::new(self.core().subscribe()).filter_map(move |item| {
             // The stream holds its place until it is dropped.
             let _open = &slot;
             let out = match item {
@@ -279,12 +240,12 @@ impl QualityOnDemand for SessionService {
 
 /// `qod.v1.QosProfiles`.
 pub struct ProfileService {
-    core: Arc<Core>,
+    ops: Operations,
 }
 
 impl ProfileService {
-    pub fn new(core: Arc<Core>) -> Self {
-        Self { core }
+    pub fn new(ops: Operations) -> Self {
+        Self { ops }
     }
 }
 
@@ -295,35 +256,7 @@ impl QosProfiles for ProfileService {
         request: Request<pb::RetrieveQosProfilesRequest>,
     ) -> Result<Response<pb::RetrieveQosProfilesResponse>, Status> {
         let caller = authorize(&request, scope::PROFILES_READ)?;
-        let req = request.into_inner();
-        let policy = self.core.policy();
-        // Every profile of this node applies to every device it serves: the device (the filter
-        // of a two-legged token, or a three-legged token's subject) only has to be served here.
-        if req.device.is_some() || caller.subject.is_some() {
-            policy.resolve_all(&convert::caller_device(
-                req.device.as_ref(),
-                &caller,
-                convert::any_family,
-            )?)?;
-        }
-        let name = req
-            .name
-            .as_deref()
-            .map(|n| ProfileName::parse("name", n))
-            .transpose()?;
-        let status = pb::QosProfileStatus::try_from(req.status).map_err(|_| {
-            CamaraError::invalid("status", format!("{} is not a profile status", req.status))
-        })?;
-        let profiles = policy
-            .profiles
-            .iter()
-            .filter(|p| name.as_ref().is_none_or(|n| *n == p.name))
-            .filter(|p| {
-                status == pb::QosProfileStatus::Unspecified
-                    || convert::profile_status(p.status) == status
-            })
-            .map(convert::qos_profile)
-            .collect();
+        let profiles = self.ops.retrieve_profiles(&caller, request.get_ref())?;
         Ok(Response::new(pb::RetrieveQosProfilesResponse { profiles }))
     }
 
@@ -332,24 +265,9 @@ impl QosProfiles for ProfileService {
         request: Request<pb::GetQosProfileRequest>,
     ) -> Result<Response<pb::QosProfile>, Status> {
         let caller = authorize(&request, scope::PROFILES_READ)?;
-        let name = ProfileName::parse("name", &request.into_inner().name)?;
-        let policy = self.core.policy();
-        let not_found = || {
-            CamaraError::field(
-                CamaraCode::NotFound,
-                "name",
-                format!("no QoS profile named {name} is available"),
-            )
-        };
-        // CAMARA: with a three-legged token, a profile only if it is available to the token's
-        // device, which it is when this node serves that device (as the list does).
-        if let Some(subject) = &caller.subject
-            && policy.resolve_all(subject).is_err()
-        {
-            return Err(not_found().into());
-        }
-        let profile = policy.profiles.get(&name).ok_or_else(not_found)?;
-        Ok(Response::new(convert::qos_profile(profile)))
+        Ok(Response::new(
+            self.ops.get_profile(&caller, &request.get_ref().name)?,
+        ))
     }
 }
 
@@ -366,6 +284,7 @@ mod tests {
         core::Limits,
         dataplane::FakeDataPlane,
         model::{ApplicationServer, DeviceId, ProfileName, SessionRequest},
+        notify::SinkRules,
     };
 
     /// A watcher that falls behind is told how many events it missed, then carries on.
@@ -390,9 +309,8 @@ mod tests {
             None,
         ));
         let service = SessionService::new(
-            core.clone(),
+            Operations::new(core.clone(), SinkRules::default()),
             CancellationToken::new(),
-            SinkRules::default(),
             64,
         );
         let mut stream = service

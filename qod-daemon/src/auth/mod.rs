@@ -162,18 +162,50 @@ impl Authenticator {
         self.0.ready.clone()
     }
 
-    fn authenticate(&self, request: &Request<()>) -> Result<Principal, CamaraError> {
+    /// Admits one call, whichever API it came by: the API is open (the store is restored), its
+    /// `authorization` header (raw) carries a valid token (and, where the client id comes from
+    /// the certificate, `certificate` gives the connection's client certificate, DER), and the
+    /// client is within its request rate. Refusals are counted by reason.
+    pub fn admit(
+        &self,
+        authorization: Option<&[u8]>,
+        certificate: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Result<Principal, CamaraError> {
+        if !self.0.ready.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CamaraError::new(
+                CamaraCode::Unavailable,
+                "qodd is restoring its sessions; try again shortly",
+            ));
+        }
+        let principal = self
+            .authenticate(authorization, certificate)
+            .inspect_err(|e| {
+                crate::metrics::METRICS
+                    .token_refusals
+                    .get_or_create(&crate::metrics::ReasonLabels {
+                        reason: refusal_reason(&e.message),
+                    })
+                    .inc();
+            })?;
+        self.rate_limit(&principal.caller.client)?;
+        Ok(principal)
+    }
+
+    fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        certificate: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Result<Principal, CamaraError> {
         let Some((settings, verifier)) = &self.0.tokens else {
             return Ok(Principal::insecure());
         };
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| {
-                unauthenticated("no access token: send `authorization: Bearer <token>`")
-            })?
-            .to_str()
-            .map_err(|_| unauthenticated("the authorization header is not text"))?;
+        let header = authorization.ok_or_else(|| {
+            unauthenticated("no access token: send `authorization: Bearer <token>`")
+        })?;
+        let header = std::str::from_utf8(header)
+            .ok()
+            .filter(|h| h.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)))
+            .ok_or_else(|| unauthenticated("the authorization header is not text"))?;
         // RFC 6750 / 7235: the scheme is case-insensitive.
         let token = header
             .trim()
@@ -188,7 +220,7 @@ impl Authenticator {
             .and_then(Value::as_str)
             .filter(|c| !c.is_empty());
         let client = if settings.client_id_from_certificate {
-            let cert = certificate_client(request)?;
+            let cert = certificate_client(certificate())?;
             // The token must name the certificate's client (its client id, or else its
             // subject): a token naming no client would work with any certificate.
             let named = token_client
@@ -251,22 +283,11 @@ impl Authenticator {
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if !self.0.ready.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(CamaraError::new(
-                CamaraCode::Unavailable,
-                "qodd is restoring its sessions; try again shortly",
-            )
-            .into());
-        }
-        let principal = self.authenticate(&request).inspect_err(|e| {
-            crate::metrics::METRICS
-                .token_refusals
-                .get_or_create(&crate::metrics::ReasonLabels {
-                    reason: refusal_reason(&e.message),
-                })
-                .inc();
-        })?;
-        self.rate_limit(&principal.caller.client)?;
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes().to_vec());
+        let principal = self.admit(authorization.as_deref(), || grpc_certificate(&request))?;
         request.extensions_mut().insert(principal);
         Ok(request)
     }
@@ -372,8 +393,8 @@ pub fn subject_device(v: &Value) -> Result<Option<DeviceId>, CamaraError> {
     }
 }
 
-/// The client id a client certificate carries: its subject's common name.
-fn certificate_client(request: &Request<()>) -> Result<String, CamaraError> {
+/// The leaf client certificate (DER) of a gRPC call's TLS connection.
+fn grpc_certificate(request: &Request<()>) -> Option<Vec<u8>> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
     let ext = request.extensions();
     let certs = ext
@@ -382,12 +403,14 @@ fn certificate_client(request: &Request<()>) -> Result<String, CamaraError> {
         .or_else(|| {
             ext.get::<TlsConnectInfo<UdsConnectInfo>>()
                 .and_then(TlsConnectInfo::peer_certs)
-        })
-        .ok_or_else(|| unauthenticated("a client certificate is required"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| unauthenticated("a client certificate is required"))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        })?;
+    certs.first().map(|c| c.as_ref().to_vec())
+}
+
+/// The client id a client certificate (DER) carries: its subject's common name.
+fn certificate_client(leaf: Option<Vec<u8>>) -> Result<String, CamaraError> {
+    let leaf = leaf.ok_or_else(|| unauthenticated("a client certificate is required"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
         .map_err(|_| unauthenticated("the client certificate cannot be parsed"))?;
     cert.subject()
         .iter_common_name()

@@ -1,0 +1,194 @@
+//! The CAMARA operations, once for both edges. gRPC (`api`) and REST (`api::rest`) each decode
+//! their wire form into the same CAMARA messages (the `qod.v1` types, which transcribe CAMARA's
+//! schemas field for field), authenticate the same way (`auth::Authenticator::admit`) and call
+//! these; every rule lives here, in `convert` or in the core, never in an edge.
+
+use std::sync::Arc;
+
+use qod_proto::v1 as pb;
+
+use crate::{
+    core::Core,
+    error::{CamaraCode, CamaraError},
+    model::{Caller, ProfileName, SessionId},
+    notify::SinkRules,
+};
+
+use super::convert;
+
+/// Runs `f` on the blocking pool (it may wait on the kernel, `tc` or the store), with the call's
+/// span, so the core's lines (audit included) carry it.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CamaraError> + Send + 'static,
+) -> Result<T, CamaraError> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(|e| {
+            CamaraError::new(
+                CamaraCode::Internal,
+                format!("the request's worker failed: {e}"),
+            )
+        })?
+}
+
+/// The session and profile operations of one node.
+#[derive(Clone)]
+pub struct Operations {
+    core: Arc<Core>,
+    sinks: Arc<SinkRules>,
+}
+
+impl Operations {
+    pub fn new(core: Arc<Core>, sinks: SinkRules) -> Self {
+        Self {
+            core,
+            sinks: Arc::new(sinks),
+        }
+    }
+
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// CAMARA `createSession`.
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        req: pb::CreateSessionRequest,
+    ) -> Result<pb::SessionInfo, CamaraError> {
+        let req = convert::session_request(req, caller, &self.sinks)?;
+        let core = self.core.clone();
+        let view = blocking(move || core.create(req)).await?;
+        tracing::Span::current().record("session", view.session.id.to_string());
+        Ok(convert::session_info(&view))
+    }
+
+    /// CAMARA `getSession`, with each direction's delivery read from the kernel when
+    /// `delivery` (gRPC's counters; CAMARA's `SessionInfo` has no place for them).
+    pub async fn get(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+        delivery: bool,
+    ) -> Result<pb::SessionInfo, CamaraError> {
+        let id = session(session_id)?;
+        let (core, caller) = (self.core.clone(), caller.clone());
+        if !delivery {
+            let view = blocking(move || core.get(id, &caller)).await?;
+            return Ok(convert::session_info(&view));
+        }
+        // It reads the session's classes from the kernel (rtnetlink): off the async workers.
+        let (view, delivery) = blocking(move || core.get_delivery(id, &caller)).await?;
+        Ok(convert::session_info_with_delivery(
+            &view,
+            delivery.as_ref(),
+        ))
+    }
+
+    /// CAMARA `deleteSession`.
+    pub async fn delete(&self, caller: &Caller, session_id: &str) -> Result<(), CamaraError> {
+        let id = session(session_id)?;
+        let (core, caller) = (self.core.clone(), caller.clone());
+        blocking(move || core.delete(id, &caller)).await
+    }
+
+    /// CAMARA `extendQosSessionDuration`.
+    pub async fn extend(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+        requested_additional_duration: i64,
+    ) -> Result<pb::SessionInfo, CamaraError> {
+        let id = session(session_id)?;
+        let n = requested_additional_duration;
+        let add = u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+            CamaraError::invalid(
+                "requestedAdditionalDuration",
+                format!("{n} must be 1 to 4294967295 seconds"),
+            )
+        })?;
+        let (core, caller) = (self.core.clone(), caller.clone());
+        let view = blocking(move || core.extend(id, add, &caller)).await?;
+        Ok(convert::session_info(&view))
+    }
+
+    /// CAMARA `retrieveSessionsByDevice`.
+    pub fn retrieve(
+        &self,
+        caller: &Caller,
+        device: Option<&pb::Device>,
+    ) -> Result<Vec<pb::SessionInfo>, CamaraError> {
+        let device = convert::caller_device(device, caller, convert::any_family)?;
+        Ok(self
+            .core
+            .retrieve(&device, caller)?
+            .iter()
+            .map(convert::session_info)
+            .collect())
+    }
+
+    /// CAMARA `retrieveQoSProfiles`.
+    pub fn retrieve_profiles(
+        &self,
+        caller: &Caller,
+        req: &pb::RetrieveQosProfilesRequest,
+    ) -> Result<Vec<pb::QosProfile>, CamaraError> {
+        let policy = self.core.policy();
+        // Every profile of this node applies to every device it serves: the device (the filter
+        // of a two-legged token, or a three-legged token's subject) only has to be served here.
+        if req.device.is_some() || caller.subject.is_some() {
+            policy.resolve_all(&convert::caller_device(
+                req.device.as_ref(),
+                caller,
+                convert::any_family,
+            )?)?;
+        }
+        let name = req
+            .name
+            .as_deref()
+            .map(|n| ProfileName::parse("name", n))
+            .transpose()?;
+        let status = pb::QosProfileStatus::try_from(req.status).map_err(|_| {
+            CamaraError::invalid("status", format!("{} is not a profile status", req.status))
+        })?;
+        Ok(policy
+            .profiles
+            .iter()
+            .filter(|p| name.as_ref().is_none_or(|n| *n == p.name))
+            .filter(|p| {
+                status == pb::QosProfileStatus::Unspecified
+                    || convert::profile_status(p.status) == status
+            })
+            .map(convert::qos_profile)
+            .collect())
+    }
+
+    /// CAMARA `getQosProfile`.
+    pub fn get_profile(&self, caller: &Caller, name: &str) -> Result<pb::QosProfile, CamaraError> {
+        let name = ProfileName::parse("name", name)?;
+        let policy = self.core.policy();
+        let not_found = || {
+            CamaraError::field(
+                CamaraCode::NotFound,
+                "name",
+                format!("no QoS profile named {name} is available"),
+            )
+        };
+        // CAMARA: with a three-legged token, a profile only if it is available to the token's
+        // device, which it is when this node serves that device (as the list does).
+        if let Some(subject) = &caller.subject
+            && policy.resolve_all(subject).is_err()
+        {
+            return Err(not_found());
+        }
+        let profile = policy.profiles.get(&name).ok_or_else(not_found)?;
+        Ok(convert::qos_profile(profile))
+    }
+}
+
+fn session(id: &str) -> Result<SessionId, CamaraError> {
+    let id: SessionId = id.parse()?;
+    tracing::Span::current().record("session", id.to_string());
+    Ok(id)
+}
