@@ -215,7 +215,15 @@ async fn create_session(State(rest): State<Rest>, req: Request) -> Reply {
     let caller = rest.caller(&parts.headers, peer.as_ref(), scope::SESSIONS_CREATE)?;
     let msg: wire::CreateSession = rest.body(&parts.headers, body).await?;
     let info = rest.0.ops.create(&caller, msg.into_pb()?).await?;
-    Ok(json(StatusCode::CREATED, &wire::SessionInfo::from(info)))
+    let location = format!(
+        "{}/quality-on-demand/v1/sessions/{}",
+        rest.0.api_root, info.session_id
+    );
+    let mut resp = json(StatusCode::CREATED, &wire::SessionInfo::from(info));
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
 }
 
 async fn get_session(
