@@ -239,7 +239,10 @@ async fn every_operation_over_https_shares_its_sessions_with_grpc() {
     assert_eq!(r.json()["duration"], 3600);
 
     // retrieveSessionsByDevice: the session for its device, [] for another.
-    assert_eq!(sessions_of(&c, addr::DEVICE_V4).await, [id.clone()]);
+    assert_eq!(
+        sessions_of(&c, addr::DEVICE_V4).await,
+        std::slice::from_ref(&id)
+    );
     assert!(sessions_of(&c, addr::OTHER_DEVICE_V4).await.is_empty());
 
     // A session created over gRPC is read, extended and deleted over REST.
@@ -909,7 +912,7 @@ async fn every_camara_error_is_its_status_and_code_and_changes_nothing() {
     // Nothing changed: this client still has exactly its one session, and no sink was called.
     let mut seen = sessions_of(&c, addr::DEVICE_V4).await;
     seen.extend(sessions_of(&c, addr::OTHER_DEVICE_V4).await);
-    assert_eq!(seen, [mine.clone()]);
+    assert_eq!(seen, std::slice::from_ref(&mine));
     assert!(sink.received("/s").is_empty());
     let r = c
         .call("GET", &format!("{QOD}/sessions/{mine}"), None)

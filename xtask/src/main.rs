@@ -123,10 +123,18 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             // The package's contents are part of the suite (tests/tests/service.rs).
             let deb = package()?;
+            // The REST API is run against CAMARA's OpenAPI (tests/tests/schemathesis.rs).
+            let st = setup::schemathesis()?;
             cargo(&["build", "--package", "qod-daemon", "--bins"])?;
             let mut all = vec!["test", "--workspace", "--exclude", "qod-ebpf"];
             all.extend(args.iter().map(String::as_str));
-            cargo_test(&all, &[("QOD_DEB", deb.as_os_str())])
+            cargo_test(
+                &all,
+                &[
+                    ("QOD_DEB", deb.as_os_str()),
+                    ("QOD_SCHEMATHESIS", st.as_os_str()),
+                ],
+            )
         }
         Cmd::Bench { args } => {
             setup::run()?;

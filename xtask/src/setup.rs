@@ -127,3 +127,40 @@ pub fn cargo_deb() -> anyhow::Result<()> {
         "cargo install cargo-deb",
     )
 }
+
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
+
+/// Schemathesis (PyPI), which the REST conformance test runs against CAMARA's OpenAPI files, in
+/// a virtual environment of its own; returns the path of its `st`.
+pub fn schemathesis() -> anyhow::Result<std::path::PathBuf> {
+    let venv = std::path::PathBuf::from(format!(
+        "/var/cache/qod/schemathesis-{SCHEMATHESIS_VERSION}"
+    ));
+    let st = venv.join("bin/st");
+    let st_text = st.to_string_lossy().into_owned();
+    if toolchain::output(&st_text, &["--version"]).is_some_and(|v| v.contains(SCHEMATHESIS_VERSION))
+    {
+        return Ok(st);
+    }
+    eprintln!("setup: installing schemathesis {SCHEMATHESIS_VERSION} from PyPI (about 30 s, once)");
+    let venv_text = venv.to_string_lossy().into_owned();
+    run_cmd(
+        Command::new("python3").args(["-m", "venv", "--clear", &venv_text]),
+        "python3 -m venv",
+    )?;
+    run_cmd(
+        Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &format!("schemathesis=={SCHEMATHESIS_VERSION}"),
+        ]),
+        "pip install schemathesis",
+    )?;
+    ensure!(
+        toolchain::output(&st_text, &["--version"])
+            .is_some_and(|v| v.contains(SCHEMATHESIS_VERSION)),
+        "schemathesis {SCHEMATHESIS_VERSION} was installed but {st_text} --version does not say so"
+    );
+    Ok(st)
+}
