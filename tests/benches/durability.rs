@@ -9,8 +9,9 @@
 //!    Measured twice: *rebuild* (no pinned data plane: every rule installed anew, as after a
 //!    reboot) and *continuing* (after a `kill -9`: the pinned maps are reused, entries rewritten
 //!    in place, slots kept). Also printed: the store's size and qodd's resident memory.
-//! 2. **Durable creates per second** over gRPC (TLS, bearer token): C concurrent clients (each
-//!    its own connection) create sessions for distinct devices for 5 s; every create is
+//! 2. **Durable creates per second** over gRPC and over REST (both TLS, bearer token; REST
+//!    through reqwest over HTTP/1.1, a client thread in the lab's namespace each): C concurrent
+//!    clients (each its own connection) create sessions for distinct devices for 5 s; every create is
 //!    acknowledged only after its commit is fsynced. Reported: creates/s, latency p50 / p99, and
 //!    the store's commits per create (from qodd's exit log): group commit lets concurrent creates
 //!    share one fsync. Two modes: *marking* (no interface scheduled, QOS_E) and *scheduled* (both
@@ -94,10 +95,90 @@ max_downstream_rate = { value = 1, unit = "Mbps" }
 max_upstream_rate = { value = 1, unit = "Mbps" }
 "#;
 
+/// One benchmark client, over either API.
+enum Client {
+    Grpc(QualityOnDemandClient<qod_proto::client::QodChannel>),
+    Rest(qod_testkit::rest::RestClient),
+}
+
+impl Client {
+    async fn connect(api: &str, lab: &Lab, qodd: &Qodd) -> anyhow::Result<Self> {
+        Ok(match api {
+            "grpc" => Self::Grpc(QualityOnDemandClient::new(qodd.channel().await?)),
+            _ => {
+                let mut c = qod_testkit::rest::RestClient::new(
+                    &lab.edge,
+                    "https://127.0.0.1:9443",
+                    qod_testkit::rest::RestTls {
+                        ca_pem: Some(qodd.pki.read("ca.crt")?),
+                        ..Default::default()
+                    },
+                )?;
+                c.token = Some(qodd.token.clone());
+                Self::Rest(c)
+            }
+        })
+    }
+
+    /// Creates a session for `ip`; its id.
+    async fn create(&mut self, ip: &str, profile: &str) -> anyhow::Result<String> {
+        match self {
+            Self::Grpc(api) => Ok(api
+                .create_session(session(ip, addr::SERVER_V4, profile, &[], &[], 3600))
+                .await?
+                .into_inner()
+                .session_id),
+            Self::Rest(c) => {
+                let body = serde_json::json!({
+                    "device": {"ipv4Address": {"publicAddress": ip, "privateAddress": ip}},
+                    "applicationServer": {"ipv4Address": addr::SERVER_V4},
+                    "qosProfile": profile,
+                    "duration": 3600,
+                });
+                let r = c
+                    .call("POST", "/quality-on-demand/v1/sessions", Some(&body))
+                    .await?;
+                anyhow::ensure!(
+                    r.status == 201,
+                    "create: {}",
+                    String::from_utf8_lossy(&r.body)
+                );
+                Ok(r.json()["sessionId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned())
+            }
+        }
+    }
+
+    async fn delete(&mut self, id: String) -> anyhow::Result<()> {
+        match self {
+            Self::Grpc(api) => {
+                api.delete_session(qod_proto::v1::DeleteSessionRequest { session_id: id })
+                    .await?;
+            }
+            Self::Rest(c) => {
+                let r = c
+                    .call(
+                        "DELETE",
+                        &format!("/quality-on-demand/v1/sessions/{id}"),
+                        None,
+                    )
+                    .await?;
+                anyhow::ensure!(r.status == 204, "delete: {}", r.status);
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn creates() -> anyhow::Result<()> {
-    println!("\ndurable creates over gRPC (TLS + bearer token, release qodd, 5 s per row)");
     println!(
-        "{:>9}  {:>7}  {:>10}  {:>9}  {:>9}  {:>17}  {:>10}  {:>9}",
+        "\ndurable creates over gRPC and REST (TLS + bearer token, release qodd, 5 s per row)"
+    );
+    println!(
+        "{:>4}  {:>9}  {:>7}  {:>10}  {:>9}  {:>9}  {:>17}  {:>10}  {:>9}",
+        "api",
         "mode",
         "clients",
         "creates/s",
@@ -112,107 +193,100 @@ async fn creates() -> anyhow::Result<()> {
         format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 100000 }}"),
     ];
     let limits = "max_sessions = 1000000\n[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_active_sessions_per_client = 1000000\n";
-    for (mode, interfaces, profile, extra) in [
-        (
-            "marking",
-            vec![EDGE_DEV_IF, EDGE_SRV_IF],
-            "QOS_E",
-            limits.to_owned(),
-        ),
-        (
-            "scheduled",
-            scheduled.iter().map(String::as_str).collect(),
-            "QOS_B",
-            format!("{limits}{RATED}"),
-        ),
-    ] {
-        for clients in [1usize, 4, 16, 64] {
-            let lab = Lab::new()?;
-            let mut qodd = Qodd::start_bin(&release_qodd(), &lab.edge, &interfaces, &extra).await?;
-            let end = Instant::now() + Duration::from_secs(5);
-            let mut tasks = Vec::new();
-            for c in 0..clients {
-                let mut api = QualityOnDemandClient::new(qodd.channel().await?);
-                tasks.push(tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    let mut ids = Vec::new();
-                    let mut i = 0u32;
-                    while Instant::now() < end {
-                        let ip = std::net::Ipv4Addr::from(0x0a80_0000 + ((c as u32) << 16) + i);
-                        i += 1;
-                        let t = Instant::now();
-                        let created = api
-                            .create_session(session(
-                                &ip.to_string(),
-                                addr::SERVER_V4,
-                                profile,
-                                &[],
-                                &[],
-                                3600,
-                            ))
-                            .await?
-                            .into_inner();
-                        lat.push(t.elapsed());
-                        ids.push(created.session_id);
-                    }
-                    anyhow::Ok((api, lat, ids))
-                }));
-            }
-            let mut lat = Vec::new();
-            let mut clients_ids = Vec::new();
-            for t in tasks {
-                let (api, l, ids) = t.await??;
-                lat.extend(l);
-                clients_ids.push((api, ids));
-            }
-            lat.sort();
-            let q = |lat: &[Duration], p: f64| {
-                lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)]
-            };
-            // Then every client deletes what it created (up to 5 s).
-            let started = Instant::now();
-            let end = started + Duration::from_secs(5);
-            let mut tasks = Vec::new();
-            for (mut api, ids) in clients_ids {
-                tasks.push(tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    for id in ids {
-                        if Instant::now() >= end {
-                            break;
+    for api in ["grpc", "rest"] {
+        for (mode, interfaces, profile, extra) in [
+            (
+                "marking",
+                vec![EDGE_DEV_IF, EDGE_SRV_IF],
+                "QOS_E",
+                limits.to_owned(),
+            ),
+            (
+                "scheduled",
+                scheduled.iter().map(String::as_str).collect(),
+                "QOS_B",
+                format!("{limits}{RATED}"),
+            ),
+        ] {
+            for clients in [1usize, 4, 16, 64] {
+                let lab = Lab::new()?;
+                let extra = format!("{extra}\n[rest]\nlisten = \"127.0.0.1:9443\"\n");
+                let mut qodd =
+                    Qodd::start_bin(&release_qodd(), &lab.edge, &interfaces, &extra).await?;
+                let end = Instant::now() + Duration::from_secs(5);
+                let mut tasks = Vec::new();
+                for c in 0..clients {
+                    let mut api = Client::connect(api, &lab, &qodd).await?;
+                    tasks.push(tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        let mut ids = Vec::new();
+                        let mut i = 0u32;
+                        while Instant::now() < end {
+                            let ip = std::net::Ipv4Addr::from(0x0a80_0000 + ((c as u32) << 16) + i);
+                            i += 1;
+                            let t = Instant::now();
+                            let created = api.create(&ip.to_string(), profile).await?;
+                            lat.push(t.elapsed());
+                            ids.push(created);
                         }
-                        let t = Instant::now();
-                        api.delete_session(qod_proto::v1::DeleteSessionRequest { session_id: id })
-                            .await?;
-                        lat.push(t.elapsed());
-                    }
-                    anyhow::Ok(lat)
-                }));
+                        anyhow::Ok((api, lat, ids))
+                    }));
+                }
+                let mut lat = Vec::new();
+                let mut clients_ids = Vec::new();
+                for t in tasks {
+                    let (api, l, ids) = t.await??;
+                    lat.extend(l);
+                    clients_ids.push((api, ids));
+                }
+                lat.sort();
+                let q = |lat: &[Duration], p: f64| {
+                    lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)]
+                };
+                // Then every client deletes what it created (up to 5 s).
+                let started = Instant::now();
+                let end = started + Duration::from_secs(5);
+                let mut tasks = Vec::new();
+                for (mut api, ids) in clients_ids {
+                    tasks.push(tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        for id in ids {
+                            if Instant::now() >= end {
+                                break;
+                            }
+                            let t = Instant::now();
+                            api.delete(id).await?;
+                            lat.push(t.elapsed());
+                        }
+                        anyhow::Ok(lat)
+                    }));
+                }
+                let mut del = Vec::new();
+                for t in tasks {
+                    del.extend(t.await??);
+                }
+                let deleting = started.elapsed().as_secs_f64();
+                del.sort();
+                qodd.stop();
+                let commits = qodd
+                    .log()
+                    .lines()
+                    .rev()
+                    .find_map(|l| {
+                        let c = l.split("commits=").nth(1)?.split_whitespace().next()?;
+                        let w = l.split("writes=").nth(1)?.split_whitespace().next()?;
+                        Some(c.parse::<f64>().ok()? / w.parse::<f64>().ok()?.max(1.0))
+                    })
+                    .unwrap_or(f64::NAN);
+                println!(
+                    "{api:>4}  {mode:>9}  {clients:>7}  {:>10.0}  {:>9.2}  {:>9.2}  {commits:>17.2}  {:>10.0}  {:>9.2}",
+                    lat.len() as f64 / 5.0,
+                    q(&lat, 0.5).as_secs_f64() * 1e3,
+                    q(&lat, 0.99).as_secs_f64() * 1e3,
+                    del.len() as f64 / deleting,
+                    q(&del, 0.99).as_secs_f64() * 1e3,
+                );
             }
-            let mut del = Vec::new();
-            for t in tasks {
-                del.extend(t.await??);
-            }
-            let deleting = started.elapsed().as_secs_f64();
-            del.sort();
-            qodd.stop();
-            let commits = qodd
-                .log()
-                .lines()
-                .rev()
-                .find_map(|l| {
-                    let c = l.split("commits=").nth(1)?.split_whitespace().next()?;
-                    let w = l.split("writes=").nth(1)?.split_whitespace().next()?;
-                    Some(c.parse::<f64>().ok()? / w.parse::<f64>().ok()?.max(1.0))
-                })
-                .unwrap_or(f64::NAN);
-            println!(
-                "{mode:>9}  {clients:>7}  {:>10.0}  {:>9.2}  {:>9.2}  {commits:>17.2}  {:>10.0}  {:>9.2}",
-                lat.len() as f64 / 5.0,
-                q(&lat, 0.5).as_secs_f64() * 1e3,
-                q(&lat, 0.99).as_secs_f64() * 1e3,
-                del.len() as f64 / deleting,
-                q(&del, 0.99).as_secs_f64() * 1e3,
-            );
         }
     }
     Ok(())
