@@ -13,7 +13,7 @@ pub const QOD_DIFFERENCES: &[&str] = &[
     "Request bodies are strict (CAMARA r4.1): a property the schema does not define, at any depth, is 400 INVALID_ARGUMENT; so is null for any property.",
     "Sessions are installed before createSession answers: SessionInfo is AVAILABLE at once, never REQUESTED.",
     "sinkCredential is write-only: SessionInfo never carries it (its token is a secret, and CAMARA's ACCESSTOKEN schema cannot be echoed without it).",
-    "A sink must be https://, or http:// to a host the node's configuration names (notifications.http_sink_hosts); a literal address in a refused range is 400 INVALID_SINK.",
+    "A sink must be https://, or http:// to a host the node's configuration names (notifications.allow_http_hosts); a literal address in a refused range is 400 INVALID_SINK.",
     "Ports are 1 to 65535 (CAMARA r4.1): port 0 is 400 OUT_OF_RANGE.",
     "A duration outside the profile's bounds is 400 QUALITY_ON_DEMAND.DURATION_OUT_OF_RANGE, or INVALID_ARGUMENT where the configuration says so (duration_out_of_range).",
     "A body that is not application/json, larger than limits.max_message_bytes, or slower than rest.request_timeout_ms is 400 INVALID_ARGUMENT.",
