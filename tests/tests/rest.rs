@@ -925,10 +925,30 @@ async fn every_camara_error_is_its_status_and_code_and_changes_nothing() {
 async fn bodies_and_slow_clients_are_bounded_and_the_rate_is_per_client() {
     let config = CONFIG.replace(
         "[rest]",
-        "[limits]\nrequests_per_second = 2\nrequest_burst = 4\nmax_message_bytes = 2048\n\n[rest]",
+        "[limits]\nrequests_per_second = 2\nrequest_burst = 6\nmax_message_bytes = 2048\nmax_active_sessions_per_client = 1\n\n[rest]",
     );
     let (lab, qodd) = qod_testkit::lab_with_qodd(&config).await;
     let c = client(&lab, &qodd, Some(&qodd.token));
+
+    // The client's one AVAILABLE session is its quota.
+    let r = c
+        .call(
+            "POST",
+            &format!("{QOD}/sessions"),
+            Some(&create_body(Some(v4(addr::DEVICE_V4)), 5000)),
+        )
+        .await
+        .expect("create");
+    assert_eq!(r.status, 201);
+    let r = c
+        .call(
+            "POST",
+            &format!("{QOD}/sessions"),
+            Some(&create_body(Some(v4(addr::OTHER_DEVICE_V4)), 5000)),
+        )
+        .await
+        .expect("create");
+    expect(&r, 429, "QUOTA_EXCEEDED", "a second active session");
 
     // A body over limits.max_message_bytes.
     let mut big = create_body(Some(v4(addr::DEVICE_V4)), 5000);
@@ -1091,4 +1111,91 @@ async fn the_served_openapi_documents_describe_this_node() {
         r.json()["servers"][0]["url"],
         format!("https://127.0.0.1:{PORT}{PROFILES}")
     );
+}
+
+/// Mutual TLS on the REST listener, the client id taken from the certificate as on gRPC: no
+/// certificate fails the handshake, a token issued to another client than the certificate's
+/// is UNAUTHENTICATED, and the session belongs to the certificate's client on both APIs.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_certificates_name_the_rest_client() {
+    use qod_testkit::{EDGE_DEV_IF, EDGE_SRV_IF, Lab, qodd_bin};
+    qod_testkit::api::require_root();
+    let lab = Lab::new().expect("lab");
+    let qodd = Qodd::start_secured(
+        &qodd_bin(),
+        &lab.edge,
+        &[EDGE_DEV_IF, EDGE_SRV_IF],
+        CONFIG,
+        |pki| {
+            format!(
+                "{}client_id_from_certificate = true\n",
+                pki.config_toml().replace(
+                    "\n[auth]",
+                    &format!("client_ca = {:?}\n\n[auth]", pki.path("ca.crt"))
+                )
+            )
+        },
+    )
+    .await
+    .expect("qodd");
+    let pki = &qodd.pki;
+    let dev = qod_daemon::devkit::DEV_CLIENT;
+    let identity = |cn: &str| {
+        let (cert, key) = pki.client_cert(cn).expect("client certificate");
+        format!("{cert}{key}").into_bytes()
+    };
+    let with = |cn: Option<&str>, token_client: &str| {
+        let mut c = RestClient::new(
+            &lab.edge,
+            &format!("https://127.0.0.1:{PORT}"),
+            RestTls {
+                ca_pem: Some(pki.read("ca.crt").expect("ca")),
+                identity_pem: cn.map(identity),
+                ..Default::default()
+            },
+        )
+        .expect("client");
+        c.token = Some(pki.mint(&TokenSpec::full(token_client)).expect("token"));
+        c
+    };
+    let body = create_body(Some(v4(addr::DEVICE_V4)), 5000);
+    let sessions = format!("{QOD}/sessions");
+
+    assert!(
+        with(None, dev)
+            .call("POST", &sessions, Some(&body))
+            .await
+            .is_err(),
+        "no client certificate: no TLS session"
+    );
+    let r = with(Some(dev), TEST_CLIENT)
+        .call("POST", &sessions, Some(&body))
+        .await
+        .expect("call");
+    expect(&r, 401, "UNAUTHENTICATED", "a token of another client");
+    let r = with(Some(dev), dev)
+        .call("POST", &sessions, Some(&body))
+        .await
+        .expect("call");
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["sessionId"].as_str().expect("id").to_owned();
+    // The same certificate's client reads it over gRPC; another certificate's client may not.
+    let token = pki.mint(&TokenSpec::full(dev)).expect("token");
+    let mut grpc = qodd
+        .sessions_with(&qodd.options(Some(&token)).expect("options"))
+        .await
+        .expect("grpc");
+    let g = grpc
+        .get_session(pb::GetSessionRequest {
+            session_id: id.clone(),
+        })
+        .await
+        .expect("the certificate's client reads it over gRPC")
+        .into_inner();
+    assert_eq!(g.session_id, id);
+    let r = with(Some("someone-else"), "someone-else")
+        .call("GET", &format!("{QOD}/sessions/{id}"), None)
+        .await
+        .expect("call");
+    expect(&r, 403, "PERMISSION_DENIED", "another certificate's client");
 }

@@ -145,7 +145,7 @@ impl Rest {
             .route(&format!("{profiles}/openapi.json"), get(profiles_document))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
-            .layer(middleware::from_fn_with_state(self.clone(), edge))
+            .layer(middleware::from_fn(edge))
             .with_state(self)
     }
 
@@ -393,7 +393,6 @@ fn operation(method: &axum::http::Method, route: Option<&str>) -> &'static str {
 /// Every request: `x-correlator` checked and echoed, the call's span opened (as gRPC's
 /// `rpc` span), the call counted.
 async fn edge(
-    State(_rest): State<Rest>,
     matched: Option<MatchedPath>,
     req: Request,
     next: Next,
