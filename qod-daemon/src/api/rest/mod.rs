@@ -392,11 +392,7 @@ fn operation(method: &axum::http::Method, route: Option<&str>) -> &'static str {
 
 /// Every request: `x-correlator` checked and echoed, the call's span opened (as gRPC's
 /// `rpc` span), the call counted.
-async fn edge(
-    matched: Option<MatchedPath>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn edge(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
     let corr = req.headers().get(correlator::HEADER).cloned();
     if let Some(v) = &corr
         && !correlator::valid(v.as_bytes())
