@@ -66,6 +66,18 @@ pub struct Launch {
 /// The bpffs test instances of qodd pin their data planes under.
 pub const TEST_BPFFS: &str = "/run/qodt-bpffs";
 
+/// The security part of a config for mutual TLS: client certificates of the dev CA required,
+/// the client id taken from the certificate (pass to [`Qodd::start_secured`]).
+pub fn mutual_tls(pki: &DevPki) -> String {
+    format!(
+        "{}client_id_from_certificate = true\n",
+        pki.config_toml().replace(
+            "\n[auth]",
+            &format!("client_ca = {:?}\n\n[auth]", pki.path("ca.crt"))
+        )
+    )
+}
+
 /// The client id of [`Qodd::token`].
 pub const TEST_CLIENT: &str = "test-client";
 

@@ -580,15 +580,7 @@ async fn mtls_qodd(lab: &Lab, limits: &str) -> Qodd {
         &lab.edge,
         &[EDGE_DEV_IF, EDGE_SRV_IF],
         limits,
-        |pki| {
-            format!(
-                "{}client_id_from_certificate = true\n",
-                pki.config_toml().replace(
-                    "\n[auth]",
-                    &format!("client_ca = {:?}\n\n[auth]", pki.path("ca.crt"))
-                )
-            )
-        },
+        qod_testkit::mutual_tls,
     )
     .await
     .expect("qodd")

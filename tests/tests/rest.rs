@@ -129,6 +129,44 @@ async fn sessions_of(c: &RestClient, dev: &str) -> Vec<String> {
         .collect()
 }
 
+/// One refusal: who calls, the body, the status and CAMARA code expected, what it is about.
+type Case<'a> = (&'a RestClient, Value, u16, &'static str, &'static str);
+
+/// Sends every case to `path` (POST) and checks its refusal.
+async fn refused(path: &str, cases: Vec<Case<'_>>) {
+    for (who, body, status, code, what) in cases {
+        let r = who.call("POST", path, Some(&body)).await.expect(what);
+        expect(&r, status, code, what);
+    }
+}
+
+/// The device rules every operation that takes a device applies the same way.
+fn device_cases<'a>(c: &'a RestClient, three_legged: &'a RestClient) -> Vec<Case<'a>> {
+    vec![
+        (
+            c,
+            json!({"device": v4("192.0.2.77")}),
+            404,
+            "IDENTIFIER_NOT_FOUND",
+            "device not served",
+        ),
+        (
+            three_legged,
+            json!({"device": v4(addr::DEVICE_V4)}),
+            422,
+            "UNNECESSARY_IDENTIFIER",
+            "three-legged with device",
+        ),
+        (
+            c,
+            json!({"device": {"networkAccessIdentifier": "a@b.example"}}),
+            422,
+            "UNSUPPORTED_IDENTIFIER",
+            "NAI",
+        ),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_operation_over_https_shares_its_sessions_with_grpc() {
     let (lab, qodd) = qod_testkit::lab_with_qodd(CONFIG).await;
@@ -437,7 +475,7 @@ async fn every_camara_error_is_its_status_and_code_and_changes_nothing() {
     };
 
     // createSession, one case per code CAMARA lists for it.
-    let cases: Vec<(&RestClient, Value, u16, &str, &str)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             &c,
             with(json!({"extra": 1})),
@@ -611,10 +649,7 @@ async fn every_camara_error_is_its_status_and_code_and_changes_nothing() {
             "no create scope",
         ),
     ];
-    for (who, body, status, code, what) in &cases {
-        let r = who.call("POST", &sessions, Some(body)).await.expect(what);
-        expect(&r, *status, code, what);
-    }
+    refused(&sessions, cases).await;
     // Malformed JSON, a wrong or missing content type, an invalid x-correlator (not echoed).
     for (headers, body, what) in [
         (
@@ -770,7 +805,7 @@ async fn every_camara_error_is_its_status_and_code_and_changes_nothing() {
 
     // retrieveSessionsByDevice.
     let retrieve = format!("{QOD}/retrieve-sessions");
-    for (who, body, status, code, what) in [
+    let mut cases: Vec<Case<'_>> = vec![
         (
             &c,
             json!({"device": v4(addr::DEVICE_V4), "x": 1}),
@@ -787,31 +822,10 @@ async fn every_camara_error_is_its_status_and_code_and_changes_nothing() {
         ),
         (
             &c,
-            json!({"device": v4("192.0.2.77")}),
-            404,
-            "IDENTIFIER_NOT_FOUND",
-            "not served",
-        ),
-        (
-            &c,
             json!({}),
             422,
             "MISSING_IDENTIFIER",
             "two-legged without device",
-        ),
-        (
-            &three_legged,
-            json!({"device": v4(addr::DEVICE_V4)}),
-            422,
-            "UNNECESSARY_IDENTIFIER",
-            "three-legged with device",
-        ),
-        (
-            &c,
-            json!({"device": {"networkAccessIdentifier": "a@b.example"}}),
-            422,
-            "UNSUPPORTED_IDENTIFIER",
-            "NAI",
         ),
         (
             &read_only,
@@ -820,10 +834,9 @@ async fn every_camara_error_is_its_status_and_code_and_changes_nothing() {
             "PERMISSION_DENIED",
             "no scope",
         ),
-    ] {
-        let r = who.call("POST", &retrieve, Some(&body)).await.expect(what);
-        expect(&r, status, code, what);
-    }
+    ];
+    cases.extend(device_cases(&c, &three_legged));
+    refused(&retrieve, cases).await;
     // Another client sees none of this client's sessions; a three-legged token its own only.
     assert!(sessions_of(&other, addr::DEVICE_V4).await.is_empty());
     let r = three_legged
@@ -834,7 +847,7 @@ async fn every_camara_error_is_its_status_and_code_and_changes_nothing() {
 
     // Profiles.
     let list = format!("{PROFILES}/retrieve-qos-profiles");
-    for (who, body, status, code, what) in [
+    let mut cases: Vec<Case<'_>> = vec![
         (
             &c,
             json!({"nme": "QOS_E"}),
@@ -849,33 +862,11 @@ async fn every_camara_error_is_its_status_and_code_and_changes_nothing() {
             "INVALID_ARGUMENT",
             "unknown status",
         ),
-        (
-            &c,
-            json!({"device": v4("192.0.2.77")}),
-            404,
-            "IDENTIFIER_NOT_FOUND",
-            "not served",
-        ),
-        (
-            &three_legged,
-            json!({"device": v4(addr::DEVICE_V4)}),
-            422,
-            "UNNECESSARY_IDENTIFIER",
-            "three-legged with device",
-        ),
-        (
-            &c,
-            json!({"device": {"networkAccessIdentifier": "a@b.example"}}),
-            422,
-            "UNSUPPORTED_IDENTIFIER",
-            "NAI",
-        ),
         (&no_token, json!({}), 401, "UNAUTHENTICATED", "no token"),
         (&read_only, json!({}), 403, "PERMISSION_DENIED", "no scope"),
-    ] {
-        let r = who.call("POST", &list, Some(&body)).await.expect(what);
-        expect(&r, status, code, what);
-    }
+    ];
+    cases.extend(device_cases(&c, &three_legged));
+    refused(&list, cases).await;
     expect(
         &c.call("GET", &format!("{PROFILES}/qos-profiles/QOS_NONE"), None)
             .await
@@ -1126,15 +1117,7 @@ async fn client_certificates_name_the_rest_client() {
         &lab.edge,
         &[EDGE_DEV_IF, EDGE_SRV_IF],
         CONFIG,
-        |pki| {
-            format!(
-                "{}client_id_from_certificate = true\n",
-                pki.config_toml().replace(
-                    "\n[auth]",
-                    &format!("client_ca = {:?}\n\n[auth]", pki.path("ca.crt"))
-                )
-            )
-        },
+        qod_testkit::mutual_tls,
     )
     .await
     .expect("qodd");

@@ -103,7 +103,7 @@ pub async fn serve(
             let Some(acceptor) = acceptor else {
                 let service = service(app, Peer::default());
                 let conn = http.serve_connection_with_upgrades(TokioIo::new(conn), service);
-                let _ = watcher.watch(conn.into_owned()).await;
+                ended(watcher.watch(conn.into_owned()).await);
                 return;
             };
             let stream =
@@ -132,7 +132,7 @@ pub async fn serve(
             };
             let service = service(app, peer);
             let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let _ = watcher.watch(conn.into_owned()).await;
+            ended(watcher.watch(conn.into_owned()).await);
         });
     }
     if tokio::time::timeout(grace, graceful.shutdown())
@@ -143,6 +143,14 @@ pub async fn serve(
             ?grace,
             "REST requests still in flight after the grace period"
         );
+    }
+}
+
+/// A connection's end. A client that went away, sent what is not HTTP or sat idle past the
+/// request timeout (HTTP/1.1 keep-alive connections are closed then) is logged at debug.
+fn ended(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(e) = result {
+        debug!(error = %e, "REST connection ended with an error");
     }
 }
 
