@@ -251,6 +251,26 @@ pub async fn lab_launched(mode: Mode, extra_toml: &str, launch: Launch) -> (Lab,
     (lab, qodd)
 }
 
+/// The lab's device pools and phone directory as config text (a literal, for `concat!`): its
+/// two IPv4 device addresses' /24 and IPv6 prefixes are served; `+34600000001` is the lab's
+/// device, `+34600000002` a device this node does not serve. Top-level keys go before it.
+#[macro_export]
+macro_rules! lab_directory {
+    () => {
+        r#"
+ue_pools = ["10.0.1.0/24", "fd00:1::/64", "fd00:11::/64"]
+
+[[devices]]
+phone_number = "+34600000001"
+ipv4_address = "10.0.1.2"
+
+[[devices]]
+phone_number = "+34600000002"
+ipv4_address = "192.0.2.50"
+"#
+    };
+}
+
 /// Runs an `async fn(Mode)` test once per [`Mode`], as `NAME::marking` and `NAME::scheduled`.
 #[macro_export]
 macro_rules! in_every_mode {

@@ -18,18 +18,10 @@ use tonic::{Code, Request};
 const EVENT_TYPE: &str = "org.camaraproject.quality-on-demand.v1.qos-status-changed";
 
 /// Pools, a directory and fast notification retries for the lab.
-const CONFIG: &str = r#"
-ue_pools = ["10.0.1.0/24", "fd00:1::/64", "fd00:11::/64"]
-unavailable_retention_secs = 360
-
-[[devices]]
-phone_number = "+34600000001"
-ipv4_address = "10.0.1.2"
-
-[[devices]]
-phone_number = "+34600000002"
-ipv4_address = "192.0.2.50"
-
+const CONFIG: &str = concat!(
+    "unavailable_retention_secs = 360\n",
+    qod_testkit::lab_directory!(),
+    r#"
 [notifications]
 allow_http_hosts = ["127.0.0.1"]
 allow_sink_ranges = ["127.0.0.0/8"]
@@ -38,7 +30,8 @@ timeout_ms = 1000
 backoff_base_ms = 100
 backoff_max_ms = 400
 max_attempts = 4
-"#;
+"#
+);
 
 fn request(device: pb::Device, duration: i32) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {

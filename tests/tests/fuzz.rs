@@ -18,23 +18,15 @@ use tonic_types::StatusExt as _;
 
 const PORT: u16 = 9469;
 
-const CONFIG: &str = r#"
-metrics_listen = "127.0.0.1:9469"
-ue_pools = ["10.0.1.0/24", "fd00:1::/64", "fd00:11::/64"]
-unavailable_retention_secs = 3600
-
-[[devices]]
-phone_number = "+34600000001"
-ipv4_address = "10.0.1.2"
-
-[[devices]]
-phone_number = "+34600000002"
-ipv4_address = "192.0.2.50"
-
+const CONFIG: &str = concat!(
+    "metrics_listen = \"127.0.0.1:9469\"\nunavailable_retention_secs = 3600\n",
+    qod_testkit::lab_directory!(),
+    r#"
 [limits]
 requests_per_second = 1000000
 request_burst = 1000000
-"#;
+"#
+);
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -26,17 +26,9 @@ const PROFILES: &str = "/camara/qos-profiles/v1";
 const QOS_E_DSCP: u8 = 32;
 
 /// The lab's pools and directory, a profile that may not be used, and the REST listener.
-const CONFIG: &str = r#"
-ue_pools = ["10.0.1.0/24", "fd00:1::/64", "fd00:11::/64"]
-
-[[devices]]
-phone_number = "+34600000001"
-ipv4_address = "10.0.1.2"
-
-[[devices]]
-phone_number = "+34600000002"
-ipv4_address = "192.0.2.50"
-
+const CONFIG: &str = concat!(
+    qod_testkit::lab_directory!(),
+    r#"
 [[profiles]]
 name = "QOS_E"
 status = "ACTIVE"
@@ -61,7 +53,8 @@ allow_sink_ranges = ["127.0.0.0/8"]
 listen = "127.0.0.1:9443"
 api_root = "/camara"
 request_timeout_ms = 1000
-"#;
+"#
+);
 
 /// A REST client of `qodd` in the lab's edge namespace, with `token`.
 fn client(lab: &qod_testkit::Lab, qodd: &Qodd, token: Option<&str>) -> RestClient {
