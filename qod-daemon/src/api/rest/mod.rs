@@ -145,7 +145,7 @@ impl Rest {
             .route(&format!("{profiles}/openapi.json"), get(profiles_document))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
-            .layer(middleware::from_fn(edge))
+            .layer(middleware::from_fn_with_state(self.clone(), edge))
             .with_state(self)
     }
 
@@ -175,8 +175,17 @@ impl Rest {
             )
             .into());
         }
+        // The edge has read it already (bounded in size and time).
+        let bytes = axum::body::to_bytes(body, self.0.max_body)
+            .await
+            .map_err(|e| CamaraError::invalid("body", format!("cannot be read ({e})")))?;
+        Ok(wire::decode(&bytes)?)
+    }
+
+    /// A request's whole body, at most `max_body` bytes, within `body_timeout`.
+    async fn read_body(&self, body: Body) -> Result<axum::body::Bytes, CamaraError> {
         let max = self.0.max_body;
-        let bytes = tokio::time::timeout(self.0.body_timeout, axum::body::to_bytes(body, max))
+        tokio::time::timeout(self.0.body_timeout, axum::body::to_bytes(body, max))
             .await
             .map_err(|_| {
                 CamaraError::invalid(
@@ -192,8 +201,7 @@ impl Rest {
                     "body",
                     format!("the request body cannot be read or exceeds {max} bytes ({e})"),
                 )
-            })?;
-        Ok(wire::decode(&bytes)?)
+            })
     }
 }
 
@@ -390,20 +398,25 @@ fn operation(method: &axum::http::Method, route: Option<&str>) -> &'static str {
     }
 }
 
-/// Every request: `x-correlator` checked and echoed, the call's span opened (as gRPC's
-/// `rpc` span), the call counted.
-async fn edge(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
-    let corr = req.headers().get(correlator::HEADER).cloned();
-    if let Some(v) = &corr
-        && !correlator::valid(v.as_bytes())
-    {
-        // The invalid value is not echoed back.
-        return RestError(CamaraError::invalid(
-            correlator::HEADER,
-            "must match ^[a-zA-Z0-9-_:;./<>{}]{0,256}$",
-        ))
-        .into_response();
-    }
+/// Every request: its body read whole first, `x-correlator` checked and echoed, the call's
+/// span opened (as gRPC's `rpc` span), the call counted.
+///
+/// The body is read whatever the answer will be: an HTTP/1.1 connection whose request body was
+/// left unread cannot carry the next request, so hyper closes it, and a client that sent its next
+/// request at once finds the connection gone under it. A body too large or too slow to read is
+/// refused with `Connection: close`.
+async fn edge(
+    State(rest): State<Rest>,
+    matched: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let corr = req
+        .headers()
+        .get(correlator::HEADER)
+        .filter(|v| correlator::valid(v.as_bytes()))
+        .cloned();
+    let invalid_corr = corr.is_none() && req.headers().contains_key(correlator::HEADER);
     let op = operation(req.method(), matched.as_ref().map(MatchedPath::as_str));
     let span = tracing::info_span!(
         "rpc",
@@ -413,7 +426,30 @@ async fn edge(matched: Option<MatchedPath>, req: Request, next: Next) -> Respons
         session = tracing::field::Empty,
     );
     let started = std::time::Instant::now();
-    let mut resp = next.run(req).instrument(span).await;
+    let mut resp = async {
+        let (parts, body) = req.into_parts();
+        let bytes = match rest.read_body(body).await {
+            Ok(b) => b,
+            Err(e) => {
+                let mut resp = RestError(e).into_response();
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
+            }
+        };
+        if invalid_corr {
+            // The invalid value is not echoed back.
+            return RestError(CamaraError::invalid(
+                correlator::HEADER,
+                "must match ^[a-zA-Z0-9-_:;./<>{}]{0,256}$",
+            ))
+            .into_response();
+        }
+        next.run(Request::from_parts(parts, Body::from(bytes)))
+            .await
+    }
+    .instrument(span)
+    .await;
     let reason = resp.extensions().get::<Reason>().map_or("", |r| r.0);
     crate::metrics::observe_rest(op, resp.status().as_u16(), reason, started.elapsed());
     if let Some(v) = corr {
