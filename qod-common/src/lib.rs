@@ -8,7 +8,7 @@
 use core::mem::size_of;
 
 /// Bumped on any change to a map's name, key, value or meaning.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Hash map IPv4 device address (`u32`, network byte order) -> `DeviceRules`.
 pub const FLOWS_V4_MAP: &str = "QOD_FLOWS_V4";
@@ -170,8 +170,11 @@ pub struct FlowRule {
     /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) instant after which the entry is ignored, so an
     /// entry left behind by a dead daemon stops acting on time. 0 never expires.
     pub expires_at_ns: u64,
-    /// Written to `skb->priority` (a tc classid `major:minor` or a `TC_PRIO_*` band).
-    pub skb_priority: u32,
+    /// Written to `skb->priority` of uplink packets (a tc classid `major:minor` or a
+    /// `TC_PRIO_*` band): each scheduled interface has its own per-session classes.
+    pub priority_up: u32,
+    /// The same for downlink packets.
+    pub priority_down: u32,
     /// Index of this session's counters in `COUNTERS_MAP`.
     pub slot: u32,
     /// Application server network in network byte order, already masked.
@@ -190,12 +193,12 @@ pub struct FlowRule {
     pub server_ports: [PortRange; MAX_PORT_RANGES],
     /// `BAND_*`: which band's interface counters count this session's packets.
     pub band: u8,
-    pub _reserved: [u8; 3],
+    pub _reserved: [u8; 7],
     /// Maximum-rate policer per direction; a zero `ns_per_byte_q16` means no policing.
     pub police_up: Policer,
     pub police_down: Policer,
 }
-const _: () = assert!(size_of::<FlowRule>() == 152);
+const _: () = assert!(size_of::<FlowRule>() == 160);
 
 /// Every session of one device, as the classifier matches them (first `n` used).
 #[repr(C)]
@@ -205,7 +208,7 @@ pub struct DeviceRules {
     pub _pad: u32,
     pub rules: [FlowRule; MAX_SESSIONS_PER_DEVICE],
 }
-const _: () = assert!(size_of::<DeviceRules>() == 8 + 152 * MAX_SESSIONS_PER_DEVICE);
+const _: () = assert!(size_of::<DeviceRules>() == 8 + 160 * MAX_SESSIONS_PER_DEVICE);
 
 /// A maximum rate enforced in the classifier as a GCRA (virtual scheduling) token bucket.
 #[repr(C)]

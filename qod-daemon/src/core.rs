@@ -26,7 +26,7 @@ use crate::{
     audit,
     core::events::{Announcer, Decided},
     dataplane::{
-        DataPlane, DataPlaneError, ManagedInterface, Side, monotonic_ns,
+        DataPlane, DataPlaneError, ManagedInterface, Side, TcStats, monotonic_ns,
         scheduler::{
             BEST_EFFORT_CLASS, BurstRule, ClassSpec, LOW_LATENCY_CLASS, MAX_SESSION_CLASSES,
             session_class,
@@ -71,6 +71,19 @@ pub enum Pool {
     LowLatency,
 }
 
+impl ReservedClass {
+    /// A class on `interface` whose index, spec and baseline are still to be filled in.
+    fn on(interface: &str) -> Self {
+        Self {
+            interface: interface.to_owned(),
+            index: 0,
+            spec: ClassSpec::parked(0),
+            pool: None,
+            baseline: TcStats::default(),
+        }
+    }
+}
+
 impl Pool {
     fn name(self) -> &'static str {
         match self {
@@ -84,15 +97,19 @@ impl Pool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReservedClass {
     pub interface: String,
+    /// Its per-session class index on `interface` (each interface numbers its own).
+    pub index: u16,
     pub spec: ClassSpec,
     /// The pool and bit/s it holds, if admission-controlled.
     pub pool: Option<(Pool, u64)>,
+    /// What the class had counted when the session took it: a reused class keeps the totals
+    /// of the sessions before, so the holder's figures are counted from here.
+    pub baseline: TcStats,
 }
 
-/// A session's own classes (same index on every interface).
+/// A session's own classes, at most one per scheduled interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reservation {
-    pub index: u16,
     pub classes: Vec<ReservedClass>,
 }
 
@@ -247,6 +264,57 @@ impl Slots {
     }
 }
 
+/// The per-session class indexes of one scheduled interface. Classes are made once and parked
+/// when their session ends (see `dataplane::scheduler`), and a parked class is handed out before
+/// any other free index, so the next session changes a class instead of adding one.
+#[derive(Debug, Default)]
+struct ClassPool {
+    /// Classes in the kernel that no session holds, parked by this qodd or adopted at start.
+    parked: BTreeSet<u16>,
+    /// Free indexes below `next` with no class known to be there.
+    unmade: BTreeSet<u16>,
+    /// Every index from here on is free and unmade.
+    next: u32,
+}
+
+impl ClassPool {
+    fn take(&mut self) -> Option<u16> {
+        if let Some(i) = self.parked.pop_first().or_else(|| self.unmade.pop_first()) {
+            return Some(i);
+        }
+        let i = u16::try_from(self.next)
+            .ok()
+            .filter(|i| *i < MAX_SESSION_CLASSES)?;
+        self.next += 1;
+        Some(i)
+    }
+
+    /// Gives `index` back: `parked` if its class is in the kernel and parked.
+    fn give_back(&mut self, index: u16, parked: bool) {
+        if parked {
+            self.parked.insert(index);
+        } else {
+            self.unmade.insert(index);
+        }
+    }
+
+    /// Takes in the classes an adopted tree holds beyond the `held` ones (parked from now on):
+    /// every other index below the highest present is free.
+    fn adopt(&mut self, parked: &[u16], held: &HashSet<u16>) {
+        let top = parked.iter().map(|i| u32::from(*i) + 1).max().unwrap_or(0);
+        for i in self.next..top {
+            if let Ok(i) = u16::try_from(i) {
+                self.unmade.insert(i);
+            }
+        }
+        self.next = self.next.max(top);
+        for i in parked.iter().filter(|i| !held.contains(i)) {
+            self.unmade.remove(i);
+            self.parked.insert(*i);
+        }
+    }
+}
+
 /// How a session comes to be installed.
 #[derive(Clone, Copy, Debug)]
 enum Admission {
@@ -263,8 +331,8 @@ struct Inner {
     by_device: HashMap<DeviceKey, Vec<SessionId>>,
     deadlines: BTreeSet<(Instant, SessionId)>,
     slots: Slots,
-    /// Guaranteed-rate class indexes.
-    classes: Slots,
+    /// Per-session class indexes by scheduled interface.
+    classes: HashMap<String, ClassPool>,
     /// Bit/s reserved per scheduled interface and pool.
     reserved: HashMap<(String, Pool), u64>,
     /// Managed interfaces that are down or gone: no session can be enforced meanwhile.
@@ -376,6 +444,8 @@ pub struct KernelView {
     pub slot_owner: HashMap<u32, (SessionId, qod_common::DeviceKey)>,
     /// (interface, class index) → the AVAILABLE session holding it.
     pub class_owner: HashMap<(String, u16), SessionId>,
+    /// (interface, class index) of the classes qodd parked for reuse.
+    pub parked: HashSet<(String, u16)>,
 }
 
 /// What [`Core::verify`] found.
@@ -400,6 +470,8 @@ pub struct NodeStats {
     pub links: Vec<(String, bool)>,
     /// Per-session scheduler classes held by AVAILABLE sessions, per scheduled interface.
     pub session_classes: Vec<(String, u64)>,
+    /// Per-session classes parked for reuse, per scheduled interface.
+    pub parked_classes: Vec<(String, u64)>,
     /// What the classifier treated per managed interface and band (empty if unreadable).
     pub bands: Vec<(
         String,
@@ -456,11 +528,12 @@ impl Core {
                     next: 0,
                     capacity: limits.max_sessions,
                 },
-                classes: Slots {
-                    free: Vec::new(),
-                    next: 0,
-                    capacity: u32::from(MAX_SESSION_CLASSES),
-                },
+                classes: limits
+                    .interfaces
+                    .iter()
+                    .filter(|i| i.scheduler.is_some())
+                    .map(|i| (i.name.clone(), ClassPool::default()))
+                    .collect(),
                 reserved: HashMap::new(),
                 links_down: HashSet::new(),
                 active_by_owner: HashMap::new(),
@@ -636,7 +709,7 @@ impl Core {
         if continuing {
             self.remove_orphans();
         }
-        self.remove_stale_classes();
+        self.adopt_classes();
         self.wake.notify_one();
     }
 
@@ -653,19 +726,21 @@ impl Core {
         }
     }
 
-    /// Removes kernel entries of devices without a live session.
-    /// Removes the per-session scheduler classes that no AVAILABLE session holds: those an
-    /// adopted tree kept for sessions that ended, or moved to another index, while qodd was down.
-    fn remove_stale_classes(&self) {
+    /// Parks the per-session scheduler classes that no AVAILABLE session holds (those an adopted
+    /// tree kept for sessions that ended, or that moved to another index, while qodd was down)
+    /// and takes them into the interface's pool, so later sessions reuse them.
+    fn adopt_classes(&self) {
         let mut inner = self.lock();
-        let held: HashSet<u16> = inner
-            .sessions
-            .values()
-            .filter(|s| matches!(s.state, SessionState::Available { .. }))
-            .filter_map(|s| s.reservation.as_ref().map(|r| r.index))
-            .collect();
-        let mut removed = 0usize;
+        let mut parked = 0usize;
         for i in self.interfaces.iter().filter(|i| i.scheduler.is_some()) {
+            let held: HashSet<u16> = inner
+                .sessions
+                .values()
+                .filter(|s| matches!(s.state, SessionState::Available { .. }))
+                .flat_map(|s| s.reservation.iter().flat_map(|r| &r.classes))
+                .filter(|c| c.interface == i.name)
+                .map(|c| c.index)
+                .collect();
             let present = match inner.dp.session_classes(&i.name) {
                 Ok(p) => p,
                 Err(e) => {
@@ -673,17 +748,25 @@ impl Core {
                     continue;
                 }
             };
+            let mut adopted = Vec::new();
             for index in present.into_iter().filter(|x| !held.contains(x)) {
-                match inner.dp.remove_class(&i.name, index) {
-                    Ok(()) => removed += 1,
+                match inner.dp.park_class(&i.name, index) {
+                    Ok(()) => adopted.push(index),
                     Err(e) => {
-                        error!(interface = %i.name, index, error = %e, "cannot remove a stale scheduler class");
+                        error!(interface = %i.name, index, error = %e, "cannot park a scheduler class no session holds");
                     }
                 }
             }
+            parked += adopted.len();
+            if let Some(pool) = inner.classes.get_mut(&i.name) {
+                pool.adopt(&adopted, &held);
+            }
         }
-        if removed > 0 {
-            info!(removed, "removed scheduler classes no session holds");
+        if parked > 0 {
+            info!(
+                parked,
+                "parked the scheduler classes no session holds, for reuse"
+            );
         }
     }
 
@@ -1088,7 +1171,6 @@ impl Core {
             let rule = burst_rule(profile, i.side);
             let class = match (profile.band, target, max) {
                 (Band::Guaranteed, Some(t), m) => ReservedClass {
-                    interface: i.name.clone(),
                     spec: ClassSpec::guaranteed(
                         t,
                         m.unwrap_or(sched.capacity_bps),
@@ -1096,16 +1178,17 @@ impl Core {
                         rule,
                     ),
                     pool: Some((Pool::Guaranteed, t)),
+                    ..ReservedClass::on(&i.name)
                 },
                 (Band::LowLatency, _, Some(m)) => ReservedClass {
-                    interface: i.name.clone(),
                     spec: ClassSpec::low_latency(m, rule),
                     pool: Some((Pool::LowLatency, m)),
+                    ..ReservedClass::on(&i.name)
                 },
                 (_, _, Some(m)) => ReservedClass {
-                    interface: i.name.clone(),
                     spec: ClassSpec::capped(m, profile.priority, rule),
                     pool: None,
+                    ..ReservedClass::on(&i.name)
                 },
                 _ => continue,
             };
@@ -1139,24 +1222,33 @@ impl Core {
         if wanted.is_empty() {
             return Ok(None);
         }
-        let index = inner.classes.take().ok_or_else(|| {
-            CamaraError::new(
-                CamaraCode::QuotaExceeded,
-                "every per-session scheduler class is in use",
-            )
-        })?;
-        let index = u16::try_from(index).unwrap_or(u16::MAX);
         let mut made = Vec::new();
-        for class in wanted {
-            if let Err(e) = inner.dp.set_class(&class.interface, index, class.spec) {
-                release(
-                    inner,
-                    Some(Reservation {
-                        index,
-                        classes: made,
-                    }),
-                );
-                return Err(dataplane_error(&e));
+        for mut class in wanted {
+            let index = inner
+                .classes
+                .get_mut(&class.interface)
+                .and_then(ClassPool::take);
+            let Some(index) = index else {
+                release(inner, Some(Reservation { classes: made }));
+                return Err(CamaraError::new(
+                    CamaraCode::QuotaExceeded,
+                    format!(
+                        "every per-session scheduler class of {} is in use",
+                        class.interface
+                    ),
+                ));
+            };
+            class.index = index;
+            match inner.dp.set_class(&class.interface, index, class.spec) {
+                Ok(stats) => class.baseline = stats,
+                Err(e) => {
+                    // The index goes back unparked: the class may be half made.
+                    if let Some(pool) = inner.classes.get_mut(&class.interface) {
+                        pool.give_back(index, false);
+                    }
+                    release(inner, Some(Reservation { classes: made }));
+                    return Err(dataplane_error(&e));
+                }
             }
             if let Some((pool, rate)) = class.pool {
                 *inner
@@ -1166,10 +1258,7 @@ impl Core {
             }
             made.push(class);
         }
-        Ok(Some(Reservation {
-            index,
-            classes: made,
-        }))
+        Ok(Some(Reservation { classes: made }))
     }
 
     /// The kernel rule for `flow` under `profile`, ending `duration` seconds from now.
@@ -1217,14 +1306,20 @@ impl Core {
                 }
             }
         };
-        let band_class = match (reservation, profile.band) {
-            (Some(r), _) => session_class(r.index),
-            (None, Band::LowLatency) => LOW_LATENCY_CLASS,
-            (None, _) => BEST_EFFORT_CLASS,
+        // Each direction to its own class where it has one, else to its band.
+        let priority = |side: Side| {
+            profile
+                .skb_priority
+                .unwrap_or_else(|| match (class_of(side), profile.band) {
+                    (Some(c), _) => session_class(c.index),
+                    (None, Band::LowLatency) => LOW_LATENCY_CLASS,
+                    (None, _) => BEST_EFFORT_CLASS,
+                })
         };
         FlowRule {
             expires_at_ns: monotonic_ns() + u64::from(duration) * 1_000_000_000,
-            skb_priority: profile.skb_priority.unwrap_or(band_class),
+            priority_up: priority(Side::Server),
+            priority_down: priority(Side::Device),
             slot,
             server_addr,
             server_mask,
@@ -1236,7 +1331,7 @@ impl Core {
             device_ports: ranges(&flow.device_ports),
             server_ports: ranges(&flow.server_ports),
             band: profile.band.code(),
-            _reserved: [0; 3],
+            _reserved: [0; 7],
             police_up: police(Side::Server, profile.max_upstream_rate),
             police_down: police(Side::Device, profile.max_downstream_rate),
         }
@@ -1351,6 +1446,12 @@ impl Core {
                 .map(|i| (i.name.clone(), !inner.links_down.contains(&i.name)))
                 .collect(),
             session_classes,
+            parked_classes: self
+                .interfaces
+                .iter()
+                .filter_map(|i| inner.classes.get(&i.name).map(|p| (i, p)))
+                .map(|(i, p)| (i.name.clone(), p.parked.len() as u64))
+                .collect(),
             bands: inner.dp.band_counters().unwrap_or_else(|e| {
                 warn!(error = %e, "cannot read the classifier's band counters");
                 Vec::new()
@@ -1424,10 +1525,8 @@ impl Core {
         for s in inner.sessions.values() {
             if let SessionState::Available { slot, .. } = s.state {
                 slot_owner.insert(slot, (s.id, s.flow.device));
-                if let Some(r) = &s.reservation {
-                    for c in &r.classes {
-                        class_owner.insert((c.interface.clone(), r.index), s.id);
-                    }
+                for c in s.reservation.iter().flat_map(|r| &r.classes) {
+                    class_owner.insert((c.interface.clone(), c.index), s.id);
                 }
             }
         }
@@ -1438,11 +1537,17 @@ impl Core {
                 classes.push((i.name.clone(), index));
             }
         }
+        let parked = inner
+            .classes
+            .iter()
+            .flat_map(|(i, pool)| pool.parked.iter().map(|x| (i.clone(), *x)))
+            .collect();
         Ok(KernelView {
             entries,
             classes,
             slot_owner,
             class_owner,
+            parked,
         })
     }
 
@@ -1502,12 +1607,10 @@ impl Core {
         }
         let present: HashSet<(String, u16)> = kernel.classes.iter().cloned().collect();
         for (interface, index) in &kernel.classes {
-            if !kernel
-                .class_owner
-                .contains_key(&(interface.clone(), *index))
-            {
+            let key = (interface.clone(), *index);
+            if !kernel.class_owner.contains_key(&key) && !kernel.parked.contains(&key) {
                 drift.push(format!(
-                    "scheduler class 1:{:x} on {interface} is held by no session",
+                    "scheduler class 1:{:x} on {interface} is held by no session and not parked",
                     crate::dataplane::scheduler::SESSION_MINOR_BASE + index
                 ));
             }
@@ -1582,13 +1685,21 @@ impl Core {
                 r.granted_min_bps = min.map(|r| r.bits_per_second());
                 r.granted_max_bps = max.map(|r| r.bits_per_second());
             }
-            let class = v.session.reservation.as_ref().and_then(|res| {
-                self.class_on(res, side)
-                    .map(|c| (c.interface.as_str(), res.index))
-            });
-            if let Some((interface, index)) = class {
-                match inner.dp.class_stats(interface, index) {
-                    Ok(stats) => r.class = Some(stats),
+            let class = v
+                .session
+                .reservation
+                .as_ref()
+                .and_then(|res| self.class_on(res, side));
+            if let Some(c) = class {
+                match inner.dp.class_stats(&c.interface, c.index) {
+                    // The backlog is now; the totals since the session took the class.
+                    Ok(stats) => {
+                        r.class = Some(TcStats {
+                            backlog_bytes: stats.backlog_bytes,
+                            backlog_packets: stats.backlog_packets,
+                            ..stats.minus(c.baseline)
+                        });
+                    }
                     Err(e) => warn!(session = %id, error = %e, "cannot read a session class"),
                 }
             }
@@ -1939,7 +2050,8 @@ impl Core {
                     let mut rule = session.rule;
                     rule.dscp = p.dscp;
                     if let Some(prio) = p.skb_priority {
-                        rule.skb_priority = prio;
+                        rule.priority_up = prio;
+                        rule.priority_down = prio;
                     }
                     if rule != session.rule {
                         match resync(&mut inner, &session.flow.device, Some(id), Some(rule)) {
@@ -2126,12 +2238,21 @@ fn unlink(inner: &mut Inner, key: &DeviceKey, id: SessionId) {
     }
 }
 
-/// Gives back a reservation's classes and capacity.
+/// Gives back a reservation's classes (parked for the next session) and capacity.
 fn release(inner: &mut Inner, reservation: Option<Reservation>) {
     let Some(r) = reservation else { return };
     for c in &r.classes {
-        if let Err(e) = inner.dp.remove_class(&c.interface, r.index) {
-            error!(interface = %c.interface, class = r.index, error = %e, "cannot remove a session class");
+        let parked = match inner.dp.park_class(&c.interface, c.index) {
+            Ok(()) => true,
+            Err(e) => {
+                // Unparked, it still carries nothing (no rule steers to it) and the next
+                // session to take it sets it whole.
+                error!(interface = %c.interface, class = c.index, error = %e, "cannot park a session class");
+                false
+            }
+        };
+        if let Some(pool) = inner.classes.get_mut(&c.interface) {
+            pool.give_back(c.index, parked);
         }
         if let Some((pool, rate)) = c.pool
             && let Some(used) = inner.reserved.get_mut(&(c.interface.clone(), pool))
@@ -2139,7 +2260,6 @@ fn release(inner: &mut Inner, reservation: Option<Reservation>) {
             *used = used.saturating_sub(rate);
         }
     }
-    inner.classes.give_back(u32::from(r.index));
 }
 
 #[cfg(test)]
@@ -2314,7 +2434,10 @@ mod tests {
         let v = core.create(request([10, 0, 0, 1], 60)).expect("create");
         let key = ipv4_key(Ipv4Addr::new(10, 0, 0, 1));
         let rule = dp.state.lock().expect("lock").flows[&key][0];
-        assert_eq!((rule.dscp, rule.skb_priority), (32, LOW_LATENCY_CLASS));
+        assert_eq!(
+            (rule.dscp, rule.priority_up, rule.priority_down),
+            (32, LOW_LATENCY_CLASS, LOW_LATENCY_CLASS)
+        );
         // No scheduled interface here: the 500 kbit/s maximum is policed in the classifier.
         assert_eq!(
             rule.police_down,
@@ -2607,12 +2730,12 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn classes_no_session_holds_are_removed_after_restore() {
+    async fn classes_no_session_holds_are_parked_after_restore_and_reused_first() {
         let (core, dp) = scheduled_core();
         let v = core
             .create(profile_request([10, 0, 0, 1], "QOS_L"))
             .expect("fits");
-        let held = v.session.reservation.clone().expect("classes").index;
+        let held = v.session.reservation.clone().expect("classes").classes[0].index;
         // What an adopted tree may hold: the class of a session that ended while qodd was down.
         let stale = held + 5;
         dp.state.lock().expect("lock").classes.insert(
@@ -2620,16 +2743,68 @@ mod tests {
             ClassSpec::capped(1_000_000, None, BurstRule::default()),
         );
         core.restore(Vec::new(), false);
-        let classes = dp.state.lock().expect("lock").classes.clone();
-        assert!(
-            !classes.contains_key(&("dev0".to_owned(), stale)),
-            "stale class removed"
+        {
+            let state = dp.state.lock().expect("lock");
+            assert!(
+                state.parked.contains(&("dev0".to_owned(), stale)),
+                "stale class parked"
+            );
+            assert!(!state.classes.contains_key(&("dev0".to_owned(), stale)));
+            assert!(
+                state.classes.contains_key(&("dev0".to_owned(), held)),
+                "a live session's class stays"
+            );
+        }
+        let parked = core.node_stats().parked_classes;
+        assert!(parked.contains(&("dev0".to_owned(), 1)), "{parked:?}");
+        assert!(parked.contains(&("srv0".to_owned(), 0)), "{parked:?}");
+        // The next session on dev0 takes the parked class, not a new index; srv0 numbers its
+        // own classes, so the same session's uplink class there has another index.
+        dp.state.lock().expect("lock").class_stats.insert(
+            ("dev0".into(), stale),
+            TcStats {
+                packets: 10,
+                bytes: 15_000,
+                ..TcStats::default()
+            },
+        );
+        let w = core
+            .create(profile_request([10, 0, 0, 2], "QOS_L"))
+            .expect("fits");
+        let r = w.session.reservation.clone().expect("classes");
+        let on = |name: &str| {
+            r.classes
+                .iter()
+                .find(|c| c.interface == name)
+                .expect("class")
+                .clone()
+        };
+        assert_eq!(on("dev0").index, stale, "the parked class is reused");
+        assert_eq!(on("dev0").baseline.bytes, 15_000, "counted from its totals");
+        assert_eq!(on("srv0").index, held + 1);
+        assert_eq!(w.session.rule.priority_down, session_class(stale));
+        assert_eq!(w.session.rule.priority_up, session_class(held + 1));
+        // What GetSession reports of the reused class starts from there.
+        dp.state.lock().expect("lock").class_stats.insert(
+            ("dev0".into(), stale),
+            TcStats {
+                packets: 12,
+                bytes: 18_000,
+                backlog_packets: 1,
+                ..TcStats::default()
+            },
+        );
+        let (_, delivery) = core.get_delivery(w.session.id, &me()).expect("get");
+        let down = delivery.expect("live").down.class.expect("class");
+        assert_eq!(
+            (down.packets, down.bytes, down.backlog_packets),
+            (2, 3_000, 1)
         );
         assert!(
-            classes.contains_key(&("dev0".to_owned(), held)),
-            "a live session's class stays"
+            core.node_stats()
+                .parked_classes
+                .contains(&("dev0".to_owned(), 0))
         );
-        assert!(classes.contains_key(&("srv0".to_owned(), held)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -2643,7 +2818,14 @@ mod tests {
                 .expect("fits");
             let r = v.session.reservation.clone().expect("classes");
             assert_eq!(r.classes.len(), 2, "one class per scheduled interface");
-            assert_eq!(v.session.rule.skb_priority, session_class(r.index));
+            assert_eq!(
+                v.session.rule.priority_down,
+                session_class(r.classes[0].index)
+            );
+            assert_eq!(
+                v.session.rule.priority_up,
+                session_class(r.classes[1].index)
+            );
             assert_eq!(
                 v.session.rule.police_down,
                 Policer::default(),
@@ -2673,7 +2855,10 @@ mod tests {
             .create(profile_request([10, 0, 0, 20], "QOS_E"))
             .expect("low latency");
         let r = e.session.reservation.clone().expect("classes");
-        assert_eq!(e.session.rule.skb_priority, session_class(r.index));
+        assert_eq!(
+            e.session.rule.priority_down,
+            session_class(r.classes[0].index)
+        );
         assert_eq!(
             r.classes[0].spec,
             ClassSpec::low_latency(
@@ -2702,6 +2887,11 @@ mod tests {
         let before = dp.state.lock().expect("lock").classes.len();
         core.delete(ids[0], &me()).expect("delete");
         assert_eq!(dp.state.lock().expect("lock").classes.len(), before - 2);
+        assert_eq!(
+            dp.state.lock().expect("lock").parked.len(),
+            2,
+            "parked, not deleted"
+        );
         core.create(profile_request([10, 0, 0, 9], "QOS_L"))
             .expect("fits again");
     }

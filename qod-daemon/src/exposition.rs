@@ -180,6 +180,16 @@ impl Collector for NodeCollector {
                 .iter()
                 .map(|(name, n)| (vec![("interface", name.clone())], i(*n))),
         )?;
+        gauge(
+            &mut e,
+            "qod_scheduler_parked_classes",
+            "per-session scheduler classes no session holds, parked for reuse, per scheduled interface",
+            None,
+            stats
+                .parked_classes
+                .iter()
+                .map(|(name, n)| (vec![("interface", name.clone())], i(*n))),
+        )?;
         let bands = || {
             stats.bands.iter().flat_map(|(name, bands)| {
                 bands.iter().enumerate().filter_map(move |(code, c)| {

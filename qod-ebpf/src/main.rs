@@ -287,7 +287,12 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     set_dscp(ctx, &pkt, rule.dscp)?;
     // SAFETY: `ctx.skb.skb` is the context pointer the kernel handed us; `priority` is writable
     // from tc programs.
-    unsafe { (*ctx.skb.skb).priority = rule.skb_priority };
+    let priority = if uplink {
+        rule.priority_up
+    } else {
+        rule.priority_down
+    };
+    unsafe { (*ctx.skb.skb).priority = priority };
     Ok(TC_ACT_UNSPEC)
 }
 

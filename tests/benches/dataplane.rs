@@ -50,7 +50,8 @@ fn rule(slot: u32, police: bool) -> FlowRule {
     }
     FlowRule {
         expires_at_ns: monotonic_ns() + 3_600_000_000_000,
-        skb_priority: 0x0001_0010,
+        priority_up: 0x0001_0010,
+        priority_down: 0x0001_0010,
         slot,
         server_addr,
         server_mask,
@@ -61,7 +62,7 @@ fn rule(slot: u32, police: bool) -> FlowRule {
         device_ports: ranges,
         server_ports: ranges,
         band: 0,
-        _reserved: [0; 3],
+        _reserved: [0; 7],
         police_up: if police {
             Policer::new(400_000_000_000, 1 << 30)
         } else {

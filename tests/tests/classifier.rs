@@ -50,7 +50,8 @@ fn rule(
     };
     FlowRule {
         expires_at_ns: monotonic_ns() + 600_000_000_000,
-        skb_priority: PRIO,
+        priority_up: PRIO,
+        priority_down: PRIO,
         slot,
         server_addr,
         server_mask,
@@ -61,7 +62,7 @@ fn rule(
         device_ports: fill(device_ports),
         server_ports: fill(server_ports),
         band: 0,
-        _reserved: [0; 3],
+        _reserved: [0; 7],
         police_up: Policer::default(),
         police_down: Policer::default(),
     }
@@ -570,7 +571,8 @@ fn several_sessions_of_one_device_and_the_most_specific_server_wins() {
     let web = rule("10.0.2.0/24".parse().expect("net"), &[], &[(443, 443)], 6);
     let mut host = rule("10.0.2.9/32".parse().expect("net"), &[], &[], 7);
     host.dscp = 26;
-    host.skb_priority = 0x0001_0107;
+    host.priority_up = 0x0001_0107;
+    host.priority_down = 0x0001_0107;
     dp.install(ipv4_key(Ipv4Addr::new(10, 0, 1, 60)), &[web, host])
         .expect("install");
     let h = Harness { dp };
@@ -589,4 +591,24 @@ fn several_sessions_of_one_device_and_the_most_specific_server_wins() {
     h.untouched(&udp4(dev, [10, 0, 2, 5], 40000, 80, 0), "neither rule");
     assert_eq!(h.dp.counters(7).expect("counters").up_packets, 2);
     assert_eq!(h.dp.counters(6).expect("counters").up_packets, 1);
+}
+
+#[test]
+fn each_direction_gets_its_own_priority() {
+    // Each scheduled interface numbers its per-session classes on its own, so a session's
+    // uplink and downlink classes can have different ids.
+    let h = Harness::new();
+    let mut dp = h.dp;
+    let mut r = rule("10.0.2.0/24".parse().expect("net"), &[], &[], 8);
+    r.priority_up = 0x0001_0105;
+    r.priority_down = 0x0001_0233;
+    dp.reset_counters(8).expect("reset");
+    dp.install(ipv4_key(Ipv4Addr::new(10, 0, 1, 61)), &[r])
+        .expect("install");
+    let h = Harness { dp };
+    let dev = [10, 0, 1, 61];
+    let up = h.run(&udp4(dev, [10, 0, 2, 5], 40000, 443, 0));
+    assert_eq!(up.priority, 0x0001_0105, "uplink");
+    let down = h.run(&udp4([10, 0, 2, 5], dev, 443, 40000, 0));
+    assert_eq!(down.priority, 0x0001_0233, "downlink");
 }

@@ -923,6 +923,20 @@ async fn operator_commands_show_the_node_and_verify_catches_planted_drift() {
         "{dump}"
     );
     assert!(classes.iter().all(|c| c["sessionId"] != ""), "{dump}");
+    // Downlink leaves through the device side: the rated session's rule steers it into its
+    // class there (each interface numbers its own classes, so each direction has its priority).
+    let class = classes
+        .iter()
+        .find(|c| c["interface"] == EDGE_DEV_IF && c["sessionId"] == rated.session_id.as_str())
+        .expect("the rated session's class");
+    let rule = dump["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .flat_map(|e| e["rules"].as_array().cloned().unwrap_or_default())
+        .find(|r| r["sessionId"] == rated.session_id.as_str())
+        .expect("the rated session's rule");
+    assert_eq!(rule["skbPriorityDown"], class["classId"], "{dump}");
 
     let (ok, verified) = ops(&["verify"]);
     assert!(ok, "{verified}");

@@ -249,7 +249,8 @@ impl QodNode for NodeService {
                         device_ports: ports(&r.device_ports[..usize::from(r.n_device_ports)]),
                         server_ports: ports(&r.server_ports[..usize::from(r.n_server_ports)]),
                         dscp: u32::from(r.dscp),
-                        skb_priority: priority(r.skb_priority),
+                        skb_priority_up: priority(r.priority_up),
+                        skb_priority_down: priority(r.priority_down),
                         band: crate::profile::Band::label(usize::from(r.band)).to_owned(),
                         police_up_bps: police_bps(&r.police_up),
                         police_down_bps: police_bps(&r.police_down),
@@ -276,6 +277,7 @@ impl QodNode for NodeService {
                     .get(&(interface.clone(), *index))
                     .map(ToString::to_string)
                     .unwrap_or_default(),
+                parked: view.parked.contains(&(interface.clone(), *index)),
             })
             .collect();
         Ok(Response::new(pb::DumpResponse { entries, classes }))

@@ -687,12 +687,12 @@ impl DataPlane for AyaDataPlane {
         interface: &str,
         index: u16,
         spec: super::scheduler::ClassSpec,
-    ) -> Result<(), DataPlaneError> {
+    ) -> Result<super::TcStats, DataPlaneError> {
         self.scheduler(interface)?.set_class(index, spec)
     }
 
-    fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
-        self.scheduler(interface)?.remove_class(index)
+    fn park_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
+        self.scheduler(interface)?.park_class(index)
     }
 
     fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError> {

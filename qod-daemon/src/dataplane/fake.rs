@@ -23,6 +23,8 @@ pub struct FakeState {
     pub classes: HashMap<(String, u16), super::scheduler::ClassSpec>,
     /// (interface, class index) → what the class reports (zero when absent)
     pub class_stats: HashMap<(String, u16), super::TcStats>,
+    /// (interface, class index) of the classes parked (in the kernel, held by no session)
+    pub parked: std::collections::HashSet<(String, u16)>,
     pub reattached: Vec<String>,
 }
 
@@ -92,22 +94,26 @@ impl DataPlane for FakeDataPlane {
         interface: &str,
         index: u16,
         spec: super::scheduler::ClassSpec,
-    ) -> Result<(), DataPlaneError> {
-        self.state()
-            .classes
-            .insert((interface.to_owned(), index), spec);
-        Ok(())
+    ) -> Result<super::TcStats, DataPlaneError> {
+        let key = (interface.to_owned(), index);
+        let mut s = self.state();
+        s.parked.remove(&key);
+        s.classes.insert(key.clone(), spec);
+        Ok(s.class_stats.get(&key).copied().unwrap_or_default())
     }
 
-    fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
-        self.state().classes.remove(&(interface.to_owned(), index));
+    fn park_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
+        let key = (interface.to_owned(), index);
+        let mut s = self.state();
+        s.classes.remove(&key);
+        s.parked.insert(key);
         Ok(())
     }
 
     fn class_stats(&self, interface: &str, index: u16) -> Result<super::TcStats, DataPlaneError> {
         let s = self.state();
         let key = (interface.to_owned(), index);
-        if !s.classes.contains_key(&key) {
+        if !s.classes.contains_key(&key) && !s.parked.contains(&key) {
             return Err(DataPlaneError::Scheduler {
                 interface: interface.to_owned(),
                 what: format!("no class {index}"),
@@ -117,10 +123,10 @@ impl DataPlane for FakeDataPlane {
     }
 
     fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError> {
-        Ok(self
-            .state()
-            .classes
+        let s = self.state();
+        Ok(s.classes
             .keys()
+            .chain(s.parked.iter())
             .filter(|(i, _)| i == interface)
             .map(|(_, index)| *index)
             .collect())

@@ -101,15 +101,16 @@ pub trait DataPlane: Send + 'static {
     }
     /// Zeroes the counters and policer state at `slot` before it is handed to a new session.
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError>;
-    /// Creates or updates per-session class `index` on `interface`'s scheduler.
+    /// Creates or changes per-session class `index` on `interface`'s scheduler; returns what the
+    /// class has counted so far (a reused class keeps its totals).
     fn set_class(
         &mut self,
         interface: &str,
         index: u16,
         spec: scheduler::ClassSpec,
-    ) -> Result<(), DataPlaneError>;
-    /// Deletes per-session class `index` on `interface`.
-    fn remove_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError>;
+    ) -> Result<TcStats, DataPlaneError>;
+    /// Parks per-session class `index` on `interface` for reuse (cheap, unlike deleting it).
+    fn park_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError>;
     /// What per-session class `index` on `interface` delivered (after its queue), dropped (its
     /// queue full) and holds now.
     fn class_stats(&self, interface: &str, index: u16) -> Result<TcStats, DataPlaneError>;

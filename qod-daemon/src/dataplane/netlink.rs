@@ -24,7 +24,6 @@ use nix::sys::socket::{
 const RTM_NEWQDISC: u16 = 36;
 const RTM_DELQDISC: u16 = 37;
 const RTM_NEWTCLASS: u16 = 40;
-const RTM_DELTCLASS: u16 = 41;
 const RTM_GETQDISC: u16 = 38;
 const RTM_GETTCLASS: u16 = 42;
 const TCA_STATS2: u16 = 7;
@@ -394,11 +393,12 @@ impl Rtnl {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Creates or replaces HTB class `c` and gives it a FIFO leaf (`pfifo` of a length in
-    /// packets, `bfifo` in bytes) with handle `handle` (major:0), in one exchange.
-    /// A leaf of another kind (a class index reused with another kind of FIFO, as after a
-    /// restart) cannot be changed in place (EINVAL): it is deleted and made again.
-    pub fn replace_class(&mut self, c: &HtbClass, handle: u32, leaf: Leaf) -> io::Result<()> {
+    /// Creates or changes HTB class `c` and gives it a FIFO leaf (`pfifo` of a length in
+    /// packets, `bfifo` in bytes) with handle `handle` (major:0), in one exchange that also reads
+    /// the class's statistics after the change.
+    /// A leaf of another kind (a class index reused with another kind of FIFO) cannot be changed
+    /// in place (EINVAL): it is deleted and made again.
+    pub fn replace_class(&mut self, c: &HtbClass, handle: u32, leaf: Leaf) -> io::Result<TcStats> {
         match self.replace_class_once(c, handle, leaf) {
             Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINVAL as i32) => {
                 let seq = self.next_seq();
@@ -413,7 +413,7 @@ impl Rtnl {
         }
     }
 
-    fn replace_class_once(&mut self, c: &HtbClass, handle: u32, leaf: Leaf) -> io::Result<()> {
+    fn replace_class_once(&mut self, c: &HtbClass, handle: u32, leaf: Leaf) -> io::Result<TcStats> {
         let class_seq = self.next_seq();
         let class = class_message(c, class_seq);
         let leaf_seq = self.next_seq();
@@ -426,14 +426,27 @@ impl Rtnl {
         q.attr(TCA_KIND, kind);
         // struct tc_fifo_qopt.
         q.attr(TCA_OPTIONS, &limit.to_ne_bytes());
-        self.exchange(&[(class_seq, class), (leaf_seq, q.finish())])
+        let stats_seq = self.next_seq();
+        let get = Msg::new(RTM_GETTCLASS, NLM_F_ECHO, stats_seq)
+            .tcmsg(c.ifindex, c.classid, 0)
+            .finish();
+        let mut found = None;
+        self.exchange_with(
+            &[(class_seq, class), (leaf_seq, q.finish()), (stats_seq, get)],
+            |reply| {
+                if reply.kind == RTM_NEWTCLASS && reply.seq == stats_seq {
+                    found = Some(parse_stats(reply.payload));
+                }
+            },
+        )?;
+        found.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no statistics in the reply"))
     }
 
-    /// Deletes class `classid` (its leaf goes with it).
-    pub fn delete_class(&mut self, ifindex: u32, classid: u32) -> io::Result<()> {
+    /// Changes HTB class `c` alone (its leaf stays).
+    pub fn change_class(&mut self, c: &HtbClass) -> io::Result<()> {
         let seq = self.next_seq();
-        let m = Msg::new(RTM_DELTCLASS, 0, seq).tcmsg(ifindex, classid, 0);
-        self.exchange(&[(seq, m.finish())])
+        let m = class_message(c, seq);
+        self.exchange(&[(seq, m)])
     }
 }
 

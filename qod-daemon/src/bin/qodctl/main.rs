@@ -724,7 +724,8 @@ fn print_dump(d: &pb::DumpResponse, json: bool) {
                         "sessionId": r.session_id, "slot": r.slot,
                         "serverNetwork": r.server_network, "devicePorts": r.device_ports,
                         "serverPorts": r.server_ports, "dscp": r.dscp,
-                        "skbPriority": r.skb_priority, "band": r.band,
+                        "skbPriorityUp": r.skb_priority_up,
+                        "skbPriorityDown": r.skb_priority_down, "band": r.band,
                         "policeUpBps": r.police_up_bps,
                         "policeDownBps": r.police_down_bps,
                         "expiresInSeconds": r.expires_in_seconds,
@@ -736,7 +737,10 @@ fn print_dump(d: &pb::DumpResponse, json: bool) {
             .classes
             .iter()
             .map(|c| {
-                json!({ "interface": c.interface, "classId": c.class_id, "sessionId": c.session_id })
+                json!({
+                    "interface": c.interface, "classId": c.class_id, "sessionId": c.session_id,
+                    "parked": c.parked,
+                })
             })
             .collect();
         println!("{}", json!({ "entries": entries, "classes": classes }));
@@ -761,7 +765,7 @@ fn print_dump(d: &pb::DumpResponse, json: bool) {
                     r.server_network.clone(),
                     format!("{} -> {}", r.device_ports, r.server_ports),
                     r.dscp.to_string(),
-                    r.skb_priority.clone(),
+                    format!("{}/{}", r.skb_priority_up, r.skb_priority_down),
                     r.band.clone(),
                     format!("{}/{}", r.police_up_bps, r.police_down_bps),
                     r.expires_in_seconds.to_string(),
@@ -777,7 +781,7 @@ fn print_dump(d: &pb::DumpResponse, json: bool) {
             "SERVER",
             "PORTS",
             "DSCP",
-            "PRIORITY",
+            "PRIORITY UP/DOWN",
             "BAND",
             "POLICE UP/DOWN",
             "EXPIRES IN",
@@ -787,7 +791,14 @@ fn print_dump(d: &pb::DumpResponse, json: bool) {
     let rows: Vec<Vec<String>> = d
         .classes
         .iter()
-        .map(|c| vec![c.interface.clone(), c.class_id.clone(), none(&c.session_id)])
+        .map(|c| {
+            let holder = if c.parked {
+                "(parked)".to_owned()
+            } else {
+                none(&c.session_id)
+            };
+            vec![c.interface.clone(), c.class_id.clone(), holder]
+        })
         .collect();
     if !rows.is_empty() {
         table(&["INTERFACE", "CLASS", "SESSION"], &rows);
