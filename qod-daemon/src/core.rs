@@ -26,7 +26,7 @@ use crate::{
     audit,
     core::events::{Announcer, Decided},
     dataplane::{
-        DataPlane, DataPlaneError, ManagedInterface, Side, TcStats, monotonic_ns,
+        Classes, DataPlane, DataPlaneError, ManagedInterface, Side, TcStats, monotonic_ns,
         scheduler::{
             BEST_EFFORT_CLASS, BurstRule, ClassSpec, LOW_LATENCY_CLASS, MAX_SESSION_CLASSES,
             session_class,
@@ -278,15 +278,19 @@ struct ClassPool {
 }
 
 impl ClassPool {
-    fn take(&mut self) -> Option<u16> {
-        if let Some(i) = self.parked.pop_first().or_else(|| self.unmade.pop_first()) {
-            return Some(i);
+    /// A free index, and whether its class is parked in the kernel.
+    fn take(&mut self) -> Option<(u16, bool)> {
+        if let Some(i) = self.parked.pop_first() {
+            return Some((i, true));
+        }
+        if let Some(i) = self.unmade.pop_first() {
+            return Some((i, false));
         }
         let i = u16::try_from(self.next)
             .ok()
             .filter(|i| *i < MAX_SESSION_CLASSES)?;
         self.next += 1;
-        Some(i)
+        Some((i, false))
     }
 
     /// Gives `index` back: `parked` if its class is in the kernel and parked.
@@ -508,6 +512,8 @@ pub struct Core {
     interfaces: Vec<ManagedInterface>,
     /// Durable copy of every session; `None` in unit tests that do not need one.
     store: Option<Store>,
+    /// The schedulers' class operations, used outside the lock (see [`Core::admit`]).
+    class_ops: Arc<dyn Classes>,
 }
 
 impl Core {
@@ -517,7 +523,9 @@ impl Core {
         limits: Limits,
         notifier: Option<Notifier>,
     ) -> Self {
+        let class_ops = dp.classes();
         Self {
+            class_ops,
             inner: Mutex::new(Inner {
                 dp,
                 sessions: HashMap::new(),
@@ -750,7 +758,7 @@ impl Core {
             };
             let mut adopted = Vec::new();
             for index in present.into_iter().filter(|x| !held.contains(x)) {
-                match inner.dp.park_class(&i.name, index) {
+                match self.class_ops.park_class(&i.name, index) {
                     Ok(()) => adopted.push(index),
                     Err(e) => {
                         error!(interface = %i.name, index, error = %e, "cannot park a scheduler class no session holds");
@@ -982,61 +990,7 @@ impl Core {
         let flow = AppFlow::from_request(&req, key)?;
         let now = started_at;
         let deadline = Instant::now() + secs(remaining);
-        // Only live sessions hold a device: an ended one stays readable for its retention but
-        // blocks nobody, so no client keeps a device from others beyond its own quota of live
-        // sessions.
-        let same_device: Vec<&Session> = inner
-            .by_device
-            .get(&flow.device)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| inner.sessions.get(id))
-            .filter(|s| matches!(s.state, SessionState::Available { .. }))
-            .collect();
-        if same_device.iter().any(|s| s.flow.overlaps(&flow)) {
-            return Err(CamaraError::new(
-                CamaraCode::Conflict,
-                "conflict with an existing session of the same device whose flow overlaps",
-            ));
-        }
-        if same_device.len() >= MAX_SESSIONS_PER_DEVICE {
-            return Err(CamaraError::new(
-                CamaraCode::QuotaExceeded,
-                format!("a device holds at most {MAX_SESSIONS_PER_DEVICE} live sessions at once"),
-            ));
-        }
-        if !restoring && let Some(usage) = inner.active_by_owner.get(&req.owner) {
-            if usage.active >= self.max_active_per_client {
-                return Err(CamaraError::new(
-                    CamaraCode::QuotaExceeded,
-                    format!(
-                        "this API client already holds its maximum of {} active sessions",
-                        self.max_active_per_client
-                    ),
-                ));
-            }
-            if let Some(sink) = &req.sink
-                && usage.sinks.len() >= self.max_sinks_per_client as usize
-                && !usage.sinks.contains_key(&crate::notify::sink_origin(sink))
-            {
-                return Err(CamaraError::field(
-                    CamaraCode::QuotaExceeded,
-                    "sink",
-                    format!(
-                        "this API client's active sessions already notify {} distinct sinks (scheme, host and port), its maximum; reuse one of them",
-                        self.max_sinks_per_client
-                    ),
-                ));
-            }
-        }
-        if let Some(link) = inner.links_down.iter().next() {
-            return Err(CamaraError::new(
-                CamaraCode::Unavailable,
-                format!(
-                    "managed interface {link} is down; no session can be enforced until it is back"
-                ),
-            ));
-        }
+        self.admissible(&inner, &req, &flow, restoring)?;
         // A session restored over the pinned maps keeps its slot, so its counters carry on.
         let slot = match kept_slot {
             Some(slot) => slot,
@@ -1050,13 +1004,41 @@ impl Core {
                 )
             })?,
         };
-        let reservation = match self.reserve(&mut inner, profile) {
+        let mut reservation = match self.reserve(&mut inner, profile) {
             Ok(r) => r,
             Err(e) => {
                 inner.slots.give_back(slot);
                 return Err(e);
             }
         };
+        if let Some(r) = reservation.as_mut() {
+            // A new session's classes are made outside the lock: adding a class costs the kernel
+            // milliseconds in a large tree, and no other call need wait for it. The slot, the
+            // class indexes and the capacity stay held meanwhile; what may change (a session
+            // that now conflicts, the quotas, a link, the policy) is checked again after.
+            let made = if restoring {
+                self.make_classes(r)
+            } else {
+                drop(inner);
+                let made = self.make_classes(r);
+                inner = self.lock();
+                made.and_then(|()| {
+                    if Arc::ptr_eq(&policy, &self.policy()) {
+                        self.admissible(&inner, &req, &flow, false)
+                    } else {
+                        Err(CamaraError::new(
+                            CamaraCode::Unavailable,
+                            "the node's profiles were reloaded during the request; try again",
+                        ))
+                    }
+                })
+            };
+            if let Err(e) = made {
+                inner.slots.give_back(slot);
+                release(&mut inner, self.class_ops.as_ref(), reservation);
+                return Err(e);
+            }
+        }
         let rule = self.flow_rule(&flow, profile, slot, remaining, reservation.as_ref());
         let reset = if kept_slot.is_some() {
             Ok(())
@@ -1066,7 +1048,7 @@ impl Core {
         let installed = reset.and_then(|()| resync(&mut inner, &flow.device, None, Some(rule)));
         if let Err(e) = installed {
             inner.slots.give_back(slot);
-            release(&mut inner, reservation);
+            release(&mut inner, self.class_ops.as_ref(), reservation);
             return Err(dataplane_error(&e));
         }
         let session = Session {
@@ -1123,6 +1105,74 @@ impl Core {
         Ok(view)
     }
 
+    /// Whether `req` (its `flow` resolved) may be admitted beside the sessions there are:
+    /// no overlapping live session of its device, the device's and the client's quotas (not
+    /// checked when `restoring`), and every managed link up.
+    fn admissible(
+        &self,
+        inner: &Inner,
+        req: &SessionRequest,
+        flow: &AppFlow,
+        restoring: bool,
+    ) -> Result<(), CamaraError> {
+        // Only live sessions hold a device: an ended one stays readable for its retention but
+        // blocks nobody, so no client keeps a device from others beyond its own quota of live
+        // sessions.
+        let same_device: Vec<&Session> = inner
+            .by_device
+            .get(&flow.device)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| inner.sessions.get(id))
+            .filter(|s| matches!(s.state, SessionState::Available { .. }))
+            .collect();
+        if same_device.iter().any(|s| s.flow.overlaps(flow)) {
+            return Err(CamaraError::new(
+                CamaraCode::Conflict,
+                "conflict with an existing session of the same device whose flow overlaps",
+            ));
+        }
+        if same_device.len() >= MAX_SESSIONS_PER_DEVICE {
+            return Err(CamaraError::new(
+                CamaraCode::QuotaExceeded,
+                format!("a device holds at most {MAX_SESSIONS_PER_DEVICE} live sessions at once"),
+            ));
+        }
+        if !restoring && let Some(usage) = inner.active_by_owner.get(&req.owner) {
+            if usage.active >= self.max_active_per_client {
+                return Err(CamaraError::new(
+                    CamaraCode::QuotaExceeded,
+                    format!(
+                        "this API client already holds its maximum of {} active sessions",
+                        self.max_active_per_client
+                    ),
+                ));
+            }
+            if let Some(sink) = &req.sink
+                && usage.sinks.len() >= self.max_sinks_per_client as usize
+                && !usage.sinks.contains_key(&crate::notify::sink_origin(sink))
+            {
+                return Err(CamaraError::field(
+                    CamaraCode::QuotaExceeded,
+                    "sink",
+                    format!(
+                        "this API client's active sessions already notify {} distinct sinks (scheme, host and port), its maximum; reuse one of them",
+                        self.max_sinks_per_client
+                    ),
+                ));
+            }
+        }
+        if let Some(link) = inner.links_down.iter().next() {
+            return Err(CamaraError::new(
+                CamaraCode::Unavailable,
+                format!(
+                    "managed interface {link} is down; no session can be enforced until it is back"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Undoes the admission of a session that could not be stored, and withdraws its held
     /// event (under the lock: no event of the session can be decided after it).
     fn roll_back(&self, id: SessionId, place: Option<crate::core::events::Place>) {
@@ -1140,7 +1190,11 @@ impl Core {
                 error!(error = %e, "cannot roll back an unpersisted session's rule");
             }
             inner.slots.give_back(slot);
-            release(&mut inner, session.reservation.clone());
+            release(
+                &mut inner,
+                self.class_ops.as_ref(),
+                session.reservation.clone(),
+            );
             inner.count_active(&session.request, false);
         }
     }
@@ -1222,14 +1276,19 @@ impl Core {
         if wanted.is_empty() {
             return Ok(None);
         }
-        let mut made = Vec::new();
+        let mut planned: Vec<(ReservedClass, bool)> = Vec::new();
         for mut class in wanted {
-            let index = inner
+            let taken = inner
                 .classes
                 .get_mut(&class.interface)
                 .and_then(ClassPool::take);
-            let Some(index) = index else {
-                release(inner, Some(Reservation { classes: made }));
+            let Some((index, parked)) = taken else {
+                for (c, parked) in planned {
+                    unreserve(inner, &c);
+                    if let Some(pool) = inner.classes.get_mut(&c.interface) {
+                        pool.give_back(c.index, parked);
+                    }
+                }
                 return Err(CamaraError::new(
                     CamaraCode::QuotaExceeded,
                     format!(
@@ -1239,26 +1298,29 @@ impl Core {
                 ));
             };
             class.index = index;
-            match inner.dp.set_class(&class.interface, index, class.spec) {
-                Ok(stats) => class.baseline = stats,
-                Err(e) => {
-                    // The index goes back unparked: the class may be half made.
-                    if let Some(pool) = inner.classes.get_mut(&class.interface) {
-                        pool.give_back(index, false);
-                    }
-                    release(inner, Some(Reservation { classes: made }));
-                    return Err(dataplane_error(&e));
-                }
-            }
             if let Some((pool, rate)) = class.pool {
                 *inner
                     .reserved
                     .entry((class.interface.clone(), pool))
                     .or_default() += rate;
             }
-            made.push(class);
+            planned.push((class, parked));
         }
-        Ok(Some(Reservation { classes: made }))
+        Ok(Some(Reservation {
+            classes: planned.into_iter().map(|(c, _)| c).collect(),
+        }))
+    }
+
+    /// Makes (or changes: a parked one) each class of `r` in the kernel, with its baseline.
+    /// On failure [`release`] gives back the whole reservation.
+    fn make_classes(&self, r: &mut Reservation) -> Result<(), CamaraError> {
+        for c in &mut r.classes {
+            c.baseline = self
+                .class_ops
+                .set_class(&c.interface, c.index, c.spec)
+                .map_err(|e| dataplane_error(&e))?;
+        }
+        Ok(())
     }
 
     /// The kernel rule for `flow` under `profile`, ending `duration` seconds from now.
@@ -1667,13 +1729,17 @@ impl Core {
         caller: &Caller,
     ) -> Result<(SessionView, Option<Delivery>), CamaraError> {
         let now = Instant::now();
-        let mut inner = self.lock();
-        let session = inner.accessible(id, caller)?;
-        let v = view(&inner, session)?;
-        let SessionState::Available { .. } = v.session.state else {
-            inner.meters.remove(&id);
-            return Ok((v, None));
+        let v = {
+            let mut inner = self.lock();
+            let session = inner.accessible(id, caller)?;
+            let v = view(&inner, session)?;
+            if !matches!(v.session.state, SessionState::Available { .. }) {
+                inner.meters.remove(&id);
+                return Ok((v, None));
+            }
+            v
         };
+        // The classes are read without the lock (a netlink round trip each).
         let policy = self.policy();
         let profile = policy.profiles.get(&v.session.request.profile);
         let mut report = [DirectionReport::default(), DirectionReport::default()];
@@ -1691,7 +1757,7 @@ impl Core {
                 .as_ref()
                 .and_then(|res| self.class_on(res, side));
             if let Some(c) = class {
-                match inner.dp.class_stats(&c.interface, c.index) {
+                match self.class_ops.class_stats(&c.interface, c.index) {
                     // The backlog is now; the totals since the session took the class.
                     Ok(stats) => {
                         r.class = Some(TcStats {
@@ -1710,6 +1776,7 @@ impl Core {
             delivered(0, v.counters.up_bytes),
             delivered(1, v.counters.down_bytes),
         ];
+        let mut inner = self.lock();
         let previous = inner.meters.get(&id).copied();
         let meter = match previous {
             Some(m) if now.duration_since(m.at) < METER_INTERVAL => m,
@@ -1730,7 +1797,14 @@ impl Core {
                     achieved: [rate(0), rate(1)],
                     interval,
                 };
-                inner.meters.insert(id, m);
+                // Only for a session still live (it may have ended while its classes were read).
+                if inner
+                    .sessions
+                    .get(&id)
+                    .is_some_and(|s| matches!(s.state, SessionState::Available { .. }))
+                {
+                    inner.meters.insert(id, m);
+                }
                 m
             }
         };
@@ -1805,7 +1879,11 @@ impl Core {
             resync(&mut inner, &session.flow.device, Some(id), None)
                 .map_err(|e| dataplane_error(&e))?;
             inner.slots.give_back(slot);
-            release(&mut inner, session.reservation.clone());
+            release(
+                &mut inner,
+                self.class_ops.as_ref(),
+                session.reservation.clone(),
+            );
             inner.count_active(&session.request, false);
         }
         inner.sessions.remove(&id);
@@ -1988,7 +2066,7 @@ impl Core {
             error!(session = %id, error = %e, "cannot remove rule; its slot and classes stay reserved");
         } else {
             inner.slots.give_back(slot);
-            release(inner, session.reservation.clone());
+            release(inner, self.class_ops.as_ref(), session.reservation.clone());
         }
         // An expired session ended at its scheduled end, not when the expiry task got to it.
         let ended_at = match info {
@@ -2238,11 +2316,20 @@ fn unlink(inner: &mut Inner, key: &DeviceKey, id: SessionId) {
     }
 }
 
+/// Gives back the capacity `c` holds.
+fn unreserve(inner: &mut Inner, c: &ReservedClass) {
+    if let Some((pool, rate)) = c.pool
+        && let Some(used) = inner.reserved.get_mut(&(c.interface.clone(), pool))
+    {
+        *used = used.saturating_sub(rate);
+    }
+}
+
 /// Gives back a reservation's classes (parked for the next session) and capacity.
-fn release(inner: &mut Inner, reservation: Option<Reservation>) {
+fn release(inner: &mut Inner, ops: &dyn Classes, reservation: Option<Reservation>) {
     let Some(r) = reservation else { return };
     for c in &r.classes {
-        let parked = match inner.dp.park_class(&c.interface, c.index) {
+        let parked = match ops.park_class(&c.interface, c.index) {
             Ok(()) => true,
             Err(e) => {
                 // Unparked, it still carries nothing (no rule steers to it) and the next
@@ -2254,11 +2341,7 @@ fn release(inner: &mut Inner, reservation: Option<Reservation>) {
         if let Some(pool) = inner.classes.get_mut(&c.interface) {
             pool.give_back(c.index, parked);
         }
-        if let Some((pool, rate)) = c.pool
-            && let Some(used) = inner.reserved.get_mut(&(c.interface.clone(), pool))
-        {
-            *used = used.saturating_sub(rate);
-        }
+        unreserve(inner, c);
     }
 }
 
@@ -2804,6 +2887,77 @@ mod tests {
             core.node_stats()
                 .parked_classes
                 .contains(&("dev0".to_owned(), 0))
+        );
+    }
+
+    /// Making a class can take the kernel milliseconds (a large tree): it happens outside the
+    /// core's lock, so reads, deletes and the node's statistics go on meanwhile; two creates
+    /// whose flows overlap, both making classes, cannot both be admitted.
+    #[test]
+    fn classes_are_made_outside_the_lock_and_admission_is_checked_again() {
+        let (core, dp) = scheduled_core();
+        let a = core
+            .create(profile_request([10, 0, 0, 1], "QOS_L"))
+            .expect("first");
+        dp.hold_classes();
+        let wait_for = |n: usize| {
+            let t = std::time::Instant::now();
+            while dp.classes_waiting() < n {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "no create reached its classes"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let spawn = |device: [u8; 4]| {
+            let core = core.clone();
+            std::thread::spawn(move || core.create(profile_request(device, "QOS_L")))
+        };
+        let b = spawn([10, 0, 0, 2]);
+        wait_for(1);
+        // B is making its classes: nothing else waits for it.
+        assert_eq!(
+            core.get(a.session.id, &me()).expect("get").session.id,
+            a.session.id
+        );
+        assert!(
+            core.get_delivery(a.session.id, &me())
+                .expect("get")
+                .1
+                .is_some()
+        );
+        let _ = core.node_stats();
+        core.delete(a.session.id, &me()).expect("delete");
+        // C overlaps B (same device, any port): it passes the first check, as B is not in yet.
+        let c = spawn([10, 0, 0, 2]);
+        wait_for(2);
+        dp.release_classes();
+        let (b, c) = (b.join().expect("b"), c.join().expect("c"));
+        let (won, lost) = match (b, c) {
+            (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+            other => panic!("exactly one of two overlapping creates is admitted: {other:?}"),
+        };
+        assert_eq!(lost.code, CamaraCode::Conflict, "{}", lost.message);
+        // What the loser held is given back: one session's guarantee per side, one rule.
+        let pools = core.node_stats().pools;
+        let reserved: Vec<u64> = pools
+            .iter()
+            .filter(|p| p.pool == "guaranteed")
+            .map(|p| p.reserved_bps)
+            .collect();
+        assert_eq!(reserved, vec![10_000_000, 10_000_000], "{pools:?}");
+        let state = dp.state.lock().expect("lock");
+        assert_eq!(state.classes.len(), 2, "the winner's two classes");
+        let rules: usize = state.flows.values().map(Vec::len).sum();
+        assert_eq!(rules, 1, "only the winner's rule");
+        drop(state);
+        assert_eq!(
+            core.get(won.session.id, &me())
+                .expect("get")
+                .session
+                .qos_status(),
+            QosStatus::Available
         );
     }
 

@@ -20,6 +20,10 @@
 //!
 //!    Then each client deletes the sessions it created, one call at a time, for up to 5 s:
 //!    deletes/s (every call acknowledged after its removal is fsynced) and their p99.
+//!    Scheduled, a second round (*scheduled, warm*) follows on the same qodd: its sessions take
+//!    the classes the first round's sessions left parked, as in a node's steady state, where
+//!    sessions come and go and the tree holds the peak of concurrent classes. The commits per
+//!    create are over both rounds. `QOD_BENCH_APIS=grpc` (or `rest`) runs one API.
 
 use std::time::{Duration, Instant};
 
@@ -172,12 +176,92 @@ impl Client {
     }
 }
 
+/// Latency at quantile `p` of sorted `lat`.
+fn quantile(lat: &[Duration], p: f64) -> Duration {
+    lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Every client creates sessions for devices of its own (client `c`'s `n`th is
+/// 10.128.0.0 + c × 65,536 + n, counting on from `from[c]`) for 5 s, or until it made
+/// `limit[c]`; their latencies, the time taken, and the clients back with the ids each created.
+async fn create_phase(
+    clients: Vec<Client>,
+    from: &[u32],
+    limit: Option<&[usize]>,
+    profile: &'static str,
+) -> anyhow::Result<(Vec<Duration>, f64, Vec<(Client, Vec<String>)>)> {
+    let started = Instant::now();
+    let end = started + Duration::from_secs(5);
+    let mut tasks = Vec::new();
+    for (c, mut api) in clients.into_iter().enumerate() {
+        let mut i = from.get(c).copied().unwrap_or(0);
+        let most = limit.and_then(|l| l.get(c).copied()).unwrap_or(usize::MAX);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut ids = Vec::new();
+            while Instant::now() < end && ids.len() < most {
+                let ip = std::net::Ipv4Addr::from(0x0a80_0000 + ((c as u32) << 16) + i);
+                i += 1;
+                let t = Instant::now();
+                let created = api.create(&ip.to_string(), profile).await?;
+                lat.push(t.elapsed());
+                ids.push(created);
+            }
+            anyhow::Ok((api, lat, ids))
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut back = Vec::new();
+    for t in tasks {
+        let (api, l, ids) = t.await??;
+        lat.extend(l);
+        back.push((api, ids));
+    }
+    lat.sort();
+    Ok((lat, started.elapsed().as_secs_f64(), back))
+}
+
+/// Every client deletes what it created, one call at a time, for up to 5 s: the latencies, the
+/// time taken, and the clients back.
+async fn delete_phase(
+    clients: Vec<(Client, Vec<String>)>,
+) -> anyhow::Result<(Vec<Duration>, f64, Vec<Client>)> {
+    let started = Instant::now();
+    let end = started + Duration::from_secs(5);
+    let mut tasks = Vec::new();
+    for (mut api, ids) in clients {
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for id in ids {
+                if Instant::now() >= end {
+                    break;
+                }
+                let t = Instant::now();
+                api.delete(id).await?;
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok((api, lat))
+        }));
+    }
+    let mut del = Vec::new();
+    let mut back = Vec::new();
+    for t in tasks {
+        let (api, l) = t.await??;
+        del.extend(l);
+        back.push(api);
+    }
+    del.sort();
+    Ok((del, started.elapsed().as_secs_f64(), back))
+}
+
 async fn creates() -> anyhow::Result<()> {
     println!(
         "\ndurable creates over gRPC and REST (TLS + bearer token, release qodd, 5 s per row)"
     );
     println!(
-        "{:>4}  {:>9}  {:>7}  {:>10}  {:>9}  {:>9}  {:>17}  {:>10}  {:>9}",
+        "{:>4}  {:>15}  {:>7}  {:>10}  {:>9}  {:>9}  {:>17}  {:>10}  {:>9}",
         "api",
         "mode",
         "clients",
@@ -193,7 +277,9 @@ async fn creates() -> anyhow::Result<()> {
         format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 100000 }}"),
     ];
     let limits = "max_sessions = 1000000\n[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_active_sessions_per_client = 1000000\n";
-    for api in ["grpc", "rest"] {
+    // QOD_BENCH_APIS=grpc (or rest) runs one API only.
+    let apis = std::env::var("QOD_BENCH_APIS").unwrap_or_else(|_| "grpc,rest".into());
+    for api in apis.split(',') {
         for (mode, interfaces, profile, extra) in [
             (
                 "marking",
@@ -213,60 +299,32 @@ async fn creates() -> anyhow::Result<()> {
                 let extra = format!("{extra}\n[rest]\nlisten = \"127.0.0.1:9443\"\n");
                 let mut qodd =
                     Qodd::start_bin(&release_qodd(), &lab.edge, &interfaces, &extra).await?;
-                let end = Instant::now() + Duration::from_secs(5);
-                let mut tasks = Vec::new();
-                for c in 0..clients {
-                    let mut api = Client::connect(api, &lab, &qodd).await?;
-                    tasks.push(tokio::spawn(async move {
-                        let mut lat = Vec::new();
-                        let mut ids = Vec::new();
-                        let mut i = 0u32;
-                        while Instant::now() < end {
-                            let ip = std::net::Ipv4Addr::from(0x0a80_0000 + ((c as u32) << 16) + i);
-                            i += 1;
-                            let t = Instant::now();
-                            let created = api.create(&ip.to_string(), profile).await?;
-                            lat.push(t.elapsed());
-                            ids.push(created);
-                        }
-                        anyhow::Ok((api, lat, ids))
-                    }));
+                let mut api_clients = Vec::new();
+                for _ in 0..clients {
+                    api_clients.push(Client::connect(api, &lab, &qodd).await?);
                 }
-                let mut lat = Vec::new();
-                let mut clients_ids = Vec::new();
-                for t in tasks {
-                    let (api, l, ids) = t.await??;
-                    lat.extend(l);
-                    clients_ids.push((api, ids));
-                }
-                lat.sort();
-                let q = |lat: &[Duration], p: f64| {
-                    lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)]
+                // Scheduled, a second round follows the first on the same qodd: each client
+                // makes at most as many sessions as in the first, so every one takes a class the
+                // first round's sessions left parked (a change, not an add).
+                let rounds: &[&str] = if mode == "scheduled" {
+                    &["scheduled", "scheduled, warm"]
+                } else {
+                    &["marking"]
                 };
-                // Then every client deletes what it created (up to 5 s).
-                let started = Instant::now();
-                let end = started + Duration::from_secs(5);
-                let mut tasks = Vec::new();
-                for (mut api, ids) in clients_ids {
-                    tasks.push(tokio::spawn(async move {
-                        let mut lat = Vec::new();
-                        for id in ids {
-                            if Instant::now() >= end {
-                                break;
-                            }
-                            let t = Instant::now();
-                            api.delete(id).await?;
-                            lat.push(t.elapsed());
-                        }
-                        anyhow::Ok(lat)
-                    }));
+                let mut rows = Vec::new();
+                let mut from = vec![0u32; clients];
+                let mut limit: Option<Vec<usize>> = None;
+                for round in rounds {
+                    let (lat, creating, created) =
+                        create_phase(api_clients, &from, limit.as_deref(), profile).await?;
+                    for (f, (_, ids)) in from.iter_mut().zip(&created) {
+                        *f += ids.len() as u32;
+                    }
+                    limit = Some(created.iter().map(|(_, ids)| ids.len()).collect());
+                    let (del, deleting, back) = delete_phase(created).await?;
+                    api_clients = back;
+                    rows.push((round, lat, creating, del, deleting));
                 }
-                let mut del = Vec::new();
-                for t in tasks {
-                    del.extend(t.await??);
-                }
-                let deleting = started.elapsed().as_secs_f64();
-                del.sort();
                 qodd.stop();
                 let commits = qodd
                     .log()
@@ -278,14 +336,16 @@ async fn creates() -> anyhow::Result<()> {
                         Some(c.parse::<f64>().ok()? / w.parse::<f64>().ok()?.max(1.0))
                     })
                     .unwrap_or(f64::NAN);
-                println!(
-                    "{api:>4}  {mode:>9}  {clients:>7}  {:>10.0}  {:>9.2}  {:>9.2}  {commits:>17.2}  {:>10.0}  {:>9.2}",
-                    lat.len() as f64 / 5.0,
-                    q(&lat, 0.5).as_secs_f64() * 1e3,
-                    q(&lat, 0.99).as_secs_f64() * 1e3,
-                    del.len() as f64 / deleting,
-                    q(&del, 0.99).as_secs_f64() * 1e3,
-                );
+                for (round, lat, creating, del, deleting) in rows {
+                    println!(
+                        "{api:>4}  {round:>15}  {clients:>7}  {:>10.0}  {:>9.2}  {:>9.2}  {commits:>17.2}  {:>10.0}  {:>9.2}",
+                        lat.len() as f64 / creating,
+                        quantile(&lat, 0.5).as_secs_f64() * 1e3,
+                        quantile(&lat, 0.99).as_secs_f64() * 1e3,
+                        del.len() as f64 / deleting,
+                        quantile(&del, 0.99).as_secs_f64() * 1e3,
+                    );
+                }
             }
         }
     }

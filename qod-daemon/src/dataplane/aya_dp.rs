@@ -1,6 +1,7 @@
 use std::{
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
@@ -232,8 +233,8 @@ pub struct AyaDataPlane {
     /// Managed interfaces and how the classifier was attached to each.
     interfaces: Vec<ManagedInterface>,
     attach_mode: AttachMode,
-    /// The HTB trees qodd owns, by interface.
-    schedulers: std::collections::HashMap<String, Scheduler>,
+    /// The HTB trees qodd owns, by interface (shared with the core's class operations).
+    schedulers: Arc<SchedulerSet>,
     /// Tear everything down on a graceful stop (else the data plane stays, pinned).
     teardown_on_exit: bool,
     /// Where maps and links are pinned (versioned).
@@ -333,7 +334,7 @@ impl AyaDataPlane {
             nr_cpus,
             interfaces: Vec::new(),
             attach_mode: AttachMode::Auto,
-            schedulers: std::collections::HashMap::new(),
+            schedulers: Arc::default(),
             teardown_on_exit: false,
             pins,
             ephemeral: None,
@@ -386,19 +387,11 @@ impl AyaDataPlane {
             info!(interface = %i.name, mode = how, "classifier attached on egress");
             if let Some(config) = i.scheduler {
                 self.schedulers
+                    .write()
                     .insert(i.name.clone(), Scheduler::install(&i.name, config)?);
             }
         }
         Ok(())
-    }
-
-    fn scheduler(&self, interface: &str) -> Result<&Scheduler, DataPlaneError> {
-        self.schedulers
-            .get(interface)
-            .ok_or_else(|| DataPlaneError::Scheduler {
-                interface: interface.to_owned(),
-                what: "qodd does not schedule this interface".into(),
-            })
     }
 
     /// Attaches the classifier for `side` on `interface`'s egress; returns how ("tcx" or
@@ -601,6 +594,58 @@ impl AyaDataPlane {
     }
 }
 
+/// The HTB trees qodd owns, by interface: the data plane installs them (again, when a link is
+/// re-created); the core's class operations run on them from any thread.
+#[derive(Debug, Default)]
+pub struct SchedulerSet(std::sync::RwLock<std::collections::HashMap<String, Scheduler>>);
+
+impl SchedulerSet {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, std::collections::HashMap<String, Scheduler>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, std::collections::HashMap<String, Scheduler>> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `f` on `interface`'s scheduler.
+    fn with<T>(
+        &self,
+        interface: &str,
+        f: impl FnOnce(&Scheduler) -> Result<T, DataPlaneError>,
+    ) -> Result<T, DataPlaneError> {
+        let schedulers = self.read();
+        let s = schedulers
+            .get(interface)
+            .ok_or_else(|| DataPlaneError::Scheduler {
+                interface: interface.to_owned(),
+                what: "qodd does not schedule this interface".into(),
+            })?;
+        f(s)
+    }
+}
+
+impl super::Classes for SchedulerSet {
+    fn set_class(
+        &self,
+        interface: &str,
+        index: u16,
+        spec: super::scheduler::ClassSpec,
+    ) -> Result<super::TcStats, DataPlaneError> {
+        self.with(interface, |s| s.set_class(index, spec))
+    }
+
+    fn park_class(&self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
+        self.with(interface, |s| s.park_class(index))
+    }
+
+    fn class_stats(&self, interface: &str, index: u16) -> Result<super::TcStats, DataPlaneError> {
+        self.with(interface, |s| s.class_stats(index))
+    }
+}
+
 fn libc_eexist() -> i32 {
     nix::errno::Errno::EEXIST as i32
 }
@@ -682,31 +727,19 @@ impl DataPlane for AyaDataPlane {
             }))
     }
 
-    fn set_class(
-        &mut self,
-        interface: &str,
-        index: u16,
-        spec: super::scheduler::ClassSpec,
-    ) -> Result<super::TcStats, DataPlaneError> {
-        self.scheduler(interface)?.set_class(index, spec)
-    }
-
-    fn park_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
-        self.scheduler(interface)?.park_class(index)
+    fn classes(&self) -> Arc<dyn super::Classes> {
+        self.schedulers.clone()
     }
 
     fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError> {
-        self.scheduler(interface)?.session_classes()
-    }
-
-    fn class_stats(&self, interface: &str, index: u16) -> Result<super::TcStats, DataPlaneError> {
-        self.scheduler(interface)?.class_stats(index)
+        self.schedulers.with(interface, Scheduler::session_classes)
     }
 
     fn queue_stats(&self) -> Result<Vec<(String, super::QueueStats)>, DataPlaneError> {
+        let schedulers = self.schedulers.read();
         self.interfaces
             .iter()
-            .filter_map(|i| self.schedulers.get(&i.name))
+            .filter_map(|i| schedulers.get(&i.name))
             .map(|s| Ok((s.interface.clone(), s.queue_stats()?)))
             .collect()
     }
@@ -722,15 +755,17 @@ impl DataPlane for AyaDataPlane {
         let how = self.attach(interface, side, self.attach_mode)?;
         info!(interface, mode = how, "classifier attached again");
         if let Some(config) = scheduler {
+            let installed = Scheduler::install(interface, config)?;
             self.schedulers
-                .insert(interface.to_owned(), Scheduler::install(interface, config)?);
+                .write()
+                .insert(interface.to_owned(), installed);
         }
         Ok(())
     }
 
     fn shutdown(&mut self) {
         if self.teardown_on_exit {
-            for s in self.schedulers.values() {
+            for s in self.schedulers.read().values() {
                 s.remove();
             }
             self.teardown();

@@ -12,6 +12,7 @@ use super::{DataPlane, DataPlaneError};
 #[derive(Clone, Debug, Default)]
 pub struct FakeDataPlane {
     pub state: Arc<Mutex<FakeState>>,
+    held: Arc<(Mutex<bool>, std::sync::Condvar)>,
 }
 
 #[derive(Debug, Default)]
@@ -26,12 +27,75 @@ pub struct FakeState {
     /// (interface, class index) of the classes parked (in the kernel, held by no session)
     pub parked: std::collections::HashSet<(String, u16)>,
     pub reattached: Vec<String>,
+    pub classes_waiting: usize,
 }
 
 impl FakeDataPlane {
+    /// Makes every `set_class` wait until [`Self::release_classes`] (a class being made, as in
+    /// a large tree, takes milliseconds).
+    pub fn hold_classes(&self) {
+        *self.held.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    }
+
+    pub fn release_classes(&self) {
+        *self.held.0.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.held.1.notify_all();
+    }
+
+    /// `set_class` calls waiting in [`Self::hold_classes`].
+    pub fn classes_waiting(&self) -> usize {
+        self.state().classes_waiting
+    }
+
+    fn wait_while_classes_held(&self) {
+        self.state().classes_waiting += 1;
+        let mut held = self.held.0.lock().unwrap_or_else(|p| p.into_inner());
+        while *held {
+            held = self.held.1.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(held);
+        self.state().classes_waiting -= 1;
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
         // A test that panicked while holding the lock has already failed; keep going.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl super::Classes for FakeDataPlane {
+    fn set_class(
+        &self,
+        interface: &str,
+        index: u16,
+        spec: super::scheduler::ClassSpec,
+    ) -> Result<super::TcStats, DataPlaneError> {
+        self.wait_while_classes_held();
+        let key = (interface.to_owned(), index);
+        let mut s = self.state();
+        s.parked.remove(&key);
+        s.classes.insert(key.clone(), spec);
+        Ok(s.class_stats.get(&key).copied().unwrap_or_default())
+    }
+
+    fn park_class(&self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
+        let key = (interface.to_owned(), index);
+        let mut s = self.state();
+        s.classes.remove(&key);
+        s.parked.insert(key);
+        Ok(())
+    }
+
+    fn class_stats(&self, interface: &str, index: u16) -> Result<super::TcStats, DataPlaneError> {
+        let s = self.state();
+        let key = (interface.to_owned(), index);
+        if !s.classes.contains_key(&key) && !s.parked.contains(&key) {
+            return Err(DataPlaneError::Scheduler {
+                interface: interface.to_owned(),
+                what: format!("no class {index}"),
+            });
+        }
+        Ok(s.class_stats.get(&key).copied().unwrap_or_default())
     }
 }
 
@@ -89,37 +153,8 @@ impl DataPlane for FakeDataPlane {
         Ok(())
     }
 
-    fn set_class(
-        &mut self,
-        interface: &str,
-        index: u16,
-        spec: super::scheduler::ClassSpec,
-    ) -> Result<super::TcStats, DataPlaneError> {
-        let key = (interface.to_owned(), index);
-        let mut s = self.state();
-        s.parked.remove(&key);
-        s.classes.insert(key.clone(), spec);
-        Ok(s.class_stats.get(&key).copied().unwrap_or_default())
-    }
-
-    fn park_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError> {
-        let key = (interface.to_owned(), index);
-        let mut s = self.state();
-        s.classes.remove(&key);
-        s.parked.insert(key);
-        Ok(())
-    }
-
-    fn class_stats(&self, interface: &str, index: u16) -> Result<super::TcStats, DataPlaneError> {
-        let s = self.state();
-        let key = (interface.to_owned(), index);
-        if !s.classes.contains_key(&key) && !s.parked.contains(&key) {
-            return Err(DataPlaneError::Scheduler {
-                interface: interface.to_owned(),
-                what: format!("no class {index}"),
-            });
-        }
-        Ok(s.class_stats.get(&key).copied().unwrap_or_default())
+    fn classes(&self) -> Arc<dyn super::Classes> {
+        Arc::new(self.clone())
     }
 
     fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError> {

@@ -11,6 +11,8 @@ pub use aya_dp::{
 };
 pub use fake::FakeDataPlane;
 pub use netlink::TcStats;
+use std::sync::Arc;
+
 use qod_common::{BANDS, BandCounters, DeviceKey, FlowCounters, FlowRule};
 pub use scheduler::{QueueStats, SchedulerConfig};
 
@@ -81,6 +83,24 @@ pub enum DataPlaneError {
     },
 }
 
+/// The per-session HTB classes of the scheduled interfaces. Each call is one rtnetlink exchange
+/// with a deadline; calls on different classes may run concurrently (the kernel serialises them).
+pub trait Classes: Send + Sync {
+    /// Creates or changes per-session class `index` on `interface`'s scheduler; returns what the
+    /// class has counted so far (a reused class keeps its totals).
+    fn set_class(
+        &self,
+        interface: &str,
+        index: u16,
+        spec: scheduler::ClassSpec,
+    ) -> Result<TcStats, DataPlaneError>;
+    /// Parks per-session class `index` on `interface` for reuse (cheap, unlike deleting it).
+    fn park_class(&self, interface: &str, index: u16) -> Result<(), DataPlaneError>;
+    /// What per-session class `index` on `interface` delivered (after its queue), dropped (its
+    /// queue full) and holds now.
+    fn class_stats(&self, interface: &str, index: u16) -> Result<TcStats, DataPlaneError>;
+}
+
 /// Kernel state for sessions. Every call is a few syscalls and never blocks on the network.
 pub trait DataPlane: Send + 'static {
     /// Installs or replaces every rule of device `key` (1 to `MAX_SESSIONS_PER_DEVICE`).
@@ -101,19 +121,9 @@ pub trait DataPlane: Send + 'static {
     }
     /// Zeroes the counters and policer state at `slot` before it is handed to a new session.
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError>;
-    /// Creates or changes per-session class `index` on `interface`'s scheduler; returns what the
-    /// class has counted so far (a reused class keeps its totals).
-    fn set_class(
-        &mut self,
-        interface: &str,
-        index: u16,
-        spec: scheduler::ClassSpec,
-    ) -> Result<TcStats, DataPlaneError>;
-    /// Parks per-session class `index` on `interface` for reuse (cheap, unlike deleting it).
-    fn park_class(&mut self, interface: &str, index: u16) -> Result<(), DataPlaneError>;
-    /// What per-session class `index` on `interface` delivered (after its queue), dropped (its
-    /// queue full) and holds now.
-    fn class_stats(&self, interface: &str, index: u16) -> Result<TcStats, DataPlaneError>;
+    /// The schedulers' per-session class operations, usable by many threads at once without
+    /// whoever owns this data plane (they touch no map).
+    fn classes(&self) -> Arc<dyn Classes>;
     /// Each scheduled interface's queues (configured order).
     fn queue_stats(&self) -> Result<Vec<(String, QueueStats)>, DataPlaneError> {
         Ok(Vec::new())
