@@ -23,9 +23,17 @@
 //!    Scheduled, a second round (*scheduled, warm*) follows on the same qodd: its sessions take
 //!    the classes the first round's sessions left parked, as in a node's steady state, where
 //!    sessions come and go and the tree holds the peak of concurrent classes. The commits per
-//!    create are over both rounds. `QOD_BENCH_APIS=grpc` (or `rest`) runs one API.
+//!    create are over both rounds. Meanwhile one more client reads one session (GetSession)
+//!    every 2 ms: its latency p50 / p99 / max over the whole row. `QOD_BENCH_APIS=grpc` (or
+//!    `rest`) runs one API.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use qod_proto::v1::quality_on_demand_client::QualityOnDemandClient;
 use qod_testkit::{EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, addr, api::session};
@@ -153,6 +161,24 @@ impl Client {
                     .to_owned())
             }
         }
+    }
+
+    async fn get(&mut self, id: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Grpc(api) => {
+                api.get_session(qod_proto::v1::GetSessionRequest {
+                    session_id: id.to_owned(),
+                })
+                .await?;
+            }
+            Self::Rest(c) => {
+                let r = c
+                    .call("GET", &format!("/quality-on-demand/v1/sessions/{id}"), None)
+                    .await?;
+                anyhow::ensure!(r.status == 200, "get: {}", r.status);
+            }
+        }
+        Ok(())
     }
 
     async fn delete(&mut self, id: String) -> anyhow::Result<()> {
@@ -311,6 +337,23 @@ async fn creates() -> anyhow::Result<()> {
                 } else {
                     &["marking"]
                 };
+                // A reader of its own reads one session over and over meanwhile.
+                let mut reader = Client::connect(api, &lab, &qodd).await?;
+                let watched = reader.create("10.127.0.1", profile).await?;
+                let reading = Arc::new(AtomicBool::new(true));
+                let gets = {
+                    let reading = reading.clone();
+                    tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        while reading.load(Ordering::Relaxed) {
+                            let t = Instant::now();
+                            reader.get(&watched).await?;
+                            lat.push(t.elapsed());
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        anyhow::Ok(lat)
+                    })
+                };
                 let mut rows = Vec::new();
                 let mut from = vec![0u32; clients];
                 let mut limit: Option<Vec<usize>> = None;
@@ -325,6 +368,9 @@ async fn creates() -> anyhow::Result<()> {
                     api_clients = back;
                     rows.push((round, lat, creating, del, deleting));
                 }
+                reading.store(false, Ordering::Relaxed);
+                let mut gets = gets.await??;
+                gets.sort();
                 qodd.stop();
                 let commits = qodd
                     .log()
@@ -346,6 +392,13 @@ async fn creates() -> anyhow::Result<()> {
                         quantile(&del, 0.99).as_secs_f64() * 1e3,
                     );
                 }
+                println!(
+                    "{api:>4}  {:>15}  {clients:>7}  GetSession of one session every 2 ms meanwhile: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                    "",
+                    quantile(&gets, 0.5).as_secs_f64() * 1e3,
+                    quantile(&gets, 0.99).as_secs_f64() * 1e3,
+                    gets.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+                );
             }
         }
     }
