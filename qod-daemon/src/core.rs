@@ -302,9 +302,10 @@ impl ClassPool {
         }
     }
 
-    /// Takes in the classes an adopted tree holds beyond the `held` ones (parked from now on):
-    /// every other index below the highest present is free.
-    fn adopt(&mut self, parked: &[u16], held: &HashSet<u16>) {
+    /// Takes in the `parked` classes of an adopted tree (no session holds them; those that do
+    /// were taken from this pool, so they lie below `next`): every other index up to the
+    /// highest of them is free and unmade.
+    fn adopt(&mut self, parked: &[u16]) {
         let top = parked.iter().map(|i| u32::from(*i) + 1).max().unwrap_or(0);
         for i in self.next..top {
             if let Ok(i) = u16::try_from(i) {
@@ -312,7 +313,7 @@ impl ClassPool {
             }
         }
         self.next = self.next.max(top);
-        for i in parked.iter().filter(|i| !held.contains(i)) {
+        for i in parked {
             self.unmade.remove(i);
             self.parked.insert(*i);
         }
@@ -739,16 +740,15 @@ impl Core {
     /// and takes them into the interface's pool, so later sessions reuse them.
     fn adopt_classes(&self) {
         let mut inner = self.lock();
+        let held: HashSet<(String, u16)> = inner
+            .sessions
+            .values()
+            .filter(|s| matches!(s.state, SessionState::Available { .. }))
+            .flat_map(|s| s.reservation.iter().flat_map(|r| &r.classes))
+            .map(|c| (c.interface.clone(), c.index))
+            .collect();
         let mut parked = 0usize;
         for i in self.interfaces.iter().filter(|i| i.scheduler.is_some()) {
-            let held: HashSet<u16> = inner
-                .sessions
-                .values()
-                .filter(|s| matches!(s.state, SessionState::Available { .. }))
-                .flat_map(|s| s.reservation.iter().flat_map(|r| &r.classes))
-                .filter(|c| c.interface == i.name)
-                .map(|c| c.index)
-                .collect();
             let present = match inner.dp.session_classes(&i.name) {
                 Ok(p) => p,
                 Err(e) => {
@@ -757,7 +757,10 @@ impl Core {
                 }
             };
             let mut adopted = Vec::new();
-            for index in present.into_iter().filter(|x| !held.contains(x)) {
+            for index in present
+                .into_iter()
+                .filter(|x| !held.contains(&(i.name.clone(), *x)))
+            {
                 match self.class_ops.park_class(&i.name, index) {
                     Ok(()) => adopted.push(index),
                     Err(e) => {
@@ -767,7 +770,7 @@ impl Core {
             }
             parked += adopted.len();
             if let Some(pool) = inner.classes.get_mut(&i.name) {
-                pool.adopt(&adopted, &held);
+                pool.adopt(&adopted);
             }
         }
         if parked > 0 {
