@@ -97,6 +97,7 @@ struct FileConfig {
     unavailable_retention_secs: Option<u64>,
     link_resync_secs: Option<u64>,
     policer_burst_ms: Option<u64>,
+    event_log_retention: Option<u64>,
     profiles: Option<Vec<ProfileConfig>>,
     ue_pools: Option<Vec<String>>,
     devices: Option<Vec<DeviceEntry>>,
@@ -323,6 +324,7 @@ impl FileConfig {
                 .or(self.unavailable_retention_secs),
             link_resync_secs: over.link_resync_secs.or(self.link_resync_secs),
             policer_burst_ms: over.policer_burst_ms.or(self.policer_burst_ms),
+            event_log_retention: over.event_log_retention.or(self.event_log_retention),
             profiles: over.profiles.or(self.profiles),
             ue_pools: over.ue_pools.or(self.ue_pools),
             devices: over.devices.or(self.devices),
@@ -421,6 +423,8 @@ pub struct Config {
     /// Depth of a maximum-rate policer's bucket, as time at the rate (where qodd does not own
     /// the queue).
     pub policer_burst: Duration,
+    /// Events the log keeps for watchers to resume from (`after_revision`).
+    pub event_log_retention: u64,
     /// Profiles, pools, directory: what SIGHUP reloads.
     pub policy: Policy,
     pub notify: NotifyConfig,
@@ -825,6 +829,17 @@ impl Config {
                 )));
             }
         };
+        let event_log_retention = match f
+            .event_log_retention
+            .unwrap_or(crate::store::DEFAULT_EVENT_RETENTION)
+        {
+            n @ 1..=10_000_000 => n,
+            other => {
+                return Err(invalid(format!(
+                    "event_log_retention = {other}: must be 1 to 10000000"
+                )));
+            }
+        };
         let security = if insecure {
             Security::Insecure
         } else {
@@ -863,6 +878,7 @@ impl Config {
             unavailable_retention: Duration::from_secs(f.unavailable_retention_secs.unwrap_or(360)),
             link_resync,
             policer_burst,
+            event_log_retention,
             policy: Policy {
                 profiles: Profiles::new(out),
                 pools,

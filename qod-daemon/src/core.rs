@@ -14,17 +14,14 @@ use qod_common::{
     DeviceKey, FlowCounters, FlowRule, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, Policer, PortRange,
 };
 use time::OffsetDateTime;
-use tokio::{
-    sync::{Notify, broadcast},
-    time::Instant,
-};
+use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::{
     audit,
-    core::events::{Announcer, Decided},
+    core::events::{Announcer, Cursor, Decided, Logged, Place},
     dataplane::{
         Classes, DataPlane, DataPlaneError, ManagedInterface, Side, TcStats, monotonic_ns,
         scheduler::{
@@ -50,18 +47,14 @@ pub struct Limits {
     /// How long UNAVAILABLE sessions stay readable.
     pub retention: Duration,
     pub interfaces: Vec<ManagedInterface>,
-    /// Events a watcher may lag behind by before it is told it missed some.
-    pub event_buffer: usize,
+    /// Events the log keeps for watchers to resume from.
+    pub event_log_retention: usize,
     /// AVAILABLE sessions one API client may hold at once.
     pub max_active_per_client: u32,
     /// Distinct sinks (by origin) one API client's AVAILABLE sessions may notify.
     pub max_sinks_per_client: u32,
     /// Maximum-rate policers' bucket depth, as time at the rate.
     pub policer_burst: Duration,
-}
-
-impl Limits {
-    pub const DEFAULT_EVENT_BUFFER: usize = 4096;
 }
 
 /// The capacity pools admission control keeps per scheduled interface.
@@ -503,7 +496,7 @@ pub struct Core {
     /// Wakes the expiry task when an earlier deadline appears.
     wake: Notify,
     /// Events in the order they were decided, each after what it announces is durable.
-    announcer: Announcer,
+    announcer: Arc<Announcer>,
     /// Profiles, pools and directory; swapped whole by [`Core::reload`].
     policy: RwLock<Arc<Policy>>,
     retention: Duration,
@@ -549,7 +542,7 @@ impl Core {
                 meters: HashMap::new(),
             }),
             wake: Notify::new(),
-            announcer: Announcer::new(limits.event_buffer, notifier),
+            announcer: Arc::new(Announcer::new(limits.event_log_retention, notifier)),
             policy: RwLock::new(Arc::new(policy)),
             retention: limits.retention,
             max_active_per_client: limits.max_active_per_client,
@@ -566,9 +559,49 @@ impl Core {
         self
     }
 
-    /// Queues `s`'s state (and the notification announcing it, in the same commit).
-    fn submit(&self, s: &Session, note: Option<&Notification>) -> Option<Ticket> {
+    /// Takes up the stored event log at start (before any session is restored).
+    pub fn restore_log(&self, events: Vec<Logged>) {
+        self.announcer.restore(events);
+    }
+
+    /// Queues `decided` for announcement, held until its change's commit when there is a
+    /// store; returns its place and what that commit must write with the change (its log
+    /// record and its notification).
+    fn queue_event(&self, decided: Decided) -> (Place, Vec<Op>) {
+        let note = decided.note.clone();
+        let (place, record) = self.announcer.queue(decided, self.store.is_some());
+        let mut ops = vec![record];
+        ops.extend(note.map(Op::PutOutbox));
+        (place, ops)
+    }
+
+    /// Writes a change already made in the kernel and in memory, with `event` (queued by
+    /// [`Core::queue_event`]) in the same commit, and announces the event once that is durable.
+    /// Nothing waits: the store's writer releases the event. If the commit fails the event is
+    /// withdrawn (it never reaches watchers or sinks, as the change is not durable).
+    fn persist_announcing(&self, s: &Session, event: Decided) {
+        let (place, ops) = self.queue_event(event);
+        let Some(store) = &self.store else {
+            return;
+        };
+        let announcer = self.announcer.clone();
+        let id = s.id;
+        store.submit_then(self.session_ops(s, ops), move |r| match r {
+            Ok(()) => announcer.release(place),
+            Err(e) => {
+                error!(session = %id, error = %e, "cannot store a session's end; it is not announced");
+                announcer.withdraw(place);
+            }
+        });
+    }
+
+    /// Queues `s`'s state (and `extra`, in the same commit).
+    fn submit(&self, s: &Session, extra: Vec<Op>) -> Option<Ticket> {
         let store = self.store.as_ref()?;
+        Some(store.submit(self.session_ops(s, extra)))
+    }
+
+    fn session_ops(&self, s: &Session, extra: Vec<Op>) -> Vec<Op> {
         let ended = match s.state {
             SessionState::Available { .. } => None,
             SessionState::Unavailable { info, ended_at, .. } => Some(Ended { info, at: ended_at }),
@@ -585,28 +618,21 @@ impl Core {
             ended,
             slot,
         }))];
-        ops.extend(note.cloned().map(Op::PutOutbox));
-        Some(store.submit(ops))
+        ops.extend(extra);
+        ops
     }
 
-    /// Store update after a change already made in the kernel and memory, queued without
-    /// waiting (often under the lock, for many sessions at once): queue order keeps it behind
-    /// earlier writes, and the store's writer logs it if it fails.
-    fn persist_logged(&self, s: &Session, note: Option<&Notification>) {
-        drop(self.submit(s, note));
-    }
-
-    /// Queues the removal of a session from the store (with the notification of its end, if
-    /// any); the ticket tells when it is durable.
-    fn forget(&self, id: SessionId, note: Option<&Notification>) -> Option<Ticket> {
+    /// Queues the removal of a session from the store (with `extra`: the log record and the
+    /// notification of its end, if any); the ticket tells when it is durable.
+    fn forget(&self, id: SessionId, extra: Vec<Op>) -> Option<Ticket> {
         let store = self.store.as_ref()?;
         let mut ops = vec![Op::RemoveSession(id)];
-        ops.extend(note.cloned().map(Op::PutOutbox));
+        ops.extend(extra);
         Some(store.submit(ops))
     }
 
-    /// As [`Core::forget`] where the session is gone anyway (purges): queued without waiting,
-    /// as [`Core::persist_logged`].
+    /// As [`Core::forget`] where the session is gone anyway (purges): queued without waiting
+    /// (queue order keeps it behind earlier writes; the store's writer logs a failure).
     fn forget_logged(&self, id: SessionId) {
         if let Some(store) = &self.store {
             drop(store.submit(vec![Op::RemoveSession(id)]));
@@ -864,9 +890,8 @@ impl Core {
                 counters: FlowCounters::default(),
             };
             let event = self.event(view, ended.at);
-            self.persist_logged(&event.event.session.session, event.note.as_ref());
             info!(session = %event.event.session.session.id, info = ?ended.info, "session ended while qodd was down");
-            self.announcer.queue(event, false);
+            self.persist_announcing(&event.event.session.session.clone(), event);
         }
     }
 
@@ -884,9 +909,14 @@ impl Core {
             .clone()
     }
 
-    /// New watchers see events from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.announcer.subscribe()
+    /// The event log (watchers read it from the revision they last saw).
+    pub fn events(&self) -> &Arc<Announcer> {
+        &self.announcer
+    }
+
+    /// A reader of the events from now on.
+    pub fn subscribe(&self) -> Cursor {
+        self.announcer.cursor()
     }
 
     fn profile_for<'p>(
@@ -1077,11 +1107,12 @@ impl Core {
         // outside it, so concurrent creates share one commit.
         // Its AVAILABLE event is queued under the lock too, held until the commit: anything
         // that happens to the session meanwhile (an expiry, a link loss) is announced after it.
-        let event = (!restoring).then(|| self.event(view.clone(), now));
-        let ticket = event
-            .as_ref()
-            .and_then(|e| self.submit(&session, e.note.as_ref()));
-        let place = event.map(|e| self.announcer.queue(e, ticket.is_some()));
+        let (place, ticket) = if restoring {
+            (None, None)
+        } else {
+            let (place, ops) = self.queue_event(self.event(view.clone(), now));
+            (Some(place), self.submit(&session, ops))
+        };
         inner
             .by_device
             .entry(session.flow.device)
@@ -1178,7 +1209,7 @@ impl Core {
 
     /// Undoes the admission of a session that could not be stored, and withdraws its held
     /// event (under the lock: no event of the session can be decided after it).
-    fn roll_back(&self, id: SessionId, place: Option<crate::core::events::Place>) {
+    fn roll_back(&self, id: SessionId, place: Option<Place>) {
         let mut inner = self.lock();
         if let Some(place) = place {
             self.announcer.withdraw(place);
@@ -1893,8 +1924,14 @@ impl Core {
         inner.meters.remove(&id);
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
-        let ticket = self.forget(id, event.as_ref().and_then(|e| e.note.as_ref()));
-        let place = event.map(|e| self.announcer.queue(e, ticket.is_some()));
+        let (place, extra) = match event {
+            Some(e) => {
+                let (place, ops) = self.queue_event(e);
+                (Some(place), ops)
+            }
+            None => (None, Vec::new()),
+        };
+        let ticket = self.forget(id, extra);
         drop(inner);
         if let Some(Err(e)) = ticket.map(Ticket::wait) {
             // Gone from the kernel and from memory, but not from the store: the removal is
@@ -1995,7 +2032,7 @@ impl Core {
         inner.deadlines.remove(&(session.deadline, id));
         inner.deadlines.insert((deadline, id));
         inner.sessions.insert(id, updated.clone());
-        let ticket = self.submit(&updated, None);
+        let ticket = self.submit(&updated, Vec::new());
         // A counters read failing must not turn the extension into an error.
         let counters = inner.dp.counters(slot).unwrap_or_default();
         drop(inner);
@@ -2096,7 +2133,6 @@ impl Core {
             },
             ended_at,
         );
-        self.persist_logged(&ended, event.note.as_ref());
         info!(session = %id, ?info, "session ended");
         audit::record(
             if info == StatusInfo::DurationExpired {
@@ -2109,7 +2145,7 @@ impl Core {
             Some(&ended.flow.device),
             Ok(()),
         );
-        self.announcer.queue(event, false);
+        self.persist_announcing(&ended, event);
     }
 
     /// Swaps in a new policy. Live sessions follow it: a session whose profile is gone or no
@@ -2229,7 +2265,8 @@ impl Core {
             event: Event {
                 id,
                 time,
-                sequence: 0,
+                observed: OffsetDateTime::now_utc(),
+                revision: 0,
                 session,
             },
             note,
@@ -2373,7 +2410,7 @@ mod tests {
             max_sessions,
             retention: Duration::from_secs(360),
             interfaces: Vec::new(),
-            event_buffer: 16,
+            event_log_retention: 1024,
             max_active_per_client,
             max_sinks_per_client: u32::MAX,
             policer_burst: Duration::from_millis(DEFAULT_POLICER_BURST_MS),
@@ -2504,13 +2541,29 @@ mod tests {
         }
     }
 
-    fn next_event(rx: &mut broadcast::Receiver<Arc<Event>>) -> (QosStatus, Option<StatusInfo>) {
-        let ev = rx.try_recv().expect("an event");
-        let info = match ev.session.session.state {
-            SessionState::Unavailable { info, .. } => Some(info),
-            SessionState::Available { .. } => None,
+    /// The next event `events` reads, waiting for it up to 5 s (an event held for its
+    /// commit is released by the store's writer).
+    fn next_logged(events: &mut Cursor) -> Arc<Logged> {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(e) = events.try_next() {
+                return e;
+            }
+            assert!(std::time::Instant::now() < until, "no event within 5 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn next_event(events: &mut Cursor) -> (QosStatus, Option<StatusInfo>) {
+        use qod_proto::v1::StatusInfo as P;
+        let (status, info) = next_logged(events).status();
+        let info = match info {
+            P::DurationExpired => Some(StatusInfo::DurationExpired),
+            P::NetworkTerminated => Some(StatusInfo::NetworkTerminated),
+            P::DeleteRequested => Some(StatusInfo::DeleteRequested),
+            P::Unspecified => None,
         };
-        (ev.session.session.qos_status(), info)
+        (status, info)
     }
 
     #[tokio::test(start_paused = true)]
@@ -2700,7 +2753,7 @@ mod tests {
         let mut events = core.subscribe();
         core.delete(v.session.id, &me()).expect("delete");
         assert!(
-            events.try_recv().is_err(),
+            events.try_next().is_none(),
             "no event for an UNAVAILABLE session"
         );
     }
@@ -2798,7 +2851,7 @@ mod tests {
             max_sessions: 128,
             retention: Duration::from_secs(360),
             interfaces: vec![iface("dev0", Side::Device), iface("srv0", Side::Server)],
-            event_buffer: 16,
+            event_log_retention: 1024,
             max_active_per_client: u32::MAX,
             max_sinks_per_client: u32::MAX,
             policer_burst: Duration::from_millis(DEFAULT_POLICER_BURST_MS),
@@ -3085,7 +3138,7 @@ mod tests {
 
     /// A session that ends while its create waits for the commit (a link loss here; a 1 s
     /// expiry does the same) is announced AVAILABLE first, then UNAVAILABLE, with increasing
-    /// sequence numbers; a create whose commit fails is never announced, and neither is its end.
+    /// revisions; a create whose commit fails is never announced, and neither is its end.
     #[test]
     fn a_session_is_announced_available_before_it_is_announced_ended() {
         let dir = tempfile::tempdir().expect("dir");
@@ -3106,22 +3159,30 @@ mod tests {
         }
         core.link_changed("dev0", false);
         assert!(
-            events.try_recv().is_err(),
+            events.try_next().is_none(),
             "nothing is announced before the create is durable"
         );
         drop(held);
         let created = creating.join().expect("thread").expect("create");
-        let first = events.try_recv().expect("AVAILABLE");
-        let second = events.try_recv().expect("UNAVAILABLE");
-        assert_eq!(first.session.session.id, created.session.id);
-        assert_eq!(first.session.session.qos_status(), QosStatus::Available);
-        assert_eq!(second.session.session.qos_status(), QosStatus::Unavailable);
+        let first = next_logged(&mut events);
+        let second = next_logged(&mut events);
+        assert_eq!(first.session, created.session.id);
+        assert_eq!(first.status().0, QosStatus::Available);
+        assert_eq!(second.status().0, QosStatus::Unavailable);
         assert!(
-            first.sequence < second.sequence,
+            first.revision < second.revision,
             "{} {}",
-            first.sequence,
-            second.sequence
+            first.revision,
+            second.revision
         );
+        // Both are in the stored log, under the revisions they were announced with.
+        let stored: Vec<u64> = store
+            .load_events()
+            .expect("log")
+            .iter()
+            .map(|e| e.revision)
+            .collect();
+        assert_eq!(stored, [first.revision, second.revision]);
     }
 
     /// A deletion and an extension wait for their commit outside the core's lock: while their
@@ -3170,7 +3231,7 @@ mod tests {
         // The lock is free: a read is served while both commits wait.
         assert_eq!(core.get(b_id, &me()).expect("get").session.duration, 90);
         assert!(
-            events.try_recv().is_err(),
+            events.try_next().is_none(),
             "the end is not announced before it is durable"
         );
         drop(held);
@@ -3184,8 +3245,9 @@ mod tests {
                 .duration,
             90
         );
-        let ended = events.try_recv().expect("DELETE_REQUESTED");
-        assert_eq!(ended.session.session.id, a_id);
+        let ended = next_logged(&mut events);
+        assert_eq!(ended.session, a_id);
+        assert_eq!(ended.status().0, QosStatus::Unavailable);
         let stored = store.load().expect("load");
         assert_eq!(stored.len(), 1);
         assert_eq!((stored[0].id, stored[0].duration), (b_id, 90));

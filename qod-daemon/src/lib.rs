@@ -80,8 +80,9 @@ pub async fn run(
     dataplane::ensure_bpffs(&config.bpffs)?;
     // The store first: a corrupt one, or one held by another qodd, stops start-up before the
     // data plane is touched.
-    let store = store::Store::open(&config.state_dir)?;
+    let store = store::Store::open_with(&config.state_dir, config.event_log_retention)?;
     let stored = store.load()?;
+    let event_log = store.load_events()?;
     // The listeners next (after the store, which no other qodd holds then, so a socket file
     // removed here is not a live one): an address in use stops start-up before the data plane
     // is touched.
@@ -141,7 +142,8 @@ pub async fn run(
                 max_sessions: config.max_sessions,
                 retention: config.unavailable_retention,
                 interfaces: config.interfaces.clone(),
-                event_buffer: core::Limits::DEFAULT_EVENT_BUFFER,
+                event_log_retention: usize::try_from(config.event_log_retention)
+                    .unwrap_or(usize::MAX),
                 max_active_per_client: config.limits.max_active_sessions,
                 max_sinks_per_client: config.limits.max_sinks,
                 policer_burst: config.policer_burst,
@@ -150,6 +152,8 @@ pub async fn run(
         )
         .with_store(store.clone()),
     );
+    // Revisions carry on from the stored log (before any restored session's end is queued).
+    core.restore_log(event_log);
     let (health, health_service) = tonic_health::server::health_reporter();
     // Health answers from now on, NOT_SERVING until the store is restored; every other call
     // is refused with UNAVAILABLE until then.

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub call_seconds: Histograms<MethodLabels>,
     pub token_refusals: Family<ReasonLabels, Counter>,
     pub expiry_lateness: Histogram,
+    pub event_lateness: Histogram,
     pub store_commit_seconds: Histogram,
     pub store_writes_per_commit: Histogram,
 }
@@ -86,6 +87,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Unit::Seconds,
         expiry_lateness.clone(),
     );
+    let event_lateness = latency_histogram();
+    registry.register_with_unit(
+        "qod_event_lateness",
+        "from an event's time (a session's scheduled end, or the decision) to its announcement to watchers and sinks, once durable",
+        Unit::Seconds,
+        event_lateness.clone(),
+    );
     let store_commit_seconds = latency_histogram();
     registry.register_with_unit(
         "qod_store_commit_duration",
@@ -105,6 +113,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         call_seconds,
         token_refusals,
         expiry_lateness,
+        event_lateness,
         store_commit_seconds,
         store_writes_per_commit,
     }

@@ -265,12 +265,13 @@ impl Caller {
     /// CAMARA: a session is the API consumer's that created it; with a three-legged token the
     /// subject must match too.
     pub fn may_access(&self, req: &SessionRequest) -> bool {
+        self.may_see(&req.owner, req.subject.as_ref())
+    }
+
+    /// [`Caller::may_access`] for a session created by `owner` with token subject `subject`.
+    pub fn may_see(&self, owner: &str, subject: Option<&DeviceId>) -> bool {
         self.operator
-            || (req.owner == self.client
-                && self
-                    .subject
-                    .as_ref()
-                    .is_none_or(|d| req.subject.as_ref() == Some(d)))
+            || (owner == self.client && self.subject.as_ref().is_none_or(|d| subject == Some(d)))
     }
 }
 

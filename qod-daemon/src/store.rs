@@ -25,6 +25,8 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta_v1");
 const SLOTS: TableDefinition<&str, u32> = TableDefinition::new("slots_v1");
 /// Notifications not yet settled, by event id.
 const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox_v1");
+/// The event log: revision → a log record (see `core::events`), the latest `retention` kept.
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events_v1");
 /// Records that could not be read at start, kept for inspection: `<table>/<key>` → a JSON
 /// [`SetAside`].
 const SET_ASIDE: TableDefinition<&str, &[u8]> = TableDefinition::new("set_aside_v1");
@@ -149,6 +151,11 @@ pub enum Op {
     /// A notification to deliver at least once (kept until its delivery is settled).
     PutOutbox(Notification),
     RemoveOutbox(Uuid),
+    /// An event of the log (older ones beyond the retention go in the same commit).
+    PutEvent {
+        revision: u64,
+        record: Vec<u8>,
+    },
 }
 
 /// A queued write; [`Ticket::wait`] returns once it is durable (or failed).
@@ -164,10 +171,19 @@ impl Ticket {
     }
 }
 
+/// What a write's outcome goes to: a waiting [`Ticket`], or a function the writer calls.
+enum Done {
+    Ticket(std::sync::mpsc::SyncSender<Result<(), String>>),
+    Then(Box<dyn FnOnce(Result<(), String>) + Send>),
+}
+
 struct Job {
     ops: Vec<Op>,
-    done: std::sync::mpsc::SyncSender<Result<(), String>>,
+    done: Done,
 }
+
+/// Events the log keeps unless configured (`event_log_retention`).
+pub const DEFAULT_EVENT_RETENTION: u64 = 100_000;
 
 /// Most jobs one commit takes.
 const MAX_BATCH: usize = 4096;
@@ -188,6 +204,8 @@ struct Shared {
     writes: std::sync::atomic::AtomicU64,
     tx: Option<std::sync::mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Events the log keeps.
+    event_retention: u64,
     /// Taken by the writer around each commit (uncontended), so a test can hold commits back.
     #[cfg_attr(not(test), expect(dead_code, reason = "only tests take the gate"))]
     gate: Arc<std::sync::Mutex<()>>,
@@ -211,12 +229,14 @@ fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, String> {
     .map_err(|e| format!("cannot encode {key}: {e}"))
 }
 
-fn apply(db: &Database, jobs: &[Job]) -> Result<(), String> {
+fn apply(db: &Database, jobs: &[Job], event_retention: u64) -> Result<(), String> {
     let tx = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut sessions = tx.open_table(SESSIONS).map_err(|e| e.to_string())?;
         let mut outbox = tx.open_table(OUTBOX).map_err(|e| e.to_string())?;
         let mut slots = tx.open_table(SLOTS).map_err(|e| e.to_string())?;
+        let mut events = tx.open_table(EVENTS).map_err(|e| e.to_string())?;
+        let mut newest_event = None;
         for op in jobs.iter().flat_map(|j| &j.ops) {
             match op {
                 Op::PutSession(s) => {
@@ -251,6 +271,24 @@ fn apply(db: &Database, jobs: &[Job]) -> Result<(), String> {
                         .remove(id.to_string().as_str())
                         .map_err(|e| e.to_string())?;
                 }
+                Op::PutEvent { revision, record } => {
+                    events
+                        .insert(*revision, record.as_slice())
+                        .map_err(|e| e.to_string())?;
+                    newest_event = Some(*revision);
+                }
+            }
+        }
+        // Compaction: about as many old events leave as new ones came.
+        if let Some(newest) = newest_event {
+            let keep_from = newest.saturating_sub(event_retention - 1);
+            let oldest = |t: &redb::Table<u64, &[u8]>| -> Result<Option<u64>, String> {
+                Ok(t.first()
+                    .map_err(|e| e.to_string())?
+                    .map(|(k, _)| k.value()))
+            };
+            while oldest(&events)?.is_some_and(|r| r < keep_from) {
+                events.pop_first().map_err(|e| e.to_string())?;
             }
         }
     }
@@ -262,9 +300,10 @@ fn writer(
     rx: std::sync::mpsc::Receiver<Job>,
     commits: Arc<std::sync::atomic::AtomicU64>,
     gate: Arc<std::sync::Mutex<()>>,
+    event_retention: u64,
 ) {
     while let Ok(first) = rx.recv() {
-        let _gate = gate.lock().unwrap_or_else(|p| p.into_inner());
+        let held = gate.lock().unwrap_or_else(|p| p.into_inner());
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -275,11 +314,11 @@ fn writer(
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
         // One failing job must not fail the others: on error, each is tried alone.
-        let results: Vec<Result<(), String>> = match apply(&db, &jobs) {
+        let results: Vec<Result<(), String>> = match apply(&db, &jobs, event_retention) {
             Ok(()) => vec![Ok(()); jobs.len()],
             Err(_) if jobs.len() > 1 => jobs
                 .iter()
-                .map(|j| apply(&db, std::slice::from_ref(j)))
+                .map(|j| apply(&db, std::slice::from_ref(j), event_retention))
                 .collect(),
             Err(e) => vec![Err(e)],
         };
@@ -289,10 +328,16 @@ fn writer(
         crate::metrics::METRICS
             .store_writes_per_commit
             .observe(jobs.len() as f64);
+        drop(held);
         for (job, result) in jobs.into_iter().zip(results) {
-            // A write nobody waits for reports its own failure.
-            if let Err(std::sync::mpsc::SendError(Err(e))) = job.done.send(result) {
-                tracing::error!(error = %e, "store write failed");
+            match job.done {
+                // A write nobody waits for reports its own failure.
+                Done::Ticket(done) => {
+                    if let Err(std::sync::mpsc::SendError(Err(e))) = done.send(result) {
+                        tracing::error!(error = %e, "store write failed");
+                    }
+                }
+                Done::Then(f) => f(result),
             }
         }
     }
@@ -304,6 +349,12 @@ impl Store {
     /// The directory and the file are the owner's only (0700 / 0600): the store holds sink
     /// credentials.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, DEFAULT_EVENT_RETENTION)
+    }
+
+    /// [`Store::open`], its event log keeping the latest `event_retention` events.
+    pub fn open_with(dir: &Path, event_retention: u64) -> Result<Self, StoreError> {
+        let event_retention = event_retention.max(1);
         use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
         let dir_error = |source| StoreError::Dir {
             path: dir.to_owned(),
@@ -342,6 +393,7 @@ impl Store {
         tx.open_table(META).map_err(db)?;
         tx.open_table(OUTBOX).map_err(db)?;
         tx.open_table(SLOTS).map_err(db)?;
+        tx.open_table(EVENTS).map_err(db)?;
         tx.commit().map_err(db)?;
         let db = Arc::new(database);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -351,7 +403,7 @@ impl Store {
             let (db, commits, gate) = (db.clone(), commits.clone(), gate.clone());
             std::thread::Builder::new()
                 .name("qodd-store".into())
-                .spawn(move || writer(db, rx, commits, gate))
+                .spawn(move || writer(db, rx, commits, gate, event_retention))
                 .map_err(|source| StoreError::Dir {
                     path: dir.to_owned(),
                     source,
@@ -364,6 +416,7 @@ impl Store {
                 writes: std::sync::atomic::AtomicU64::new(0),
                 tx: Some(tx),
                 writer: Some(writer),
+                event_retention,
                 gate,
             }),
         })
@@ -377,22 +430,60 @@ impl Store {
 
     /// Queues `ops` for the next commit; they apply in the order queued.
     pub fn submit(&self, ops: Vec<Op>) -> Ticket {
+        let (done, rx) = std::sync::mpsc::sync_channel(1);
+        self.enqueue(ops, Done::Ticket(done));
+        Ticket(rx)
+    }
+
+    /// Queues `ops` as [`Store::submit`] does; the writer calls `then` with the outcome once
+    /// they are durable (or failed). `then` runs on the writer's thread: it must not wait.
+    pub fn submit_then(
+        &self,
+        ops: Vec<Op>,
+        then: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) {
+        self.enqueue(ops, Done::Then(Box::new(then)));
+    }
+
+    fn enqueue(&self, ops: Vec<Op>, done: Done) {
         self.shared
             .writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (done, rx) = std::sync::mpsc::sync_channel(1);
-        if let Some(tx) = &self.shared.tx
-            && tx
-                .send(Job {
-                    ops,
-                    done: done.clone(),
-                })
-                .is_ok()
-        {
-            return Ticket(rx);
+        let job = Job { ops, done };
+        let refused = match &self.shared.tx {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let stopped = Err("the store's writer stopped".to_owned());
+        match refused.done {
+            Done::Ticket(done) => drop(done.send(stopped)),
+            Done::Then(f) => f(stopped),
         }
-        let _ = done.send(Err("the store's writer stopped".into()));
-        Ticket(rx)
+    }
+
+    /// The stored event log, oldest first (records that do not decode are skipped, logged).
+    pub fn load_events(&self) -> Result<Vec<crate::core::events::Logged>, StoreError> {
+        let tx = self.shared.db.begin_read().map_err(db)?;
+        let t = tx.open_table(EVENTS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            match crate::core::events::Logged::from_record(k.value(), v.value()) {
+                Ok(e) => out.push(e),
+                Err(reason) => {
+                    tracing::error!(revision = k.value(), %reason, "an event of the log cannot be read; skipped");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events the log keeps.
+    pub fn event_retention(&self) -> u64 {
+        self.shared.event_retention
     }
 
     /// Commits made so far (each is one fsync, shared by every write queued when it started).

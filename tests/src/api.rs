@@ -93,6 +93,25 @@ pub fn require_root() {
     );
 }
 
+/// The next status change on a watch stream (bookmarks skipped), within `within`; `None` when
+/// the stream ends first.
+pub async fn next_change(
+    events: &mut tonic::Streaming<pb::SessionEvent>,
+    within: Duration,
+) -> anyhow::Result<Option<pb::SessionEvent>> {
+    tokio::time::timeout(within, async {
+        while let Some(ev) = events.next().await {
+            let ev = ev?;
+            if !matches!(ev.kind, Some(pb::session_event::Kind::Bookmark(_))) {
+                return Ok(Some(ev));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .context("no event in time")?
+}
+
 /// The next status change to UNAVAILABLE on a watch stream, within `within`.
 pub async fn next_unavailable(
     events: &mut tonic::Streaming<pb::SessionEvent>,

@@ -18,7 +18,6 @@ use qod_testkit::{
     qodd_bin,
 };
 use serde_json::{Value, json};
-use tokio_stream::StreamExt as _;
 use tonic::{Code, Status};
 
 const QOS_E_DSCP: u8 = 32;
@@ -274,9 +273,9 @@ async fn watch_ends_with(qodd: &Qodd, token: &str, what: &str) {
         .await
         .expect("watch")
         .into_inner();
-    let end = tokio::time::timeout(Duration::from_secs(15), watch.next())
+    let end = qod_testkit::api::next_change(&mut watch, Duration::from_secs(15))
         .await
-        .unwrap_or_else(|_| panic!("the stream ends at the token's exp ({what})"));
+        .unwrap_or_else(|e| panic!("the stream ends at the token's exp ({what}): {e:#}"));
     assert!(end.is_none(), "{what}: {end:?}");
 }
 
@@ -414,11 +413,10 @@ async fn scopes_ownership_and_three_legged_tokens() {
         .await
         .expect("app-b's own")
         .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(10), watch.next())
+    let first = qod_testkit::api::next_change(&mut watch, Duration::from_secs(10))
         .await
         .expect("an event")
-        .expect("stream")
-        .expect("event");
+        .expect("stream");
     match first.kind {
         Some(pb::session_event::Kind::QosStatusChanged(c)) => {
             assert_eq!(c.session.map(|s| s.session_id), Some(own.session_id))

@@ -86,6 +86,162 @@ async fn check_acknowledged_sessions_survive_kill_9(mode: qod_testkit::Mode) {
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
 
+qod_testkit::in_every_mode!(
+    a_watcher_resumes_across_kill_9_without_loss,
+    check_a_watcher_resumes_across_kill_9_without_loss
+);
+/// A watcher that saw revision R resumes after it once qodd is back from a `kill -9`: it gets
+/// the events it missed before the crash (the same ids), the end that happened while qodd was
+/// down (its scheduled time and the later moment qodd observed it), and those after the
+/// restart, each once and in order. A watcher resuming from before what the log keeps (here 5
+/// events) is told to resync.
+async fn check_a_watcher_resumes_across_kill_9_without_loss(mode: qod_testkit::Mode) {
+    use qod_testkit::api::next_change;
+    let (_lab, mut qodd) = qod_testkit::lab_in(mode, "event_log_retention = 5").await;
+    let mut api = qodd.sessions().await.expect("client");
+    let mut early = qod_testkit::watch_all(&mut api).await;
+    let mut live = qod_testkit::watch_all(&mut api).await;
+    let long = qod_testkit::marked_flow(&mut api).await;
+    let wait = Duration::from_secs(10);
+    let seen = next_change(&mut early, wait)
+        .await
+        .expect("event")
+        .expect("open");
+    let resume_from = seen.revision;
+    drop(early);
+    let short = api
+        .create_session(session(
+            addr::OTHER_DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_L",
+            &[],
+            &[],
+            1,
+        ))
+        .await
+        .expect("short")
+        .into_inner();
+    // What a watcher that stayed saw before the crash.
+    let mut before = Vec::new();
+    for _ in 0..2 {
+        before.push(
+            next_change(&mut live, wait)
+                .await
+                .expect("event")
+                .expect("open"),
+        );
+    }
+    drop(live);
+
+    qodd.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    qodd.restart().await.expect("restart");
+    let mut api = qodd.sessions().await.expect("client");
+    let third = api
+        .create_session(session(
+            addr::OTHER_DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_L",
+            &[],
+            &[],
+            60,
+        ))
+        .await
+        .expect("after the restart")
+        .into_inner();
+    api.delete_session(pb::DeleteSessionRequest {
+        session_id: long.session_id.clone(),
+    })
+    .await
+    .expect("delete");
+
+    let mut resumed = api
+        .watch_session_events(pb::WatchSessionEventsRequest {
+            after_revision: Some(resume_from),
+            ..Default::default()
+        })
+        .await
+        .expect("resume")
+        .into_inner();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(
+            next_change(&mut resumed, wait)
+                .await
+                .expect("event")
+                .expect("open"),
+        );
+    }
+    let change = |ev: &pb::SessionEvent| match &ev.kind {
+        Some(pb::session_event::Kind::QosStatusChanged(c)) => {
+            (c.session_id.clone(), c.qos_status(), c.status_info())
+        }
+        other => panic!("not a status change: {other:?}"),
+    };
+    use pb::{QosStatus as Q, StatusInfo as I};
+    assert_eq!(
+        got.iter().map(change).collect::<Vec<_>>(),
+        [
+            (short.session_id.clone(), Q::Available, I::Unspecified),
+            (short.session_id.clone(), Q::Unavailable, I::DurationExpired),
+            (third.session_id.clone(), Q::Available, I::Unspecified),
+            (long.session_id.clone(), Q::Unavailable, I::DeleteRequested),
+        ]
+    );
+    assert!(
+        got.windows(2).all(|w| w[0].revision < w[1].revision) && got[0].revision > resume_from,
+        "revisions carry on after {resume_from}: {:?}",
+        got.iter().map(|e| e.revision).collect::<Vec<_>>()
+    );
+    // The events from before the crash are the same events (ids and revisions), not re-made.
+    assert_eq!(
+        (got[0].event_id.as_str(), got[0].revision),
+        (before[1].event_id.as_str(), before[1].revision)
+    );
+    assert_eq!(before[0].event_id, seen.event_id);
+    // The end that happened while qodd was down: CAMARA's time is the scheduled end; qodd
+    // observed it after it came back.
+    let ts = |t: &Option<prost_types::Timestamp>| {
+        let t = t.as_ref().expect("time");
+        t.seconds as f64 + f64::from(t.nanos) / 1e9
+    };
+    let lateness = ts(&got[1].observed_time) - ts(&got[1].time);
+    assert!(lateness >= 0.5, "lateness {lateness} s");
+    // Nothing more: no duplicate.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), next_change(&mut resumed, wait))
+            .await
+            .is_err(),
+        "one copy of each event"
+    );
+
+    // A sixth event, five kept: resuming from before the oldest is a resync.
+    api.delete_session(pb::DeleteSessionRequest {
+        session_id: third.session_id.clone(),
+    })
+    .await
+    .expect("delete the third");
+    let mut stale = api
+        .watch_session_events(pb::WatchSessionEventsRequest {
+            after_revision: Some(0),
+            ..Default::default()
+        })
+        .await
+        .expect("resume")
+        .into_inner();
+    let first = next_change(&mut stale, wait)
+        .await
+        .expect("message")
+        .expect("open");
+    match first.kind {
+        Some(pb::session_event::Kind::ResyncNeeded(r)) => {
+            assert!(first.revision > got[3].revision, "{first:?}");
+            assert_eq!(r.oldest_revision, first.revision - 4);
+        }
+        other => panic!("expected resync_needed: {other:?}"),
+    }
+}
+
 /// A corrupt store stops start-up with a clear error instead of starting empty.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_store_is_refused() {

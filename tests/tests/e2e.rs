@@ -233,7 +233,7 @@ async fn expiry_ends_marking_and_is_reported() {
             };
             assert_eq!(c.session_id, id);
             statuses.push((c.qos_status(), c.status_info()));
-            sequences.push(ev.sequence);
+            sequences.push(ev.revision);
             if c.qos_status() == pb::QosStatus::Unavailable {
                 return c;
             }
@@ -249,7 +249,7 @@ async fn expiry_ends_marking_and_is_reported() {
     assert_eq!(expired.status_info(), pb::StatusInfo::DurationExpired);
     assert!(
         sequences[0] > 0 && sequences.windows(2).all(|w| w[0] < w[1]),
-        "sequence numbers increase: {sequences:?}"
+        "revisions increase: {sequences:?}"
     );
 
     let info = api

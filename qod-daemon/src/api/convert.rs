@@ -500,7 +500,8 @@ pub fn event(e: &Event) -> pb::SessionEvent {
     pb::SessionEvent {
         event_id: e.id.to_string(),
         time: Some(timestamp(e.time)),
-        sequence: e.sequence,
+        observed_time: Some(timestamp(e.observed)),
+        revision: e.revision,
         kind: Some(pb::session_event::Kind::QosStatusChanged(
             pb::QosStatusChanged {
                 session_id: info.session_id.clone(),

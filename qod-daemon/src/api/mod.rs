@@ -6,6 +6,7 @@ pub mod correlator;
 pub mod node;
 pub mod ops;
 pub mod rest;
+pub mod watch;
 
 use std::{pin::Pin, sync::Arc};
 
@@ -13,7 +14,6 @@ use futures::{Stream, StreamExt as _};
 use qod_proto::v1::{
     self as pb, qos_profiles_server::QosProfiles, quality_on_demand_server::QualityOnDemand,
 };
-use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -200,30 +200,18 @@ impl QualityOnDemand for SessionService {
             )?)?),
         };
         let slot = self.watches.open(&caller.client)?;
-        let events = BroadcastStream::new(self.core().subscribe()).filter_map(move |item| {
-            // The stream holds its place until it is dropped.
-            let _open = &slot;
-            let out = match item {
-                Ok(ev) => {
-                    let s = &ev.session.session;
-                    let wanted = caller.may_access(&s.request)
-                        && session.is_none_or(|id| id == s.id)
-                        && device
-                            .as_ref()
-                            .is_none_or(|keys| keys.contains(&s.flow.device));
-                    wanted.then(|| Ok(convert::event(&ev)))
-                }
-                Err(BroadcastStreamRecvError::Lagged(count)) => Some(Ok(pb::SessionEvent {
-                    event_id: uuid::Uuid::new_v4().to_string(),
-                    sequence: 0,
-                    time: Some(convert::timestamp(time::OffsetDateTime::now_utc())),
-                    kind: Some(pb::session_event::Kind::EventsMissed(pb::EventsMissed {
-                        count,
-                    })),
-                })),
-            };
-            std::future::ready(out)
-        });
+        let filter = watch::Filter {
+            caller,
+            session,
+            devices: device,
+        };
+        let events = watch::stream(
+            self.core().events().clone(),
+            filter,
+            req.after_revision,
+            slot,
+        )
+        .map(Ok);
         let shutdown = self.shutdown.clone().cancelled_owned();
         let end = async move {
             match token_left {
@@ -287,17 +275,15 @@ mod tests {
         notify::SinkRules,
     };
 
-    /// A watcher that falls behind is told how many events it missed, then carries on.
-    #[tokio::test]
-    async fn a_lagging_watcher_is_told_it_missed_events() {
+    fn service(retention: usize) -> (Arc<Core>, SessionService) {
         let policy = Config::from_parts(None, &Cli::parse_from(["qodd", "--insecure", "-i", "lo"]))
             .expect("defaults")
             .policy;
         let limits = Limits {
-            max_sessions: 16,
+            max_sessions: 64,
             retention: Duration::from_secs(360),
             interfaces: Vec::new(),
-            event_buffer: 2,
+            event_log_retention: retention,
             max_active_per_client: u32::MAX,
             max_sinks_per_client: u32::MAX,
             policer_burst: Duration::from_millis(crate::core::DEFAULT_POLICER_BURST_MS),
@@ -313,57 +299,129 @@ mod tests {
             CancellationToken::new(),
             64,
         );
-        let mut stream = service
-            .watch_session_events({
-                let mut r = Request::new(pb::WatchSessionEventsRequest::default());
-                r.extensions_mut()
-                    .insert(crate::auth::Principal::insecure());
-                r
-            })
+        (core, service)
+    }
+
+    async fn watch(service: &SessionService, after: Option<u64>) -> EventStream {
+        let mut r = Request::new(pb::WatchSessionEventsRequest {
+            after_revision: after,
+            ..Default::default()
+        });
+        r.extensions_mut()
+            .insert(crate::auth::Principal::insecure());
+        service
+            .watch_session_events(r)
             .await
             .expect("watch")
-            .into_inner();
-        for i in 1..=5u8 {
-            let ip = Ipv4Addr::new(10, 0, 0, i);
-            core.create(SessionRequest {
-                device: DeviceId::Ipv4 {
-                    public: ip,
-                    private: Some(ip),
-                    public_port: None,
-                },
-                server: ApplicationServer {
-                    ipv4: Some("192.0.2.1/32".parse().expect("net")),
-                    ipv6: None,
-                    given: (None, None),
-                },
-                device_ports: None,
-                server_ports: None,
-                profile: ProfileName::parse("qosProfile", "QOS_E").expect("name"),
-                sink: None,
-                sink_credential: None,
-                duration: 60,
-                device_given: None,
-                owner: crate::auth::INSECURE_CLIENT.into(),
-                subject: None,
-            })
-            .expect("create");
+            .into_inner()
+    }
+
+    fn create(core: &Core, i: u8) -> SessionId {
+        let ip = Ipv4Addr::new(10, 0, 0, i);
+        core.create(SessionRequest {
+            device: DeviceId::Ipv4 {
+                public: ip,
+                private: Some(ip),
+                public_port: None,
+            },
+            server: ApplicationServer {
+                ipv4: Some("192.0.2.1/32".parse().expect("net")),
+                ipv6: None,
+                given: (None, None),
+            },
+            device_ports: None,
+            server_ports: None,
+            profile: ProfileName::parse("qosProfile", "QOS_E").expect("name"),
+            sink: None,
+            sink_credential: None,
+            duration: 60,
+            device_given: None,
+            owner: crate::auth::INSECURE_CLIENT.into(),
+            subject: None,
+        })
+        .expect("create")
+        .session
+        .id
+    }
+
+    async fn next(stream: &mut EventStream) -> pb::SessionEvent {
+        tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("open")
+            .expect("event")
+    }
+
+    fn changed(ev: &pb::SessionEvent) -> &pb::QosStatusChanged {
+        match &ev.kind {
+            Some(pb::session_event::Kind::QosStatusChanged(c)) => c,
+            other => panic!("not a status change: {other:?}"),
         }
-        let first = stream.next().await.expect("item").expect("event");
+    }
+
+    /// A live watcher is told its revision first; one that did not read while many events were
+    /// announced still gets every one of them, in order; one that resumes after a revision
+    /// gets exactly what followed it.
+    #[tokio::test]
+    async fn a_slow_or_resuming_watcher_gets_every_event_in_order() {
+        let (core, service) = service(1000);
+        let mut live = watch(&service, None).await;
+        let first = next(&mut live).await;
         assert!(
-            matches!(
-                first.kind,
-                Some(pb::session_event::Kind::EventsMissed(pb::EventsMissed {
-                    count: 3
-                }))
-            ),
+            matches!(first.kind, Some(pb::session_event::Kind::Bookmark(_))),
             "{first:?}"
         );
-        for _ in 0..2 {
-            let ev = stream.next().await.expect("item").expect("event");
-            assert!(
-                matches!(ev.kind, Some(pb::session_event::Kind::QosStatusChanged(_))),
-                "{ev:?}"
+        assert_eq!(first.revision, 0);
+        let ids: Vec<SessionId> = (1..=50u8).map(|i| create(&core, i)).collect();
+        let mut revisions = Vec::new();
+        for id in &ids {
+            let ev = next(&mut live).await;
+            assert_eq!(changed(&ev).session_id, id.to_string());
+            assert!(ev.observed_time.is_some());
+            revisions.push(ev.revision);
+        }
+        assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
+        let mut resumed = watch(&service, Some(revisions[29])).await;
+        for id in &ids[30..] {
+            assert_eq!(
+                changed(&next(&mut resumed).await).session_id,
+                id.to_string()
             );
         }
+        // Then it is live.
+        let later = create(&core, 51);
+        assert_eq!(
+            changed(&next(&mut resumed).await).session_id,
+            later.to_string()
+        );
+    }
+
+    /// A watcher resuming from further back than the log keeps is told to resync, with the
+    /// oldest revision kept and the current one, then gets what follows.
+    #[tokio::test]
+    async fn a_watcher_behind_the_log_is_told_to_resync() {
+        let (core, service) = service(4);
+        for i in 1..=10u8 {
+            create(&core, i);
+        }
+        let mut stream = watch(&service, Some(2)).await;
+        let resync = next(&mut stream).await;
+        match resync.kind {
+            Some(pb::session_event::Kind::ResyncNeeded(r)) => assert_eq!(r.oldest_revision, 7),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(resync.revision, 10);
+        let id = create(&core, 11);
+        let ev = next(&mut stream).await;
+        assert_eq!(
+            (changed(&ev).session_id.clone(), ev.revision),
+            (id.to_string(), 11)
+        );
+        // A revision from beyond this log (another store's) is refused the same way.
+        let mut stream = watch(&service, Some(99)).await;
+        assert!(matches!(
+            next(&mut stream).await.kind,
+            Some(pb::session_event::Kind::ResyncNeeded(_))
+        ));
     }
 }

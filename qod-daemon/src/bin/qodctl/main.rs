@@ -94,11 +94,15 @@ enum Command {
     Extend { session_id: String, seconds: i32 },
     /// List the sessions of a device.
     List(DeviceArgs),
-    /// Stream session events until interrupted.
+    /// Stream session events until interrupted. Each line starts with the event's revision;
+    /// `--from REV` resumes after it (every later event the node's log still holds).
     Watch {
         /// Only this session's events.
         #[arg(long)]
         session: Option<String>,
+        /// Resume after this revision (the last one seen).
+        #[arg(long = "from", value_name = "REV")]
+        from: Option<u64>,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -472,11 +476,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             print_sessions(&r.sessions, json);
         }
-        Command::Watch { session, device } => {
+        Command::Watch {
+            session,
+            from,
+            device,
+        } => {
             let mut stream = sessions
                 .watch_session_events(pb::WatchSessionEventsRequest {
                     session_id: session,
                     device: device.device(),
+                    after_revision: from,
                 })
                 .await?
                 .into_inner();
@@ -485,16 +494,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let v = event_json(&ev);
                 if json {
                     println!("{v}");
-                } else {
-                    println!(
-                        "{}  {}  {}  {}",
+                    continue;
+                }
+                match &ev.kind {
+                    Some(pb::session_event::Kind::QosStatusChanged(_)) => println!(
+                        "{}  {}  {}  {}  {}",
+                        ev.revision,
                         v["time"].as_str().unwrap_or("-"),
                         v["data"]["sessionId"].as_str().unwrap_or("-"),
-                        v["data"]["qosStatus"]
-                            .as_str()
-                            .unwrap_or(v["type"].as_str().unwrap_or("-")),
+                        v["data"]["qosStatus"].as_str().unwrap_or("-"),
                         v["data"]["statusInfo"].as_str().unwrap_or(""),
-                    );
+                    ),
+                    Some(pb::session_event::Kind::ResyncNeeded(r)) => eprintln!(
+                        "resync needed: the log no longer holds every event after the revision asked for (it keeps {} onwards); re-read the sessions, the stream goes on after {}",
+                        r.oldest_revision, ev.revision
+                    ),
+                    // Bookmarks only move the resume point (shown with --json).
+                    Some(pb::session_event::Kind::Bookmark(_)) | None => {}
                 }
             }
         }
@@ -961,7 +977,9 @@ fn event_json(ev: &pb::SessionEvent) -> Value {
     match &ev.kind {
         Some(pb::session_event::Kind::QosStatusChanged(c)) => json!({
             "id": ev.event_id,
+            "revision": ev.revision,
             "time": time(ev.time.as_ref()),
+            "observedTime": time(ev.observed_time.as_ref()),
             "type": "org.camaraproject.quality-on-demand.v1.qos-status-changed",
             "data": {
                 "sessionId": c.session_id,
@@ -969,8 +987,11 @@ fn event_json(ev: &pb::SessionEvent) -> Value {
                 "statusInfo": camara_enum(c.status_info().as_str_name(), "STATUS_INFO_"),
             },
         }),
-        Some(pb::session_event::Kind::EventsMissed(m)) => json!({
-            "id": ev.event_id, "time": time(ev.time.as_ref()), "type": "events-missed", "missed": m.count,
+        Some(pb::session_event::Kind::ResyncNeeded(r)) => json!({
+            "type": "resync-needed", "revision": ev.revision, "oldestRevision": r.oldest_revision,
+        }),
+        Some(pb::session_event::Kind::Bookmark(_)) => json!({
+            "type": "bookmark", "revision": ev.revision,
         }),
         None => json!({ "id": ev.event_id }),
     }
