@@ -490,6 +490,10 @@ pub struct PoolStats {
     pub capacity_bps: u64,
 }
 
+/// Most deadlines one hold of the core's lock acts on: an expiry storm of 100k ends keeps a
+/// reader waiting for one batch at most, not for the storm.
+pub const EXPIRY_BATCH: usize = 256;
+
 /// See the module docs.
 pub struct Core {
     inner: Mutex<Inner>,
@@ -2192,13 +2196,17 @@ impl Core {
         info!("policy reloaded");
     }
 
-    /// Acts on every deadline up to `now`; returns the next deadline.
+    /// Acts on the deadlines up to `now`, in deadline order, at most [`EXPIRY_BATCH`] of them
+    /// under one hold of the lock; returns the next deadline (one already due when the batch
+    /// was full, so the caller comes back at once and readers get the lock in between).
     pub fn expire_due(&self, now: Instant) -> Option<Instant> {
         let mut inner = self.lock();
+        let mut acted = 0;
         while let Some(&(deadline, id)) = inner.deadlines.first() {
-            if deadline > now {
+            if deadline > now || acted == EXPIRY_BATCH {
                 return Some(deadline);
             }
+            acted += 1;
             inner.deadlines.pop_first();
             let Some(session) = inner.sessions.get(&id).cloned() else {
                 continue;
@@ -2713,6 +2721,41 @@ mod tests {
         );
         core.create(request([10, 0, 0, 1], 5))
             .expect("device free again");
+    }
+
+    /// Ends due together are acted on in batches, earliest first, each batch one hold of the
+    /// lock; every end is announced once, in deadline order.
+    #[tokio::test(start_paused = true)]
+    async fn an_expiry_storm_is_worked_off_in_batches_in_deadline_order() {
+        let n = EXPIRY_BATCH * 2 + 10;
+        let (core, _) = core(u32::try_from(n).expect("n"));
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let [_, _, a, b] = u32::try_from(i).expect("i").to_be_bytes();
+            ids.push(
+                core.create(request([10, 1, a, b], 1))
+                    .expect("create")
+                    .session
+                    .id,
+            );
+            // Deadlines in creation order.
+            tokio::time::advance(Duration::from_micros(10)).await;
+        }
+        let mut events = core.subscribe();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let now = Instant::now();
+        let mut calls = 0;
+        while core.expire_due(now).is_some_and(|next| next <= now) {
+            calls += 1;
+            assert!(calls < 10, "it finishes");
+        }
+        assert_eq!(calls, 2, "{n} ends in batches of {EXPIRY_BATCH}");
+        for id in &ids {
+            let e = next_logged(&mut events);
+            assert_eq!(e.session, *id);
+            assert_eq!(e.status().0, QosStatus::Unavailable);
+        }
+        assert!(events.try_next().is_none());
     }
 
     #[tokio::test(start_paused = true)]

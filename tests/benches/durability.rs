@@ -26,6 +26,7 @@
 //!    create are over both rounds. Meanwhile one more client reads one session (GetSession)
 //!    every 2 ms: its latency p50 / p99 / max over the whole row. `QOD_BENCH_APIS=grpc` (or
 //!    `rest`) runs one API.
+//! 3. **Expiry storm** (`cargo xtask bench storm`): see [`storm`].
 
 use std::{
     sync::{
@@ -405,6 +406,177 @@ async fn creates() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Seconds since the epoch of a protobuf timestamp.
+fn epoch_s(t: Option<&prost_types::Timestamp>) -> f64 {
+    t.map_or(0.0, |t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
+}
+
+/// Quantile `p` of sorted seconds, in ms.
+fn ms_at(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)] * 1e3
+}
+
+/// A watcher of every event: each status change's (observed − time, received − time) in
+/// seconds, and the resync notices; it waits `delay` before its first read (a slow client).
+fn storm_watcher(
+    mut api: QualityOnDemandClient<qod_proto::client::QodChannel>,
+    n: usize,
+    delay: Duration,
+    within: Duration,
+) -> tokio::task::JoinHandle<anyhow::Result<(Vec<(f64, f64)>, u32)>> {
+    use qod_proto::v1 as pb;
+    tokio::spawn(async move {
+        let mut stream = api
+            .watch_session_events(pb::WatchSessionEventsRequest::default())
+            .await?
+            .into_inner();
+        tokio::time::sleep(delay).await;
+        let mut seen = Vec::with_capacity(n);
+        let mut resyncs = 0;
+        let end = tokio::time::Instant::now() + within;
+        while seen.len() < n {
+            let Ok(Some(ev)) =
+                tokio::time::timeout_at(end, futures::StreamExt::next(&mut stream)).await
+            else {
+                break;
+            };
+            let ev = ev?;
+            let now = time::OffsetDateTime::now_utc();
+            let now = now.unix_timestamp_nanos() as f64 / 1e9;
+            match ev.kind {
+                Some(pb::session_event::Kind::QosStatusChanged(c))
+                    if c.qos_status() == pb::QosStatus::Unavailable =>
+                {
+                    let t = epoch_s(ev.time.as_ref());
+                    seen.push((epoch_s(ev.observed_time.as_ref()) - t, now - t));
+                }
+                Some(pb::session_event::Kind::ResyncNeeded(_)) => resyncs += 1,
+                _ => {}
+            }
+        }
+        Ok((seen, resyncs))
+    })
+}
+
+/// 3. **Expiry storm**: the release qodd (marking, default configuration) is killed, its
+///    store filled with N live sessions that all end in the same second, about 15 s after it
+///    is started again. Two watchers are open before the ends: one reads as events come, one
+///    reads nothing for 10 s first (a slow client). Reported per watcher: the share of the N
+///    ends it received, resync notices, and lateness p50 / p99 / max of qodd observing each end
+///    (`observed_time − time`) and of the watcher receiving it (`received − time`); meanwhile a
+///    reader does GetSession every 2 ms: p50 / p99 / max over the storm.
+async fn storm() -> anyhow::Result<()> {
+    println!("\nexpiry storm (release qodd, marking; N sessions ending in the same second)");
+    for n in [100_000u32] {
+        let lab = Lab::new()?;
+        let mut qodd = Qodd::start_bin(
+            &release_qodd(),
+            &lab.edge,
+            &[EDGE_DEV_IF, EDGE_SRV_IF],
+            &format!(
+                "max_sessions = {}\n[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_active_sessions_per_client = {}\n",
+                n + 1024,
+                n + 1024
+            ),
+        )
+        .await?;
+        qodd.start_timeout = Duration::from_secs(600);
+        qodd.kill9();
+        let state = qodd.dir.path().join("state");
+        let ends_at = time::OffsetDateTime::now_utc() + time::Duration::seconds(25);
+        qod_testkit::fill_store_ending(&state, n, "QOS_E", ends_at)?;
+        qodd.restart().await?;
+        let to_end = (ends_at - time::OffsetDateTime::now_utc()).as_seconds_f64();
+        anyhow::ensure!(
+            to_end > 2.0,
+            "the restart took too long: the storm began before the watchers ({to_end:.1} s left)"
+        );
+        let within = Duration::from_secs_f64(to_end + 60.0);
+        let fast = storm_watcher(qodd.sessions().await?, n as usize, Duration::ZERO, within);
+        let slow = storm_watcher(
+            qodd.sessions().await?,
+            n as usize,
+            Duration::from_secs_f64(to_end + 10.0),
+            within,
+        );
+        let mut reader = Client::connect("grpc", &lab, &qodd).await?;
+        let watched = reader.create("10.127.0.1", "QOS_E").await?;
+        let reading = Arc::new(AtomicBool::new(true));
+        let gets = {
+            let reading = reading.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while reading.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    reader.get(&watched).await?;
+                    let at = time::OffsetDateTime::now_utc();
+                    lat.push((at, t.elapsed()));
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                anyhow::Ok(lat)
+            })
+        };
+        let (fast_seen, fast_resyncs) = fast.await??;
+        let (slow_seen, slow_resyncs) = slow.await??;
+        reading.store(false, Ordering::Relaxed);
+        let last = fast_seen.iter().map(|(_, r)| *r).fold(0.0, f64::max);
+        let mut during: Vec<Duration> = gets
+            .await??
+            .into_iter()
+            .filter(|(at, _)| {
+                let since = (*at - ends_at).as_seconds_f64();
+                (-1.0..=last + 1.0).contains(&since)
+            })
+            .map(|(_, d)| d)
+            .collect();
+        during.sort();
+        println!(
+            "{:>8}  {:>10}  {:>8}  {:>28}  {:>28}",
+            "watcher",
+            "delivered",
+            "resyncs",
+            "observed late p50/p99/max ms",
+            "received late p50/p99/max ms"
+        );
+        for (name, seen, resyncs) in [
+            ("live", fast_seen, fast_resyncs),
+            ("slow", slow_seen, slow_resyncs),
+        ] {
+            let mut obs: Vec<f64> = seen.iter().map(|(o, _)| *o).collect();
+            let mut rec: Vec<f64> = seen.iter().map(|(_, r)| *r).collect();
+            obs.sort_by(f64::total_cmp);
+            rec.sort_by(f64::total_cmp);
+            println!(
+                "{name:>8}  {:>10}  {resyncs:>8}  {:>28}  {:>28}",
+                format!("{}/{n}", seen.len()),
+                format!(
+                    "{:.0} / {:.0} / {:.0}",
+                    ms_at(&obs, 0.5),
+                    ms_at(&obs, 0.99),
+                    ms_at(&obs, 1.0)
+                ),
+                format!(
+                    "{:.0} / {:.0} / {:.0}",
+                    ms_at(&rec, 0.5),
+                    ms_at(&rec, 0.99),
+                    ms_at(&rec, 1.0)
+                ),
+            );
+        }
+        println!(
+            "GetSession during the storm ({} reads): p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            during.len(),
+            quantile(&during, 0.5).as_secs_f64() * 1e3,
+            quantile(&during, 0.99).as_secs_f64() * 1e3,
+            during.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -422,6 +594,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.as_deref().is_none_or(|o| o == "recovery") {
         recovery().await?;
+    }
+    if only.as_deref().is_none_or(|o| o == "storm") {
+        storm().await?;
     }
     Ok(())
 }

@@ -450,8 +450,24 @@ pub fn http_get(ns: &Netns, port: u16, path: &str) -> (u16, String, String) {
 
 /// Live sessions of `profile` for `n` device addresses 10.x.y.z, written straight into the store.
 pub fn fill_store(dir: &std::path::Path, n: u32, profile: &str) -> anyhow::Result<()> {
+    fill_store_ending(
+        dir,
+        n,
+        profile,
+        time::OffsetDateTime::now_utc() + time::Duration::days(1),
+    )
+}
+
+/// As [`fill_store`], every session ending at `ends_at` (each of 86,400 s, started that long
+/// before it).
+pub fn fill_store_ending(
+    dir: &std::path::Path,
+    n: u32,
+    profile: &str,
+    ends_at: time::OffsetDateTime,
+) -> anyhow::Result<()> {
     let store = qod_daemon::store::Store::open(dir)?;
-    let now = time::OffsetDateTime::now_utc();
+    let now = ends_at - time::Duration::days(1);
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..n {
         let ip = std::net::Ipv4Addr::from(0x0a40_0000 + i);
