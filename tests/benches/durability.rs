@@ -419,6 +419,9 @@ fn ms_at(v: &[f64], p: f64) -> f64 {
     v[((v.len() as f64 * p) as usize).min(v.len() - 1)] * 1e3
 }
 
+/// What a storm watcher saw: (observed − time, received − time) per end, and resyncs.
+type Watched = (Vec<(f64, f64)>, u32);
+
 /// A watcher of every event: each status change's (observed − time, received − time) in
 /// seconds, and the resync notices; it waits `delay` before its first read (a slow client).
 fn storm_watcher(
@@ -426,7 +429,7 @@ fn storm_watcher(
     n: usize,
     delay: Duration,
     within: Duration,
-) -> tokio::task::JoinHandle<anyhow::Result<(Vec<(f64, f64)>, u32)>> {
+) -> tokio::task::JoinHandle<anyhow::Result<Watched>> {
     use qod_proto::v1 as pb;
     tokio::spawn(async move {
         let mut stream = api
