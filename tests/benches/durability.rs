@@ -342,19 +342,7 @@ async fn creates() -> anyhow::Result<()> {
                 let mut reader = Client::connect(api, &lab, &qodd).await?;
                 let watched = reader.create("10.127.0.1", profile).await?;
                 let reading = Arc::new(AtomicBool::new(true));
-                let gets = {
-                    let reading = reading.clone();
-                    tokio::spawn(async move {
-                        let mut lat = Vec::new();
-                        while reading.load(Ordering::Relaxed) {
-                            let t = Instant::now();
-                            reader.get(&watched).await?;
-                            lat.push(t.elapsed());
-                            tokio::time::sleep(Duration::from_millis(2)).await;
-                        }
-                        anyhow::Ok(lat)
-                    })
-                };
+                let gets = read_meanwhile(reader, watched, reading.clone());
                 let mut rows = Vec::new();
                 let mut from = vec![0u32; clients];
                 let mut limit: Option<Vec<usize>> = None;
@@ -370,7 +358,7 @@ async fn creates() -> anyhow::Result<()> {
                     rows.push((round, lat, creating, del, deleting));
                 }
                 reading.store(false, Ordering::Relaxed);
-                let mut gets = gets.await??;
+                let mut gets: Vec<Duration> = gets.await??.into_iter().map(|(_, d)| d).collect();
                 gets.sort();
                 qodd.stop();
                 let commits = qodd
@@ -404,6 +392,24 @@ async fn creates() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads session `id` every 2 ms while `reading` holds: each read's (end, latency).
+fn read_meanwhile(
+    mut reader: Client,
+    id: String,
+    reading: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<anyhow::Result<Vec<(time::OffsetDateTime, Duration)>>> {
+    tokio::spawn(async move {
+        let mut lat = Vec::new();
+        while reading.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            reader.get(&id).await?;
+            lat.push((time::OffsetDateTime::now_utc(), t.elapsed()));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        anyhow::Ok(lat)
+    })
 }
 
 /// Seconds since the epoch of a protobuf timestamp.
@@ -508,20 +514,7 @@ async fn storm() -> anyhow::Result<()> {
         let mut reader = Client::connect("grpc", &lab, &qodd).await?;
         let watched = reader.create("10.127.0.1", "QOS_E").await?;
         let reading = Arc::new(AtomicBool::new(true));
-        let gets = {
-            let reading = reading.clone();
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                while reading.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    reader.get(&watched).await?;
-                    let at = time::OffsetDateTime::now_utc();
-                    lat.push((at, t.elapsed()));
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                anyhow::Ok(lat)
-            })
-        };
+        let gets = read_meanwhile(reader, watched, reading.clone());
         let (fast_seen, fast_resyncs) = fast.await??;
         let (slow_seen, slow_resyncs) = slow.await??;
         reading.store(false, Ordering::Relaxed);
