@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::{
     audit,
-    core::events::{Announcer, Cursor, Decided, Logged, Place},
+    core::events::{Announcer, Decided, Logged, Place},
     dataplane::{
         Classes, DataPlane, DataPlaneError, ManagedInterface, Side, TcStats, monotonic_ns,
         scheduler::{
@@ -918,8 +918,9 @@ impl Core {
         &self.announcer
     }
 
-    /// A reader of the events from now on.
-    pub fn subscribe(&self) -> Cursor {
+    /// A reader of the events from now on (tests).
+    #[cfg(test)]
+    pub fn subscribe(&self) -> events::Cursor {
         self.announcer.cursor()
     }
 
@@ -2551,7 +2552,7 @@ mod tests {
 
     /// The next event `events` reads, waiting for it up to 5 s (an event held for its
     /// commit is released by the store's writer).
-    fn next_logged(events: &mut Cursor) -> Arc<Logged> {
+    fn next_logged(events: &mut events::Cursor) -> Arc<Logged> {
         let until = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(e) = events.try_next() {
@@ -2562,7 +2563,7 @@ mod tests {
         }
     }
 
-    fn next_event(events: &mut Cursor) -> (QosStatus, Option<StatusInfo>) {
+    fn next_event(events: &mut events::Cursor) -> (QosStatus, Option<StatusInfo>) {
         use qod_proto::v1::StatusInfo as P;
         let (status, info) = next_logged(events).status();
         let info = match info {

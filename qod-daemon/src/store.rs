@@ -204,8 +204,6 @@ struct Shared {
     writes: std::sync::atomic::AtomicU64,
     tx: Option<std::sync::mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
-    /// Events the log keeps.
-    event_retention: u64,
     /// Taken by the writer around each commit (uncontended), so a test can hold commits back.
     #[cfg_attr(not(test), expect(dead_code, reason = "only tests take the gate"))]
     gate: Arc<std::sync::Mutex<()>>,
@@ -416,7 +414,6 @@ impl Store {
                 writes: std::sync::atomic::AtomicU64::new(0),
                 tx: Some(tx),
                 writer: Some(writer),
-                event_retention,
                 gate,
             }),
         })
@@ -479,11 +476,6 @@ impl Store {
             }
         }
         Ok(out)
-    }
-
-    /// Events the log keeps.
-    pub fn event_retention(&self) -> u64 {
-        self.shared.event_retention
     }
 
     /// Commits made so far (each is one fsync, shared by every write queued when it started).

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::{
     core::SessionView,
-    model::{Caller, DeviceId, QosStatus, SessionId},
+    model::{Caller, DeviceId, SessionId},
     notify::{Notification, Notifier},
     store::Op,
 };
@@ -120,7 +120,9 @@ impl Logged {
     }
 
     /// The status it announces.
-    pub fn status(&self) -> (QosStatus, pb::StatusInfo) {
+    #[cfg(test)]
+    pub fn status(&self) -> (crate::model::QosStatus, pb::StatusInfo) {
+        use crate::model::QosStatus;
         match self.message().kind {
             Some(pb::session_event::Kind::QosStatusChanged(c)) => (
                 if c.qos_status() == pb::QosStatus::Available {
@@ -284,7 +286,8 @@ impl Announcer {
         Read::Events(log.entries.range(from..).take(max).cloned().collect())
     }
 
-    /// A cursor at the head (tests and in-process readers).
+    /// A cursor at the head (tests).
+    #[cfg(test)]
     pub fn cursor(self: &Arc<Self>) -> Cursor {
         Cursor {
             announcer: self.clone(),
@@ -345,6 +348,8 @@ impl Announcer {
     /// Announces every event at the head that is not held.
     fn pump(&self, q: &mut Queue) {
         let mut announced = None;
+        // One hold of the log for the whole run of announcements (a storm releases thousands).
+        let mut log = self.log.write().unwrap_or_else(|p| p.into_inner());
         while q.entries.front().is_some_and(|e| !e.held) {
             let Some(e) = q.entries.pop_front() else {
                 break;
@@ -360,7 +365,6 @@ impl Announcer {
                     .as_seconds_f64()
                     .max(0.0),
             );
-            let mut log = self.log.write().unwrap_or_else(|p| p.into_inner());
             log.entries.push_back(e.event);
             while log.entries.len() > log.retention {
                 if let Some(old) = log.entries.pop_front() {
@@ -369,6 +373,7 @@ impl Announcer {
             }
             announced = Some(e.revision);
         }
+        drop(log);
         if let Some(revision) = announced {
             self.head.send_replace(revision);
         }
@@ -385,12 +390,14 @@ impl std::fmt::Debug for Announcer {
     }
 }
 
-/// Reads the log in order from a revision, without waiting.
+/// Reads the log in order from a revision, without waiting (tests).
+#[cfg(test)]
 pub struct Cursor {
     announcer: Arc<Announcer>,
     after: u64,
 }
 
+#[cfg(test)]
 impl Cursor {
     /// The next announced event, if there is one.
     pub fn try_next(&mut self) -> Option<Arc<Logged>> {
