@@ -455,19 +455,21 @@ pub fn fill_store(dir: &std::path::Path, n: u32, profile: &str) -> anyhow::Resul
         n,
         profile,
         time::OffsetDateTime::now_utc() + time::Duration::days(1),
+        time::Duration::ZERO,
     )
 }
 
-/// As [`fill_store`], every session ending at `ends_at` (each of 86,400 s, started that long
-/// before it).
+/// As [`fill_store`], the sessions (each of 86,400 s) ending evenly spread over `spread` from
+/// `ends_at` on, in the order they are written.
 pub fn fill_store_ending(
     dir: &std::path::Path,
     n: u32,
     profile: &str,
     ends_at: time::OffsetDateTime,
+    spread: time::Duration,
 ) -> anyhow::Result<()> {
     let store = qod_daemon::store::Store::open(dir)?;
-    let now = ends_at - time::Duration::days(1);
+    let first = ends_at - time::Duration::days(1);
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..n {
         let ip = std::net::Ipv4Addr::from(0x0a40_0000 + i);
@@ -495,7 +497,7 @@ pub fn fill_store_ending(
                     owner: TEST_CLIENT.into(),
                     subject: None,
                 },
-                started_at: now,
+                started_at: first + spread * (f64::from(i) / f64::from(n.max(1))),
                 duration: 86_400,
                 ended: None,
                 slot: None,

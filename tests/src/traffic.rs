@@ -230,10 +230,16 @@ pub fn tcp_retransmits(ns: &Netns) -> anyhow::Result<u64> {
     })
 }
 
-/// Round trips of a UDP probe; `None` for a probe that never came back.
+/// Round trips of a UDP probe; `None` for a probe that never came back. `one_way` holds, for
+/// the same datagrams, the time from just before the sender's `sendto` to the kernel's receive
+/// timestamp at the echo (`SO_TIMESTAMPNS`, taken when the packet leaves the last queue of the
+/// path and enters the receiver's stack): the delay the path's queues add, without the wake-ups
+/// of the echo and of the probe's receiver, which on a two-core VM full of bulk senders can add
+/// milliseconds of their own.
 #[derive(Clone, Debug, Default)]
 pub struct Probe {
     pub rtts: Vec<Option<Duration>>,
+    pub one_way: Vec<Option<Duration>>,
 }
 
 impl Probe {
@@ -249,6 +255,15 @@ impl Probe {
     pub fn skip(&self, n: usize) -> Probe {
         Probe {
             rtts: self.rtts.get(n..).unwrap_or_default().to_vec(),
+            one_way: self.one_way.get(n..).unwrap_or_default().to_vec(),
+        }
+    }
+
+    /// The one-way delays as a probe of their own (so the same quantiles read them).
+    pub fn one_way(&self) -> Probe {
+        Probe {
+            rtts: self.one_way.clone(),
+            one_way: self.one_way.clone(),
         }
     }
 
@@ -316,10 +331,18 @@ pub fn udp_bursts(
     let echo = server_ns.spawn(move || {
         let sock = UdpSocket::bind(server).context("bind echo")?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
+            .context("SO_TIMESTAMPNS")?;
         let _ = ready_tx.send(());
         let mut buf = [0u8; 2048];
         while !echo_done.load(Ordering::Relaxed) {
-            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if let Some((n, from, arrived)) = recv_stamped(&sock, &mut buf) {
+                // Bytes 16..24 carry the sender's wall clock; 24..32 get the one-way delay.
+                if n >= ECHO_HEADER {
+                    let sent = u64::from_be_bytes(buf[16..24].try_into().unwrap_or_default());
+                    let one_way = arrived.map_or(u64::MAX, |a| a.saturating_sub(sent));
+                    buf[24..32].copy_from_slice(&one_way.to_be_bytes());
+                }
                 let _ = sock.send_to(&buf[..n.min(64)], from);
             }
         }
@@ -341,24 +364,28 @@ pub fn udp_bursts(
         let start = Instant::now();
         let receiver = std::thread::spawn(move || {
             let mut rtts = vec![None; count];
+            let mut one_way = vec![None; count];
             let mut buf = [0u8; 2048];
             let end = start + duration + Duration::from_secs(1);
             while Instant::now() < end {
                 if let Ok(n) = rx.recv(&mut buf)
-                    && n >= 16
+                    && n >= ECHO_HEADER
                 {
-                    let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default()) as usize;
-                    let sent = Duration::from_nanos(u64::from_be_bytes(
-                        buf[8..16].try_into().unwrap_or_default(),
-                    ));
+                    let word = |at: usize| {
+                        u64::from_be_bytes(buf[at..at + 8].try_into().unwrap_or_default())
+                    };
+                    let seq = word(0) as usize;
+                    let sent = Duration::from_nanos(word(8));
+                    let delay = word(24);
                     if let Some(slot) = rtts.get_mut(seq) {
                         *slot = Some(start.elapsed().saturating_sub(sent));
+                        one_way[seq] = (delay != u64::MAX).then(|| Duration::from_nanos(delay));
                     }
                 }
             }
-            rtts
+            (rtts, one_way)
         });
-        let mut pkt = vec![0u8; bursts.size.max(16)];
+        let mut pkt = vec![0u8; bursts.size.max(ECHO_HEADER)];
         for tick in 0..ticks {
             let due = start + interval * tick as u32;
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -368,6 +395,7 @@ pub fn udp_bursts(
                 let seq = tick * bursts.count + n;
                 pkt[..8].copy_from_slice(&(seq as u64).to_be_bytes());
                 pkt[8..16].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_be_bytes());
+                pkt[16..24].copy_from_slice(&wall_clock_ns().to_be_bytes());
                 let _ = sock.send_to(&pkt, server);
             }
         }
@@ -377,8 +405,50 @@ pub fn udp_bursts(
         done.store(true, Ordering::Relaxed);
         echo.join()
             .map_err(|_| anyhow::anyhow!("echo panicked"))??;
-        Ok(Probe { rtts: rtts? })
+        let (rtts, one_way) = rtts?;
+        Ok(Probe { rtts, one_way })
     }))
+}
+
+/// A probe datagram's header: sequence, monotonic send time, wall-clock send time (the
+/// kernel's receive timestamps are wall clock), one-way delay filled in by the echo.
+const ECHO_HEADER: usize = 32;
+
+fn wall_clock_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// One datagram with its sender and the kernel's receive timestamp (wall clock, ns) when the
+/// socket has `SO_TIMESTAMPNS` on; `None` on timeout or error.
+fn recv_stamped(sock: &UdpSocket, buf: &mut [u8]) -> Option<(usize, SocketAddr, Option<u64>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut space = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .ok()?;
+    let arrived = msg.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::ScmTimestampns(ts) => {
+            Some(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+        }
+        _ => None,
+    });
+    let from = msg.address.as_ref().and_then(|a| {
+        a.as_sockaddr_in()
+            .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+            .or_else(|| {
+                a.as_sockaddr_in6()
+                    .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+            })
+    })?;
+    Some((msg.bytes, from, arrived))
 }
 
 /// Sends `count` UDP datagrams of `payload` bytes from `from` (bound in `ns`) to `to`.

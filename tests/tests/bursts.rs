@@ -174,6 +174,15 @@ async fn bursts_and_delivery_under_congestion() {
         "a burst within its allowance waits: {}",
         summary(&within)
     );
+    // One way (sender to the echo's kernel receive timestamp, no user-space wake-ups in it):
+    // the queue itself. tc's default burst gave a one-way p99 of 34 ms; ten frames give ~0.1 ms.
+    let one_way = within.one_way();
+    assert!(
+        one_way.rtts.iter().flatten().count() >= within.sorted().len() * 9 / 10
+            && one_way.quantile(0.99) <= Duration::from_millis(5),
+        "a burst within its allowance is queued, one way: {}",
+        summary(&one_way)
+    );
 
     // 2. Beyond it: 40 × 1,200 B every second (384 kbit/s on average, but 48 KB at once against
     //    an allowance of 15,140 B). What exceeds the allowance is dropped by the classifier

@@ -328,8 +328,9 @@ impl Announcer {
     /// The change behind a held event is durable: announce it (and what waited behind it).
     pub fn release(&self, place: Place) {
         let mut q = self.lock();
-        if let Some(e) = q.entries.iter_mut().find(|e| e.revision == place.0) {
-            e.held = false;
+        // Entries are in revision order.
+        if let Ok(i) = q.entries.binary_search_by_key(&place.0, |e| e.revision) {
+            q.entries[i].held = false;
         }
         self.pump(&mut q);
     }
@@ -337,7 +338,7 @@ impl Announcer {
     /// The change behind a held event did not happen: drop it and the session's later events.
     pub fn withdraw(&self, place: Place) {
         let mut q = self.lock();
-        if let Some(i) = q.entries.iter().position(|e| e.revision == place.0)
+        if let Ok(i) = q.entries.binary_search_by_key(&place.0, |e| e.revision)
             && let Some(e) = q.entries.remove(i)
         {
             q.withdrawn.insert(e.event.session);
@@ -347,6 +348,13 @@ impl Announcer {
 
     /// Announces every event at the head that is not held.
     fn pump(&self, q: &mut Queue) {
+        if q.entries.front().is_none_or(|e| e.held) {
+            // Nothing to announce: leave the log to its readers.
+            if q.entries.is_empty() {
+                q.withdrawn.clear();
+            }
+            return;
+        }
         let mut announced = None;
         // One hold of the log for the whole run of announcements (a storm releases thousands).
         let mut log = self.log.write().unwrap_or_else(|p| p.into_inner());
