@@ -490,6 +490,14 @@ pub struct PoolStats {
     pub capacity_bps: u64,
 }
 
+/// A session ended in the ledger, its end not yet told (see [`Core::tell_endings`]).
+struct Ending {
+    session: Session,
+    counters: FlowCounters,
+    info: StatusInfo,
+    place: events::Place,
+}
+
 /// Most deadlines one hold of the core's lock acts on: an expiry storm of 100k ends keeps a
 /// reader waiting for one batch at most, not for the storm.
 pub const EXPIRY_BATCH: usize = 256;
@@ -1459,10 +1467,12 @@ impl Core {
             .filter(|s| matches!(s.state, SessionState::Available { .. }))
             .map(|s| s.id)
             .collect();
-        for id in live {
-            self.terminate(&mut inner, id, StatusInfo::NetworkTerminated, now);
-        }
+        let endings: Vec<Ending> = live
+            .into_iter()
+            .filter_map(|id| self.terminate(&mut inner, id, StatusInfo::NetworkTerminated, now))
+            .collect();
         drop(inner);
+        self.tell_endings(endings);
         // Their purge deadlines may come before the one the expiry task sleeps towards.
         self.wake.notify_one();
     }
@@ -2096,13 +2106,18 @@ impl Core {
     }
 
     /// Ends an AVAILABLE session on the network's side: rule removed, `NETWORK_TERMINATED`.
-    fn terminate(&self, inner: &mut Inner, id: SessionId, info: StatusInfo, now: Instant) {
-        let Some(session) = inner.sessions.get(&id).cloned() else {
-            return;
-        };
+    fn terminate(
+        &self,
+        inner: &mut Inner,
+        id: SessionId,
+        info: StatusInfo,
+        now: Instant,
+    ) -> Option<Ending> {
+        let session = inner.sessions.get(&id)?;
         let SessionState::Available { slot, .. } = session.state else {
-            return;
+            return None;
         };
+        let session = session.clone();
         inner.count_active(&session.request, false);
         let counters = inner.dp.counters(slot).unwrap_or_default();
         if let Err(e) = resync(inner, &session.flow.device, Some(id), None) {
@@ -2131,26 +2146,80 @@ impl Core {
         inner.deadlines.insert((purge, id));
         inner.sessions.insert(id, ended.clone());
         inner.meters.remove(&id);
-        let event = self.event(
-            SessionView {
-                session: ended.clone(),
-                counters,
-            },
-            ended_at,
-        );
-        info!(session = %id, ?info, "session ended");
-        audit::record(
+        // The revision is taken here, in decision order; the event is built, logged, stored
+        // and announced by [`Core::tell_endings`] once the lock is released.
+        let place = self.announcer.reserve(id, self.store.is_some());
+        Some(Ending {
+            session: ended,
+            counters,
+            info,
+            place,
+        })
+    }
+
+    /// Tells the ends decided by [`Core::terminate`] (call it without the lock): each one's
+    /// event is built into its reserved revision, logged and audited; all are written in one
+    /// commit with their log records and notifications, and announced once that is durable
+    /// (withdrawn if it fails).
+    fn tell_endings(&self, endings: Vec<Ending>) {
+        if endings.is_empty() {
+            return;
+        }
+        let mut ops = Vec::with_capacity(endings.len() * 3);
+        let mut places = Vec::with_capacity(endings.len());
+        for Ending {
+            session,
+            counters,
+            info,
+            place,
+        } in endings
+        {
+            let id = session.id;
             if info == StatusInfo::DurationExpired {
-                audit::Action::Expire
+                debug!(session = %id, "session expired");
             } else {
-                audit::Action::Terminate
-            },
-            &ended.request.owner,
-            Some(id),
-            Some(&ended.flow.device),
-            Ok(()),
-        );
-        self.persist_announcing(&ended, event);
+                info!(session = %id, ?info, "session ended");
+            }
+            audit::record(
+                if info == StatusInfo::DurationExpired {
+                    audit::Action::Expire
+                } else {
+                    audit::Action::Terminate
+                },
+                &session.request.owner,
+                Some(id),
+                Some(&session.flow.device),
+                Ok(()),
+            );
+            let ended_at = match session.state {
+                SessionState::Unavailable { ended_at, .. } => ended_at,
+                SessionState::Available { .. } => OffsetDateTime::now_utc(),
+            };
+            let decided = self.event(
+                SessionView {
+                    session: session.clone(),
+                    counters,
+                },
+                ended_at,
+            );
+            let note = decided.note.clone();
+            let record = self.announcer.fill(place, decided);
+            let mut extra = vec![record];
+            extra.extend(note.map(Op::PutOutbox));
+            ops.extend(self.session_ops(&session, extra));
+            places.push(place);
+        }
+        let Some(store) = &self.store else {
+            return;
+        };
+        let announcer = self.announcer.clone();
+        store.submit_then(ops, move |r| match r {
+            Ok(()) => places.into_iter().for_each(|p| announcer.release(p)),
+            Err(e) => {
+                error!(error = %e, ends = places.len(), "cannot store sessions' ends; they are not announced");
+                places.into_iter().for_each(|p| announcer.withdraw(p));
+            }
+        });
     }
 
     /// Swaps in a new policy. Live sessions follow it: a session whose profile is gone or no
@@ -2160,6 +2229,7 @@ impl Core {
         let mut inner = self.lock();
         let ids: Vec<SessionId> = inner.sessions.keys().copied().collect();
         let now = Instant::now();
+        let mut endings = Vec::new();
         for id in ids {
             let Some(session) = inner.sessions.get(&id).cloned() else {
                 continue;
@@ -2188,11 +2258,17 @@ impl Core {
                         }
                     }
                 }
-                _ => self.terminate(&mut inner, id, StatusInfo::NetworkTerminated, now),
+                _ => endings.extend(self.terminate(
+                    &mut inner,
+                    id,
+                    StatusInfo::NetworkTerminated,
+                    now,
+                )),
             }
         }
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
         drop(inner);
+        self.tell_endings(endings);
         self.wake.notify_one();
         info!("policy reloaded");
     }
@@ -2202,14 +2278,15 @@ impl Core {
     /// was full, so the caller comes back at once and readers get the lock in between).
     pub fn expire_due(&self, now: Instant) -> Option<Instant> {
         let mut inner = self.lock();
-        let mut acted = 0;
+        let (mut endings, mut purged) = (Vec::new(), Vec::new());
+        let mut next = None;
         while let Some(&(deadline, id)) = inner.deadlines.first() {
-            if deadline > now || acted == EXPIRY_BATCH {
-                return Some(deadline);
+            if deadline > now || endings.len() + purged.len() == EXPIRY_BATCH {
+                next = Some(deadline);
+                break;
             }
-            acted += 1;
             inner.deadlines.pop_first();
-            let Some(session) = inner.sessions.get(&id).cloned() else {
+            let Some(session) = inner.sessions.get(&id) else {
                 continue;
             };
             match session.state {
@@ -2217,18 +2294,32 @@ impl Core {
                     crate::metrics::METRICS
                         .expiry_lateness
                         .observe(now.saturating_duration_since(deadline).as_secs_f64());
-                    self.terminate(&mut inner, id, StatusInfo::DurationExpired, now);
+                    endings.extend(self.terminate(
+                        &mut inner,
+                        id,
+                        StatusInfo::DurationExpired,
+                        now,
+                    ));
                 }
                 SessionState::Unavailable { .. } => {
+                    let device = session.flow.device;
                     inner.sessions.remove(&id);
                     inner.meters.remove(&id);
-                    unlink(&mut inner, &session.flow.device, id);
-                    self.forget_logged(id);
-                    info!(session = %id, "unavailable session purged");
+                    unlink(&mut inner, &device, id);
+                    purged.push(id);
                 }
             }
         }
-        None
+        drop(inner);
+        self.tell_endings(endings);
+        if !purged.is_empty() {
+            debug!(sessions = purged.len(), "unavailable sessions purged");
+            if let Some(store) = &self.store {
+                // Queue order keeps it behind earlier writes; the writer logs a failure.
+                drop(store.submit(purged.into_iter().map(Op::RemoveSession).collect()));
+            }
+        }
+        next
     }
 
     /// Runs expiry until `shutdown` is cancelled.

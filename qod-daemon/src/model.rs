@@ -27,6 +27,14 @@ impl SessionId {
     pub fn random() -> Self {
         Self(Uuid::new_v4())
     }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(Uuid::from_bytes(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
 }
 
 impl FromStr for SessionId {

@@ -31,11 +31,61 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events_v1");
 /// [`SetAside`].
 const SET_ASIDE: TableDefinition<&str, &[u8]> = TableDefinition::new("set_aside_v1");
 
-/// Schema of the session and outbox records this qodd writes, in each record's `schema` field.
+mod session_record;
+
+/// Schema of the outbox records this qodd writes (JSON), in each record's `schema` field.
 /// 1: the first releases' bare JSON (no `schema` field); 2: the same fields in a versioned
-/// record. A record of an older schema is migrated at start and written back in this one; one of
-/// a newer schema, or one that does not decode, is set aside.
+/// record. A record of an older schema is migrated at start and written back in the current one;
+/// one of a newer schema, or one that does not decode, is set aside.
 pub const RECORD_SCHEMA: u32 = 2;
+
+/// Schema of the session records this qodd writes: 3, binary (see `store/session_record.rs`).
+/// Sessions of schemas 1 and 2 (JSON, as the outbox's) are read and migrated.
+pub const SESSION_SCHEMA: u32 = session_record::SCHEMA;
+
+/// A kind of stored record: how it is written, and read back with the schema it was written in.
+trait Stored: Sized {
+    /// The schema it is written in; older ones are migrated at start.
+    const SCHEMA: u32;
+    fn encode(&self, key: &str) -> Result<Vec<u8>, String>;
+    fn decode(bytes: &[u8]) -> Result<(Self, u32), String>;
+}
+
+impl Stored for StoredSession {
+    const SCHEMA: u32 = SESSION_SCHEMA;
+    fn encode(&self, _key: &str) -> Result<Vec<u8>, String> {
+        Ok(session_record::encode(self))
+    }
+    fn decode(bytes: &[u8]) -> Result<(Self, u32), String> {
+        if bytes.first() == Some(&b'{') {
+            decode_json(bytes)
+        } else {
+            Ok((session_record::decode(bytes)?, SESSION_SCHEMA))
+        }
+    }
+}
+
+impl Stored for Notification {
+    const SCHEMA: u32 = RECORD_SCHEMA;
+    fn encode(&self, key: &str) -> Result<Vec<u8>, String> {
+        encode_json(key, self)
+    }
+    fn decode(bytes: &[u8]) -> Result<(Self, u32), String> {
+        decode_json(bytes)
+    }
+}
+
+/// A stored session record read back, whatever its schema (tests, inspection).
+#[doc(hidden)]
+pub fn decode_session_record(bytes: &[u8]) -> Result<(StoredSession, u32), String> {
+    StoredSession::decode(bytes)
+}
+
+/// `s` as the first releases wrote it: bare JSON, schema 1 (tests of migration).
+#[doc(hidden)]
+pub fn session_record_v1(s: &StoredSession) -> Vec<u8> {
+    serde_json::to_vec(s).unwrap_or_default()
+}
 
 /// Records set aside since start (each also logged).
 pub static SET_ASIDE_RECORDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -62,8 +112,8 @@ pub struct SetAside {
     pub record: String,
 }
 
-/// The record in `bytes` and the schema it was written in.
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), String> {
+/// The JSON record in `bytes` (schema 1 or 2) and the schema it was written in.
+fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), String> {
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
     let schema = match value.get("schema") {
@@ -219,7 +269,7 @@ impl Drop for Shared {
     }
 }
 
-fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, String> {
+fn encode_json<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&Versioned {
         schema: RECORD_SCHEMA,
         record: v,
@@ -240,7 +290,7 @@ fn apply(db: &Database, jobs: &[Job], event_retention: u64) -> Result<(), String
                 Op::PutSession(s) => {
                     let key = s.id.to_string();
                     sessions
-                        .insert(key.as_str(), encode(&key, s)?.as_slice())
+                        .insert(key.as_str(), s.encode(&key)?.as_slice())
                         .map_err(|e| e.to_string())?;
                     match s.slot {
                         Some(slot) => slots.insert(key.as_str(), slot).map(drop),
@@ -261,7 +311,7 @@ fn apply(db: &Database, jobs: &[Job], event_retention: u64) -> Result<(), String
                 Op::PutOutbox(n) => {
                     let key = n.event_id.to_string();
                     outbox
-                        .insert(key.as_str(), encode(&key, n)?.as_slice())
+                        .insert(key.as_str(), n.encode(&key)?.as_slice())
                         .map_err(|e| e.to_string())?;
                 }
                 Op::RemoveOutbox(id) => {
@@ -547,7 +597,7 @@ impl Store {
 
     /// Every record of `table`. A record of an older schema is written back in this one; one
     /// that cannot be read is moved to `set_aside_v1` (logged and counted) and the rest load.
-    fn load_table<T: serde::de::DeserializeOwned + Serialize>(
+    fn load_table<T: Stored>(
         &self,
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, StoreError> {
@@ -559,9 +609,9 @@ impl Store {
             let t = tx.open_table(table).map_err(db)?;
             for row in t.iter().map_err(db)? {
                 let (k, v) = row.map_err(db)?;
-                match decode::<T>(v.value()) {
+                match T::decode(v.value()) {
                     Ok((record, schema)) => {
-                        if schema < RECORD_SCHEMA {
+                        if schema < T::SCHEMA {
                             migrated.push(out.len());
                         }
                         out.push((k.value().to_owned(), record));
@@ -580,7 +630,7 @@ impl Store {
                 let mut aside = tx.open_table(SET_ASIDE).map_err(db)?;
                 for &i in &migrated {
                     let (key, record) = &out[i];
-                    let bytes = encode(key, record).map_err(StoreError::Commit)?;
+                    let bytes = record.encode(key).map_err(StoreError::Commit)?;
                     t.insert(key.as_str(), bytes.as_slice()).map_err(db)?;
                 }
                 for (key, bytes, reason) in &unreadable {
@@ -603,7 +653,7 @@ impl Store {
             }
             tx.commit().map_err(db)?;
             if !migrated.is_empty() {
-                tracing::info!(table = %name, records = migrated.len(), schema = RECORD_SCHEMA, "stored records migrated");
+                tracing::info!(table = %name, records = migrated.len(), schema = T::SCHEMA, "stored records migrated");
             }
             use std::sync::atomic::Ordering::Relaxed;
             MIGRATED_RECORDS.fetch_add(migrated.len() as u64, Relaxed);
@@ -711,80 +761,142 @@ mod tests {
         assert!(store.load().expect("load").is_empty());
     }
 
-    fn raw_session(store: &Store, id: SessionId) -> serde_json::Value {
-        let tx = store.shared.db.begin_read().expect("read");
-        let t = tx.open_table(SESSIONS).expect("table");
-        let v = t.get(id.to_string().as_str()).expect("get").expect("row");
-        serde_json::from_slice(v.value()).expect("json")
+    fn raw_session(store: &Store, id: SessionId) -> Vec<u8> {
+        store
+            .raw_session_record(&id.to_string())
+            .expect("read")
+            .expect("row")
     }
 
-    /// A first-release record (bare JSON) is read and written back in the current schema; one
-    /// that does not decode, and one of a newer schema, are set aside and the rest loads.
+    /// Every field of a session survives the binary record, and the record is a fraction of the
+    /// JSON it replaces.
+    #[test]
+    fn a_binary_session_record_round_trips_every_field() {
+        let mut s = sample();
+        s.slot = None;
+        s.request.device = DeviceId::Ipv6("2001:db8::7".parse().expect("v6"));
+        s.request.device_given = Some("2001:DB8::7".into());
+        s.request.server.ipv6 = Some("2001:db8:1::/48".parse().expect("net"));
+        s.request.server.given.1 = Some("2001:db8:1::/48".into());
+        s.request.device_ports = Some(crate::model::Ports {
+            ranges: vec![(1000, 2000)],
+            ports: vec![80, 443],
+        });
+        s.request.server_ports = Some(crate::model::Ports {
+            ranges: vec![],
+            ports: vec![5060],
+        });
+        s.request.sink_credential = Some(crate::model::AccessToken {
+            token: "t0ken".into(),
+            expires: OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(1_234_567_891),
+        });
+        s.started_at = OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(987_654_321);
+        s.duration = 120;
+        let bytes = session_record::encode(&s);
+        assert_eq!(
+            decode_session_record(&bytes),
+            Ok((s.clone(), SESSION_SCHEMA))
+        );
+        let json = encode_json("k", &s).expect("json");
+        eprintln!("binary {} B, JSON {} B", bytes.len(), json.len());
+        assert!(
+            bytes.len() * 2 < json.len(),
+            "{} vs {}",
+            bytes.len(),
+            json.len()
+        );
+        let mut v4 = sample();
+        v4.slot = None;
+        v4.ended = None;
+        assert_eq!(
+            decode_session_record(&session_record::encode(&v4)),
+            Ok((v4, SESSION_SCHEMA))
+        );
+    }
+
+    /// First-release records (bare JSON) and schema-2 ones (versioned JSON) are read and written
+    /// back in the current schema; one that does not decode, and one of a newer schema, are set
+    /// aside and the rest loads.
     #[test]
     fn old_records_are_migrated_and_unreadable_ones_set_aside() {
         let dir = tempfile::tempdir().expect("tempdir");
         // The raw record carries no slot (slots live in a table of their own).
-        let (current, old) = (
-            sample(),
-            StoredSession {
-                slot: None,
-                ..sample()
-            },
-        );
+        let bare = || StoredSession {
+            slot: None,
+            ..sample()
+        };
+        let (current, v1, v2) = (sample(), bare(), bare());
         let store = Store::open(dir.path()).expect("open");
         store.put(&current).expect("put");
-        assert_eq!(raw_session(&store, current.id)["schema"], RECORD_SCHEMA);
-        let v1 = serde_json::to_vec(&old).expect("v1 record");
+        let raw = raw_session(&store, current.id);
+        assert_ne!(raw.first(), Some(&b'{'), "binary");
+        assert_eq!(decode_session_record(&raw).expect("decodes").1, 3);
         store
-            .put_raw_session(&old.id.to_string(), &v1)
+            .put_raw_session(&v1.id.to_string(), &session_record_v1(&v1))
+            .expect("raw");
+        store
+            .put_raw_session(&v2.id.to_string(), &encode_json("v2", &v2).expect("v2"))
             .expect("raw");
         store
             .put_raw_session("garbage", b"{\"id\": 7")
             .expect("raw");
-        let mut newer = raw_session(&store, current.id);
-        newer["schema"] = serde_json::json!(RECORD_SCHEMA + 1);
         store
-            .put_raw_session("from-a-newer-qodd", newer.to_string().as_bytes())
+            .put_raw_session("binary-garbage", b"\x08\x03\x12\xff")
+            .expect("raw");
+        // Field 1 (schema) is the record's first: 0x08, then the version.
+        let mut newer = raw.clone();
+        assert_eq!(newer[..2], [0x08, 3]);
+        newer[1] = 4;
+        store
+            .put_raw_session("from-a-newer-qodd", &newer)
             .expect("raw");
         drop(store);
 
         let store = Store::open(dir.path()).expect("reopen");
         let mut loaded = store.load().expect("the rest loads");
         loaded.sort_by_key(|s| s.id.to_string());
-        let mut want = vec![current.clone(), old.clone()];
+        let mut want = vec![current.clone(), v1.clone(), v2.clone()];
         want.sort_by_key(|s| s.id.to_string());
         assert_eq!(loaded, want);
-        assert_eq!(
-            raw_session(&store, old.id)["schema"],
-            RECORD_SCHEMA,
-            "migrated"
-        );
+        for old in [&v1, &v2] {
+            assert_eq!(
+                decode_session_record(&raw_session(&store, old.id)).expect("decodes"),
+                (old.clone(), SESSION_SCHEMA),
+                "migrated"
+            );
+        }
         let mut aside = store.set_aside().expect("set aside");
         aside.sort_by(|a, b| a.key.cmp(&b.key));
-        assert_eq!(aside.len(), 2, "{aside:?}");
+        let keys: Vec<&str> = aside.iter().map(|a| a.key.as_str()).collect();
         assert_eq!(
-            (aside[0].table.as_str(), aside[0].key.as_str()),
-            ("sessions_v1", "from-a-newer-qodd")
+            keys,
+            ["binary-garbage", "from-a-newer-qodd", "garbage"],
+            "{aside:?}"
         );
-        assert!(aside[0].reason.contains("schema 3"), "{}", aside[0].reason);
-        assert_eq!(aside[1].key, "garbage");
+        assert!(aside.iter().all(|a| a.table == "sessions_v1"));
         assert!(
-            aside[1].reason.starts_with("not JSON"),
+            aside[0].reason.starts_with("not a session record"),
             "{}",
-            aside[1].reason
+            aside[0].reason
+        );
+        assert!(aside[1].reason.contains("schema 4"), "{}", aside[1].reason);
+        assert!(
+            aside[2].reason.starts_with("not JSON"),
+            "{}",
+            aside[2].reason
         );
         {
             use base64::Engine as _;
             let kept = base64::engine::general_purpose::STANDARD
-                .decode(&aside[1].record)
+                .decode(&aside[2].record)
                 .expect("base64");
             assert_eq!(kept, b"{\"id\": 7", "kept for inspection as it was");
         }
         // Set aside once: the next start reads only good records.
         drop(store);
         let store = Store::open(dir.path()).expect("reopen");
-        assert_eq!(store.load().expect("load").len(), 2);
-        assert_eq!(store.set_aside().expect("set aside").len(), 2);
+        assert_eq!(store.load().expect("load").len(), 3);
+        assert_eq!(store.set_aside().expect("set aside").len(), 3);
     }
 
     /// The store holds sink credentials: its directory and file are the owner's only, also when

@@ -948,11 +948,14 @@ async fn check_old_records_are_migrated_and_unreadable_ones_set_aside(mode: qod_
             .raw_session_record(&s.session_id)
             .expect("read")
             .expect("the session's record");
-        let mut record: serde_json::Value = serde_json::from_slice(&raw).expect("JSON");
-        assert_eq!(record["schema"], qod_daemon::store::RECORD_SCHEMA);
-        record.as_object_mut().expect("an object").remove("schema");
+        let (record, schema) =
+            qod_daemon::store::decode_session_record(&raw).expect("a session record");
+        assert_eq!(schema, qod_daemon::store::SESSION_SCHEMA);
         store
-            .put_raw_session(&s.session_id, record.to_string().as_bytes())
+            .put_raw_session(
+                &s.session_id,
+                &qod_daemon::store::session_record_v1(&record),
+            )
             .expect("write the old record");
         store
             .put_raw_session("a-record-nobody-can-read", b"\x00\x01 not json")
@@ -979,18 +982,14 @@ async fn check_old_records_are_migrated_and_unreadable_ones_set_aside(mode: qod_
     assert!(log.contains("stored records migrated"), "{log}");
     qodd.stop();
     let store = qod_daemon::store::Store::open(&qodd.dir.path().join("state")).expect("the store");
-    let migrated: serde_json::Value = serde_json::from_slice(
+    let (_, schema) = qod_daemon::store::decode_session_record(
         &store
             .raw_session_record(&s.session_id)
             .expect("read")
             .expect("the record"),
     )
-    .expect("JSON");
-    assert_eq!(
-        migrated["schema"],
-        qod_daemon::store::RECORD_SCHEMA,
-        "written back"
-    );
+    .expect("a session record");
+    assert_eq!(schema, qod_daemon::store::SESSION_SCHEMA, "written back");
     let aside = store.set_aside().expect("set aside");
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert_eq!(aside[0].key, "a-record-nobody-can-read");

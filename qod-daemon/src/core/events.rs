@@ -194,10 +194,22 @@ impl Logged {
 
 struct Queued {
     revision: u64,
+    session: SessionId,
     held: bool,
+    /// `None` while the revision is reserved and its event not yet filled in.
+    filled: Option<Filled>,
+}
+
+struct Filled {
     event: Arc<Logged>,
     time: OffsetDateTime,
     note: Option<Notification>,
+}
+
+impl Queued {
+    fn ready(&self) -> bool {
+        !self.held && self.filled.is_some()
+    }
 }
 
 #[derive(Default)]
@@ -211,6 +223,9 @@ struct Queue {
 
 struct Log {
     entries: VecDeque<Arc<Logged>>,
+    /// The newest revision announced: moved with the entries, under the same lock, so a reader
+    /// never holds an entry beyond the head it reads.
+    head: u64,
     retention: usize,
     /// Every revision up to this one is no longer held (dropped for retention, or older than
     /// what the store kept).
@@ -242,6 +257,7 @@ impl Announcer {
             queue: Mutex::default(),
             log: RwLock::new(Log {
                 entries: VecDeque::new(),
+                head: 0,
                 retention: retention.max(1),
                 compacted: 0,
             }),
@@ -259,6 +275,7 @@ impl Announcer {
         let skip = stored.len().saturating_sub(log.retention);
         log.entries = stored.into_iter().skip(skip).map(Arc::new).collect();
         log.compacted = log.entries.front().map_or(last, |e| e.revision - 1);
+        log.head = last;
         self.lock().last = last;
         self.head.send_replace(last);
     }
@@ -269,13 +286,13 @@ impl Announcer {
     }
 
     pub fn head(&self) -> u64 {
-        *self.head.borrow()
+        self.log.read().unwrap_or_else(|p| p.into_inner()).head
     }
 
     /// Up to `max` events after revision `after`.
     pub fn read_after(&self, after: u64, max: usize) -> Read {
         let log = self.log.read().unwrap_or_else(|p| p.into_inner());
-        let head = self.head();
+        let head = log.head;
         if after < log.compacted || after > head {
             return Read::Resync {
                 head,
@@ -304,25 +321,47 @@ impl Announcer {
     /// [`Announcer::withdraw`]. Returns its place and its log record, for the commit of its
     /// change.
     pub fn queue(&self, decided: Decided, held: bool) -> (Place, Op) {
+        let place = self.reserve(decided.event.session.session.id, held);
+        let record = self.fill(place, decided);
+        (place, record)
+    }
+
+    /// Takes the next revision for an event of `session` that is yet to be built (call it
+    /// under the lock that decided the change, so revision order is decision order), for
+    /// [`Announcer::fill`] once that lock is released. Nothing behind it is announced before.
+    pub fn reserve(&self, session: SessionId, held: bool) -> Place {
         let mut q = self.lock();
         q.last += 1;
         let revision = q.last;
-        let mut event = decided.event;
-        event.revision = revision;
-        let logged = Arc::new(Logged::new(&event));
-        let record = Op::PutEvent {
-            revision,
-            record: logged.record(),
-        };
         q.entries.push_back(Queued {
             revision,
+            session,
             held,
-            event: logged,
-            time: event.time,
-            note: decided.note,
+            filled: None,
         });
+        Place(revision)
+    }
+
+    /// Fills in the event of a reserved revision (encoded here, outside every lock but the
+    /// queue's short hold) and returns its log record for the commit of its change.
+    pub fn fill(&self, place: Place, decided: Decided) -> Op {
+        let mut event = decided.event;
+        event.revision = place.0;
+        let logged = Arc::new(Logged::new(&event));
+        let record = Op::PutEvent {
+            revision: place.0,
+            record: logged.record(),
+        };
+        let mut q = self.lock();
+        if let Ok(i) = q.entries.binary_search_by_key(&place.0, |e| e.revision) {
+            q.entries[i].filled = Some(Filled {
+                event: logged,
+                time: event.time,
+                note: decided.note,
+            });
+        }
         self.pump(&mut q);
-        (Place(revision), record)
+        record
     }
 
     /// The change behind a held event is durable: announce it (and what waited behind it).
@@ -341,14 +380,14 @@ impl Announcer {
         if let Ok(i) = q.entries.binary_search_by_key(&place.0, |e| e.revision)
             && let Some(e) = q.entries.remove(i)
         {
-            q.withdrawn.insert(e.event.session);
+            q.withdrawn.insert(e.session);
         }
         self.pump(&mut q);
     }
 
     /// Announces every event at the head that is not held.
     fn pump(&self, q: &mut Queue) {
-        if q.entries.front().is_none_or(|e| e.held) {
+        if !q.entries.front().is_some_and(Queued::ready) {
             // Nothing to announce: leave the log to its readers.
             if q.entries.is_empty() {
                 q.withdrawn.clear();
@@ -358,11 +397,17 @@ impl Announcer {
         let mut announced = None;
         // One hold of the log for the whole run of announcements (a storm releases thousands).
         let mut log = self.log.write().unwrap_or_else(|p| p.into_inner());
-        while q.entries.front().is_some_and(|e| !e.held) {
-            let Some(e) = q.entries.pop_front() else {
+        while q.entries.front().is_some_and(Queued::ready) {
+            let Some(Queued {
+                revision,
+                session,
+                filled: Some(e),
+                ..
+            }) = q.entries.pop_front()
+            else {
                 break;
             };
-            if q.withdrawn.contains(&e.event.session) {
+            if q.withdrawn.contains(&session) {
                 continue;
             }
             if let (Some(notifier), Some(note)) = (&self.notifier, e.note) {
@@ -374,12 +419,13 @@ impl Announcer {
                     .max(0.0),
             );
             log.entries.push_back(e.event);
+            log.head = revision;
             while log.entries.len() > log.retention {
                 if let Some(old) = log.entries.pop_front() {
                     log.compacted = old.revision;
                 }
             }
-            announced = Some(e.revision);
+            announced = Some(revision);
         }
         drop(log);
         if let Some(revision) = announced {
