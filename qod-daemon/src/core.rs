@@ -222,15 +222,22 @@ struct Slots {
     free: Vec<u32>,
     next: u32,
     capacity: u32,
+    /// Slots from here up were never handed out since the counter maps were made empty (a
+    /// data plane built afresh at start): their counters are zero already. `u32::MAX` when
+    /// that is not known (pinned maps carried on).
+    zeroed_from: u32,
 }
 
 impl Slots {
-    fn take(&mut self) -> Option<u32> {
-        self.free.pop().or_else(|| {
-            (self.next < self.capacity).then(|| {
-                self.next += 1;
-                self.next - 1
-            })
+    /// A free slot, and whether its counters are known to be zero (so they need no reset).
+    fn take(&mut self) -> Option<(u32, bool)> {
+        if let Some(slot) = self.free.pop() {
+            return Some((slot, false));
+        }
+        (self.next < self.capacity).then(|| {
+            self.next += 1;
+            let slot = self.next - 1;
+            (slot, slot >= self.zeroed_from)
         })
     }
 
@@ -541,6 +548,7 @@ impl Core {
                     free: Vec::new(),
                     next: 0,
                     capacity: limits.max_sessions,
+                    zeroed_from: u32::MAX,
                 },
                 classes: limits
                     .interfaces
@@ -674,7 +682,14 @@ impl Core {
         } else {
             HashSet::new()
         };
-        self.lock().slots.reserve(&kept);
+        {
+            let mut inner = self.lock();
+            inner.slots.reserve(&kept);
+            if !continuing {
+                // The maps were made at this start: no slot above those handed out has counts.
+                inner.slots.zeroed_from = inner.slots.next;
+            }
+        }
         let (mut restored, mut moved) = (0usize, Vec::new());
         let mut assigned = HashSet::new();
         for s in stored {
@@ -1038,8 +1053,8 @@ impl Core {
         let deadline = Instant::now() + secs(remaining);
         self.admissible(&inner, &req, &flow, restoring)?;
         // A session restored over the pinned maps keeps its slot, so its counters carry on.
-        let slot = match kept_slot {
-            Some(slot) => slot,
+        let (slot, zeroed) = match kept_slot {
+            Some(slot) => (slot, true),
             None => inner.slots.take().ok_or_else(|| {
                 CamaraError::new(
                     CamaraCode::QuotaExceeded,
@@ -1086,7 +1101,8 @@ impl Core {
             }
         }
         let rule = self.flow_rule(&flow, profile, slot, remaining, reservation.as_ref());
-        let reset = if kept_slot.is_some() {
+        // A kept slot's counters carry on; a slot never used since the maps were made is zero.
+        let reset = if zeroed {
             Ok(())
         } else {
             inner.dp.reset_counters(slot)
