@@ -507,7 +507,7 @@ struct Ending {
 
 /// Most deadlines one hold of the core's lock acts on: an expiry storm of 100k ends keeps a
 /// reader waiting for one batch at most, not for the storm.
-pub const EXPIRY_BATCH: usize = 256;
+pub const EXPIRY_BATCH: usize = 64;
 
 /// See the module docs.
 pub struct Core {
