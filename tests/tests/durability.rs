@@ -87,6 +87,99 @@ async fn check_acknowledged_sessions_survive_kill_9(mode: qod_testkit::Mode) {
 }
 
 qod_testkit::in_every_mode!(
+    a_watcher_cut_off_mid_storm_resumes_without_loss,
+    check_a_watcher_cut_off_mid_storm_resumes_without_loss
+);
+/// Sessions ending together (spread over two seconds): a watcher that drops its stream partway
+/// through and resumes after the last revision it saw receives every remaining end exactly once,
+/// in revision order; a watcher that stayed gets them all. (Scheduled mode holds fewer QOS_E
+/// sessions: each has a class from a 1 Gbit/s pool.)
+async fn check_a_watcher_cut_off_mid_storm_resumes_without_loss(mode: qod_testkit::Mode) {
+    use qod_testkit::api::next_change;
+    use std::collections::HashSet;
+    let n: u32 = match mode {
+        qod_testkit::Mode::Marking => 2000,
+        qod_testkit::Mode::Scheduled => 150,
+    };
+    let (_lab, mut qodd) = qod_testkit::lab_in(mode, "").await;
+    qodd.kill9();
+    let ends_at = time::OffsetDateTime::now_utc() + time::Duration::seconds(12);
+    qod_testkit::fill_store_ending(
+        &qodd.dir.path().join("state"),
+        n,
+        "QOS_E",
+        ends_at,
+        time::Duration::seconds(2),
+    )
+    .expect("fill the store");
+    qodd.restart().await.expect("restart");
+    assert!(
+        ends_at - time::OffsetDateTime::now_utc() > time::Duration::seconds(1),
+        "the restart took too long for the storm to begin after it"
+    );
+    let mut api = qodd.sessions().await.expect("client");
+    let mut cut = qod_testkit::watch_all(&mut api).await;
+    let mut stayed = qod_testkit::watch_all(&mut api).await;
+    let end = |ev: &pb::SessionEvent| match &ev.kind {
+        Some(pb::session_event::Kind::QosStatusChanged(c)) => {
+            assert_eq!(c.qos_status(), pb::QosStatus::Unavailable, "{ev:?}");
+            assert_eq!(c.status_info(), pb::StatusInfo::DurationExpired, "{ev:?}");
+            c.session_id.clone()
+        }
+        other => panic!("not a status change: {other:?}"),
+    };
+    let wait = Duration::from_secs(30);
+    let mut first = Vec::new();
+    while first.len() < (n / 3) as usize {
+        let ev = next_change(&mut cut, wait)
+            .await
+            .expect("an end")
+            .expect("open");
+        first.push((ev.revision, end(&ev)));
+    }
+    drop(cut);
+    let last = first.last().expect("seen").0;
+    let mut resumed = api
+        .watch_session_events(pb::WatchSessionEventsRequest {
+            after_revision: Some(last),
+            ..Default::default()
+        })
+        .await
+        .expect("resume")
+        .into_inner();
+    let mut rest = Vec::new();
+    while first.len() + rest.len() < n as usize {
+        let ev = next_change(&mut resumed, wait)
+            .await
+            .expect("every end after the cut")
+            .expect("open");
+        rest.push((ev.revision, end(&ev)));
+    }
+    let all: Vec<(u64, String)> = first.into_iter().chain(rest).collect();
+    assert!(
+        all.windows(2).all(|w| w[0].0 < w[1].0),
+        "revision order across the cut"
+    );
+    let ids: HashSet<&String> = all.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), n as usize, "each end exactly once");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), next_change(&mut resumed, wait))
+            .await
+            .is_err(),
+        "nothing more"
+    );
+    let mut stayed_ids = HashSet::new();
+    while stayed_ids.len() < n as usize {
+        let ev = next_change(&mut stayed, wait)
+            .await
+            .expect("every end")
+            .expect("open");
+        assert!(stayed_ids.insert(end(&ev)), "a duplicate");
+    }
+    assert_eq!(stayed_ids, ids.into_iter().cloned().collect());
+}
+
+qod_testkit::in_every_mode!(
     a_watcher_resumes_across_kill_9_without_loss,
     check_a_watcher_resumes_across_kill_9_without_loss
 );
