@@ -488,14 +488,37 @@ static STORM_SPREAD: std::sync::LazyLock<time::Duration> = std::sync::LazyLock::
 ///    ends it received, resync notices, and lateness p50 / p99 / max of qodd observing each end
 ///    (`observed_time − time`) and of the watcher receiving it (`received − time`); meanwhile a
 ///    reader does GetSession every 2 ms: p50 / p99 / max over the storm.
+///
+///    `QOD_BENCH_STORM_SCHEDULED=N`: instead, N sessions on two scheduled interfaces (100 Gbit/s
+///    each, so the pools admit them): every end also parks two HTB classes.
 async fn storm() -> anyhow::Result<()> {
-    println!("\nexpiry storm (release qodd, marking; N sessions ending in the same second)");
-    for n in [100_000u32] {
+    let scheduled: Option<u32> = std::env::var("QOD_BENCH_STORM_SCHEDULED")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let interfaces: Vec<String> = match scheduled {
+        Some(_) => [(EDGE_DEV_IF, "device"), (EDGE_SRV_IF, "server")]
+            .iter()
+            .map(|(name, side)| {
+                format!("{{ name = \"{name}\", side = \"{side}\", capacity_mbit = 100000 }}")
+            })
+            .collect(),
+        None => vec![EDGE_DEV_IF.into(), EDGE_SRV_IF.into()],
+    };
+    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+    println!(
+        "\nexpiry storm (release qodd, {}; N sessions ending in the same second)",
+        if scheduled.is_some() {
+            "both interfaces scheduled"
+        } else {
+            "marking"
+        }
+    );
+    for n in [scheduled.unwrap_or(100_000)] {
         let lab = Lab::new()?;
         let mut qodd = Qodd::start_bin(
             &release_qodd(),
             &lab.edge,
-            &[EDGE_DEV_IF, EDGE_SRV_IF],
+            &interfaces,
             &format!(
                 "max_sessions = {}\n[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_active_sessions_per_client = {}\n",
                 n + 1024,
