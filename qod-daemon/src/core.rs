@@ -502,6 +502,7 @@ struct Ending {
     session: Session,
     counters: FlowCounters,
     info: StatusInfo,
+    ended_at: OffsetDateTime,
     place: events::Place,
 }
 
@@ -588,11 +589,19 @@ impl Core {
     /// store; returns its place and what that commit must write with the change (its log
     /// record and its notification).
     fn queue_event(&self, decided: Decided) -> (Place, Vec<Op>) {
+        let place = self
+            .announcer
+            .reserve(decided.event.session.session.id, self.store.is_some());
+        (place, self.fill_event(place, decided))
+    }
+
+    /// Fills `decided` into its reserved `place`; returns what the commit of its change must
+    /// write (its log record and its notification).
+    fn fill_event(&self, place: Place, decided: Decided) -> Vec<Op> {
         let note = decided.note.clone();
-        let (place, record) = self.announcer.queue(decided, self.store.is_some());
-        let mut ops = vec![record];
+        let mut ops = vec![self.announcer.fill(place, decided)];
         ops.extend(note.map(Op::PutOutbox));
-        (place, ops)
+        ops
     }
 
     /// Writes a change already made in the kernel and in memory, with `event` (queued by
@@ -653,9 +662,9 @@ impl Core {
 
     /// As [`Core::forget`] where the session is gone anyway (purges): queued without waiting
     /// (queue order keeps it behind earlier writes; the store's writer logs a failure).
-    fn forget_logged(&self, id: SessionId) {
+    fn forget_logged(&self, ids: impl IntoIterator<Item = SessionId>) {
         if let Some(store) = &self.store {
-            drop(store.submit(vec![Op::RemoveSession(id)]));
+            drop(store.submit(ids.into_iter().map(Op::RemoveSession).collect()));
         }
     }
 
@@ -876,15 +885,15 @@ impl Core {
     ) {
         let left = (ended.at + retention - OffsetDateTime::now_utc()).whole_milliseconds();
         if left <= 0 {
-            self.forget_logged(s.id);
+            self.forget_logged([s.id]);
             return;
         }
         let Ok(key) = self.policy().resolve(&s.request.device, &s.request.server) else {
-            self.forget_logged(s.id);
+            self.forget_logged([s.id]);
             return;
         };
         let Ok(flow) = AppFlow::from_request(&s.request, key) else {
-            self.forget_logged(s.id);
+            self.forget_logged([s.id]);
             return;
         };
         let deadline = Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0));
@@ -1972,7 +1981,7 @@ impl Core {
             if let Some(place) = place {
                 self.announcer.withdraw(place);
             }
-            self.forget_logged(id);
+            self.forget_logged([id]);
             return Err(CamaraError::new(
                 CamaraCode::Internal,
                 "the deletion could not be stored; it is retried",
@@ -2169,6 +2178,7 @@ impl Core {
             session: ended,
             counters,
             info,
+            ended_at,
             place,
         })
     }
@@ -2187,17 +2197,19 @@ impl Core {
             session,
             counters,
             info,
+            ended_at,
             place,
         } in endings
         {
             let id = session.id;
-            if info == StatusInfo::DurationExpired {
+            let expired = info == StatusInfo::DurationExpired;
+            if expired {
                 debug!(session = %id, "session expired");
             } else {
                 info!(session = %id, ?info, "session ended");
             }
             audit::record(
-                if info == StatusInfo::DurationExpired {
+                if expired {
                     audit::Action::Expire
                 } else {
                     audit::Action::Terminate
@@ -2207,22 +2219,11 @@ impl Core {
                 Some(&session.flow.device),
                 Ok(()),
             );
-            let ended_at = match session.state {
-                SessionState::Unavailable { ended_at, .. } => ended_at,
-                SessionState::Available { .. } => OffsetDateTime::now_utc(),
-            };
-            let decided = self.event(
-                SessionView {
-                    session: session.clone(),
-                    counters,
-                },
-                ended_at,
-            );
-            let note = decided.note.clone();
-            let record = self.announcer.fill(place, decided);
-            let mut extra = vec![record];
-            extra.extend(note.map(Op::PutOutbox));
-            ops.extend(self.session_ops(&session, extra));
+            // The session's own record first; its event (built from the session, moved) and
+            // notification follow it in the same commit.
+            ops.extend(self.session_ops(&session, Vec::new()));
+            let decided = self.event(SessionView { session, counters }, ended_at);
+            ops.extend(self.fill_event(place, decided));
             places.push(place);
         }
         let Some(store) = &self.store else {
@@ -2330,10 +2331,7 @@ impl Core {
         self.tell_endings(endings);
         if !purged.is_empty() {
             debug!(sessions = purged.len(), "unavailable sessions purged");
-            if let Some(store) = &self.store {
-                // Queue order keeps it behind earlier writes; the writer logs a failure.
-                drop(store.submit(purged.into_iter().map(Op::RemoveSession).collect()));
-            }
+            self.forget_logged(purged);
         }
         next
     }

@@ -316,19 +316,11 @@ impl Announcer {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `decided` (call it under the lock that decided the change) under the next
-    /// revision; `held` keeps it, and everything behind it, until [`Announcer::release`] or
-    /// [`Announcer::withdraw`]. Returns its place and its log record, for the commit of its
-    /// change.
-    pub fn queue(&self, decided: Decided, held: bool) -> (Place, Op) {
-        let place = self.reserve(decided.event.session.session.id, held);
-        let record = self.fill(place, decided);
-        (place, record)
-    }
-
     /// Takes the next revision for an event of `session` that is yet to be built (call it
     /// under the lock that decided the change, so revision order is decision order), for
-    /// [`Announcer::fill`] once that lock is released. Nothing behind it is announced before.
+    /// [`Announcer::fill`], under that lock or once it is released. `held` keeps it, and
+    /// everything behind it, until [`Announcer::release`] or [`Announcer::withdraw`]; nothing
+    /// behind it is announced before it is filled.
     pub fn reserve(&self, session: SessionId, held: bool) -> Place {
         let mut q = self.lock();
         q.last += 1;

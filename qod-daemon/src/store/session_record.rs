@@ -169,6 +169,14 @@ fn device_id(d: Device) -> Result<DeviceId, String> {
     })
 }
 
+/// A stored network's address (`N` bytes) and prefix length.
+fn network<const N: usize>(n: Network) -> Result<([u8; N], u8), String> {
+    let addr = <[u8; N]>::try_from(n.addr.as_slice())
+        .map_err(|_| format!("server: {} address bytes, not {N}", n.addr.len()))?;
+    let prefix = u8::try_from(n.prefix).map_err(|_| format!("prefix {}", n.prefix))?;
+    Ok((addr, prefix))
+}
+
 fn port_set(p: &Ports) -> PortSet {
     PortSet {
         ranges: p
@@ -260,25 +268,17 @@ pub fn decode(bytes: &[u8]) -> Result<StoredSession, String> {
             r.schema
         ));
     }
-    let network = |n: Network| -> Result<(Vec<u8>, u8), String> {
-        Ok((
-            n.addr,
-            u8::try_from(n.prefix).map_err(|_| format!("prefix {}", n.prefix))?,
-        ))
-    };
     let server_v4 = r
         .server_v4
         .map(|n| {
-            let (addr, prefix) = network(n)?;
-            let addr = <[u8; 4]>::try_from(addr.as_slice()).map_err(|_| "server: not IPv4")?;
+            let (addr, prefix) = network::<4>(n)?;
             Ipv4Network::new(Ipv4Addr::from(addr), prefix).map_err(|e| e.to_string())
         })
         .transpose()?;
     let server_v6 = r
         .server_v6
         .map(|n| {
-            let (addr, prefix) = network(n)?;
-            let addr = <[u8; 16]>::try_from(addr.as_slice()).map_err(|_| "server: not IPv6")?;
+            let (addr, prefix) = network::<16>(n)?;
             Ipv6Network::new(Ipv6Addr::from(addr), prefix).map_err(|e| e.to_string())
         })
         .transpose()?;
