@@ -32,7 +32,7 @@ use crate::{
     error::{CamaraCode, CamaraError},
     model::{
         AppFlow, Caller, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words,
-        secs,
+        secs, time_left,
     },
     notify::{Notification, Notifier},
     policy::Policy,
@@ -712,7 +712,6 @@ impl Core {
                 None => None,
             };
             let Some(ended) = ended else {
-                let remaining = u32::try_from((end - wall).whole_seconds().max(1)).unwrap_or(1);
                 // Each kept slot goes to one session (a second claimant gets a new one).
                 let slot = s
                     .slot
@@ -722,11 +721,10 @@ impl Core {
                     s.id,
                     s.started_at,
                     s.duration,
-                    remaining,
                     Admission::Restored { slot },
                 ) {
                     Ok(v) => {
-                        debug!(session = %s.id, remaining, "session restored");
+                        debug!(session = %s.id, left_ms = time_left(end).as_millis() as u64, "session restored");
                         audit::record(
                             audit::Action::Restore,
                             &s.request.owner,
@@ -1010,7 +1008,6 @@ impl Core {
             SessionId::random(),
             OffsetDateTime::now_utc(),
             duration,
-            duration,
             Admission::New,
         );
         match &created {
@@ -1028,14 +1025,14 @@ impl Core {
 
     /// Installs a session: a new one (`restoring` false: profile rules checked, persisted before
     /// it is acknowledged, AVAILABLE event) or one read back from the store at start (its
-    /// profile need only still exist; `remaining` seconds are left of `duration`).
+    /// profile need only still exist). It ends at `started_at + duration` by the wall clock,
+    /// whenever this runs: a restore that takes seconds does not push its sessions' ends back.
     fn admit(
         &self,
         req: SessionRequest,
         id: SessionId,
         started_at: OffsetDateTime,
         duration: u32,
-        remaining: u32,
         how: Admission,
     ) -> Result<SessionView, CamaraError> {
         let (restoring, kept_slot) = match how {
@@ -1059,7 +1056,6 @@ impl Core {
         let key = policy.resolve(&req.device, &req.server)?;
         let flow = AppFlow::from_request(&req, key)?;
         let now = started_at;
-        let deadline = Instant::now() + secs(remaining);
         self.admissible(&inner, &req, &flow, restoring)?;
         // A session restored over the pinned maps keeps its slot, so its counters carry on.
         let (slot, zeroed) = match kept_slot {
@@ -1109,7 +1105,11 @@ impl Core {
                 return Err(e);
             }
         }
-        let rule = self.flow_rule(&flow, profile, slot, remaining, reservation.as_ref());
+        // What is left of the session, read now (classes may have taken milliseconds, a
+        // restore seconds), for the kernel's expiry and the ledger's deadline alike.
+        let left = time_left(now + secs(duration));
+        let deadline = Instant::now() + left;
+        let rule = self.flow_rule(&flow, profile, slot, left, reservation.as_ref());
         // A kept slot's counters carry on; a slot never used since the maps were made is zero.
         let reset = if zeroed {
             Ok(())
@@ -1406,7 +1406,7 @@ impl Core {
         flow: &AppFlow,
         profile: &QosProfile,
         slot: u32,
-        duration: u32,
+        left: Duration,
         reservation: Option<&Reservation>,
     ) -> FlowRule {
         let (server_addr, server_mask) = network_words(flow.server);
@@ -1451,7 +1451,7 @@ impl Core {
                 })
         };
         FlowRule {
-            expires_at_ns: monotonic_ns() + u64::from(duration) * 1_000_000_000,
+            expires_at_ns: monotonic_ns() + u64::try_from(left.as_nanos()).unwrap_or(u64::MAX / 2),
             priority_up: priority(Side::Server),
             priority_down: priority(Side::Device),
             slot,
@@ -3092,6 +3092,58 @@ mod tests {
             core.node_stats()
                 .parked_classes
                 .contains(&("dev0".to_owned(), 0))
+        );
+    }
+
+    /// A restored session ends when it was due by the wall clock, in the kernel's rule and in
+    /// the ledger alike: not rounded to whole seconds, and not pushed back by a restore that
+    /// takes a while (here its classes take 1.2 s to make, as in a large tree).
+    #[test]
+    fn a_restored_session_ends_when_it_was_due_however_long_the_restore_takes() {
+        let (core, dp) = scheduled_core();
+        let due = OffsetDateTime::now_utc() + Duration::from_millis(3_500);
+        let stored = StoredSession {
+            id: SessionId::random(),
+            request: profile_request([10, 0, 0, 7], "QOS_L"),
+            started_at: due - Duration::from_secs(60),
+            duration: 60,
+            ended: None,
+            slot: None,
+        };
+        dp.hold_classes();
+        let restoring = {
+            let core = core.clone();
+            std::thread::spawn(move || core.restore(vec![stored], false))
+        };
+        let t = std::time::Instant::now();
+        while dp.classes_waiting() == 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "no class was made");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(1_200));
+        dp.release_classes();
+        restoring.join().expect("restore");
+        let expected = time_left(due).as_secs_f64();
+        let rule = dp
+            .state
+            .lock()
+            .expect("lock")
+            .flows
+            .values()
+            .flatten()
+            .next()
+            .copied()
+            .expect("installed");
+        let kernel = (rule.expires_at_ns as f64 - monotonic_ns() as f64) / 1e9;
+        assert!(
+            (kernel - expected).abs() < 0.05,
+            "the kernel ends it in {kernel:.3} s, due in {expected:.3} s"
+        );
+        let next = core.expire_due(Instant::now()).expect("its deadline");
+        let ledger = next.saturating_duration_since(Instant::now()).as_secs_f64();
+        assert!(
+            (ledger - expected).abs() < 0.05,
+            "the ledger ends it in {ledger:.3} s, due in {expected:.3} s"
         );
     }
 

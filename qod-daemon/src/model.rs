@@ -413,6 +413,12 @@ pub fn secs(s: u32) -> Duration {
     Duration::from_secs(u64::from(s))
 }
 
+/// What is left until `end` by the wall clock (zero once it has passed), to the nanosecond.
+pub fn time_left(end: OffsetDateTime) -> Duration {
+    let left = (end - OffsetDateTime::now_utc()).whole_nanoseconds();
+    Duration::from_nanos(u64::try_from(left.max(0)).unwrap_or(u64::MAX))
+}
+
 /// One status change to tell a sink about.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Notification {
