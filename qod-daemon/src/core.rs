@@ -110,10 +110,6 @@ pub struct Reservation {
 /// At least two of the largest GSO packets: tc sees a GSO packet whole, so a smaller burst would
 /// drop every one of them when offloads are on.
 const MIN_BURST_BYTES: u64 = 2 * 65_536;
-/// Default policer burst as time at the maximum rate (`policer_burst_ms`): deep enough for TCP's
-/// window bursts to pass, so a flow reaches its maximum instead of losing whole windows (see
-/// BENCHMARKS.md, "TCP through a policed maximum").
-pub const DEFAULT_POLICER_BURST_MS: u64 = 250;
 
 /// The policer of a `rate_bps` maximum: its bucket holds `burst` at the rate, at least
 /// [`MIN_BURST_BYTES`].
@@ -2527,7 +2523,7 @@ mod tests {
             event_log_retention: 1024,
             max_active_per_client,
             max_sinks_per_client: u32::MAX,
-            policer_burst: Duration::from_millis(DEFAULT_POLICER_BURST_MS),
+            policer_burst: Config::built_in().policer_burst,
         }
     }
 
@@ -2694,11 +2690,11 @@ mod tests {
         // No scheduled interface here: the 500 kbit/s maximum is policed in the classifier.
         assert_eq!(
             rule.police_down,
-            policer(500_000, Duration::from_millis(DEFAULT_POLICER_BURST_MS))
+            policer(500_000, Config::built_in().policer_burst)
         );
         assert_eq!(
             rule.police_up,
-            policer(500_000, Duration::from_millis(DEFAULT_POLICER_BURST_MS))
+            policer(500_000, Config::built_in().policer_burst)
         );
         assert_eq!(rule.n_server_ports, 2);
         assert_eq!(
@@ -2775,8 +2771,13 @@ mod tests {
         let mut events = core.subscribe();
         let v = core.create(request([10, 0, 0, 1], 5)).expect("create");
         let _ = next_event(&mut events);
-        let next = core.expire_due(Instant::now()).expect("a deadline");
-        assert_eq!(next - Instant::now(), Duration::from_secs(5));
+        // Due at its start + duration by the wall clock, which moves on while this test's
+        // tokio clock stands still: a little under 5 s from here.
+        let left = core.expire_due(Instant::now()).expect("a deadline") - Instant::now();
+        assert!(
+            left <= Duration::from_secs(5) && left > Duration::from_millis(4_900),
+            "{left:?}"
+        );
 
         tokio::time::advance(Duration::from_secs(5)).await;
         let purge = core.expire_due(Instant::now()).expect("purge deadline");
@@ -3003,7 +3004,7 @@ mod tests {
             event_log_retention: 1024,
             max_active_per_client: u32::MAX,
             max_sinks_per_client: u32::MAX,
-            policer_burst: Duration::from_millis(DEFAULT_POLICER_BURST_MS),
+            policer_burst: Config::built_in().policer_burst,
         };
         (
             Arc::new(Core::new(Box::new(dp.clone()), policy(), limits, None)),

@@ -40,15 +40,6 @@ pub struct ConnectionLimits {
     pub max_streams_per_connection: u32,
 }
 
-impl ConnectionLimits {
-    pub const DEFAULT: Self = Self {
-        max_connections: 4096,
-        max_connections_per_peer: 256,
-        handshake_timeout: Duration::from_secs(10),
-        max_streams_per_connection: 128,
-    };
-}
-
 /// Descriptors kept for everything but API connections: the store, the eBPF maps and links, tc
 /// and netlink, notification sinks, the metrics listener.
 pub const RESERVED_DESCRIPTORS: u64 = 256;

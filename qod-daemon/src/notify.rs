@@ -156,18 +156,11 @@ pub struct SinkRules {
     pub addresses: SinkAddresses,
 }
 
+#[cfg(test)]
 impl Default for NotifyConfig {
+    /// The built-in configuration's (`qodd.toml`).
     fn default() -> Self {
-        Self {
-            event_type: DEFAULT_EVENT_TYPE.into(),
-            source: "urn:qod:qodd".into(),
-            queue: 10_000,
-            timeout: Duration::from_secs(5),
-            max_attempts: 8,
-            backoff_base: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(60),
-            sinks: SinkRules::default(),
-        }
+        crate::config::Config::built_in().notify
     }
 }
 

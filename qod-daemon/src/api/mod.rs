@@ -286,7 +286,7 @@ mod tests {
             event_log_retention: retention,
             max_active_per_client: u32::MAX,
             max_sinks_per_client: u32::MAX,
-            policer_burst: Duration::from_millis(crate::core::DEFAULT_POLICER_BURST_MS),
+            policer_burst: crate::config::Config::built_in().policer_burst,
         };
         let core = Arc::new(Core::new(
             Box::new(FakeDataPlane::default()),

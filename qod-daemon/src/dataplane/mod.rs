@@ -17,7 +17,8 @@ use qod_common::{BANDS, BandCounters, DeviceKey, FlowCounters, FlowRule};
 pub use scheduler::{QueueStats, SchedulerConfig};
 
 /// Which traffic leaves through a managed interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Side {
     /// Faces the devices: its egress carries downlink.
     Device,
@@ -37,7 +38,8 @@ pub struct ManagedInterface {
 }
 
 /// How the classifier is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     Auto,
     Tcx,
