@@ -614,7 +614,7 @@ impl Core {
         store.submit_then(self.session_ops(s, ops), move |r| match r {
             Ok(()) => announcer.release(place),
             Err(e) => {
-                error!(session = %id, error = %e, "cannot store a session's end; it is not announced");
+                error!(session = %id, error = %crate::anyhow_like(&e), "cannot store a session's end; it is not announced");
                 announcer.withdraw(place);
             }
         });
@@ -737,7 +737,7 @@ impl Core {
                         }
                     }
                     Err(e) => {
-                        error!(session = %s.id, error = %e, "cannot restore the session; it ends");
+                        error!(session = %s.id, error = %crate::anyhow_like(&e), "cannot restore the session; it ends");
                         audit::record(
                             audit::Action::Restore,
                             &s.request.owner,
@@ -768,7 +768,7 @@ impl Core {
             && !moved.is_empty()
             && let Err(e) = store.submit(moved).wait()
         {
-            error!(error = %e, "cannot record the restored sessions' counter slots");
+            error!(error = %crate::anyhow_like(&e), "cannot record the restored sessions' counter slots");
         }
         info!(restored, "live sessions restored");
         if continuing {
@@ -808,7 +808,7 @@ impl Core {
             let present = match inner.dp.session_classes(&i.name) {
                 Ok(p) => p,
                 Err(e) => {
-                    error!(interface = %i.name, error = %e, "cannot list the scheduler's classes to reconcile them");
+                    error!(interface = %i.name, error = %crate::anyhow_like(&e), "cannot list the scheduler's classes to reconcile them");
                     continue;
                 }
             };
@@ -820,7 +820,7 @@ impl Core {
                 match self.class_ops.park_class(&i.name, index) {
                     Ok(()) => adopted.push(index),
                     Err(e) => {
-                        error!(interface = %i.name, index, error = %e, "cannot park a scheduler class no session holds");
+                        error!(interface = %i.name, index, error = %crate::anyhow_like(&e), "cannot park a scheduler class no session holds");
                     }
                 }
             }
@@ -842,7 +842,7 @@ impl Core {
         let keys = match inner.dp.device_keys() {
             Ok(k) => k,
             Err(e) => {
-                error!(error = %e, "cannot list the kernel's entries to reconcile them");
+                error!(error = %crate::anyhow_like(&e), "cannot list the kernel's entries to reconcile them");
                 return;
             }
         };
@@ -859,7 +859,9 @@ impl Core {
             if !live {
                 match inner.dp.remove(&key) {
                     Ok(()) => removed += 1,
-                    Err(e) => error!(error = %e, "cannot remove an orphaned kernel entry"),
+                    Err(e) => {
+                        error!(error = %crate::anyhow_like(&e), "cannot remove an orphaned kernel entry")
+                    }
                 }
             }
         }
@@ -1158,7 +1160,7 @@ impl Core {
         drop(inner);
         if let Some(Err(e)) = ticket.map(Ticket::wait) {
             // Not stored, so not created: nothing of it stays, and nothing of it is announced.
-            error!(error = %e, "cannot persist a new session");
+            error!(error = %crate::anyhow_like(&e), "cannot persist a new session");
             self.roll_back(id, place);
             return Err(CamaraError::new(
                 CamaraCode::Internal,
@@ -1255,7 +1257,7 @@ impl Core {
         inner.deadlines.remove(&(session.deadline, id));
         if let SessionState::Available { slot, .. } = session.state {
             if let Err(e) = resync(&mut inner, &session.flow.device, None, None) {
-                error!(error = %e, "cannot roll back an unpersisted session's rule");
+                error!(error = %crate::anyhow_like(&e), "cannot roll back an unpersisted session's rule");
             }
             inner.slots.give_back(slot);
             release(
@@ -1585,15 +1587,15 @@ impl Core {
                 .map(|(i, p)| (i.name.clone(), p.parked.len() as u64))
                 .collect(),
             bands: inner.dp.band_counters().unwrap_or_else(|e| {
-                warn!(error = %e, "cannot read the classifier's band counters");
+                warn!(error = %crate::anyhow_like(&e), "cannot read the classifier's band counters");
                 Vec::new()
             }),
             queues: inner.dp.queue_stats().unwrap_or_else(|e| {
-                warn!(error = %e, "cannot read the schedulers' statistics");
+                warn!(error = %crate::anyhow_like(&e), "cannot read the schedulers' statistics");
                 Vec::new()
             }),
             parse: inner.dp.parse_counters().unwrap_or_else(|e| {
-                warn!(error = %e, "cannot read the classifier's parse counters");
+                warn!(error = %crate::anyhow_like(&e), "cannot read the classifier's parse counters");
                 Vec::new()
             }),
         }
@@ -1836,7 +1838,9 @@ impl Core {
                             ..stats.minus(c.baseline)
                         });
                     }
-                    Err(e) => warn!(session = %id, error = %e, "cannot read a session class"),
+                    Err(e) => {
+                        warn!(session = %id, error = %crate::anyhow_like(&e), "cannot read a session class")
+                    }
                 }
             }
         }
@@ -1973,7 +1977,7 @@ impl Core {
             // Gone from the kernel and from memory, but not from the store: the removal is
             // queued again (it would otherwise come back at the next start) and the end is not
             // announced, since it is not durable.
-            error!(session = %id, error = %e, "cannot store the deletion; queued again");
+            error!(session = %id, error = %crate::anyhow_like(&e), "cannot store the deletion; queued again");
             if let Some(place) = place {
                 self.announcer.withdraw(place);
             }
@@ -2073,7 +2077,7 @@ impl Core {
         let counters = inner.dp.counters(slot).unwrap_or_default();
         drop(inner);
         if let Some(Err(e)) = ticket.map(Ticket::wait) {
-            error!(session = %id, error = %e, "cannot store the extension; undone");
+            error!(session = %id, error = %crate::anyhow_like(&e), "cannot store the extension; undone");
             self.undo_extension(&session, &updated);
             return Err(CamaraError::new(
                 CamaraCode::Internal,
@@ -2103,7 +2107,7 @@ impl Core {
             Some(before.id),
             Some(before.rule),
         ) {
-            error!(session = %before.id, error = %e, "cannot undo an unstored extension in the kernel");
+            error!(session = %before.id, error = %crate::anyhow_like(&e), "cannot undo an unstored extension in the kernel");
         }
         inner.deadlines.remove(&(after.deadline, before.id));
         inner.deadlines.insert((before.deadline, before.id));
@@ -2144,7 +2148,7 @@ impl Core {
         if let Err(e) = resync(inner, &session.flow.device, Some(id), None) {
             // The kernel ignores the entry past its expiry anyway. Until then the rule still
             // counts into its slot and steers into its classes, so neither is handed out again.
-            error!(session = %id, error = %e, "cannot remove rule; its slot and classes stay reserved");
+            error!(session = %id, error = %crate::anyhow_like(&e), "cannot remove rule; its slot and classes stay reserved");
         } else {
             inner.slots.give_back(slot);
             release(inner, self.class_ops.as_ref(), session.reservation.clone());
@@ -2229,7 +2233,7 @@ impl Core {
         store.submit_then(ops, move |r| match r {
             Ok(()) => places.into_iter().for_each(|p| announcer.release(p)),
             Err(e) => {
-                error!(error = %e, ends = places.len(), "cannot store sessions' ends; they are not announced");
+                error!(error = %crate::anyhow_like(&e), ends = places.len(), "cannot store sessions' ends; they are not announced");
                 places.into_iter().for_each(|p| announcer.withdraw(p));
             }
         });
@@ -2266,7 +2270,7 @@ impl Core {
                                 }
                             }
                             Err(e) => {
-                                error!(session = %id, error = %e, "cannot apply the reloaded profile")
+                                error!(session = %id, error = %crate::anyhow_like(&e), "cannot apply the reloaded profile")
                             }
                         }
                     }
@@ -2406,7 +2410,7 @@ fn not_found(id: SessionId) -> CamaraError {
 }
 
 fn dataplane_error(e: &DataPlaneError) -> CamaraError {
-    error!(error = %e, "data plane operation failed");
+    error!(error = %crate::anyhow_like(&e), "data plane operation failed");
     match e {
         DataPlaneError::Full { capacity } => CamaraError::new(
             CamaraCode::QuotaExceeded,
@@ -2484,7 +2488,7 @@ fn release(inner: &mut Inner, ops: &dyn Classes, reservation: Option<Reservation
             Err(e) => {
                 // Unparked, it still carries nothing (no rule steers to it) and the next
                 // session to take it sets it whole.
-                error!(interface = %c.interface, class = c.index, error = %e, "cannot park a session class");
+                error!(interface = %c.interface, class = c.index, error = %crate::anyhow_like(&e), "cannot park a session class");
                 false
             }
         };

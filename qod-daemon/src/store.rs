@@ -47,13 +47,13 @@ pub const SESSION_SCHEMA: u32 = session_record::SCHEMA;
 trait Stored: Sized {
     /// The schema it is written in; older ones are migrated at start.
     const SCHEMA: u32;
-    fn encode(&self, key: &str) -> Result<Vec<u8>, String>;
+    fn encode(&self, key: &str) -> Result<Vec<u8>, StoreError>;
     fn decode(bytes: &[u8]) -> Result<(Self, u32), String>;
 }
 
 impl Stored for StoredSession {
     const SCHEMA: u32 = SESSION_SCHEMA;
-    fn encode(&self, _key: &str) -> Result<Vec<u8>, String> {
+    fn encode(&self, _key: &str) -> Result<Vec<u8>, StoreError> {
         Ok(session_record::encode(self))
     }
     fn decode(bytes: &[u8]) -> Result<(Self, u32), String> {
@@ -67,7 +67,7 @@ impl Stored for StoredSession {
 
 impl Stored for Notification {
     const SCHEMA: u32 = RECORD_SCHEMA;
-    fn encode(&self, key: &str) -> Result<Vec<u8>, String> {
+    fn encode(&self, key: &str) -> Result<Vec<u8>, StoreError> {
         encode_json(key, self)
     }
     fn decode(bytes: &[u8]) -> Result<(Self, u32), String> {
@@ -177,8 +177,17 @@ pub enum StoreError {
     },
     #[error("session store operation failed")]
     Db(#[from] Box<redb::Error>),
-    #[error("session store commit failed: {0}")]
-    Commit(String),
+    /// The commit that held a write failed (the same failure goes to every write it held).
+    #[error("session store commit failed")]
+    Commit(#[source] Arc<StoreError>),
+    #[error("the session store's writer stopped")]
+    WriterStopped,
+    #[error("cannot encode stored record {key}")]
+    Encode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("stored record {key} is unreadable")]
     Decode {
         key: String,
@@ -209,22 +218,25 @@ pub enum Op {
 }
 
 /// A queued write; [`Ticket::wait`] returns once it is durable (or failed).
-pub struct Ticket(std::sync::mpsc::Receiver<Result<(), String>>);
+pub struct Ticket(std::sync::mpsc::Receiver<Outcome>);
+
+/// How a write ended: durable, or the failure of the commit that held it.
+pub type Outcome = Result<(), Arc<StoreError>>;
 
 impl Ticket {
     pub fn wait(self) -> Result<(), StoreError> {
         match self.0.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Commit(e)),
-            Err(_) => Err(StoreError::Commit("the store's writer stopped".into())),
+            Err(_) => Err(StoreError::WriterStopped),
         }
     }
 }
 
 /// What a write's outcome goes to: a waiting [`Ticket`], or a function the writer calls.
 enum Done {
-    Ticket(std::sync::mpsc::SyncSender<Result<(), String>>),
-    Then(Box<dyn FnOnce(Result<(), String>) + Send>),
+    Ticket(std::sync::mpsc::SyncSender<Outcome>),
+    Then(Box<dyn FnOnce(Outcome) + Send>),
 }
 
 struct Job {
@@ -269,21 +281,24 @@ impl Drop for Shared {
     }
 }
 
-fn encode_json<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, String> {
+fn encode_json<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(&Versioned {
         schema: RECORD_SCHEMA,
         record: v,
     })
-    .map_err(|e| format!("cannot encode {key}: {e}"))
+    .map_err(|source| StoreError::Encode {
+        key: key.to_owned(),
+        source,
+    })
 }
 
-fn apply(db: &Database, jobs: &[Job], event_retention: u64) -> Result<(), String> {
-    let tx = db.begin_write().map_err(|e| e.to_string())?;
+fn apply(database: &Database, jobs: &[Job], event_retention: u64) -> Result<(), StoreError> {
+    let tx = database.begin_write().map_err(db)?;
     {
-        let mut sessions = tx.open_table(SESSIONS).map_err(|e| e.to_string())?;
-        let mut outbox = tx.open_table(OUTBOX).map_err(|e| e.to_string())?;
-        let mut slots = tx.open_table(SLOTS).map_err(|e| e.to_string())?;
-        let mut events = tx.open_table(EVENTS).map_err(|e| e.to_string())?;
+        let mut sessions = tx.open_table(SESSIONS).map_err(db)?;
+        let mut outbox = tx.open_table(OUTBOX).map_err(db)?;
+        let mut slots = tx.open_table(SLOTS).map_err(db)?;
+        let mut events = tx.open_table(EVENTS).map_err(db)?;
         let mut newest_event = None;
         for op in jobs.iter().flat_map(|j| &j.ops) {
             match op {
@@ -291,38 +306,32 @@ fn apply(db: &Database, jobs: &[Job], event_retention: u64) -> Result<(), String
                     let key = s.id.to_string();
                     sessions
                         .insert(key.as_str(), s.encode(&key)?.as_slice())
-                        .map_err(|e| e.to_string())?;
+                        .map_err(db)?;
                     match s.slot {
                         Some(slot) => slots.insert(key.as_str(), slot).map(drop),
                         None => slots.remove(key.as_str()).map(drop),
                     }
-                    .map_err(|e| e.to_string())?;
+                    .map_err(db)?;
                 }
                 Op::RemoveSession(id) => {
                     let key = id.to_string();
-                    sessions.remove(key.as_str()).map_err(|e| e.to_string())?;
-                    slots.remove(key.as_str()).map_err(|e| e.to_string())?;
+                    sessions.remove(key.as_str()).map_err(db)?;
+                    slots.remove(key.as_str()).map_err(db)?;
                 }
                 Op::SetSlot(id, slot) => {
-                    slots
-                        .insert(id.to_string().as_str(), *slot)
-                        .map_err(|e| e.to_string())?;
+                    slots.insert(id.to_string().as_str(), *slot).map_err(db)?;
                 }
                 Op::PutOutbox(n) => {
                     let key = n.event_id.to_string();
                     outbox
                         .insert(key.as_str(), n.encode(&key)?.as_slice())
-                        .map_err(|e| e.to_string())?;
+                        .map_err(db)?;
                 }
                 Op::RemoveOutbox(id) => {
-                    outbox
-                        .remove(id.to_string().as_str())
-                        .map_err(|e| e.to_string())?;
+                    outbox.remove(id.to_string().as_str()).map_err(db)?;
                 }
                 Op::PutEvent { revision, record } => {
-                    events
-                        .insert(*revision, record.as_slice())
-                        .map_err(|e| e.to_string())?;
+                    events.insert(*revision, record.as_slice()).map_err(db)?;
                     newest_event = Some(*revision);
                 }
             }
@@ -330,17 +339,15 @@ fn apply(db: &Database, jobs: &[Job], event_retention: u64) -> Result<(), String
         // Compaction: about as many old events leave as new ones came.
         if let Some(newest) = newest_event {
             let keep_from = newest.saturating_sub(event_retention - 1);
-            let oldest = |t: &redb::Table<u64, &[u8]>| -> Result<Option<u64>, String> {
-                Ok(t.first()
-                    .map_err(|e| e.to_string())?
-                    .map(|(k, _)| k.value()))
+            let oldest = |t: &redb::Table<u64, &[u8]>| -> Result<Option<u64>, StoreError> {
+                Ok(t.first().map_err(db)?.map(|(k, _)| k.value()))
             };
             while oldest(&events)?.is_some_and(|r| r < keep_from) {
-                events.pop_first().map_err(|e| e.to_string())?;
+                events.pop_first().map_err(db)?;
             }
         }
     }
-    tx.commit().map_err(|e| e.to_string())
+    tx.commit().map_err(db)
 }
 
 fn writer(
@@ -362,13 +369,13 @@ fn writer(
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
         // One failing job must not fail the others: on error, each is tried alone.
-        let results: Vec<Result<(), String>> = match apply(&db, &jobs, event_retention) {
+        let results: Vec<Outcome> = match apply(&db, &jobs, event_retention) {
             Ok(()) => vec![Ok(()); jobs.len()],
             Err(_) if jobs.len() > 1 => jobs
                 .iter()
-                .map(|j| apply(&db, std::slice::from_ref(j), event_retention))
+                .map(|j| apply(&db, std::slice::from_ref(j), event_retention).map_err(Arc::new))
                 .collect(),
-            Err(e) => vec![Err(e)],
+            Err(e) => vec![Err(Arc::new(e))],
         };
         crate::metrics::METRICS
             .store_commit_seconds
@@ -484,11 +491,7 @@ impl Store {
 
     /// Queues `ops` as [`Store::submit`] does; the writer calls `then` with the outcome once
     /// they are durable (or failed). `then` runs on the writer's thread: it must not wait.
-    pub fn submit_then(
-        &self,
-        ops: Vec<Op>,
-        then: impl FnOnce(Result<(), String>) + Send + 'static,
-    ) {
+    pub fn submit_then(&self, ops: Vec<Op>, then: impl FnOnce(Outcome) + Send + 'static) {
         self.enqueue(ops, Done::Then(Box::new(then)));
     }
 
@@ -504,7 +507,7 @@ impl Store {
             },
             None => job,
         };
-        let stopped = Err("the store's writer stopped".to_owned());
+        let stopped = Err(Arc::new(StoreError::WriterStopped));
         match refused.done {
             Done::Ticket(done) => drop(done.send(stopped)),
             Done::Then(f) => f(stopped),
@@ -630,7 +633,7 @@ impl Store {
                 let mut aside = tx.open_table(SET_ASIDE).map_err(db)?;
                 for &i in &migrated {
                     let (key, record) = &out[i];
-                    let bytes = record.encode(key).map_err(StoreError::Commit)?;
+                    let bytes = record.encode(key)?;
                     t.insert(key.as_str(), bytes.as_slice()).map_err(db)?;
                 }
                 for (key, bytes, reason) in &unreadable {
@@ -643,8 +646,10 @@ impl Store {
                         at: OffsetDateTime::now_utc(),
                         record: base64::engine::general_purpose::STANDARD.encode(bytes),
                     };
-                    let kept = serde_json::to_vec(&kept)
-                        .map_err(|e| StoreError::Commit(format!("cannot keep {key}: {e}")))?;
+                    let kept = serde_json::to_vec(&kept).map_err(|source| StoreError::Encode {
+                        key: key.clone(),
+                        source,
+                    })?;
                     aside
                         .insert(format!("{name}/{key}").as_str(), kept.as_slice())
                         .map_err(db)?;

@@ -187,12 +187,7 @@ pub fn remove_pins(root: &Path) -> Result<(), DataPlaneError> {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(DataPlaneError::Pins {
-                    path: dir,
-                    what: e.to_string(),
-                });
-            }
+            Err(source) => return Err(DataPlaneError::PinDir { path: dir, source }),
         }
     }
     let _ = std::fs::remove_dir(root);
@@ -279,9 +274,9 @@ impl AyaDataPlane {
     /// reused as they are (check them first with [`inspect_pins`]).
     pub fn load(max_sessions: u32, pin_root: &Path) -> Result<Self, DataPlaneError> {
         let pins = pin_dir(pin_root);
-        std::fs::create_dir_all(&pins).map_err(|e| DataPlaneError::Pins {
+        std::fs::create_dir_all(&pins).map_err(|source| DataPlaneError::PinDir {
             path: pins.clone(),
-            what: e.to_string(),
+            source,
         })?;
         let reused = pins.join(FLOWS_V4_MAP).exists();
         let mut ebpf = EbpfLoader::new()
@@ -317,10 +312,8 @@ impl AyaDataPlane {
             PerCpuArray::try_from(map(&mut ebpf, COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
         let policers =
             Array::try_from(map(&mut ebpf, POLICERS_MAP)?).map_err(map_err(POLICERS_MAP))?;
-        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| DataPlaneError::Attach {
-            interface: String::new(),
-            what: format!("{what}: {e}"),
-        })?;
+        let nr_cpus =
+            aya::util::nr_cpus().map_err(|(what, source)| DataPlaneError::Cpus { what, source })?;
         Ok(Self {
             ebpf,
             flows_v4,
@@ -402,11 +395,12 @@ impl AyaDataPlane {
         side: Side,
         mode: AttachMode,
     ) -> Result<&'static str, DataPlaneError> {
-        let index =
-            nix::net::if_::if_nametoindex(interface).map_err(|e| DataPlaneError::Attach {
+        let index = nix::net::if_::if_nametoindex(interface).map_err(|source| {
+            DataPlaneError::NoInterface {
                 interface: interface.to_owned(),
-                what: format!("no such interface ({e})"),
-            })?;
+                source,
+            }
+        })?;
         // Counter slots follow the configured order (1-based); an interface attached outside
         // `manage` shares slot 0.
         let counters = self

@@ -78,6 +78,32 @@ pub enum DataPlaneError {
     Missing(&'static str),
     #[error("scheduler on {interface}: {what}")]
     Scheduler { interface: String, what: String },
+    /// An rtnetlink exchange of the scheduler failed (the kernel's answer, or its deadline).
+    #[error("scheduler on {interface}: {op}")]
+    Netlink {
+        interface: String,
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinned data plane at {path}")]
+    PinDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("interface {interface} does not exist")]
+    NoInterface {
+        interface: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot count the CPUs ({what})")]
+    Cpus {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("pinned data plane at {path}: {what}")]
     Pins {
         path: std::path::PathBuf,

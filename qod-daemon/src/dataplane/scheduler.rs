@@ -505,7 +505,11 @@ impl Scheduler {
         };
         let ifindex = nix::net::if_::if_nametoindex(interface)
             .map_err(|e| err(format!("no such interface ({e})")))?;
-        let rtnl = Rtnl::open(TC_DEADLINE).map_err(|e| err(format!("rtnetlink socket: {e}")))?;
+        let rtnl = Rtnl::open(TC_DEADLINE).map_err(|source| DataPlaneError::Netlink {
+            interface: interface.to_owned(),
+            op: "open an rtnetlink socket".into(),
+            source,
+        })?;
         info!(
             interface,
             capacity_bps = config.capacity_bps,
@@ -559,10 +563,7 @@ impl Scheduler {
                 u32::from(minor) << 16,
                 spec.leaf,
             )
-            .map_err(|e| DataPlaneError::Scheduler {
-                interface: self.interface.clone(),
-                what: format!("class 1:{minor:x}: {e}"),
-            })
+            .map_err(|source| self.netlink(format!("replace class 1:{minor:x}"), source))
     }
 
     /// Parks per-session class `index` ([`ClassSpec::parked`]; its leaf stays).
@@ -570,16 +571,14 @@ impl Scheduler {
         let minor = SESSION_MINOR_BASE + index;
         self.rtnl()
             .change_class(&self.htb_class(index, ClassSpec::parked(self.config.capacity_bps)))
-            .map_err(|e| DataPlaneError::Scheduler {
-                interface: self.interface.clone(),
-                what: format!("park class 1:{minor:x}: {e}"),
-            })
+            .map_err(|source| self.netlink(format!("park class 1:{minor:x}"), source))
     }
 
-    fn stats_error(&self, what: &str, e: &std::io::Error) -> DataPlaneError {
-        DataPlaneError::Scheduler {
+    fn netlink(&self, op: String, source: std::io::Error) -> DataPlaneError {
+        DataPlaneError::Netlink {
             interface: self.interface.clone(),
-            what: format!("statistics of {what}: {e}"),
+            op,
+            source,
         }
     }
 
@@ -587,7 +586,10 @@ impl Scheduler {
     pub fn class_stats(&self, index: u16) -> Result<TcStats, DataPlaneError> {
         self.rtnl()
             .class_stats(self.ifindex, session_class(index))
-            .map_err(|e| self.stats_error(&format!("class 1:{:x}", SESSION_MINOR_BASE + index), &e))
+            .map_err(|e| {
+                let minor = SESSION_MINOR_BASE + index;
+                self.netlink(format!("statistics of class 1:{minor:x}"), e)
+            })
     }
 
     /// The tree's queues: the shared low-latency band, best effort, and every per-session class
@@ -597,14 +599,15 @@ impl Scheduler {
         let mut rtnl = self.rtnl();
         let class = |rtnl: &mut Rtnl, id: u32| {
             rtnl.class_stats(self.ifindex, id).map_err(|e| {
-                self.stats_error(&format!("class {:x}:{:x}", id >> 16, id & 0xffff), &e)
+                let op = format!("statistics of class {:x}:{:x}", id >> 16, id & 0xffff);
+                self.netlink(op, e)
             })
         };
         let low_latency = class(&mut rtnl, LOW_LATENCY_CLASS)?;
         let best_effort = class(&mut rtnl, BEST_EFFORT_CLASS)?;
         let root = rtnl
             .root_stats(self.ifindex, 0x0001_0000)
-            .map_err(|e| self.stats_error("qdisc 1:", &e))?;
+            .map_err(|e| self.netlink("statistics of qdisc 1:".into(), e))?;
         Ok(QueueStats {
             low_latency,
             best_effort,
