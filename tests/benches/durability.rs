@@ -27,6 +27,8 @@
 //!    every 2 ms: its latency p50 / p99 / max over the whole row. `QOD_BENCH_APIS=grpc` (or
 //!    `rest`) runs one API.
 //! 3. **Expiry storm** (`cargo xtask bench storm`): see [`storm`].
+//! 4. **Open loop** (`cargo xtask bench openloop`): see [`openloop`].
+//! 5. **Creates beside watchers** (`cargo xtask bench watchers`): see [`watchers`].
 
 use std::{
     sync::{
@@ -607,6 +609,188 @@ async fn storm() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The lab's two interfaces for a mode: marking only, or both scheduled at 100 Gbit/s (so the
+/// pools admit every session) with the rated profile of its own class on each.
+fn mode_setup(mode: &str) -> (Vec<String>, &'static str, String) {
+    let limits = "max_sessions = 1000000\n[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_active_sessions_per_client = 1000000\nmax_watches_per_client = 4096\n";
+    match mode {
+        "scheduled" => (
+            vec![
+                format!(
+                    "{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 100000 }}"
+                ),
+                format!(
+                    "{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 100000 }}"
+                ),
+            ],
+            "QOS_B",
+            format!("{limits}{RATED}"),
+        ),
+        _ => (
+            vec![EDGE_DEV_IF.into(), EDGE_SRV_IF.into()],
+            "QOS_E",
+            limits.to_owned(),
+        ),
+    }
+}
+
+/// 4. **Open loop**: creates are sent at a fixed rate (1,000 / 2,000 / 5,000 a second) for 5 s
+///    whatever the answers do, spread over 64 gRPC connections (each create its own HTTP/2
+///    stream), in marking and in scheduled mode (both interfaces, a class each per create).
+///    Each create's latency counts from the moment it was due, not from when it was sent, so a
+///    queue building up in qodd (or in the sender) shows instead of slowing the sender down.
+///    Reported: the rate achieved (answers per second over the time to the last answer), p50
+///    / p99 / max, failures, and GetSession every 2 ms meanwhile.
+async fn openloop() -> anyhow::Result<()> {
+    use qod_proto::v1 as pb;
+    println!("\nopen-loop creates (gRPC, TLS + token, release qodd, 5 s per row, 64 connections)");
+    println!(
+        "{:>9}  {:>7}  {:>10}  {:>8}  {:>9}  {:>9}  {:>9}  {:>8}  {:>22}",
+        "mode",
+        "rate/s",
+        "achieved/s",
+        "answers",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "failures",
+        "GetSession p99 / max ms"
+    );
+    for mode in ["marking", "scheduled"] {
+        for rate in [1000u32, 2000, 5000] {
+            let (interfaces, profile, extra) = mode_setup(mode);
+            let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+            let lab = Lab::new()?;
+            let qodd = Qodd::start_bin(&release_qodd(), &lab.edge, &interfaces, &extra).await?;
+            let mut conns = Vec::new();
+            for _ in 0..64 {
+                conns.push(QualityOnDemandClient::new(qodd.channel().await?));
+            }
+            let mut reader = Client::connect("grpc", &lab, &qodd).await?;
+            let watched = reader.create("10.127.0.1", profile).await?;
+            let reading = Arc::new(AtomicBool::new(true));
+            let gets = read_meanwhile(reader, watched, reading.clone());
+            let n = rate * 5;
+            let start = tokio::time::Instant::now() + Duration::from_millis(100);
+            let mut tasks = Vec::with_capacity(n as usize);
+            for i in 0..n {
+                let due = start + Duration::from_secs_f64(f64::from(i) / f64::from(rate));
+                tokio::time::sleep_until(due).await;
+                let mut api = conns[i as usize % conns.len()].clone();
+                let ip = std::net::Ipv4Addr::from(0x0a80_0000 + i);
+                tasks.push(tokio::spawn(async move {
+                    let r = api
+                        .create_session(session(
+                            &ip.to_string(),
+                            addr::SERVER_V4,
+                            profile,
+                            &[],
+                            &[],
+                            3600,
+                        ))
+                        .await;
+                    (
+                        due.elapsed(),
+                        r.map(|_: tonic::Response<pb::SessionInfo>| ()).is_ok(),
+                    )
+                }));
+            }
+            let mut lat = Vec::with_capacity(tasks.len());
+            let mut failures = 0usize;
+            for t in tasks {
+                let (d, ok) = t.await?;
+                if ok {
+                    lat.push(d);
+                } else {
+                    failures += 1;
+                }
+            }
+            let took = start.elapsed().as_secs_f64();
+            reading.store(false, Ordering::Relaxed);
+            let mut gets: Vec<Duration> = gets.await??.into_iter().map(|(_, d)| d).collect();
+            gets.sort();
+            lat.sort();
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            println!(
+                "{mode:>9}  {rate:>7}  {:>10.0}  {:>8}  {:>9.2}  {:>9.2}  {:>9.1}  {failures:>8}  {:>22}",
+                lat.len() as f64 / took,
+                lat.len(),
+                ms(quantile(&lat, 0.5)),
+                ms(quantile(&lat, 0.99)),
+                ms(lat.last().copied().unwrap_or_default()),
+                format!(
+                    "{:.2} / {:.1}",
+                    ms(quantile(&gets, 0.99)),
+                    ms(gets.last().copied().unwrap_or_default())
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// 5. **Creates beside watchers**: 16 clients create QOS_E sessions for 5 s (closed loop, as in
+///    `creates`) while 0 / 100 / 1,000 Watch streams are open (over 16 connections of their
+///    own), each reading every event as it comes. Reported: creates/s, p50 / p99, the share of
+///    the no-watcher rate, and the events the watchers received in all (each create is one
+///    AVAILABLE event, so 1,000 watchers should get 1,000 × the creates).
+async fn watchers() -> anyhow::Result<()> {
+    use qod_proto::v1 as pb;
+    println!("\ncreates beside watchers (gRPC, release qodd, marking, 16 clients, 5 s per row)");
+    println!(
+        "{:>9}  {:>10}  {:>9}  {:>9}  {:>11}  {:>16}",
+        "watchers", "creates/s", "p50 ms", "p99 ms", "of 0 rate", "events received"
+    );
+    let mut base = None;
+    for n in [0usize, 100, 1000] {
+        let (interfaces, profile, extra) = mode_setup("marking");
+        let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+        let lab = Lab::new()?;
+        let qodd = Qodd::start_bin(&release_qodd(), &lab.edge, &interfaces, &extra).await?;
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut conns = Vec::new();
+        for _ in 0..16 {
+            conns.push(QualityOnDemandClient::new(qodd.channel().await?));
+        }
+        let mut streams = Vec::new();
+        for w in 0..n {
+            let mut api = conns[w % conns.len()].clone();
+            let mut stream = api
+                .watch_session_events(pb::WatchSessionEventsRequest::default())
+                .await?
+                .into_inner();
+            let received = received.clone();
+            streams.push(tokio::spawn(async move {
+                while let Some(Ok(ev)) = futures::StreamExt::next(&mut stream).await {
+                    if matches!(ev.kind, Some(pb::session_event::Kind::QosStatusChanged(_))) {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        let mut clients = Vec::new();
+        for _ in 0..16 {
+            clients.push(Client::connect("grpc", &lab, &qodd).await?);
+        }
+        let (lat, took, _) = create_phase(clients, &[0; 16], None, profile).await?;
+        // Let the streams catch up with the last creates before counting.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for s in &streams {
+            s.abort();
+        }
+        let rate = lat.len() as f64 / took;
+        let base = *base.get_or_insert(rate);
+        println!(
+            "{n:>9}  {rate:>10.0}  {:>9.2}  {:>9.2}  {:>10.0}%  {:>16}",
+            quantile(&lat, 0.5).as_secs_f64() * 1e3,
+            quantile(&lat, 0.99).as_secs_f64() * 1e3,
+            rate / base * 100.0,
+            format!("{} of {}", received.load(Ordering::Relaxed), lat.len() * n),
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -627,6 +811,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.as_deref().is_none_or(|o| o == "storm") {
         storm().await?;
+    }
+    if only.as_deref().is_none_or(|o| o == "openloop") {
+        openloop().await?;
+    }
+    if only.as_deref().is_none_or(|o| o == "watchers") {
+        watchers().await?;
     }
     Ok(())
 }

@@ -32,11 +32,18 @@ pub(crate) async fn blocking<T: Send + 'static>(
         })?
 }
 
+/// Writes (create, delete, extend) on the blocking pool at once. A write may wait there for the
+/// kernel (adding a class to a large HTB tree takes milliseconds, one at a time) or the disk; the
+/// rest wait here, as futures, so a flood of writes cannot take every one of the pool's threads
+/// (tokio's default: 512) and leave reads queued behind them.
+const WRITES_AT_ONCE: usize = 256;
+
 /// The session and profile operations of one node.
 #[derive(Clone)]
 pub struct Operations {
     core: Arc<Core>,
     sinks: Arc<SinkRules>,
+    writes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Operations {
@@ -44,7 +51,21 @@ impl Operations {
         Self {
             core,
             sinks: Arc::new(sinks),
+            writes: Arc::new(tokio::sync::Semaphore::new(WRITES_AT_ONCE)),
         }
+    }
+
+    /// Runs write `f` on the blocking pool once one of [`WRITES_AT_ONCE`] is free.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, CamaraError> + Send + 'static,
+    ) -> Result<T, CamaraError> {
+        // The semaphore is never closed.
+        let _turn =
+            self.writes.acquire().await.map_err(|_| {
+                CamaraError::new(CamaraCode::Unavailable, "the node is shutting down")
+            })?;
+        blocking(f).await
     }
 
     pub fn core(&self) -> &Arc<Core> {
@@ -59,7 +80,7 @@ impl Operations {
     ) -> Result<pb::SessionInfo, CamaraError> {
         let req = convert::session_request(req, caller, &self.sinks)?;
         let core = self.core.clone();
-        let view = blocking(move || core.create(req)).await?;
+        let view = self.write(move || core.create(req)).await?;
         tracing::Span::current().record("session", view.session.id.to_string());
         Ok(convert::session_info(&view))
     }
@@ -90,7 +111,7 @@ impl Operations {
     pub async fn delete(&self, caller: &Caller, session_id: &str) -> Result<(), CamaraError> {
         let id = session(session_id)?;
         let (core, caller) = (self.core.clone(), caller.clone());
-        blocking(move || core.delete(id, &caller)).await
+        self.write(move || core.delete(id, &caller)).await
     }
 
     /// CAMARA `extendQosSessionDuration`.
@@ -109,7 +130,7 @@ impl Operations {
             )
         })?;
         let (core, caller) = (self.core.clone(), caller.clone());
-        let view = blocking(move || core.extend(id, add, &caller)).await?;
+        let view = self.write(move || core.extend(id, add, &caller)).await?;
         Ok(convert::session_info(&view))
     }
 

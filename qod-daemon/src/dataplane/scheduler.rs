@@ -414,8 +414,11 @@ pub struct Scheduler {
     /// The leaf qdisc chosen for best effort.
     pub best_effort_leaf: &'static str,
     ifindex: u32,
-    /// Per-session classes go over this socket.
+    /// Per-session classes are made and changed over this socket.
     rtnl: Mutex<Rtnl>,
+    /// Statistics are read over this one, so a read never queues behind class changes (adding
+    /// a class to a large tree takes the kernel milliseconds).
+    reads: Mutex<Rtnl>,
 }
 
 impl Scheduler {
@@ -505,11 +508,14 @@ impl Scheduler {
         };
         let ifindex = nix::net::if_::if_nametoindex(interface)
             .map_err(|e| err(format!("no such interface ({e})")))?;
-        let rtnl = Rtnl::open(TC_DEADLINE).map_err(|source| DataPlaneError::Netlink {
-            interface: interface.to_owned(),
-            op: "open an rtnetlink socket".into(),
-            source,
-        })?;
+        let socket = || {
+            Rtnl::open(TC_DEADLINE).map_err(|source| DataPlaneError::Netlink {
+                interface: interface.to_owned(),
+                op: "open an rtnetlink socket".into(),
+                source,
+            })
+        };
+        let (rtnl, reads) = (socket()?, socket()?);
         info!(
             interface,
             capacity_bps = config.capacity_bps,
@@ -528,11 +534,16 @@ impl Scheduler {
             best_effort_leaf,
             ifindex,
             rtnl: Mutex::new(rtnl),
+            reads: Mutex::new(reads),
         })
     }
 
     fn rtnl(&self) -> std::sync::MutexGuard<'_, Rtnl> {
         self.rtnl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reads(&self) -> std::sync::MutexGuard<'_, Rtnl> {
+        self.reads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn htb_class(&self, index: u16, spec: ClassSpec) -> HtbClass {
@@ -584,7 +595,7 @@ impl Scheduler {
 
     /// What per-session class `index` delivered and dropped, and holds now.
     pub fn class_stats(&self, index: u16) -> Result<TcStats, DataPlaneError> {
-        self.rtnl()
+        self.reads()
             .class_stats(self.ifindex, session_class(index))
             .map_err(|e| {
                 let minor = SESSION_MINOR_BASE + index;
@@ -596,7 +607,7 @@ impl Scheduler {
     /// together (the capacity class less the two shared ones, so the sum keeps counting up when
     /// session classes come and go).
     pub fn queue_stats(&self) -> Result<QueueStats, DataPlaneError> {
-        let mut rtnl = self.rtnl();
+        let mut rtnl = self.reads();
         let class = |rtnl: &mut Rtnl, id: u32| {
             rtnl.class_stats(self.ifindex, id).map_err(|e| {
                 let op = format!("statistics of class {:x}:{:x}", id >> 16, id & 0xffff);
