@@ -742,7 +742,12 @@ async fn watchers() -> anyhow::Result<()> {
         "watchers", "creates/s", "p50 ms", "p99 ms", "of 0 rate", "events received"
     );
     let mut base = None;
-    for n in [0usize, 100, 1000] {
+    // QOD_BENCH_WATCHERS=1000 (a comma-separated list) runs those rows only.
+    let counts: Vec<usize> = std::env::var("QOD_BENCH_WATCHERS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![0, 100, 1000]);
+    for n in counts {
         let (interfaces, profile, extra) = mode_setup("marking");
         let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
         let lab = Lab::new()?;
