@@ -6,10 +6,11 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    sync::{Arc, Mutex, MutexGuard, RwLock},
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
+use parking_lot::{Mutex, MutexGuard};
 use qod_common::{
     DeviceKey, FlowCounters, FlowRule, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, Policer, PortRange,
 };
@@ -502,12 +503,19 @@ struct Ending {
     place: events::Place,
 }
 
+/// Live sessions a reload brings to the new policy under one hold of the core's lock.
+const RELOAD_BATCH: usize = 1024;
+/// How long a reload leaves the lock to others between two batches (0.2 s over 1M sessions).
+const RELOAD_PAUSE: Duration = Duration::from_micros(200);
+
 /// Most deadlines one hold of the core's lock acts on: an expiry storm of 100k ends keeps a
 /// reader waiting for one batch at most, not for the storm.
 pub const EXPIRY_BATCH: usize = 64;
 
 /// See the module docs.
 pub struct Core {
+    /// parking_lot's, for [`MutexGuard::unlock_fair`]: a long job working in batches hands the
+    /// lock to a waiting reader between two batches instead of taking it straight back.
     inner: Mutex<Inner>,
     /// Wakes the expiry task when an earlier deadline appears.
     wake: Notify,
@@ -928,9 +936,7 @@ impl Core {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Every critical section leaves `Inner` consistent before anything that can panic, so a
-        // poisoned lock still guards valid state.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     /// The policy in force (a snapshot: a reload does not change it under the caller).
@@ -1037,8 +1043,9 @@ impl Core {
             Admission::New => (false, None),
             Admission::Restored { slot } => (true, slot),
         };
-        // The policy is read under the lock: a reload swaps it under the same lock after ending
-        // the sessions of vanished profiles, so no session can slip in on a stale snapshot.
+        // The policy is read under the lock: a reload swaps it under the same lock before it
+        // sweeps the live sessions, so a session admitted on the old policy is swept and one
+        // admitted after the swap is on the new one.
         let mut inner = self.lock();
         let policy = self.policy();
         let profile = if restoring {
@@ -2239,55 +2246,90 @@ impl Core {
         });
     }
 
-    /// Swaps in a new policy. Live sessions follow it: a session whose profile is gone or no
-    /// longer ACTIVE/DEPRECATED ends `NETWORK_TERMINATED`; the others get the profile's current
-    /// DSCP and priority, keeping their flow and end.
+    /// Brings the node to `policy`: new sessions take it at once; live ones are brought to it
+    /// in batches of [`RELOAD_BATCH`] in deadline order, each under one hold of the lock, so
+    /// reads go on between batches. A live session whose profile is gone or `INACTIVE` ends
+    /// NETWORK_TERMINATED; the others get their profile's new DSCP, priority, band and policed
+    /// maxima (their classes' rates stay as admitted; see the README). A newer reload that
+    /// starts meanwhile takes over the sweep.
     pub fn reload(&self, policy: Policy) {
-        let mut inner = self.lock();
-        let ids: Vec<SessionId> = inner.sessions.keys().copied().collect();
-        let now = Instant::now();
-        let mut endings = Vec::new();
-        for id in ids {
-            let Some(session) = inner.sessions.get(&id).cloned() else {
-                continue;
-            };
-            if !matches!(session.state, SessionState::Available { .. }) {
-                continue;
+        let policy = Arc::new(policy);
+        {
+            let _inner = self.lock();
+            *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+        }
+        let (mut cursor, mut updated, mut ended) = (None, 0usize, 0usize);
+        loop {
+            let mut inner = self.lock();
+            if !Arc::ptr_eq(&policy, &self.policy()) {
+                info!(updated, ended, "policy reload superseded by a newer one");
+                return;
             }
-            match policy.profiles.get(&session.request.profile) {
-                Some(p) if p.status != ProfileStatus::Inactive => {
-                    let mut rule = session.rule;
-                    rule.dscp = p.dscp;
-                    if let Some(prio) = p.skb_priority {
-                        rule.priority_up = prio;
-                        rule.priority_down = prio;
-                    }
-                    if rule != session.rule {
-                        match resync(&mut inner, &session.flow.device, Some(id), Some(rule)) {
+            let batch: Vec<(Instant, SessionId)> = match cursor {
+                None => inner.deadlines.iter().take(RELOAD_BATCH).copied().collect(),
+                Some(c) => inner
+                    .deadlines
+                    .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                    .take(RELOAD_BATCH)
+                    .copied()
+                    .collect(),
+            };
+            let Some(&last) = batch.last() else { break };
+            cursor = Some(last);
+            let now = Instant::now();
+            let mut endings = Vec::new();
+            for (_, id) in batch {
+                let Some(session) = inner.sessions.get(&id) else {
+                    continue;
+                };
+                let SessionState::Available { slot, expires_at } = session.state else {
+                    continue;
+                };
+                match policy.profiles.get(&session.request.profile) {
+                    Some(p) if p.status != ProfileStatus::Inactive => {
+                        let mut rule = self.flow_rule(
+                            &session.flow,
+                            p,
+                            slot,
+                            time_left(expires_at),
+                            session.reservation.as_ref(),
+                        );
+                        // The end stays the one the kernel holds (read now, it would differ by
+                        // the nanoseconds since).
+                        rule.expires_at_ns = session.rule.expires_at_ns;
+                        if rule == session.rule {
+                            continue;
+                        }
+                        let device = session.flow.device;
+                        match resync(&mut inner, &device, Some(id), Some(rule)) {
                             Ok(()) => {
                                 if let Some(s) = inner.sessions.get_mut(&id) {
                                     s.rule = rule;
                                 }
+                                updated += 1;
                             }
                             Err(e) => {
                                 error!(session = %id, error = %crate::anyhow_like(&e), "cannot apply the reloaded profile")
                             }
                         }
                     }
+                    _ => endings.extend(self.terminate(
+                        &mut inner,
+                        id,
+                        StatusInfo::NetworkTerminated,
+                        now,
+                    )),
                 }
-                _ => endings.extend(self.terminate(
-                    &mut inner,
-                    id,
-                    StatusInfo::NetworkTerminated,
-                    now,
-                )),
             }
+            // Handed to a waiting reader, if any: taken straight back, it would go to this
+            // sweep again before a reader could wake. The pause lets in those on their way.
+            MutexGuard::unlock_fair(inner);
+            ended += endings.len();
+            self.tell_endings(endings);
+            std::thread::sleep(RELOAD_PAUSE);
         }
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
-        drop(inner);
-        self.tell_endings(endings);
         self.wake.notify_one();
-        info!("policy reloaded");
+        info!(updated, ended, "policy reloaded");
     }
 
     /// Acts on the deadlines up to `now`, in deadline order, at most [`EXPIRY_BATCH`] of them
@@ -2327,7 +2369,8 @@ impl Core {
                 }
             }
         }
-        drop(inner);
+        // A full batch comes back at once: a waiting reader goes first.
+        MutexGuard::unlock_fair(inner);
         self.tell_endings(endings);
         if !purged.is_empty() {
             debug!(sessions = purged.len(), "unavailable sessions purged");
@@ -2921,6 +2964,10 @@ mod tests {
         let l = core.create(l).expect("create");
         let mut events = core.subscribe();
 
+        let policed = |dp: &FakeDataPlane| {
+            dp.state.lock().expect("lock").flows[&e.session.flow.device][0].police_down
+        };
+        let before = policed(&dp);
         let mut next = policy();
         let kept: Vec<_> = next
             .profiles
@@ -2929,6 +2976,10 @@ mod tests {
             .cloned()
             .map(|mut p| {
                 p.dscp = 46;
+                p.max_downstream_rate = p.max_downstream_rate.map(|r| crate::profile::Rate {
+                    value: r.value / 2,
+                    ..r
+                });
                 p
             })
             .collect();
@@ -2939,6 +2990,12 @@ mod tests {
         assert_eq!(
             flows[&e.session.flow.device][0].dscp, 46,
             "new DSCP applied"
+        );
+        let after = policed(&dp);
+        assert_eq!(
+            after.ns_per_byte_q16,
+            before.ns_per_byte_q16 * 2,
+            "half the maximum rate: twice the time per byte"
         );
         assert!(
             !flows.contains_key(&l.session.flow.device),
@@ -2959,6 +3016,37 @@ mod tests {
             .create(l.session.request.clone())
             .expect_err("profile gone");
         assert_eq!(err.code, CamaraCode::InvalidArgument);
+    }
+
+    /// A reload sweeps the live sessions in batches: every one of more than two batches' worth
+    /// gets the new profile, each once.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_reaches_every_live_session_batch_by_batch() {
+        let n = RELOAD_BATCH * 2 + 500;
+        let (core, dp) = core(n as u32 + 1);
+        for i in 0..n {
+            let [_, _, hi, lo] = (i as u32).to_be_bytes();
+            core.create(request([10, 1, hi, lo], 60 + (i % 7) as u32))
+                .expect("create");
+        }
+        let mut next = policy();
+        let changed: Vec<_> = next
+            .profiles
+            .iter()
+            .cloned()
+            .map(|mut p| {
+                p.dscp = 46;
+                p
+            })
+            .collect();
+        next.profiles = crate::profile::Profiles::new(changed);
+        core.reload(next);
+        let flows = dp.state.lock().expect("lock").flows.clone();
+        assert_eq!(flows.len(), n);
+        assert!(
+            flows.values().flatten().all(|r| r.dscp == 46),
+            "every live session has the new DSCP"
+        );
     }
 
     #[tokio::test(start_paused = true)]

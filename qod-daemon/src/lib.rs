@@ -67,7 +67,7 @@ pub enum RunError {
 }
 
 /// Re-reads the configuration (file and flags) for a SIGHUP reload.
-pub type Reloader = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+pub type Reloader = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
 /// Runs the daemon until `shutdown` completes, then drains and returns. With a `reload`, SIGHUP
 /// re-reads the configuration and applies its policy (profiles, pools, device directory); other
@@ -508,11 +508,17 @@ async fn reload_on_sighup(core: Arc<Core>, reload: Reloader, stop: CancellationT
             _ = hup.recv() => {}
             () = stop.cancelled() => return,
         }
-        match reload() {
+        // Reading the files and sweeping the live sessions block: off the async workers, so
+        // the API they serve goes on meanwhile.
+        let (core, reload) = (core.clone(), reload.clone());
+        let done = tokio::task::spawn_blocking(move || match reload() {
             Ok(config) => core.reload(config.policy),
             Err(e) => {
                 warn!(error = %anyhow_like(&e), "configuration reload refused; keeping the running one")
             }
+        });
+        if let Err(e) = done.await {
+            tracing::error!(error = %e, "the configuration reload failed");
         }
     }
 }

@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(qod_daemon::run(
         config,
-        Some(Box::new(move || Config::load(&cli))),
+        Some(std::sync::Arc::new(move || Config::load(&cli))),
         shutdown_signal(),
     )) {
         Ok(()) => ExitCode::SUCCESS,

@@ -753,6 +753,118 @@ async fn check_undelivered_notifications_survive_kill_9_and_sigterm(mode: qod_te
 }
 
 qod_testkit::in_every_mode!(
+    one_second_sessions_are_told_available_before_unavailable,
+    check_one_second_sessions_are_told_available_before_unavailable
+);
+/// Sessions of one second, created all at once, race their own expiry (their end may be decided
+/// while their create still waits for its commit): for every one, on the Watch stream and at its
+/// sink, AVAILABLE comes before UNAVAILABLE / DURATION_EXPIRED, each exactly once, and the
+/// stream's revisions increase.
+async fn check_one_second_sessions_are_told_available_before_unavailable(mode: qod_testkit::Mode) {
+    use qod_testkit::SinkServer;
+    const N: usize = 24;
+    let (lab, qodd) = qod_testkit::lab_in(
+        mode,
+        "[notifications]\nallow_http_hosts = [\"127.0.0.1\"]\nallow_sink_ranges = [\"127.0.0.0/8\"]\n",
+    )
+    .await;
+    let sink = SinkServer::start(&lab.edge).expect("sink");
+    let mut api = qodd.sessions().await.expect("client");
+    let mut events = qod_testkit::watch_all(&mut api).await;
+    let creates: Vec<_> = (0..N)
+        .map(|i| {
+            let mut api = api.clone();
+            let mut req = session(
+                &format!("10.99.0.{}", i + 1),
+                addr::SERVER_V4,
+                "QOS_E",
+                &[],
+                &[],
+                1,
+            );
+            req.sink = Some(sink.url("/cb"));
+            tokio::spawn(async move {
+                api.create_session(req)
+                    .await
+                    .map(|r| r.into_inner().session_id)
+            })
+        })
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    for c in creates {
+        ids.insert(c.await.expect("task").expect("create"));
+    }
+
+    // On the stream: per session, (revision, status, info) in the order received.
+    let mut seen: BTreeMap<String, Vec<(u64, pb::QosStatus, pb::StatusInfo)>> = BTreeMap::new();
+    let mut revisions = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while seen.values().map(Vec::len).sum::<usize>() < 2 * N {
+            let ev = futures::StreamExt::next(&mut events)
+                .await
+                .expect("stream")
+                .expect("event");
+            let Some(pb::session_event::Kind::QosStatusChanged(c)) = ev.kind else {
+                continue;
+            };
+            revisions.push(ev.revision);
+            seen.entry(c.session_id.clone()).or_default().push((
+                ev.revision,
+                c.qos_status(),
+                c.status_info(),
+            ));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not every start and end was watched: {seen:?}"));
+    assert!(
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "revisions increase: {revisions:?}"
+    );
+    assert_eq!(
+        seen.keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        ids
+    );
+    for (id, got) in &seen {
+        let statuses: Vec<_> = got.iter().map(|(_, s, i)| (*s, *i)).collect();
+        assert_eq!(
+            statuses,
+            [
+                (pb::QosStatus::Available, pb::StatusInfo::Unspecified),
+                (pb::QosStatus::Unavailable, pb::StatusInfo::DurationExpired)
+            ],
+            "{id} on the stream"
+        );
+    }
+
+    // At the sink: per session, in the order the notifications arrived.
+    let got = sink
+        .wait_for("/cb", 2 * N, Duration::from_secs(30))
+        .await
+        .expect("every notification delivered");
+    let mut arrived: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &got {
+        let data = &r.body["data"];
+        arrived
+            .entry(data["sessionId"].as_str().unwrap_or_default().to_owned())
+            .or_default()
+            .push(data["qosStatus"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(
+        arrived
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        ids
+    );
+    for (id, statuses) in &arrived {
+        assert_eq!(statuses, &["AVAILABLE", "UNAVAILABLE"], "{id} at the sink");
+    }
+}
+
+qod_testkit::in_every_mode!(
     a_graceful_stop_keeps_the_data_plane_unless_told_to_tear_it_down,
     check_a_graceful_stop_keeps_the_data_plane_unless_told_to_tear_it_down
 );

@@ -72,6 +72,8 @@ pub enum ConfigError {
     },
     #[error("{what} {name:?} is listed twice")]
     Duplicate { what: &'static str, name: String },
+    #[error("no managed interface: set `interfaces` in the config file or pass --interface")]
+    NoInterface,
     #[error("{count} managed interfaces: at most {max} (each has its own classifier counters)")]
     TooManyInterfaces { count: usize, max: usize },
     #[error("interface {name:?}: {problem}")]

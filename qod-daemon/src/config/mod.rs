@@ -278,10 +278,7 @@ impl Config {
         let rest = validate_rest(need(f.rest, "rest")?)?;
         let interfaces = need(f.interfaces, "interfaces")?;
         if interfaces.is_empty() {
-            return Err(ConfigError::Required {
-                key: "interfaces",
-                why: "set `interfaces` in the config file or pass --interface",
-            });
+            return Err(ConfigError::NoInterface);
         }
         let max = qod_common::MAX_INTERFACES as usize;
         if interfaces.len() > max {
