@@ -921,22 +921,23 @@ async fn main() -> anyhow::Result<()> {
         release_qodd().display()
     );
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    if only.as_deref().is_none_or(|o| o == "creates") {
+    let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if wanted("creates") {
         creates().await?;
     }
-    if only.as_deref().is_none_or(|o| o == "recovery") {
+    if wanted("recovery") {
         recovery().await?;
     }
-    if only.as_deref().is_none_or(|o| o == "storm") {
+    if wanted("storm") {
         storm().await?;
     }
-    if only.as_deref().is_none_or(|o| o == "openloop") {
+    if wanted("openloop") {
         openloop().await?;
     }
-    if only.as_deref().is_none_or(|o| o == "watchers") {
+    if wanted("watchers") {
         watchers().await?;
     }
-    if only.as_deref().is_none_or(|o| o == "reload") {
+    if wanted("reload") {
         reload().await?;
     }
     Ok(())

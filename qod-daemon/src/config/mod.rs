@@ -545,6 +545,27 @@ fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     })
 }
 
+/// `value` of `key` as an http(s) URL with a host.
+fn web_url(
+    key: &'static str,
+    value: &str,
+    expected: &'static str,
+) -> Result<url::Url, ConfigError> {
+    let url = url::Url::parse(value).map_err(|source| ConfigError::Url {
+        key,
+        value: value.to_owned(),
+        source,
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(ConfigError::Value {
+            key: key.into(),
+            value: value.to_owned(),
+            expected,
+        });
+    }
+    Ok(url)
+}
+
 fn validate_security(t: TlsConfig, a: AuthConfig) -> Result<Security, ConfigError> {
     let cert = need(t.cert, "tls.cert")?;
     let key = need(t.key, "tls.key")?;
@@ -594,18 +615,7 @@ fn validate_security(t: TlsConfig, a: AuthConfig) -> Result<Security, ConfigErro
     let jwks = match (a.jwks_file, a.jwks_url) {
         (Some(_), Some(_)) => return Err(ConfigError::Conflict(Conflict::JwksFileAndUrl)),
         (None, Some(u)) => {
-            let url = url::Url::parse(&u).map_err(|source| ConfigError::Url {
-                key: "auth.jwks_url",
-                value: u.clone(),
-                source,
-            })?;
-            if !matches!(url.scheme(), "https" | "http") || url.host().is_none() {
-                return Err(ConfigError::Value {
-                    key: "auth.jwks_url".into(),
-                    value: u,
-                    expected: "an https:// URL with a host",
-                });
-            }
+            let url = web_url("auth.jwks_url", &u, "an https:// URL with a host")?;
             // The key set is the trust root of every token: over plain http anyone on the path
             // could swap it. Only a lab may say so.
             if url.scheme() == "http" && !need(a.jwks_allow_http, "auth.jwks_allow_http")? {
@@ -772,18 +782,11 @@ fn validate_rest(r: RestConfig) -> Result<Option<RestSettings>, ConfigError> {
     let public_url = r
         .public_url
         .map(|u| {
-            let parsed = url::Url::parse(&u).map_err(|source| ConfigError::Url {
-                key: "rest.public_url",
-                value: u.clone(),
-                source,
-            })?;
-            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-                return Err(ConfigError::Value {
-                    key: "rest.public_url".into(),
-                    value: u,
-                    expected: "an http:// or https:// URL with a host",
-                });
-            }
+            web_url(
+                "rest.public_url",
+                &u,
+                "an http:// or https:// URL with a host",
+            )?;
             Ok(u.trim_end_matches('/').to_owned())
         })
         .transpose()?;
