@@ -1490,19 +1490,36 @@ impl Core {
             return;
         }
         error!(interface, "managed interface is down; ending its sessions");
-        let now = Instant::now();
-        let live: Vec<SessionId> = inner
-            .sessions
-            .values()
-            .filter(|s| matches!(s.state, SessionState::Available { .. }))
-            .map(|s| s.id)
-            .collect();
-        let endings: Vec<Ending> = live
-            .into_iter()
-            .filter_map(|id| self.terminate(&mut inner, id, StatusInfo::NetworkTerminated, now))
-            .collect();
+        // New sessions are refused from here on; those admitted before are ended in batches in
+        // deadline order, the lock handed to waiting readers between two.
+        let down_at = OffsetDateTime::now_utc();
+        let mut cursor = None;
+        let mut ended = 0usize;
+        while let Some(batch) = live_batch(&inner, &mut cursor, EXPIRY_BATCH) {
+            let now = Instant::now();
+            let mut endings = Vec::new();
+            for id in batch {
+                // Only those admitted before the loss (the link may be back meanwhile).
+                if inner
+                    .sessions
+                    .get(&id)
+                    .is_some_and(|s| s.started_at <= down_at)
+                {
+                    endings.extend(self.terminate(
+                        &mut inner,
+                        id,
+                        StatusInfo::NetworkTerminated,
+                        now,
+                    ));
+                }
+            }
+            MutexGuard::unlock_fair(inner);
+            ended += endings.len();
+            self.tell_endings(endings);
+            inner = self.lock();
+        }
         drop(inner);
-        self.tell_endings(endings);
+        info!(interface, ended, "sessions ended by the link loss");
         // Their purge deadlines may come before the one the expiry task sleeps towards.
         self.wake.notify_one();
     }
@@ -2265,20 +2282,12 @@ impl Core {
                 info!(updated, ended, "policy reload superseded by a newer one");
                 return;
             }
-            let batch: Vec<(Instant, SessionId)> = match cursor {
-                None => inner.deadlines.iter().take(RELOAD_BATCH).copied().collect(),
-                Some(c) => inner
-                    .deadlines
-                    .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
-                    .take(RELOAD_BATCH)
-                    .copied()
-                    .collect(),
+            let Some(batch) = live_batch(&inner, &mut cursor, RELOAD_BATCH) else {
+                break;
             };
-            let Some(&last) = batch.last() else { break };
-            cursor = Some(last);
             let now = Instant::now();
             let mut endings = Vec::new();
-            for (_, id) in batch {
+            for id in batch {
                 let Some(session) = inner.sessions.get(&id) else {
                     continue;
                 };
@@ -2520,6 +2529,26 @@ fn unreserve(inner: &mut Inner, c: &ReservedClass) {
     {
         *used = used.saturating_sub(rate);
     }
+}
+
+/// The next `n` sessions after `cursor` in deadline order (live or not; the caller looks), the
+/// cursor moved past them; `None` once there are no more.
+fn live_batch(
+    inner: &Inner,
+    cursor: &mut Option<(Instant, SessionId)>,
+    n: usize,
+) -> Option<Vec<SessionId>> {
+    let batch: Vec<(Instant, SessionId)> = match *cursor {
+        None => inner.deadlines.iter().take(n).copied().collect(),
+        Some(c) => inner
+            .deadlines
+            .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+            .take(n)
+            .copied()
+            .collect(),
+    };
+    *cursor = Some(*batch.last()?);
+    Some(batch.into_iter().map(|(_, id)| id).collect())
 }
 
 /// Gives back a reservation's classes (parked for the next session) and capacity.
@@ -3427,6 +3456,32 @@ mod tests {
                 .session
                 .qos_status(),
             QosStatus::Unavailable
+        );
+    }
+
+    /// A link loss ends every live session, batch by batch (more than two batches' worth here),
+    /// and none of those created once the link is back.
+    #[tokio::test(start_paused = true)]
+    async fn a_link_loss_ends_every_session_batch_by_batch() {
+        let n = EXPIRY_BATCH * 2 + 10;
+        let (core, dp) = core(n as u32 + 1);
+        for i in 0..n {
+            core.create(request([10, 2, 0, i as u8 + 1], 60))
+                .expect("create");
+        }
+        core.link_changed("dev0", false);
+        assert!(
+            dp.state.lock().expect("lock").flows.is_empty(),
+            "every rule removed"
+        );
+        core.link_changed("dev0", true);
+        let after = core.create(request([10, 3, 0, 1], 60)).expect("link back");
+        assert_eq!(
+            core.get(after.session.id, &me())
+                .expect("get")
+                .session
+                .qos_status(),
+            QosStatus::Available
         );
     }
 
