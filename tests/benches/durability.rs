@@ -31,6 +31,7 @@
 //! 5. **Creates beside watchers** (`cargo xtask bench watchers`): see [`watchers`].
 //! 6. **Reload at scale** (`cargo xtask bench reload`): see [`reload`].
 //! 7. **Link flap** (`cargo xtask bench linkflap`): see [`linkflap`].
+//! 8. **Memory at scale** (`cargo xtask bench scale`): see [`scale`].
 
 use std::{
     sync::{
@@ -1000,6 +1001,93 @@ async fn linkflap() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `VmRSS` and `VmHWM` (the high-water mark) of `qodd`, MiB.
+fn rss_hwm_mib(qodd: &Qodd) -> (f64, f64) {
+    let status = qodd
+        .pid()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The kernel's slab and per-CPU memory (`/proc/meminfo` `Slab` + `Percpu`), MiB: what maps
+/// and their entries take (the whole machine's, so read as a difference between two points).
+fn kernel_mib() -> f64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    ["Slab:", "Percpu:"]
+        .iter()
+        .filter_map(|name| {
+            info.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .sum::<f64>()
+        / 1024.0
+}
+
+/// 8. **Memory at scale**: qodd's resident memory and high-water mark with 0, 100,000 and
+///    1,000,000 live QOS_E sessions (`QOD_BENCH_SCALE` for other counts) read back at start
+///    (maps sized `max_sessions` = N + 1,024, as an operator would), and the kernel's slab and
+///    per-CPU memory beside an idle qodd of the same map size; per session: each divided by N.
+async fn scale() -> anyhow::Result<()> {
+    println!("\nmemory at scale (release qodd, marking, QOS_E sessions read back at start)");
+    println!(
+        "{:>9}  {:>8}  {:>8}  {:>11}  {:>13}  {:>15}  {:>15}",
+        "sessions",
+        "RSS MiB",
+        "HWM MiB",
+        "kernel MiB",
+        "RSS B/session",
+        "HWM B/session",
+        "kernel B/session"
+    );
+    let counts: Vec<u32> = std::env::var("QOD_BENCH_SCALE")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![0, 100_000, 1_000_000]);
+    for n in counts {
+        let lab = Lab::new()?;
+        let mut qodd = Qodd::start_bin(
+            &release_qodd(),
+            &lab.edge,
+            &[EDGE_DEV_IF, EDGE_SRV_IF],
+            &format!("max_sessions = {}\n", n + 1024),
+        )
+        .await?;
+        qodd.start_timeout = Duration::from_secs(1200);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (idle_rss, _) = rss_hwm_mib(&qodd);
+        let idle_kernel = kernel_mib();
+        qodd.kill9();
+        qod_testkit::fill_store(&qodd.dir.path().join("state"), n, "QOS_E")?;
+        qodd.restart().await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (rss, hwm) = rss_hwm_mib(&qodd);
+        let kernel = kernel_mib() - idle_kernel;
+        let per = |mib: f64| {
+            if n == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.0}", mib * 1048576.0 / f64::from(n))
+            }
+        };
+        println!(
+            "{n:>9}  {rss:>8.0}  {hwm:>8.0}  {kernel:>11.0}  {:>13}  {:>15}  {:>15}",
+            per(rss - idle_rss),
+            per(hwm - idle_rss),
+            per(kernel),
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -1033,6 +1121,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("linkflap") {
         linkflap().await?;
+    }
+    if wanted("scale") {
+        scale().await?;
     }
     Ok(())
 }

@@ -48,9 +48,10 @@ enum Cmd {
     /// Benchmarks: classifier ns/packet at 1..1M sessions; eBPF vs nftables vs iptables marking
     /// in the forwarding path; durable creates/s over gRPC; restart recovery with 100k and 1M
     /// sessions; an expiry storm seen by watchers; open-loop creates at 1k/2k/5k per second;
-    /// creates beside 0/100/1,000 watchers; a reload and a link flap at scale. Needs root.
-    /// `-- classifier`, `-- forwarding`, `-- classes`, `-- creates`, `-- recovery`, `-- storm`,
-    /// `-- openloop`, `-- watchers`, `-- reload` or `-- linkflap` runs one part.
+    /// creates beside 0/100/1,000 watchers; a reload, a link flap and memory at scale. Needs
+    /// root. `-- classifier`, `-- forwarding`, `-- classes`, `-- creates`, `-- recovery`,
+    /// `-- storm`, `-- openloop`, `-- watchers`, `-- reload`, `-- linkflap` or `-- scale` runs
+    /// one part.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
