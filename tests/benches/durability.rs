@@ -208,6 +208,17 @@ impl Client {
     }
 }
 
+/// "p50 / p99 / max" of sorted `lat`, in ms.
+fn p50_p99_max(lat: &[Duration]) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "{:.2} / {:.2} / {:.1}",
+        ms(quantile(lat, 0.5)),
+        ms(quantile(lat, 0.99)),
+        ms(lat.last().copied().unwrap_or_default())
+    )
+}
+
 /// Latency at quantile `p` of sorted `lat`.
 fn quantile(lat: &[Duration], p: f64) -> Duration {
     lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
@@ -900,12 +911,7 @@ async fn reload() -> anyhow::Result<()> {
         println!(
             "{n:>9}  {:>10.0}  {updated:>9}  {:>28}",
             ms(took),
-            format!(
-                "{:.2} / {:.2} / {:.1}",
-                ms(quantile(&during, 0.5)),
-                ms(quantile(&during, 0.99)),
-                ms(during.last().copied().unwrap_or_default())
-            ),
+            p50_p99_max(&during),
         );
     }
     Ok(())
@@ -991,12 +997,7 @@ async fn linkflap() -> anyhow::Result<()> {
         "{:>9}  {:>9.0}  {ended:>9}  {:>28}",
         per * 64 + 1,
         ms(took),
-        format!(
-            "{:.2} / {:.2} / {:.1}",
-            ms(quantile(&during, 0.5)),
-            ms(quantile(&during, 0.99)),
-            ms(during.last().copied().unwrap_or_default())
-        ),
+        p50_p99_max(&during),
     );
     Ok(())
 }
