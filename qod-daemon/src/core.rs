@@ -1110,9 +1110,14 @@ impl Core {
                 return Err(e);
             }
         }
-        // What is left of the session, read now (classes may have taken milliseconds, a
-        // restore seconds), for the kernel's expiry and the ledger's deadline alike.
-        let left = time_left(now + secs(duration));
+        // What is left of the session, for the kernel's expiry and the ledger's deadline alike:
+        // a new one has all of it, on the monotonic clock (a step of the wall clock moves no
+        // end); a restored one what its stored end leaves, read now (a restore takes seconds).
+        let left = if restoring {
+            time_left(now + secs(duration))
+        } else {
+            secs(duration)
+        };
         let deadline = Instant::now() + left;
         let rule = self.flow_rule(&flow, profile, slot, left, reservation.as_ref());
         // A kept slot's counters carry on; a slot never used since the maps were made is zero.
@@ -1493,32 +1498,22 @@ impl Core {
         // New sessions are refused from here on; those admitted before are ended in batches in
         // deadline order, the lock handed to waiting readers between two.
         let down_at = OffsetDateTime::now_utc();
-        let mut cursor = None;
-        let mut ended = 0usize;
-        while let Some(batch) = live_batch(&inner, &mut cursor, EXPIRY_BATCH) {
-            let now = Instant::now();
-            let mut endings = Vec::new();
-            for id in batch {
+        drop(inner);
+        let (_, ended) = self.sweep(
+            EXPIRY_BATCH,
+            Duration::ZERO,
+            || true,
+            |inner, id, now, endings| {
                 // Only those admitted before the loss (the link may be back meanwhile).
                 if inner
                     .sessions
                     .get(&id)
                     .is_some_and(|s| s.started_at <= down_at)
                 {
-                    endings.extend(self.terminate(
-                        &mut inner,
-                        id,
-                        StatusInfo::NetworkTerminated,
-                        now,
-                    ));
+                    endings.extend(self.terminate(inner, id, StatusInfo::NetworkTerminated, now));
                 }
-            }
-            MutexGuard::unlock_fair(inner);
-            ended += endings.len();
-            self.tell_endings(endings);
-            inner = self.lock();
-        }
-        drop(inner);
+            },
+        );
         info!(interface, ended, "sessions ended by the link loss");
         // Their purge deadlines may come before the one the expiry task sleeps towards.
         self.wake.notify_one();
@@ -2263,6 +2258,42 @@ impl Core {
         });
     }
 
+    /// Works through every session in deadline order, `batch` at a time, each batch under one
+    /// hold of the lock: `each` acts on one, putting an end it decides into the batch's ends,
+    /// which are told once the lock is handed (fairly: taken straight back, it would go to this
+    /// sweep again before a waiting reader could wake) to readers, then `pause`. `go_on` is
+    /// asked under the lock before each batch. Returns whether it went through every session,
+    /// and the ends it told.
+    fn sweep(
+        &self,
+        batch: usize,
+        pause: Duration,
+        go_on: impl Fn() -> bool,
+        mut each: impl FnMut(&mut Inner, SessionId, Instant, &mut Vec<Ending>),
+    ) -> (bool, usize) {
+        let (mut cursor, mut ended) = (None, 0usize);
+        loop {
+            let mut inner = self.lock();
+            if !go_on() {
+                return (false, ended);
+            }
+            let Some(ids) = live_batch(&inner, &mut cursor, batch) else {
+                return (true, ended);
+            };
+            let now = Instant::now();
+            let mut endings = Vec::new();
+            for id in ids {
+                each(&mut inner, id, now, &mut endings);
+            }
+            MutexGuard::unlock_fair(inner);
+            ended += endings.len();
+            self.tell_endings(endings);
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
+    }
+
     /// Brings the node to `policy`: new sessions take it at once; live ones are brought to it
     /// in batches of [`RELOAD_BATCH`] in deadline order, each under one hold of the lock, so
     /// reads go on between batches. A live session whose profile is gone or `INACTIVE` ends
@@ -2275,24 +2306,17 @@ impl Core {
             let _inner = self.lock();
             *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
         }
-        let (mut cursor, mut updated, mut ended) = (None, 0usize, 0usize);
-        loop {
-            let mut inner = self.lock();
-            if !Arc::ptr_eq(&policy, &self.policy()) {
-                info!(updated, ended, "policy reload superseded by a newer one");
-                return;
-            }
-            let Some(batch) = live_batch(&inner, &mut cursor, RELOAD_BATCH) else {
-                break;
-            };
-            let now = Instant::now();
-            let mut endings = Vec::new();
-            for id in batch {
+        let mut updated = 0usize;
+        let (done, ended) = self.sweep(
+            RELOAD_BATCH,
+            RELOAD_PAUSE,
+            || Arc::ptr_eq(&policy, &self.policy()),
+            |inner, id, now, endings| {
                 let Some(session) = inner.sessions.get(&id) else {
-                    continue;
+                    return;
                 };
                 let SessionState::Available { slot, expires_at } = session.state else {
-                    continue;
+                    return;
                 };
                 match policy.profiles.get(&session.request.profile) {
                     Some(p) if p.status != ProfileStatus::Inactive => {
@@ -2307,10 +2331,10 @@ impl Core {
                         // the nanoseconds since).
                         rule.expires_at_ns = session.rule.expires_at_ns;
                         if rule == session.rule {
-                            continue;
+                            return;
                         }
                         let device = session.flow.device;
-                        match resync(&mut inner, &device, Some(id), Some(rule)) {
+                        match resync(inner, &device, Some(id), Some(rule)) {
                             Ok(()) => {
                                 if let Some(s) = inner.sessions.get_mut(&id) {
                                     s.rule = rule;
@@ -2323,19 +2347,17 @@ impl Core {
                         }
                     }
                     _ => endings.extend(self.terminate(
-                        &mut inner,
+                        inner,
                         id,
                         StatusInfo::NetworkTerminated,
                         now,
                     )),
                 }
-            }
-            // Handed to a waiting reader, if any: taken straight back, it would go to this
-            // sweep again before a reader could wake. The pause lets in those on their way.
-            MutexGuard::unlock_fair(inner);
-            ended += endings.len();
-            self.tell_endings(endings);
-            std::thread::sleep(RELOAD_PAUSE);
+            },
+        );
+        if !done {
+            info!(updated, ended, "policy reload superseded by a newer one");
+            return;
         }
         self.wake.notify_one();
         info!(updated, ended, "policy reloaded");

@@ -49,14 +49,7 @@ fn release_qodd() -> std::path::PathBuf {
 }
 
 fn rss_mib(qodd: &Qodd) -> f64 {
-    qodd.pid()
-        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    rss_hwm_mib(qodd).0
 }
 
 async fn recovery() -> anyhow::Result<()> {
@@ -205,6 +198,33 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+/// Waits (polling qodd's log every 10 ms, up to 300 s) for the first line holding `needle`:
+/// the time it took from `since`, and the value of its `key=` field ("-" when it has none).
+async fn await_log_field(
+    qodd: &Qodd,
+    since: Instant,
+    needle: &str,
+    key: &str,
+) -> anyhow::Result<(Duration, String)> {
+    loop {
+        if let Some(v) = qodd.log().lines().find(|l| l.contains(needle)).map(|l| {
+            l.split(&format!("{key}="))
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next())
+                .unwrap_or("-")
+                .to_owned()
+        }) {
+            return Ok((since.elapsed(), v));
+        }
+        anyhow::ensure!(
+            since.elapsed() < Duration::from_secs(300),
+            "no line with {needle:?}:\n{}",
+            qodd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -871,30 +891,8 @@ async fn reload() -> anyhow::Result<()> {
         let signalled = time::OffsetDateTime::now_utc();
         let t = Instant::now();
         qodd.reload()?;
-        let updated = loop {
-            // (A qodd from before the batched reload logs no count.)
-            if let Some(u) = qodd
-                .log()
-                .lines()
-                .find(|l| l.contains("policy reloaded"))
-                .map(|l| {
-                    l.split("updated=")
-                        .nth(1)
-                        .and_then(|v| v.split_whitespace().next())
-                        .unwrap_or("-")
-                        .to_owned()
-                })
-            {
-                break u;
-            }
-            anyhow::ensure!(
-                t.elapsed() < Duration::from_secs(300),
-                "no reload line:\n{}",
-                qodd.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let took = t.elapsed();
+        // (A qodd from before the batched reload logs no count: "-".)
+        let (took, updated) = await_log_field(&qodd, t, "policy reloaded", "updated").await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         reading.store(false, Ordering::Relaxed);
         let mut during: Vec<Duration> = gets
@@ -960,28 +958,8 @@ async fn linkflap() -> anyhow::Result<()> {
     let down = time::OffsetDateTime::now_utc();
     let t = Instant::now();
     lab.edge.ip(&["link", "set", EDGE_DEV_IF, "down"])?;
-    let ended = loop {
-        if let Some(e) = qodd.log().lines().find_map(|l| {
-            l.contains("sessions ended by the link loss")
-                .then(|| {
-                    l.split("ended=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()
-                        .map(str::to_owned)
-                })
-                .flatten()
-        }) {
-            break e;
-        }
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(300),
-            "no end line:\n{}",
-            qodd.log()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let took = t.elapsed();
+    let (took, ended) =
+        await_log_field(&qodd, t, "sessions ended by the link loss", "ended").await?;
     lab.edge.ip(&["link", "set", EDGE_DEV_IF, "up"])?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     reading.store(false, Ordering::Relaxed);

@@ -225,6 +225,15 @@ fn need<T>(v: Option<T>, key: &'static str) -> Result<T, ConfigError> {
     v.ok_or(ConfigError::NoDefault { key })
 }
 
+/// [`need`], within `range`.
+fn need_within<T: PartialOrd + std::fmt::Display + Copy>(
+    v: Option<T>,
+    key: &'static str,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError> {
+    within(key, need(v, key)?, range)
+}
+
 impl Config {
     /// Reads the file named by `cli` (if any) over the defaults, applies the flags, validates.
     pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
@@ -309,11 +318,7 @@ impl Config {
                 expected: "a directory of qodd's own inside bpffs, not its root",
             });
         }
-        let max_sessions = within(
-            "max_sessions",
-            need(f.max_sessions, "max_sessions")?,
-            1..=4_000_000,
-        )?;
+        let max_sessions = need_within(f.max_sessions, "max_sessions", 1..=4_000_000)?;
         let pools = networks("ue_pools", need(f.ue_pools, "ue_pools")?)?;
         let directory = validate_devices(f.devices.unwrap_or_default())?;
         let duration_error = match need(f.duration_out_of_range, "duration_out_of_range")? {
@@ -322,16 +327,19 @@ impl Config {
         };
         let notify = validate_notifications(need(f.notifications, "notifications")?)?;
         let (limits, connections) = validate_limits(need(f.limits, "limits")?)?;
-        let secs = |v: Option<u64>, key: &'static str, range| {
-            need(v, key).and_then(|v| within(key, v, range))
-        };
-        let link_resync =
-            Duration::from_secs(secs(f.link_resync_secs, "link_resync_secs", 1..=3600)?);
-        let policer_burst =
-            Duration::from_millis(secs(f.policer_burst_ms, "policer_burst_ms", 5..=5000)?);
+        let link_resync = Duration::from_secs(need_within(
+            f.link_resync_secs,
+            "link_resync_secs",
+            1..=3600,
+        )?);
+        let policer_burst = Duration::from_millis(need_within(
+            f.policer_burst_ms,
+            "policer_burst_ms",
+            5..=5000,
+        )?);
         let event_log_retention =
-            secs(f.event_log_retention, "event_log_retention", 1..=10_000_000)?;
-        let unavailable_retention = Duration::from_secs(secs(
+            need_within(f.event_log_retention, "event_log_retention", 1..=10_000_000)?;
+        let unavailable_retention = Duration::from_secs(need_within(
             f.unavailable_retention_secs,
             "unavailable_retention_secs",
             360..=31_536_000,
@@ -495,17 +503,9 @@ fn validate_notifications(n: NotificationsConfig) -> Result<NotifyConfig, Config
     Ok(NotifyConfig {
         event_type: need(n.event_type, "notifications.event_type")?,
         source: need(n.source, "notifications.source")?,
-        queue: within(
-            "notifications.queue",
-            need(n.queue, "notifications.queue")?,
-            1..=10_000_000,
-        )?,
+        queue: need_within(n.queue, "notifications.queue", 1..=10_000_000)?,
         timeout: ms(n.timeout_ms, "timeout_ms", 1..=600_000)?,
-        max_attempts: within(
-            "notifications.max_attempts",
-            need(n.max_attempts, "notifications.max_attempts")?,
-            1..=1000,
-        )?,
+        max_attempts: need_within(n.max_attempts, "notifications.max_attempts", 1..=1000)?,
         backoff_base: ms(n.backoff_base_ms, "backoff_base_ms", 1..=3_600_000)?,
         backoff_max: ms(n.backoff_max_ms, "backoff_max_ms", 1..=86_400_000)?,
         sinks: crate::notify::SinkRules {
@@ -670,16 +670,8 @@ fn validate_security(t: TlsConfig, a: AuthConfig) -> Result<Security, ConfigErro
             Conflict::CertificateIdWithoutMutualTls,
         ));
     }
-    let leeway = within(
-        "auth.leeway_secs",
-        need(a.leeway_secs, "auth.leeway_secs")?,
-        0..=300,
-    )?;
-    let refresh = within(
-        "auth.jwks_refresh_secs",
-        need(a.jwks_refresh_secs, "auth.jwks_refresh_secs")?,
-        10..=86_400,
-    )?;
+    let leeway = need_within(a.leeway_secs, "auth.leeway_secs", 0..=300)?;
+    let refresh = need_within(a.jwks_refresh_secs, "auth.jwks_refresh_secs", 10..=86_400)?;
     Ok(Security::Secure {
         tls: Box::new(tls),
         auth: Box::new(AuthSettings {
@@ -790,9 +782,9 @@ fn validate_rest(r: RestConfig) -> Result<Option<RestSettings>, ConfigError> {
             Ok(u.trim_end_matches('/').to_owned())
         })
         .transpose()?;
-    let timeout = within(
+    let timeout = need_within(
+        r.request_timeout_ms,
         "rest.request_timeout_ms",
-        need(r.request_timeout_ms, "rest.request_timeout_ms")?,
         100..=300_000,
     )?;
     Ok(Some(RestSettings {
