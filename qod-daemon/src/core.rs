@@ -242,6 +242,11 @@ impl Slots {
         self.free.push(slot);
     }
 
+    /// Slots in use: one per AVAILABLE session (and per create being installed).
+    fn used(&self) -> u64 {
+        u64::from(self.next).saturating_sub(self.free.len() as u64)
+    }
+
     /// Whether every slot is in use (the next [`Slots::take`] would fail).
     fn take_none_left(&self) -> bool {
         self.free.is_empty() && self.next >= self.capacity
@@ -1537,6 +1542,11 @@ impl Core {
 
     /// The node's state for metrics and operators: sessions by status and profile, slots,
     /// pools, links. One pass over the sessions under the lock.
+    /// Sessions that hold a slot (AVAILABLE), read without walking them.
+    pub fn live_sessions(&self) -> u64 {
+        self.lock().slots.used()
+    }
+
     pub fn node_stats(&self) -> NodeStats {
         let inner = self.lock();
         // Counted by borrowed name; each profile's name is copied once, not once per session.

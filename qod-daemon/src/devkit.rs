@@ -177,6 +177,23 @@ impl DevPki {
         self.client_cert_with(&Issuer::new(ca_params()?, ca_key), cn)
     }
 
+    /// A new server certificate (PEM chain, PEM key) for `names` (DNS names or addresses),
+    /// from the dev CA: for the other servers of a lab (an etcd member, a sink).
+    pub fn server_cert(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
+        let ca_key = KeyPair::from_pem(&fs::read_to_string(self.path("ca.key"))?)?;
+        let issuer = Issuer::new(ca_params()?, ca_key);
+        let mut p =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+        p.distinguished_name
+            .push(DnType::CommonName, "DEV-ONLY lab server");
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+    }
+
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
     }

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod dataplane;
@@ -64,6 +65,8 @@ pub enum RunError {
     IncompatiblePins(String),
     #[error("the REST API's TLS")]
     RestTls(#[from] api::rest::serve::TlsError),
+    #[error("cluster")]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// Re-reads the configuration (file and flags) for a SIGHUP reload.
@@ -112,11 +115,31 @@ pub async fn run(
         (Some(_), config::Security::Secure { tls, .. }) => Some(api::rest::serve::tls_config(tls)?),
         _ => None,
     };
+    let token = CancellationToken::new();
+    let signal_token = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        info!("shutdown requested; draining");
+        notify_service_manager(sd_notify::NotifyState::Stopping);
+        signal_token.cancel();
+    });
+    // A cluster node joins before it touches the data plane: one whose pools clash with
+    // another's is refused with the reason and changes nothing here.
+    let cluster = match &config.cluster {
+        Some(settings) => {
+            let me = node_record(&config, settings, cluster::instance_id(&config.state_dir)?);
+            match cluster::Cluster::join(settings.clone(), me, token.clone()).await? {
+                Some(c) => Some(c),
+                // Stopped while waiting for etcd.
+                None => return Ok(()),
+            }
+        }
+        None => None,
+    };
     prepare_pins(&config, &store)?;
     let mut dp = AyaDataPlane::load(config.max_sessions, &config.pin_path)?;
     let continuing = dp.reused();
     dp.manage(&config.interfaces, config.attach, config.teardown_on_exit)?;
-    let token = CancellationToken::new();
     let notify_token = CancellationToken::new();
     let (notifier, _delivery) = notify::Notifier::start(
         config.notify.clone(),
@@ -154,6 +177,10 @@ pub async fn run(
     );
     // Revisions carry on from the stored log (before any restored session's end is queued).
     core.restore_log(event_log);
+    if let Some(c) = &cluster {
+        let core = core.clone();
+        c.count_sessions_with(move || core.live_sessions());
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     // Health answers from now on, NOT_SERVING until the store is restored; every other call
     // is refused with UNAVAILABLE until then.
@@ -239,18 +266,12 @@ pub async fn run(
                 attach: config.attach,
                 state_dir: config.state_dir.clone(),
                 started: std::time::Instant::now(),
+                cluster: cluster.clone(),
             })
             .max_decoding_message_size(max_message),
             authenticator,
         ));
 
-    let signal_token = token.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        info!("shutdown requested; draining");
-        notify_service_manager(sd_notify::NotifyState::Stopping);
-        signal_token.cancel();
-    });
     let stop = token.clone().cancelled_owned();
     let server = match api_listener {
         Bound::Tcp(listener) => {
@@ -341,6 +362,9 @@ pub async fn run(
         let _ = tokio::time::timeout(DRAIN_GRACE, rest).await;
     }
     let _ = expiry.await;
+    if let Some(c) = &cluster {
+        c.leave().await;
+    }
     core.shutdown();
     // Writes queued without waiting (ends, purges) are on disk before qodd exits.
     if let Err(e) = store.flush() {
@@ -367,6 +391,35 @@ pub async fn run(
         "qodd stopped (store writes and the commits they shared)"
     );
     served
+}
+
+/// What this node tells the cluster about itself.
+fn node_record(
+    config: &Config,
+    settings: &cluster::Settings,
+    instance: String,
+) -> cluster::node::NodeRecord {
+    cluster::node::NodeRecord {
+        v: cluster::node::RECORD_VERSION,
+        id: settings.node_id.clone(),
+        instance,
+        role: settings.role,
+        pools: settings.pools.clone(),
+        advertise: settings.advertise.clone(),
+        interfaces: config
+            .interfaces
+            .iter()
+            .map(|i| cluster::node::InterfaceRecord {
+                name: i.name.clone(),
+                capacity_bps: i.scheduler.map_or(0, |s| s.capacity_bps),
+            })
+            .collect(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        sessions: 0,
+    }
 }
 
 /// The API's bound socket.

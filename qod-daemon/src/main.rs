@@ -60,8 +60,13 @@ fn main() -> ExitCode {
     )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // An address that cannot be used is a configuration error, like the others (64).
-            let code = if matches!(e, qod_daemon::RunError::Listen { .. }) {
+            // An address that cannot be used, or pools that clash with another cluster node's,
+            // is a configuration error, like the others (64).
+            let code = if matches!(
+                e,
+                qod_daemon::RunError::Listen { .. }
+                    | qod_daemon::RunError::Cluster(qod_daemon::cluster::ClusterError::Refused(_))
+            ) {
                 ExitCode::from(64)
             } else {
                 ExitCode::FAILURE

@@ -14,6 +14,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::{Registry, Unit},
@@ -40,6 +41,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    /// The etcd request: `grant`, `keepalive`, `register`, `read`, `update`, `revoke`.
+    pub op: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// What is counted as it happens.
@@ -52,6 +59,12 @@ pub struct Metrics {
     pub event_lateness: Histogram,
     pub store_commit_seconds: Histogram,
     pub store_writes_per_commit: Histogram,
+    pub etcd_seconds: Histograms<OpLabels>,
+    pub etcd_errors: Family<OpLabels, Counter>,
+    /// 1 while this node holds a live etcd lease (cluster mode).
+    pub cluster_lease_up: Gauge,
+    /// Nodes registered in the cluster, as last read.
+    pub cluster_nodes: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -107,8 +120,37 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "writes that shared one commit (group commit)",
         store_writes_per_commit.clone(),
     );
+    let etcd_seconds: Histograms<OpLabels> = Family::new_with_constructor(latency_histogram);
+    registry.register_with_unit(
+        "qod_cluster_etcd_request_duration",
+        "etcd request latency by request (cluster mode)",
+        Unit::Seconds,
+        etcd_seconds.clone(),
+    );
+    let etcd_errors = Family::<OpLabels, Counter>::default();
+    registry.register(
+        "qod_cluster_etcd_errors",
+        "etcd requests that failed or timed out, by request",
+        etcd_errors.clone(),
+    );
+    let cluster_lease_up = Gauge::default();
+    registry.register(
+        "qod_cluster_lease_up",
+        "1 while this node holds a live etcd lease (cluster mode)",
+        cluster_lease_up.clone(),
+    );
+    let cluster_nodes = Gauge::default();
+    registry.register(
+        "qod_cluster_nodes",
+        "nodes registered in the cluster, as last read",
+        cluster_nodes.clone(),
+    );
     Metrics {
         registry,
+        etcd_seconds,
+        etcd_errors,
+        cluster_lease_up,
+        cluster_nodes,
         calls,
         call_seconds,
         token_refusals,

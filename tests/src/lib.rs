@@ -40,6 +40,9 @@ pub use qodd::*;
 mod sink;
 pub use sink::*;
 
+mod etcd;
+pub use etcd::*;
+
 mod calls;
 pub use calls::*;
 

@@ -406,6 +406,35 @@ impl Qodd {
     }
 }
 
+/// Runs the `qodctl` built beside `qodd` against `qodd`: (success, stdout, stderr).
+pub fn qodctl(qodd: &Qodd, tls: bool, args: &[&str]) -> (bool, String, String) {
+    qodctl_as(qodd, &qodd.token, tls, args)
+}
+
+/// As [`qodctl`] with `token`.
+pub fn qodctl_as(
+    qodd: &Qodd,
+    token_text: &str,
+    tls: bool,
+    args: &[&str],
+) -> (bool, String, String) {
+    let token = qodd.dir.path().join("qodctl.token");
+    std::fs::write(&token, token_text).expect("token file");
+    let mut cmd = Command::new(qodd_bin().with_file_name("qodctl"));
+    cmd.env("QODCTL_ADDR", qodd.addr())
+        .env("QODCTL_TOKEN_FILE", &token)
+        .env_remove("QODCTL_CA");
+    if tls {
+        cmd.env("QODCTL_CA", qodd.pki.path("ca.crt"));
+    }
+    let out = cmd.args(args).output().expect("run qodctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `GET http://127.0.0.1:{port}{path}` inside `ns`: status, content type and body.
 /// The samples of an OpenMetrics text: `name{labels}` → value.
 pub fn metric_samples(text: &str) -> std::collections::BTreeMap<String, f64> {

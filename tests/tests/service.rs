@@ -13,7 +13,7 @@ use qod_daemon::devkit::DevPki;
 use qod_testkit::{
     EDGE_DEV_IF, EDGE_SRV_IF, Lab, Launch, Qodd, addr,
     api::{CONGESTION_PROFILES, require_root, scheduled_interfaces},
-    metric_value as value, qodd_bin, workspace_root,
+    metric_value as value, qodctl, qodctl_as, qodd_bin, workspace_root,
 };
 
 fn unit_path() -> PathBuf {
@@ -758,30 +758,6 @@ fn operator_token(qodd: &Qodd, more: &[&str]) -> String {
             ..qod_daemon::devkit::TokenSpec::full("ops")
         })
         .expect("operator token")
-}
-
-/// Runs the `qodctl` built beside `qodd` against `qodd`: (success, stdout, stderr).
-fn qodctl(qodd: &Qodd, tls: bool, args: &[&str]) -> (bool, String, String) {
-    qodctl_as(qodd, &qodd.token, tls, args)
-}
-
-/// As [`qodctl`] with `token`.
-fn qodctl_as(qodd: &Qodd, token_text: &str, tls: bool, args: &[&str]) -> (bool, String, String) {
-    let token = qodd.dir.path().join("qodctl.token");
-    std::fs::write(&token, token_text).expect("token file");
-    let mut cmd = Command::new(qodd_bin().with_file_name("qodctl"));
-    cmd.env("QODCTL_ADDR", qodd.addr())
-        .env("QODCTL_TOKEN_FILE", &token)
-        .env_remove("QODCTL_CA");
-    if tls {
-        cmd.env("QODCTL_CA", qodd.pki.path("ca.crt"));
-    }
-    let out = cmd.args(args).output().expect("run qodctl");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

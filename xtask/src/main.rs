@@ -128,6 +128,8 @@ fn main() -> anyhow::Result<()> {
             let deb = package()?;
             // The REST API is run against CAMARA's OpenAPI (tests/tests/schemathesis.rs).
             let st = setup::schemathesis()?;
+            // The cluster tests run a real etcd cluster (tests/tests/cluster.rs).
+            setup::apt(&["etcd-server"])?;
             cargo(&["build", "--package", "qod-daemon", "--bins"])?;
             let mut all = vec!["test", "--workspace", "--exclude", "qod-ebpf"];
             all.extend(args.iter().map(String::as_str));

@@ -1,5 +1,5 @@
 //! Installs what building and testing qod needs, idempotently:
-//! Debian packages (LLVM 22 for bpf-linker, iproute2, ethtool), the nightly toolchain's
+//! Debian packages (LLVM 22 for bpf-linker, iproute2, ethtool, protoc), the nightly toolchain's
 //! `rust-src`, and `bpf-linker` built against LLVM 22. It never installs or updates a toolchain:
 //! a newer nightly would bring an LLVM that this bpf-linker cannot read.
 
@@ -9,7 +9,14 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 
 use crate::toolchain;
 
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "ethtool", "procps"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "iproute2",
+    "ethtool",
+    "procps",
+    // protoc, for the etcd client's generated code.
+    "protobuf-compiler",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_DEB_VERSION: &str = "3.8.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -102,5 +102,10 @@ pub fn check() -> Result<(), String> {
             "LLVM mismatch: rustc +nightly emits LLVM {nightly} bitcode but bpf-linker uses LLVM {linker}. Use a nightly whose LLVM is {linker} (this machine kind's nightly 1.97 has LLVM 22), or rebuild bpf-linker against LLVM {nightly}"
         ));
     }
+    if std::env::var_os("PROTOC").is_none() && output("protoc", &["--version"]).is_none() {
+        return Err(format!(
+            "protoc is not installed, and the etcd client's generated code needs it: {RUN_SETUP}"
+        ));
+    }
     Ok(())
 }

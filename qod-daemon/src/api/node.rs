@@ -27,6 +27,46 @@ pub struct NodeService {
     pub attach: AttachMode,
     pub state_dir: PathBuf,
     pub started: Instant,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+/// The cluster part of a node's status: its own standing and the members as etcd has them.
+async fn cluster_status(c: &crate::cluster::Cluster) -> pb::ClusterStatus {
+    let standing = c.standing().borrow().clone();
+    let (nodes, read_problem) = match c.members().await {
+        Ok(m) => (m, None),
+        Err(e) => (Vec::new(), Some(crate::anyhow_like(&e))),
+    };
+    pb::ClusterStatus {
+        node_id: c.settings().node_id.clone(),
+        role: c.settings().role.as_str().into(),
+        lease_up: standing.lease.is_some(),
+        lease_id: standing.lease.map(|l| format!("{l:x}")).unwrap_or_default(),
+        problem: standing.problem.or(read_problem).unwrap_or_default(),
+        nodes: nodes
+            .into_iter()
+            .map(|m| pb::ClusterNode {
+                id: m.record.id,
+                role: m.record.role.as_str().into(),
+                pools: m.record.pools.iter().map(ToString::to_string).collect(),
+                advertise: m.record.advertise,
+                lease_ttl_seconds: m.lease_ttl,
+                sessions: m.record.sessions,
+                version: m.record.version,
+                interfaces: m
+                    .record
+                    .interfaces
+                    .into_iter()
+                    .map(|i| pb::InterfaceStatus {
+                        name: i.name,
+                        capacity_bps: i.capacity_bps,
+                        ..Default::default()
+                    })
+                    .collect(),
+                started_at: m.record.started_at,
+            })
+            .collect(),
+    }
 }
 
 impl NodeService {
@@ -142,6 +182,10 @@ impl QodNode for NodeService {
                 .notify
                 .pending
                 .load(std::sync::atomic::Ordering::Relaxed),
+            cluster: match &self.cluster {
+                Some(c) => Some(cluster_status(c).await),
+                None => None,
+            },
         }))
     }
 

@@ -50,6 +50,24 @@ pub(super) struct FileConfig {
     pub auth: Option<AuthConfig>,
     pub limits: Option<LimitsConfig>,
     pub rest: Option<RestConfig>,
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: etcd, and this node's place among the others.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ClusterConfig {
+    pub etcd: Option<Vec<String>>,
+    pub node_id: Option<String>,
+    pub role: Option<crate::cluster::Role>,
+    pub advertise: Option<Vec<String>>,
+    pub prefix: Option<String>,
+    pub lease_ttl_secs: Option<u64>,
+    pub etcd_timeout_ms: Option<u64>,
+    pub etcd_allow_http: Option<bool>,
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
 }
 
 /// `on_exit`.

@@ -20,9 +20,9 @@ pub use self::error::{ConfigError, Conflict, DeviceProblem, InterfaceProblem, Pr
 use self::{
     error::within,
     file::{
-        AuthConfig, ClientAuth, DeviceEntry, DurationOutOfRange, FileConfig, InterfaceEntry,
-        InterfaceTable, LimitsConfig, NotificationsConfig, OnExit, ProfileConfig, RestConfig,
-        SkbPriority, TlsConfig,
+        AuthConfig, ClientAuth, ClusterConfig, DeviceEntry, DurationOutOfRange, FileConfig,
+        InterfaceEntry, InterfaceTable, LimitsConfig, NotificationsConfig, OnExit, ProfileConfig,
+        RestConfig, SkbPriority, TlsConfig,
     },
 };
 use crate::{
@@ -138,6 +138,8 @@ pub struct Config {
     pub connections: crate::listener::ConnectionLimits,
     /// CAMARA's REST API (`None`: off).
     pub rest: Option<RestSettings>,
+    /// Cluster mode on etcd (`None`: a single node, the default).
+    pub cluster: Option<crate::cluster::Settings>,
 }
 
 /// Where and how CAMARA's REST API is served.
@@ -349,6 +351,7 @@ impl Config {
         } else {
             validate_security(need(f.tls, "tls")?, need(f.auth, "auth")?)?
         };
+        let cluster = validate_cluster(need(f.cluster, "cluster")?, &pools)?;
         let profiles = need(f.profiles, "profiles")?;
         if profiles.is_empty() {
             return Err(ConfigError::Required {
@@ -395,8 +398,108 @@ impl Config {
             limits,
             connections,
             rest,
+            cluster,
         })
     }
+}
+
+/// `[cluster]`: `None` without etcd endpoints (a single node).
+fn validate_cluster(
+    c: ClusterConfig,
+    pools: &[IpNetwork],
+) -> Result<Option<crate::cluster::Settings>, ConfigError> {
+    use crate::cluster::{EtcdTls, Settings};
+    let etcd = need(c.etcd, "cluster.etcd")?;
+    if etcd.is_empty() {
+        return Ok(None);
+    }
+    let allow_http = need(c.etcd_allow_http, "cluster.etcd_allow_http")?;
+    for e in &etcd {
+        let url = web_url("cluster.etcd", e, "http(s)://host:port of an etcd member")?;
+        if url.scheme() == "http" && !allow_http {
+            return Err(ConfigError::Value {
+                key: "cluster.etcd".into(),
+                value: e.clone(),
+                expected: "an https:// URL (plain http only with cluster.etcd_allow_http = true, for labs)",
+            });
+        }
+        if url.scheme() == "https" && c.etcd_ca.is_none() {
+            return Err(ConfigError::Required {
+                key: "cluster.etcd_ca",
+                why: "https:// etcd endpoints are verified against this CA",
+            });
+        }
+    }
+    let node_id = need(c.node_id, "cluster.node_id")?;
+    let id_char = |ch: char| ch.is_ascii_alphanumeric() || "-._".contains(ch);
+    if node_id.is_empty() || node_id.len() > 63 || !node_id.chars().all(id_char) {
+        return Err(ConfigError::Value {
+            key: "cluster.node_id".into(),
+            value: node_id,
+            expected: "1 to 63 letters, digits, '-', '.' or '_', unique in the cluster",
+        });
+    }
+    if pools.is_empty() {
+        return Err(ConfigError::Required {
+            key: "ue_pools",
+            why: "in a cluster each node names the device pools it serves",
+        });
+    }
+    let prefix = need(c.prefix, "cluster.prefix")?;
+    if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.contains("//") {
+        return Err(ConfigError::Value {
+            key: "cluster.prefix".into(),
+            value: prefix,
+            expected: "a key prefix such as \"/qod/\" (starting and ending with '/')",
+        });
+    }
+    let tls = match (c.etcd_ca, c.etcd_cert, c.etcd_key) {
+        (None, None, None) => None,
+        (Some(ca), cert, key) => {
+            let identity = match (cert, key) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some((
+                    read_file("cluster.etcd_cert", &cert)?,
+                    read_file("cluster.etcd_key", &key)?,
+                )),
+                _ => {
+                    return Err(ConfigError::Required {
+                        key: "cluster.etcd_cert",
+                        why: "a client certificate for etcd needs both etcd_cert and etcd_key",
+                    });
+                }
+            };
+            Some(EtcdTls {
+                ca: read_file("cluster.etcd_ca", &ca)?,
+                identity,
+            })
+        }
+        (None, _, _) => {
+            return Err(ConfigError::Required {
+                key: "cluster.etcd_ca",
+                why: "a client certificate for etcd is only sent over TLS",
+            });
+        }
+    };
+    Ok(Some(Settings {
+        etcd,
+        node_id,
+        role: need(c.role, "cluster.role")?,
+        advertise: need(c.advertise, "cluster.advertise")?,
+        prefix,
+        lease_ttl: Duration::from_secs(need_within(
+            c.lease_ttl_secs,
+            "cluster.lease_ttl_secs",
+            2..=600,
+        )?),
+        timeout: Duration::from_millis(need_within(
+            c.etcd_timeout_ms,
+            "cluster.etcd_timeout_ms",
+            100..=60_000,
+        )?),
+        tls,
+        pools: pools.to_vec(),
+    }))
 }
 
 fn validate_interface(e: InterfaceEntry) -> Result<ManagedInterface, ConfigError> {
@@ -1081,6 +1184,85 @@ mod tests {
 
     /// Each kind of mistake is its own variant naming the key; a wrong word is refused by the
     /// parser with the key and the choices.
+    #[test]
+    fn a_cluster_section_is_checked_before_any_etcd_is_asked() {
+        let parse =
+            |text: &str| Config::from_parts(Some((Path::new("t.toml"), text)), &cli(&["-i", "lo"]));
+        let pools = "ue_pools = [\"10.1.0.0/16\"]\n";
+        // No endpoints: a single node, whatever else the section says.
+        assert!(
+            parse("[cluster]\nnode_id = \"\"")
+                .expect("single")
+                .cluster
+                .is_none()
+        );
+        let ok = parse(&format!(
+            "{pools}[cluster]\netcd = [\"http://10.0.0.1:2379\"]\netcd_allow_http = true\nnode_id = \"edge-1\"\nrole = \"standby\""
+        ))
+        .expect("valid")
+        .cluster
+        .expect("cluster mode");
+        assert_eq!(ok.role, crate::cluster::Role::Standby);
+        assert_eq!(ok.lease_ttl, Duration::from_secs(10));
+        assert_eq!(ok.prefix, "/qod/");
+        assert_eq!(
+            ok.pools,
+            vec!["10.1.0.0/16".parse::<IpNetwork>().expect("cidr")]
+        );
+        let err = |text: String| chain(&parse(&text).expect_err("must be refused"));
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "PEM").expect("ca");
+        let section = |extra: &str| {
+            let id = if extra.starts_with("node_id") {
+                ""
+            } else {
+                "node_id = \"n1\"\n"
+            };
+            format!(
+                "{pools}[cluster]\netcd = [\"https://10.0.0.1:2379\"]\n{id}etcd_ca = {ca:?}\n{extra}"
+            )
+        };
+        assert!(
+            err(format!(
+                "{pools}[cluster]\netcd = [\"http://10.0.0.1:2379\"]\nnode_id = \"n1\""
+            ))
+            .contains("plain http only with cluster.etcd_allow_http"),
+        );
+        assert!(
+            err(format!(
+                "{pools}[cluster]\netcd = [\"https://10.0.0.1:2379\"]\nnode_id = \"n1\""
+            ))
+            .contains("cluster.etcd_ca is required")
+        );
+        assert!(
+            err(format!("{pools}[cluster]\netcd = [\"https://10.0.0.1:2379\"]\nnode_id = \"n1\"\netcd_ca = \"/nonexistent/ca.crt\""))
+                .contains("cluster.etcd_ca /nonexistent/ca.crt cannot be read")
+        );
+        assert!(
+            parse(&section(""))
+                .expect("valid")
+                .cluster
+                .expect("cluster")
+                .tls
+                .is_some()
+        );
+        assert!(err(section("node_id = \"a b\"")).contains("cluster.node_id"));
+        assert!(err(section("role = \"leader\"")).contains("standby"));
+        assert!(err(section("prefix = \"qod\"")).contains("cluster.prefix"));
+        assert!(
+            err(section("lease_ttl_secs = 1"))
+                .contains("cluster.lease_ttl_secs = 1: must be 2 to 600")
+        );
+        assert!(
+            err(section("etcd_cert = \"/x.crt\"")).contains("needs both etcd_cert and etcd_key")
+        );
+        assert!(
+            err(section("").replace(pools, ""))
+                .contains("each node names the device pools it serves")
+        );
+    }
+
     #[test]
     fn mistakes_are_typed_and_name_the_key() {
         let err = |text: &str| {

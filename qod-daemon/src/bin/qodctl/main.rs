@@ -661,6 +661,20 @@ fn print_status(s: &pb::NodeStatus, json: bool) {
             })
         })
         .collect();
+    let cluster = s.cluster.as_ref().map(|c| {
+        json!({
+            "nodeId": c.node_id, "role": c.role, "leaseUp": c.lease_up, "leaseId": c.lease_id,
+            "problem": c.problem,
+            "nodes": c.nodes.iter().map(|n| json!({
+                "id": n.id, "role": n.role, "pools": n.pools, "advertise": n.advertise,
+                "leaseTtlSeconds": n.lease_ttl_seconds, "sessions": n.sessions,
+                "version": n.version, "startedAt": n.started_at,
+                "interfaces": n.interfaces.iter().map(|i| json!({
+                    "name": i.name, "capacityBps": i.capacity_bps,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    });
     if json {
         println!(
             "{}",
@@ -670,6 +684,7 @@ fn print_status(s: &pb::NodeStatus, json: bool) {
                 "sessionsByStatus": s.sessions_by_status,
                 "slotsUsed": s.slots_used, "slotsCapacity": s.slots_capacity,
                 "storeBytes": s.store_bytes, "pendingNotifications": s.pending_notifications,
+                "cluster": cluster,
             })
         );
         return;
@@ -726,6 +741,48 @@ fn print_status(s: &pb::NodeStatus, json: bool) {
         s.store_bytes,
         s.pending_notifications
     );
+    if let Some(c) = &s.cluster {
+        println!(
+            "cluster: node {} ({}), {}{}",
+            c.node_id,
+            c.role,
+            if c.lease_up {
+                format!("registered, lease {}", c.lease_id)
+            } else {
+                "NOT registered".into()
+            },
+            if c.problem.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", c.problem)
+            }
+        );
+        let rows: Vec<Vec<String>> = c
+            .nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.id.clone(),
+                    n.role.clone(),
+                    n.pools.join(","),
+                    n.advertise.join(","),
+                    if n.lease_ttl_seconds < 0 {
+                        "?".into()
+                    } else {
+                        format!("{} s", n.lease_ttl_seconds)
+                    },
+                    n.sessions.to_string(),
+                    n.version.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "NODE", "ROLE", "POOLS", "API", "LEASE", "SESSIONS", "VERSION",
+            ],
+            &rows,
+        );
+    }
 }
 
 fn print_dump(d: &pb::DumpResponse, json: bool) {

@@ -1,0 +1,555 @@
+//! Cluster mode: qodd nodes on one etcd cluster (`[cluster]` in the config).
+//!
+//! Membership: each node registers `<prefix>nodes/<id>` (a [`node::NodeRecord`]) under an etcd
+//! lease it keeps alive. A join is a compare-and-swap on `<prefix>members`, whose revision every
+//! join bumps: a node reads the registrations, checks [`node::may_join`] against them, and writes
+//! its own only if no other join came in between, so two nodes racing with clashing pools cannot
+//! both get in. A node whose lease lapses (it did not reach etcd for a whole TTL) is gone from
+//! the cluster; it joins again, checked again, when etcd answers.
+//!
+//! Every etcd request has a deadline (`etcd_timeout_ms`) and is timed and counted in the
+//! metrics (`qod_cluster_etcd_*`).
+
+pub mod node;
+
+use std::{
+    path::Path,
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp,
+};
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use self::node::{Clash, NodeRecord};
+use crate::metrics::{METRICS, OpLabels};
+
+/// A node's role for its pools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Serves its pools.
+    Active,
+    /// Stands by for the active node with the same pools.
+    Standby,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Standby => "standby",
+        }
+    }
+}
+
+/// The validated `[cluster]` section.
+#[derive(Clone)]
+pub struct Settings {
+    pub etcd: Vec<String>,
+    pub node_id: String,
+    pub role: Role,
+    pub advertise: Vec<String>,
+    pub prefix: String,
+    pub lease_ttl: Duration,
+    pub timeout: Duration,
+    pub tls: Option<EtcdTls>,
+    /// `ue_pools`: what this node serves.
+    pub pools: Vec<IpNetwork>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("etcd", &self.etcd)
+            .field("node_id", &self.node_id)
+            .field("role", &self.role)
+            .field("advertise", &self.advertise)
+            .field("prefix", &self.prefix)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("timeout", &self.timeout)
+            .field("tls", &self.tls.is_some())
+            .field("pools", &self.pools)
+            .finish()
+    }
+}
+
+/// TLS towards etcd: the CA its certificates chain to, and a client identity (PEM).
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Why cluster membership failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("etcd {op}")]
+    Etcd {
+        op: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd {op}: no answer within {timeout:?}")]
+    Timeout { op: &'static str, timeout: Duration },
+    #[error("refused by the cluster")]
+    Refused(#[from] Clash),
+    #[error("etcd lease {0:x} has expired")]
+    LeaseExpired(i64),
+    #[error("the node instance file {path}")]
+    Instance {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// This node's standing in the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// The lease held, while registered.
+    pub lease: Option<i64>,
+    /// Why the node is not registered (etcd unreachable, a clash at re-join), if it is not.
+    pub problem: Option<String>,
+}
+
+/// One registered node, as read from etcd.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub record: NodeRecord,
+    /// Seconds left on its lease (-1: unknown).
+    pub lease_ttl: i64,
+}
+
+/// Where `<prefix>nodes/<id>` of every node live.
+fn nodes_prefix(prefix: &str) -> String {
+    format!("{prefix}nodes/")
+}
+
+/// The id of this node's process lineage: random, kept in `state_dir` (which one qodd holds at
+/// a time, through the store's lock), so a restart recognises its own registration.
+pub fn instance_id(state_dir: &Path) -> Result<String, ClusterError> {
+    let path = state_dir.join("node-instance");
+    let err = |source| ClusterError::Instance {
+        path: path.clone(),
+        source,
+    };
+    let create = || {
+        let id = uuid::Uuid::new_v4().to_string();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        Ok(id)
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        Ok(_) => create(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(),
+        Err(source) => Err(err(source)),
+    }
+}
+
+/// A node's membership of the cluster: its etcd client, its registration and the lease under
+/// it, kept alive in the background until [`Cluster::leave`].
+pub struct Cluster {
+    settings: Settings,
+    client: Client,
+    me: parking_lot::Mutex<NodeRecord>,
+    standing: watch::Sender<Standing>,
+    /// Live sessions of this node, published in its record.
+    sessions: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+}
+
+impl Cluster {
+    /// Connects to etcd and registers `me`, retrying while etcd cannot be reached (until
+    /// `stop`), and returns once registered; a clash with the registered nodes is final. Then
+    /// keeps the lease alive until `stop`.
+    pub async fn join(
+        settings: Settings,
+        me: NodeRecord,
+        stop: CancellationToken,
+    ) -> Result<Option<Arc<Self>>, ClusterError> {
+        let client = loop {
+            match connect(&settings).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    warn!(error = %crate::anyhow_like(&e), endpoints = ?settings.etcd, "cannot reach etcd; retrying");
+                    if pause(&stop, settings.lease_ttl / 4).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let (standing, _) = watch::channel(Standing::default());
+        let cluster = Arc::new(Self {
+            settings,
+            client,
+            me: parking_lot::Mutex::new(me),
+            standing,
+            sessions: OnceLock::new(),
+        });
+        loop {
+            match cluster.register().await {
+                Ok(lease) => {
+                    cluster.set_standing(Some(lease), None);
+                    break;
+                }
+                Err(ClusterError::Refused(clash)) => return Err(clash.into()),
+                Err(e) => {
+                    warn!(error = %crate::anyhow_like(&e), "cannot join the cluster; retrying");
+                    cluster.set_standing(None, Some(crate::anyhow_like(&e)));
+                    if pause(&stop, cluster.settings.lease_ttl / 4).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        tokio::spawn(cluster.clone().keep_alive(stop));
+        Ok(Some(cluster))
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// This node's standing, as it changes.
+    pub fn standing(&self) -> watch::Receiver<Standing> {
+        self.standing.subscribe()
+    }
+
+    /// Where this node's live session count comes from (published in its record).
+    pub fn count_sessions_with(&self, f: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.sessions.set(Box::new(f));
+    }
+
+    fn set_standing(&self, lease: Option<i64>, problem: Option<String>) {
+        METRICS.cluster_lease_up.set(i64::from(lease.is_some()));
+        self.standing.send_replace(Standing { lease, problem });
+    }
+
+    fn node_key(&self) -> String {
+        format!(
+            "{}{}",
+            nodes_prefix(&self.settings.prefix),
+            self.settings.node_id
+        )
+    }
+
+    /// Runs one etcd request with the deadline, timed and counted under `op`.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, ClusterError> {
+        self.call_within(op, self.settings.timeout, f).await
+    }
+
+    /// As [`Cluster::call`] with the deadline `timeout`.
+    async fn call_within<T>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        f: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, ClusterError> {
+        let started = Instant::now();
+        let out = tokio::time::timeout(timeout, f).await;
+        let labels = OpLabels { op };
+        METRICS
+            .etcd_seconds
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        match out {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => {
+                METRICS.etcd_errors.get_or_create(&labels).inc();
+                Err(ClusterError::Etcd { op, source })
+            }
+            Err(_) => {
+                METRICS.etcd_errors.get_or_create(&labels).inc();
+                Err(ClusterError::Timeout { op, timeout })
+            }
+        }
+    }
+
+    /// The registered nodes (records that do not decode are logged and left out).
+    async fn records(&self) -> Result<Vec<(NodeRecord, i64)>, ClusterError> {
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .call(
+                "read",
+                kv.get(
+                    nodes_prefix(&self.settings.prefix),
+                    Some(GetOptions::new().with_prefix()),
+                ),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            match serde_json::from_slice::<NodeRecord>(kv.value()) {
+                Ok(r) => out.push((r, kv.lease())),
+                Err(e) => warn!(
+                    key = %String::from_utf8_lossy(kv.key()),
+                    error = %e,
+                    "a node registration that does not decode is left out"
+                ),
+            }
+        }
+        METRICS.cluster_nodes.set(out.len() as i64);
+        Ok(out)
+    }
+
+    /// Grants a lease and registers this node under it, if [`node::may_join`] lets it.
+    async fn register(&self) -> Result<i64, ClusterError> {
+        let ttl = i64::try_from(self.settings.lease_ttl.as_secs()).unwrap_or(i64::MAX);
+        let mut lease_client = self.client.lease_client();
+        let lease = self
+            .call("grant", lease_client.grant(ttl, None))
+            .await?
+            .id();
+        match self.register_under(lease).await {
+            Ok(()) => Ok(lease),
+            Err(e) => {
+                // Not left to lapse: it holds nothing, but counts against etcd until it does.
+                let _ = self.call("revoke", lease_client.revoke(lease)).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn register_under(&self, lease: i64) -> Result<(), ClusterError> {
+        let members = format!("{}members", self.settings.prefix);
+        let mut kv = self.client.kv_client();
+        loop {
+            let seen = self
+                .call("read", kv.get(members.clone(), None))
+                .await?
+                .kvs()
+                .first()
+                .map_or(0, etcd_client::KeyValue::mod_revision);
+            let others = self.records().await?;
+            let me = self.me.lock().clone();
+            let live: Vec<NodeRecord> = others.iter().map(|(r, _)| r.clone()).collect();
+            node::may_join(&me, &live)?;
+            // This node's earlier registration (a restart before its lease lapsed) goes with
+            // its lease.
+            for (r, old) in &others {
+                if r.id == me.id && *old != 0 && *old != lease {
+                    let mut leases = self.client.lease_client();
+                    let _ = self.call("revoke", leases.revoke(*old)).await;
+                }
+            }
+            let value = serde_json::to_vec(&me).unwrap_or_default();
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    members.clone(),
+                    CompareOp::Equal,
+                    seen,
+                )])
+                .and_then([
+                    TxnOp::put(
+                        self.node_key(),
+                        value,
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    TxnOp::put(members.clone(), me.id.clone(), None),
+                ]);
+            if self.call("register", kv.txn(txn)).await?.succeeded() {
+                info!(
+                    node = %me.id,
+                    role = me.role.as_str(),
+                    lease = format_args!("{lease:x}"),
+                    pools = ?me.pools,
+                    nodes = others.iter().filter(|(r, _)| r.id != me.id).count() + 1,
+                    "joined the cluster"
+                );
+                return Ok(());
+            }
+            // Another node joined in between: read again and check against it too.
+        }
+    }
+
+    /// Keeps the lease alive (a keep-alive every third of the TTL, each given at most that
+    /// long, retried at once on another connection when it fails); when etcd cannot be reached
+    /// for a whole TTL the lease is taken as lost and the node joins again, checked again, once
+    /// etcd answers. Publishes the live session count when it changes.
+    async fn keep_alive(self: Arc<Self>, stop: CancellationToken) {
+        let every = self.settings.lease_ttl / 3;
+        let mut published = None;
+        let mut last_ok = Instant::now();
+        let mut stream = None;
+        let mut failed = false;
+        loop {
+            if pause(&stop, if failed { RETRY_PAUSE } else { every }).await {
+                return;
+            }
+            failed = false;
+            let Some(lease) = self.standing.borrow().lease else {
+                match self.register().await {
+                    Ok(lease) => {
+                        info!(lease = format_args!("{lease:x}"), "back in the cluster");
+                        self.set_standing(Some(lease), None);
+                        last_ok = Instant::now();
+                        published = None;
+                        stream = None;
+                    }
+                    Err(e) => {
+                        let why = crate::anyhow_like(&e);
+                        if matches!(e, ClusterError::Refused(_)) {
+                            error!(error = %why, "cannot join the cluster again");
+                        } else {
+                            warn!(error = %why, "cannot join the cluster again; retrying");
+                        }
+                        self.set_standing(None, Some(why));
+                    }
+                }
+                continue;
+            };
+            match self.renew(lease, &mut stream).await {
+                Ok(()) => {
+                    last_ok = Instant::now();
+                    let count = self.sessions.get().map(|f| f());
+                    if let Some(n) = count
+                        && count != published
+                        && self.publish(lease, n).await.is_ok()
+                    {
+                        published = count;
+                    }
+                }
+                Err(e) => {
+                    stream = None;
+                    failed = true;
+                    let why = crate::anyhow_like(&e);
+                    if matches!(e, ClusterError::LeaseExpired(_))
+                        || last_ok.elapsed() >= self.settings.lease_ttl
+                    {
+                        error!(error = %why, "lost the cluster lease; this node is out of the cluster until it joins again");
+                        self.set_standing(None, Some(why));
+                    } else {
+                        warn!(error = %why, "etcd keep-alive failed; retrying");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One keep-alive round on `stream` (opened if needed).
+    async fn renew(
+        &self,
+        lease: i64,
+        stream: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    ) -> Result<(), ClusterError> {
+        let within = self.settings.timeout.min(self.settings.lease_ttl / 3);
+        if stream.is_none() {
+            let mut leases = self.client.lease_client();
+            *stream = Some(
+                self.call_within("keepalive", within, leases.keep_alive(lease))
+                    .await?,
+            );
+        }
+        let Some((keeper, answers)) = stream.as_mut() else {
+            return Ok(());
+        };
+        self.call_within("keepalive", within, keeper.keep_alive())
+            .await?;
+        match self
+            .call_within("keepalive", within, answers.message())
+            .await?
+        {
+            Some(r) if r.ttl() > 0 => Ok(()),
+            _ => Err(ClusterError::LeaseExpired(lease)),
+        }
+    }
+
+    async fn publish(&self, lease: i64, sessions: u64) -> Result<(), ClusterError> {
+        let value = {
+            let mut me = self.me.lock();
+            me.sessions = sessions;
+            serde_json::to_vec(&*me).unwrap_or_default()
+        };
+        let mut kv = self.client.kv_client();
+        // Only while the registration is this lease's: a lapsed one is not written back.
+        let txn = Txn::new()
+            .when([Compare::lease(self.node_key(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::put(
+                self.node_key(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        self.call("update", kv.txn(txn)).await.map(|_| ())
+    }
+
+    /// The registered nodes, with the time left on their leases, sorted by id.
+    pub async fn members(&self) -> Result<Vec<Member>, ClusterError> {
+        let mut out = Vec::new();
+        for (record, lease) in self.records().await? {
+            let mut leases = self.client.lease_client();
+            let lease_ttl = match self.call("read", leases.time_to_live(lease, None)).await {
+                Ok(r) => r.ttl(),
+                Err(_) => -1,
+            };
+            out.push(Member { record, lease_ttl });
+        }
+        out.sort_by(|a, b| a.record.id.cmp(&b.record.id));
+        Ok(out)
+    }
+
+    /// Leaves the cluster (a graceful stop): the lease is revoked, so the others see this node
+    /// go at once rather than when its lease would lapse.
+    pub async fn leave(&self) {
+        let lease = self.standing.borrow().lease;
+        if let Some(lease) = lease {
+            let mut leases = self.client.lease_client();
+            match self.call("revoke", leases.revoke(lease)).await {
+                Ok(_) => info!("left the cluster"),
+                Err(e) => {
+                    warn!(error = %crate::anyhow_like(&e), "cannot leave the cluster; the lease lapses on its own")
+                }
+            }
+            self.set_standing(None, Some("left the cluster".into()));
+        }
+    }
+}
+
+/// How soon a failed keep-alive is tried again.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Sleeps `d`, or less if `stop` is cancelled; true when stopped.
+async fn pause(stop: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => true,
+        () = tokio::time::sleep(d) => false,
+    }
+}
+
+async fn connect(s: &Settings) -> Result<Client, ClusterError> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(s.timeout)
+        .with_timeout(s.timeout)
+        .with_keep_alive(s.lease_ttl / 3, s.timeout)
+        // A member cut off from the others' majority refuses instead of answering stale.
+        .with_require_leader(true);
+    if let Some(tls) = &s.tls {
+        let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));
+        if let Some((cert, key)) = &tls.identity {
+            t = t.identity(Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(t);
+    }
+    let connected = tokio::time::timeout(s.timeout, Client::connect(&s.etcd, Some(options)))
+        .await
+        .map_err(|_| ClusterError::Timeout {
+            op: "connect",
+            timeout: s.timeout,
+        })?;
+    connected.map_err(|source| ClusterError::Etcd {
+        op: "connect",
+        source,
+    })
+}

@@ -1,0 +1,343 @@
+//! Cluster mode on a real three-member etcd cluster (TLS with client certificates), with qodd
+//! nodes each on a lab of its own, wired to etcd's namespace: membership under leases, pools
+//! checked across nodes at every join, and what etcd failures do to a node's standing.
+
+use std::time::{Duration, Instant};
+
+use qod_testkit::{
+    EDGE_DEV_IF, EDGE_SRV_IF, EtcdCluster, Lab, Launch, Mode, Qodd, api::require_root,
+    in_every_mode, metric_samples, metric_value, qodctl_as, qodd_bin,
+};
+use serde_json::Value;
+
+/// A lab whose qodd is cluster node `id` (`10.77.0.<host>` towards etcd) serving `pools`, with
+/// `extra` inside its `[cluster]` section.
+async fn node(
+    etcd: &EtcdCluster,
+    mode: Mode,
+    id: &str,
+    host: u8,
+    pools: &[&str],
+    extra: &str,
+) -> anyhow::Result<(Lab, Qodd)> {
+    require_root();
+    let lab = Lab::new()?;
+    etcd.connect(&lab.edge, host)?;
+    let scheduled = [
+        format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 1000 }}"),
+        format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 1000 }}"),
+    ];
+    let interfaces: Vec<&str> = match mode {
+        Mode::Marking => vec![EDGE_DEV_IF, EDGE_SRV_IF],
+        Mode::Scheduled => scheduled.iter().map(String::as_str).collect(),
+    };
+    let toml = format!(
+        "ue_pools = {pools:?}\nmetrics_listen = \"127.0.0.1:9464\"\n{}",
+        etcd.qodd_section(
+            etcd.dir.path(),
+            id,
+            &format!("advertise = [\"10.77.0.{host}:50051\"]\n{extra}")
+        )?
+    );
+    let qodd = Qodd::start_with(
+        &qodd_bin(),
+        &lab.edge,
+        &interfaces,
+        &toml,
+        qod_daemon::devkit::DevPki::config_toml,
+        Launch::default(),
+    )
+    .await?;
+    Ok((lab, qodd))
+}
+
+/// `qodctl --json status` of `qodd`: its `cluster` object.
+fn cluster_status(qodd: &Qodd) -> Value {
+    let admin = qodd
+        .pki
+        .mint(&qod_daemon::devkit::TokenSpec {
+            scopes: vec![qod_daemon::auth::scope::ADMIN.into()],
+            ..qod_daemon::devkit::TokenSpec::full("ops")
+        })
+        .expect("operator token");
+    let (ok, out, err) = qodctl_as(qodd, &admin, true, &["--json", "status"]);
+    assert!(ok, "qodctl status: {out}{err}");
+    let status: Value = serde_json::from_str(&out).expect("status JSON");
+    status["cluster"].clone()
+}
+
+fn node_ids(cluster: &Value) -> Vec<String> {
+    cluster["nodes"]
+        .as_array()
+        .map(|n| {
+            n.iter()
+                .filter_map(|n| n["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `qodd`'s cluster status until `done` holds (within `within`), returning it.
+async fn await_status(qodd: &Qodd, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let c = cluster_status(qodd);
+        if done(&c) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster status not as expected within {within:?}: {c:#}\n{}",
+            qodd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The metric samples of the qodd in `lab`.
+fn metrics(lab: &Lab) -> std::collections::BTreeMap<String, f64> {
+    let (code, _, body) = qod_testkit::http_get(&lab.edge, 9464, "/metrics");
+    assert_eq!(code, 200);
+    metric_samples(&body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_join_under_leases_and_pools_that_clash_are_refused() {
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    let (_a_lab, a) = node(
+        &etcd,
+        Mode::Marking,
+        "a",
+        11,
+        &["10.0.1.0/24"],
+        "lease_ttl_secs = 2",
+    )
+    .await
+    .expect("node a");
+    let (_b_lab, mut b) = node(
+        &etcd,
+        Mode::Marking,
+        "b",
+        12,
+        &["10.0.9.0/24", "fd00:9::/64"],
+        "lease_ttl_secs = 2",
+    )
+    .await
+    .expect("node b");
+
+    // Every node sees every registration: roles, pools, API addresses and a live lease.
+    let c = await_status(&a, Duration::from_secs(5), |c| node_ids(c) == ["a", "b"]).await;
+    assert_eq!(c["nodeId"], "a");
+    assert_eq!(c["leaseUp"], true, "{c:#}");
+    let nodes = c["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes[0]["role"], "active");
+    assert_eq!(nodes[0]["pools"], serde_json::json!(["10.0.1.0/24"]));
+    assert_eq!(
+        nodes[1]["pools"],
+        serde_json::json!(["10.0.9.0/24", "fd00:9::/64"])
+    );
+    assert_eq!(
+        nodes[1]["advertise"],
+        serde_json::json!(["10.77.0.12:50051"])
+    );
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["leaseTtlSeconds"].as_i64().is_some_and(|t| t > 0)),
+        "{c:#}"
+    );
+    // What qodd wrote is what etcd holds, under the prefix.
+    let keys = etcd
+        .etcdctl(&["get", "--prefix", "--keys-only", "/qod/nodes/"])
+        .expect("etcdctl get");
+    assert!(
+        keys.contains("/qod/nodes/a") && keys.contains("/qod/nodes/b"),
+        "{keys}"
+    );
+
+    // An active node whose pools overlap a's is refused at start, with the reason (exit 64).
+    let clash = node(&etcd, Mode::Marking, "c", 13, &["10.0.1.128/25"], "")
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .expect("node c must be refused");
+    assert!(clash.contains("exit status: 64"), "{clash}");
+    assert!(
+        clash.contains(
+            "10.0.1.128/25 of this active node overlaps 10.0.1.0/24 of active node \"a\""
+        ),
+        "{clash}"
+    );
+    // A node id in use by another qodd is refused too.
+    let twin = node(&etcd, Mode::Marking, "b", 14, &["10.0.77.0/24"], "")
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .expect("a second node b must be refused");
+    assert!(
+        twin.contains("node id \"b\" is registered by another qodd"),
+        "{twin}"
+    );
+    // A standby for a's pools pairs with it; one that covers only part of them does not.
+    let (_d_lab, mut d) = node(
+        &etcd,
+        Mode::Marking,
+        "d",
+        15,
+        &["10.0.1.0/24"],
+        "role = \"standby\"\nlease_ttl_secs = 60",
+    )
+    .await
+    .expect("standby d");
+    let half = node(
+        &etcd,
+        Mode::Marking,
+        "e",
+        16,
+        &["10.0.1.0/25"],
+        "role = \"standby\"",
+    )
+    .await
+    .err()
+    .map(|e| format!("{e:#}"))
+    .expect("a partial standby must be refused");
+    assert!(half.contains("its ue_pools must be the same"), "{half}");
+    let c = await_status(&a, Duration::from_secs(5), |c| {
+        node_ids(c) == ["a", "b", "d"]
+    })
+    .await;
+    assert_eq!(c["nodes"][2]["role"], "standby");
+
+    // kill -9: b's lease lapses (2 s) and b is gone from the cluster.
+    b.kill9();
+    await_status(&a, Duration::from_secs(15), |c| node_ids(c) == ["a", "d"]).await;
+    // A graceful stop revokes the lease: d (a 60 s lease) is gone well before it would lapse.
+    let stopped = Instant::now();
+    d.stop();
+    await_status(&a, Duration::from_secs(20), |c| node_ids(c) == ["a"]).await;
+    assert!(stopped.elapsed() < Duration::from_secs(30));
+    // The join and the keep-alives are measured.
+    let m = metrics(&_a_lab);
+    assert!(
+        metric_value(
+            &m,
+            "qod_cluster_etcd_request_duration_seconds_count{op=\"register\"}"
+        ) >= 1.0,
+        "{m:?}"
+    );
+    assert_eq!(metric_value(&m, "qod_cluster_lease_up"), 1.0);
+}
+
+/// kill -9 and a restart before the lease lapses: the node recognises its own registration
+/// (the instance kept in its state directory), takes it over and is listed once; its sessions
+/// and their treatment carry on across the restart, as on a single node.
+async fn a_node_killed_and_restarted_takes_its_own_registration_back(mode: Mode) {
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    let (lab, mut a) = node(
+        &etcd,
+        mode,
+        "a",
+        11,
+        &["10.0.1.0/24"],
+        "lease_ttl_secs = 60",
+    )
+    .await
+    .expect("node a");
+    let mut api = a.sessions().await.expect("client");
+    let s = qod_testkit::marked_flow(&mut api).await;
+    let before = cluster_status(&a);
+    let lease = before["leaseId"].as_str().expect("lease").to_owned();
+    a.kill9();
+    a.restart_no_wait().expect("restart");
+    a.wait_serving().await.expect("serving again");
+    let c = await_status(&a, Duration::from_secs(10), |c| {
+        c["leaseUp"] == true && c["leaseId"] != lease.as_str()
+    })
+    .await;
+    assert_eq!(node_ids(&c), ["a"], "{c:#}");
+    // The old lease went with the old registration.
+    let leases = etcd.etcdctl(&["lease", "list"]).expect("lease list");
+    assert!(!leases.contains(&lease), "{leases}");
+    let mut api = a.sessions().await.expect("client");
+    let got = qod_testkit::session_info(&mut api, &s.session_id).await;
+    assert_eq!(got.qos_status, s.qos_status);
+    let dscp = lab
+        .uplink_dscp(
+            qod_testkit::addr::DEVICE_V4,
+            40000,
+            qod_testkit::addr::SERVER_V4,
+            5000,
+        )
+        .expect("capture");
+    assert_eq!(dscp, [32; 5], "QOS_E marks CS4 across the restart");
+}
+in_every_mode!(
+    killed_node_takes_its_registration_back,
+    a_node_killed_and_restarted_takes_its_own_registration_back
+);
+
+/// One etcd member of three down changes nothing: the lease is kept and nodes still join. Two
+/// down: the node cannot keep its lease, says so (status, metrics), keeps serving reads; when
+/// the members are back it joins again by itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn losing_one_etcd_member_changes_nothing_and_losing_two_is_survived() {
+    let mut etcd = EtcdCluster::start(3).expect("etcd");
+    let (a_lab, a) = node(
+        &etcd,
+        Mode::Marking,
+        "a",
+        11,
+        &["10.0.1.0/24"],
+        "lease_ttl_secs = 2",
+    )
+    .await
+    .expect("node a");
+    etcd.kill_member(0);
+    // Three lease lifetimes on two members: still registered, the lease never lapsed.
+    let lease = cluster_status(&a)["leaseId"].clone();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let c = cluster_status(&a);
+    assert_eq!(c["leaseUp"], true, "{c:#}\n{}", a.log());
+    assert_eq!(c["leaseId"], lease, "{c:#}");
+    let (_b_lab, _b) = node(
+        &etcd,
+        Mode::Marking,
+        "b",
+        12,
+        &["10.0.9.0/24"],
+        "lease_ttl_secs = 2",
+    )
+    .await
+    .expect("a node joins with one member down");
+    await_status(&a, Duration::from_secs(5), |c| node_ids(c) == ["a", "b"]).await;
+
+    // No majority: the lease cannot be kept.
+    etcd.kill_member(1);
+    let c = await_status(&a, Duration::from_secs(20), |c| c["leaseUp"] == false).await;
+    assert!(
+        !c["problem"].as_str().unwrap_or_default().is_empty(),
+        "{c:#}"
+    );
+    let m = metrics(&a_lab);
+    assert_eq!(metric_value(&m, "qod_cluster_lease_up"), 0.0);
+    assert!(metric_value(&m, "qod_cluster_etcd_errors_total{op=\"keepalive\"}") >= 1.0);
+    // The API still answers meanwhile.
+    let mut profiles = a.profiles().await.expect("client");
+    profiles
+        .retrieve_qos_profiles(qod_proto::v1::RetrieveQosProfilesRequest::default())
+        .await
+        .expect("reads still served");
+
+    etcd.start_member(0).expect("member 0 back");
+    etcd.start_member(1).expect("member 1 back");
+    etcd.wait_healthy(Duration::from_secs(30)).expect("healthy");
+    let c = await_status(&a, Duration::from_secs(30), |c| {
+        c["leaseUp"] == true && node_ids(c).contains(&"a".to_owned())
+    })
+    .await;
+    assert_ne!(c["leaseId"], lease, "joined again under a new lease");
+    let keys = etcd
+        .etcdctl(&["get", "--prefix", "--keys-only", "/qod/nodes/"])
+        .expect("etcdctl get");
+    assert_eq!(keys.matches("/qod/nodes/a").count(), 1, "{keys}");
+}
