@@ -2654,6 +2654,8 @@ mod tests {
             client: "client-a".into(),
             subject: None,
             operator: false,
+            credential: None,
+            relayed: false,
         }
     }
 
@@ -2669,6 +2671,8 @@ mod tests {
             client: "client-b".into(),
             subject: None,
             operator: false,
+            credential: None,
+            relayed: false,
         };
         let three_legged = Caller {
             subject: Some(DeviceId::Ipv4 {
@@ -2924,6 +2928,8 @@ mod tests {
                 client: "client-b".into(),
                 subject: None,
                 operator: false,
+                credential: None,
+                relayed: false,
             },
         )
         .expect("delete");

@@ -37,6 +37,36 @@ pub enum CamaraCode {
 }
 
 impl CamaraCode {
+    pub const ALL: [Self; 22] = [
+        Self::InvalidArgument,
+        Self::OutOfRange,
+        Self::DurationOutOfRange,
+        Self::InvalidSink,
+        Self::InvalidCredential,
+        Self::InvalidToken,
+        Self::NotFound,
+        Self::IdentifierNotFound,
+        Self::Conflict,
+        Self::SessionExtensionNotAllowed,
+        Self::ServiceNotApplicable,
+        Self::MissingIdentifier,
+        Self::UnsupportedIdentifier,
+        Self::UnnecessaryIdentifier,
+        Self::QosProfileNotApplicable,
+        Self::Unauthenticated,
+        Self::PermissionDenied,
+        Self::QuotaExceeded,
+        Self::TooManyRequests,
+        Self::NotImplemented,
+        Self::Internal,
+        Self::Unavailable,
+    ];
+
+    /// The code whose [`CamaraCode::reason`] is `reason`.
+    pub fn from_reason(reason: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.reason() == reason)
+    }
+
     /// The CAMARA code string, carried as `ErrorInfo.reason`.
     pub fn reason(self) -> &'static str {
         match self {
@@ -182,6 +212,28 @@ pub fn sanitized(text: &str, max: usize) -> String {
     out
 }
 
+impl CamaraError {
+    /// The error another qodd answered with (a cluster peer a call was passed on to), as it
+    /// would have answered here: its code (`ErrorInfo.reason`), message and field.
+    pub fn from_status(status: &tonic::Status) -> Self {
+        let info = status.get_details_error_info();
+        let code = info
+            .as_ref()
+            .and_then(|i| CamaraCode::from_reason(&i.reason))
+            .unwrap_or(match status.code() {
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+                    CamaraCode::Unavailable
+                }
+                _ => CamaraCode::Internal,
+            });
+        Self {
+            code,
+            message: status.message().to_owned(),
+            field: info.and_then(|i| i.metadata.get("field").cloned()),
+        }
+    }
+}
+
 impl From<CamaraError> for tonic::Status {
     fn from(e: CamaraError) -> Self {
         let mut metadata = std::collections::HashMap::new();
@@ -222,6 +274,19 @@ mod tests {
             CamaraError::invalid("x", "line\r\nlevel=ERROR fake\u{7}").into();
         assert_eq!(forged.message(), "x: line??level=ERROR fake?");
         assert_eq!(sanitized("short", 512), "short");
+    }
+
+    #[test]
+    fn a_peers_status_reads_back_as_the_same_error() {
+        for code in CamaraCode::ALL {
+            let e = CamaraError::field(code, "device", "why");
+            assert_eq!(CamaraError::from_status(&e.clone().into()), e);
+        }
+        let bare = tonic::Status::unavailable("peer gone");
+        assert_eq!(
+            CamaraError::from_status(&bare).code,
+            CamaraCode::Unavailable
+        );
     }
 
     #[test]

@@ -212,7 +212,8 @@ pub async fn run(
         server = server.tls_config(tls.server_config().timeout(connections.handshake_timeout))?;
     }
     let max_message = config.limits.max_message_bytes;
-    let ops = api::Operations::new(core.clone(), config.notify.sinks.clone());
+    let ops =
+        api::Operations::new(core.clone(), config.notify.sinks.clone()).in_cluster(cluster.clone());
     let rest_app = config.rest.as_ref().map(|rest| {
         let security = match &config.security {
             config::Security::Insecure => api::rest::openapi::Security::None,

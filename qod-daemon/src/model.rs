@@ -267,6 +267,21 @@ pub struct Caller {
     pub subject: Option<DeviceId>,
     /// Sees every session (insecure local mode only).
     pub operator: bool,
+    /// The access token the call came with: a cluster node passes the call on with it to the
+    /// node that serves the device, which verifies it itself.
+    pub credential: Option<Credential>,
+    /// Passed on by another cluster node: served here, never passed on again.
+    pub relayed: bool,
+}
+
+/// An access token as it came, never shown in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential(pub std::sync::Arc<str>);
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(…)")
+    }
 }
 
 impl Caller {

@@ -82,6 +82,24 @@ impl Policy {
             })
     }
 
+    /// The addresses `device` stands for, whichever node serves them (a cluster routes a call
+    /// by them): the address given, or the directory's for a phone number.
+    pub fn addresses(&self, device: &DeviceId) -> Vec<IpAddr> {
+        match device {
+            DeviceId::Ipv4 {
+                public, private, ..
+            } => vec![IpAddr::V4(private.unwrap_or(*public))],
+            DeviceId::Ipv6(addr) => vec![IpAddr::V6(*addr)],
+            DeviceId::PhoneNumber(p) => self.directory.get(p).map_or_else(Vec::new, |e| {
+                e.ipv4
+                    .map(IpAddr::V4)
+                    .into_iter()
+                    .chain(e.ipv6.map(IpAddr::V6))
+                    .collect()
+            }),
+        }
+    }
+
     /// Every key `device` may be known by (a directory entry can have both families).
     pub fn resolve_all(&self, device: &DeviceId) -> Result<Vec<DeviceKey>, CamaraError> {
         match device {

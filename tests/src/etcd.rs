@@ -49,6 +49,18 @@ impl EtcdCluster {
         let (cert, key) = pki.server_cert(&[ETCD_HOST])?;
         fs::write(dir.path().join("etcd.crt"), cert)?;
         fs::write(dir.path().join("etcd.key"), key)?;
+        // The nodes share this PKI too (Launch::pki): their API certificate names every
+        // address a node may have here, so nodes verify each other.
+        let mut names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        names.extend((2..=60).map(|h| format!("10.77.0.{h}")));
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (cert, key) = pki.server_cert(&names)?;
+        fs::write(pki.path("server.crt"), cert)?;
+        fs::write(pki.path("server.key"), key)?;
         let members = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -204,11 +216,12 @@ impl EtcdCluster {
         fs::write(&c, cert)?;
         fs::write(&k, key)?;
         Ok(format!(
-            "[cluster]\netcd = {:?}\nnode_id = {id:?}\netcd_ca = {:?}\netcd_cert = {:?}\netcd_key = {:?}\n{extra}\n",
+            "[cluster]\netcd = {:?}\nnode_id = {id:?}\netcd_ca = {:?}\netcd_cert = {:?}\netcd_key = {:?}\npeer_ca = {:?}\n{extra}\n",
             self.endpoints(),
             self.pki.path("ca.crt"),
             c,
             k,
+            self.pki.path("ca.crt"),
         ))
     }
 }

@@ -61,6 +61,9 @@ pub struct Launch {
     /// Listen on this TCP address inside the namespace instead of the Unix socket; the test
     /// kit's clients reach it from inside the namespace.
     pub tcp_listen: Option<SocketAddr>,
+    /// A dev PKI directory to trust and serve with instead of one of its own (the nodes of a
+    /// cluster share one: the same token issuer, the same CA).
+    pub pki: Option<PathBuf>,
 }
 
 /// The bpffs test instances of qodd pin their data planes under.
@@ -121,7 +124,7 @@ impl Qodd {
         launch: Launch,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let pki = DevPki::ensure(&dir.path().join("pki"))?;
+        let pki = DevPki::ensure(&launch.pki.clone().unwrap_or_else(|| dir.path().join("pki")))?;
         // `ip netns exec` gives qodd a /sys of its own, so pins under /sys/fs/bpf would die
         // with it: the test bpffs is mounted where the host's mounts stay visible. It is shared
         // by every namespace, so each instance pins under its own root.
@@ -420,7 +423,15 @@ pub fn qodctl_as(
 ) -> (bool, String, String) {
     let token = qodd.dir.path().join("qodctl.token");
     std::fs::write(&token, token_text).expect("token file");
-    let mut cmd = Command::new(qodd_bin().with_file_name("qodctl"));
+    let qodctl = qodd_bin().with_file_name("qodctl");
+    // A TCP listener is inside qodd's namespace: so is qodctl then.
+    let mut cmd = if qodd.launch.tcp_listen.is_some() {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &qodd.netns]).arg(&qodctl);
+        c
+    } else {
+        Command::new(&qodctl)
+    };
     cmd.env("QODCTL_ADDR", qodd.addr())
         .env("QODCTL_TOKEN_FILE", &token)
         .env_remove("QODCTL_CA");

@@ -39,13 +39,19 @@ async fn node(
             &format!("advertise = [\"10.77.0.{host}:50051\"]\n{extra}")
         )?
     );
+    // Every node on the shared PKI, its API on its address towards the others.
+    let launch = Launch {
+        tcp_listen: Some(format!("10.77.0.{host}:50051").parse()?),
+        pki: Some(etcd.pki.dir.clone()),
+        ..Launch::default()
+    };
     let qodd = Qodd::start_with(
         &qodd_bin(),
         &lab.edge,
         &interfaces,
         &toml,
         qod_daemon::devkit::DevPki::config_toml,
-        Launch::default(),
+        launch,
     )
     .await?;
     Ok((lab, qodd))
@@ -292,6 +298,8 @@ async fn losing_one_etcd_member_changes_nothing_and_losing_two_is_survived() {
     )
     .await
     .expect("node a");
+    let mut api = a.sessions().await.expect("client");
+    let s = qod_testkit::marked_flow(&mut api).await;
     etcd.kill_member(0);
     // Three lease lifetimes on two members: still registered, the lease never lapsed.
     let lease = cluster_status(&a)["leaseId"].clone();
@@ -321,12 +329,41 @@ async fn losing_one_etcd_member_changes_nothing_and_losing_two_is_survived() {
     let m = metrics(&a_lab);
     assert_eq!(metric_value(&m, "qod_cluster_lease_up"), 0.0);
     assert!(metric_value(&m, "qod_cluster_etcd_errors_total{op=\"keepalive\"}") >= 1.0);
-    // The API still answers meanwhile.
-    let mut profiles = a.profiles().await.expect("client");
-    profiles
-        .retrieve_qos_profiles(qod_proto::v1::RetrieveQosProfilesRequest::default())
+    // Reads are still served, writes refused with the reason, and the session this node
+    // holds keeps its treatment on the wire.
+    assert_eq!(
+        qod_testkit::session_info(&mut api, &s.session_id)
+            .await
+            .qos_profile,
+        "QOS_E"
+    );
+    let refused = api
+        .create_session(qod_testkit::api::session(
+            qod_testkit::addr::OTHER_DEVICE_V4,
+            qod_testkit::addr::SERVER_V4,
+            "QOS_E",
+            &[],
+            &[],
+            60,
+        ))
         .await
-        .expect("reads still served");
+        .expect_err("no writes out of the cluster");
+    assert_eq!(qod_testkit::api::reason(&refused), "UNAVAILABLE");
+    assert!(
+        refused.message().contains("out of the cluster"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        a_lab
+            .uplink_dscp(
+                qod_testkit::addr::DEVICE_V4,
+                40000,
+                qod_testkit::addr::SERVER_V4,
+                5000
+            )
+            .expect("capture"),
+        [32; 5]
+    );
 
     etcd.start_member(0).expect("member 0 back");
     etcd.start_member(1).expect("member 1 back");
@@ -340,4 +377,134 @@ async fn losing_one_etcd_member_changes_nothing_and_losing_two_is_survived() {
         .etcdctl(&["get", "--prefix", "--keys-only", "/qod/nodes/"])
         .expect("etcdctl get");
     assert_eq!(keys.matches("/qod/nodes/a").count(), 1, "{keys}");
+    // Writes again.
+    api.delete_session(qod_proto::v1::DeleteSessionRequest {
+        session_id: s.session_id.clone(),
+    })
+    .await
+    .expect("delete once back");
+}
+
+/// Any node takes any call: a create through node a for a device of node b's pool is installed
+/// by b and marks b's traffic on the wire; the same flow through node c is a CONFLICT; c reads,
+/// lists and deletes it, and b's traffic goes unmarked again.
+#[tokio::test(flavor = "multi_thread")]
+async fn any_node_takes_any_call_and_the_node_that_serves_the_device_installs_it() {
+    use qod_testkit::addr::{DEVICE_V4, SERVER_V4};
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    let (_a_lab, a) = node(&etcd, Mode::Marking, "a", 11, &["10.0.200.0/24"], "")
+        .await
+        .expect("node a");
+    let (b_lab, b) = node(
+        &etcd,
+        Mode::Marking,
+        "b",
+        12,
+        &["10.0.1.0/24", "fd00:1::/64", "fd00:11::/64"],
+        "",
+    )
+    .await
+    .expect("node b");
+    let (_c_lab, c) = node(&etcd, Mode::Marking, "c", 13, &["10.0.201.0/24"], "")
+        .await
+        .expect("node c");
+    for n in [&a, &c] {
+        await_status(n, Duration::from_secs(5), |c| {
+            node_ids(c) == ["a", "b", "c"]
+        })
+        .await;
+    }
+    assert_eq!(
+        b_lab
+            .uplink_dscp(DEVICE_V4, 40000, SERVER_V4, 5000)
+            .expect("capture"),
+        [0; 5],
+        "unmarked before any session"
+    );
+
+    let mut via_a = a.sessions().await.expect("client a");
+    let s = qod_testkit::marked_flow(&mut via_a).await;
+    assert_eq!(s.qos_status(), qod_proto::v1::QosStatus::Available);
+    // b installed it: b holds it, and b's traffic is marked.
+    let mut at_b = b.sessions().await.expect("client b");
+    assert_eq!(
+        qod_testkit::session_info(&mut at_b, &s.session_id)
+            .await
+            .session_id,
+        s.session_id
+    );
+    assert_eq!(
+        b_lab
+            .uplink_dscp(DEVICE_V4, 40000, SERVER_V4, 5000)
+            .expect("capture"),
+        [32; 5]
+    );
+
+    // The conflict rule holds across nodes.
+    let mut via_c = c.sessions().await.expect("client c");
+    let conflict = via_c
+        .create_session(qod_testkit::api::session(
+            DEVICE_V4,
+            SERVER_V4,
+            "QOS_E",
+            &[],
+            &[5000],
+            600,
+        ))
+        .await
+        .expect_err("the same flow through c");
+    assert_eq!(
+        qod_testkit::api::reason(&conflict),
+        "CONFLICT",
+        "{conflict:?}"
+    );
+    // Another client cannot reach it through any node.
+    let other = a
+        .pki
+        .mint(&qod_daemon::devkit::TokenSpec::full("someone-else"))
+        .expect("token");
+    let mut as_other = c.sessions_as(&other).await.expect("client");
+    let denied = as_other
+        .get_session(qod_proto::v1::GetSessionRequest {
+            session_id: s.session_id.clone(),
+        })
+        .await
+        .expect_err("another client's session");
+    assert!(
+        matches!(
+            qod_testkit::api::reason(&denied).as_str(),
+            "PERMISSION_DENIED" | "NOT_FOUND"
+        ),
+        "{denied:?}"
+    );
+    // Read and list through c.
+    assert_eq!(
+        qod_testkit::session_info(&mut via_c, &s.session_id)
+            .await
+            .qos_profile,
+        "QOS_E"
+    );
+    let listed = qod_testkit::sessions_of_device(&mut via_c, DEVICE_V4).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    // Delete through c: b ends it and its traffic goes unmarked.
+    via_c
+        .delete_session(qod_proto::v1::DeleteSessionRequest {
+            session_id: s.session_id.clone(),
+        })
+        .await
+        .expect("delete through c");
+    assert_eq!(
+        b_lab
+            .uplink_dscp(DEVICE_V4, 40000, SERVER_V4, 5000)
+            .expect("capture"),
+        [0; 5]
+    );
+    // Deleted is gone, wherever it is asked; so is a session no node ever had.
+    for id in [s.session_id.clone(), uuid::Uuid::new_v4().to_string()] {
+        let gone = via_a
+            .get_session(qod_proto::v1::GetSessionRequest { session_id: id })
+            .await
+            .expect_err("gone");
+        assert_eq!(qod_testkit::api::reason(&gone), "NOT_FOUND", "{gone:?}");
+    }
 }

@@ -166,7 +166,8 @@ impl QualityOnDemand for SessionService {
         let caller = authorize(&request, scope::SESSIONS_RETRIEVE_BY_DEVICE)?;
         let sessions = self
             .ops
-            .retrieve(&caller, request.into_inner().device.as_ref())?;
+            .retrieve(&caller, request.into_inner().device.as_ref())
+            .await?;
         Ok(Response::new(pb::RetrieveSessionsByDeviceResponse {
             sessions,
         }))

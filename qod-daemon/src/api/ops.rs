@@ -8,6 +8,7 @@ use std::sync::Arc;
 use qod_proto::v1 as pb;
 
 use crate::{
+    cluster::{Cluster, node::NodeRecord},
     core::Core,
     error::{CamaraCode, CamaraError},
     model::{Caller, ProfileName, SessionId},
@@ -44,6 +45,8 @@ pub struct Operations {
     core: Arc<Core>,
     sinks: Arc<SinkRules>,
     writes: Arc<tokio::sync::Semaphore>,
+    /// Cluster mode: calls for devices other nodes serve are passed on to them.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Operations {
@@ -52,7 +55,82 @@ impl Operations {
             core,
             sinks: Arc::new(sinks),
             writes: Arc::new(tokio::sync::Semaphore::new(WRITES_AT_ONCE)),
+            cluster: None,
         }
+    }
+
+    /// As a node of `cluster`.
+    #[must_use]
+    pub fn in_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// In a cluster, the other node that serves the device of a call (given, or the token's),
+    /// unless the call was passed on to this node already (then it is served here, or refused
+    /// here). `None`: this node serves it.
+    fn served_elsewhere(
+        &self,
+        caller: &Caller,
+        device: Option<&pb::Device>,
+    ) -> Result<Option<(Arc<Cluster>, NodeRecord)>, CamaraError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        if caller.relayed {
+            return Ok(None);
+        }
+        let device = convert::caller_device(device, caller, convert::any_family)?;
+        let policy = self.core.policy();
+        Ok(policy
+            .addresses(&device)
+            .into_iter()
+            .find_map(|a| cluster.serving(a))
+            .filter(|n| n.id != cluster.settings().node_id)
+            .map(|n| (cluster.clone(), n)))
+    }
+
+    /// A write may go ahead: always on a single node; in a cluster while this node is in it.
+    fn writable(&self) -> Result<(), CamaraError> {
+        self.cluster.as_ref().map_or(Ok(()), |c| c.writable())
+    }
+
+    /// `local`, or when it does not know the session and this is a cluster node, whichever
+    /// other active node does (each is asked with `call`; ids are unique, so at most one
+    /// has it). A node that cannot be reached may hold it: then UNAVAILABLE, not NOT_FOUND.
+    async fn anywhere<R, T, F, Fut>(
+        &self,
+        caller: &Caller,
+        local: Result<T, CamaraError>,
+        req: R,
+        call: F,
+    ) -> Result<T, CamaraError>
+    where
+        R: Clone,
+        F: Fn(crate::cluster::peer::PeerApi, tonic::Request<R>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let cluster = match (&self.cluster, &local) {
+            (Some(c), Err(e)) if e.code == CamaraCode::NotFound && !caller.relayed => c,
+            _ => return local,
+        };
+        let peers = cluster.other_actives();
+        let answers = futures::future::join_all(
+            peers
+                .iter()
+                .map(|n| cluster.peers().relay(n, caller, req.clone(), &call)),
+        )
+        .await;
+        let mut unreachable = None;
+        for a in answers {
+            match a {
+                Ok(v) => return Ok(v),
+                Err(e) if e.code == CamaraCode::NotFound => {}
+                Err(e) if e.code == CamaraCode::Unavailable => unreachable = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable.map_or(local, Err)
     }
 
     /// Runs write `f` on the blocking pool once one of [`WRITES_AT_ONCE`] is free.
@@ -78,6 +156,15 @@ impl Operations {
         caller: &Caller,
         req: pb::CreateSessionRequest,
     ) -> Result<pb::SessionInfo, CamaraError> {
+        self.writable()?;
+        if let Some((cluster, node)) = self.served_elsewhere(caller, req.device.as_ref())? {
+            return cluster
+                .peers()
+                .relay(&node, caller, req, |mut api, r| async move {
+                    api.create_session(r).await
+                })
+                .await;
+        }
         let req = convert::session_request(req, caller, &self.sinks)?;
         let core = self.core.clone();
         let view = self.write(move || core.create(req)).await?;
@@ -94,24 +181,41 @@ impl Operations {
         delivery: bool,
     ) -> Result<pb::SessionInfo, CamaraError> {
         let id = session(session_id)?;
-        let (core, caller) = (self.core.clone(), caller.clone());
-        if !delivery {
-            let view = blocking(move || core.get(id, &caller)).await?;
-            return Ok(convert::session_info(&view));
-        }
-        // It reads the session's classes from the kernel (rtnetlink): off the async workers.
-        let (view, delivery) = blocking(move || core.get_delivery(id, &caller)).await?;
-        Ok(convert::session_info_with_delivery(
-            &view,
-            delivery.as_ref(),
-        ))
+        let (core, who) = (self.core.clone(), caller.clone());
+        let local = if delivery {
+            // It reads the session's classes from the kernel (rtnetlink): off the async workers.
+            blocking(move || core.get_delivery(id, &who))
+                .await
+                .map(|(view, d)| convert::session_info_with_delivery(&view, d.as_ref()))
+        } else {
+            blocking(move || core.get(id, &who))
+                .await
+                .map(|view| convert::session_info(&view))
+        };
+        // Another node's session comes without the delivery counters (gRPC metadata that is
+        // not passed on).
+        let req = pb::GetSessionRequest {
+            session_id: session_id.to_owned(),
+        };
+        self.anywhere(caller, local, req, |mut api, r| async move {
+            api.get_session(r).await
+        })
+        .await
     }
 
     /// CAMARA `deleteSession`.
     pub async fn delete(&self, caller: &Caller, session_id: &str) -> Result<(), CamaraError> {
         let id = session(session_id)?;
-        let (core, caller) = (self.core.clone(), caller.clone());
-        self.write(move || core.delete(id, &caller)).await
+        self.writable()?;
+        let (core, who) = (self.core.clone(), caller.clone());
+        let local = self.write(move || core.delete(id, &who)).await;
+        let req = pb::DeleteSessionRequest {
+            session_id: session_id.to_owned(),
+        };
+        self.anywhere(caller, local, req, |mut api, r| async move {
+            api.delete_session(r).await.map(|r| r.map(|_| ()))
+        })
+        .await
     }
 
     /// CAMARA `extendQosSessionDuration`.
@@ -129,17 +233,40 @@ impl Operations {
                 format!("{n} must be 1 to 4294967295 seconds"),
             )
         })?;
-        let (core, caller) = (self.core.clone(), caller.clone());
-        let view = self.write(move || core.extend(id, add, &caller)).await?;
-        Ok(convert::session_info(&view))
+        self.writable()?;
+        let (core, who) = (self.core.clone(), caller.clone());
+        let local = self
+            .write(move || core.extend(id, add, &who))
+            .await
+            .map(|view| convert::session_info(&view));
+        let req = pb::ExtendQosSessionDurationRequest {
+            session_id: session_id.to_owned(),
+            requested_additional_duration: i32::try_from(n).unwrap_or(i32::MAX),
+        };
+        self.anywhere(caller, local, req, |mut api, r| async move {
+            api.extend_qos_session_duration(r).await
+        })
+        .await
     }
 
     /// CAMARA `retrieveSessionsByDevice`.
-    pub fn retrieve(
+    pub async fn retrieve(
         &self,
         caller: &Caller,
         device: Option<&pb::Device>,
     ) -> Result<Vec<pb::SessionInfo>, CamaraError> {
+        if let Some((cluster, node)) = self.served_elsewhere(caller, device)? {
+            let req = pb::RetrieveSessionsByDeviceRequest {
+                device: device.cloned(),
+            };
+            return cluster
+                .peers()
+                .relay(&node, caller, req, |mut api, r| async move {
+                    api.retrieve_sessions_by_device(r).await
+                })
+                .await
+                .map(|r| r.sessions);
+        }
         let device = convert::caller_device(device, caller, convert::any_family)?;
         Ok(self
             .core

@@ -103,12 +103,17 @@ impl Principal {
                 client: INSECURE_CLIENT.to_owned(),
                 subject: None,
                 operator: true,
+                credential: None,
+                relayed: false,
             },
             scopes: None,
             expires_at: None,
         }
     }
 }
+
+/// The metadata a cluster node marks a call it passes on to another with (its node id).
+pub const RELAYED_BY: &str = "x-qod-relayed-by";
 
 /// The client id sessions get in insecure mode.
 pub const INSECURE_CLIENT: &str = "insecure-local";
@@ -260,6 +265,8 @@ impl Authenticator {
                 client,
                 subject,
                 operator: false,
+                credential: Some(crate::model::Credential(token.into())),
+                relayed: false,
             },
             scopes: Some(scopes(&claims)),
             expires_at: jwt::numeric_date(claims.get("exp")),
@@ -287,7 +294,8 @@ impl Interceptor for Authenticator {
             .metadata()
             .get("authorization")
             .map(|v| v.as_bytes().to_vec());
-        let principal = self.admit(authorization.as_deref(), || grpc_certificate(&request))?;
+        let mut principal = self.admit(authorization.as_deref(), || grpc_certificate(&request))?;
+        principal.caller.relayed = request.metadata().contains_key(RELAYED_BY);
         request.extensions_mut().insert(principal);
         Ok(request)
     }

@@ -11,6 +11,7 @@
 //! metrics (`qod_cluster_etcd_*`).
 
 pub mod node;
+pub mod peer;
 
 use std::{
     path::Path,
@@ -63,6 +64,8 @@ pub struct Settings {
     pub tls: Option<EtcdTls>,
     /// `ue_pools`: what this node serves.
     pub pools: Vec<IpNetwork>,
+    /// What other nodes' API certificates chain to (PEM; `None`: plain HTTP/2, insecure only).
+    pub peer_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -77,6 +80,7 @@ impl std::fmt::Debug for Settings {
             .field("timeout", &self.timeout)
             .field("tls", &self.tls.is_some())
             .field("pools", &self.pools)
+            .field("peer_ca", &self.peer_ca.is_some())
             .finish()
     }
 }
@@ -165,7 +169,13 @@ pub struct Cluster {
     standing: watch::Sender<Standing>,
     /// Live sessions of this node, published in its record.
     sessions: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+    /// The registered nodes as last read (every [`VIEW_REFRESH`]): where calls are routed.
+    view: parking_lot::RwLock<Vec<NodeRecord>>,
+    peers: peer::Peers,
 }
+
+/// How often the registrations are read again for routing.
+const VIEW_REFRESH: Duration = Duration::from_secs(1);
 
 impl Cluster {
     /// Connects to etcd and registers `me`, retrying while etcd cannot be reached (until
@@ -188,12 +198,19 @@ impl Cluster {
             }
         };
         let (standing, _) = watch::channel(Standing::default());
+        let peers = peer::Peers::new(
+            settings.node_id.clone(),
+            settings.peer_ca.clone(),
+            settings.timeout,
+        );
         let cluster = Arc::new(Self {
             settings,
             client,
             me: parking_lot::Mutex::new(me),
             standing,
             sessions: OnceLock::new(),
+            view: parking_lot::RwLock::new(Vec::new()),
+            peers,
         });
         loop {
             match cluster.register().await {
@@ -211,8 +228,49 @@ impl Cluster {
                 }
             }
         }
-        tokio::spawn(cluster.clone().keep_alive(stop));
+        tokio::spawn(cluster.clone().keep_alive(stop.clone()));
+        tokio::spawn(cluster.clone().follow(stop));
         Ok(Some(cluster))
+    }
+
+    /// Reads the registrations every [`VIEW_REFRESH`] for routing (a failed read keeps the last
+    /// view: the pools of live nodes do not move while etcd is away).
+    async fn follow(self: Arc<Self>, stop: CancellationToken) {
+        while !pause(&stop, VIEW_REFRESH).await {
+            let _ = self.records().await;
+        }
+    }
+
+    /// The active node that serves `addr`, as last read.
+    pub fn serving(&self, addr: std::net::IpAddr) -> Option<NodeRecord> {
+        node::serving(addr, &self.view.read()).cloned()
+    }
+
+    /// The other active nodes, as last read.
+    pub fn other_actives(&self) -> Vec<NodeRecord> {
+        self.view
+            .read()
+            .iter()
+            .filter(|n| n.role == Role::Active && n.id != self.settings.node_id)
+            .cloned()
+            .collect()
+    }
+
+    /// Whether this node may change sessions: only while it is in the cluster (holds its
+    /// lease). Cut off from etcd it keeps enforcing what it has, and refuses writes.
+    pub fn writable(&self) -> Result<(), crate::error::CamaraError> {
+        if self.standing.borrow().lease.is_some() {
+            return Ok(());
+        }
+        Err(crate::error::CamaraError::new(
+            crate::error::CamaraCode::Unavailable,
+            "this node is out of the cluster (etcd cannot be reached): sessions cannot be created or changed here until it is back; sessions it holds keep their treatment",
+        ))
+    }
+
+    /// The channels to the other nodes.
+    pub fn peers(&self) -> &peer::Peers {
+        &self.peers
     }
 
     pub fn settings(&self) -> &Settings {
@@ -302,6 +360,7 @@ impl Cluster {
             }
         }
         METRICS.cluster_nodes.set(out.len() as i64);
+        *self.view.write() = out.iter().map(|(r, _)| r.clone()).collect();
         Ok(out)
     }
 

@@ -155,6 +155,14 @@ pub fn may_join(me: &NodeRecord, others: &[NodeRecord]) -> Result<(), Clash> {
     Ok(())
 }
 
+/// The active node among `nodes` whose pools hold `addr`: the one that serves it (pools of
+/// active nodes do not overlap, so there is at most one).
+pub fn serving(addr: std::net::IpAddr, nodes: &[NodeRecord]) -> Option<&NodeRecord> {
+    nodes
+        .iter()
+        .find(|n| n.role == Role::Active && n.pools.iter().any(|p| p.contains(addr)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +206,19 @@ mod tests {
             err.to_string()
                 .contains("10.1.7.0/24 of this active node overlaps 10.1.0.0/16")
         );
+    }
+
+    #[test]
+    fn an_address_is_served_by_the_active_node_of_its_pool_not_its_standby() {
+        let nodes = [
+            node("a2", Role::Standby, &["10.1.0.0/16"]),
+            node("a", Role::Active, &["10.1.0.0/16"]),
+            node("b", Role::Active, &["10.2.0.0/16", "fd00:2::/64"]),
+        ];
+        let at = |a: &str| serving(a.parse().expect("addr"), &nodes).map(|n| n.id.as_str());
+        assert_eq!(at("10.1.2.3"), Some("a"));
+        assert_eq!(at("fd00:2::9"), Some("b"));
+        assert_eq!(at("10.3.0.1"), None);
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub(super) struct ClusterConfig {
     pub etcd_ca: Option<PathBuf>,
     pub etcd_cert: Option<PathBuf>,
     pub etcd_key: Option<PathBuf>,
+    pub peer_ca: Option<PathBuf>,
 }
 
 /// `on_exit`.

@@ -351,7 +351,7 @@ impl Config {
         } else {
             validate_security(need(f.tls, "tls")?, need(f.auth, "auth")?)?
         };
-        let cluster = validate_cluster(need(f.cluster, "cluster")?, &pools)?;
+        let cluster = validate_cluster(need(f.cluster, "cluster")?, &pools, insecure)?;
         let profiles = need(f.profiles, "profiles")?;
         if profiles.is_empty() {
             return Err(ConfigError::Required {
@@ -407,6 +407,7 @@ impl Config {
 fn validate_cluster(
     c: ClusterConfig,
     pools: &[IpNetwork],
+    insecure: bool,
 ) -> Result<Option<crate::cluster::Settings>, ConfigError> {
     use crate::cluster::{EtcdTls, Settings};
     let etcd = need(c.etcd, "cluster.etcd")?;
@@ -481,7 +482,18 @@ fn validate_cluster(
             });
         }
     };
+    let peer_ca = match c.peer_ca {
+        Some(ca) => Some(read_file("cluster.peer_ca", &ca)?),
+        None if insecure => None,
+        None => {
+            return Err(ConfigError::Required {
+                key: "cluster.peer_ca",
+                why: "calls are passed on to the node that serves the device over TLS, verified against this CA",
+            });
+        }
+    };
     Ok(Some(Settings {
+        peer_ca,
         etcd,
         node_id,
         role: need(c.role, "cluster.role")?,

@@ -287,7 +287,8 @@ async fn retrieve_sessions(State(rest): State<Rest>, req: Request) -> Reply {
     let sessions: Vec<wire::SessionInfo> = rest
         .0
         .ops
-        .retrieve(&caller, device.as_ref())?
+        .retrieve(&caller, device.as_ref())
+        .await?
         .into_iter()
         .map(Into::into)
         .collect();
