@@ -32,6 +32,7 @@
 //! 6. **Reload at scale** (`cargo xtask bench reload`): see [`reload`].
 //! 7. **Link flap** (`cargo xtask bench linkflap`): see [`linkflap`].
 //! 8. **Memory at scale** (`cargo xtask bench scale`): see [`scale`].
+//! 9. **Through a cluster** (`cargo xtask bench cluster`): see [`cluster`].
 
 use std::{
     sync::{
@@ -1067,6 +1068,78 @@ async fn scale() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates through a cluster beside the single node (`cargo xtask bench cluster`): a real
+/// three-member etcd cluster (TLS, client certificates) in a namespace of its own, and two
+/// release qodd nodes on labs of their own, wired to it: `b` serves every device address the
+/// clients use, `a` none. C gRPC clients (each its own connection) create QOS_E sessions for
+/// distinct devices for 5 s, closed loop, then delete them: *direct* to `b`, then *through a*
+/// (each call passed on to `b` with the caller's token: one more TLS hop and `b`'s answer
+/// relayed). Both nodes run all along, on the same two vCPUs as etcd and the clients.
+async fn cluster() -> anyhow::Result<()> {
+    println!("\ncreates through a cluster (release qodd, 3 etcd members, 5 s per row)");
+    println!(
+        "{:>10}  {:>7}  {:>10}  {:>9}  {:>9}  {:>10}  {:>9}",
+        "path", "clients", "creates/s", "p50 ms", "p99 ms", "deletes/s", "p99 ms"
+    );
+    let etcd = qod_testkit::EtcdCluster::start(3)?;
+    let limits = "max_sessions = 1000000\n[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\nmax_active_sessions_per_client = 1000000\n";
+    let (_a_lab, a) = etcd
+        .node(
+            &release_qodd(),
+            qod_testkit::Mode::Marking,
+            "a",
+            11,
+            &["10.0.200.0/24"],
+            limits,
+            "",
+        )
+        .await?;
+    let (_b_lab, b) = etcd
+        .node(
+            &release_qodd(),
+            qod_testkit::Mode::Marking,
+            "b",
+            12,
+            &["10.128.0.0/10"],
+            limits,
+            "",
+        )
+        .await?;
+    // Until a's routing view has b (it reads the registrations every second).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut from = 0u32;
+    for clients in [1usize, 4, 16, 64] {
+        for (path, entry) in [("direct", &b), ("through a", &a)] {
+            let mut api_clients = Vec::new();
+            for _ in 0..clients {
+                api_clients.push(Client::Grpc(QualityOnDemandClient::new(
+                    entry.channel().await?,
+                )));
+            }
+            // Each row its own device addresses (the deleted sessions' flows are free again,
+            // but a fresh range keeps the rows independent).
+            let starts = vec![from; clients];
+            let (lat, creating, created) =
+                create_phase(api_clients, &starts, None, "QOS_E").await?;
+            from += created
+                .iter()
+                .map(|(_, ids)| ids.len() as u32)
+                .max()
+                .unwrap_or(0);
+            let (del, deleting, _) = delete_phase(created).await?;
+            println!(
+                "{path:>10}  {clients:>7}  {:>10.0}  {:>9.2}  {:>9.2}  {:>10.0}  {:>9.2}",
+                lat.len() as f64 / creating,
+                quantile(&lat, 0.50).as_secs_f64() * 1e3,
+                quantile(&lat, 0.99).as_secs_f64() * 1e3,
+                del.len() as f64 / deleting,
+                quantile(&del, 0.99).as_secs_f64() * 1e3,
+            );
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -1103,6 +1176,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("scale") {
         scale().await?;
+    }
+    if wanted("cluster") {
+        cluster().await?;
     }
     Ok(())
 }

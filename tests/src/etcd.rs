@@ -226,6 +226,58 @@ impl EtcdCluster {
     }
 }
 
+impl EtcdCluster {
+    /// A lab of its own whose qodd (`bin`) is cluster node `id`: wired to the cluster as
+    /// `10.77.0.<host>`, its API there on port 50051 (advertised), on the cluster's shared PKI,
+    /// serving `pools`, metrics on 127.0.0.1:9464 in its namespace; `top_level` keys before the
+    /// `[cluster]` section, `section` inside it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn node(
+        &self,
+        bin: &Path,
+        mode: Mode,
+        id: &str,
+        host: u8,
+        pools: &[&str],
+        top_level: &str,
+        section: &str,
+    ) -> anyhow::Result<(Lab, Qodd)> {
+        let lab = Lab::new()?;
+        self.connect(&lab.edge, host)?;
+        let scheduled = [
+            format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 1000 }}"),
+            format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 1000 }}"),
+        ];
+        let interfaces: Vec<&str> = match mode {
+            Mode::Marking => vec![EDGE_DEV_IF, EDGE_SRV_IF],
+            Mode::Scheduled => scheduled.iter().map(String::as_str).collect(),
+        };
+        let toml = format!(
+            "ue_pools = {pools:?}\nmetrics_listen = \"127.0.0.1:9464\"\n{top_level}\n{}",
+            self.qodd_section(
+                self.dir.path(),
+                id,
+                &format!("advertise = [\"10.77.0.{host}:50051\"]\n{section}")
+            )?
+        );
+        let launch = Launch {
+            tcp_listen: Some(format!("10.77.0.{host}:50051").parse()?),
+            pki: Some(self.pki.dir.clone()),
+            ..Launch::default()
+        };
+        let qodd = Qodd::start_with(
+            bin,
+            &lab.edge,
+            &interfaces,
+            &toml,
+            DevPki::config_toml,
+            launch,
+        )
+        .await?;
+        Ok((lab, qodd))
+    }
+}
+
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for i in 0..self.members.len() {

@@ -318,6 +318,9 @@ impl Qodd {
                         .map_err(std::io::Error::other)?
                         .map_err(std::io::Error::other)?;
                     s.set_nonblocking(true)?;
+                    // As tonic's own connector does: without it Nagle holds each call's
+                    // last segment for the peer's delayed ACK (40 ms a call).
+                    s.set_nodelay(true)?;
                     tokio::net::TcpStream::from_std(s)
                 })
             });

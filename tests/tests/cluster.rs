@@ -5,13 +5,12 @@
 use std::time::{Duration, Instant};
 
 use qod_testkit::{
-    EDGE_DEV_IF, EDGE_SRV_IF, EtcdCluster, Lab, Launch, Mode, Qodd, api::require_root,
-    in_every_mode, metric_samples, metric_value, qodctl_as, qodd_bin,
+    EtcdCluster, Lab, Mode, Qodd, api::require_root, in_every_mode, metric_samples, metric_value,
+    qodctl_as, qodd_bin,
 };
 use serde_json::Value;
 
-/// A lab whose qodd is cluster node `id` (`10.77.0.<host>` towards etcd) serving `pools`, with
-/// `extra` inside its `[cluster]` section.
+/// A lab whose qodd (the debug build) is cluster node `id`.
 async fn node(
     etcd: &EtcdCluster,
     mode: Mode,
@@ -21,40 +20,8 @@ async fn node(
     extra: &str,
 ) -> anyhow::Result<(Lab, Qodd)> {
     require_root();
-    let lab = Lab::new()?;
-    etcd.connect(&lab.edge, host)?;
-    let scheduled = [
-        format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 1000 }}"),
-        format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 1000 }}"),
-    ];
-    let interfaces: Vec<&str> = match mode {
-        Mode::Marking => vec![EDGE_DEV_IF, EDGE_SRV_IF],
-        Mode::Scheduled => scheduled.iter().map(String::as_str).collect(),
-    };
-    let toml = format!(
-        "ue_pools = {pools:?}\nmetrics_listen = \"127.0.0.1:9464\"\n{}",
-        etcd.qodd_section(
-            etcd.dir.path(),
-            id,
-            &format!("advertise = [\"10.77.0.{host}:50051\"]\n{extra}")
-        )?
-    );
-    // Every node on the shared PKI, its API on its address towards the others.
-    let launch = Launch {
-        tcp_listen: Some(format!("10.77.0.{host}:50051").parse()?),
-        pki: Some(etcd.pki.dir.clone()),
-        ..Launch::default()
-    };
-    let qodd = Qodd::start_with(
-        &qodd_bin(),
-        &lab.edge,
-        &interfaces,
-        &toml,
-        qod_daemon::devkit::DevPki::config_toml,
-        launch,
-    )
-    .await?;
-    Ok((lab, qodd))
+    etcd.node(&qodd_bin(), mode, id, host, pools, "", extra)
+        .await
 }
 
 /// `qodctl --json status` of `qodd`: its `cluster` object.

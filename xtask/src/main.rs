@@ -129,7 +129,7 @@ fn main() -> anyhow::Result<()> {
             // The REST API is run against CAMARA's OpenAPI (tests/tests/schemathesis.rs).
             let st = setup::schemathesis()?;
             // The cluster tests run a real etcd cluster (tests/tests/cluster.rs).
-            setup::apt(&["etcd-server"])?;
+            setup::apt(&["etcd-server", "etcd-client"])?;
             cargo(&["build", "--package", "qod-daemon", "--bins"])?;
             let mut all = vec!["test", "--workspace", "--exclude", "qod-ebpf"];
             all.extend(args.iter().map(String::as_str));
