@@ -791,6 +791,58 @@ impl Core {
         self.wake.notify_one();
     }
 
+    /// Installs sessions another node held (a standby taking over its active): each live one
+    /// for what is left of it, written to this node's store, not announced (it did not
+    /// start, and did not end). Ended ones, and those already past their end, are left out.
+    /// How many were installed.
+    pub fn adopt(&self, sessions: Vec<StoredSession>) -> usize {
+        let wall = OffsetDateTime::now_utc();
+        let mut adopted = 0;
+        let mut ops = Vec::new();
+        for s in sessions {
+            if s.ended.is_some() || s.started_at + secs(s.duration) <= wall {
+                continue;
+            }
+            match self.admit(
+                s.request.clone(),
+                s.id,
+                s.started_at,
+                s.duration,
+                Admission::Restored { slot: None },
+            ) {
+                Ok(v) => {
+                    audit::record(
+                        audit::Action::Restore,
+                        &s.request.owner,
+                        Some(s.id),
+                        Some(&v.session.flow.device),
+                        Ok(()),
+                    );
+                    ops.extend(self.session_ops(&v.session, Vec::new()));
+                    adopted += 1;
+                }
+                Err(e) => {
+                    error!(session = %s.id, error = %crate::anyhow_like(&e), "cannot install a session taken over");
+                    audit::record(
+                        audit::Action::Restore,
+                        &s.request.owner,
+                        Some(s.id),
+                        None,
+                        Err(&e),
+                    );
+                }
+            }
+        }
+        if let Some(store) = &self.store
+            && !ops.is_empty()
+            && let Err(e) = store.submit(ops).wait()
+        {
+            error!(error = %crate::anyhow_like(&e), "cannot store the sessions taken over");
+        }
+        self.wake.notify_one();
+        adopted
+    }
+
     /// Gives back a kept slot whose session could not be restored, unless the failed admission
     /// already did.
     fn release_kept_slot(&self, slot: u32) {

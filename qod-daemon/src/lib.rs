@@ -84,7 +84,7 @@ pub async fn run(
     // The store first: a corrupt one, or one held by another qodd, stops start-up before the
     // data plane is touched.
     let store = store::Store::open_with(&config.state_dir, config.event_log_retention)?;
-    let stored = store.load()?;
+    let mut stored = store.load()?;
     let event_log = store.load_events()?;
     // The listeners next (after the store, which no other qodd holds then, so a socket file
     // removed here is not a live one): an address in use stops start-up before the data plane
@@ -136,6 +136,20 @@ pub async fn run(
         }
         None => None,
     };
+    if let Some(c) = &cluster
+        && c.demoted()
+    {
+        // Its sessions were taken over (they live on, installed there): none is restored
+        // here, and a pinned data plane's rules for them go as orphans.
+        for s in &stored {
+            store.remove(s.id)?;
+        }
+        info!(
+            sessions = stored.len(),
+            "sessions left to the node that took this one's pools over"
+        );
+        stored.clear();
+    }
     prepare_pins(&config, &store)?;
     let mut dp = AyaDataPlane::load(config.max_sessions, &config.pin_path)?;
     let continuing = dp.reused();
@@ -178,8 +192,11 @@ pub async fn run(
     // Revisions carry on from the stored log (before any restored session's end is queued).
     core.restore_log(event_log);
     if let Some(c) = &cluster {
-        let core = core.clone();
-        c.count_sessions_with(move || core.live_sessions());
+        let counted = core.clone();
+        c.count_sessions_with(move || counted.live_sessions());
+        let adopting = core.clone();
+        c.adopt_with(move |sessions| adopting.adopt(sessions));
+        store.mirror_to(c.replicate(token.clone()));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     // Health answers from now on, NOT_SERVING until the store is restored; every other call
@@ -420,6 +437,7 @@ fn node_record(
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
         sessions: 0,
+        took_over: None,
     }
 }
 

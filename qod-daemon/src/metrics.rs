@@ -65,6 +65,8 @@ pub struct Metrics {
     pub cluster_lease_up: Gauge,
     /// Nodes registered in the cluster, as last read.
     pub cluster_nodes: Gauge,
+    /// Pools and sessions of a lost active node taken over here (a standby).
+    pub cluster_takeovers: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -145,8 +147,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "nodes registered in the cluster, as last read",
         cluster_nodes.clone(),
     );
+    let cluster_takeovers = Counter::default();
+    registry.register(
+        "qod_cluster_takeovers",
+        "pools and sessions of a lost active node this standby took over",
+        cluster_takeovers.clone(),
+    );
     Metrics {
         registry,
+        cluster_takeovers,
         etcd_seconds,
         etcd_errors,
         cluster_lease_up,

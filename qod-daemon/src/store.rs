@@ -75,8 +75,8 @@ impl Stored for Notification {
     }
 }
 
-/// A stored session record read back, whatever its schema (tests, inspection).
-#[doc(hidden)]
+/// A stored session record read back, whatever its schema (tests, inspection, and the cluster's
+/// copy of a node's sessions).
 pub fn decode_session_record(bytes: &[u8]) -> Result<(StoredSession, u32), String> {
     StoredSession::decode(bytes)
 }
@@ -217,6 +217,26 @@ pub enum Op {
     },
 }
 
+/// A committed change of a session, for the cluster's copy of this node's live sessions.
+#[derive(Debug)]
+pub enum Mirrored {
+    /// A live session's record (the store's own encoding of it).
+    Live(SessionId, Vec<u8>),
+    /// A session that ended, or was removed.
+    Gone(SessionId),
+}
+
+/// What the store's writer hands a mirror, in commit order: the committed changes, and the
+/// barriers others put in between (answered once everything before them is mirrored).
+#[derive(Debug)]
+pub enum MirrorMsg {
+    Change(Mirrored),
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Where committed session changes go (cluster mode).
+pub type Mirror = tokio::sync::mpsc::UnboundedSender<MirrorMsg>;
+
 /// A queued write; [`Ticket::wait`] returns once it is durable (or failed).
 pub struct Ticket(std::sync::mpsc::Receiver<Outcome>);
 
@@ -269,6 +289,8 @@ struct Shared {
     /// Taken by the writer around each commit (uncontended), so a test can hold commits back.
     #[cfg_attr(not(test), expect(dead_code, reason = "only tests take the gate"))]
     gate: Arc<std::sync::Mutex<()>>,
+    /// Where committed session changes are also sent, once set (cluster mode).
+    mirror: Arc<std::sync::OnceLock<Mirror>>,
 }
 
 impl Drop for Shared {
@@ -350,12 +372,34 @@ fn apply(database: &Database, jobs: &[Job], event_retention: u64) -> Result<(), 
     tx.commit().map_err(db)
 }
 
+/// Hands the session changes of the committed `jobs` to `mirror`, before anyone is told they
+/// are durable (so a barrier sent after that comes after them).
+fn mirror_committed(mirror: &Mirror, jobs: &[Job], results: &[Outcome]) {
+    for (job, result) in jobs.iter().zip(results) {
+        if result.is_err() {
+            continue;
+        }
+        for op in &job.ops {
+            let change = match op {
+                Op::PutSession(s) if s.ended.is_none() => {
+                    Mirrored::Live(s.id, session_record::encode(s))
+                }
+                Op::PutSession(s) => Mirrored::Gone(s.id),
+                Op::RemoveSession(id) => Mirrored::Gone(*id),
+                _ => continue,
+            };
+            let _ = mirror.send(MirrorMsg::Change(change));
+        }
+    }
+}
+
 fn writer(
     db: Arc<Database>,
     rx: std::sync::mpsc::Receiver<Job>,
     commits: Arc<std::sync::atomic::AtomicU64>,
     gate: Arc<std::sync::Mutex<()>>,
     event_retention: u64,
+    mirror: Arc<std::sync::OnceLock<Mirror>>,
 ) {
     while let Ok(first) = rx.recv() {
         let held = gate.lock().unwrap_or_else(|p| p.into_inner());
@@ -384,6 +428,9 @@ fn writer(
             .store_writes_per_commit
             .observe(jobs.len() as f64);
         drop(held);
+        if let Some(m) = mirror.get() {
+            mirror_committed(m, &jobs, &results);
+        }
         for (job, result) in jobs.into_iter().zip(results) {
             match job.done {
                 // A write nobody waits for reports its own failure.
@@ -454,11 +501,13 @@ impl Store {
         let (tx, rx) = std::sync::mpsc::channel();
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let gate = Arc::new(std::sync::Mutex::new(()));
+        let mirror = Arc::new(std::sync::OnceLock::new());
         let writer = {
-            let (db, commits, gate) = (db.clone(), commits.clone(), gate.clone());
+            let (db, commits, gate, mirror) =
+                (db.clone(), commits.clone(), gate.clone(), mirror.clone());
             std::thread::Builder::new()
                 .name("qodd-store".into())
-                .spawn(move || writer(db, rx, commits, gate, event_retention))
+                .spawn(move || writer(db, rx, commits, gate, event_retention, mirror))
                 .map_err(|source| StoreError::Dir {
                     path: dir.to_owned(),
                     source,
@@ -472,8 +521,14 @@ impl Store {
                 tx: Some(tx),
                 writer: Some(writer),
                 gate,
+                mirror,
             }),
         })
+    }
+
+    /// Sends every session change committed from now on to `mirror` too (once; cluster mode).
+    pub fn mirror_to(&self, mirror: Mirror) {
+        let _ = self.shared.mirror.set(mirror);
     }
 
     /// Holds every commit back while the guard lives (tests of what happens meanwhile).

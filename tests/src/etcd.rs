@@ -215,8 +215,18 @@ impl EtcdCluster {
         );
         fs::write(&c, cert)?;
         fs::write(&k, key)?;
+        // One record key for the whole cluster.
+        let record_key = self.dir.path().join("cluster.key");
+        if !record_key.exists() {
+            let key = format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            );
+            fs::write(&record_key, key)?;
+        }
         Ok(format!(
-            "[cluster]\netcd = {:?}\nnode_id = {id:?}\netcd_ca = {:?}\netcd_cert = {:?}\netcd_key = {:?}\npeer_ca = {:?}\n{extra}\n",
+            "[cluster]\netcd = {:?}\nnode_id = {id:?}\netcd_ca = {:?}\netcd_cert = {:?}\netcd_key = {:?}\npeer_ca = {:?}\nrecord_key_file = {record_key:?}\n{extra}\n",
             self.endpoints(),
             self.pki.path("ca.crt"),
             c,

@@ -90,6 +90,19 @@ impl Operations {
             .map(|n| (cluster.clone(), n)))
     }
 
+    /// In a cluster, waits (bounded) until this node's writes so far are in the cluster's copy
+    /// of its sessions, which a standby takes over from: an acknowledged session is there.
+    /// The write is durable here already; a copy that lags is logged and follows.
+    async fn replicated(&self) {
+        if let Some(c) = &self.cluster
+            && !c.replicated().await
+        {
+            tracing::warn!(
+                "the cluster's copy of this node's sessions lags (etcd is slow or away); it follows when etcd answers"
+            );
+        }
+    }
+
     /// A write may go ahead: always on a single node; in a cluster while this node is in it.
     fn writable(&self) -> Result<(), CamaraError> {
         self.cluster.as_ref().map_or(Ok(()), |c| c.writable())
@@ -169,6 +182,7 @@ impl Operations {
         let core = self.core.clone();
         let view = self.write(move || core.create(req)).await?;
         tracing::Span::current().record("session", view.session.id.to_string());
+        self.replicated().await;
         Ok(convert::session_info(&view))
     }
 
@@ -209,6 +223,9 @@ impl Operations {
         self.writable()?;
         let (core, who) = (self.core.clone(), caller.clone());
         let local = self.write(move || core.delete(id, &who)).await;
+        if local.is_ok() {
+            self.replicated().await;
+        }
         let req = pb::DeleteSessionRequest {
             session_id: session_id.to_owned(),
         };
@@ -239,6 +256,9 @@ impl Operations {
             .write(move || core.extend(id, add, &who))
             .await
             .map(|view| convert::session_info(&view));
+        if local.is_ok() {
+            self.replicated().await;
+        }
         let req = pb::ExtendQosSessionDurationRequest {
             session_id: session_id.to_owned(),
             requested_additional_duration: i32::try_from(n).unwrap_or(i32::MAX),

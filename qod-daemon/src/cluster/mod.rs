@@ -12,6 +12,7 @@
 
 pub mod node;
 pub mod peer;
+pub mod seal;
 
 use std::{
     path::Path,
@@ -31,6 +32,7 @@ use tracing::{error, info, warn};
 
 use self::node::{Clash, NodeRecord};
 use crate::metrics::{METRICS, OpLabels};
+use crate::store::{Mirror, MirrorMsg, Mirrored, StoredSession};
 
 /// A node's role for its pools.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +68,8 @@ pub struct Settings {
     pub pools: Vec<IpNetwork>,
     /// What other nodes' API certificates chain to (PEM; `None`: plain HTTP/2, insecure only).
     pub peer_ca: Option<Vec<u8>>,
+    /// Seals the cluster's copy of each node's sessions (`record_key_file`).
+    pub record_key: [u8; 32],
 }
 
 impl std::fmt::Debug for Settings {
@@ -81,6 +85,7 @@ impl std::fmt::Debug for Settings {
             .field("tls", &self.tls.is_some())
             .field("pools", &self.pools)
             .field("peer_ca", &self.peer_ca.is_some())
+            .field("record_key", &"…")
             .finish()
     }
 }
@@ -107,6 +112,8 @@ pub enum ClusterError {
     Refused(#[from] Clash),
     #[error("etcd lease {0:x} has expired")]
     LeaseExpired(i64),
+    #[error("cannot seal the record for {0}")]
+    Seal(String),
     #[error("the node instance file {path}")]
     Instance {
         path: std::path::PathBuf,
@@ -172,7 +179,17 @@ pub struct Cluster {
     /// The registered nodes as last read (every [`VIEW_REFRESH`]): where calls are routed.
     view: parking_lot::RwLock<Vec<NodeRecord>>,
     peers: peer::Peers,
+    sealer: seal::Sealer,
+    /// Where barriers go, behind the store's mirrored changes (set by [`Cluster::replicate`]).
+    mirror: OnceLock<Mirror>,
+    /// Installs another node's sessions here (a standby taking over): how many it installed.
+    adopt: OnceLock<Box<dyn Fn(Vec<StoredSession>) -> usize + Send + Sync>>,
+    /// Joined as a standby because another node took its pools over while it was away.
+    demoted: std::sync::atomic::AtomicBool,
 }
+
+/// Changes written to etcd in one transaction at most (etcd allows 128 operations).
+const REPLICA_BATCH: usize = 64;
 
 /// How often the registrations are read again for routing.
 const VIEW_REFRESH: Duration = Duration::from_secs(1);
@@ -203,6 +220,7 @@ impl Cluster {
             settings.peer_ca.clone(),
             settings.timeout,
         );
+        let sealer = seal::Sealer::new(&settings.record_key);
         let cluster = Arc::new(Self {
             settings,
             client,
@@ -211,6 +229,10 @@ impl Cluster {
             sessions: OnceLock::new(),
             view: parking_lot::RwLock::new(Vec::new()),
             peers,
+            sealer,
+            mirror: OnceLock::new(),
+            adopt: OnceLock::new(),
+            demoted: std::sync::atomic::AtomicBool::new(false),
         });
         loop {
             match cluster.register().await {
@@ -235,10 +257,216 @@ impl Cluster {
 
     /// Reads the registrations every [`VIEW_REFRESH`] for routing (a failed read keeps the last
     /// view: the pools of live nodes do not move while etcd is away).
+    /// A standby also watches its active: when the active's registration is gone (it stopped,
+    /// or its lease lapsed), the standby takes its sessions over.
     async fn follow(self: Arc<Self>, stop: CancellationToken) {
+        let mut partner: Option<String> = None;
         while !pause(&stop, VIEW_REFRESH).await {
-            let _ = self.records().await;
+            if self.records().await.is_err() || self.standing.borrow().lease.is_none() {
+                continue;
+            }
+            let me = self.me.lock().clone();
+            if me.role != Role::Standby {
+                continue;
+            }
+            let active = self
+                .view
+                .read()
+                .iter()
+                .find(|n| n.role == Role::Active && node::overlap_any(&n.pools, &me.pools))
+                .map(|n| n.id.clone());
+            match (active, &partner) {
+                (Some(a), _) => partner = Some(a),
+                (None, Some(gone)) => {
+                    let gone = gone.clone();
+                    if self.take_over(&gone).await {
+                        partner = None;
+                    }
+                }
+                (None, None) => {}
+            }
         }
+    }
+
+    /// Becomes the active node for the pools of `gone` (whose registration is gone) and
+    /// installs its sessions here for their remaining time; true when done.
+    async fn take_over(&self, gone: &str) -> bool {
+        let started = Instant::now();
+        let Some(lease) = self.standing.borrow().lease else {
+            return false;
+        };
+        {
+            let mut me = self.me.lock();
+            me.role = Role::Active;
+            me.took_over = Some(gone.to_owned());
+        }
+        if let Err(e) = self.register_under(lease).await {
+            {
+                let mut me = self.me.lock();
+                me.role = Role::Standby;
+                me.took_over = None;
+            }
+            warn!(node = gone, error = %crate::anyhow_like(&e), "cannot take the pools of the lost active node over yet");
+            return false;
+        }
+        let prefix = format!("{}sessions/{gone}/", self.settings.prefix);
+        let mut kv = self.client.kv_client();
+        let records = match self
+            .call(
+                "read",
+                kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // Active now: the next round finds no active and tries again.
+                error!(node = gone, error = %crate::anyhow_like(&e), "cannot read the lost node's sessions");
+                return false;
+            }
+        };
+        let mut sessions = Vec::with_capacity(records.kvs().len());
+        for kv in records.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match self
+                .sealer
+                .open(&key, kv.value())
+                .map_err(|_| "not sealed with this cluster's record key".to_owned())
+                .and_then(|plain| crate::store::decode_session_record(&plain))
+            {
+                Ok((s, _)) => sessions.push(s),
+                Err(e) => {
+                    warn!(key, error = %e, "a session of the lost node cannot be read; it is left in etcd")
+                }
+            }
+        }
+        let found = sessions.len();
+        let adopted = match self.adopt.get() {
+            Some(adopt) => adopt(sessions),
+            None => 0,
+        };
+        // They are this node's now: its store holds them, and its copy in etcd follows.
+        if let Err(e) = self
+            .call(
+                "update",
+                kv.delete(
+                    prefix,
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                ),
+            )
+            .await
+        {
+            warn!(node = gone, error = %crate::anyhow_like(&e), "cannot remove the lost node's copy of its sessions");
+        }
+        METRICS.cluster_takeovers.inc();
+        info!(
+            node = gone,
+            found,
+            adopted,
+            took_ms = started.elapsed().as_millis() as u64,
+            "took over the pools and sessions of the lost active node"
+        );
+        true
+    }
+
+    /// Whether this node found its pools taken over when it joined (then it is a standby, and
+    /// the sessions it held live on at the node that took them over).
+    pub fn demoted(&self) -> bool {
+        self.demoted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Where a standby installs the sessions of the active it takes over from.
+    pub fn adopt_with(&self, f: impl Fn(Vec<StoredSession>) -> usize + Send + Sync + 'static) {
+        let _ = self.adopt.set(Box::new(f));
+    }
+
+    /// Keeps the cluster's copy of this node's live sessions (`<prefix>sessions/<node>/<id>`,
+    /// sealed) following the store's commits, in order, batched; retried while etcd is away.
+    /// Returns the mirror to hand to the store.
+    pub fn replicate(self: &Arc<Self>, stop: CancellationToken) -> Mirror {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<MirrorMsg>();
+        let _ = self.mirror.set(tx.clone());
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < REPLICA_BATCH {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                let mut changes: Vec<Mirrored> = Vec::new();
+                let mut barriers = Vec::new();
+                for m in batch {
+                    match m {
+                        MirrorMsg::Change(c) => {
+                            // One operation per key in a transaction: the last change wins.
+                            let id = match &c {
+                                Mirrored::Live(id, _) | Mirrored::Gone(id) => *id,
+                            };
+                            changes.retain(|o| !matches!(o, Mirrored::Live(i, _) | Mirrored::Gone(i) if *i == id));
+                            changes.push(c);
+                        }
+                        MirrorMsg::Barrier(b) => barriers.push(b),
+                    }
+                }
+                while let Err(e) = cluster.write_copy(&changes).await {
+                    warn!(changes = changes.len(), error = %crate::anyhow_like(&e), "cannot update the cluster's copy of this node's sessions; retrying");
+                    if pause(&stop, RETRY_PAUSE * 5).await {
+                        return;
+                    }
+                }
+                for b in barriers {
+                    let _ = b.send(());
+                }
+            }
+        });
+        tx
+    }
+
+    async fn write_copy(&self, changes: &[Mirrored]) -> Result<(), ClusterError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let base = format!(
+            "{}sessions/{}/",
+            self.settings.prefix, self.settings.node_id
+        );
+        let mut ops = Vec::with_capacity(changes.len());
+        for c in changes {
+            match c {
+                Mirrored::Live(id, record) => {
+                    let key = format!("{base}{id}");
+                    let sealed = self
+                        .sealer
+                        .seal(&key, record)
+                        .map_err(|_| ClusterError::Seal(key.clone()))?;
+                    ops.push(TxnOp::put(key, sealed, None));
+                }
+                Mirrored::Gone(id) => ops.push(TxnOp::delete(format!("{base}{id}"), None)),
+            }
+        }
+        let mut kv = self.client.kv_client();
+        self.call("replicate", kv.txn(Txn::new().and_then(ops)))
+            .await
+            .map(|_| ())
+    }
+
+    /// Waits until every session change committed before this call is in the cluster's copy
+    /// (bounded by the etcd timeout: false when it is not there yet).
+    pub async fn replicated(&self) -> bool {
+        let Some(m) = self.mirror.get() else {
+            return true;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if m.send(MirrorMsg::Barrier(tx)).is_err() {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(self.settings.timeout, rx).await,
+            Ok(Ok(()))
+        )
     }
 
     /// The active node that serves `addr`, as last read.
@@ -393,8 +621,22 @@ impl Cluster {
                 .first()
                 .map_or(0, etcd_client::KeyValue::mod_revision);
             let others = self.records().await?;
-            let me = self.me.lock().clone();
             let live: Vec<NodeRecord> = others.iter().map(|(r, _)| r.clone()).collect();
+            let me = {
+                let mut me = self.me.lock();
+                // Its pools were taken over while it was away: it is that node's standby now,
+                // and what it held lives on there.
+                if me.role == Role::Active
+                    && let Some(by) = node::replaced_by(&me, &live)
+                {
+                    warn!(by = %by.id, "this node's pools were taken over while it was away; it joins as the standby of that node, and leaves the sessions to it");
+                    me.role = Role::Standby;
+                    me.took_over = None;
+                    self.demoted
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                me.clone()
+            };
             node::may_join(&me, &live)?;
             // This node's earlier registration (a restart before its lease lapsed) goes with
             // its lease.

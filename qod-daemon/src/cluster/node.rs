@@ -31,6 +31,10 @@ pub struct NodeRecord {
     /// Live sessions, as last published (every few seconds when it changes).
     #[serde(default)]
     pub sessions: u64,
+    /// The active node whose pools and sessions this one took over (a standby that became
+    /// active): that node, back, joins as this one's standby.
+    #[serde(default)]
+    pub took_over: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,10 +87,25 @@ pub fn overlap(a: &IpNetwork, b: &IpNetwork) -> bool {
     a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
 }
 
+/// Whether any network of `a` overlaps one of `b`.
+pub fn overlap_any(a: &[IpNetwork], b: &[IpNetwork]) -> bool {
+    first_overlap(a, b).is_some()
+}
+
 fn first_overlap(mine: &[IpNetwork], theirs: &[IpNetwork]) -> Option<(IpNetwork, IpNetwork)> {
     mine.iter()
         .flat_map(|m| theirs.iter().map(move |t| (*m, *t)))
         .find(|(m, t)| overlap(m, t))
+}
+
+/// The node among `others` that took `me`'s pools over while `me` was away, if any.
+pub fn replaced_by<'a>(me: &NodeRecord, others: &'a [NodeRecord]) -> Option<&'a NodeRecord> {
+    others.iter().find(|o| {
+        o.id != me.id
+            && o.role == Role::Active
+            && o.took_over.as_deref() == Some(me.id.as_str())
+            && same_pools(&o.pools, &me.pools)
+    })
 }
 
 fn same_pools(a: &[IpNetwork], b: &[IpNetwork]) -> bool {
@@ -179,6 +198,7 @@ mod tests {
             version: "0".into(),
             started_at: "2026-12-04T00:00:00Z".into(),
             sessions: 0,
+            took_over: None,
         }
     }
 
@@ -259,6 +279,22 @@ mod tests {
             may_join(&impostor, &[a]),
             Err(Clash::IdInUse { .. })
         ));
+    }
+
+    #[test]
+    fn an_active_that_was_taken_over_finds_its_replacement() {
+        let a = node("a", Role::Active, &["10.1.0.0/16"]);
+        let mut b = node("b", Role::Active, &["10.1.0.0/16"]);
+        assert!(replaced_by(&a, std::slice::from_ref(&b)).is_none());
+        b.took_over = Some("a".into());
+        assert_eq!(
+            replaced_by(&a, std::slice::from_ref(&b)).map(|n| n.id.as_str()),
+            Some("b")
+        );
+        let mut other = node("c", Role::Active, &["10.1.0.0/16"]);
+        other.took_over = Some("a".into());
+        other.pools = vec!["10.9.0.0/16".parse().expect("cidr")];
+        assert!(replaced_by(&a, &[other]).is_none(), "not its pools");
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub(super) struct ClusterConfig {
     pub etcd_cert: Option<PathBuf>,
     pub etcd_key: Option<PathBuf>,
     pub peer_ca: Option<PathBuf>,
+    pub record_key_file: Option<PathBuf>,
 }
 
 /// `on_exit`.

@@ -492,7 +492,25 @@ fn validate_cluster(
             });
         }
     };
+    let record_key_file = need(c.record_key_file, "cluster.record_key_file")?;
+    let text = read_file("cluster.record_key_file", &record_key_file)?;
+    let hex = String::from_utf8_lossy(&text);
+    let hex = hex.trim();
+    let record_key: [u8; 32] = (hex.len() == 64)
+        .then(|| {
+            (0..32)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                .collect::<Option<Vec<u8>>>()
+        })
+        .flatten()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| ConfigError::Value {
+            key: "cluster.record_key_file".into(),
+            value: record_key_file.display().to_string(),
+            expected: "a file holding 64 hex digits (32 bytes; e.g. `openssl rand -hex 32`), the same on every node",
+        })?;
     Ok(Some(Settings {
+        record_key,
         peer_ca,
         etcd,
         node_id,
@@ -1198,8 +1216,16 @@ mod tests {
     /// parser with the key and the choices.
     #[test]
     fn a_cluster_section_is_checked_before_any_etcd_is_asked() {
-        let parse =
-            |text: &str| Config::from_parts(Some((Path::new("t.toml"), text)), &cli(&["-i", "lo"]));
+        let key_dir = tempfile::tempdir().expect("dir");
+        let key = key_dir.path().join("cluster.key");
+        std::fs::write(&key, format!("{}\n", "ab".repeat(32))).expect("key");
+        let parse = |text: &str| {
+            let text = text.replace(
+                "[cluster]\n",
+                &format!("[cluster]\nrecord_key_file = {key:?}\n"),
+            );
+            Config::from_parts(Some((Path::new("t.toml"), &text)), &cli(&["-i", "lo"]))
+        };
         let pools = "ue_pools = [\"10.1.0.0/16\"]\n";
         // No endpoints: a single node, whatever else the section says.
         assert!(
