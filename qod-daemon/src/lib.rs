@@ -137,7 +137,7 @@ pub async fn run(
         None => None,
     };
     if let Some(c) = &cluster
-        && c.demoted()
+        && (c.demoted() || c.ended_away())
     {
         // Its sessions were taken over (they live on, installed there): none is restored
         // here, and a pinned data plane's rules for them go as orphans.
@@ -146,7 +146,7 @@ pub async fn run(
         }
         info!(
             sessions = stored.len(),
-            "sessions left to the node that took this one's pools over"
+            "sessions left to the cluster: taken over by another node, or ended while this one was away"
         );
         stored.clear();
     }
@@ -196,6 +196,10 @@ pub async fn run(
         c.count_sessions_with(move || counted.live_sessions());
         let adopting = core.clone();
         c.adopt_with(move |sessions| adopting.adopt(sessions));
+        let (ending_store, ending_notifier) = (store.clone(), notifier.clone());
+        c.end_with(move |sessions| {
+            notify::terminated_elsewhere(&sessions, &ending_store, &ending_notifier)
+        });
         store.mirror_to(c.replicate(token.clone()));
     }
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -381,7 +385,7 @@ pub async fn run(
     }
     let _ = expiry.await;
     if let Some(c) = &cluster {
-        c.leave().await;
+        c.leave(!config.teardown_on_exit).await;
     }
     core.shutdown();
     // Writes queued without waiting (ends, purges) are on disk before qodd exits.

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub cluster_nodes: Gauge,
     /// Pools and sessions of a lost active node taken over here (a standby).
     pub cluster_takeovers: Counter,
+    /// Sessions of lost nodes without a standby ended here.
+    pub cluster_orphans_ended: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -153,9 +155,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "pools and sessions of a lost active node this standby took over",
         cluster_takeovers.clone(),
     );
+    let cluster_orphans_ended = Counter::default();
+    registry.register(
+        "qod_cluster_orphan_sessions_ended",
+        "sessions of lost nodes without a standby this node ended (NETWORK_TERMINATED)",
+        cluster_orphans_ended.clone(),
+    );
     Metrics {
         registry,
         cluster_takeovers,
+        cluster_orphans_ended,
         etcd_seconds,
         etcd_errors,
         cluster_lease_up,

@@ -250,6 +250,49 @@ impl Notifier {
 }
 
 /// CAMARA `qosStatus` / `statusInfo` spellings.
+/// Tells each sink of `sessions` (another node's, which ended with that node: the cluster had
+/// no standby for it) that its session is UNAVAILABLE / NETWORK_TERMINATED: written to this
+/// node's outbox first (so it is delivered even across a restart here), then queued. The event
+/// id is derived from the session, so the same end told twice (a claimant that died between
+/// telling and removing) is one event to a receiver that deduplicates. How many were told.
+pub fn terminated_elsewhere(
+    sessions: &[crate::store::StoredSession],
+    store: &crate::store::Store,
+    notifier: &Notifier,
+) -> usize {
+    let mut told = 0;
+    for s in sessions {
+        let Some(sink) = &s.request.sink else {
+            continue;
+        };
+        let n = Notification {
+            event_id: uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_URL,
+                format!("qod:session:{}:network-terminated", s.id).as_bytes(),
+            ),
+            time: OffsetDateTime::now_utc(),
+            sink: sink.clone(),
+            credential: s.request.sink_credential.clone(),
+            session_id: s.id,
+            status: QosStatus::Unavailable,
+            info: Some(crate::model::StatusInfo::NetworkTerminated),
+        };
+        match store
+            .submit(vec![crate::store::Op::PutOutbox(n.clone())])
+            .wait()
+        {
+            Ok(()) => {
+                notifier.enqueue(n);
+                told += 1;
+            }
+            Err(e) => {
+                warn!(session = %s.id, error = %crate::anyhow_like(&e), "cannot queue the end of a lost node's session")
+            }
+        }
+    }
+    told
+}
+
 pub fn status_str(s: QosStatus) -> &'static str {
     match s {
         QosStatus::Requested => "REQUESTED",

@@ -37,6 +37,8 @@ type SinkState = (
 /// recorded.
 pub struct SinkServer {
     pub port: u16,
+    /// The address it listens on.
+    pub host: String,
     received: Arc<std::sync::Mutex<Vec<Received>>>,
     script: Arc<std::sync::Mutex<Script>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -45,6 +47,13 @@ pub struct SinkServer {
 impl SinkServer {
     /// Listens on 127.0.0.1 inside `ns`.
     pub fn start(ns: &Netns) -> anyhow::Result<Self> {
+        Self::start_on(ns, "127.0.0.1")
+    }
+
+    /// As [`SinkServer::start`], listening on `host` in `ns` (reached from other namespaces
+    /// wired to it).
+    pub fn start_on(ns: &Netns, host: &str) -> anyhow::Result<Self> {
+        let bind = format!("{host}:0");
         use axum::{extract::State, http::HeaderMap, http::StatusCode, http::Uri};
         let received: Arc<std::sync::Mutex<Vec<Received>>> = Arc::default();
         let script: Arc<std::sync::Mutex<Script>> = Arc::default();
@@ -56,7 +65,7 @@ impl SinkServer {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let listener = tokio::net::TcpListener::bind(bind.as_str()).await?;
                 let _ = port_tx.send(listener.local_addr()?.port());
                 let app = axum::Router::new().fallback(
                     |State((received, script)): State<SinkState>,
@@ -120,15 +129,16 @@ impl SinkServer {
             .context("sink server did not start")?;
         Ok(Self {
             port,
+            host: host.to_owned(),
             received,
             script,
             stop: Some(stop_tx),
         })
     }
 
-    /// `http://127.0.0.1:<port><path>`
+    /// `http://<host>:<port><path>`
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("http://{}:{}{path}", self.host, self.port)
     }
 
     /// Answers on `path` from `replies` in order, the last one repeating.

@@ -584,3 +584,110 @@ in_every_mode!(
     standby_takes_over,
     a_standby_takes_over_when_its_active_is_killed
 );
+
+/// kill -9 of an active node without a standby: one surviving node (of two that could) ends
+/// its session, and the sink hears UNAVAILABLE / NETWORK_TERMINATED exactly once; the node,
+/// back, restores nothing and enforces nothing.
+async fn without_a_standby_a_lost_nodes_sessions_end_once(mode: Mode) {
+    use qod_testkit::addr::{DEVICE_V4, SERVER_V4};
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    let sink = qod_testkit::SinkServer::start_on(&etcd.ns, qod_testkit::ETCD_HOST).expect("sink");
+    let notify = format!(
+        "[notifications]\nallow_http_hosts = [{:?}]\nallow_sink_ranges = [\"10.77.0.0/24\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
+        qod_testkit::ETCD_HOST
+    );
+    let start = |id: &'static str, host: u8, pools: &'static [&'static str], mode: Mode| {
+        let (etcd, notify) = (&etcd, notify.clone());
+        async move {
+            etcd.node(
+                &qod_testkit::qodd_bin(),
+                mode,
+                id,
+                host,
+                pools,
+                &notify,
+                "lease_ttl_secs = 3",
+            )
+            .await
+            .expect("node")
+        }
+    };
+    let (_a_lab, a) = start("a", 11, &["10.0.200.0/24"], Mode::Marking).await;
+    let (b_lab, mut b) = start(
+        "b",
+        12,
+        &["10.0.1.0/24", "fd00:1::/64", "fd00:11::/64"],
+        mode,
+    )
+    .await;
+    let (_c_lab, c) = start("c", 13, &["10.0.201.0/24"], Mode::Marking).await;
+    await_status(&a, Duration::from_secs(5), |c| {
+        node_ids(c) == ["a", "b", "c"]
+    })
+    .await;
+    let mut via_a = a.sessions().await.expect("client a");
+    let mut req = qod_testkit::api::session(DEVICE_V4, SERVER_V4, "QOS_E", &[], &[5000], 600);
+    req.sink = Some(sink.url("/ends"));
+    let s = via_a
+        .create_session(req)
+        .await
+        .expect("create")
+        .into_inner();
+    let probe = |lab: &Lab| {
+        lab.uplink_dscp(DEVICE_V4, 40000, SERVER_V4, 5000)
+            .expect("capture")
+    };
+    assert_eq!(probe(&b_lab), [32; 5]);
+    sink.wait_for("/ends", 1, Duration::from_secs(10))
+        .await
+        .expect("AVAILABLE told");
+
+    b.kill9();
+    let told = sink
+        .wait_for("/ends", 2, Duration::from_secs(30))
+        .await
+        .expect("the end told by a surviving node");
+    let end = &told[1].body["data"];
+    assert_eq!(end["sessionId"], s.session_id.as_str());
+    assert_eq!(end["qosStatus"], "UNAVAILABLE");
+    assert_eq!(end["statusInfo"], "NETWORK_TERMINATED");
+    // Exactly once, though two nodes could have told it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        sink.received("/ends").len(),
+        2,
+        "{:?}",
+        sink.received("/ends")
+    );
+    let ended_by = |q: &Qodd| {
+        q.log()
+            .contains("ended the sessions of a lost node without a standby")
+    };
+    assert!(
+        ended_by(&a) != ended_by(&c),
+        "one claimant: a {} c {}",
+        ended_by(&a),
+        ended_by(&c)
+    );
+
+    // b back: the cluster ended what it held, so it restores nothing and its pinned rule goes.
+    b.restart_no_wait().expect("restart b");
+    b.wait_serving().await.expect("b serving");
+    assert!(
+        b.log()
+            .contains("the cluster ended this node's sessions while it was away")
+    );
+    assert_eq!(probe(&b_lab), [0; 5]);
+    let gone = via_a
+        .get_session(qod_proto::v1::GetSessionRequest {
+            session_id: s.session_id.clone(),
+        })
+        .await
+        .expect_err("ended and not restored");
+    assert_eq!(qod_testkit::api::reason(&gone), "NOT_FOUND");
+    assert_eq!(sink.received("/ends").len(), 2, "b told nothing more");
+}
+in_every_mode!(
+    lost_node_without_standby,
+    without_a_standby_a_lost_nodes_sessions_end_once
+);

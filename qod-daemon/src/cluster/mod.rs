@@ -70,6 +70,9 @@ pub struct Settings {
     pub peer_ca: Option<Vec<u8>>,
     /// Seals the cluster's copy of each node's sessions (`record_key_file`).
     pub record_key: [u8; 32],
+    /// How long a gracefully stopped node without a standby may stay away before the cluster
+    /// ends its sessions.
+    pub away_grace: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -186,6 +189,11 @@ pub struct Cluster {
     adopt: OnceLock<Box<dyn Fn(Vec<StoredSession>) -> usize + Send + Sync>>,
     /// Joined as a standby because another node took its pools over while it was away.
     demoted: std::sync::atomic::AtomicBool,
+    /// Ends the sessions of a lost node that had no standby: each with a sink is told
+    /// UNAVAILABLE / NETWORK_TERMINATED once; how many were told.
+    end: OnceLock<Box<dyn Fn(Vec<StoredSession>) -> usize + Send + Sync>>,
+    /// The cluster ended this node's sessions while it was away (it had no standby).
+    ended_away: std::sync::atomic::AtomicBool,
 }
 
 /// Changes written to etcd in one transaction at most (etcd allows 128 operations).
@@ -233,6 +241,8 @@ impl Cluster {
             mirror: OnceLock::new(),
             adopt: OnceLock::new(),
             demoted: std::sync::atomic::AtomicBool::new(false),
+            end: OnceLock::new(),
+            ended_away: std::sync::atomic::AtomicBool::new(false),
         });
         loop {
             match cluster.register().await {
@@ -250,6 +260,7 @@ impl Cluster {
                 }
             }
         }
+        cluster.back().await;
         tokio::spawn(cluster.clone().keep_alive(stop.clone()));
         tokio::spawn(cluster.clone().follow(stop));
         Ok(Some(cluster))
@@ -266,7 +277,10 @@ impl Cluster {
                 continue;
             }
             let me = self.me.lock().clone();
-            if me.role != Role::Standby {
+            if me.role == Role::Active {
+                if let Err(e) = self.end_orphans().await {
+                    warn!(error = %crate::anyhow_like(&e), "cannot end the sessions of a lost node yet");
+                }
                 continue;
             }
             let active = self
@@ -358,6 +372,9 @@ impl Cluster {
         {
             warn!(node = gone, error = %crate::anyhow_like(&e), "cannot remove the lost node's copy of its sessions");
         }
+        let _ = self
+            .call("update", kv.delete(self.key("owners", gone), None))
+            .await;
         METRICS.cluster_takeovers.inc();
         info!(
             node = gone,
@@ -367,6 +384,172 @@ impl Cluster {
             "took over the pools and sessions of the lost active node"
         );
         true
+    }
+
+    /// Back in the cluster at start: no longer away, and told whether the cluster ended its
+    /// sessions meanwhile (it had no standby, and stayed away too long or crashed).
+    async fn back(&self) {
+        let mut kv = self.client.kv_client();
+        let me = self.settings.node_id.clone();
+        let _ = self
+            .call("update", kv.delete(self.key("away", &me), None))
+            .await;
+        let ended = self
+            .call("read", kv.get(self.key("terminated", &me), None))
+            .await
+            .is_ok_and(|r| !r.kvs().is_empty());
+        if ended {
+            warn!(
+                "the cluster ended this node's sessions while it was away (NETWORK_TERMINATED, notified by another node); none is restored"
+            );
+            self.ended_away
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = self
+                .call("update", kv.delete(self.key("terminated", &me), None))
+                .await;
+        }
+    }
+
+    /// Whether the cluster ended this node's sessions while it was away.
+    pub fn ended_away(&self) -> bool {
+        self.ended_away.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Where the sessions of a lost node without a standby are ended (their notifications).
+    pub fn end_with(&self, f: impl Fn(Vec<StoredSession>) -> usize + Send + Sync + 'static) {
+        let _ = self.end.set(Box::new(f));
+    }
+
+    /// Ends the sessions of every node that is gone (its registration lapsed), had no standby
+    /// for its pools and is not away on a graceful stop: one node claims each such node (an
+    /// etcd key under its own lease, so a claim dies with its claimant), tells each session's
+    /// sink once, and removes the copy.
+    async fn end_orphans(&self) -> Result<(), ClusterError> {
+        let mut kv = self.client.kv_client();
+        let owners = self
+            .call(
+                "read",
+                kv.get(
+                    self.key("owners", ""),
+                    Some(GetOptions::new().with_prefix()),
+                ),
+            )
+            .await?;
+        let away = self
+            .call(
+                "read",
+                kv.get(
+                    self.key("away", ""),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                ),
+            )
+            .await?;
+        let away: Vec<String> = away
+            .kvs()
+            .iter()
+            .map(|k| {
+                String::from_utf8_lossy(k.key())
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect();
+        let view = self.view.read().clone();
+        for o in owners.kvs() {
+            let id = String::from_utf8_lossy(o.key())
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            let pools: Vec<IpNetwork> = serde_json::from_slice(o.value()).unwrap_or_default();
+            let covered = view
+                .iter()
+                .any(|n| n.id == id || node::overlap_any(&n.pools, &pools));
+            if id.is_empty() || covered || away.contains(&id) {
+                continue;
+            }
+            let Some(lease) = self.standing.borrow().lease else {
+                return Ok(());
+            };
+            let claim = self.key("ending", &id);
+            let won = self
+                .call(
+                    "update",
+                    kv.txn(
+                        Txn::new()
+                            .when([Compare::create_revision(claim.clone(), CompareOp::Equal, 0)])
+                            .and_then([TxnOp::put(
+                                claim.clone(),
+                                self.settings.node_id.clone(),
+                                Some(PutOptions::new().with_lease(lease)),
+                            )]),
+                    ),
+                )
+                .await?
+                .succeeded();
+            if won {
+                self.end_sessions_of(&id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn end_sessions_of(&self, gone: &str) -> Result<(), ClusterError> {
+        let started = Instant::now();
+        let prefix = format!("{}sessions/{gone}/", self.settings.prefix);
+        let mut kv = self.client.kv_client();
+        let records = self
+            .call(
+                "read",
+                kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let (mut ended, mut told) = (0usize, 0usize);
+        for r in records.kvs() {
+            let key = String::from_utf8_lossy(r.key()).into_owned();
+            let session = self
+                .sealer
+                .open(&key, r.value())
+                .map_err(|_| "not sealed with this cluster's record key".to_owned())
+                .and_then(|plain| crate::store::decode_session_record(&plain));
+            match session {
+                Ok((s, _)) => {
+                    // Told (durably queued here) before the copy goes: a claimant that dies
+                    // in between leaves the rest to the next, and a session told twice
+                    // carries the same event id both times.
+                    told += self.end.get().map_or(0, |f| f(vec![s]));
+                    ended += 1;
+                }
+                Err(e) => {
+                    warn!(key, error = %e, "a session of the lost node cannot be read; it is dropped")
+                }
+            }
+            self.call("update", kv.delete(key, None)).await?;
+        }
+        // The node, back, restores none of them.
+        self.call(
+            "update",
+            kv.put(
+                self.key("terminated", gone),
+                self.settings.node_id.clone(),
+                None,
+            ),
+        )
+        .await?;
+        self.call("update", kv.delete(self.key("owners", gone), None))
+            .await?;
+        self.call("update", kv.delete(self.key("ending", gone), None))
+            .await?;
+        METRICS.cluster_orphans_ended.inc_by(ended as u64);
+        info!(
+            node = gone,
+            ended,
+            told,
+            took_ms = started.elapsed().as_millis() as u64,
+            "ended the sessions of a lost node without a standby (NETWORK_TERMINATED)"
+        );
+        Ok(())
     }
 
     /// Whether this node found its pools taken over when it joined (then it is a standby, and
@@ -520,6 +703,11 @@ impl Cluster {
         self.standing.send_replace(Standing { lease, problem });
     }
 
+    /// `<prefix><kind>/<id>`.
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}/{id}", self.settings.prefix)
+    }
+
     fn node_key(&self) -> String {
         format!(
             "{}{}",
@@ -660,6 +848,13 @@ impl Cluster {
                         Some(PutOptions::new().with_lease(lease)),
                     ),
                     TxnOp::put(members.clone(), me.id.clone(), None),
+                    // Not leased: it outlives the node, so the others know whose copy of
+                    // sessions may be left when it is gone.
+                    TxnOp::put(
+                        self.key("owners", &me.id),
+                        serde_json::to_vec(&me.pools).unwrap_or_default(),
+                        None,
+                    ),
                 ]);
             if self.call("register", kv.txn(txn)).await?.succeeded() {
                 info!(
@@ -803,10 +998,34 @@ impl Cluster {
 
     /// Leaves the cluster (a graceful stop): the lease is revoked, so the others see this node
     /// go at once rather than when its lease would lapse.
-    pub async fn leave(&self) {
+    ///
+    /// With `coming_back` (its data plane stays: `on_exit = "keep"`) and no standby for its
+    /// pools, it is marked away for `away_grace`: its sessions live on in the kernel and the
+    /// cluster does not end them unless it stays away longer.
+    pub async fn leave(&self, coming_back: bool) {
         let lease = self.standing.borrow().lease;
         if let Some(lease) = lease {
             let mut leases = self.client.lease_client();
+            let me = self.me.lock().clone();
+            let standby = self.view.read().iter().any(|n| {
+                n.id != me.id && n.role == Role::Standby && node::overlap_any(&n.pools, &me.pools)
+            });
+            if coming_back && me.role == Role::Active && !standby {
+                let ttl = i64::try_from(self.settings.away_grace.as_secs()).unwrap_or(i64::MAX);
+                if let Ok(grant) = self.call("grant", leases.grant(ttl, None)).await {
+                    let mut kv = self.client.kv_client();
+                    let _ = self
+                        .call(
+                            "update",
+                            kv.put(
+                                self.key("away", &me.id),
+                                "stopped",
+                                Some(PutOptions::new().with_lease(grant.id())),
+                            ),
+                        )
+                        .await;
+                }
+            }
             match self.call("revoke", leases.revoke(lease)).await {
                 Ok(_) => info!("left the cluster"),
                 Err(e) => {

@@ -70,6 +70,7 @@ pub(super) struct ClusterConfig {
     pub etcd_key: Option<PathBuf>,
     pub peer_ca: Option<PathBuf>,
     pub record_key_file: Option<PathBuf>,
+    pub away_grace_secs: Option<u64>,
 }
 
 /// `on_exit`.

@@ -510,6 +510,11 @@ fn validate_cluster(
             expected: "a file holding 64 hex digits (32 bytes; e.g. `openssl rand -hex 32`), the same on every node",
         })?;
     Ok(Some(Settings {
+        away_grace: Duration::from_secs(need_within(
+            c.away_grace_secs,
+            "cluster.away_grace_secs",
+            0..=86_400,
+        )?),
         record_key,
         peer_ca,
         etcd,
