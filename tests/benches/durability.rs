@@ -1074,7 +1074,8 @@ async fn scale() -> anyhow::Result<()> {
 /// clients use, `a` none. C gRPC clients (each its own connection) create QOS_E sessions for
 /// distinct devices for 5 s, closed loop, then delete them: *direct* to `b`, then *through a*
 /// (each call passed on to `b` with the caller's token: one more TLS hop and `b`'s answer
-/// relayed). Both nodes run all along, on the same two vCPUs as etcd and the clients.
+/// relayed). Both nodes run all along, on the same two vCPUs as etcd and the clients. Then the
+/// failover gap to a standby, at two lease lengths.
 async fn cluster() -> anyhow::Result<()> {
     println!("\ncreates through a cluster (release qodd, 3 etcd members, 5 s per row)");
     println!(
@@ -1135,6 +1136,68 @@ async fn cluster() -> anyhow::Result<()> {
                 del.len() as f64 / deleting,
                 quantile(&del, 0.99).as_secs_f64() * 1e3,
             );
+        }
+    }
+    // The failover gap: an active node with a standby for the lab device's pool, a marked
+    // session, kill -9 of the active; the time until the standby's own lab marks the device's
+    // uplink (probes back to back, each about a capture's start and stop). A fresh pair per
+    // run; the standby, active after the run, is stopped before the next.
+    println!("\nfailover to a standby (kill -9 of the active; the standby's first marked probe)");
+    println!("{:>8}  {:>4}  {:>8}", "lease s", "run", "gap s");
+    let pools = ["10.0.1.0/24"];
+    let mut host = 20u8;
+    for lease in [2u64, 5] {
+        for run in 0..3 {
+            let section = format!("lease_ttl_secs = {lease}");
+            let (b_lab, mut active) = etcd
+                .node(
+                    &release_qodd(),
+                    qod_testkit::Mode::Marking,
+                    &format!("b{host}"),
+                    host,
+                    &pools,
+                    limits,
+                    &section,
+                )
+                .await?;
+            let (d_lab, mut standby) = etcd
+                .node(
+                    &release_qodd(),
+                    qod_testkit::Mode::Marking,
+                    &format!("d{host}"),
+                    host + 1,
+                    &pools,
+                    limits,
+                    &format!("{section}\nrole = \"standby\""),
+                )
+                .await?;
+            host += 2;
+            let mut api = QualityOnDemandClient::new(active.channel().await?);
+            api.create_session(session(
+                addr::DEVICE_V4,
+                addr::SERVER_V4,
+                "QOS_E",
+                &[],
+                &[5000],
+                600,
+            ))
+            .await?;
+            let probe = |lab: &Lab| lab.uplink_dscp(addr::DEVICE_V4, 40000, addr::SERVER_V4, 5000);
+            anyhow::ensure!(probe(&b_lab)? == [32; 5], "the active does not mark");
+            let killed = Instant::now();
+            active.kill9();
+            while probe(&d_lab)? != [32; 5] {
+                anyhow::ensure!(
+                    killed.elapsed() < Duration::from_secs(60),
+                    "no takeover:\n{}",
+                    standby.log()
+                );
+            }
+            println!(
+                "{lease:>8}  {run:>4}  {:>8.2}",
+                killed.elapsed().as_secs_f64()
+            );
+            standby.stop();
         }
     }
     Ok(())
