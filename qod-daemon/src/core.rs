@@ -843,6 +843,46 @@ impl Core {
         adopted
     }
 
+    /// Gives every session up, silently: out of the kernel, memory and store, with no event and
+    /// no notification. For a cluster node that finds, back from a partition, that its sessions
+    /// live on at another node (taken over) or were ended by the cluster (told there): enforcing
+    /// or telling them here as well would do it twice. How many live ones it held.
+    pub fn relinquish(&self) -> usize {
+        let mut inner = self.lock();
+        let ids: Vec<SessionId> = inner.sessions.keys().copied().collect();
+        let mut live = 0;
+        for id in &ids {
+            let Some(session) = inner.sessions.get(id).cloned() else {
+                continue;
+            };
+            if let SessionState::Available { slot, .. } = session.state {
+                live += 1;
+                inner.count_active(&session.request, false);
+                match resync(&mut inner, &session.flow.device, Some(*id), None) {
+                    Ok(()) => {
+                        inner.slots.give_back(slot);
+                        release(
+                            &mut inner,
+                            self.class_ops.as_ref(),
+                            session.reservation.clone(),
+                        );
+                    }
+                    // The kernel ignores it past its expiry; its slot stays reserved until then.
+                    Err(e) => {
+                        error!(session = %id, error = %crate::anyhow_like(&e), "cannot remove the rule of a session given up")
+                    }
+                }
+            }
+            inner.sessions.remove(id);
+            inner.meters.remove(id);
+            unlink(&mut inner, &session.flow.device, *id);
+            inner.deadlines.remove(&(session.deadline, *id));
+        }
+        drop(inner);
+        self.forget_logged(ids);
+        live
+    }
+
     /// Gives back a kept slot whose session could not be restored, unless the failed admission
     /// already did.
     fn release_kept_slot(&self, slot: u32) {
@@ -2714,6 +2754,39 @@ mod tests {
     /// A session is its creator's: another client gets PERMISSION_DENIED on get, extend and
     /// delete, which change nothing, and does not see it in retrieve; a three-legged caller of
     /// the same client sees only its own device's sessions.
+    /// Given up, sessions leave the kernel, memory and store without a word: no event.
+    #[test]
+    fn relinquished_sessions_go_silently() {
+        let (core, dp) = core(8);
+        let mut events = core.subscribe();
+        let a = core
+            .create(request([10, 0, 0, 1], 60))
+            .expect("create")
+            .session
+            .id;
+        core.create(request([10, 0, 0, 2], 60)).expect("create");
+        assert_eq!(next_event(&mut events).0, QosStatus::Available);
+        assert_eq!(next_event(&mut events).0, QosStatus::Available);
+        let rules = || {
+            dp.state
+                .lock()
+                .expect("lock")
+                .flows
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+        };
+        assert_eq!(rules(), 2);
+        assert_eq!(core.relinquish(), 2);
+        assert_eq!(rules(), 0);
+        assert_eq!(core.live_sessions(), 0);
+        assert!(core.get(a, &me()).is_err());
+        assert!(events.try_next().is_none(), "no event");
+        // The slots are free again.
+        core.create(request([10, 0, 0, 1], 60))
+            .expect("create again");
+    }
+
     #[test]
     fn sessions_belong_to_the_client_that_created_them() {
         let (core, _) = core(8);

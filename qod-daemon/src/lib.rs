@@ -196,6 +196,8 @@ pub async fn run(
         c.count_sessions_with(move || counted.live_sessions());
         let adopting = core.clone();
         c.adopt_with(move |sessions| adopting.adopt(sessions));
+        let displaced = core.clone();
+        c.displaced_with(move || displaced.relinquish());
         let (ending_store, ending_notifier) = (store.clone(), notifier.clone());
         c.end_with(move |sessions| {
             notify::terminated_elsewhere(&sessions, &ending_store, &ending_notifier)

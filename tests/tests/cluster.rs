@@ -691,3 +691,85 @@ in_every_mode!(
     lost_node_without_standby,
     without_a_standby_a_lost_nodes_sessions_end_once
 );
+
+/// A partition longer than the lease, without a standby: the node cut off from etcd keeps
+/// enforcing; the cluster ends its session (the sink told once, by another node); when the
+/// link is back the node re-joins, finds its session ended, and gives it up silently — its
+/// traffic unmarked, nothing more told.
+async fn a_node_back_from_a_partition_gives_up_what_the_cluster_ended(mode: Mode) {
+    use qod_testkit::addr::{DEVICE_V4, SERVER_V4};
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    let sink = qod_testkit::SinkServer::start_on(&etcd.ns, qod_testkit::ETCD_HOST).expect("sink");
+    let notify = format!(
+        "[notifications]\nallow_http_hosts = [{:?}]\nallow_sink_ranges = [\"10.77.0.0/24\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
+        qod_testkit::ETCD_HOST
+    );
+    let section = "lease_ttl_secs = 3";
+    let (_a_lab, a) = etcd
+        .node(
+            &qodd_bin(),
+            Mode::Marking,
+            "a",
+            11,
+            &["10.0.200.0/24"],
+            &notify,
+            section,
+        )
+        .await
+        .expect("node a");
+    let pools = ["10.0.1.0/24", "fd00:1::/64", "fd00:11::/64"];
+    let (b_lab, b) = etcd
+        .node(&qodd_bin(), mode, "b", 12, &pools, &notify, section)
+        .await
+        .expect("node b");
+    await_status(&a, Duration::from_secs(5), |c| node_ids(c) == ["a", "b"]).await;
+    let mut via_a = a.sessions().await.expect("client a");
+    let mut req = qod_testkit::api::session(DEVICE_V4, SERVER_V4, "QOS_E", &[], &[5000], 600);
+    req.sink = Some(sink.url("/ends"));
+    via_a.create_session(req).await.expect("create");
+    sink.wait_for("/ends", 1, Duration::from_secs(10))
+        .await
+        .expect("AVAILABLE told");
+    let probe = |lab: &Lab| {
+        lab.uplink_dscp(DEVICE_V4, 40000, SERVER_V4, 5000)
+            .expect("capture")
+    };
+
+    // Cut b off from etcd (and from the other nodes).
+    b_lab
+        .edge
+        .ip(&["link", "set", "etcd0", "down"])
+        .expect("cut");
+    let told = sink
+        .wait_for("/ends", 2, Duration::from_secs(30))
+        .await
+        .expect("the cluster ends b's session");
+    assert_eq!(told[1].body["data"]["statusInfo"], "NETWORK_TERMINATED");
+    assert_eq!(probe(&b_lab), [32; 5], "b keeps enforcing while cut off");
+
+    b_lab
+        .edge
+        .ip(&["link", "set", "etcd0", "up"])
+        .expect("heal");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while probe(&b_lab) != [0; 5] {
+        assert!(
+            Instant::now() < deadline,
+            "b did not give the session up:\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(b.log().contains("given up here, silently"), "{}", b.log());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sink.received("/ends").len(),
+        2,
+        "{:?}",
+        sink.received("/ends")
+    );
+}
+in_every_mode!(
+    back_from_a_partition,
+    a_node_back_from_a_partition_gives_up_what_the_cluster_ended
+);

@@ -194,6 +194,9 @@ pub struct Cluster {
     end: OnceLock<Box<dyn Fn(Vec<StoredSession>) -> usize + Send + Sync>>,
     /// The cluster ended this node's sessions while it was away (it had no standby).
     ended_away: std::sync::atomic::AtomicBool,
+    /// Gives this node's sessions up silently (back from a partition to find them taken over or
+    /// ended): how many live ones it held.
+    displaced: OnceLock<Arc<dyn Fn() -> usize + Send + Sync>>,
 }
 
 /// Changes written to etcd in one transaction at most (etcd allows 128 operations).
@@ -243,6 +246,7 @@ impl Cluster {
             demoted: std::sync::atomic::AtomicBool::new(false),
             end: OnceLock::new(),
             ended_away: std::sync::atomic::AtomicBool::new(false),
+            displaced: OnceLock::new(),
         });
         loop {
             match cluster.register().await {
@@ -394,20 +398,54 @@ impl Cluster {
         let _ = self
             .call("update", kv.delete(self.key("away", &me), None))
             .await;
-        let ended = self
-            .call("read", kv.get(self.key("terminated", &me), None))
-            .await
-            .is_ok_and(|r| !r.kvs().is_empty());
-        if ended {
+        if self.ended_meanwhile().await {
             warn!(
                 "the cluster ended this node's sessions while it was away (NETWORK_TERMINATED, notified by another node); none is restored"
             );
             self.ended_away
                 .store(true, std::sync::atomic::Ordering::SeqCst);
-            let _ = self
-                .call("update", kv.delete(self.key("terminated", &me), None))
-                .await;
         }
+    }
+
+    /// Whether the cluster ended this node's sessions while it was out (its `terminated`
+    /// marker, taken away as it is read).
+    async fn ended_meanwhile(&self) -> bool {
+        let mut kv = self.client.kv_client();
+        let marker = self.key("terminated", &self.settings.node_id);
+        let ended = self
+            .call("read", kv.get(marker.clone(), None))
+            .await
+            .is_ok_and(|r| !r.kvs().is_empty());
+        if ended {
+            let _ = self.call("update", kv.delete(marker, None)).await;
+        }
+        ended
+    }
+
+    /// How this node gives its sessions up when, back from a partition, it finds them taken
+    /// over or ended by the cluster.
+    pub fn displaced_with(&self, f: impl Fn() -> usize + Send + Sync + 'static) {
+        let _ = self.displaced.set(Arc::new(f));
+    }
+
+    /// Back in the cluster after its lease lapsed: if its pools were taken over meanwhile (it
+    /// joined as a standby) or its sessions ended, it gives them up, silently.
+    async fn check_displaced(&self, was_demoted: bool) {
+        let taken = !was_demoted && self.demoted();
+        let ended = self.ended_meanwhile().await;
+        if !(taken || ended) {
+            return;
+        }
+        let Some(f) = self.displaced.get().cloned() else {
+            return;
+        };
+        let gave_up = tokio::task::spawn_blocking(move || f()).await.unwrap_or(0);
+        warn!(
+            sessions = gave_up,
+            taken_over = taken,
+            ended_by_cluster = ended,
+            "back in the cluster to find this node's sessions taken over or ended meanwhile: given up here, silently (they live on, or were told, elsewhere)"
+        );
     }
 
     /// Whether the cluster ended this node's sessions while it was away.
@@ -887,9 +925,11 @@ impl Cluster {
             }
             failed = false;
             let Some(lease) = self.standing.borrow().lease else {
+                let was_demoted = self.demoted();
                 match self.register().await {
                     Ok(lease) => {
                         info!(lease = format_args!("{lease:x}"), "back in the cluster");
+                        self.check_displaced(was_demoted).await;
                         self.set_standing(Some(lease), None);
                         last_ok = Instant::now();
                         published = None;
