@@ -1173,15 +1173,7 @@ async fn cluster() -> anyhow::Result<()> {
                 .await?;
             host += 2;
             let mut api = QualityOnDemandClient::new(active.channel().await?);
-            api.create_session(session(
-                addr::DEVICE_V4,
-                addr::SERVER_V4,
-                "QOS_E",
-                &[],
-                &[5000],
-                600,
-            ))
-            .await?;
+            qod_testkit::marked_flow(&mut api).await;
             let probe = |lab: &Lab| lab.uplink_dscp(addr::DEVICE_V4, 40000, addr::SERVER_V4, 5000);
             anyhow::ensure!(probe(&b_lab)? == [32; 5], "the active does not mark");
             let killed = Instant::now();

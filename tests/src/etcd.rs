@@ -254,14 +254,8 @@ impl EtcdCluster {
     ) -> anyhow::Result<(Lab, Qodd)> {
         let lab = Lab::new()?;
         self.connect(&lab.edge, host)?;
-        let scheduled = [
-            format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 1000 }}"),
-            format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 1000 }}"),
-        ];
-        let interfaces: Vec<&str> = match mode {
-            Mode::Marking => vec![EDGE_DEV_IF, EDGE_SRV_IF],
-            Mode::Scheduled => scheduled.iter().map(String::as_str).collect(),
-        };
+        let interfaces = mode.interfaces();
+        let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
         let toml = format!(
             "ue_pools = {pools:?}\nmetrics_listen = \"127.0.0.1:9464\"\n{top_level}\n{}",
             self.qodd_section(

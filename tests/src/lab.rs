@@ -219,6 +219,19 @@ pub enum Mode {
     Scheduled,
 }
 
+impl Mode {
+    /// The lab's edge interfaces as qodd's `interfaces` entries in this mode.
+    pub fn interfaces(self) -> Vec<String> {
+        match self {
+            Mode::Marking => vec![EDGE_DEV_IF.to_owned(), EDGE_SRV_IF.to_owned()],
+            Mode::Scheduled => vec![
+                format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 1000 }}"),
+                format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 1000 }}"),
+            ],
+        }
+    }
+}
+
 /// A lab with `qodd` on its edge in `mode`, the built-in profiles, `extra_toml` appended.
 pub async fn lab_in(mode: Mode, extra_toml: &str) -> (Lab, Qodd) {
     lab_launched(mode, extra_toml, Launch::default()).await
@@ -230,14 +243,8 @@ pub async fn lab_launched(mode: Mode, extra_toml: &str, launch: Launch) -> (Lab,
     let lab = Lab::new().expect("lab");
     // 1 Gbit/s, so the pools admit the dozens of rated sessions these tests create
     // (100 Mbit/s holds 20 QOS_E sessions in its low-latency pool).
-    let scheduled = [
-        format!("{{ name = \"{EDGE_DEV_IF}\", side = \"device\", capacity_mbit = 1000 }}"),
-        format!("{{ name = \"{EDGE_SRV_IF}\", side = \"server\", capacity_mbit = 1000 }}"),
-    ];
-    let interfaces: Vec<&str> = match mode {
-        Mode::Marking => vec![EDGE_DEV_IF, EDGE_SRV_IF],
-        Mode::Scheduled => scheduled.iter().map(String::as_str).collect(),
-    };
+    let interfaces = mode.interfaces();
+    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
     let qodd = Qodd::start_with(
         &qodd_bin(),
         &lab.edge,
