@@ -14,8 +14,10 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "procps",
-    // protoc, for the etcd client's generated code.
+    // protoc, for the etcd client's generated code, and the well-known types its protos import
+    // (a recommendation of protobuf-compiler, so not there with --no-install-recommends).
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_DEB_VERSION: &str = "3.8.0";

@@ -78,6 +78,9 @@ pub fn bpf_linker_llvm_major() -> Option<String> {
 }
 
 /// `Err(one line)` naming the first thing the eBPF build lacks, `Ok` when it has everything.
+/// One of Google's well-known protobuf types, where protoc looks for them by default.
+const PROTOBUF_WELL_KNOWN: &str = "/usr/include/google/protobuf/descriptor.proto";
+
 pub fn check() -> Result<(), String> {
     if !has_nightly() {
         return Err("no nightly Rust toolchain: the eBPF classifier is built with nightly (build-std). This machine kind ships one; qod's set-up does not fetch toolchains on purpose (a newer nightly's LLVM would not match bpf-linker's)".to_owned());
@@ -105,6 +108,15 @@ pub fn check() -> Result<(), String> {
     if std::env::var_os("PROTOC").is_none() && output("protoc", &["--version"]).is_none() {
         return Err(format!(
             "protoc is not installed, and the etcd client's generated code needs it: {RUN_SETUP}"
+        ));
+    }
+    // protoc alone is not enough: etcd's protos import Google's well-known types, which Debian
+    // ships in libprotobuf-dev (a recommendation of protobuf-compiler, not a dependency).
+    if std::env::var_os("PROTOC_INCLUDE").is_none()
+        && !std::path::Path::new(PROTOBUF_WELL_KNOWN).exists()
+    {
+        return Err(format!(
+            "{PROTOBUF_WELL_KNOWN} is missing (Debian's libprotobuf-dev), and the etcd client's protos import it: {RUN_SETUP}"
         ));
     }
     Ok(())
