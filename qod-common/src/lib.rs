@@ -189,6 +189,8 @@ pub struct FlowRule {
     pub n_device_ports: u8,
     /// Number of used entries in `server_ports`; 0 means any server port.
     pub n_server_ports: u8,
+    /// The first `n_device_ports` / `n_server_ports` entries hold sorted, disjoint ranges, the
+    /// rest are zero (the classifier stops at the first entry that ends at or after a port).
     pub device_ports: [PortRange; MAX_PORT_RANGES],
     pub server_ports: [PortRange; MAX_PORT_RANGES],
     /// `BAND_*`: which band's interface counters count this session's packets.
@@ -258,6 +260,54 @@ impl Policer {
     pub fn cost_ns(&self, bytes: u64) -> u64 {
         (bytes * self.ns_per_byte_q16) >> 16
     }
+
+    /// Whether this policer may run on the coarse monotonic clock: a bucket at least
+    /// [`COARSE_CLOCK_MIN_BURST_NS`] deep. That clock moves a tick at a time (4 ms at HZ=250,
+    /// 10 ms at HZ=100), which moves the depth a burst really gets by up to one tick either way
+    /// (see [`Policer::admit`]); against such a bucket that is a few per cent, and the long-run
+    /// rate is exact whatever the clock.
+    #[inline(always)]
+    pub fn coarse_clock_ok(&self) -> bool {
+        self.burst_ns >= COARSE_CLOCK_MIN_BURST_NS
+    }
+
+    /// The GCRA (virtual scheduling) decision for a packet of `len` bytes at `now`, given the
+    /// session's virtual clock `tat`: an idle clock (behind `now`, the bucket full) restarts at
+    /// `now` plus the packet's cost; one no more than the burst ahead of `now` advances by the
+    /// cost; one further ahead refuses the packet.
+    ///
+    /// With `now` from a clock that lags real time by up to a tick, a refusal can come up to a
+    /// tick early and a restart sets the clock up to a tick behind: the depth a burst gets is the
+    /// burst give or take one tick, and the long-run rate is the same (every byte let through
+    /// moves the clock by its exact cost).
+    #[inline(always)]
+    pub fn admit(&self, tat: u64, now: u64, len: u64) -> Admit {
+        let cost = self.cost_ns(len);
+        if tat < now {
+            Admit::Restart(now + cost)
+        } else if tat - now > self.burst_ns {
+            Admit::Refuse
+        } else {
+            Admit::Advance(cost)
+        }
+    }
+}
+
+/// Policers whose bucket is at least this deep (100 ms) read the coarse monotonic clock, which
+/// costs a fraction of the fine one; shallower ones read the fine clock. qodd's default bucket
+/// (`policer_burst_ms`) is 250 ms.
+pub const COARSE_CLOCK_MIN_BURST_NS: u64 = 100_000_000;
+
+/// What [`Policer::admit`] decided for a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Let through; the clock was idle and restarts at this value (a plain store: CPUs racing
+    /// here all store about the same instant).
+    Restart(u64),
+    /// Let through; the clock advances by this cost (an atomic add on state all CPUs share).
+    Advance(u64),
+    /// Over the rate: drop.
+    Refuse,
 }
 
 /// Per-session policer clocks (theoretical arrival times, `bpf_ktime_get_ns` nanoseconds).
@@ -320,4 +370,88 @@ mod pod {
     unsafe impl aya::Pod for BandCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ParseCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    /// Runs a sender offering `offered_bps` in `len`-byte packets for `secs` through `p`, with
+    /// the clock read `tick_ns` at a time (1 = the fine clock); returns the bytes let through.
+    fn police(p: &Policer, offered_bps: u64, len: u64, secs: u64, tick_ns: u64) -> u64 {
+        let gap = len * 8 * 1_000_000_000 / offered_bps;
+        // An arbitrary start far from zero, not on a tick.
+        let start = 7_777_777_777u64;
+        let (mut tat, mut passed, mut t) = (0u64, 0u64, start);
+        while t < start + secs * 1_000_000_000 {
+            let now = t / tick_ns * tick_ns;
+            match p.admit(tat, now, len) {
+                Admit::Restart(v) => {
+                    tat = v;
+                    passed += len;
+                }
+                Admit::Advance(c) => {
+                    tat += c;
+                    passed += len;
+                }
+                Admit::Refuse => {}
+            }
+            t += gap;
+        }
+        passed
+    }
+
+    #[test]
+    fn the_coarse_clock_keeps_the_rate_and_moves_the_burst_by_a_tick_at_most() {
+        let rate = 20_000_000u64; // 20 Mbit/s
+        let burst_ms = 250;
+        let p = Policer::new(rate, rate / 8 * burst_ms / 1000);
+        assert!(p.coarse_clock_ok());
+        let (secs, len) = (20, 1500);
+        // Offered at twice the rate: what passes is the rate over the run plus one bucket.
+        let bucket = (rate / 8 * burst_ms / 1000) as f64;
+        let ideal = (rate / 8 * secs) as f64 + bucket;
+        for tick_ms in [4u64, 10] {
+            let tick_ns = tick_ms * 1_000_000;
+            let tick_bytes = (rate / 8 * tick_ms / 1000) as f64;
+            let fine = police(&p, 2 * rate, len, secs, 1) as f64;
+            let coarse = police(&p, 2 * rate, len, secs, tick_ns) as f64;
+            assert!(
+                (fine - ideal).abs() <= 2.0 * len as f64,
+                "fine {fine} vs {ideal}"
+            );
+            assert!(
+                (coarse - ideal).abs() <= tick_bytes + 2.0 * len as f64,
+                "tick {tick_ms} ms: {coarse} vs {ideal} (a tick is {tick_bytes} bytes)"
+            );
+        }
+        // Under the rate nothing is dropped, on either clock.
+        let offered = (rate / 2 / 8 * secs) as f64;
+        for tick_ns in [1, 4_000_000] {
+            let under = police(&p, rate / 2, len, secs, tick_ns) as f64;
+            assert!(
+                (under - offered).abs() <= len as f64,
+                "{under} vs {offered}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_bucket_lets_one_burst_through_then_the_rate() {
+        let p = Policer::new(8_000_000, 10_000); // 1 MB/s, 10 kB bucket: 10 ms deep
+        assert!(!p.coarse_clock_ok());
+        // Back to back at one instant: the bucket's worth (and the packet that reaches past it).
+        let (mut tat, mut passed) = (0, 0);
+        for _ in 0..100 {
+            match p.admit(tat, 1_000_000_000, 1000) {
+                Admit::Restart(v) => tat = v,
+                Admit::Advance(c) => tat += c,
+                Admit::Refuse => continue,
+            }
+            passed += 1000;
+        }
+        assert_eq!(passed, 11_000);
+        assert_eq!(p.admit(tat, 1_000_000_000, 1), Admit::Refuse);
+    }
 }

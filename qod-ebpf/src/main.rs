@@ -21,10 +21,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use qod_common::{
-    BAND_COUNTERS_ENTRIES, BandCounters, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FRAGMENTS_ENTRIES,
-    FlowCounters, FlowRule, FragmentKey, FragmentPorts, IFINDEX_MASK, InterfaceInfo,
-    MAX_INTERFACES, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, ParseCounters, Policer, PolicerState,
-    PortRange, SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index,
+    Admit, BAND_COUNTERS_ENTRIES, BandCounters, DeviceRules, FAMILY_IPV4, FAMILY_IPV6,
+    FRAGMENTS_ENTRIES, FlowCounters, FlowRule, FragmentKey, FragmentPorts, IFINDEX_MASK,
+    InterfaceInfo, MAX_INTERFACES, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, ParseCounters,
+    Policer, PolicerState, PortRange, SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index,
 };
 
 /// Default capacity; user space sets the configured `max_sessions` at load time. Every map is
@@ -215,11 +215,11 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     // Downlink: the destination is a device. Uplink: the source is.
     let down = || lookup(&pkt, pkt.dst, pkt.src, false);
     let up = || lookup(&pkt, pkt.src, pkt.dst, true);
-    let (rule, uplink) = match sides {
+    let ((rule, now), uplink) = match sides {
         SIDE_DOWNLINK => (down().ok_or(Skip::NoMatch)?, false),
         SIDE_UPLINK => (up().ok_or(Skip::NoMatch)?, true),
         _ => match down() {
-            Some(rule) => (rule, false),
+            Some(found) => (found, false),
             None => (up().ok_or(Skip::NoMatch)?, true),
         },
     };
@@ -243,7 +243,7 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     } else {
         &rule.police_down
     };
-    let conforms = police(policer, rule.slot, uplink, len);
+    let conforms = police(policer, rule.slot, uplink, len, now);
     if let Some(c) = QOD_COUNTERS.get_ptr_mut(rule.slot) {
         // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered on
         // the same CPU while it runs.
@@ -296,19 +296,26 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     Ok(TC_ACT_UNSPEC)
 }
 
-/// GCRA: a packet conforms when the session's virtual clock (`tat`) is no more than the burst
-/// ahead of now; a conforming packet advances it by the packet's cost. The advance is an atomic
-/// add on state shared by all CPUs; the reset of an idle clock to now is a plain store (two CPUs
-/// racing there both store about the same instant).
+/// GCRA ([`Policer::admit`]): a packet conforms when the session's virtual clock (`tat`) is no
+/// more than the burst ahead of now; a conforming packet advances it by the packet's cost. The
+/// advance is an atomic add on state shared by all CPUs; the reset of an idle clock to now is a
+/// plain store (two CPUs racing there both store about the same instant).
+///
+/// A deep bucket uses the coarse clock the look-up read (`coarse_now`), a shallow one reads the
+/// fine clock: see [`Policer::coarse_clock_ok`].
 #[inline(always)]
-fn police(p: &Policer, slot: u32, uplink: bool, len: u64) -> bool {
+fn police(p: &Policer, slot: u32, uplink: bool, len: u64, coarse_now: u64) -> bool {
     if p.ns_per_byte_q16 == 0 {
         return true;
     }
-    // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
-    let now = unsafe { bpf_ktime_get_ns() };
     let Some(state) = QOD_POLICERS.get_ptr_mut(slot) else {
         return true;
+    };
+    let now = if p.coarse_clock_ok() {
+        coarse_now
+    } else {
+        // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
+        unsafe { bpf_ktime_get_ns() }
     };
     // SAFETY: `state` points into an array map value that lives as long as the map; the clock is
     // only ever accessed through these single-word loads, stores and atomic adds.
@@ -318,33 +325,31 @@ fn police(p: &Policer, slot: u32, uplink: bool, len: u64) -> bool {
         } else {
             &raw mut (*state).down_tat
         };
-        let t = core::ptr::read_volatile(tat);
-        let cost = p.cost_ns(len);
-        if t < now {
-            // Idle: the bucket is full. One store restarts the clock (a racing CPU stores about
-            // the same value).
-            core::ptr::write_volatile(tat, now + cost);
-            return true;
+        match p.admit(core::ptr::read_volatile(tat), now, len) {
+            Admit::Restart(t) => core::ptr::write_volatile(tat, t),
+            Admit::Advance(cost) => {
+                core::intrinsics::atomic_xadd::<
+                    u64,
+                    u64,
+                    { core::intrinsics::AtomicOrdering::Relaxed },
+                >(tat, cost);
+            }
+            Admit::Refuse => return false,
         }
-        if t - now > p.burst_ns {
-            return false;
-        }
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            tat, cost,
-        );
     }
     true
 }
 
 /// The live rule of `device` whose server network and ports match the other end; when several
-/// do, the one with the most specific server network.
+/// do, the one with the most specific server network. With it, the coarse clock, read once a
+/// device is found (the policer reuses it).
 #[inline(always)]
 fn lookup(
     pkt: &Packet,
     device: [u32; 4],
     server: [u32; 4],
     uplink: bool,
-) -> Option<&'static FlowRule> {
+) -> Option<(&'static FlowRule, u64)> {
     let rules = if pkt.family == FAMILY_IPV4 {
         QOD_FLOWS_V4.get_ptr(device[0])?
     } else {
@@ -353,8 +358,12 @@ fn lookup(
     // SAFETY: the maps are BPF_F_NO_PREALLOC, so an entry replaced or deleted by user space stays
     // valid until this program returns (RCU); nothing here outlives that.
     let rules: &'static DeviceRules = unsafe { &*rules };
+    // Expiry reads the coarse monotonic clock (same epoch, at most a tick behind, much cheaper
+    // than the fine one). Read once, before the rules, so every path through them carries the
+    // same value.
+    // SAFETY: bpf_ktime_get_coarse_ns takes no arguments and cannot fail.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut best: Option<&'static FlowRule> = None;
-    let mut now = 0;
     let mut i = 0;
     while i < MAX_SESSIONS_PER_DEVICE {
         if i >= rules.n as usize {
@@ -363,30 +372,25 @@ fn lookup(
         let rule = &rules.rules[i];
         i += 1;
         if best.is_some_and(|b| b.server_prefix_len >= rule.server_prefix_len)
+            || (rule.expires_at_ns != 0 && now >= rule.expires_at_ns)
             || !matches(pkt, rule, server, uplink)
         {
             continue;
         }
-        // Expiry reads the coarse monotonic clock (same epoch, at most a tick behind, much
-        // cheaper), and only for a rule that matched.
-        if rule.expires_at_ns != 0 {
-            if now == 0 {
-                // SAFETY: bpf_ktime_get_coarse_ns takes no arguments and cannot fail.
-                now = unsafe { bpf_ktime_get_coarse_ns() };
-            }
-            if now >= rule.expires_at_ns {
-                continue;
-            }
-        }
         best = Some(rule);
     }
-    best
+    best.map(|rule| (rule, now))
 }
 
 #[inline(always)]
 fn matches(pkt: &Packet, rule: &FlowRule, server: [u32; 4], uplink: bool) -> bool {
+    // An IPv4 address is the first word (the others are zero in the packet and the rule alike).
+    let words = if pkt.family == FAMILY_IPV4 { 1 } else { 4 };
     let mut i = 0;
     while i < 4 {
+        if i >= words {
+            break;
+        }
         if server[i] & rule.server_mask[i] != rule.server_addr[i] {
             return false;
         }
@@ -410,7 +414,11 @@ fn matches(pkt: &Packet, rule: &FlowRule, server: [u32; 4], uplink: bool) -> boo
     true
 }
 
-/// True when `n` is 0 (no constraint) or `port` falls in one of the first `n` ranges.
+/// True when `n` is 0 (no constraint) or `port` falls in one of the first `n` ranges. User space
+/// merges a request's ports into sorted, disjoint ranges and leaves the unused entries zero, so
+/// the first entry that ends at or after `port` decides: a used one holds it or nothing does,
+/// and an unused one (0..=0) is only reached by port 0, which it does not hold. One comparison
+/// for each entry before it, and `n` read once.
 #[inline(always)]
 fn in_ranges(ranges: &[PortRange; MAX_PORT_RANGES], n: u8, port: u16) -> bool {
     if n == 0 {
@@ -418,11 +426,8 @@ fn in_ranges(ranges: &[PortRange; MAX_PORT_RANGES], n: u8, port: u16) -> bool {
     }
     let mut i = 0;
     while i < MAX_PORT_RANGES {
-        if i >= n as usize {
-            return false;
-        }
-        if ranges[i].contains(port) {
-            return true;
+        if port <= ranges[i].to {
+            return i < n as usize && ranges[i].from <= port;
         }
         i += 1;
     }

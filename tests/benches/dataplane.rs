@@ -3,8 +3,14 @@
 //! 1. Classifier cost per packet, `BPF_PROG_TEST_RUN` (the kernel times `repeat` runs of the
 //!    program on one skb and reports the mean): a matching uplink UDP packet of a session with
 //!    every feature on (8 device and 8 server port ranges, a server subnet, a policer that
-//!    conforms, DSCP rewrite, skb->priority, per-CPU counters), and a packet of no session (two
-//!    misses), with 1, 1k, 100k and 1M sessions installed. Median of 5 runs of 1M repeats.
+//!    conforms with qodd's default 250 ms bucket, DSCP rewrite, skb->priority, per-CPU
+//!    counters), and a packet of no session (two misses), with 1, 1k, 100k and 1M sessions
+//!    installed. Median of 5 runs of 1M repeats. Beside it, in the same run: the floor probe
+//!    (`qod-ebpf/src/bin/qod-floor.rs`: one hash look-up on the IPv4 destination, a per-CPU
+//!    counter, skb->priority) on the same packet, its runs interleaved with the matching
+//!    packet's so a change of the VM's state touches both; and the matching packet with a 10 ms
+//!    bucket (the policer on the fine clock) and with no policer. `QOD_BENCH_FIRST_RANGE=1`
+//!    puts the packet's ports in the first ranges instead (a session with one port each side).
 //!    After the first run the DSCP is already set, so later runs skip the checksum update (a few
 //!    ns). Fragments of the session's datagram: a first fragment (its ports remembered in the LRU
 //!    map) and a later one (its ports looked up there).
@@ -35,7 +41,7 @@ use std::{
 use qod_common::{FlowRule, MAX_PORT_RANGES, Policer, PortRange};
 use qod_daemon::{
     config::Side,
-    dataplane::{AyaDataPlane, DataPlane as _, monotonic_ns},
+    dataplane::{AyaDataPlane, DataPlane as _, FLOOR_OBJECT, monotonic_ns},
     model::{ipv4_key, network_words},
 };
 use qod_testkit::{
@@ -43,7 +49,14 @@ use qod_testkit::{
     bpf::{eth, ipv4, l4, test_run},
 };
 
-fn rule(slot: u32, police: bool) -> FlowRule {
+/// The measured session's policer (a conforming one: 400 Gbit/s) with a bucket `ms` deep; qodd's
+/// default is 250 ms, on the coarse clock; 10 ms reads the fine one.
+fn policer(ms: u64) -> Policer {
+    const RATE: u64 = 400_000_000_000;
+    Policer::new(RATE, RATE / 8 * ms / 1000)
+}
+
+fn rule(slot: u32, police: Policer) -> FlowRule {
     let (server_addr, server_mask) = network_words("10.0.2.0/24".parse().expect("net"));
     let mut ranges = [PortRange::default(); MAX_PORT_RANGES];
     for (i, r) in ranges.iter_mut().enumerate() {
@@ -68,11 +81,7 @@ fn rule(slot: u32, police: bool) -> FlowRule {
         server_ports: ranges,
         band: 0,
         _reserved: [0; 7],
-        police_up: if police {
-            Policer::new(400_000_000_000, 1 << 30)
-        } else {
-            Policer::default()
-        },
+        police_up: police,
         police_down: Policer::default(),
     }
 }
@@ -87,29 +96,79 @@ fn median(mut v: Vec<u32>) -> u32 {
     v[v.len() / 2]
 }
 
+/// The floor probe (`qod-ebpf/src/bin/qod-floor.rs`) loaded with `n` entries, the last one for
+/// `dst`; returns the loaded object (its program runs with [`floor_fd`]).
+fn floor(n: u32, dst: Ipv4Addr) -> anyhow::Result<aya::Ebpf> {
+    use aya::{maps::HashMap, programs::SchedClassifier};
+    let mut obj = aya::Ebpf::load(FLOOR_OBJECT)?;
+    for name in ["qod_floor", "qod_empty"] {
+        let prog: &mut SchedClassifier = obj
+            .program_mut(name)
+            .ok_or_else(|| anyhow::anyhow!("floor probe has no program {name}"))?
+            .try_into()?;
+        prog.load()?;
+    }
+    let mut flows: HashMap<_, u32, [u32; 2]> = HashMap::try_from(
+        obj.map_mut("QOD_FLOOR_FLOWS")
+            .ok_or_else(|| anyhow::anyhow!("floor probe has no flow map"))?,
+    )?;
+    for i in 0..n.saturating_sub(1) {
+        flows.insert(u32::from(filler(i)).to_be(), [0x0001_0010, i], 0)?;
+    }
+    flows.insert(u32::from(dst).to_be(), [0x0001_0010, n], 0)?;
+    Ok(obj)
+}
+
+/// The floor probe's program `name`: `qod_floor`, or `qod_empty` (returns at once).
+fn floor_fd<'a>(obj: &'a aya::Ebpf, name: &str) -> anyhow::Result<std::os::fd::BorrowedFd<'a>> {
+    use aya::programs::SchedClassifier;
+    use std::os::fd::AsFd as _;
+    let prog: &SchedClassifier = obj
+        .program(name)
+        .ok_or_else(|| anyhow::anyhow!("floor probe has no program"))?
+        .try_into()?;
+    Ok(prog.fd()?.as_fd())
+}
+
+/// The median ns/packet of 5 × 1M runs of the classifier on `pkt`, on an interface of `side`.
+fn runs(dp: &mut AyaDataPlane, side: Side, pkt: &[u8]) -> anyhow::Result<u32> {
+    // test_run hands the skb the loopback device (index 1).
+    dp.set_side(1, side)?;
+    let fd = dp.program_fd()?;
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        let r = test_run(fd, pkt, 1_000_000)?;
+        anyhow::ensure!(r.retval == -1, "unexpected verdict {}", r.retval);
+        v.push(r.ns_per_run);
+    }
+    Ok(median(v))
+}
+
 fn classifier() -> anyhow::Result<()> {
     println!("## classifier, BPF_PROG_TEST_RUN, ns/packet (median of 5 × 1M runs)\n");
     println!(
-        "| sessions | matching packet | no session | no session, two-sided program | first fragment | later fragment |"
+        "The floor probe (one hash look-up on the IPv4 destination, a per-CPU counter, skb->priority)\n\
+         and an empty program run the same packet, interleaved with the matching packet's runs.\n"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| sessions | empty program | floor probe | matching packet | ratio | 10 ms bucket | no policer | no session | ratio | no session, two-sided program | first fragment | later fragment |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let sizes = [1u32, 1_000, 100_000, 1_000_000];
     let mut first = None;
     for &n in &sizes {
         let mut dp = AyaDataPlane::load_ephemeral(n + 16)?;
         // Fillers first, then the measured session (last installed).
         for i in 0..n.saturating_sub(1) {
-            dp.install(ipv4_key(filler(i)), &[rule(i % (n + 16), false)])?;
+            dp.install(
+                ipv4_key(filler(i)),
+                &[rule(i % (n + 16), Policer::default())],
+            )?;
         }
         let slot = n;
         dp.reset_counters(slot)?;
-        dp.install(
-            ipv4_key(Ipv4Addr::new(10, 0, 1, 2)),
-            &[rule(
-                slot,
-                std::env::var_os("QOD_BENCH_NO_POLICER").is_none(),
-            )],
-        )?;
+        let device = ipv4_key(Ipv4Addr::new(10, 0, 1, 2));
+        dp.install(device, &[rule(slot, policer(250))])?;
         let hit = eth(
             0x0800,
             &[],
@@ -120,7 +179,11 @@ fn classifier() -> anyhow::Result<()> {
                 0,
                 &[],
                 0,
-                &l4(17, 8005, 5003, 18),
+                &if std::env::var_os("QOD_BENCH_FIRST_RANGE").is_some() {
+                    l4(17, 1005, 1003, 18)
+                } else {
+                    l4(17, 8005, 5003, 18)
+                },
             ),
         );
         let miss = eth(
@@ -156,35 +219,53 @@ fn classifier() -> anyhow::Result<()> {
             &[],
             &ipv4([10, 0, 1, 2], [10, 0, 2, 7], 17, 0, &[], 185, &[0x5a; 26]),
         );
-        let mut runs = |side: Side, pkt: &[u8]| -> anyhow::Result<u32> {
-            // test_run hands the skb the loopback device (index 1).
-            dp.set_side(1, side)?;
-            let fd = dp.program_fd()?;
-            let mut v = Vec::new();
-            for _ in 0..5 {
-                let r = test_run(fd, pkt, 1_000_000)?;
-                anyhow::ensure!(r.retval == -1, "unexpected verdict {}", r.retval);
-                v.push(r.ns_per_run);
-            }
-            Ok(median(v))
-        };
         // The uplink program (server-facing interface) sees the uplink packet; the two-sided one
         // (an interface carrying both directions) pays two look-ups on a miss.
-        let (h, m, m2, f1, f2) = (
-            runs(Side::Server, &hit)?,
-            runs(Side::Server, &miss)?,
-            runs(Side::Both, &miss)?,
-            runs(Side::Server, &first_fragment)?,
-            runs(Side::Server, &later_fragment)?,
+        // The floor and the matching packet, run by run in turn, so a change of the VM's state
+        // touches both.
+        let floor_obj = floor(n, Ipv4Addr::new(10, 0, 2, 7))?;
+        let ffd = floor_fd(&floor_obj, "qod_floor")?;
+        let efd = floor_fd(&floor_obj, "qod_empty")?;
+        dp.set_side(1, Side::Server)?;
+        let (mut fl, mut hv, mut ev) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            ev.push(test_run(efd, &hit, 1_000_000)?.ns_per_run);
+            let r = test_run(ffd, &hit, 1_000_000)?;
+            anyhow::ensure!(
+                r.priority == 0x0001_0010,
+                "the floor probe did not match its packet"
+            );
+            fl.push(r.ns_per_run);
+            let r = test_run(dp.program_fd()?, &hit, 1_000_000)?;
+            anyhow::ensure!(r.retval == -1, "unexpected verdict {}", r.retval);
+            hv.push(r.ns_per_run);
+        }
+        let (fl, h, empty) = (median(fl), median(hv), median(ev));
+        drop(floor_obj);
+        let (m, m2, f1, f2) = (
+            runs(&mut dp, Side::Server, &miss)?,
+            runs(&mut dp, Side::Both, &miss)?,
+            runs(&mut dp, Side::Server, &first_fragment)?,
+            runs(&mut dp, Side::Server, &later_fragment)?,
         );
         let c = dp.counters(slot)?;
         anyhow::ensure!(c.up_packets > 0, "the measured packet did not match");
+        // The same session with a shallow bucket (the fine clock), then with no policer.
+        dp.install(device, &[rule(slot, policer(10))])?;
+        let shallow = runs(&mut dp, Side::Server, &hit)?;
+        dp.install(device, &[rule(slot, Policer::default())])?;
+        let unpoliced = runs(&mut dp, Side::Server, &hit)?;
         first.get_or_insert(h);
-        println!("| {n} | {h} | {m} | {m2} | {f1} | {f2} |");
+        let ratio = |x: u32| f64::from(x) / f64::from(fl.max(1));
+        println!(
+            "| {n} | {empty} | {fl} | {h} | {:.2}× | {shallow} | {unpoliced} | {m} | {:.2}× | {m2} | {f1} | {f2} |",
+            ratio(h),
+            ratio(m)
+        );
     }
     if let Some(one) = first {
         println!(
-            "\n(1M sessions vs 1: see the ratio of the first column's last and first rows; 1 session = {one} ns)\n"
+            "\n(1M sessions vs 1: see the matching packet's last and first rows; 1 session = {one} ns)\n"
         );
     }
     Ok(())
@@ -261,9 +342,12 @@ fn forwarding() -> anyhow::Result<()> {
         let ebpf = {
             let mut dp = AyaDataPlane::load_ephemeral(n + 16)?;
             for i in 0..n.saturating_sub(1) {
-                dp.install(ipv4_key(filler(i)), &[rule(i % (n + 16), false)])?;
+                dp.install(
+                    ipv4_key(filler(i)),
+                    &[rule(i % (n + 16), Policer::default())],
+                )?;
             }
-            let mut r = rule(n, false);
+            let mut r = rule(n, Policer::default());
             r.n_device_ports = 0;
             r.n_server_ports = 0;
             dp.reset_counters(n)?;

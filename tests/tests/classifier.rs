@@ -483,58 +483,67 @@ fn expired_entries_are_ignored_by_the_kernel() {
 
 #[test]
 fn the_policer_passes_the_burst_then_drops_and_counts() {
-    let h = Harness::new();
-    let mut dp = h.dp;
-    // 1 Mbit/s down, burst 10 000 bytes: back-to-back 1 000-byte frames pass until the burst is
-    // spent (the clock refills 125 bytes per millisecond; the runs take microseconds).
-    let mut r = rule("10.0.2.0/24".parse().expect("net"), &[], &[], 5);
-    r.police_down = Policer::new(1_000_000, 10_000);
-    let key = ipv4_key(Ipv4Addr::new(10, 0, 1, 50));
-    dp.reset_counters(5).expect("reset");
-    dp.install(key, &[r]).expect("install");
-    let h = Harness { dp };
-    let frame = eth(
-        0x0800,
-        &[],
-        &ipv4(
-            SRV4,
-            [10, 0, 1, 50],
-            UDP,
-            0,
+    // 1 Mbit/s down: back-to-back 1 000-byte frames pass until the bucket is spent (the clock
+    // refills 125 bytes per millisecond; the runs take microseconds). A 10 000-byte bucket
+    // (80 ms) is policed on the fine clock, qodd's default depth of 250 ms (31 250 bytes) on the
+    // coarse one, which may move a tick (up to 10 ms, 1 250 bytes) during the runs.
+    for (bucket, frames, expected) in [(10_000u64, 20usize, 10..=12), (31_250, 50, 31..=34)] {
+        let h = Harness::new();
+        let mut dp = h.dp;
+        let mut r = rule("10.0.2.0/24".parse().expect("net"), &[], &[], 5);
+        r.police_down = Policer::new(1_000_000, bucket);
+        assert_eq!(r.police_down.coarse_clock_ok(), bucket > 10_000);
+        let key = ipv4_key(Ipv4Addr::new(10, 0, 1, 50));
+        dp.reset_counters(5).expect("reset");
+        dp.install(key, &[r]).expect("install");
+        let h = Harness { dp };
+        let frame = eth(
+            0x0800,
             &[],
-            0,
-            &l4(UDP, 80, 4000, 1000 - 42),
-        ),
-    );
-    assert_eq!(frame.len(), 1000);
-    let verdicts: Vec<i32> = (0..20).map(|_| h.run_any(&frame).retval).collect();
-    let passed = verdicts.iter().take_while(|v| **v == CARRY_ON).count();
-    assert!(
-        (10..=12).contains(&passed),
-        "burst of 10 000 bytes passed {passed} frames: {verdicts:?}"
-    );
-    assert!(
-        verdicts[passed..].iter().all(|v| *v == DROP),
-        "{verdicts:?}"
-    );
-    let c = h.dp.counters(5).expect("counters");
-    assert_eq!(c.down_packets, passed as u64);
-    assert_eq!(c.down_dropped, (20 - passed) as u64);
-    // Uplink has no policer: never dropped.
-    let up = eth(
-        0x0800,
-        &[],
-        &ipv4(
-            [10, 0, 1, 50],
-            SRV4,
-            UDP,
-            0,
+            &ipv4(
+                SRV4,
+                [10, 0, 1, 50],
+                UDP,
+                0,
+                &[],
+                0,
+                &l4(UDP, 80, 4000, 1000 - 42),
+            ),
+        );
+        assert_eq!(frame.len(), 1000);
+        let verdicts: Vec<i32> = (0..frames).map(|_| h.run_any(&frame).retval).collect();
+        // A frame passes or is dropped, nothing else; the bucket's worth passes first, and by
+        // the end it is spent (a tick of the clock between two runs may let one more through).
+        let passed = verdicts.iter().filter(|v| **v == CARRY_ON).count();
+        assert!(
+            verdicts.iter().all(|v| *v == CARRY_ON || *v == DROP),
+            "{verdicts:?}"
+        );
+        assert!(
+            expected.contains(&passed)
+                && verdicts[..*expected.start()].iter().all(|v| *v == CARRY_ON)
+                && verdicts[frames - 1] == DROP,
+            "a bucket of {bucket} bytes passed {passed} frames: {verdicts:?}"
+        );
+        let c = h.dp.counters(5).expect("counters");
+        assert_eq!(c.down_packets, passed as u64);
+        assert_eq!(c.down_dropped, (frames - passed) as u64);
+        // Uplink has no policer: never dropped.
+        let up = eth(
+            0x0800,
             &[],
-            0,
-            &l4(UDP, 4000, 80, 958),
-        ),
-    );
-    assert!((0..20).all(|_| h.run_any(&up).retval == CARRY_ON));
+            &ipv4(
+                [10, 0, 1, 50],
+                SRV4,
+                UDP,
+                0,
+                &[],
+                0,
+                &l4(UDP, 4000, 80, 958),
+            ),
+        );
+        assert!((0..20).all(|_| h.run_any(&up).retval == CARRY_ON));
+    }
 }
 
 /// `test_run` gives the skb the loopback device, index 1.

@@ -38,6 +38,12 @@ fn side_code(side: Side) -> u8 {
 /// The classifier object built by `build.rs` (aya-build) from `qod-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qod-ebpf"));
 
+/// The floor probe (`qod-ebpf/src/bin/qod-floor.rs`), the least a session classifier does, for
+/// the classifier benchmark to measure beside [`EBPF_OBJECT`]. qodd never loads it (and, never
+/// referenced there, the linker leaves it out of the binary).
+pub static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qod-floor"));
+
 /// The versioned directory under a pin root where one layout's maps and links live.
 pub fn pin_dir(root: &Path) -> PathBuf {
     root.join(format!("v{LAYOUT_VERSION}"))

@@ -7,7 +7,8 @@ pub(crate) mod netlink;
 pub mod scheduler;
 
 pub use aya_dp::{
-    AyaDataPlane, EBPF_OBJECT, Pinned, ensure_bpffs, inspect_pins, pin_dir, remove_pins,
+    AyaDataPlane, EBPF_OBJECT, FLOOR_OBJECT, Pinned, ensure_bpffs, inspect_pins, pin_dir,
+    remove_pins,
 };
 pub use fake::FakeDataPlane;
 pub use netlink::TcStats;
