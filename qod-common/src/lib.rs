@@ -8,7 +8,7 @@
 use core::mem::size_of;
 
 /// Bumped on any change to a map's name, key, value or meaning.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Hash map IPv4 device address (`u32`, network byte order) -> `DeviceRules`.
 pub const FLOWS_V4_MAP: &str = "QOD_FLOWS_V4";
@@ -69,12 +69,39 @@ pub struct BandCounters {
     pub policer_dropped_bytes: u64,
 }
 const _: () = assert!(size_of::<BandCounters>() == 32);
-/// LRU hash map [`FragmentKey`] -> [`FragmentPorts`]: the ports of a fragmented datagram whose
-/// first fragment matched a session, so its later fragments (which carry no transport header)
-/// get the same treatment.
+/// Array of [`FragmentSlot`], indexed by [`fragment_slot`]: the ports of a fragmented datagram
+/// whose first fragment matched a session, so its later fragments (which carry no transport
+/// header) get the same treatment. Direct-mapped: a datagram whose key lands on a taken slot
+/// takes it over (its earlier owner's later fragments are then "unknown"), so remembering costs
+/// a few stores instead of an LRU map's locked update.
 pub const FRAGMENTS_MAP: &str = "QOD_FRAGMENTS";
-/// Datagrams in flight remembered at once (least recently used ones are forgotten first).
-pub const FRAGMENTS_ENTRIES: u32 = 16_384;
+/// Slots (a power of two). With d datagrams of sessions in flight at once, a given one loses its
+/// slot to another with probability about d / FRAGMENTS_ENTRIES (0.1 % at 64).
+pub const FRAGMENTS_ENTRIES: u32 = 65_536;
+const _: () = assert!(FRAGMENTS_ENTRIES.is_power_of_two());
+
+/// The [`FRAGMENTS_MAP`] slot of a datagram: its key's words mixed (multiply and fold).
+#[inline(always)]
+pub fn fragment_slot(k: &FragmentKey) -> u32 {
+    let mut h = k.id ^ (u32::from(k.protocol) << 16) ^ (u32::from(k.family) << 24);
+    let mut i = 0;
+    while i < 4 {
+        h = (h ^ k.src[i]).wrapping_mul(0x9e37_79b1);
+        h = (h ^ k.dst[i]).wrapping_mul(0x85eb_ca6b);
+        i += 1;
+    }
+    (h ^ (h >> 16)) & (FRAGMENTS_ENTRIES - 1)
+}
+
+/// One remembered datagram: whose it is, and its ports. `key.family` 0 marks an empty slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentSlot {
+    pub key: FragmentKey,
+    pub ports: FragmentPorts,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FragmentSlot>() == 48);
 /// Per-CPU array of [`ParseCounters`], indexed by an interface's counter slot (as bands are).
 pub const PARSE_COUNTERS_MAP: &str = "QOD_PARSE_COUNTERS";
 
@@ -350,8 +377,8 @@ const _: () = assert!(size_of::<FlowCounters>() == 64);
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        BandCounters, DeviceKey, DeviceRules, FlowCounters, FlowRule, InterfaceInfo, ParseCounters,
-        PolicerState,
+        BandCounters, DeviceKey, DeviceRules, FlowCounters, FlowRule, FragmentSlot, InterfaceInfo,
+        ParseCounters, PolicerState,
     };
     // SAFETY: all three are `#[repr(C)]`, made only of integers, with no implicit padding (sizes
     // asserted above), so every bit pattern is a valid value.
@@ -370,6 +397,8 @@ mod pod {
     unsafe impl aya::Pod for BandCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ParseCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragmentSlot {}
 }
 
 #[cfg(test)]
@@ -434,6 +463,33 @@ mod tests {
                 (under - offered).abs() <= len as f64,
                 "{under} vs {offered}"
             );
+        }
+    }
+
+    #[test]
+    fn fragment_slots_spread_datagrams() {
+        // 4,096 datagrams of one flow pair (ids 0..4096) and of 4,096 devices (one id each):
+        // each set lands on nearly as many distinct slots as a random choice would give.
+        let key = |src: u32, id: u32| FragmentKey {
+            src: [src, 0, 0, 0],
+            dst: [0x0a00_0207, 0, 0, 0],
+            id,
+            protocol: 17,
+            family: 4,
+            _pad: [0; 2],
+        };
+        for keys in [
+            (0..4096)
+                .map(|id| key(0x0a00_0102, id))
+                .collect::<std::vec::Vec<_>>(),
+            (0..4096).map(|d| key(0x0a00_0000 | d, 7)).collect(),
+        ] {
+            let mut slots: std::vec::Vec<u32> = keys.iter().map(fragment_slot).collect();
+            assert!(slots.iter().all(|s| *s < FRAGMENTS_ENTRIES));
+            slots.sort_unstable();
+            slots.dedup();
+            // Random placement of 4,096 keys in 65,536 slots keeps about 3,971 distinct.
+            assert!(slots.len() > 3_900, "{} distinct slots", slots.len());
         }
     }
 

@@ -17,14 +17,15 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
 use qod_common::{
     Admit, BAND_COUNTERS_ENTRIES, BandCounters, DeviceRules, FAMILY_IPV4, FAMILY_IPV6,
-    FRAGMENTS_ENTRIES, FlowCounters, FlowRule, FragmentKey, FragmentPorts, IFINDEX_MASK,
-    InterfaceInfo, MAX_INTERFACES, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, ParseCounters,
-    Policer, PolicerState, PortRange, SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index,
+    FRAGMENTS_ENTRIES, FlowCounters, FlowRule, FragmentKey, FragmentPorts, FragmentSlot,
+    IFINDEX_MASK, InterfaceInfo, MAX_INTERFACES, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE,
+    ParseCounters, Policer, PolicerState, PortRange, SIDE_DOWNLINK, SIDE_UPLINK,
+    band_counter_index, fragment_slot,
 };
 
 /// Default capacity; user space sets the configured `max_sessions` at load time. Every map is
@@ -48,10 +49,10 @@ static QOD_INTERFACES: Array<InterfaceInfo> = Array::pinned(IFINDEX_MASK + 1, 0)
 #[map]
 static QOD_BAND_COUNTERS: PerCpuArray<BandCounters> = PerCpuArray::pinned(BAND_COUNTERS_ENTRIES, 0);
 
-/// Ports of fragmented datagrams whose first fragment matched a session.
+/// Ports of fragmented datagrams whose first fragment matched a session, direct-mapped by
+/// [`fragment_slot`].
 #[map]
-static QOD_FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
-    LruHashMap::pinned(FRAGMENTS_ENTRIES, 0);
+static QOD_FRAGMENTS: Array<FragmentSlot> = Array::pinned(FRAGMENTS_ENTRIES, 0);
 
 /// What could not be parsed, and the fragments followed, per interface counter slot.
 #[map]
@@ -203,13 +204,13 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     // A later fragment has no transport header: it takes the ports its first fragment had,
     // when that one matched a session.
     if pkt.fragment.kind == LATER_FRAGMENT {
-        // SAFETY: the LRU map's value is copied out at once.
-        match unsafe { QOD_FRAGMENTS.get(pkt.fragment_key(&pkt.fragment)) } {
-            Some(p) => {
-                pkt.ports = Some((p.src, p.dst));
+        let key = pkt.fragment_key(&pkt.fragment);
+        match QOD_FRAGMENTS.get(fragment_slot(&key)) {
+            Some(s) if s.key == key => {
+                pkt.ports = Some((s.ports.src, s.ports.dst));
                 count_parse(slot, FRAGMENTS_FOLLOWED);
             }
-            None => count_parse(slot, FRAGMENTS_UNKNOWN),
+            _ => count_parse(slot, FRAGMENTS_UNKNOWN),
         }
     }
     // Downlink: the destination is a device. Uplink: the source is.
@@ -226,15 +227,19 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
 
     if pkt.fragment.kind == FIRST_FRAGMENT
         && let Some((src, dst)) = pkt.ports
-        && QOD_FRAGMENTS
-            .insert(
-                pkt.fragment_key(&pkt.fragment),
-                FragmentPorts { src, dst },
-                0,
-            )
-            .is_ok()
     {
-        count_parse(slot, FRAGMENTS_REMEMBERED);
+        let key = pkt.fragment_key(&pkt.fragment);
+        if let Some(s) = QOD_FRAGMENTS.get_ptr_mut(fragment_slot(&key)) {
+            // SAFETY: `s` points into an array map value that lives as long as the map. The
+            // ports are stored before the key, so a reader on another CPU that sees this key
+            // sees these ports; two first fragments racing for one slot at the same instant can
+            // leave one's key with the other's ports, a fragment treated as the other flow.
+            unsafe {
+                core::ptr::write_volatile(&raw mut (*s).ports, FragmentPorts { src, dst });
+                core::ptr::write_volatile(&raw mut (*s).key, key);
+            }
+            count_parse(slot, FRAGMENTS_REMEMBERED);
+        }
     }
 
     let len = u64::from(ctx.len());

@@ -169,56 +169,22 @@ fn classifier() -> anyhow::Result<()> {
         dp.reset_counters(slot)?;
         let device = ipv4_key(Ipv4Addr::new(10, 0, 1, 2));
         dp.install(device, &[rule(slot, policer(250))])?;
-        let hit = eth(
-            0x0800,
-            &[],
-            &ipv4(
-                [10, 0, 1, 2],
-                [10, 0, 2, 7],
-                17,
-                0,
-                &[],
-                0,
-                &if std::env::var_os("QOD_BENCH_FIRST_RANGE").is_some() {
-                    l4(17, 1005, 1003, 18)
-                } else {
-                    l4(17, 8005, 5003, 18)
-                },
-            ),
-        );
-        let miss = eth(
-            0x0800,
-            &[],
-            &ipv4(
-                [10, 9, 1, 2],
-                [10, 9, 2, 7],
-                17,
-                0,
-                &[],
-                0,
-                &l4(17, 8005, 5003, 18),
-            ),
-        );
+        // A UDP frame from `src` to `dst` with the IPv4 fragment field `frag`, carrying `l4`.
+        let udp = |src: [u8; 4], dst: [u8; 4], frag: u16, l4: &[u8]| {
+            eth(0x0800, &[], &ipv4(src, dst, 17, 0, &[], frag, l4))
+        };
+        let (device_ip, server_ip) = ([10, 0, 1, 2], [10, 0, 2, 7]);
+        let ports = if std::env::var_os("QOD_BENCH_FIRST_RANGE").is_some() {
+            l4(17, 1005, 1003, 18)
+        } else {
+            l4(17, 8005, 5003, 18)
+        };
+        let hit = udp(device_ip, server_ip, 0, &ports);
+        let miss = udp([10, 9, 1, 2], [10, 9, 2, 7], 0, &ports);
         // A fragmented datagram of the session: the first fragment (MF, offset 0) remembers its
         // ports in the LRU map; a later one (offset 1480) looks them up before the rule.
-        let first_fragment = eth(
-            0x0800,
-            &[],
-            &ipv4(
-                [10, 0, 1, 2],
-                [10, 0, 2, 7],
-                17,
-                0,
-                &[],
-                0x2000,
-                &l4(17, 8005, 5003, 18),
-            ),
-        );
-        let later_fragment = eth(
-            0x0800,
-            &[],
-            &ipv4([10, 0, 1, 2], [10, 0, 2, 7], 17, 0, &[], 185, &[0x5a; 26]),
-        );
+        let first_fragment = udp(device_ip, server_ip, 0x2000, &ports);
+        let later_fragment = udp(device_ip, server_ip, 185, &[0x5a; 26]);
         // The uplink program (server-facing interface) sees the uplink packet; the two-sided one
         // (an interface carrying both directions) pays two look-ups on a miss.
         // The floor and the matching packet, run by run in turn, so a change of the VM's state

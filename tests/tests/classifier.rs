@@ -4,7 +4,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::IpNetwork;
-use qod_common::{DeviceKey, FlowRule, MAX_PORT_RANGES, Policer, PortRange};
+use qod_common::{
+    DeviceKey, FlowRule, FragmentKey, MAX_PORT_RANGES, Policer, PortRange, fragment_slot,
+};
 use qod_daemon::{
     config::Side,
     dataplane::{AyaDataPlane, DataPlane as _, monotonic_ns},
@@ -245,6 +247,62 @@ fn ipv4_with_options_vlan_and_fragments() {
             after.fragments_unknown - before.fragments_unknown,
         ),
         (1, 1, 1)
+    );
+}
+
+/// Fragment slots are direct-mapped: a datagram whose first fragment lands on the slot another
+/// datagram holds takes it over, and the other's later fragments then pass untouched (counted
+/// unknown) while its own follow.
+#[test]
+fn a_datagram_landing_on_a_taken_fragment_slot_takes_it_over() {
+    let h = Harness::new();
+    // The key as the classifier reads it: addresses and id as they lie in the packet.
+    let key = |dst: [u8; 4], id: [u8; 2]| FragmentKey {
+        src: [u32::from_ne_bytes(DEV4), 0, 0, 0],
+        dst: [u32::from_ne_bytes(dst), 0, 0, 0],
+        id: u32::from(u16::from_ne_bytes(id)),
+        protocol: UDP,
+        family: 4,
+        _pad: [0; 2],
+    };
+    // Datagram A goes to SRV4 with the ipv4 helper's id; B to another server of the session's
+    // /24, with an id that puts it on A's slot.
+    let a_id = [0x12, 0x34];
+    let a = fragment_slot(&key(SRV4, a_id));
+    let (b_dst, b_id) = (1..=254u8)
+        .flat_map(|host| (0..=u16::MAX).map(move |id| ([10, 0, 2, host], id.to_be_bytes())))
+        .find(|&(dst, id)| (dst, id) != (SRV4, a_id) && fragment_slot(&key(dst, id)) == a)
+        .expect("a datagram on A's slot");
+    let frame = |dst: [u8; 4], id: [u8; 2], frag: u16, body: &[u8]| {
+        let mut f = eth(0x0800, &[], &ipv4(DEV4, dst, UDP, 0, &[], frag, body));
+        f[18..20].copy_from_slice(&id);
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f
+    };
+    let first = |dst, id| frame(dst, id, 0x2000, &l4(UDP, 40000, 5000, 16));
+    let later = |dst, id| frame(dst, id, 0x0010, &[0x5a; 24]);
+    let before = h.dp.parse_counters_at(0).expect("parse counters");
+    assert_eq!(h.run(&first(SRV4, a_id)).data[15] >> 2, DSCP, "A's first");
+    assert_eq!(h.run(&first(b_dst, b_id)).data[15] >> 2, DSCP, "B's first");
+    h.untouched(
+        &later(SRV4, a_id),
+        "A's later fragment, its slot taken by B",
+    );
+    assert_eq!(
+        h.run(&later(b_dst, b_id)).data[15] >> 2,
+        DSCP,
+        "B's later fragment"
+    );
+    let after = h.dp.parse_counters_at(0).expect("parse counters");
+    assert_eq!(
+        (
+            after.fragments_remembered - before.fragments_remembered,
+            after.fragments_followed - before.fragments_followed,
+            after.fragments_unknown - before.fragments_unknown,
+        ),
+        (2, 1, 1)
     );
 }
 

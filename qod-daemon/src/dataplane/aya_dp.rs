@@ -16,10 +16,10 @@ use aya::{
 use qod_common::{
     BAND_COUNTERS_ENTRIES, BAND_COUNTERS_MAP, BANDS, BandCounters, CLASSIFIER, COUNTERS_MAP,
     DeviceKey, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FLOWS_V4_MAP, FLOWS_V6_MAP,
-    FRAGMENTS_ENTRIES, FRAGMENTS_MAP, FlowCounters, FlowRule, FragmentKey, FragmentPorts,
-    IFINDEX_MASK, INTERFACES_MAP, InterfaceInfo, LAYOUT_VERSION, MAX_INTERFACES,
-    MAX_SESSIONS_PER_DEVICE, PARSE_COUNTERS_MAP, POLICERS_MAP, ParseCounters, PolicerState,
-    SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index,
+    FRAGMENTS_ENTRIES, FRAGMENTS_MAP, FlowCounters, FlowRule, FragmentSlot, IFINDEX_MASK,
+    INTERFACES_MAP, InterfaceInfo, LAYOUT_VERSION, MAX_INTERFACES, MAX_SESSIONS_PER_DEVICE,
+    PARSE_COUNTERS_MAP, POLICERS_MAP, ParseCounters, PolicerState, SIDE_BOTH, SIDE_DOWNLINK,
+    SIDE_UPLINK, band_counter_index,
 };
 use tracing::{info, warn};
 
@@ -108,9 +108,9 @@ fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u3
         ),
         (
             FRAGMENTS_MAP,
-            MapType::LruHash,
-            size_of::<FragmentKey>(),
-            size_of::<FragmentPorts>(),
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<FragmentSlot>(),
             FRAGMENTS_ENTRIES,
         ),
         (
