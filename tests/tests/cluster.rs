@@ -585,6 +585,78 @@ in_every_mode!(
     a_standby_takes_over_when_its_active_is_killed
 );
 
+/// A standby started only after its active was killed and its lease had lapsed, with no other
+/// active node in the cluster to end the lost node's sessions: it finds them in etcd (the lost
+/// node's copy, with exactly its pools) and takes them over; the session is enforced and read
+/// at the standby, the same session.
+async fn a_standby_started_after_its_active_was_lost_takes_its_sessions_over(mode: Mode) {
+    use qod_testkit::addr::{DEVICE_V4, SERVER_V4};
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    let pools = ["10.0.1.0/24", "fd00:1::/64", "fd00:11::/64"];
+    let (b_lab, mut b) = node(&etcd, mode, "b", 12, &pools, "lease_ttl_secs = 3")
+        .await
+        .expect("node b");
+    let mut via_b = b.sessions().await.expect("client b");
+    let s = qod_testkit::marked_flow(&mut via_b).await;
+    let probe = |lab: &Lab| {
+        lab.uplink_dscp(DEVICE_V4, 40000, SERVER_V4, 5000)
+            .expect("capture")
+    };
+    assert_eq!(probe(&b_lab), [32; 5], "b installed it");
+    b.kill9();
+    // b's registration goes with its lease (3 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while etcd
+        .etcdctl(&["get", "--prefix", "--keys-only", "/qod/nodes/"])
+        .expect("etcdctl get")
+        .contains("/qod/nodes/b")
+    {
+        assert!(Instant::now() < deadline, "b's registration did not lapse");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (d_lab, d) = node(
+        &etcd,
+        mode,
+        "d",
+        14,
+        &pools,
+        "role = \"standby\"\nlease_ttl_secs = 3",
+    )
+    .await
+    .expect("standby d");
+    let started = Instant::now();
+    while probe(&d_lab) != [32; 5] {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the late standby did not take over:\n{}",
+            d.log()
+        );
+    }
+    let c = await_status(&d, Duration::from_secs(10), |c| {
+        node_ids(c) == ["d"] && c["nodes"][0]["role"] == "active"
+    })
+    .await;
+    assert_eq!(c["nodes"][0]["pools"].as_array().map(Vec::len), Some(3));
+    let mut via_d = d.sessions().await.expect("client d");
+    let got = qod_testkit::session_info(&mut via_d, &s.session_id).await;
+    assert_eq!(got.qos_status(), qod_proto::v1::QosStatus::Available);
+    assert!(
+        d.log()
+            .contains("found the lost active node of this standby's pools"),
+        "{}",
+        d.log()
+    );
+    // The lost node's copy is now d's: nothing is left under b.
+    let left = etcd
+        .etcdctl(&["get", "--prefix", "--keys-only", "/qod/sessions/b/"])
+        .expect("etcdctl get");
+    assert!(left.trim().is_empty(), "{left}");
+}
+in_every_mode!(
+    late_standby_takes_over,
+    a_standby_started_after_its_active_was_lost_takes_its_sessions_over
+);
+
 /// kill -9 of an active node without a standby: one surviving node (of two that could) ends
 /// its session, and the sink hears UNAVAILABLE / NETWORK_TERMINATED exactly once; the node,
 /// back, restores nothing and enforces nothing.

@@ -273,7 +273,8 @@ impl Cluster {
     /// Reads the registrations every [`VIEW_REFRESH`] for routing (a failed read keeps the last
     /// view: the pools of live nodes do not move while etcd is away).
     /// A standby also watches its active: when the active's registration is gone (it stopped,
-    /// or its lease lapsed), the standby takes its sessions over.
+    /// or its lease lapsed), the standby takes its sessions over; one that never saw its active
+    /// looks for a lost one in etcd ([`Self::take_over_a_lost_pair`]).
     async fn follow(self: Arc<Self>, stop: CancellationToken) {
         let mut partner: Option<String> = None;
         while !pause(&stop, VIEW_REFRESH).await {
@@ -301,9 +302,73 @@ impl Cluster {
                         partner = None;
                     }
                 }
-                (None, None) => {}
+                (None, None) => {
+                    // Started after its active was lost: that node's sessions may still wait
+                    // in etcd (no active node ended them: none was there, or it had not yet).
+                    if let Err(e) = self.take_over_a_lost_pair(&me).await {
+                        warn!(error = %crate::anyhow_like(&e), "cannot look for a lost active node of this standby's pools yet");
+                    }
+                }
             }
         }
+    }
+
+    /// For a standby that never saw its active: a node whose copy of its sessions is still in
+    /// etcd (`owners/`), with exactly this standby's pools, and no registration any more, is the
+    /// lost active of the pair. Its sessions are claimed the way a lost node's are ended (the
+    /// `ending/` key, under this node's lease, so an active node ending them at the same moment
+    /// and this standby cannot both act), then taken over.
+    async fn take_over_a_lost_pair(&self, me: &NodeRecord) -> Result<(), ClusterError> {
+        let mut kv = self.client.kv_client();
+        let owners = self
+            .call(
+                "read",
+                kv.get(
+                    self.key("owners", ""),
+                    Some(GetOptions::new().with_prefix()),
+                ),
+            )
+            .await?;
+        let view = self.view.read().clone();
+        let lost = owners.kvs().iter().find_map(|o| {
+            let id = String::from_utf8_lossy(o.key())
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            let pools: Vec<IpNetwork> = serde_json::from_slice(o.value()).unwrap_or_default();
+            (!id.is_empty()
+                && id != me.id
+                && node::same_pools(&pools, &me.pools)
+                && !view.iter().any(|n| n.id == id))
+            .then_some(id)
+        });
+        let (Some(gone), Some(lease)) = (lost, self.standing.borrow().lease) else {
+            return Ok(());
+        };
+        let claim = self.key("ending", &gone);
+        let won = self
+            .call(
+                "update",
+                kv.txn(
+                    Txn::new()
+                        .when([Compare::create_revision(claim.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(
+                            claim.clone(),
+                            self.settings.node_id.clone(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )]),
+                ),
+            )
+            .await?
+            .succeeded();
+        if !won {
+            return Ok(());
+        }
+        info!(node = %gone, "found the lost active node of this standby's pools; taking its sessions over");
+        let _ = self.take_over(&gone).await;
+        self.call("update", kv.delete(claim, None)).await?;
+        Ok(())
     }
 
     /// Becomes the active node for the pools of `gone` (whose registration is gone) and

@@ -108,7 +108,7 @@ pub fn replaced_by<'a>(me: &NodeRecord, others: &'a [NodeRecord]) -> Option<&'a 
     })
 }
 
-fn same_pools(a: &[IpNetwork], b: &[IpNetwork]) -> bool {
+pub fn same_pools(a: &[IpNetwork], b: &[IpNetwork]) -> bool {
     let mut a: Vec<_> = a.to_vec();
     let mut b: Vec<_> = b.to_vec();
     a.sort();
