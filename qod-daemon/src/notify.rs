@@ -182,6 +182,9 @@ pub struct NotifyStats {
 pub struct Notifier {
     tx: mpsc::Sender<Notification>,
     pub stats: Arc<NotifyStats>,
+    /// While `Some`, what is queued waits here instead of going out (see [`Notifier::hold`]).
+    held: Arc<parking_lot::Mutex<Option<Vec<Notification>>>>,
+    outbox: Option<Store>,
 }
 
 /// What delivery shares.
@@ -217,13 +220,74 @@ impl Notifier {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(NotifyStats::default());
-        let task = tokio::spawn(dispatch(rx, config, stats.clone(), shutdown, outbox));
-        (Self { tx, stats }, task)
+        let task = tokio::spawn(dispatch(
+            rx,
+            config,
+            stats.clone(),
+            shutdown,
+            outbox.clone(),
+        ));
+        let held = Arc::default();
+        (
+            Self {
+                tx,
+                stats,
+                held,
+                outbox,
+            },
+            task,
+        )
+    }
+
+    /// From now on what is queued waits (in the outbox, and here) instead of going out: a
+    /// cluster node that cannot reach etcd does not know whether the cluster is ending its
+    /// sessions itself, and an end told by both would reach a sink twice.
+    pub fn hold(&self) {
+        let mut held = self.held.lock();
+        if held.is_none() {
+            *held = Some(Vec::new());
+        }
+    }
+
+    /// What waited goes out, and from now on what is queued goes out at once.
+    pub fn release(&self) -> usize {
+        let Some(held) = self.held.lock().take() else {
+            return 0;
+        };
+        let n = held.len();
+        for h in held {
+            self.enqueue(h);
+        }
+        n
+    }
+
+    /// What waited is dropped, from the outbox too (the cluster told those ends, or took the
+    /// sessions over), and from now on what is queued goes out at once.
+    pub fn drop_held(&self) -> usize {
+        let Some(held) = self.held.lock().take() else {
+            return 0;
+        };
+        if let Some(store) = &self.outbox
+            && !held.is_empty()
+        {
+            drop(store.submit(held.iter().map(|n| Op::RemoveOutbox(n.event_id)).collect()));
+        }
+        held.len()
     }
 
     /// Queues `n` without ever waiting; when the queue is full it stays in the outbox only (and
-    /// goes out after the next start).
+    /// goes out after the next start). While held, it waits.
     pub fn enqueue(&self, n: Notification) {
+        let n = {
+            let mut held = self.held.lock();
+            match held.as_mut() {
+                Some(waiting) => {
+                    waiting.push(n);
+                    return;
+                }
+                None => n,
+            }
+        };
         // Counted before it is sent: delivery may settle it before `try_send` returns.
         self.stats.pending.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(n) {

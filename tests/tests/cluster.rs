@@ -802,6 +802,15 @@ async fn a_node_back_from_a_partition_gives_up_what_the_cluster_ended(mode: Mode
     sink.wait_for("/ends", 1, Duration::from_secs(10))
         .await
         .expect("AVAILABLE told");
+    // A second session whose duration ends while b is cut off: b's own expiry and the cluster
+    // could both tell its end; the sink must hear it once.
+    let mut short = qod_testkit::api::session(DEVICE_V4, SERVER_V4, "QOS_E", &[], &[6000], 5);
+    short.sink = Some(sink.url("/ends"));
+    via_a.create_session(short).await.expect("create short");
+    let short_ends = Instant::now() + Duration::from_secs(5);
+    sink.wait_for("/ends", 2, Duration::from_secs(10))
+        .await
+        .expect("AVAILABLE told");
     let probe = |lab: &Lab| {
         lab.uplink_dscp(DEVICE_V4, 40000, SERVER_V4, 5000)
             .expect("capture")
@@ -813,11 +822,16 @@ async fn a_node_back_from_a_partition_gives_up_what_the_cluster_ended(mode: Mode
         .ip(&["link", "set", "etcd0", "down"])
         .expect("cut");
     let told = sink
-        .wait_for("/ends", 2, Duration::from_secs(30))
+        .wait_for("/ends", 4, Duration::from_secs(30))
         .await
-        .expect("the cluster ends b's session");
-    assert_eq!(told[1].body["data"]["statusInfo"], "NETWORK_TERMINATED");
+        .expect("the cluster ends b's sessions");
+    assert_eq!(told[2].body["data"]["statusInfo"], "NETWORK_TERMINATED");
     assert_eq!(probe(&b_lab), [32; 5], "b keeps enforcing while cut off");
+    // The short session ends at b (by its duration) before b is back.
+    tokio::time::sleep(
+        (short_ends + Duration::from_millis(1500)).saturating_duration_since(Instant::now()),
+    )
+    .await;
 
     b_lab
         .edge
@@ -834,11 +848,40 @@ async fn a_node_back_from_a_partition_gives_up_what_the_cluster_ended(mode: Mode
     }
     assert!(b.log().contains("given up here, silently"), "{}", b.log());
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Each session: told AVAILABLE once and UNAVAILABLE once (b's own end of the short one,
+    // held while it was cut off, was dropped once it found the cluster had told it).
+    let got = sink.received("/ends");
     assert_eq!(
-        sink.received("/ends").len(),
-        2,
-        "{:?}",
-        sink.received("/ends")
+        got.len(),
+        4,
+        "{:#?}",
+        got.iter().map(|r| &r.body).collect::<Vec<_>>()
+    );
+    let mut per_session = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for r in &got {
+        per_session
+            .entry(
+                r.body["data"]["sessionId"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            )
+            .or_default()
+            .push(
+                r.body["data"]["qosStatus"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            );
+    }
+    assert_eq!(per_session.len(), 2, "{per_session:?}");
+    for told in per_session.values() {
+        assert_eq!(told, &["AVAILABLE", "UNAVAILABLE"], "{per_session:?}");
+    }
+    assert!(
+        b.log().contains("dropped (told elsewhere)") && b.log().contains("dropped=true"),
+        "{}",
+        b.log()
     );
 }
 in_every_mode!(

@@ -170,6 +170,17 @@ pub fn instance_id(state_dir: &Path) -> Result<String, ClusterError> {
     }
 }
 
+/// What a cluster node's own notifications do (see [`Cluster::notices_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notices {
+    /// Wait: the node cannot tell whether the cluster is ending its sessions itself.
+    Hold,
+    /// Go out, those that waited too.
+    Release,
+    /// Those that waited were told elsewhere (or their sessions live on elsewhere): drop them.
+    Drop,
+}
+
 /// A node's membership of the cluster: its etcd client, its registration and the lease under
 /// it, kept alive in the background until [`Cluster::leave`].
 pub struct Cluster {
@@ -197,6 +208,7 @@ pub struct Cluster {
     /// Gives this node's sessions up silently (back from a partition to find them taken over or
     /// ended): how many live ones it held.
     displaced: OnceLock<Arc<dyn Fn() -> usize + Send + Sync>>,
+    notices: OnceLock<Box<dyn Fn(Notices) + Send + Sync>>,
 }
 
 /// Changes written to etcd in one transaction at most (etcd allows 128 operations).
@@ -247,6 +259,7 @@ impl Cluster {
             end: OnceLock::new(),
             ended_away: std::sync::atomic::AtomicBool::new(false),
             displaced: OnceLock::new(),
+            notices: OnceLock::new(),
         });
         loop {
             match cluster.register().await {
@@ -493,16 +506,30 @@ impl Cluster {
         let _ = self.displaced.set(Arc::new(f));
     }
 
+    /// What this node's own notifications do while its standing is in doubt: held from the
+    /// first failed keep-alive (the cluster may be ending its sessions itself), released when
+    /// etcd answers again or the node is back with its sessions, dropped when it is back to
+    /// find them taken over or ended (told elsewhere).
+    pub fn notices_with(&self, f: impl Fn(Notices) + Send + Sync + 'static) {
+        let _ = self.notices.set(Box::new(f));
+    }
+
+    fn notices(&self, n: Notices) {
+        if let Some(f) = self.notices.get() {
+            f(n);
+        }
+    }
+
     /// Back in the cluster after its lease lapsed: if its pools were taken over meanwhile (it
-    /// joined as a standby) or its sessions ended, it gives them up, silently.
-    async fn check_displaced(&self, was_demoted: bool) {
+    /// joined as a standby) or its sessions ended, it gives them up, silently; true then.
+    async fn check_displaced(&self, was_demoted: bool) -> bool {
         let taken = !was_demoted && self.demoted();
         let ended = self.ended_meanwhile().await;
         if !(taken || ended) {
-            return;
+            return false;
         }
         let Some(f) = self.displaced.get().cloned() else {
-            return;
+            return true;
         };
         let gave_up = tokio::task::spawn_blocking(move || f()).await.unwrap_or(0);
         warn!(
@@ -511,6 +538,7 @@ impl Cluster {
             ended_by_cluster = ended,
             "back in the cluster to find this node's sessions taken over or ended meanwhile: given up here, silently (they live on, or were told, elsewhere)"
         );
+        true
     }
 
     /// Whether the cluster ended this node's sessions while it was away.
@@ -994,7 +1022,12 @@ impl Cluster {
                 match self.register().await {
                     Ok(lease) => {
                         info!(lease = format_args!("{lease:x}"), "back in the cluster");
-                        self.check_displaced(was_demoted).await;
+                        let displaced = self.check_displaced(was_demoted).await;
+                        self.notices(if displaced {
+                            Notices::Drop
+                        } else {
+                            Notices::Release
+                        });
                         self.set_standing(Some(lease), None);
                         last_ok = Instant::now();
                         published = None;
@@ -1015,6 +1048,7 @@ impl Cluster {
             match self.renew(lease, &mut stream).await {
                 Ok(()) => {
                     last_ok = Instant::now();
+                    self.notices(Notices::Release);
                     let count = self.sessions.get().map(|f| f());
                     if let Some(n) = count
                         && count != published
@@ -1026,6 +1060,7 @@ impl Cluster {
                 Err(e) => {
                     stream = None;
                     failed = true;
+                    self.notices(Notices::Hold);
                     let why = crate::anyhow_like(&e);
                     if matches!(e, ClusterError::LeaseExpired(_))
                         || last_ok.elapsed() >= self.settings.lease_ttl
