@@ -24,6 +24,20 @@ async fn node(
         .await
 }
 
+/// Node "d", the standby of `pools` (lease 3 s).
+async fn standby_d(etcd: &EtcdCluster, mode: Mode, pools: &[&str]) -> (Lab, Qodd) {
+    node(
+        etcd,
+        mode,
+        "d",
+        14,
+        pools,
+        "role = \"standby\"\nlease_ttl_secs = 3",
+    )
+    .await
+    .expect("standby d")
+}
+
 /// `qodctl --json status` of `qodd`: its `cluster` object.
 fn cluster_status(qodd: &Qodd) -> Value {
     let admin = qodd
@@ -498,16 +512,7 @@ async fn a_standby_takes_over_when_its_active_is_killed(mode: Mode) {
     let (b_lab, mut b) = node(&etcd, mode, "b", 12, &pools, "lease_ttl_secs = 3")
         .await
         .expect("node b");
-    let (d_lab, d) = node(
-        &etcd,
-        mode,
-        "d",
-        14,
-        &pools,
-        "role = \"standby\"\nlease_ttl_secs = 3",
-    )
-    .await
-    .expect("standby d");
+    let (d_lab, d) = standby_d(&etcd, mode, &pools).await;
     await_status(&a, Duration::from_secs(5), |c| {
         node_ids(c) == ["a", "b", "d"]
     })
@@ -614,16 +619,7 @@ async fn a_standby_started_after_its_active_was_lost_takes_its_sessions_over(mod
         assert!(Instant::now() < deadline, "b's registration did not lapse");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (d_lab, d) = node(
-        &etcd,
-        mode,
-        "d",
-        14,
-        &pools,
-        "role = \"standby\"\nlease_ttl_secs = 3",
-    )
-    .await
-    .expect("standby d");
+    let (d_lab, d) = standby_d(&etcd, mode, &pools).await;
     let started = Instant::now();
     while probe(&d_lab) != [32; 5] {
         assert!(

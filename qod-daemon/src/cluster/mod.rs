@@ -332,6 +332,26 @@ impl Cluster {
     /// `ending/` key, under this node's lease, so an active node ending them at the same moment
     /// and this standby cannot both act), then taken over.
     async fn take_over_a_lost_pair(&self, me: &NodeRecord) -> Result<(), ClusterError> {
+        let view = self.view.read().clone();
+        let lost = self.owners().await?.into_iter().find_map(|(id, pools)| {
+            (id != me.id && node::same_pools(&pools, &me.pools) && !view.iter().any(|n| n.id == id))
+                .then_some(id)
+        });
+        let Some(gone) = lost else {
+            return Ok(());
+        };
+        let Some(claim) = self.claim_ending(&gone).await? else {
+            return Ok(());
+        };
+        info!(node = %gone, "found the lost active node of this standby's pools; taking its sessions over");
+        let _ = self.take_over(&gone).await;
+        let mut kv = self.client.kv_client();
+        self.call("update", kv.delete(claim, None)).await?;
+        Ok(())
+    }
+
+    /// The `owners/` entries: each node that keeps a copy of its sessions here, with its pools.
+    async fn owners(&self) -> Result<Vec<(String, Vec<IpNetwork>)>, ClusterError> {
         let mut kv = self.client.kv_client();
         let owners = self
             .call(
@@ -342,24 +362,30 @@ impl Cluster {
                 ),
             )
             .await?;
-        let view = self.view.read().clone();
-        let lost = owners.kvs().iter().find_map(|o| {
-            let id = String::from_utf8_lossy(o.key())
-                .rsplit('/')
-                .next()
-                .unwrap_or("")
-                .to_owned();
-            let pools: Vec<IpNetwork> = serde_json::from_slice(o.value()).unwrap_or_default();
-            (!id.is_empty()
-                && id != me.id
-                && node::same_pools(&pools, &me.pools)
-                && !view.iter().any(|n| n.id == id))
-            .then_some(id)
-        });
-        let (Some(gone), Some(lease)) = (lost, self.standing.borrow().lease) else {
-            return Ok(());
+        Ok(owners
+            .kvs()
+            .iter()
+            .filter_map(|o| {
+                let id = String::from_utf8_lossy(o.key())
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let pools: Vec<IpNetwork> = serde_json::from_slice(o.value()).unwrap_or_default();
+                (!id.is_empty()).then_some((id, pools))
+            })
+            .collect())
+    }
+
+    /// Claims the sessions of the lost node `gone` for this node (to end them, or take them
+    /// over): `ending/<gone>` created under this node's lease, so one node wins and a claim dies
+    /// with its claimant. The claim's key when won.
+    async fn claim_ending(&self, gone: &str) -> Result<Option<String>, ClusterError> {
+        let Some(lease) = self.standing.borrow().lease else {
+            return Ok(None);
         };
-        let claim = self.key("ending", &gone);
+        let claim = self.key("ending", gone);
+        let mut kv = self.client.kv_client();
         let won = self
             .call(
                 "update",
@@ -375,13 +401,7 @@ impl Cluster {
             )
             .await?
             .succeeded();
-        if !won {
-            return Ok(());
-        }
-        info!(node = %gone, "found the lost active node of this standby's pools; taking its sessions over");
-        let _ = self.take_over(&gone).await;
-        self.call("update", kv.delete(claim, None)).await?;
-        Ok(())
+        Ok(won.then_some(claim))
     }
 
     /// Becomes the active node for the pools of `gone` (whose registration is gone) and
@@ -556,16 +576,8 @@ impl Cluster {
     /// etcd key under its own lease, so a claim dies with its claimant), tells each session's
     /// sink once, and removes the copy.
     async fn end_orphans(&self) -> Result<(), ClusterError> {
+        let owners = self.owners().await?;
         let mut kv = self.client.kv_client();
-        let owners = self
-            .call(
-                "read",
-                kv.get(
-                    self.key("owners", ""),
-                    Some(GetOptions::new().with_prefix()),
-                ),
-            )
-            .await?;
         let away = self
             .call(
                 "read",
@@ -587,39 +599,17 @@ impl Cluster {
             })
             .collect();
         let view = self.view.read().clone();
-        for o in owners.kvs() {
-            let id = String::from_utf8_lossy(o.key())
-                .rsplit('/')
-                .next()
-                .unwrap_or("")
-                .to_owned();
-            let pools: Vec<IpNetwork> = serde_json::from_slice(o.value()).unwrap_or_default();
+        for (id, pools) in owners {
             let covered = view
                 .iter()
                 .any(|n| n.id == id || node::overlap_any(&n.pools, &pools));
-            if id.is_empty() || covered || away.contains(&id) {
+            if covered || away.contains(&id) {
                 continue;
             }
-            let Some(lease) = self.standing.borrow().lease else {
+            if self.standing.borrow().lease.is_none() {
                 return Ok(());
-            };
-            let claim = self.key("ending", &id);
-            let won = self
-                .call(
-                    "update",
-                    kv.txn(
-                        Txn::new()
-                            .when([Compare::create_revision(claim.clone(), CompareOp::Equal, 0)])
-                            .and_then([TxnOp::put(
-                                claim.clone(),
-                                self.settings.node_id.clone(),
-                                Some(PutOptions::new().with_lease(lease)),
-                            )]),
-                    ),
-                )
-                .await?
-                .succeeded();
-            if won {
+            }
+            if self.claim_ending(&id).await?.is_some() {
                 self.end_sessions_of(&id).await?;
             }
         }
