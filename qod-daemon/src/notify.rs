@@ -183,7 +183,7 @@ pub struct Notifier {
     tx: mpsc::Sender<Notification>,
     pub stats: Arc<NotifyStats>,
     /// While `Some`, what is queued waits here instead of going out (see [`Notifier::hold`]).
-    held: Arc<parking_lot::Mutex<Option<Vec<Notification>>>>,
+    held: Held,
     outbox: Option<Store>,
 }
 
@@ -197,7 +197,13 @@ struct Ctx {
     shutdown: CancellationToken,
     /// Where undelivered notifications wait across restarts.
     outbox: Option<Store>,
+    /// The notifier's hold: a notification about to be sent (or sent again) while it is on
+    /// waits there instead.
+    held: Held,
 }
+
+/// What waits while a [`Notifier`] holds (`None` when it does not).
+type Held = Arc<parking_lot::Mutex<Option<Vec<Notification>>>>;
 
 impl Ctx {
     /// Delivery of `n` is over (delivered or given up): it leaves the outbox.
@@ -220,14 +226,15 @@ impl Notifier {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let stats = Arc::new(NotifyStats::default());
+        let held = Held::default();
         let task = tokio::spawn(dispatch(
             rx,
             config,
             stats.clone(),
             shutdown,
             outbox.clone(),
+            held.clone(),
         ));
-        let held = Arc::default();
         (
             Self {
                 tx,
@@ -239,9 +246,10 @@ impl Notifier {
         )
     }
 
-    /// From now on what is queued waits (in the outbox, and here) instead of going out: a
-    /// cluster node that cannot reach etcd does not know whether the cluster is ending its
-    /// sessions itself, and an end told by both would reach a sink twice.
+    /// From now on what is queued waits (in the outbox, and here) instead of going out, and so
+    /// does what is on its way to a sink when its next attempt comes: a cluster node that
+    /// cannot reach etcd does not know whether the cluster is ending its sessions itself, and an
+    /// end told by both would reach a sink twice.
     pub fn hold(&self) {
         let mut held = self.held.lock();
         if held.is_none() {
@@ -416,6 +424,7 @@ async fn dispatch(
     stats: Arc<NotifyStats>,
     shutdown: CancellationToken,
     outbox: Option<Store>,
+    held: Held,
 ) {
     // No redirects: a sink could otherwise send the event (and its token) past the https rule.
     let client = match reqwest::Client::builder()
@@ -437,6 +446,7 @@ async fn dispatch(
         gone: Mutex::default(),
         shutdown,
         outbox,
+        held,
     });
     let mut workers: HashMap<String, mpsc::Sender<Notification>> = HashMap::new();
     while let Some(n) = rx.recv().await {
@@ -525,6 +535,13 @@ async fn deliver_once(ctx: &Ctx, n: &Notification) -> bool {
     let body = cloud_event(n, config).to_string();
     let key = (n.sink.clone(), n.session_id);
     for attempt in 1..=config.max_attempts {
+        // Held (a cluster node out of touch with etcd): it waits with the rest, unsettled.
+        if let Some(waiting) = ctx.held.lock().as_mut() {
+            debug!(event = %n.event_id, sink = %n.sink, attempt, "notification held");
+            waiting.push(n.clone());
+            stats.pending.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
         let outcome = if gone
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -642,6 +659,105 @@ fn backoff(config: &NotifyConfig, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink on loopback that answers 500 to its first POST and 204 after; counts the POSTs.
+    async fn flaky_sink() -> (String, Arc<AtomicU64>) {
+        let hits = Arc::new(AtomicU64::new(0));
+        let counted = hits.clone();
+        let app = axum::Router::new().route(
+            "/ends",
+            axum::routing::post(move || {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                    } else {
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}/ends"), hits)
+    }
+
+    fn end_of_a_session(sink: &str) -> Notification {
+        Notification {
+            event_id: uuid::Uuid::new_v4(),
+            time: OffsetDateTime::now_utc(),
+            sink: sink.to_owned(),
+            credential: None,
+            session_id: SessionId::random(),
+            status: QosStatus::Unavailable,
+            info: Some(crate::model::StatusInfo::DurationExpired),
+        }
+    }
+
+    /// What the hold does: a notification being retried when it begins waits at its next
+    /// attempt, so does one queued meanwhile; released, they go out; dropped, they never do.
+    #[tokio::test]
+    async fn held_notifications_wait_then_go_out_or_are_dropped() {
+        let (sink, hits) = flaky_sink().await;
+        let config = NotifyConfig {
+            backoff_base: Duration::from_millis(300),
+            backoff_max: Duration::from_millis(300),
+            sinks: SinkRules {
+                http_hosts: vec!["127.0.0.1".into()],
+                addresses: SinkAddresses {
+                    allow: vec!["127.0.0.0/8".parse().expect("net")],
+                    deny: vec![],
+                },
+            },
+            ..Default::default()
+        };
+        let (notifier, _task) = Notifier::start(config, CancellationToken::new(), None);
+        let settle = || tokio::time::sleep(Duration::from_millis(900));
+        let until_hits = |n: u64| {
+            let hits = hits.clone();
+            async move {
+                for _ in 0..100 {
+                    if hits.load(Ordering::SeqCst) >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!("the sink was not reached {n} times");
+            }
+        };
+        notifier.enqueue(end_of_a_session(&sink));
+        until_hits(1).await; // refused: a retry is due in 300 ms
+        notifier.hold();
+        notifier.enqueue(end_of_a_session(&sink));
+        settle().await;
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            1,
+            "nothing goes out while held"
+        );
+        assert_eq!(notifier.stats.pending.load(Ordering::SeqCst), 0);
+        assert_eq!(notifier.release(), 2);
+        until_hits(3).await;
+        settle().await;
+        assert_eq!(hits.load(Ordering::SeqCst), 3);
+        assert_eq!(notifier.stats.delivered.load(Ordering::SeqCst), 2);
+
+        notifier.hold();
+        notifier.enqueue(end_of_a_session(&sink));
+        assert_eq!(notifier.drop_held(), 1);
+        settle().await;
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            3,
+            "a dropped one never goes out"
+        );
+        // Not held any more: the next goes out at once.
+        notifier.enqueue(end_of_a_session(&sink));
+        until_hits(4).await;
+    }
 
     #[test]
     fn backoff_grows_and_stays_capped() {
