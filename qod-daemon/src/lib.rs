@@ -199,22 +199,10 @@ pub async fn run(
         let displaced = core.clone();
         c.displaced_with(move || displaced.relinquish());
         let own = notifier.clone();
-        c.notices_with(move |what| {
-            let n = match what {
-                cluster::Notices::Hold => {
-                    own.hold();
-                    return;
-                }
-                cluster::Notices::Release => own.release(),
-                cluster::Notices::Drop => own.drop_held(),
-            };
-            if n > 0 {
-                info!(
-                    notifications = n,
-                    dropped = what == cluster::Notices::Drop,
-                    "notifications held while out of touch with etcd: released, or dropped (told elsewhere)"
-                );
-            }
+        c.notices_with(move |what| match what {
+            cluster::Notices::Hold => own.hold(),
+            cluster::Notices::Release => drop(own.release()),
+            cluster::Notices::Drop => drop(own.drop_held()),
         });
         let (ending_store, ending_notifier) = (store.clone(), notifier.clone());
         c.end_with(move |sessions| {

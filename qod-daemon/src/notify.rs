@@ -259,9 +259,7 @@ impl Notifier {
 
     /// What waited goes out, and from now on what is queued goes out at once.
     pub fn release(&self) -> usize {
-        let Some(held) = self.held.lock().take() else {
-            return 0;
-        };
+        let held = self.unhold(false);
         let n = held.len();
         for h in held {
             self.enqueue(h);
@@ -272,9 +270,7 @@ impl Notifier {
     /// What waited is dropped, from the outbox too (the cluster told those ends, or took the
     /// sessions over), and from now on what is queued goes out at once.
     pub fn drop_held(&self) -> usize {
-        let Some(held) = self.held.lock().take() else {
-            return 0;
-        };
+        let held = self.unhold(true);
         if let Some(store) = &self.outbox
             && !held.is_empty()
         {
@@ -283,8 +279,22 @@ impl Notifier {
         held.len()
     }
 
+    /// Ends the hold: what waited, logged as released or `dropped`.
+    fn unhold(&self, dropped: bool) -> Vec<Notification> {
+        let held = self.held.lock().take().unwrap_or_default();
+        if !held.is_empty() {
+            info!(
+                notifications = held.len(),
+                dropped,
+                "notifications held while out of touch with etcd: released, or dropped (told elsewhere)"
+            );
+        }
+        held
+    }
+
     /// Queues `n` without ever waiting; when the queue is full it stays in the outbox only (and
-    /// goes out after the next start). While held, it waits.
+    /// goes out after the next start). While held, it waits (one already on its way waits at
+    /// its next attempt, in `deliver_once`).
     pub fn enqueue(&self, n: Notification) {
         let n = {
             let mut held = self.held.lock();
@@ -660,19 +670,21 @@ fn backoff(config: &NotifyConfig, attempt: u32) -> Duration {
 mod tests {
     use super::*;
 
-    /// A sink on loopback that answers 500 to its first POST and 204 after; counts the POSTs.
-    async fn flaky_sink() -> (String, Arc<AtomicU64>) {
+    /// A sink on loopback that answers 500 until `open` is set, then 204; counts the POSTs.
+    async fn gated_sink() -> (String, Arc<AtomicU64>, Arc<std::sync::atomic::AtomicBool>) {
         let hits = Arc::new(AtomicU64::new(0));
-        let counted = hits.clone();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (counted, gate) = (hits.clone(), open.clone());
         let app = axum::Router::new().route(
             "/ends",
             axum::routing::post(move || {
-                let n = counted.fetch_add(1, Ordering::SeqCst);
+                counted.fetch_add(1, Ordering::SeqCst);
+                let open = gate.load(Ordering::SeqCst);
                 async move {
-                    if n == 0 {
-                        axum::http::StatusCode::INTERNAL_SERVER_ERROR
-                    } else {
+                    if open {
                         axum::http::StatusCode::NO_CONTENT
+                    } else {
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR
                     }
                 }
             }),
@@ -682,7 +694,7 @@ mod tests {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move { axum::serve(listener, app).await });
-        (format!("http://{addr}/ends"), hits)
+        (format!("http://{addr}/ends"), hits, open)
     }
 
     fn end_of_a_session(sink: &str) -> Notification {
@@ -701,7 +713,7 @@ mod tests {
     /// attempt, so does one queued meanwhile; released, they go out; dropped, they never do.
     #[tokio::test]
     async fn held_notifications_wait_then_go_out_or_are_dropped() {
-        let (sink, hits) = flaky_sink().await;
+        let (sink, hits, open) = gated_sink().await;
         let config = NotifyConfig {
             backoff_base: Duration::from_millis(300),
             backoff_max: Duration::from_millis(300),
@@ -729,20 +741,24 @@ mod tests {
             }
         };
         notifier.enqueue(end_of_a_session(&sink));
-        until_hits(1).await; // refused: a retry is due in 300 ms
+        until_hits(1).await; // refused: retried after a jittered backoff (10-300 ms)
         notifier.hold();
+        // A POST already in flight when the hold began ends (refused); none starts after it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = hits.load(Ordering::SeqCst);
         notifier.enqueue(end_of_a_session(&sink));
         settle().await;
         assert_eq!(
             hits.load(Ordering::SeqCst),
-            1,
+            before,
             "nothing goes out while held"
         );
         assert_eq!(notifier.stats.pending.load(Ordering::SeqCst), 0);
+        open.store(true, Ordering::SeqCst);
         assert_eq!(notifier.release(), 2);
-        until_hits(3).await;
+        until_hits(before + 2).await;
         settle().await;
-        assert_eq!(hits.load(Ordering::SeqCst), 3);
+        assert_eq!(hits.load(Ordering::SeqCst), before + 2);
         assert_eq!(notifier.stats.delivered.load(Ordering::SeqCst), 2);
 
         notifier.hold();
@@ -751,12 +767,12 @@ mod tests {
         settle().await;
         assert_eq!(
             hits.load(Ordering::SeqCst),
-            3,
+            before + 2,
             "a dropped one never goes out"
         );
         // Not held any more: the next goes out at once.
         notifier.enqueue(end_of_a_session(&sink));
-        until_hits(4).await;
+        until_hits(before + 3).await;
     }
 
     #[test]

@@ -77,10 +77,10 @@ pub fn bpf_linker_llvm_major() -> Option<String> {
         .map(str::to_owned)
 }
 
-/// `Err(one line)` naming the first thing the eBPF build lacks, `Ok` when it has everything.
 /// One of Google's well-known protobuf types, where protoc looks for them by default.
 const PROTOBUF_WELL_KNOWN: &str = "/usr/include/google/protobuf/descriptor.proto";
 
+/// `Err(one line)` naming the first thing the build lacks, `Ok` when it has everything.
 pub fn check() -> Result<(), String> {
     if !has_nightly() {
         return Err("no nightly Rust toolchain: the eBPF classifier is built with nightly (build-std). This machine kind ships one; qod's set-up does not fetch toolchains on purpose (a newer nightly's LLVM would not match bpf-linker's)".to_owned());
