@@ -32,8 +32,8 @@ use crate::{
     },
     error::{CamaraCode, CamaraError},
     model::{
-        AppFlow, Caller, DeviceId, QosStatus, SessionId, SessionRequest, StatusInfo, network_words,
-        secs, time_left,
+        AppFlow, Caller, DeviceId, Holder, QosStatus, SessionId, SessionRequest, StatusInfo,
+        network_words, secs, time_left,
     },
     notify::{Notification, Notifier},
     policy::Policy,
@@ -660,11 +660,12 @@ impl Core {
         ops
     }
 
-    /// Queues the removal of a session from the store (with `extra`: the log record and the
-    /// notification of its end, if any); the ticket tells when it is durable.
-    fn forget(&self, id: SessionId, extra: Vec<Op>) -> Option<Ticket> {
+    /// Queues the removal of a session its client deleted from the store (with `extra`: the
+    /// log record and the notification of its end, if any); the ticket tells when it is
+    /// durable.
+    fn forget(&self, id: SessionId, holder: Holder, extra: Vec<Op>) -> Option<Ticket> {
         let store = self.store.as_ref()?;
-        let mut ops = vec![Op::RemoveSession(id)];
+        let mut ops = vec![Op::DeleteSession(id, holder)];
         ops.extend(extra);
         Some(store.submit(ops))
     }
@@ -1102,15 +1103,19 @@ impl Core {
     /// Validates `req` against the profiles and the sessions, installs it, and returns it
     /// AVAILABLE. On any error nothing changed.
     pub fn create(&self, req: SessionRequest) -> Result<SessionView, CamaraError> {
+        self.create_as(req, SessionId::random())
+    }
+
+    /// [`Core::create`] with the session's id chosen by the caller (a cluster node takes the
+    /// session's place in its client's quota first, under that id).
+    pub fn create_as(
+        &self,
+        req: SessionRequest,
+        id: SessionId,
+    ) -> Result<SessionView, CamaraError> {
         let duration = req.duration;
         let client = req.owner.clone();
-        let created = self.admit(
-            req,
-            SessionId::random(),
-            OffsetDateTime::now_utc(),
-            duration,
-            Admission::New,
-        );
+        let created = self.admit(req, id, OffsetDateTime::now_utc(), duration, Admission::New);
         match &created {
             Ok(v) => audit::record(
                 audit::Action::Create,
@@ -1635,6 +1640,14 @@ impl Core {
     /// The node's state for metrics and operators: sessions by status and profile, slots,
     /// pools, links. One pass over the sessions under the lock.
     /// Sessions that hold a slot (AVAILABLE), read without walking them.
+    /// What one API client may hold: live sessions, distinct sinks they notify.
+    pub fn client_limits(&self) -> crate::cluster::quota::ClientLimits {
+        crate::cluster::quota::ClientLimits {
+            active: self.max_active_per_client,
+            sinks: self.max_sinks_per_client,
+        }
+    }
+
     pub fn live_sessions(&self) -> u64 {
         self.lock().slots.used()
     }
@@ -2092,7 +2105,7 @@ impl Core {
             }
             None => (None, Vec::new()),
         };
-        let ticket = self.forget(id, extra);
+        let ticket = self.forget(id, Holder::of(&session.request), extra);
         drop(inner);
         if let Some(Err(e)) = ticket.map(Ticket::wait) {
             // Gone from the kernel and from memory, but not from the store: the removal is

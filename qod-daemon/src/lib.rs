@@ -136,13 +136,17 @@ pub async fn run(
         }
         None => None,
     };
+    // Sessions this node gives up at start, and with them their notifications not yet sent.
+    let mut given_up = std::collections::HashSet::new();
     if let Some(c) = &cluster
         && (c.demoted() || c.ended_away())
     {
-        // Its sessions were taken over (they live on, installed there): none is restored
-        // here, and a pinned data plane's rules for them go as orphans.
+        // Its sessions were taken over (they live on, installed there) or ended and told by
+        // the cluster: none is restored here, and a pinned data plane's rules for them go as
+        // orphans.
         for s in &stored {
             store.remove(s.id)?;
+            given_up.insert(s.id);
         }
         info!(
             sessions = stored.len(),
@@ -160,8 +164,28 @@ pub async fn run(
         notify_token.clone(),
         Some(store.clone()),
     );
-    // Notifications not settled when the last qodd stopped go out first, with their own ids.
-    let outbox = store.load_outbox()?;
+    // Notifications not settled when the last qodd stopped go out first, with their own ids;
+    // those of sessions given up to the cluster are dropped: the node that took them over
+    // tells what happens to them now, or the cluster told their end already (a session that
+    // ended here by its duration while this node was cut off and stopped would be told twice).
+    let (outbox, dropped): (Vec<_>, Vec<_>) = store
+        .load_outbox()?
+        .into_iter()
+        .partition(|n| !given_up.contains(&n.session_id));
+    if !dropped.is_empty() {
+        info!(
+            notifications = dropped.len(),
+            "notifications of sessions given up to the cluster dropped (told elsewhere)"
+        );
+        store
+            .submit(
+                dropped
+                    .iter()
+                    .map(|n| store::Op::RemoveOutbox(n.event_id))
+                    .collect(),
+            )
+            .wait()?;
+    }
     if !outbox.is_empty() {
         info!(
             pending = outbox.len(),

@@ -259,6 +259,23 @@ pub struct SessionRequest {
     pub subject: Option<DeviceId>,
 }
 
+/// Whose quota a session counts in: its API client, and the sink it notifies (a client's live
+/// sessions may notify a bounded number of distinct sinks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub client: String,
+    pub sink: Option<String>,
+}
+
+impl Holder {
+    pub fn of(req: &SessionRequest) -> Self {
+        Self {
+            client: req.owner.clone(),
+            sink: req.sink.clone(),
+        }
+    }
+}
+
 /// Who is calling: the API client named by its access token and, for a three-legged token, the
 /// device the token speaks for.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 
 use uuid::Uuid;
 
-use crate::model::{Notification, SessionId, SessionRequest, StatusInfo};
+use crate::model::{Holder, Notification, SessionId, SessionRequest, StatusInfo};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions_v1");
 /// Facts about the store itself (the boot it was last written in).
@@ -205,6 +205,9 @@ fn db<E: Into<redb::Error>>(e: E) -> StoreError {
 pub enum Op {
     PutSession(Box<StoredSession>),
     RemoveSession(SessionId),
+    /// Removes a session its client deleted (for the store, [`Op::RemoveSession`]; for the
+    /// cluster, its place in the client's quota is free).
+    DeleteSession(SessionId, Holder),
     /// Records a live session's counter slot.
     SetSlot(SessionId, u32),
     /// A notification to deliver at least once (kept until its delivery is settled).
@@ -220,10 +223,19 @@ pub enum Op {
 /// A committed change of a session, for the cluster's copy of this node's live sessions.
 #[derive(Debug)]
 pub enum Mirrored {
-    /// A live session's record (the store's own encoding of it).
-    Live(SessionId, Vec<u8>),
-    /// A session that ended, or was removed.
-    Gone(SessionId),
+    /// A live session's record (the store's own encoding of it), and whose quota it counts in.
+    Live(SessionId, Vec<u8>, Holder),
+    /// A session that ended (whose quota it no longer counts in), or was removed from this
+    /// node's store (`None`: given up, or gone with its end already mirrored).
+    Gone(SessionId, Option<Holder>),
+}
+
+impl Mirrored {
+    pub fn id(&self) -> SessionId {
+        match self {
+            Self::Live(id, ..) | Self::Gone(id, _) => *id,
+        }
+    }
 }
 
 /// What the store's writer hands a mirror, in commit order: the committed changes, and the
@@ -335,7 +347,7 @@ fn apply(database: &Database, jobs: &[Job], event_retention: u64) -> Result<(), 
                     }
                     .map_err(db)?;
                 }
-                Op::RemoveSession(id) => {
+                Op::RemoveSession(id) | Op::DeleteSession(id, _) => {
                     let key = id.to_string();
                     sessions.remove(key.as_str()).map_err(db)?;
                     slots.remove(key.as_str()).map_err(db)?;
@@ -382,10 +394,11 @@ fn mirror_committed(mirror: &Mirror, jobs: &[Job], results: &[Outcome]) {
         for op in &job.ops {
             let change = match op {
                 Op::PutSession(s) if s.ended.is_none() => {
-                    Mirrored::Live(s.id, session_record::encode(s))
+                    Mirrored::Live(s.id, session_record::encode(s), Holder::of(&s.request))
                 }
-                Op::PutSession(s) => Mirrored::Gone(s.id),
-                Op::RemoveSession(id) => Mirrored::Gone(*id),
+                Op::PutSession(s) => Mirrored::Gone(s.id, Some(Holder::of(&s.request))),
+                Op::RemoveSession(id) => Mirrored::Gone(*id, None),
+                Op::DeleteSession(id, holder) => Mirrored::Gone(*id, Some(holder.clone())),
                 _ => continue,
             };
             let _ = mirror.send(MirrorMsg::Change(change));

@@ -491,6 +491,137 @@ async fn any_node_takes_any_call_and_the_node_that_serves_the_device_installs_it
     }
 }
 
+/// A client's quota of live sessions holds across the cluster, not per node: creates racing
+/// through two nodes for devices of both get exactly the quota between them, whichever node
+/// serves each; another client is not affected; a deleted session gives its place back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clients_quota_holds_across_the_cluster() {
+    use qod_testkit::addr::SERVER_V4;
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    let limits = "[limits]\nmax_active_sessions_per_client = 3\n";
+    let (_a_lab, a) = etcd
+        .node(
+            &qodd_bin(),
+            Mode::Marking,
+            "a",
+            11,
+            &["10.0.200.0/24"],
+            limits,
+            "",
+        )
+        .await
+        .expect("node a");
+    let (_b_lab, b) = etcd
+        .node(
+            &qodd_bin(),
+            Mode::Marking,
+            "b",
+            12,
+            &["10.0.1.0/24"],
+            limits,
+            "",
+        )
+        .await
+        .expect("node b");
+    for n in [&a, &b] {
+        await_status(n, Duration::from_secs(5), |c| node_ids(c) == ["a", "b"]).await;
+    }
+    async fn create(via: &Qodd, device: String) -> Result<String, tonic::Status> {
+        via.sessions()
+            .await
+            .expect("client")
+            .create_session(qod_testkit::api::session(
+                &device,
+                SERVER_V4,
+                "QOS_E",
+                &[],
+                &[5000],
+                600,
+            ))
+            .await
+            .map(|r| r.into_inner().session_id)
+    }
+    // Eight creates at once, each node taking four: two for its own devices, two passed on.
+    let racing = (0..8u8).map(|i| {
+        let via = if i % 2 == 0 { &a } else { &b };
+        let device = if i < 4 {
+            format!("10.0.200.{}", 10 + i)
+        } else {
+            format!("10.0.1.{}", 10 + i)
+        };
+        create(via, device)
+    });
+    let outcomes = futures::future::join_all(racing).await;
+    let created: Vec<String> = outcomes.iter().filter_map(|o| o.clone().ok()).collect();
+    assert_eq!(created.len(), 3, "{outcomes:#?}");
+    for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert_eq!(
+            qod_testkit::api::reason(refused),
+            "QUOTA_EXCEEDED",
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains("across the cluster"),
+            "{refused:?}"
+        );
+    }
+    // Neither node holds three of them itself, yet a fourth is refused through either.
+    for via in [&a, &b] {
+        let over = create(via, "10.0.200.30".into())
+            .await
+            .expect_err("over quota");
+        assert_eq!(
+            qod_testkit::api::reason(&over),
+            "QUOTA_EXCEEDED",
+            "{over:?}"
+        );
+    }
+    // Another client has its own quota.
+    let other = a
+        .pki
+        .mint(&qod_daemon::devkit::TokenSpec::full("someone-else"))
+        .expect("token");
+    b.sessions_as(&other)
+        .await
+        .expect("client")
+        .create_session(qod_testkit::api::session(
+            "10.0.200.31",
+            SERVER_V4,
+            "QOS_E",
+            &[],
+            &[5000],
+            600,
+        ))
+        .await
+        .expect("another client's create");
+    // A session deleted (through the node that does not hold it) gives its place back: one
+    // more create fits, and the next does not.
+    let mut via_b = b.sessions().await.expect("client b");
+    via_b
+        .delete_session(qod_proto::v1::DeleteSessionRequest {
+            session_id: created[0].clone(),
+        })
+        .await
+        .expect("delete");
+    create(&a, "10.0.1.40".into())
+        .await
+        .expect("a place was given back");
+    let over = create(&b, "10.0.200.41".into())
+        .await
+        .expect_err("full again");
+    assert_eq!(
+        qod_testkit::api::reason(&over),
+        "QUOTA_EXCEEDED",
+        "{over:?}"
+    );
+    // No client name in etcd: the places are under pseudonyms.
+    let keys = etcd
+        .etcdctl(&["get", "--prefix", "--keys-only", "/"])
+        .expect("etcdctl get");
+    assert!(keys.contains("clients/"), "{keys}");
+    assert!(!keys.contains("someone-else"), "{keys}");
+}
+
 /// kill -9 of an active node with a standby for its pools: the standby becomes the active node,
 /// installs the session for what is left of it and marks the device's traffic; calls reach it
 /// through any node. The killed node, back, joins as the standby and installs nothing. The
@@ -765,6 +896,25 @@ in_every_mode!(
 /// link is back the node re-joins, finds its session ended, and gives it up silently — its
 /// traffic unmarked, nothing more told.
 async fn a_node_back_from_a_partition_gives_up_what_the_cluster_ended(mode: Mode) {
+    back_from_a_partition(mode, false).await;
+}
+in_every_mode!(
+    back_from_a_partition_running,
+    a_node_back_from_a_partition_gives_up_what_the_cluster_ended
+);
+
+/// The same, with the node killed while cut off and started again (still cut off; it waits
+/// for etcd before it restores anything): it gives up what the cluster ended, and the end it
+/// recorded itself meanwhile, left in its outbox, is dropped rather than told a second time.
+async fn a_node_restarted_while_cut_off_gives_up_what_the_cluster_ended(mode: Mode) {
+    back_from_a_partition(mode, true).await;
+}
+in_every_mode!(
+    back_from_a_partition_restarted,
+    a_node_restarted_while_cut_off_gives_up_what_the_cluster_ended
+);
+
+async fn back_from_a_partition(mode: Mode, restarted: bool) {
     use qod_testkit::addr::{DEVICE_V4, SERVER_V4};
     let etcd = EtcdCluster::start(3).expect("etcd");
     let sink = qod_testkit::SinkServer::start_on(&etcd.ns, qod_testkit::ETCD_HOST).expect("sink");
@@ -786,7 +936,7 @@ async fn a_node_back_from_a_partition_gives_up_what_the_cluster_ended(mode: Mode
         .await
         .expect("node a");
     let pools = ["10.0.1.0/24", "fd00:1::/64", "fd00:11::/64"];
-    let (b_lab, b) = etcd
+    let (b_lab, mut b) = etcd
         .node(&qodd_bin(), mode, "b", 12, &pools, &notify, section)
         .await
         .expect("node b");
@@ -828,11 +978,19 @@ async fn a_node_back_from_a_partition_gives_up_what_the_cluster_ended(mode: Mode
         (short_ends + Duration::from_millis(1500)).saturating_duration_since(Instant::now()),
     )
     .await;
+    if restarted {
+        b.kill9();
+        b.restart_no_wait().expect("restart b");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 
     b_lab
         .edge
         .ip(&["link", "set", "etcd0", "up"])
         .expect("heal");
+    if restarted {
+        b.wait_serving().await.expect("b serving again");
+    }
     let deadline = Instant::now() + Duration::from_secs(40);
     while probe(&b_lab) != [0; 5] {
         assert!(
@@ -842,7 +1000,12 @@ async fn a_node_back_from_a_partition_gives_up_what_the_cluster_ended(mode: Mode
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(b.log().contains("given up here, silently"), "{}", b.log());
+    let given_up = if restarted {
+        "sessions left to the cluster"
+    } else {
+        "given up here, silently"
+    };
+    assert!(b.log().contains(given_up), "{}", b.log());
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Each session: told AVAILABLE once and UNAVAILABLE once (b's own end of the short one,
     // held while it was cut off, was dropped once it found the cluster had told it).
@@ -874,13 +1037,14 @@ async fn a_node_back_from_a_partition_gives_up_what_the_cluster_ended(mode: Mode
     for told in per_session.values() {
         assert_eq!(told, &["AVAILABLE", "UNAVAILABLE"], "{per_session:?}");
     }
+    let dropped = if restarted {
+        "notifications of sessions given up to the cluster dropped"
+    } else {
+        "dropped=true"
+    };
     assert!(
-        b.log().contains("dropped (told elsewhere)") && b.log().contains("dropped=true"),
+        b.log().contains("dropped (told elsewhere)") && b.log().contains(dropped),
         "{}",
         b.log()
     );
 }
-in_every_mode!(
-    back_from_a_partition,
-    a_node_back_from_a_partition_gives_up_what_the_cluster_ended
-);

@@ -11,7 +11,7 @@ use crate::{
     cluster::{Cluster, node::NodeRecord},
     core::Core,
     error::{CamaraCode, CamaraError},
-    model::{Caller, ProfileName, SessionId},
+    model::{Caller, Holder, ProfileName, SessionId},
     notify::SinkRules,
 };
 
@@ -179,8 +179,21 @@ impl Operations {
                 .await;
         }
         let req = convert::session_request(req, caller, &self.sinks)?;
+        let id = SessionId::random();
+        // In a cluster the client's quotas are counted across the nodes: its place is taken
+        // first, and given back if the session is not created after all.
+        let holder = Holder::of(&req);
+        if let Some(c) = &self.cluster {
+            c.hold_place(&holder, id, self.core.client_limits()).await?;
+        }
         let core = self.core.clone();
-        let view = self.write(move || core.create(req)).await?;
+        let created = self.write(move || core.create_as(req, id)).await;
+        if created.is_err()
+            && let Some(c) = &self.cluster
+        {
+            c.free_place(&holder, id);
+        }
+        let view = created?;
         tracing::Span::current().record("session", view.session.id.to_string());
         self.replicated().await;
         Ok(convert::session_info(&view))

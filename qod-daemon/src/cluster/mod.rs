@@ -12,6 +12,7 @@
 
 pub mod node;
 pub mod peer;
+pub mod quota;
 pub mod seal;
 
 use std::{
@@ -211,8 +212,9 @@ pub struct Cluster {
     notices: OnceLock<Box<dyn Fn(Notices) + Send + Sync>>,
 }
 
-/// Changes written to etcd in one transaction at most (etcd allows 128 operations).
-const REPLICA_BATCH: usize = 64;
+/// Changes written to etcd in one transaction at most (two operations each: the copy and the
+/// client's place; etcd allows 128).
+const REPLICA_BATCH: usize = 60;
 
 /// How often the registrations are read again for routing.
 const VIEW_REFRESH: Duration = Duration::from_secs(1);
@@ -636,9 +638,11 @@ impl Cluster {
                 Ok((s, _)) => {
                     // Told (durably queued here) before the copy goes: a claimant that dies
                     // in between leaves the rest to the next, and a session told twice
-                    // carries the same event id both times.
+                    // carries the same event id both times. Its client's place is given back.
+                    let place = self.place(&crate::model::Holder::of(&s.request), s.id).0;
                     told += self.end.get().map_or(0, |f| f(vec![s]));
                     ended += 1;
+                    self.call("update", kv.delete(place, None)).await?;
                 }
                 Err(e) => {
                     warn!(key, error = %e, "a session of the lost node cannot be read; it is dropped")
@@ -704,10 +708,7 @@ impl Cluster {
                     match m {
                         MirrorMsg::Change(c) => {
                             // One operation per key in a transaction: the last change wins.
-                            let id = match &c {
-                                Mirrored::Live(id, _) | Mirrored::Gone(id) => *id,
-                            };
-                            changes.retain(|o| !matches!(o, Mirrored::Live(i, _) | Mirrored::Gone(i) if *i == id));
+                            changes.retain(|o| o.id() != c.id());
                             changes.push(c);
                         }
                         MirrorMsg::Barrier(b) => barriers.push(b),
@@ -735,18 +736,27 @@ impl Cluster {
             "{}sessions/{}/",
             self.settings.prefix, self.settings.node_id
         );
-        let mut ops = Vec::with_capacity(changes.len());
+        // Each change also keeps or frees the session's place in its client's quota
+        // (`quota`): kept without a lease while the session is live here, removed when it ends.
+        let mut ops = Vec::with_capacity(changes.len() * 2);
         for c in changes {
             match c {
-                Mirrored::Live(id, record) => {
+                Mirrored::Live(id, record, holder) => {
                     let key = format!("{base}{id}");
                     let sealed = self
                         .sealer
                         .seal(&key, record)
                         .map_err(|_| ClusterError::Seal(key.clone()))?;
                     ops.push(TxnOp::put(key, sealed, None));
+                    let (place, sink) = self.place(holder, *id);
+                    ops.push(TxnOp::put(place, sink, None));
                 }
-                Mirrored::Gone(id) => ops.push(TxnOp::delete(format!("{base}{id}"), None)),
+                Mirrored::Gone(id, holder) => {
+                    ops.push(TxnOp::delete(format!("{base}{id}"), None));
+                    if let Some(holder) = holder {
+                        ops.push(TxnOp::delete(self.place(holder, *id).0, None));
+                    }
+                }
             }
         }
         let mut kv = self.client.kv_client();

@@ -5,24 +5,44 @@
 
 use ring::{
     aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
+    digest, hmac,
     rand::{SecureRandom as _, SystemRandom},
 };
 
 /// Seals and opens records with the cluster's key.
 pub struct Sealer {
     key: LessSafeKey,
+    /// For pseudonyms: a key of its own, derived from the record key.
+    names: hmac::Key,
     random: SystemRandom,
 }
 
 impl Sealer {
     pub fn new(key: &[u8; 32]) -> Self {
+        let mut derivation = b"qod pseudonyms\0".to_vec();
+        derivation.extend_from_slice(key);
         Self {
             key: LessSafeKey::new(
                 #[allow(clippy::unwrap_used, reason = "a 32-byte key always fits AES-256")]
                 UnboundKey::new(&AES_256_GCM, key).unwrap(),
             ),
+            names: hmac::Key::new(
+                hmac::HMAC_SHA256,
+                digest::digest(&digest::SHA256, &derivation).as_ref(),
+            ),
             random: SystemRandom::new(),
         }
+    }
+
+    /// A stable pseudonym for `name` (an API client, a sink's origin), for use in etcd keys and
+    /// values: 32 hex digits of HMAC-SHA256 under the cluster's key, so every node derives the
+    /// same one and etcd never holds the name itself.
+    pub fn pseudonym(&self, name: &str) -> String {
+        let tag = hmac::sign(&self.names, name.as_bytes());
+        tag.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// `plain` sealed for the etcd key `at`: nonce, then ciphertext and tag.
@@ -80,5 +100,17 @@ mod tests {
         bent[20] ^= 1;
         assert!(s.open("/qod/sessions/a/1", &bent).is_err(), "altered");
         assert!(s.open("/qod/sessions/a/1", &sealed[..5]).is_err());
+    }
+
+    #[test]
+    fn a_pseudonym_is_stable_per_key_and_hides_the_name() {
+        let (a, b) = (Sealer::new(&[7; 32]), Sealer::new(&[8; 32]));
+        let p = a.pseudonym("client-x");
+        assert_eq!(p.len(), 32);
+        assert!(p.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(p, Sealer::new(&[7; 32]).pseudonym("client-x"));
+        assert_ne!(p, a.pseudonym("client-y"));
+        assert_ne!(p, b.pseudonym("client-x"));
+        assert!(!p.contains("client"));
     }
 }
