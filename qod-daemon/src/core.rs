@@ -1163,6 +1163,14 @@ impl Core {
         let key = policy.resolve(&req.device, &req.server)?;
         let flow = AppFlow::from_request(&req, key)?;
         let now = started_at;
+        // An id is given by the caller only for a create passed on by another cluster node
+        // (which may also hand the same create over through etcd): one session per id.
+        if inner.sessions.contains_key(&id) {
+            return Err(CamaraError::new(
+                CamaraCode::Conflict,
+                format!("a session with id {id} exists already"),
+            ));
+        }
         self.admissible(&inner, &req, &flow, restoring)?;
         // A session restored over the pinned maps keeps its slot, so its counters carry on.
         let (slot, zeroed) = match kept_slot {
@@ -1640,6 +1648,11 @@ impl Core {
     /// The node's state for metrics and operators: sessions by status and profile, slots,
     /// pools, links. One pass over the sessions under the lock.
     /// Sessions that hold a slot (AVAILABLE), read without walking them.
+    /// Whether this node holds session `id` (live or ended).
+    pub fn holds(&self, id: SessionId) -> bool {
+        self.lock().sessions.contains_key(&id)
+    }
+
     /// What one API client may hold: live sessions, distinct sinks they notify.
     pub fn client_limits(&self) -> crate::cluster::quota::ClientLimits {
         crate::cluster::quota::ClientLimits {
@@ -2761,6 +2774,7 @@ mod tests {
             operator: false,
             credential: None,
             relayed: false,
+            assigned: None,
         }
     }
 
@@ -2811,6 +2825,7 @@ mod tests {
             operator: false,
             credential: None,
             relayed: false,
+            assigned: None,
         };
         let three_legged = Caller {
             subject: Some(DeviceId::Ipv4 {
@@ -2874,31 +2889,7 @@ mod tests {
     }
 
     fn request(device: [u8; 4], duration: u32) -> SessionRequest {
-        let ip = Ipv4Addr::from(device);
-        SessionRequest {
-            device: DeviceId::Ipv4 {
-                public: ip,
-                private: Some(ip),
-                public_port: None,
-            },
-            server: ApplicationServer {
-                ipv4: Some("192.0.2.0/24".parse().expect("net")),
-                ipv6: None,
-                given: (Some("192.0.2.0/24".into()), None),
-            },
-            device_ports: None,
-            server_ports: Some(Ports {
-                ranges: vec![(8000, 8010)],
-                ports: vec![443],
-            }),
-            profile: ProfileName::parse("qosProfile", "QOS_E").expect("name"),
-            sink: None,
-            sink_credential: None,
-            duration,
-            device_given: None,
-            owner: "client-a".into(),
-            subject: None,
-        }
+        crate::model::testing::request(device, duration)
     }
 
     /// The next event `events` reads, waiting for it up to 5 s (an event held for its
@@ -3068,6 +3059,7 @@ mod tests {
                 operator: false,
                 credential: None,
                 relayed: false,
+                assigned: None,
             },
         )
         .expect("delete");

@@ -267,6 +267,7 @@ pub async fn run(
     let max_message = config.limits.max_message_bytes;
     let ops =
         api::Operations::new(core.clone(), config.notify.sinks.clone()).in_cluster(cluster.clone());
+    let installer = ops.installer();
     let rest_app = config.rest.as_ref().map(|rest| {
         let security = match &config.security {
             config::Security::Insecure => api::rest::openapi::Security::None,
@@ -378,6 +379,11 @@ pub async fn run(
         .set_serving::<QosProfilesServer<api::ProfileService>>()
         .await;
     gate.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Creates handed over through etcd are installed from now on (after the restore: one
+    // installed before a crash is found here, not installed twice).
+    if let Some(c) = &cluster {
+        c.install_with(installer);
+    }
     info!("qodd ready");
     // The store is restored and the API serves: tell systemd (Type=notify), if it started us.
     notify_service_manager(sd_notify::NotifyState::Ready);

@@ -289,6 +289,9 @@ pub struct Caller {
     pub credential: Option<Credential>,
     /// Passed on by another cluster node: served here, never passed on again.
     pub relayed: bool,
+    /// A create passed on by another cluster node: the id that node gave the session (it
+    /// answers REQUESTED under it if this node is slow to answer, and hands it over).
+    pub assigned: Option<SessionId>,
 }
 
 /// An access token as it came, never shown in logs or debug output.
@@ -631,5 +634,43 @@ mod tests {
         assert!(PhoneNumber::parse("p", "34600000000").is_err());
         assert!(PhoneNumber::parse("p", "+0123456").is_err());
         assert!("not-a-uuid".parse::<SessionId>().is_err());
+    }
+}
+
+/// Fixtures for unit tests.
+#[cfg(test)]
+pub mod testing {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// A request of `client-a` for device `device` to 192.0.2.0/24 ports 443 and 8000–8010,
+    /// QOS_E, `duration` seconds.
+    pub fn request(device: [u8; 4], duration: u32) -> SessionRequest {
+        let ip = Ipv4Addr::from(device);
+        SessionRequest {
+            device: DeviceId::Ipv4 {
+                public: ip,
+                private: Some(ip),
+                public_port: None,
+            },
+            server: ApplicationServer {
+                ipv4: Some("192.0.2.0/24".parse().expect("net")),
+                ipv6: None,
+                given: (Some("192.0.2.0/24".into()), None),
+            },
+            device_ports: None,
+            server_ports: Some(Ports {
+                ranges: vec![(8000, 8010)],
+                ports: vec![443],
+            }),
+            profile: ProfileName::parse("qosProfile", "QOS_E").expect("name"),
+            sink: None,
+            sink_credential: None,
+            duration,
+            device_given: None,
+            owner: "client-a".into(),
+            subject: None,
+        }
     }
 }

@@ -622,6 +622,212 @@ async fn a_clients_quota_holds_across_the_cluster() {
     assert!(!keys.contains("someone-else"), "{keys}");
 }
 
+/// CAMARA's asynchronous create across nodes. With node b (which serves the device) killed but
+/// still registered, creates through node a are answered REQUESTED (no startedAt / expiresAt)
+/// and read back REQUESTED through a; one is withdrawn by a delete; one of them conflicts with
+/// another. When b is back it installs them from etcd, in the order they were asked: the sink
+/// hears AVAILABLE for the first, UNAVAILABLE / NETWORK_TERMINATED for the one that conflicts,
+/// nothing for the withdrawn one, and b marks the traffic. Then, b running but cut off from a,
+/// a create through a waits the bound, is answered REQUESTED, and b installs it.
+async fn a_create_for_an_owner_that_does_not_answer_is_requested_then_installed(mode: Mode) {
+    use qod_proto::v1::{QosStatus, StatusInfo};
+    use qod_testkit::addr::{DEVICE_V4, SERVER_V4};
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    let sink = qod_testkit::SinkServer::start_on(&etcd.ns, qod_testkit::ETCD_HOST).expect("sink");
+    let notify = format!(
+        "[notifications]\nallow_http_hosts = [{:?}]\nallow_sink_ranges = [\"10.77.0.0/24\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
+        qod_testkit::ETCD_HOST
+    );
+    let (a_lab, a) = etcd
+        .node(
+            &qodd_bin(),
+            Mode::Marking,
+            "a",
+            11,
+            &["10.0.200.0/24"],
+            &notify,
+            "install_wait_ms = 1000",
+        )
+        .await
+        .expect("node a");
+    let pools = ["10.0.1.0/24", "fd00:1::/64", "fd00:11::/64"];
+    let (b_lab, mut b) = etcd
+        .node(
+            &qodd_bin(),
+            mode,
+            "b",
+            12,
+            &pools,
+            &notify,
+            "lease_ttl_secs = 60",
+        )
+        .await
+        .expect("node b");
+    await_status(&a, Duration::from_secs(5), |c| node_ids(c) == ["a", "b"]).await;
+    let mut via_a = a.sessions().await.expect("client a");
+    let request = |port: u16| {
+        let mut r =
+            qod_testkit::api::session(DEVICE_V4, SERVER_V4, "QOS_E", &[], &[u32::from(port)], 600);
+        r.sink = Some(sink.url("/s"));
+        r
+    };
+    let get = |id: &str| qod_proto::v1::GetSessionRequest {
+        session_id: id.to_owned(),
+    };
+
+    b.kill9();
+    let first = via_a
+        .create_session(request(5000))
+        .await
+        .expect("create while b is down")
+        .into_inner();
+    assert_eq!(first.qos_status(), QosStatus::Requested, "{first:?}");
+    assert!(
+        first.started_at.is_none() && first.expires_at.is_none(),
+        "{first:?}"
+    );
+    assert_eq!(first.duration, 600);
+    let read = qod_testkit::session_info(&mut via_a, &first.session_id).await;
+    assert_eq!(read.qos_status(), QosStatus::Requested, "{read:?}");
+    let extend = via_a
+        .extend_qos_session_duration(qod_proto::v1::ExtendQosSessionDurationRequest {
+            session_id: first.session_id.clone(),
+            requested_additional_duration: 60,
+        })
+        .await
+        .expect_err("a REQUESTED session is not extended");
+    assert_eq!(
+        qod_testkit::api::reason(&extend),
+        "QUALITY_ON_DEMAND.SESSION_EXTENSION_NOT_ALLOWED",
+        "{extend:?}"
+    );
+    let withdrawn = via_a
+        .create_session(request(6000))
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(withdrawn.qos_status(), QosStatus::Requested);
+    via_a
+        .delete_session(qod_proto::v1::DeleteSessionRequest {
+            session_id: withdrawn.session_id.clone(),
+        })
+        .await
+        .expect("a REQUESTED session is withdrawn");
+    let conflicting = via_a
+        .create_session(request(5000))
+        .await
+        .expect("the same flow again")
+        .into_inner();
+    assert_eq!(conflicting.qos_status(), QosStatus::Requested);
+
+    b.restart().await.expect("b back");
+    let told = sink
+        .wait_for("/s", 2, Duration::from_secs(15))
+        .await
+        .expect("b installs what was handed over");
+    let said = |id: &str| -> Vec<(String, String)> {
+        sink.received("/s")
+            .iter()
+            .filter(|r| r.body["data"]["sessionId"] == id)
+            .map(|r| {
+                (
+                    r.body["data"]["qosStatus"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                    r.body["data"]["statusInfo"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert_eq!(
+        said(&first.session_id),
+        [("AVAILABLE".into(), String::new())]
+    );
+    assert_eq!(
+        said(&conflicting.session_id),
+        [("UNAVAILABLE".into(), "NETWORK_TERMINATED".into())]
+    );
+    let probe = |port: u16| {
+        b_lab
+            .uplink_dscp(DEVICE_V4, 40000, SERVER_V4, port)
+            .expect("capture")
+    };
+    assert_eq!(
+        probe(5000),
+        [32; 5],
+        "b marks the installed session's traffic"
+    );
+    assert_eq!(probe(6000), [0; 5], "the withdrawn one is not installed");
+    let mut at_b = b.sessions().await.expect("client b");
+    let installed = qod_testkit::session_info(&mut at_b, &first.session_id).await;
+    assert_eq!(installed.qos_status(), QosStatus::Available);
+    assert_eq!(installed.status_info(), StatusInfo::Unspecified);
+    for id in [&withdrawn.session_id, &conflicting.session_id] {
+        let gone = at_b.get_session(get(id)).await.expect_err("not installed");
+        assert_eq!(qod_testkit::api::reason(&gone), "NOT_FOUND", "{gone:?}");
+    }
+
+    // b runs but a cannot reach it: the create waits the bound, then is handed over.
+    a_lab
+        .edge
+        .ip(&["route", "add", "blackhole", "10.77.0.12/32"])
+        .expect("cut a from b");
+    let started = Instant::now();
+    let late = via_a
+        .create_session(request(7000))
+        .await
+        .expect("create with b out of reach")
+        .into_inner();
+    let waited = started.elapsed();
+    assert_eq!(late.qos_status(), QosStatus::Requested, "{late:?}");
+    sink.wait_for("/s", 3, Duration::from_secs(15))
+        .await
+        .expect("b installs it");
+    assert_eq!(
+        said(&late.session_id),
+        [("AVAILABLE".into(), String::new())]
+    );
+    assert_eq!(probe(7000), [32; 5]);
+    println!("create handed over after {waited:?}: b unreachable");
+    a_lab
+        .edge
+        .ip(&["route", "del", "blackhole", "10.77.0.12/32"])
+        .expect("heal");
+
+    // b reached but slow (stopped): the create passed on waits the bound and is handed over;
+    // b, resumed, finds it twice (the call passed on, and the record in etcd), under one id,
+    // and installs it once.
+    let pid = b.pid().expect("b runs").to_string();
+    qod_testkit::sh("kill", &["-STOP", &pid]).expect("stop b");
+    let started = Instant::now();
+    let slow = via_a.create_session(request(8000)).await;
+    let waited = started.elapsed();
+    qod_testkit::sh("kill", &["-CONT", &pid]).expect("resume b");
+    let slow = slow.expect("create with b stopped").into_inner();
+    assert_eq!(slow.qos_status(), QosStatus::Requested, "{slow:?}");
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    println!("create handed over after {waited:?}: b stopped (install_wait_ms = 1000)");
+    sink.wait_for("/s", 4, Duration::from_secs(15))
+        .await
+        .expect("b installs it");
+    assert_eq!(
+        said(&slow.session_id),
+        [("AVAILABLE".into(), String::new())]
+    );
+    assert_eq!(probe(8000), [32; 5]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sink.received("/s").len(), 4, "nothing told twice");
+}
+in_every_mode!(
+    requested_then_installed,
+    a_create_for_an_owner_that_does_not_answer_is_requested_then_installed
+);
+
 /// kill -9 of an active node with a standby for its pools: the standby becomes the active node,
 /// installs the session for what is left of it and marks the device's traffic; calls reach it
 /// through any node. The killed node, back, joins as the standby and installs nothing. The
@@ -842,19 +1048,39 @@ async fn without_a_standby_a_lost_nodes_sessions_end_once(mode: Mode) {
         .expect("AVAILABLE told");
 
     b.kill9();
-    let told = sink
-        .wait_for("/ends", 2, Duration::from_secs(30))
+    // A create for b's device while b is dead but still registered: handed over, REQUESTED;
+    // b never comes back in time, so it ends with b's sessions.
+    let mut req = qod_testkit::api::session(DEVICE_V4, SERVER_V4, "QOS_E", &[], &[6000], 600);
+    req.sink = Some(sink.url("/ends"));
+    let handed = via_a
+        .create_session(req)
         .await
-        .expect("the end told by a surviving node");
-    let end = &told[1].body["data"];
-    assert_eq!(end["sessionId"], s.session_id.as_str());
-    assert_eq!(end["qosStatus"], "UNAVAILABLE");
-    assert_eq!(end["statusInfo"], "NETWORK_TERMINATED");
+        .expect("create for a dead node's device")
+        .into_inner();
+    assert_eq!(
+        handed.qos_status(),
+        qod_proto::v1::QosStatus::Requested,
+        "{handed:?}"
+    );
+    let told = sink
+        .wait_for("/ends", 3, Duration::from_secs(30))
+        .await
+        .expect("the ends told by a surviving node");
+    for id in [&s.session_id, &handed.session_id] {
+        let end = told
+            .iter()
+            .skip(1)
+            .find(|r| r.body["data"]["sessionId"] == id.as_str())
+            .map(|r| &r.body["data"]);
+        let end = end.unwrap_or_else(|| panic!("{id} told: {told:?}"));
+        assert_eq!(end["qosStatus"], "UNAVAILABLE");
+        assert_eq!(end["statusInfo"], "NETWORK_TERMINATED");
+    }
     // Exactly once, though two nodes could have told it.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
         sink.received("/ends").len(),
-        2,
+        3,
         "{:?}",
         sink.received("/ends")
     );
@@ -884,7 +1110,14 @@ async fn without_a_standby_a_lost_nodes_sessions_end_once(mode: Mode) {
         .await
         .expect_err("ended and not restored");
     assert_eq!(qod_testkit::api::reason(&gone), "NOT_FOUND");
-    assert_eq!(sink.received("/ends").len(), 2, "b told nothing more");
+    let gone = via_a
+        .get_session(qod_proto::v1::GetSessionRequest {
+            session_id: handed.session_id.clone(),
+        })
+        .await
+        .expect_err("ended, never installed");
+    assert_eq!(qod_testkit::api::reason(&gone), "NOT_FOUND");
+    assert_eq!(sink.received("/ends").len(), 3, "b told nothing more");
 }
 in_every_mode!(
     lost_node_without_standby,

@@ -10,7 +10,7 @@ use crate::{
     error::{CamaraCode, CamaraError},
     model::{
         AccessToken, ApplicationServer, Caller, DeviceGiven, DeviceId, Ipv4Given, Ports,
-        ProfileName, QosStatus, SessionRequest, StatusInfo, port,
+        ProfileName, QosStatus, SessionId, SessionRequest, StatusInfo, port,
     },
     notify::SinkRules,
     profile::{self, QosProfile},
@@ -399,13 +399,45 @@ fn status_info(s: StatusInfo) -> pb::StatusInfo {
 
 pub fn session_info(v: &SessionView) -> pb::SessionInfo {
     let s = &v.session;
-    let r = &s.request;
     let (expires_at, info) = match s.state {
         SessionState::Available { expires_at, .. } => (expires_at, pb::StatusInfo::Unspecified),
         SessionState::Unavailable { info, ended_at, .. } => (ended_at, status_info(info)),
     };
     pb::SessionInfo {
-        session_id: s.id.to_string(),
+        duration: i32::try_from(v.duration()).unwrap_or(i32::MAX),
+        started_at: Some(timestamp(s.started_at)),
+        expires_at: Some(timestamp(expires_at)),
+        qos_status: qos_status(s.qos_status()).into(),
+        status_info: info.into(),
+        counters: Some(pb::SessionCounters {
+            uplink_packets: v.counters.up_packets,
+            uplink_bytes: v.counters.up_bytes,
+            downlink_packets: v.counters.down_packets,
+            downlink_bytes: v.counters.down_bytes,
+            uplink_dropped: v.counters.up_dropped,
+            downlink_dropped: v.counters.down_dropped,
+            uplink: None,
+            downlink: None,
+        }),
+        ..request_info(s.id, &s.request)
+    }
+}
+
+/// A create handed over to the node that serves its device and not installed there yet
+/// (`cluster::pending`): REQUESTED, its duration the one requested, and (CAMARA) no
+/// `startedAt` or `expiresAt`.
+pub fn requested_info(id: SessionId, r: &SessionRequest) -> pb::SessionInfo {
+    pb::SessionInfo {
+        duration: i32::try_from(r.duration).unwrap_or(i32::MAX),
+        qos_status: pb::QosStatus::Requested.into(),
+        ..request_info(id, r)
+    }
+}
+
+/// What a session's info echoes of its request.
+fn request_info(id: SessionId, r: &SessionRequest) -> pb::SessionInfo {
+    pb::SessionInfo {
+        session_id: id.to_string(),
         // A three-legged token's device is never echoed (CAMARA).
         device: r.subject.is_none().then(|| {
             let mut d = device_proto(&r.device);
@@ -427,21 +459,7 @@ pub fn session_info(v: &SessionView) -> pb::SessionInfo {
             credential_type: pb::CredentialType::Accesstoken.into(),
             ..Default::default()
         }),
-        duration: i32::try_from(v.duration()).unwrap_or(i32::MAX),
-        started_at: Some(timestamp(s.started_at)),
-        expires_at: Some(timestamp(expires_at)),
-        qos_status: qos_status(s.qos_status()).into(),
-        status_info: info.into(),
-        counters: Some(pb::SessionCounters {
-            uplink_packets: v.counters.up_packets,
-            uplink_bytes: v.counters.up_bytes,
-            downlink_packets: v.counters.down_packets,
-            downlink_bytes: v.counters.down_bytes,
-            uplink_dropped: v.counters.up_dropped,
-            downlink_dropped: v.counters.down_dropped,
-            uplink: None,
-            downlink: None,
-        }),
+        ..Default::default()
     }
 }
 

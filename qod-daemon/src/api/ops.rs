@@ -8,10 +8,14 @@ use std::sync::Arc;
 use qod_proto::v1 as pb;
 
 use crate::{
-    cluster::{Cluster, node::NodeRecord},
+    cluster::{
+        Cluster,
+        node::NodeRecord,
+        pending::{Install, Installer},
+    },
     core::Core,
     error::{CamaraCode, CamaraError},
-    model::{Caller, Holder, ProfileName, SessionId},
+    model::{Caller, Holder, ProfileName, SessionId, SessionRequest},
     notify::SinkRules,
 };
 
@@ -171,15 +175,11 @@ impl Operations {
     ) -> Result<pb::SessionInfo, CamaraError> {
         self.writable()?;
         if let Some((cluster, node)) = self.served_elsewhere(caller, req.device.as_ref())? {
-            return cluster
-                .peers()
-                .relay(&node, caller, req, |mut api, r| async move {
-                    api.create_session(r).await
-                })
-                .await;
+            return self.create_elsewhere(&cluster, &node, caller, req).await;
         }
         let req = convert::session_request(req, caller, &self.sinks)?;
-        let id = SessionId::random();
+        // A create passed on by another node comes with the id that node gave it.
+        let id = caller.assigned.unwrap_or_else(SessionId::random);
         // In a cluster the client's quotas are counted across the nodes: its place is taken
         // first, and given back if the session is not created after all.
         let holder = Holder::of(&req);
@@ -197,6 +197,104 @@ impl Operations {
         tracing::Span::current().record("session", view.session.id.to_string());
         self.replicated().await;
         Ok(convert::session_info(&view))
+    }
+
+    /// A create for a device `node` serves: passed on to it with the session's id; if `node`
+    /// has not answered within the cluster's `install_wait` (slow, or not reached), handed
+    /// over to it through etcd and answered REQUESTED (`cluster::pending`). Checked here
+    /// first: the request's form, and the client's quota across the cluster.
+    async fn create_elsewhere(
+        &self,
+        cluster: &Arc<Cluster>,
+        node: &NodeRecord,
+        caller: &Caller,
+        req: pb::CreateSessionRequest,
+    ) -> Result<pb::SessionInfo, CamaraError> {
+        let request = convert::session_request(req.clone(), caller, &self.sinks)?;
+        let id = SessionId::random();
+        let within = cluster.settings().install_wait;
+        let unreached = match cluster
+            .peers()
+            .relay_create(node, caller, req, id, within, |mut api, r| async move {
+                api.create_session(r).await
+            })
+            .await
+        {
+            Ok(answer) => return answer,
+            Err(e) => e,
+        };
+        tracing::warn!(node = %node.id, session = %id, error = %unreached.message, "the node that serves the device has not answered; the create is handed over to it through etcd");
+        let holder = Holder::of(&request);
+        cluster
+            .hold_place(&holder, id, self.core.client_limits())
+            .await?;
+        if let Err(e) = cluster.hand_over(id, &request, &node.id).await {
+            cluster.free_place(&holder, id);
+            return Err(e);
+        }
+        Ok(convert::requested_info(id, &request))
+    }
+
+    /// Installs create `req`, handed over to this node through etcd as session `id`.
+    async fn install_handed(&self, id: SessionId, req: SessionRequest) -> Install {
+        if let Some(c) = &self.cluster
+            && let Err(e) = c
+                .hold_place(&Holder::of(&req), id, self.core.client_limits())
+                .await
+        {
+            return Install::Refused(e);
+        }
+        let core = self.core.clone();
+        let created = self.write(move || core.create_as(req, id)).await;
+        let core = self.core.clone();
+        match created {
+            Ok(_) => {
+                self.replicated().await;
+                Install::Done
+            }
+            // The create passed on arrived after all, and is installed.
+            Err(_) if blocking(move || Ok(core.holds(id))).await.unwrap_or(false) => Install::Done,
+            Err(e) => Install::Refused(e),
+        }
+    }
+
+    /// How this node installs the creates handed over to it (cluster mode).
+    pub fn installer(&self) -> Installer {
+        let (serves, install) = (self.clone(), self.clone());
+        Installer {
+            serves: Box::new(move |req| serves.serves(&req.device)),
+            install: Box::new(move |id, req| {
+                let ops = install.clone();
+                Box::pin(async move { ops.install_handed(id, req).await })
+            }),
+        }
+    }
+
+    /// Whether this node serves `device` (cluster mode: by the routing view).
+    fn serves(&self, device: &crate::model::DeviceId) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return true;
+        };
+        let me = &cluster.settings().node_id;
+        self.core
+            .policy()
+            .addresses(device)
+            .into_iter()
+            .any(|a| cluster.serving(a).is_some_and(|n| n.id == *me))
+    }
+
+    /// In a cluster, the create handed over as session `session_id` that waits still, if it is
+    /// `caller`'s (asked where no node holds the session).
+    async fn handed(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+    ) -> Result<Option<crate::cluster::pending::Handed>, CamaraError> {
+        let Some(cluster) = self.cluster.as_ref().filter(|_| !caller.relayed) else {
+            return Ok(None);
+        };
+        let id = session(session_id)?;
+        Ok(cluster.handed(id).await?.filter(|h| h.visible_to(caller)))
     }
 
     /// CAMARA `getSession`, with each direction's delivery read from the kernel when
@@ -224,10 +322,18 @@ impl Operations {
         let req = pb::GetSessionRequest {
             session_id: session_id.to_owned(),
         };
-        self.anywhere(caller, local, req, |mut api, r| async move {
-            api.get_session(r).await
-        })
-        .await
+        let found = self
+            .anywhere(caller, local, req, |mut api, r| async move {
+                api.get_session(r).await
+            })
+            .await;
+        match found {
+            Err(e) if unplaced(&e) => match self.handed(caller, session_id).await? {
+                Some(h) => Ok(convert::requested_info(h.id, &h.request)),
+                None => Err(e),
+            },
+            found => found,
+        }
     }
 
     /// CAMARA `deleteSession`.
@@ -242,10 +348,21 @@ impl Operations {
         let req = pb::DeleteSessionRequest {
             session_id: session_id.to_owned(),
         };
-        self.anywhere(caller, local, req, |mut api, r| async move {
-            api.delete_session(r).await.map(|r| r.map(|_| ()))
-        })
-        .await
+        let deleted = self
+            .anywhere(caller, local, req, |mut api, r| async move {
+                api.delete_session(r).await.map(|r| r.map(|_| ()))
+            })
+            .await;
+        match (deleted, &self.cluster) {
+            (Err(e), Some(c)) if unplaced(&e) && !caller.relayed => {
+                if c.withdraw(id, caller).await? {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            (deleted, _) => deleted,
+        }
     }
 
     /// CAMARA `extendQosSessionDuration`.
@@ -276,10 +393,21 @@ impl Operations {
             session_id: session_id.to_owned(),
             requested_additional_duration: i32::try_from(n).unwrap_or(i32::MAX),
         };
-        self.anywhere(caller, local, req, |mut api, r| async move {
-            api.extend_qos_session_duration(r).await
-        })
-        .await
+        let extended = self
+            .anywhere(caller, local, req, |mut api, r| async move {
+                api.extend_qos_session_duration(r).await
+            })
+            .await;
+        match extended {
+            Err(e) if unplaced(&e) => match self.handed(caller, session_id).await? {
+                Some(_) => Err(CamaraError::new(
+                    CamaraCode::SessionExtensionNotAllowed,
+                    "the session is REQUESTED (not yet installed by the node that serves its device); only an AVAILABLE session can be extended",
+                )),
+                None => Err(e),
+            },
+            extended => extended,
+        }
     }
 
     /// CAMARA `retrieveSessionsByDevice`.
@@ -366,6 +494,12 @@ impl Operations {
         let profile = policy.profiles.get(&name).ok_or_else(not_found)?;
         Ok(convert::qos_profile(profile))
     }
+}
+
+/// No node answered for the session: none holds it (NOT_FOUND), or one that may hold it cannot
+/// be reached (UNAVAILABLE). It may still wait in etcd, handed over.
+fn unplaced(e: &CamaraError) -> bool {
+    matches!(e.code, CamaraCode::NotFound | CamaraCode::Unavailable)
 }
 
 fn session(id: &str) -> Result<SessionId, CamaraError> {

@@ -105,6 +105,7 @@ impl Principal {
                 operator: true,
                 credential: None,
                 relayed: false,
+                assigned: None,
             },
             scopes: None,
             expires_at: None,
@@ -114,6 +115,8 @@ impl Principal {
 
 /// The metadata a cluster node marks a call it passes on to another with (its node id).
 pub const RELAYED_BY: &str = "x-qod-relayed-by";
+/// With [`RELAYED_BY`] on a create: the session id the passing node chose.
+pub const ASSIGNED_ID: &str = "x-qod-session-id";
 
 /// The client id sessions get in insecure mode.
 pub const INSECURE_CLIENT: &str = "insecure-local";
@@ -267,6 +270,7 @@ impl Authenticator {
                 operator: false,
                 credential: Some(crate::model::Credential(token.into())),
                 relayed: false,
+                assigned: None,
             },
             scopes: Some(scopes(&claims)),
             expires_at: jwt::numeric_date(claims.get("exp")),
@@ -296,6 +300,19 @@ impl Interceptor for Authenticator {
             .map(|v| v.as_bytes().to_vec());
         let mut principal = self.admit(authorization.as_deref(), || grpc_certificate(&request))?;
         principal.caller.relayed = request.metadata().contains_key(RELAYED_BY);
+        principal.caller.assigned = principal
+            .caller
+            .relayed
+            .then(|| {
+                request
+                    .metadata()
+                    .get(ASSIGNED_ID)?
+                    .to_str()
+                    .ok()?
+                    .parse()
+                    .ok()
+            })
+            .flatten();
         request.extensions_mut().insert(principal);
         Ok(request)
     }

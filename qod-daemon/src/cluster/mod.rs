@@ -12,6 +12,7 @@
 
 pub mod node;
 pub mod peer;
+pub mod pending;
 pub mod quota;
 pub mod seal;
 
@@ -74,6 +75,9 @@ pub struct Settings {
     /// How long a gracefully stopped node without a standby may stay away before the cluster
     /// ends its sessions.
     pub away_grace: Duration,
+    /// How long a create passed on to another node may wait for its answer before it is
+    /// handed over through etcd and answered REQUESTED.
+    pub install_wait: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -210,6 +214,8 @@ pub struct Cluster {
     /// ended): how many live ones it held.
     displaced: OnceLock<Arc<dyn Fn() -> usize + Send + Sync>>,
     notices: OnceLock<Box<dyn Fn(Notices) + Send + Sync>>,
+    /// Installs the creates handed over to this node through etcd (`pending`).
+    install: OnceLock<pending::Installer>,
 }
 
 /// Changes written to etcd in one transaction at most (two operations each: the copy and the
@@ -262,6 +268,7 @@ impl Cluster {
             ended_away: std::sync::atomic::AtomicBool::new(false),
             displaced: OnceLock::new(),
             notices: OnceLock::new(),
+            install: OnceLock::new(),
         });
         loop {
             match cluster.register().await {
@@ -300,6 +307,9 @@ impl Cluster {
             if me.role == Role::Active {
                 if let Err(e) = self.end_orphans().await {
                     warn!(error = %crate::anyhow_like(&e), "cannot end the sessions of a lost node yet");
+                }
+                if let Err(e) = self.install_handed().await {
+                    warn!(error = %crate::anyhow_like(&e), "cannot install the creates handed over to this node yet");
                 }
                 continue;
             }
@@ -650,6 +660,7 @@ impl Cluster {
             }
             self.call("update", kv.delete(key, None)).await?;
         }
+        let handed = self.end_handed_to(gone).await?;
         // The node, back, restores none of them.
         self.call(
             "update",
@@ -669,6 +680,7 @@ impl Cluster {
             node = gone,
             ended,
             told,
+            handed,
             took_ms = started.elapsed().as_millis() as u64,
             "ended the sessions of a lost node without a standby (NETWORK_TERMINATED)"
         );

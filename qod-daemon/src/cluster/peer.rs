@@ -13,9 +13,9 @@ use tonic::metadata::MetadataValue;
 
 use super::node::NodeRecord;
 use crate::{
-    auth::RELAYED_BY,
+    auth::{ASSIGNED_ID, RELAYED_BY},
     error::{CamaraCode, CamaraError},
-    model::Caller,
+    model::{Caller, SessionId},
 };
 
 /// The gRPC client of another node's session API.
@@ -90,10 +90,58 @@ impl Peers {
         F: FnOnce(PeerApi, tonic::Request<R>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.pass_on(node, caller, req, None, call).await?
+    }
+
+    /// Passes create `req` on to `node` as `caller`, the session's id `assigned`: `Ok` with
+    /// `node`'s answer, or `Err` when `node` cannot be reached or has not answered `within`.
+    /// `node` is given no deadline: a create it has begun, it finishes (and the same id handed
+    /// over to it later is then found installed).
+    pub async fn relay_create<R, T, F, Fut>(
+        &self,
+        node: &NodeRecord,
+        caller: &Caller,
+        req: R,
+        assigned: SessionId,
+        within: Duration,
+        call: F,
+    ) -> Result<Result<T, CamaraError>, CamaraError>
+    where
+        F: FnOnce(PeerApi, tonic::Request<R>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        tokio::time::timeout(
+            within,
+            self.pass_on(node, caller, req, Some(assigned), call),
+        )
+        .await
+        .map_err(|_| Self::unreachable(node, format_args!("no answer within {within:?}")))?
+    }
+
+    /// `Err`: `node` was not reached; `Ok`: its answer.
+    async fn pass_on<R, T, F, Fut>(
+        &self,
+        node: &NodeRecord,
+        caller: &Caller,
+        req: R,
+        assigned: Option<SessionId>,
+        call: F,
+    ) -> Result<Result<T, CamaraError>, CamaraError>
+    where
+        F: FnOnce(PeerApi, tonic::Request<R>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let api = QualityOnDemandClient::new(self.channel(node).await?);
         let mut request = tonic::Request::new(req);
-        request.set_timeout(self.timeout);
+        if assigned.is_none() {
+            request.set_timeout(self.timeout);
+        }
         let meta = request.metadata_mut();
+        if let Some(id) = assigned
+            && let Ok(id) = MetadataValue::try_from(id.to_string())
+        {
+            meta.insert(ASSIGNED_ID, id);
+        }
         if let Some(c) = &caller.credential {
             let bearer = MetadataValue::try_from(format!("Bearer {}", c.0)).map_err(|_| {
                 CamaraError::new(CamaraCode::Internal, "the access token cannot be passed on")
@@ -104,7 +152,7 @@ impl Peers {
             meta.insert(RELAYED_BY, me);
         }
         match call(api, request).await {
-            Ok(r) => Ok(r.into_inner()),
+            Ok(r) => Ok(Ok(r.into_inner())),
             Err(status) => {
                 let e = CamaraError::from_status(&status);
                 // A transport failure carries no CAMARA reason: say which node it was.
@@ -114,7 +162,7 @@ impl Peers {
                     self.channels.lock().remove(&node.id);
                     return Err(Self::unreachable(node, status.message()));
                 }
-                Err(e)
+                Ok(Err(e))
             }
         }
     }

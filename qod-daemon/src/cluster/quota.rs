@@ -92,7 +92,8 @@ impl Cluster {
 
     /// Takes a place for session `id` of `holder`'s client, within `limits` counted across the
     /// cluster: QUOTA_EXCEEDED when the client holds its maximum, UNAVAILABLE when etcd cannot
-    /// be reached or this node is out of the cluster.
+    /// be reached or this node is out of the cluster. A place `id` holds already is taken
+    /// again (under this node's lease), not counted twice.
     pub async fn hold_place(
         &self,
         holder: &Holder,
@@ -134,7 +135,9 @@ impl Cluster {
                 for kv in r.kvs() {
                     if i == 0 {
                         revision = kv.mod_revision();
-                    } else {
+                    } else if kv.key() != key.as_bytes() {
+                        // Its own place (taken when the create was handed over) is not
+                        // counted again.
                         held.active += 1;
                         if !kv.value().is_empty() {
                             held.sinks

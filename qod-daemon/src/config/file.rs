@@ -71,6 +71,7 @@ pub(super) struct ClusterConfig {
     pub peer_ca: Option<PathBuf>,
     pub record_key_file: Option<PathBuf>,
     pub away_grace_secs: Option<u64>,
+    pub install_wait_ms: Option<u64>,
 }
 
 /// `on_exit`.

@@ -532,6 +532,11 @@ fn validate_cluster(
             "cluster.etcd_timeout_ms",
             100..=60_000,
         )?),
+        install_wait: Duration::from_millis(need_within(
+            c.install_wait_ms,
+            "cluster.install_wait_ms",
+            100..=60_000,
+        )?),
         tls,
         pools: pools.to_vec(),
     }))
