@@ -1653,6 +1653,23 @@ impl Core {
         self.lock().sessions.contains_key(&id)
     }
 
+    /// What `client` holds here: live sessions and the sink origins they notify.
+    pub fn client_usage(&self, client: &str) -> crate::cluster::quota::Usage {
+        self.lock()
+            .active_by_owner
+            .get(client)
+            .map(|u| crate::cluster::quota::Usage {
+                active: u.active,
+                sinks: u.sinks.keys().cloned().collect(),
+            })
+            .unwrap_or_default()
+    }
+
+    /// The API clients with live sessions here.
+    pub fn clients(&self) -> Vec<String> {
+        self.lock().active_by_owner.keys().cloned().collect()
+    }
+
     /// What one API client may hold: live sessions, distinct sinks they notify.
     pub fn client_limits(&self) -> crate::cluster::quota::ClientLimits {
         crate::cluster::quota::ClientLimits {

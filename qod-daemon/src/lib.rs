@@ -383,6 +383,13 @@ pub async fn run(
     // installed before a crash is found here, not installed twice).
     if let Some(c) = &cluster {
         c.install_with(installer);
+        // The clients' quota entries of this node, as restored.
+        let (usage, clients) = (core.clone(), core.clone());
+        c.ledger_with(cluster::quota::Ledger {
+            usage: Box::new(move |client| usage.client_usage(client)),
+            clients: Box::new(move || clients.clients()),
+        });
+        c.resync_quotas();
     }
     info!("qodd ready");
     // The store is restored and the API serves: tell systemd (Type=notify), if it started us.

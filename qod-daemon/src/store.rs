@@ -223,8 +223,8 @@ pub enum Op {
 /// A committed change of a session, for the cluster's copy of this node's live sessions.
 #[derive(Debug)]
 pub enum Mirrored {
-    /// A live session's record (the store's own encoding of it), and whose quota it counts in.
-    Live(SessionId, Vec<u8>, Holder),
+    /// A live session's record (the store's own encoding of it).
+    Live(SessionId, Vec<u8>),
     /// A session that ended (whose quota it no longer counts in), or was removed from this
     /// node's store (`None`: given up, or gone with its end already mirrored).
     Gone(SessionId, Option<Holder>),
@@ -394,7 +394,7 @@ fn mirror_committed(mirror: &Mirror, jobs: &[Job], results: &[Outcome]) {
         for op in &job.ops {
             let change = match op {
                 Op::PutSession(s) if s.ended.is_none() => {
-                    Mirrored::Live(s.id, session_record::encode(s), Holder::of(&s.request))
+                    Mirrored::Live(s.id, session_record::encode(s))
                 }
                 Op::PutSession(s) => Mirrored::Gone(s.id, Some(Holder::of(&s.request))),
                 Op::RemoveSession(id) => Mirrored::Gone(*id, None),

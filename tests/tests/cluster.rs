@@ -614,11 +614,11 @@ async fn a_clients_quota_holds_across_the_cluster() {
         "QUOTA_EXCEEDED",
         "{over:?}"
     );
-    // No client name in etcd: the places are under pseudonyms.
+    // No client name in etcd: the quota entries are under pseudonyms.
     let keys = etcd
         .etcdctl(&["get", "--prefix", "--keys-only", "/"])
         .expect("etcdctl get");
-    assert!(keys.contains("clients/"), "{keys}");
+    assert!(keys.contains("quota/"), "{keys}");
     assert!(!keys.contains("someone-else"), "{keys}");
 }
 

@@ -107,6 +107,19 @@ impl Operations {
         }
     }
 
+    /// As [`Operations::replicated`], for a delete: then also until the client's quota entry
+    /// is published lower (the place is free, cluster-wide, once the delete is answered).
+    async fn replicated_and_freed(&self) {
+        self.replicated().await;
+        if let Some(c) = &self.cluster
+            && !c.quotas_published().await
+        {
+            tracing::warn!(
+                "this node's client quota entries lag (etcd is slow or away); they follow when etcd answers"
+            );
+        }
+    }
+
     /// A write may go ahead: always on a single node; in a cluster while this node is in it.
     fn writable(&self) -> Result<(), CamaraError> {
         self.cluster.as_ref().map_or(Ok(()), |c| c.writable())
@@ -188,10 +201,8 @@ impl Operations {
         }
         let core = self.core.clone();
         let created = self.write(move || core.create_as(req, id)).await;
-        if created.is_err()
-            && let Some(c) = &self.cluster
-        {
-            c.free_place(&holder, id);
+        if let Some(c) = &self.cluster {
+            c.placed(&holder, id, created.is_ok());
         }
         let view = created?;
         tracing::Span::current().record("session", view.session.id.to_string());
@@ -229,26 +240,27 @@ impl Operations {
             .hold_place(&holder, id, self.core.client_limits())
             .await?;
         if let Err(e) = cluster.hand_over(id, &request, &node.id).await {
-            cluster.free_place(&holder, id);
+            cluster.placed(&holder, id, false);
             return Err(e);
         }
+        cluster.place_handed(&holder, id);
         Ok(convert::requested_info(id, &request))
     }
 
-    /// Installs create `req`, handed over to this node through etcd as session `id`.
+    /// Installs create `req`, handed over to this node through etcd as session `id` (its place
+    /// in the client's quota was taken when it was handed over).
     async fn install_handed(&self, id: SessionId, req: SessionRequest) -> Install {
-        if let Some(c) = &self.cluster
-            && let Err(e) = c
-                .hold_place(&Holder::of(&req), id, self.core.client_limits())
-                .await
-        {
-            return Install::Refused(e);
-        }
+        let client = req.owner.clone();
         let core = self.core.clone();
         let created = self.write(move || core.create_as(req, id)).await;
         let core = self.core.clone();
         match created {
             Ok(_) => {
+                // Counted here now (and no longer at the node that handed it over once that
+                // finds it gone from etcd).
+                if let Some(c) = &self.cluster {
+                    c.usage_changed(&client);
+                }
                 self.replicated().await;
                 Install::Done
             }
@@ -343,7 +355,7 @@ impl Operations {
         let (core, who) = (self.core.clone(), caller.clone());
         let local = self.write(move || core.delete(id, &who)).await;
         if local.is_ok() {
-            self.replicated().await;
+            self.replicated_and_freed().await;
         }
         let req = pb::DeleteSessionRequest {
             session_id: session_id.to_owned(),

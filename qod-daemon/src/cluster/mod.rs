@@ -216,11 +216,12 @@ pub struct Cluster {
     notices: OnceLock<Box<dyn Fn(Notices) + Send + Sync>>,
     /// Installs the creates handed over to this node through etcd (`pending`).
     install: OnceLock<pending::Installer>,
+    /// This node's side of the per-client quotas (`quota`).
+    quotas: quota::Book,
 }
 
-/// Changes written to etcd in one transaction at most (two operations each: the copy and the
-/// client's place; etcd allows 128).
-const REPLICA_BATCH: usize = 60;
+/// Changes written to etcd in one transaction at most (etcd allows 128 operations).
+const REPLICA_BATCH: usize = 64;
 
 /// How often the registrations are read again for routing.
 const VIEW_REFRESH: Duration = Duration::from_secs(1);
@@ -269,7 +270,9 @@ impl Cluster {
             displaced: OnceLock::new(),
             notices: OnceLock::new(),
             install: OnceLock::new(),
+            quotas: quota::Book::default(),
         });
+        cluster.run_quotas(stop.clone());
         loop {
             match cluster.register().await {
                 Ok(lease) => {
@@ -302,6 +305,9 @@ impl Cluster {
         while !pause(&stop, VIEW_REFRESH).await {
             if self.records().await.is_err() || self.standing.borrow().lease.is_none() {
                 continue;
+            }
+            if let Err(e) = self.track_handed().await {
+                warn!(error = %crate::anyhow_like(&e), "cannot read the creates handed over yet");
             }
             let me = self.me.lock().clone();
             if me.role == Role::Active {
@@ -473,7 +479,10 @@ impl Cluster {
             Some(adopt) => adopt(sessions),
             None => 0,
         };
-        // They are this node's now: its store holds them, and its copy in etcd follows.
+        // They are this node's now: its store holds them, its copy in etcd follows, and so do
+        // its clients' quota entries.
+        self.drop_quotas_of(gone);
+        self.resync_quotas();
         if let Err(e) = self
             .call(
                 "update",
@@ -564,6 +573,7 @@ impl Cluster {
             return true;
         };
         let gave_up = tokio::task::spawn_blocking(move || f()).await.unwrap_or(0);
+        self.resync_quotas();
         warn!(
             sessions = gave_up,
             taken_over = taken,
@@ -648,11 +658,9 @@ impl Cluster {
                 Ok((s, _)) => {
                     // Told (durably queued here) before the copy goes: a claimant that dies
                     // in between leaves the rest to the next, and a session told twice
-                    // carries the same event id both times. Its client's place is given back.
-                    let place = self.place(&crate::model::Holder::of(&s.request), s.id).0;
+                    // carries the same event id both times.
                     told += self.end.get().map_or(0, |f| f(vec![s]));
                     ended += 1;
-                    self.call("update", kv.delete(place, None)).await?;
                 }
                 Err(e) => {
                     warn!(key, error = %e, "a session of the lost node cannot be read; it is dropped")
@@ -661,6 +669,7 @@ impl Cluster {
             self.call("update", kv.delete(key, None)).await?;
         }
         let handed = self.end_handed_to(gone).await?;
+        self.drop_quotas_of(gone);
         // The node, back, restores none of them.
         self.call(
             "update",
@@ -748,25 +757,22 @@ impl Cluster {
             "{}sessions/{}/",
             self.settings.prefix, self.settings.node_id
         );
-        // Each change also keeps or frees the session's place in its client's quota
-        // (`quota`): kept without a lease while the session is live here, removed when it ends.
-        let mut ops = Vec::with_capacity(changes.len() * 2);
+        let mut ops = Vec::with_capacity(changes.len());
         for c in changes {
             match c {
-                Mirrored::Live(id, record, holder) => {
+                Mirrored::Live(id, record) => {
                     let key = format!("{base}{id}");
                     let sealed = self
                         .sealer
                         .seal(&key, record)
                         .map_err(|_| ClusterError::Seal(key.clone()))?;
                     ops.push(TxnOp::put(key, sealed, None));
-                    let (place, sink) = self.place(holder, *id);
-                    ops.push(TxnOp::put(place, sink, None));
                 }
                 Mirrored::Gone(id, holder) => {
                     ops.push(TxnOp::delete(format!("{base}{id}"), None));
+                    // An end lowers the client's quota entry here.
                     if let Some(holder) = holder {
-                        ops.push(TxnOp::delete(self.place(holder, *id).0, None));
+                        self.usage_changed(&holder.client);
                     }
                 }
             }

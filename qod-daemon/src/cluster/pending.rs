@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::{Cluster, ClusterError};
 use crate::{
     error::{CamaraCode, CamaraError},
-    model::{Caller, Holder, SessionId, SessionRequest},
+    model::{Caller, SessionId, SessionRequest},
     store::StoredSession,
 };
 
@@ -128,14 +128,9 @@ impl Cluster {
         let sealed = self
             .seal_handed(&key, &record)
             .map_err(|e| unavailable(&e))?;
-        let (place, sink) = self.place(&Holder::of(request), id);
-        // The place, taken under this node's lease, now lives as long as the record.
         let txn = etcd_client::Txn::new()
             .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then(vec![
-                TxnOp::put(key, sealed, None),
-                TxnOp::put(place, sink, None),
-            ]);
+            .and_then(vec![TxnOp::put(key, sealed, None)]);
         let mut kv = self.client.kv_client();
         let done = self
             .call("hand_over", kv.txn(txn))
@@ -214,10 +209,7 @@ impl Cluster {
                 CompareOp::Equal,
                 revision,
             )])
-            .and_then(vec![
-                TxnOp::delete(key, None),
-                TxnOp::delete(self.place(&Holder::of(&h.request), id).0, None),
-            ]);
+            .and_then(vec![TxnOp::delete(key, None)]);
         let mut kv = self.client.kv_client();
         let done = self
             .call("withdraw", kv.txn(txn))
@@ -325,18 +317,30 @@ impl Cluster {
             .then(|| done.header().map_or(revision + 1, |h| h.revision())))
     }
 
-    /// Tells `h`'s requester it ended (durably queued here first), gives its place back and
-    /// removes the record.
+    /// Tells `h`'s requester it ended (durably queued here first) and removes the record (its
+    /// place in the client's quota goes with it, `quota`).
     async fn refuse(&self, key: &str, h: &Handed) -> Result<(), ClusterError> {
         if let Some(tell) = self.end.get() {
             tell(vec![h.ended()]);
         }
         let mut kv = self.client.kv_client();
-        let txn = etcd_client::Txn::new().and_then(vec![
-            TxnOp::delete(key.to_owned(), None),
-            TxnOp::delete(self.place(&Holder::of(&h.request), h.id).0, None),
-        ]);
-        self.call("update", kv.txn(txn)).await?;
+        self.call("update", kv.delete(key.to_owned(), None)).await?;
+        Ok(())
+    }
+
+    /// The creates handed over from this node that no longer wait in etcd give their places in
+    /// the clients' quotas back.
+    pub(super) async fn track_handed(&self) -> Result<(), ClusterError> {
+        if !self.has_handed() {
+            return Ok(());
+        }
+        let waiting = self
+            .all_handed()
+            .await?
+            .into_iter()
+            .map(|(_, h, _)| h.id)
+            .collect();
+        self.handed_waiting(&waiting);
         Ok(())
     }
 

@@ -1,23 +1,31 @@
 //! Per-client quotas held cluster-wide. A client's live sessions may sit on any node, so each
-//! node's own count is not enough: every live session has a place under its client in etcd,
-//! `<prefix>clients/<client>/<session>` (the client a pseudonym, the value the pseudonym of the
-//! sink it notifies, or empty), and a new place is taken by a compare-and-swap on
-//! `<prefix>clientrev/<client>`, which every admission of the client bumps: a node reads the
-//! client's places and the revision in one snapshot, decides, and writes only if no other
-//! admission of the client came in between. Two creates racing on two nodes cannot both take the
-//! last place.
+//! node's own count is not enough. Each node publishes, per client, what the client holds there:
+//! `<prefix>quota/<client>/<node>` = its live sessions and the distinct sinks they notify (the
+//! client and the sinks as pseudonyms, [`super::seal::Sealer::pseudonym`]), counting the places
+//! it has granted whose sessions are not in its ledger yet, and the creates it handed over
+//! that wait in etcd.
 //!
-//! A place is taken under the node's lease, before the session is installed: a node that dies
-//! before the session is in the cluster's copy leaves no place behind. The copy's writer then
-//! keeps it without a lease (in the same transaction as the copy), and removes it in the one that
-//! removes the copy when the session ends; a node that ends a lost node's sessions removes
-//! theirs; a standby that takes sessions over keeps them. A release that fails (etcd away) is
-//! retried until etcd answers.
+//! An admission reads the client's entries of every node in one snapshot, decides with the
+//! same rule as a single node (`fits`), and writes this node's entry only if no entry of the
+//! client changed since the read (a compare on the whole prefix's revisions): creates racing
+//! through different nodes cannot both take the last place. One task per node runs the
+//! admissions, the waiting ones of a client together (one read, one write for all of them), so
+//! a client's burst of creates costs two etcd round trips, not two each; the same task
+//! publishes the entries that changed (a session ended, a create failed), so they are never
+//! written twice at once. Between a change and its publication the entry only overstates.
+//!
+//! Entries outlive leases (a node stopped with `on_exit = "keep"` holds its sessions still):
+//! a node republishes all of its own at start, after a takeover and after giving sessions up;
+//! the node that takes a lost node over or ends its sessions removes that node's entries.
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use std::collections::{BTreeSet, HashMap};
+
+use etcd_client::{Compare, CompareOp, GetOptions, TxnOp};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use super::{Cluster, RETRY_PAUSE};
+use super::{Cluster, ClusterError, RETRY_PAUSE};
 use crate::{
     error::{CamaraCode, CamaraError},
     model::{Holder, SessionId},
@@ -30,22 +38,74 @@ pub struct ClientLimits {
     pub sinks: u32,
 }
 
+/// What a client holds on one node: live sessions, and the sink origins they notify.
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    pub active: u32,
+    pub sinks: Vec<String>,
+}
+
+/// Where a node reads its clients' usage (its ledger).
+pub struct Ledger {
+    pub usage: Box<dyn Fn(&str) -> Usage + Send + Sync>,
+    pub clients: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+}
+
+/// A node's published entry for one client (the sinks as pseudonyms).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    active: u32,
+    sinks: BTreeSet<String>,
+}
+
 /// Attempts at the compare-and-swap before a create is refused as contended.
 const ATTEMPTS: usize = 16;
 
-/// What a client holds across the cluster, as read from etcd.
-#[derive(Debug, Default)]
-struct Places {
-    /// The client's live sessions (places), this one excluded.
-    active: usize,
-    /// The distinct sinks (pseudonyms) they notify.
-    sinks: std::collections::BTreeSet<String>,
+/// Admissions decided in one go at most.
+const BATCH: usize = 512;
+
+/// A place granted here whose session is not in the ledger yet (or a create handed over that
+/// waits in etcd).
+struct Granted {
+    id: SessionId,
+    /// The sink as asked (a URL).
+    sink: Option<String>,
+    handed: bool,
 }
 
-/// Whether one more session notifying `sink` (a pseudonym) fits `limits` beside `held`: the
-/// same rule as a single node's (`core`), with the cluster's counts.
-fn fits(held: &Places, sink: Option<&str>, limits: ClientLimits) -> Result<(), CamaraError> {
-    if held.active >= limits.active as usize {
+/// One create's request for a place.
+pub(super) struct Ask {
+    holder: Holder,
+    id: SessionId,
+    limits: ClientLimits,
+    reply: oneshot::Sender<Result<(), CamaraError>>,
+}
+
+pub(super) enum Msg {
+    Ask(Ask),
+    /// The client's usage here changed: publish it.
+    Changed(String),
+    /// Publish every entry of this node again, and remove the ones of clients it no longer
+    /// serves.
+    Resync,
+    /// Remove every entry of a lost node.
+    DropNode(String),
+    /// Answered once every change sent before it is published.
+    Flush(oneshot::Sender<()>),
+}
+
+/// This node's side of the quotas.
+#[derive(Default)]
+pub(super) struct Book {
+    tx: std::sync::OnceLock<mpsc::UnboundedSender<Msg>>,
+    granted: parking_lot::Mutex<HashMap<String, Vec<Granted>>>,
+    ledger: std::sync::OnceLock<Ledger>,
+}
+
+/// Whether `held` plus one more session notifying `sink` (a pseudonym) fits `limits`: the same
+/// rule as a single node's (`core`), with the cluster's counts.
+fn fits(held: &Entry, sink: Option<&str>, limits: ClientLimits) -> Result<(), CamaraError> {
+    if held.active >= limits.active {
         return Err(CamaraError::new(
             CamaraCode::QuotaExceeded,
             format!(
@@ -70,126 +130,395 @@ fn fits(held: &Places, sink: Option<&str>, limits: ClientLimits) -> Result<(), C
     Ok(())
 }
 
+/// Adds one session notifying `sink` to `held`.
+fn add(held: &mut Entry, sink: Option<&str>) {
+    held.active += 1;
+    if let Some(s) = sink {
+        held.sinks.insert(s.to_owned());
+    }
+}
+
+fn unavailable(what: impl std::fmt::Display) -> CamaraError {
+    CamaraError::new(
+        CamaraCode::Unavailable,
+        format!("the cluster cannot count this client's sessions: {what}; try again"),
+    )
+}
+
 impl Cluster {
-    /// `<prefix>clients/<client>/`, for `holder`'s client.
-    fn places_of(&self, holder: &Holder) -> String {
+    /// Where this node reads its clients' usage.
+    pub fn ledger_with(&self, ledger: Ledger) {
+        let _ = self.quotas.ledger.set(ledger);
+    }
+
+    fn quota_prefix(&self, client: &str) -> String {
         format!(
-            "{}clients/{}/",
+            "{}quota/{}/",
             self.settings.prefix,
-            self.sealer.pseudonym(&holder.client)
+            self.sealer.pseudonym(client)
         )
     }
 
-    /// The etcd key of session `id`'s place, and its value (the sink's pseudonym).
-    pub(super) fn place(&self, holder: &Holder, id: SessionId) -> (String, String) {
-        let sink = holder
-            .sink
-            .as_deref()
-            .map(|s| self.sealer.pseudonym(&crate::notify::sink_origin(s)))
-            .unwrap_or_default();
-        (format!("{}{id}", self.places_of(holder)), sink)
+    fn sink_name(&self, sink: &str) -> String {
+        self.sealer.pseudonym(&crate::notify::sink_origin(sink))
+    }
+
+    /// What `client` holds here: its sessions in the ledger and the places granted beside them.
+    fn here(&self, client: &str) -> Entry {
+        let mut e = Entry::default();
+        if let Some(l) = self.quotas.ledger.get() {
+            let u = (l.usage)(client);
+            e.active = u.active;
+            e.sinks = u.sinks.iter().map(|s| self.sealer.pseudonym(s)).collect();
+        }
+        if let Some(granted) = self.quotas.granted.lock().get(client) {
+            for g in granted {
+                add(&mut e, g.sink.as_deref().map(|s| self.sink_name(s)).as_deref());
+            }
+        }
+        e
+    }
+
+    fn send(&self, m: Msg) {
+        if let Some(tx) = self.quotas.tx.get() {
+            let _ = tx.send(m);
+        }
     }
 
     /// Takes a place for session `id` of `holder`'s client, within `limits` counted across the
     /// cluster: QUOTA_EXCEEDED when the client holds its maximum, UNAVAILABLE when etcd cannot
-    /// be reached or this node is out of the cluster. A place `id` holds already is taken
-    /// again (under this node's lease), not counted twice.
+    /// be reached or this node is out of the cluster. [`Cluster::placed`] must follow.
     pub async fn hold_place(
         &self,
         holder: &Holder,
         id: SessionId,
         limits: ClientLimits,
     ) -> Result<(), CamaraError> {
-        let unavailable = |what: String| {
-            CamaraError::new(
-                CamaraCode::Unavailable,
-                format!("the cluster cannot count this client's sessions: {what}; try again"),
-            )
-        };
-        let Some(lease) = self.standing.borrow().lease else {
-            return Err(self
-                .writable()
-                .err()
-                .unwrap_or_else(|| unavailable("this node is out of the cluster".into())));
-        };
-        let prefix = self.places_of(holder);
-        let revision_key = format!(
-            "{}clientrev/{}",
-            self.settings.prefix,
-            self.sealer.pseudonym(&holder.client)
-        );
-        let (key, sink) = self.place(holder, id);
-        let mut kv = self.client.kv_client();
-        for _ in 0..ATTEMPTS {
-            let read = Txn::new().and_then(vec![
-                TxnOp::get(revision_key.clone(), None),
-                TxnOp::get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-            ]);
-            let read = self
-                .call("quota", kv.txn(read))
-                .await
-                .map_err(|e| unavailable(crate::anyhow_like(&e)))?;
-            let (mut revision, mut held) = (0, Places::default());
-            for (i, r) in read.op_responses().into_iter().enumerate() {
-                let TxnOpResponse::Get(r) = r else { continue };
-                for kv in r.kvs() {
-                    if i == 0 {
-                        revision = kv.mod_revision();
-                    } else if kv.key() != key.as_bytes() {
-                        // Its own place (taken when the create was handed over) is not
-                        // counted again.
-                        held.active += 1;
-                        if !kv.value().is_empty() {
-                            held.sinks
-                                .insert(String::from_utf8_lossy(kv.value()).into_owned());
-                        }
-                    }
-                }
-            }
-            fits(&held, (!sink.is_empty()).then_some(sink.as_str()), limits)?;
-            let unchanged = if revision == 0 {
-                Compare::version(revision_key.clone(), CompareOp::Equal, 0)
-            } else {
-                Compare::mod_revision(revision_key.clone(), CompareOp::Equal, revision)
-            };
-            let take = Txn::new().when(vec![unchanged]).and_then(vec![
-                TxnOp::put(revision_key.clone(), id.to_string(), None),
-                TxnOp::put(
-                    key.clone(),
-                    sink.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
-            ]);
-            let taken = self
-                .call("quota", kv.txn(take))
-                .await
-                .map_err(|e| unavailable(crate::anyhow_like(&e)))?;
-            if taken.succeeded() {
-                return Ok(());
-            }
-        }
-        Err(unavailable(format!(
-            "{ATTEMPTS} concurrent admissions of the same client in a row"
-        )))
+        self.writable()?;
+        let (reply, answer) = oneshot::channel();
+        let tx = self
+            .quotas
+            .tx
+            .get()
+            .ok_or_else(|| unavailable("not started"))?;
+        tx.send(Msg::Ask(Ask {
+            holder: holder.clone(),
+            id,
+            limits,
+            reply,
+        }))
+        .map_err(|_| unavailable("the node is stopping"))?;
+        tokio::time::timeout(self.settings.timeout * 2, answer)
+            .await
+            .map_err(|_| unavailable("etcd did not answer in time"))?
+            .map_err(|_| unavailable("the node is stopping"))?
     }
 
-    /// Gives back the place taken for session `id`, which was not created after all. Retried in
-    /// the background while etcd is away (the place, under this node's lease, would otherwise
-    /// count for as long as the node lives).
-    pub fn free_place(self: &std::sync::Arc<Self>, holder: &Holder, id: SessionId) {
-        let (key, _) = self.place(holder, id);
+    /// The create that took a place for session `id` is done: in the ledger now (`created`:
+    /// the entry stays as published), or failed (then it is published lower).
+    pub fn placed(&self, holder: &Holder, id: SessionId, created: bool) {
+        if let Some(g) = self.quotas.granted.lock().get_mut(&holder.client) {
+            g.retain(|g| g.id != id);
+        }
+        if !created {
+            self.send(Msg::Changed(holder.client.clone()));
+        }
+    }
+
+    /// The create that took a place for session `id` was handed over: its place stays here
+    /// until it is no longer waiting in etcd.
+    pub fn place_handed(&self, holder: &Holder, id: SessionId) {
+        if let Some(g) = self.quotas.granted.lock().get_mut(&holder.client)
+            && let Some(g) = g.iter_mut().find(|g| g.id == id)
+        {
+            g.handed = true;
+        }
+    }
+
+    /// The creates handed over from here that wait in etcd are `waiting`; the places of the
+    /// others go.
+    pub(super) fn handed_waiting(&self, waiting: &std::collections::HashSet<SessionId>) {
+        let mut changed = Vec::new();
+        for (client, g) in self.quotas.granted.lock().iter_mut() {
+            let before = g.len();
+            g.retain(|g| !g.handed || waiting.contains(&g.id));
+            if g.len() != before {
+                changed.push(client.clone());
+            }
+        }
+        for c in changed {
+            self.send(Msg::Changed(c));
+        }
+    }
+
+    /// Whether a create handed over from here may still wait in etcd.
+    pub(super) fn has_handed(&self) -> bool {
+        self.quotas
+            .granted
+            .lock()
+            .values()
+            .any(|g| g.iter().any(|g| g.handed))
+    }
+
+    /// `client`'s usage here changed (a session of it began or ended).
+    pub fn usage_changed(&self, client: &str) {
+        self.send(Msg::Changed(client.to_owned()));
+    }
+
+    /// Waits (bounded by the etcd timeout) until the usage changes sent so far are published:
+    /// a session deleted and acknowledged frees its client's place at once, cluster-wide.
+    pub async fn quotas_published(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Flush(tx));
+        matches!(
+            tokio::time::timeout(self.settings.timeout, rx).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Publish every entry of this node again.
+    pub fn resync_quotas(&self) {
+        self.send(Msg::Resync);
+    }
+
+    /// Remove the entries of node `gone` (taken over, or ended).
+    pub(super) fn drop_quotas_of(&self, gone: &str) {
+        self.send(Msg::DropNode(gone.to_owned()));
+    }
+
+    /// Runs this node's admissions and publications until `stop` (see the module).
+    pub(super) fn run_quotas(
+        self: &std::sync::Arc<Self>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        if self.quotas.tx.set(tx).is_err() {
+            return;
+        }
         let cluster = self.clone();
         tokio::spawn(async move {
-            let mut kv = cluster.client.kv_client();
-            while let Err(e) = cluster.call("quota", kv.delete(key.clone(), None)).await {
-                warn!(session = %id, error = %crate::anyhow_like(&e), "cannot give back a client's place in the cluster; retrying");
-                tokio::time::sleep(RETRY_PAUSE * 5).await;
-                if cluster.standing.borrow().lease.is_none() {
-                    // Its lease lapsed, and the place with it.
+            loop {
+                let first = tokio::select! {
+                    () = stop.cancelled() => return,
+                    m = rx.recv() => match m { Some(m) => m, None => return },
+                };
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                cluster.serve_batch(batch, &stop).await;
+            }
+        });
+    }
+
+    async fn serve_batch(&self, batch: Vec<Msg>, stop: &tokio_util::sync::CancellationToken) {
+        // Admissions by client, in the order asked; publications once per client.
+        let mut asks: Vec<(String, Vec<Ask>)> = Vec::new();
+        let mut changed = BTreeSet::new();
+        let (mut resync, mut dropped, mut flushed) = (false, Vec::new(), Vec::new());
+        for m in batch {
+            match m {
+                Msg::Ask(ask) => match asks.iter_mut().find(|(c, _)| *c == ask.holder.client) {
+                    Some((_, a)) => a.push(ask),
+                    None => asks.push((ask.holder.client.clone(), vec![ask])),
+                },
+                Msg::Changed(c) => {
+                    changed.insert(c);
+                }
+                Msg::Resync => resync = true,
+                Msg::DropNode(n) => dropped.push(n),
+                Msg::Flush(f) => flushed.push(f),
+            }
+        }
+        for (client, asks) in asks {
+            changed.remove(&client);
+            self.admit(&client, asks).await;
+        }
+        // Publications are retried until etcd answers: an entry left too high only refuses
+        // creates the client could have had.
+        loop {
+            let mut failed = None;
+            for n in &dropped {
+                if let Err(e) = self.remove_entries(Some(n)).await {
+                    failed = Some(e);
+                }
+            }
+            if resync && let Err(e) = self.resync().await {
+                failed = Some(e);
+            }
+            for c in &changed {
+                if let Err(e) = self.publish_entry(c).await {
+                    failed = Some(e);
+                }
+            }
+            let Some(e) = failed else {
+                for f in flushed {
+                    let _ = f.send(());
+                }
+                return;
+            };
+            warn!(error = %crate::anyhow_like(&e), "cannot publish this node's client quotas; retrying");
+            if super::pause(stop, RETRY_PAUSE * 10).await {
+                return;
+            }
+        }
+    }
+
+    /// Decides the waiting admissions of `client` together.
+    async fn admit(&self, client: &str, asks: Vec<Ask>) {
+        let prefix = self.quota_prefix(client);
+        let mine = format!("{prefix}{}", self.settings.node_id);
+        let mut kv = self.client.kv_client();
+        for _ in 0..ATTEMPTS {
+            let read = match self
+                .call(
+                    "quota",
+                    kv.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+                )
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    for a in asks {
+                        let _ = a.reply.send(Err(unavailable(crate::anyhow_like(&e))));
+                    }
+                    return;
+                }
+            };
+            let at = read.header().map_or(0, |h| h.revision());
+            // The others' entries as read; this node's own from its ledger.
+            let mut held = self.here(client);
+            for e in read.kvs() {
+                if e.key() == mine.as_bytes() {
+                    continue;
+                }
+                match serde_json::from_slice::<Entry>(e.value()) {
+                    Ok(other) => {
+                        held.active += other.active;
+                        held.sinks.extend(other.sinks);
+                    }
+                    Err(_) => warn!(
+                        key = %String::from_utf8_lossy(e.key()),
+                        "a quota entry cannot be read; not counted"
+                    ),
+                }
+            }
+            let mut own = self.here(client);
+            let mut verdicts = Vec::with_capacity(asks.len());
+            for a in &asks {
+                let sink = a.holder.sink.as_deref().map(|s| self.sink_name(s));
+                let v = fits(&held, sink.as_deref(), a.limits);
+                if v.is_ok() {
+                    add(&mut held, sink.as_deref());
+                    add(&mut own, sink.as_deref());
+                }
+                verdicts.push(v);
+            }
+            let Ok(value) = serde_json::to_vec(&own) else {
+                return;
+            };
+            let txn = etcd_client::Txn::new()
+                .when(vec![
+                    Compare::mod_revision(prefix.clone(), CompareOp::Less, at + 1).with_prefix(),
+                ])
+                .and_then(vec![TxnOp::put(mine.clone(), value, None)]);
+            match self.call("quota", kv.txn(txn)).await {
+                Ok(r) if r.succeeded() => {
+                    let mut granted = self.quotas.granted.lock();
+                    for (a, v) in asks.into_iter().zip(verdicts) {
+                        if v.is_ok() {
+                            granted.entry(client.to_owned()).or_default().push(Granted {
+                                id: a.id,
+                                sink: a.holder.sink,
+                                handed: false,
+                            });
+                        }
+                        let _ = a.reply.send(v);
+                    }
+                    return;
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    for a in asks {
+                        let _ = a.reply.send(Err(unavailable(crate::anyhow_like(&e))));
+                    }
                     return;
                 }
             }
-        });
+        }
+        for a in asks {
+            let _ = a.reply.send(Err(unavailable(format!(
+                "{ATTEMPTS} concurrent admissions of the same client in a row"
+            ))));
+        }
+    }
+
+    /// Writes this node's entry for `client` (removes it when it holds nothing here).
+    async fn publish_entry(&self, client: &str) -> Result<(), ClusterError> {
+        let key = format!("{}{}", self.quota_prefix(client), self.settings.node_id);
+        let entry = self.here(client);
+        let mut kv = self.client.kv_client();
+        if entry == Entry::default() {
+            self.call("quota", kv.delete(key, None)).await?;
+        } else {
+            let value = serde_json::to_vec(&entry).unwrap_or_default();
+            self.call("quota", kv.put(key, value, None)).await?;
+        }
+        Ok(())
+    }
+
+    /// Every entry of `node` (`None`: none but those of clients this node serves now).
+    async fn remove_entries(&self, node: Option<&str>) -> Result<(), ClusterError> {
+        let me = &self.settings.node_id;
+        let node = node.unwrap_or(me);
+        let keep: BTreeSet<String> = if node == me {
+            self.quotas.ledger.get().map_or_else(BTreeSet::new, |l| {
+                (l.clients)()
+                    .iter()
+                    .map(|c| format!("{}{me}", self.quota_prefix(c)))
+                    .collect()
+            })
+        } else {
+            BTreeSet::new()
+        };
+        let mut kv = self.client.kv_client();
+        let all = self
+            .call(
+                "quota",
+                kv.get(
+                    format!("{}quota/", self.settings.prefix),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                ),
+            )
+            .await?;
+        let suffix = format!("/{node}");
+        for e in all.kvs() {
+            let key = String::from_utf8_lossy(e.key()).into_owned();
+            if key.ends_with(&suffix) && !keep.contains(&key) {
+                self.call("quota", kv.delete(key, None)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes every entry of this node again, and removes those of clients it holds nothing
+    /// of now.
+    async fn resync(&self) -> Result<(), ClusterError> {
+        self.remove_entries(None).await?;
+        let clients = self
+            .quotas
+            .ledger
+            .get()
+            .map(|l| (l.clients)())
+            .unwrap_or_default();
+        let granted: Vec<String> = self.quotas.granted.lock().keys().cloned().collect();
+        for c in clients.iter().chain(&granted) {
+            self.publish_entry(c).await?;
+        }
+        Ok(())
     }
 }
 
@@ -197,8 +526,8 @@ impl Cluster {
 mod tests {
     use super::*;
 
-    fn places(active: usize, sinks: &[&str]) -> Places {
-        Places {
+    fn held(active: u32, sinks: &[&str]) -> Entry {
+        Entry {
             active,
             sinks: sinks.iter().map(|s| (*s).to_owned()).collect(),
         }
@@ -211,17 +540,22 @@ mod tests {
 
     #[test]
     fn a_client_gets_its_places_up_to_the_limits_and_no_more() {
-        assert!(fits(&places(2, &["s1"]), Some("s1"), LIMITS).is_ok());
-        assert!(fits(&places(2, &["s1"]), None, LIMITS).is_ok());
-        let full = fits(&places(3, &["s1"]), None, LIMITS).expect_err("full");
+        assert!(fits(&held(2, &["s1"]), Some("s1"), LIMITS).is_ok());
+        assert!(fits(&held(2, &["s1"]), None, LIMITS).is_ok());
+        let full = fits(&held(3, &["s1"]), None, LIMITS).expect_err("full");
         assert_eq!(full.code, CamaraCode::QuotaExceeded);
         assert!(
             full.message
                 .contains("maximum of 3 active sessions across the cluster")
         );
         // A third distinct sink is refused; one of the two it notifies is fine.
-        let sinks = fits(&places(2, &["s1", "s2"]), Some("s3"), LIMITS).expect_err("sinks");
+        let sinks = fits(&held(2, &["s1", "s2"]), Some("s3"), LIMITS).expect_err("sinks");
         assert_eq!(sinks.code, CamaraCode::QuotaExceeded);
-        assert!(fits(&places(2, &["s1", "s2"]), Some("s2"), LIMITS).is_ok());
+        assert_eq!(sinks.field.as_deref(), Some("sink"));
+        assert!(fits(&held(2, &["s1", "s2"]), Some("s2"), LIMITS).is_ok());
+        // Granting adds to what is held.
+        let mut h = held(1, &["s1"]);
+        add(&mut h, Some("s2"));
+        assert_eq!(h, held(2, &["s1", "s2"]));
     }
 }
