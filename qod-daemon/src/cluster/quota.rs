@@ -9,10 +9,16 @@
 //! same rule as a single node (`fits`), and writes this node's entry only if no entry of the
 //! client changed since the read (a compare on the whole prefix's revisions): creates racing
 //! through different nodes cannot both take the last place. One task per node runs the
-//! admissions, the waiting ones of a client together (one read, one write for all of them), so
-//! a client's burst of creates costs two etcd round trips, not two each; the same task
-//! publishes the entries that changed (a session ended, a create failed), so they are never
-//! written twice at once. Between a change and its publication the entry only overstates.
+//! admissions, the waiting ones of a client together (one read, one write for all of them); the
+//! same task publishes the entries that changed (a session ended, a create failed), so they are
+//! never written twice at once. Between a change and its publication the entry only overstates.
+//!
+//! Far from its limit a client need not wait for etcd at all: an admission also takes places
+//! ahead for the client at this node (half of what the client has left, at most [`AHEAD`]),
+//! counted in the entry like any other; later creates here use them without a round trip, until
+//! they run out, a new sink needs a decision, or [`AHEAD_IDLE`] passes without a create of the
+//! client here (then they are given back). Near the limit nothing is taken ahead and every
+//! create is decided against the others' entries.
 //!
 //! Entries outlive leases (a node stopped with `on_exit = "keep"` holds its sessions still):
 //! a node republishes all of its own at start, after a takeover and after giving sessions up;
@@ -64,6 +70,12 @@ const ATTEMPTS: usize = 16;
 /// Admissions decided in one go at most.
 const BATCH: usize = 512;
 
+/// Places taken ahead for a client at one node, at most.
+const AHEAD: u32 = 128;
+
+/// Places taken ahead and not used for this long are given back.
+const AHEAD_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A place granted here whose session is not in the ledger yet (or a create handed over that
 /// waits in etcd).
 struct Granted {
@@ -94,11 +106,24 @@ pub(super) enum Msg {
     Flush(oneshot::Sender<()>),
 }
 
+/// What this node keeps of one client beside its ledger.
+#[derive(Default)]
+struct Account {
+    /// Places granted whose sessions are not in the ledger yet.
+    granted: Vec<Granted>,
+    /// Places taken ahead, not granted yet.
+    ahead: u32,
+    /// The sinks (pseudonyms) of the entry last written.
+    sinks: BTreeSet<String>,
+    /// The last grant here.
+    last: Option<std::time::Instant>,
+}
+
 /// This node's side of the quotas.
 #[derive(Default)]
 pub(super) struct Book {
     tx: std::sync::OnceLock<mpsc::UnboundedSender<Msg>>,
-    granted: parking_lot::Mutex<HashMap<String, Vec<Granted>>>,
+    accounts: parking_lot::Mutex<HashMap<String, Account>>,
     ledger: std::sync::OnceLock<Ledger>,
 }
 
@@ -163,7 +188,8 @@ impl Cluster {
         self.sealer.pseudonym(&crate::notify::sink_origin(sink))
     }
 
-    /// What `client` holds here: its sessions in the ledger and the places granted beside them.
+    /// What `client` holds here, as published: its sessions in the ledger, the places granted
+    /// beside them and those taken ahead.
     fn here(&self, client: &str) -> Entry {
         let mut e = Entry::default();
         if let Some(l) = self.quotas.ledger.get() {
@@ -171,12 +197,33 @@ impl Cluster {
             e.active = u.active;
             e.sinks = u.sinks.iter().map(|s| self.sealer.pseudonym(s)).collect();
         }
-        if let Some(granted) = self.quotas.granted.lock().get(client) {
-            for g in granted {
+        if let Some(a) = self.quotas.accounts.lock().get(client) {
+            for g in &a.granted {
                 add(&mut e, g.sink.as_deref().map(|s| self.sink_name(s)).as_deref());
             }
+            e.active += a.ahead;
         }
         e
+    }
+
+    /// Grants a place taken ahead for `holder`'s client, if there is one and its sink is
+    /// already counted.
+    fn grant_ahead(&self, holder: &Holder, id: SessionId, sink: Option<&str>) -> bool {
+        let mut accounts = self.quotas.accounts.lock();
+        let Some(a) = accounts.get_mut(&holder.client) else {
+            return false;
+        };
+        if a.ahead == 0 || sink.is_some_and(|s| !a.sinks.contains(s)) {
+            return false;
+        }
+        a.ahead -= 1;
+        a.granted.push(Granted {
+            id,
+            sink: holder.sink.clone(),
+            handed: false,
+        });
+        a.last = Some(std::time::Instant::now());
+        true
     }
 
     fn send(&self, m: Msg) {
@@ -195,6 +242,10 @@ impl Cluster {
         limits: ClientLimits,
     ) -> Result<(), CamaraError> {
         self.writable()?;
+        let sink = holder.sink.as_deref().map(|s| self.sink_name(s));
+        if self.grant_ahead(holder, id, sink.as_deref()) {
+            return Ok(());
+        }
         let (reply, answer) = oneshot::channel();
         let tx = self
             .quotas
@@ -217,8 +268,8 @@ impl Cluster {
     /// The create that took a place for session `id` is done: in the ledger now (`created`:
     /// the entry stays as published), or failed (then it is published lower).
     pub fn placed(&self, holder: &Holder, id: SessionId, created: bool) {
-        if let Some(g) = self.quotas.granted.lock().get_mut(&holder.client) {
-            g.retain(|g| g.id != id);
+        if let Some(a) = self.quotas.accounts.lock().get_mut(&holder.client) {
+            a.granted.retain(|g| g.id != id);
         }
         if !created {
             self.send(Msg::Changed(holder.client.clone()));
@@ -228,8 +279,8 @@ impl Cluster {
     /// The create that took a place for session `id` was handed over: its place stays here
     /// until it is no longer waiting in etcd.
     pub fn place_handed(&self, holder: &Holder, id: SessionId) {
-        if let Some(g) = self.quotas.granted.lock().get_mut(&holder.client)
-            && let Some(g) = g.iter_mut().find(|g| g.id == id)
+        if let Some(a) = self.quotas.accounts.lock().get_mut(&holder.client)
+            && let Some(g) = a.granted.iter_mut().find(|g| g.id == id)
         {
             g.handed = true;
         }
@@ -239,10 +290,10 @@ impl Cluster {
     /// others go.
     pub(super) fn handed_waiting(&self, waiting: &std::collections::HashSet<SessionId>) {
         let mut changed = Vec::new();
-        for (client, g) in self.quotas.granted.lock().iter_mut() {
-            let before = g.len();
-            g.retain(|g| !g.handed || waiting.contains(&g.id));
-            if g.len() != before {
+        for (client, a) in self.quotas.accounts.lock().iter_mut() {
+            let before = a.granted.len();
+            a.granted.retain(|g| !g.handed || waiting.contains(&g.id));
+            if a.granted.len() != before {
                 changed.push(client.clone());
             }
         }
@@ -254,10 +305,10 @@ impl Cluster {
     /// Whether a create handed over from here may still wait in etcd.
     pub(super) fn has_handed(&self) -> bool {
         self.quotas
-            .granted
+            .accounts
             .lock()
             .values()
-            .any(|g| g.iter().any(|g| g.handed))
+            .any(|a| a.granted.iter().any(|g| g.handed))
     }
 
     /// `client`'s usage here changed (a session of it began or ended).
@@ -297,10 +348,15 @@ impl Cluster {
         }
         let cluster = self.clone();
         tokio::spawn(async move {
+            let mut idle = tokio::time::interval(AHEAD_IDLE / 2);
             loop {
                 let first = tokio::select! {
                     () = stop.cancelled() => return,
                     m = rx.recv() => match m { Some(m) => m, None => return },
+                    _ = idle.tick() => match cluster.give_back_idle() {
+                        Some(m) => m,
+                        None => continue,
+                    },
                 };
                 let mut batch = vec![first];
                 while batch.len() < BATCH {
@@ -367,8 +423,57 @@ impl Cluster {
         }
     }
 
+    /// Gives back the places taken ahead for clients that created nothing here for
+    /// [`AHEAD_IDLE`], and forgets clients with nothing kept: a resync when there was any.
+    fn give_back_idle(&self) -> Option<Msg> {
+        let mut accounts = self.quotas.accounts.lock();
+        let mut any = false;
+        for a in accounts.values_mut() {
+            if a.ahead > 0 && a.last.is_none_or(|t| t.elapsed() >= AHEAD_IDLE) {
+                a.ahead = 0;
+                any = true;
+            }
+        }
+        accounts.retain(|_, a| a.ahead > 0 || !a.granted.is_empty());
+        any.then_some(Msg::Resync)
+    }
+
     /// Decides the waiting admissions of `client` together.
     async fn admit(&self, client: &str, asks: Vec<Ask>) {
+        // Places taken ahead meanwhile serve what they can.
+        let asks: Vec<Ask> = asks
+            .into_iter()
+            .filter_map(|a| {
+                let sink = a.holder.sink.as_deref().map(|s| self.sink_name(s));
+                if self.grant_ahead(&a.holder, a.id, sink.as_deref()) {
+                    let _ = a.reply.send(Ok(()));
+                    None
+                } else {
+                    Some(a)
+                }
+            })
+            .collect();
+        if asks.is_empty() {
+            return;
+        }
+        // The places still taken ahead (their asks bring sinks not yet counted) are used first:
+        // out of the account while this runs, counted by hand, given back if nothing is written.
+        let spare = self
+            .quotas
+            .accounts
+            .lock()
+            .get_mut(client)
+            .map_or(0, |a| std::mem::take(&mut a.ahead));
+        let give_back = |n: u32| {
+            if n > 0 {
+                self.quotas
+                    .accounts
+                    .lock()
+                    .entry(client.to_owned())
+                    .or_default()
+                    .ahead += n;
+            }
+        };
         let prefix = self.quota_prefix(client);
         let mine = format!("{prefix}{}", self.settings.node_id);
         let mut kv = self.client.kv_client();
@@ -382,6 +487,7 @@ impl Cluster {
             {
                 Ok(r) => r,
                 Err(e) => {
+                    give_back(spare);
                     for a in asks {
                         let _ = a.reply.send(Err(unavailable(crate::anyhow_like(&e))));
                     }
@@ -407,17 +513,40 @@ impl Cluster {
                 }
             }
             let mut own = self.here(client);
+            held.active += spare;
+            own.active += spare;
+            let mut left = spare;
             let mut verdicts = Vec::with_capacity(asks.len());
             for a in &asks {
                 let sink = a.holder.sink.as_deref().map(|s| self.sink_name(s));
-                let v = fits(&held, sink.as_deref(), a.limits);
-                if v.is_ok() {
-                    add(&mut held, sink.as_deref());
-                    add(&mut own, sink.as_deref());
+                let v = if left > 0 {
+                    // A place is there; only the sink is to decide.
+                    let sinks_only = Entry {
+                        active: 0,
+                        sinks: held.sinks.clone(),
+                    };
+                    fits(&sinks_only, sink.as_deref(), a.limits).inspect(|()| left -= 1)
+                } else {
+                    fits(&held, sink.as_deref(), a.limits).inspect(|()| {
+                        held.active += 1;
+                        own.active += 1;
+                    })
+                };
+                if v.is_ok()
+                    && let Some(s) = &sink
+                {
+                    held.sinks.insert(s.clone());
+                    own.sinks.insert(s.clone());
                 }
                 verdicts.push(v);
             }
+            // Places ahead, while the client is far from its limit.
+            let limit = asks.last().map_or(0, |a| a.limits.active);
+            let ahead = AHEAD.min(limit.saturating_sub(held.active) / 2);
+            own.active += ahead;
+            held.active += ahead;
             let Ok(value) = serde_json::to_vec(&own) else {
+                give_back(spare);
                 return;
             };
             let txn = etcd_client::Txn::new()
@@ -427,10 +556,14 @@ impl Cluster {
                 .and_then(vec![TxnOp::put(mine.clone(), value, None)]);
             match self.call("quota", kv.txn(txn)).await {
                 Ok(r) if r.succeeded() => {
-                    let mut granted = self.quotas.granted.lock();
+                    let mut accounts = self.quotas.accounts.lock();
+                    let account = accounts.entry(client.to_owned()).or_default();
+                    account.ahead += left + ahead;
+                    account.sinks = own.sinks;
+                    account.last = Some(std::time::Instant::now());
                     for (a, v) in asks.into_iter().zip(verdicts) {
                         if v.is_ok() {
-                            granted.entry(client.to_owned()).or_default().push(Granted {
+                            account.granted.push(Granted {
                                 id: a.id,
                                 sink: a.holder.sink,
                                 handed: false,
@@ -442,6 +575,7 @@ impl Cluster {
                 }
                 Ok(_) => continue,
                 Err(e) => {
+                    give_back(spare);
                     for a in asks {
                         let _ = a.reply.send(Err(unavailable(crate::anyhow_like(&e))));
                     }
@@ -449,6 +583,7 @@ impl Cluster {
                 }
             }
         }
+        give_back(spare);
         for a in asks {
             let _ = a.reply.send(Err(unavailable(format!(
                 "{ATTEMPTS} concurrent admissions of the same client in a row"
@@ -460,6 +595,9 @@ impl Cluster {
     async fn publish_entry(&self, client: &str) -> Result<(), ClusterError> {
         let key = format!("{}{}", self.quota_prefix(client), self.settings.node_id);
         let entry = self.here(client);
+        if let Some(a) = self.quotas.accounts.lock().get_mut(client) {
+            a.sinks.clone_from(&entry.sinks);
+        }
         let mut kv = self.client.kv_client();
         if entry == Entry::default() {
             self.call("quota", kv.delete(key, None)).await?;
@@ -514,8 +652,8 @@ impl Cluster {
             .get()
             .map(|l| (l.clients)())
             .unwrap_or_default();
-        let granted: Vec<String> = self.quotas.granted.lock().keys().cloned().collect();
-        for c in clients.iter().chain(&granted) {
+        let kept: Vec<String> = self.quotas.accounts.lock().keys().cloned().collect();
+        for c in clients.iter().chain(&kept) {
             self.publish_entry(c).await?;
         }
         Ok(())
