@@ -384,10 +384,11 @@ pub async fn run(
     if let Some(c) = &cluster {
         c.install_with(installer);
         // The clients' quota entries of this node, as restored.
-        let (usage, clients) = (core.clone(), core.clone());
+        let (usage, clients, holds) = (core.clone(), core.clone(), core.clone());
         c.ledger_with(cluster::quota::Ledger {
             usage: Box::new(move |client| usage.client_usage(client)),
             clients: Box::new(move || clients.clients()),
+            holds: Box::new(move |id| holds.holds(id)),
         });
         c.resync_quotas();
     }

@@ -14,7 +14,8 @@
 //! never written twice at once. Between a change and its publication the entry only overstates.
 //!
 //! Far from its limit a client need not wait for etcd at all: an admission also takes places
-//! ahead for the client at this node (half of what the client has left, at most [`AHEAD`]),
+//! ahead for the client at this node (an eighth of what the client has left, at most
+//! [`AHEAD`], none when fewer than [`AHEAD_FROM`] are left),
 //! counted in the entry like any other; later creates here use them without a round trip, until
 //! they run out, a new sink needs a decision, or [`AHEAD_IDLE`] passes without a create of the
 //! client here (then they are given back). Near the limit nothing is taken ahead and every
@@ -55,6 +56,8 @@ pub struct Usage {
 pub struct Ledger {
     pub usage: Box<dyn Fn(&str) -> Usage + Send + Sync>,
     pub clients: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// Whether a session is in the ledger.
+    pub holds: Box<dyn Fn(SessionId) -> bool + Send + Sync>,
 }
 
 /// A node's published entry for one client (the sinks as pseudonyms).
@@ -72,6 +75,10 @@ const BATCH: usize = 512;
 
 /// Places taken ahead for a client at one node, at most.
 const AHEAD: u32 = 128;
+
+/// No place is taken ahead for a client with fewer left than this: near its limit every create
+/// is decided exactly.
+const AHEAD_FROM: u32 = 64;
 
 /// Places taken ahead and not used for this long are given back.
 const AHEAD_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -155,6 +162,19 @@ fn fits(held: &Entry, sink: Option<&str>, limits: ClientLimits) -> Result<(), Ca
     Ok(())
 }
 
+/// How many places to take ahead for a client holding `held` of `limit` (see the module): an
+/// eighth of what is left, at most [`AHEAD`], none below [`AHEAD_FROM`] left. Places taken
+/// ahead at one node and not used there refuse creates at others until they are given back
+/// (after [`AHEAD_IDLE`]), which the eighth bounds.
+fn ahead(limit: u32, held: u32) -> u32 {
+    let left = limit.saturating_sub(held);
+    if left < AHEAD_FROM {
+        0
+    } else {
+        AHEAD.min(left / 8)
+    }
+}
+
 /// Adds one session notifying `sink` to `held`.
 fn add(held: &mut Entry, sink: Option<&str>) {
     held.active += 1;
@@ -192,16 +212,25 @@ impl Cluster {
     /// beside them and those taken ahead.
     fn here(&self, client: &str) -> Entry {
         let mut e = Entry::default();
-        if let Some(l) = self.quotas.ledger.get() {
-            let u = (l.usage)(client);
-            e.active = u.active;
-            e.sinks = u.sinks.iter().map(|s| self.sealer.pseudonym(s)).collect();
-        }
+        let ledger = self.quotas.ledger.get();
+        // Places granted whose sessions are not in the ledger yet, looked at before the ledger
+        // is read: one whose session enters meanwhile is counted twice (over), never not at all.
         if let Some(a) = self.quotas.accounts.lock().get(client) {
             for g in &a.granted {
-                add(&mut e, g.sink.as_deref().map(|s| self.sink_name(s)).as_deref());
+                if !ledger.is_some_and(|l| (l.holds)(g.id)) {
+                    add(
+                        &mut e,
+                        g.sink.as_deref().map(|s| self.sink_name(s)).as_deref(),
+                    );
+                }
             }
             e.active += a.ahead;
+        }
+        if let Some(l) = ledger {
+            let u = (l.usage)(client);
+            e.active += u.active;
+            e.sinks
+                .extend(u.sinks.iter().map(|s| self.sealer.pseudonym(s)));
         }
         e
     }
@@ -540,9 +569,7 @@ impl Cluster {
                 }
                 verdicts.push(v);
             }
-            // Places ahead, while the client is far from its limit.
-            let limit = asks.last().map_or(0, |a| a.limits.active);
-            let ahead = AHEAD.min(limit.saturating_sub(held.active) / 2);
+            let ahead = ahead(asks.last().map_or(0, |a| a.limits.active), held.active);
             own.active += ahead;
             held.active += ahead;
             let Ok(value) = serde_json::to_vec(&own) else {
@@ -691,6 +718,12 @@ mod tests {
         assert_eq!(sinks.code, CamaraCode::QuotaExceeded);
         assert_eq!(sinks.field.as_deref(), Some("sink"));
         assert!(fits(&held(2, &["s1", "s2"]), Some("s2"), LIMITS).is_ok());
+        // Places ahead: far from the limit only, and never past it.
+        assert_eq!(ahead(10_000, 0), 128);
+        assert_eq!(ahead(10_000, 9_500), 62);
+        assert_eq!(ahead(10_000, 9_937), 0);
+        assert_eq!(ahead(10, 0), 0, "small quotas are exact");
+        assert_eq!(ahead(100, 200), 0);
         // Granting adds to what is held.
         let mut h = held(1, &["s1"]);
         add(&mut h, Some("s2"));
