@@ -770,9 +770,9 @@ impl Cluster {
                 }
                 Mirrored::Gone(id, holder) => {
                     ops.push(TxnOp::delete(format!("{base}{id}"), None));
-                    // An end lowers the client's quota entry here.
+                    // An end frees a place in the client's quota.
                     if let Some(holder) = holder {
-                        self.usage_changed(&holder.client);
+                        self.session_ended(&holder.client);
                     }
                 }
             }

@@ -124,6 +124,8 @@ struct Account {
     sinks: BTreeSet<String>,
     /// The last grant here.
     last: Option<std::time::Instant>,
+    /// What the client had left, cluster-wide, after the last admission here.
+    left: u32,
 }
 
 /// This node's side of the quotas.
@@ -132,6 +134,8 @@ pub(super) struct Book {
     tx: std::sync::OnceLock<mpsc::UnboundedSender<Msg>>,
     accounts: parking_lot::Mutex<HashMap<String, Account>>,
     ledger: std::sync::OnceLock<Ledger>,
+    /// Changes sent and not yet published.
+    unpublished: std::sync::atomic::AtomicUsize,
 }
 
 /// Whether `held` plus one more session notifying `sink` (a pseudonym) fits `limits`: the same
@@ -256,6 +260,11 @@ impl Cluster {
     }
 
     fn send(&self, m: Msg) {
+        if matches!(m, Msg::Changed(_)) {
+            self.quotas
+                .unpublished
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         if let Some(tx) = self.quotas.tx.get() {
             let _ = tx.send(m);
         }
@@ -345,9 +354,34 @@ impl Cluster {
         self.send(Msg::Changed(client.to_owned()));
     }
 
+    /// A live session of `client` ended here. Far from the client's limit its place is kept
+    /// here as a place ahead (the entry stays as it is: nothing to write); near it, the entry is
+    /// published lower, so the place is free at every node.
+    pub(super) fn session_ended(&self, client: &str) {
+        {
+            let mut accounts = self.quotas.accounts.lock();
+            if let Some(a) = accounts.get_mut(client)
+                && a.left >= 2 * AHEAD_FROM
+                && a.ahead < AHEAD
+            {
+                a.ahead += 1;
+                return;
+            }
+        }
+        self.usage_changed(client);
+    }
+
     /// Waits (bounded by the etcd timeout) until the usage changes sent so far are published:
     /// a session deleted and acknowledged frees its client's place at once, cluster-wide.
     pub async fn quotas_published(&self) -> bool {
+        if self
+            .quotas
+            .unpublished
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            return true;
+        }
         let (tx, rx) = oneshot::channel();
         self.send(Msg::Flush(tx));
         matches!(
@@ -382,10 +416,12 @@ impl Cluster {
                 let first = tokio::select! {
                     () = stop.cancelled() => return,
                     m = rx.recv() => match m { Some(m) => m, None => return },
-                    _ = idle.tick() => match cluster.give_back_idle() {
-                        Some(m) => m,
-                        None => continue,
-                    },
+                    _ = idle.tick() => {
+                        for c in cluster.give_back_idle() {
+                            cluster.usage_changed(&c);
+                        }
+                        continue;
+                    }
                 };
                 let mut batch = vec![first];
                 while batch.len() < BATCH {
@@ -404,6 +440,7 @@ impl Cluster {
         let mut asks: Vec<(String, Vec<Ask>)> = Vec::new();
         let mut changed = BTreeSet::new();
         let (mut resync, mut dropped, mut flushed) = (false, Vec::new(), Vec::new());
+        let mut changes = 0;
         for m in batch {
             match m {
                 Msg::Ask(ask) => match asks.iter_mut().find(|(c, _)| *c == ask.holder.client) {
@@ -412,6 +449,7 @@ impl Cluster {
                 },
                 Msg::Changed(c) => {
                     changed.insert(c);
+                    changes += 1;
                 }
                 Msg::Resync => resync = true,
                 Msg::DropNode(n) => dropped.push(n),
@@ -440,6 +478,9 @@ impl Cluster {
                 }
             }
             let Some(e) = failed else {
+                self.quotas
+                    .unpublished
+                    .fetch_sub(changes, std::sync::atomic::Ordering::SeqCst);
                 for f in flushed {
                     let _ = f.send(());
                 }
@@ -453,18 +494,19 @@ impl Cluster {
     }
 
     /// Gives back the places taken ahead for clients that created nothing here for
-    /// [`AHEAD_IDLE`], and forgets clients with nothing kept: a resync when there was any.
-    fn give_back_idle(&self) -> Option<Msg> {
+    /// [`AHEAD_IDLE`], and forgets clients with nothing kept: the clients whose entries are to
+    /// be published lower.
+    fn give_back_idle(&self) -> Vec<String> {
         let mut accounts = self.quotas.accounts.lock();
-        let mut any = false;
-        for a in accounts.values_mut() {
+        let mut lower = Vec::new();
+        for (c, a) in accounts.iter_mut() {
             if a.ahead > 0 && a.last.is_none_or(|t| t.elapsed() >= AHEAD_IDLE) {
                 a.ahead = 0;
-                any = true;
+                lower.push(c.clone());
             }
         }
         accounts.retain(|_, a| a.ahead > 0 || !a.granted.is_empty());
-        any.then_some(Msg::Resync)
+        lower
     }
 
     /// Decides the waiting admissions of `client` together.
@@ -569,7 +611,8 @@ impl Cluster {
                 }
                 verdicts.push(v);
             }
-            let ahead = ahead(asks.last().map_or(0, |a| a.limits.active), held.active);
+            let limit = asks.last().map_or(0, |a| a.limits.active);
+            let ahead = ahead(limit, held.active);
             own.active += ahead;
             held.active += ahead;
             let Ok(value) = serde_json::to_vec(&own) else {
@@ -586,6 +629,7 @@ impl Cluster {
                     let mut accounts = self.quotas.accounts.lock();
                     let account = accounts.entry(client.to_owned()).or_default();
                     account.ahead += left + ahead;
+                    account.left = limit.saturating_sub(held.active);
                     account.sinks = own.sinks;
                     account.last = Some(std::time::Instant::now());
                     for (a, v) in asks.into_iter().zip(verdicts) {
