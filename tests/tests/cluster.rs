@@ -81,6 +81,25 @@ async fn await_status(qodd: &Qodd, within: Duration, done: impl Fn(&Value) -> bo
     }
 }
 
+/// A QOS_E create for `device` to the lab's server, port `port`, for 600 s.
+fn qos_e(device: &str, port: u32) -> qod_proto::v1::CreateSessionRequest {
+    qod_testkit::api::session(
+        device,
+        qod_testkit::addr::SERVER_V4,
+        "QOS_E",
+        &[],
+        &[port],
+        600,
+    )
+}
+
+/// A token of another API client, minted by `qodd`'s identity provider.
+fn someone_else(qodd: &Qodd) -> String {
+    qodd.pki
+        .mint(&qod_daemon::devkit::TokenSpec::full("someone-else"))
+        .expect("token")
+}
+
 /// The metric samples of the qodd in `lab`.
 fn metrics(lab: &Lab) -> std::collections::BTreeMap<String, f64> {
     let (code, _, body) = qod_testkit::http_get(&lab.edge, 9464, "/metrics");
@@ -425,14 +444,7 @@ async fn any_node_takes_any_call_and_the_node_that_serves_the_device_installs_it
     // The conflict rule holds across nodes.
     let mut via_c = c.sessions().await.expect("client c");
     let conflict = via_c
-        .create_session(qod_testkit::api::session(
-            DEVICE_V4,
-            SERVER_V4,
-            "QOS_E",
-            &[],
-            &[5000],
-            600,
-        ))
+        .create_session(qos_e(DEVICE_V4, 5000))
         .await
         .expect_err("the same flow through c");
     assert_eq!(
@@ -441,10 +453,7 @@ async fn any_node_takes_any_call_and_the_node_that_serves_the_device_installs_it
         "{conflict:?}"
     );
     // Another client cannot reach it through any node.
-    let other = a
-        .pki
-        .mint(&qod_daemon::devkit::TokenSpec::full("someone-else"))
-        .expect("token");
+    let other = someone_else(&a);
     let mut as_other = c.sessions_as(&other).await.expect("client");
     let denied = as_other
         .get_session(qod_proto::v1::GetSessionRequest {
@@ -497,7 +506,6 @@ async fn any_node_takes_any_call_and_the_node_that_serves_the_device_installs_it
 /// session gives its place back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_clients_quota_holds_across_the_cluster() {
-    use qod_testkit::addr::SERVER_V4;
     let etcd = EtcdCluster::start(3).expect("etcd");
     let limits = "[limits]\nmax_active_sessions_per_client = 10\n";
     let (_a_lab, a) = etcd
@@ -531,14 +539,7 @@ async fn a_clients_quota_holds_across_the_cluster() {
         via.sessions()
             .await
             .expect("client")
-            .create_session(qod_testkit::api::session(
-                &device,
-                SERVER_V4,
-                "QOS_E",
-                &[],
-                &[5000],
-                600,
-            ))
+            .create_session(qos_e(&device, 5000))
             .await
             .map(|r| r.into_inner().session_id)
     }
@@ -578,21 +579,11 @@ async fn a_clients_quota_holds_across_the_cluster() {
         );
     }
     // Another client has its own quota.
-    let other = a
-        .pki
-        .mint(&qod_daemon::devkit::TokenSpec::full("someone-else"))
-        .expect("token");
+    let other = someone_else(&a);
     b.sessions_as(&other)
         .await
         .expect("client")
-        .create_session(qod_testkit::api::session(
-            "10.0.200.31",
-            SERVER_V4,
-            "QOS_E",
-            &[],
-            &[5000],
-            600,
-        ))
+        .create_session(qos_e("10.0.200.31", 5000))
         .await
         .expect("another client's create");
     // A session deleted (through the node that does not hold it) gives its place back: one
@@ -667,8 +658,7 @@ async fn a_create_for_an_owner_that_does_not_answer_is_requested_then_installed(
     await_status(&a, Duration::from_secs(5), |c| node_ids(c) == ["a", "b"]).await;
     let mut via_a = a.sessions().await.expect("client a");
     let request = |port: u16| {
-        let mut r =
-            qod_testkit::api::session(DEVICE_V4, SERVER_V4, "QOS_E", &[], &[u32::from(port)], 600);
+        let mut r = qos_e(DEVICE_V4, u32::from(port));
         r.sink = Some(sink.url("/s"));
         r
     };
@@ -1032,7 +1022,7 @@ async fn without_a_standby_a_lost_nodes_sessions_end_once(mode: Mode) {
     })
     .await;
     let mut via_a = a.sessions().await.expect("client a");
-    let mut req = qod_testkit::api::session(DEVICE_V4, SERVER_V4, "QOS_E", &[], &[5000], 600);
+    let mut req = qos_e(DEVICE_V4, 5000);
     req.sink = Some(sink.url("/ends"));
     let s = via_a
         .create_session(req)
@@ -1051,7 +1041,7 @@ async fn without_a_standby_a_lost_nodes_sessions_end_once(mode: Mode) {
     b.kill9();
     // A create for b's device while b is dead but still registered: handed over, REQUESTED;
     // b never comes back in time, so it ends with b's sessions.
-    let mut req = qod_testkit::api::session(DEVICE_V4, SERVER_V4, "QOS_E", &[], &[6000], 600);
+    let mut req = qos_e(DEVICE_V4, 6000);
     req.sink = Some(sink.url("/ends"));
     let handed = via_a
         .create_session(req)
@@ -1176,7 +1166,7 @@ async fn back_from_a_partition(mode: Mode, restarted: bool) {
         .expect("node b");
     await_status(&a, Duration::from_secs(5), |c| node_ids(c) == ["a", "b"]).await;
     let mut via_a = a.sessions().await.expect("client a");
-    let mut req = qod_testkit::api::session(DEVICE_V4, SERVER_V4, "QOS_E", &[], &[5000], 600);
+    let mut req = qos_e(DEVICE_V4, 5000);
     req.sink = Some(sink.url("/ends"));
     via_a.create_session(req).await.expect("create");
     sink.wait_for("/ends", 1, Duration::from_secs(10))
