@@ -1056,6 +1056,20 @@ impl Core {
         self.announcer.cursor()
     }
 
+    /// What of `req` can be checked without the sessions: its profile (known, ACTIVE, the
+    /// duration within its bounds) and, when `served_here`, that this node serves its device and
+    /// its flow is well formed. A cluster node checks this before it takes a place in the
+    /// client's quota or hands the create over, so bad input costs the cluster nothing.
+    pub fn precheck(&self, req: &SessionRequest, served_here: bool) -> Result<(), CamaraError> {
+        let policy = self.policy();
+        Self::profile_for(&policy, req)?;
+        if served_here {
+            let key = policy.resolve(&req.device, &req.server)?;
+            AppFlow::from_request(req, key)?;
+        }
+        Ok(())
+    }
+
     fn profile_for<'p>(
         policy: &'p Policy,
         req: &SessionRequest,

@@ -578,6 +578,21 @@ async fn a_clients_quota_holds_across_the_cluster() {
             "{over:?}"
         );
     }
+    // Bad input is told as such, quota or not (checked before a place is asked for).
+    let mut bad = qos_e("10.0.200.32", 5000);
+    bad.qos_profile = "QOS_NOPE".into();
+    let refused = b
+        .sessions()
+        .await
+        .expect("client")
+        .create_session(bad)
+        .await
+        .expect_err("unknown profile");
+    assert_eq!(
+        qod_testkit::api::reason(&refused),
+        "INVALID_ARGUMENT",
+        "{refused:?}"
+    );
     // Another client has its own quota.
     let other = someone_else(&a);
     b.sessions_as(&other)

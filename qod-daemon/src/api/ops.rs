@@ -197,6 +197,7 @@ impl Operations {
         // first, and given back if the session is not created after all.
         let holder = Holder::of(&req);
         if let Some(c) = &self.cluster {
+            self.core.precheck(&req, true)?;
             c.hold_place(&holder, id, self.core.client_limits()).await?;
         }
         let core = self.core.clone();
@@ -235,6 +236,8 @@ impl Operations {
             Err(e) => e,
         };
         tracing::warn!(node = %node.id, session = %id, error = %unreached.message, "the node that serves the device has not answered; the create is handed over to it through etcd");
+        // The profile as this node knows it (the node that serves the device checks it again).
+        self.core.precheck(&request, false)?;
         let holder = Holder::of(&request);
         cluster
             .hold_place(&holder, id, self.core.client_limits())

@@ -304,13 +304,14 @@ impl Cluster {
     }
 
     /// The create that took a place for session `id` is done: in the ledger now (`created`:
-    /// the entry stays as published), or failed (then it is published lower).
+    /// the entry stays as published), or failed (then its place is free again, as an ended
+    /// session's is: [`Cluster::session_ended`]).
     pub fn placed(&self, holder: &Holder, id: SessionId, created: bool) {
         if let Some(a) = self.quotas.accounts.lock().get_mut(&holder.client) {
             a.granted.retain(|g| g.id != id);
         }
         if !created {
-            self.send(Msg::Changed(holder.client.clone()));
+            self.session_ended(&holder.client);
         }
     }
 
@@ -358,6 +359,7 @@ impl Cluster {
     /// here as a place ahead (the entry stays as it is: nothing to write); near it, the entry is
     /// published lower, so the place is free at every node.
     pub(super) fn session_ended(&self, client: &str) {
+        // (Also a place whose create failed.)
         {
             let mut accounts = self.quotas.accounts.lock();
             if let Some(a) = accounts.get_mut(client)
