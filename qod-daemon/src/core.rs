@@ -333,7 +333,7 @@ enum Admission {
 
 struct Inner {
     dp: Box<dyn DataPlane>,
-    sessions: HashMap<SessionId, Session>,
+    sessions: HashMap<SessionId, Box<Session>>,
     /// Every stored session (AVAILABLE or retained UNAVAILABLE) by device.
     by_device: HashMap<DeviceKey, Vec<SessionId>>,
     deadlines: BTreeSet<(Instant, SessionId)>,
@@ -1021,7 +1021,7 @@ impl Core {
             .or_default()
             .push(session.id);
         inner.deadlines.insert((deadline, session.id));
-        inner.sessions.insert(session.id, session.clone());
+        inner.sessions.insert(session.id, Box::new(session.clone()));
         if announce {
             let view = SessionView {
                 session,
@@ -1292,7 +1292,7 @@ impl Core {
             .push(id);
         inner.deadlines.insert((deadline, id));
         inner.count_active(&session.request, true);
-        inner.sessions.insert(id, session);
+        inner.sessions.insert(id, Box::new(session));
         drop(inner);
         if let Some(Err(e)) = ticket.map(Ticket::wait) {
             // Not stored, so not created: nothing of it stays, and nothing of it is announced.
@@ -1329,7 +1329,7 @@ impl Core {
             .get(&flow.device)
             .into_iter()
             .flatten()
-            .filter_map(|id| inner.sessions.get(id))
+            .filter_map(|id| inner.sessions.get(id).map(AsRef::as_ref))
             .filter(|s| matches!(s.state, SessionState::Available { .. }))
             .collect();
         if same_device.iter().any(|s| s.flow.overlaps(flow)) {
@@ -1796,6 +1796,7 @@ impl Core {
         let mut matching: Vec<&Session> = inner
             .sessions
             .values()
+            .map(AsRef::as_ref)
             .filter(|s| after.is_none_or(|a| s.id.to_string() > a.to_string()))
             .filter(|s| {
                 filter.status.is_none_or(|want| {
@@ -2249,7 +2250,7 @@ impl Core {
             .map_err(|e| dataplane_error(&e))?;
         inner.deadlines.remove(&(session.deadline, id));
         inner.deadlines.insert((deadline, id));
-        inner.sessions.insert(id, updated.clone());
+        inner.sessions.insert(id, Box::new(updated.clone()));
         let ticket = self.submit(&updated, Vec::new());
         // A counters read failing must not turn the extension into an error.
         let counters = inner.dp.counters(slot).unwrap_or_default();
@@ -2289,7 +2290,7 @@ impl Core {
         }
         inner.deadlines.remove(&(after.deadline, before.id));
         inner.deadlines.insert((before.deadline, before.id));
-        inner.sessions.insert(before.id, before.clone());
+        inner.sessions.insert(before.id, Box::new(before.clone()));
     }
 
     /// Sessions of `device` that `caller` may see, under every address the device is known by.
@@ -2353,7 +2354,7 @@ impl Core {
         // and announced by [`Core::tell_endings`] once the lock is released.
         let place = self.announcer.reserve(id, self.store.is_some());
         Some(Ending {
-            session: ended,
+            session: *ended,
             counters,
             info,
             ended_at,
