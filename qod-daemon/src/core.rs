@@ -663,9 +663,12 @@ impl Core {
     /// Queues the removal of a session its client deleted from the store (with `extra`: the
     /// log record and the notification of its end, if any); the ticket tells when it is
     /// durable.
-    fn forget(&self, id: SessionId, holder: Holder, extra: Vec<Op>) -> Option<Ticket> {
+    fn forget(&self, id: SessionId, holder: Option<Holder>, extra: Vec<Op>) -> Option<Ticket> {
         let store = self.store.as_ref()?;
-        let mut ops = vec![Op::DeleteSession(id, holder)];
+        let mut ops = vec![match holder {
+            Some(holder) => Op::DeleteSession(id, holder),
+            None => Op::RemoveSession(id),
+        }];
         ops.extend(extra);
         Some(store.submit(ops))
     }
@@ -1667,6 +1670,14 @@ impl Core {
         self.lock().sessions.contains_key(&id)
     }
 
+    /// The API client of session `id`, if this node holds it.
+    pub fn owner_of(&self, id: SessionId) -> Option<String> {
+        self.lock()
+            .sessions
+            .get(&id)
+            .map(|s| s.request.owner.clone())
+    }
+
     /// What `client` holds here: live sessions and the sink origins they notify.
     pub fn client_usage(&self, client: &str) -> crate::cluster::quota::Usage {
         self.lock()
@@ -2150,7 +2161,9 @@ impl Core {
             }
             None => (None, Vec::new()),
         };
-        let ticket = self.forget(id, Holder::of(&session.request), extra);
+        // A live session's end frees its client's place; an ended one's was freed at its end.
+        let live = matches!(session.state, SessionState::Available { .. });
+        let ticket = self.forget(id, live.then(|| Holder::of(&session.request)), extra);
         drop(inner);
         if let Some(Err(e)) = ticket.map(Ticket::wait) {
             // Gone from the kernel and from memory, but not from the store: the removal is

@@ -378,9 +378,9 @@ pub async fn run(
     health
         .set_serving::<QosProfilesServer<api::ProfileService>>()
         .await;
-    gate.store(true, std::sync::atomic::Ordering::SeqCst);
     // Creates handed over through etcd are installed from now on (after the restore: one
-    // installed before a crash is found here, not installed twice).
+    // installed before a crash is found here, not installed twice), and the clients' quota
+    // entries follow the ledger (before any call can take a place).
     if let Some(c) = &cluster {
         c.install_with(installer);
         // The clients' quota entries of this node, as restored.
@@ -392,6 +392,7 @@ pub async fn run(
         });
         c.resync_quotas();
     }
+    gate.store(true, std::sync::atomic::Ordering::SeqCst);
     info!("qodd ready");
     // The store is restored and the API serves: tell systemd (Type=notify), if it started us.
     notify_service_manager(sd_notify::NotifyState::Ready);

@@ -51,6 +51,35 @@ pub struct Operations {
     writes: Arc<tokio::sync::Semaphore>,
     /// Cluster mode: calls for devices other nodes serve are passed on to them.
     cluster: Option<Arc<Cluster>>,
+    /// Cluster mode: the sessions deleted here lately (a create handed over through etcd that
+    /// was installed from the call passed on and then deleted is not installed again).
+    deleted: Arc<parking_lot::Mutex<Deleted>>,
+}
+
+/// The last [`DELETED_KEPT`] sessions deleted here.
+#[derive(Default)]
+struct Deleted {
+    order: std::collections::VecDeque<SessionId>,
+    ids: std::collections::HashSet<SessionId>,
+}
+
+const DELETED_KEPT: usize = 65_536;
+
+impl Deleted {
+    fn contains(&self, id: &SessionId) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: SessionId) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > DELETED_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
 }
 
 impl Operations {
@@ -60,6 +89,7 @@ impl Operations {
             sinks: Arc::new(sinks),
             writes: Arc::new(tokio::sync::Semaphore::new(WRITES_AT_ONCE)),
             cluster: None,
+            deleted: Arc::default(),
         }
     }
 
@@ -193,8 +223,21 @@ impl Operations {
         let req = convert::session_request(req, caller, &self.sinks)?;
         // A create passed on by another node comes with the id that node gave it.
         let id = caller.assigned.unwrap_or_else(SessionId::random);
-        // In a cluster the client's quotas are counted across the nodes: its place is taken
-        // first, and given back if the session is not created after all.
+        let ops = self.clone();
+        let view = settled(async move { ops.create_here(req, id).await }).await?;
+        tracing::Span::current().record("session", view.session.id.to_string());
+        self.replicated().await;
+        Ok(convert::session_info(&view))
+    }
+
+    /// Creates `req` here as session `id`. In a cluster the client's quotas are counted across
+    /// the nodes: its place is taken first, and given back if the session is not created
+    /// after all (run to its end by [`settled`], even when the call is dropped meanwhile).
+    async fn create_here(
+        &self,
+        req: SessionRequest,
+        id: SessionId,
+    ) -> Result<crate::core::SessionView, CamaraError> {
         let holder = Holder::of(&req);
         if let Some(c) = &self.cluster {
             self.core.precheck(&req, true)?;
@@ -205,10 +248,7 @@ impl Operations {
         if let Some(c) = &self.cluster {
             c.placed(&holder, id, created.is_ok());
         }
-        let view = created?;
-        tracing::Span::current().record("session", view.session.id.to_string());
-        self.replicated().await;
-        Ok(convert::session_info(&view))
+        created
     }
 
     /// A create for a device `node` serves: passed on to it with the session's id; if `node`
@@ -238,22 +278,55 @@ impl Operations {
         tracing::warn!(node = %node.id, session = %id, error = %unreached.message, "the node that serves the device has not answered; the create is handed over to it through etcd");
         // The profile as this node knows it (the node that serves the device checks it again).
         self.core.precheck(&request, false)?;
-        let holder = Holder::of(&request);
-        cluster
-            .hold_place(&holder, id, self.core.client_limits())
-            .await?;
-        if let Err(e) = cluster.hand_over(id, &request, &node.id).await {
-            cluster.placed(&holder, id, false);
-            return Err(e);
-        }
-        cluster.place_handed(&holder, id);
-        Ok(convert::requested_info(id, &request))
+        let (cluster, to, limits) = (cluster.clone(), node.id.clone(), self.core.client_limits());
+        settled(async move {
+            let holder = Holder::of(&request);
+            cluster.hold_place(&holder, id, limits).await?;
+            match cluster.hand_over(id, &request, &to).await {
+                Ok(()) => {}
+                Err(e) if e.code == CamaraCode::Conflict => {
+                    cluster.placed(&holder, id, false);
+                    return Err(e);
+                }
+                // Not known whether it was written: read back (written: REQUESTED); unknown
+                // still, its place stays until it is seen not waiting in etcd.
+                Err(e) => match cluster.handed(id).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        cluster.placed(&holder, id, false);
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        cluster.place_handed(&holder, id);
+                        return Err(e);
+                    }
+                },
+            }
+            cluster.place_handed(&holder, id);
+            Ok(convert::requested_info(id, &request))
+        })
+        .await
     }
 
     /// Installs create `req`, handed over to this node through etcd as session `id` (its place
     /// in the client's quota was taken when it was handed over).
     async fn install_handed(&self, id: SessionId, req: SessionRequest) -> Install {
         let client = req.owner.clone();
+        // Installed here already (from the create passed on, which arrived after all), or that
+        // session deleted since: settled. An id held for another client is not this create's.
+        let core = self.core.clone();
+        let owner = blocking(move || Ok(core.owner_of(id))).await.ok().flatten();
+        match owner {
+            Some(o) if o == client => return Install::Done,
+            Some(_) => {
+                return Install::Refused(CamaraError::new(
+                    CamaraCode::Conflict,
+                    format!("session id {id} is in use"),
+                ));
+            }
+            None if self.deleted.lock().contains(&id) => return Install::Done,
+            None => {}
+        }
         let core = self.core.clone();
         let created = self.write(move || core.create_as(req, id)).await;
         let core = self.core.clone();
@@ -268,7 +341,15 @@ impl Operations {
                 Install::Done
             }
             // The create passed on arrived after all, and is installed.
-            Err(_) if blocking(move || Ok(core.holds(id))).await.unwrap_or(false) => Install::Done,
+            Err(_)
+                if blocking(move || Ok(core.owner_of(id)))
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|o| o == client) =>
+            {
+                Install::Done
+            }
             Err(e) => Install::Refused(e),
         }
     }
@@ -357,7 +438,13 @@ impl Operations {
         self.writable()?;
         let (core, who) = (self.core.clone(), caller.clone());
         let local = self.write(move || core.delete(id, &who)).await;
-        if local.is_ok() {
+        if local.is_ok()
+            && let Some(c) = &self.cluster
+        {
+            // A create of this id still waiting in etcd (handed over while the call passed on
+            // was slow) is not installed after the delete.
+            self.deleted.lock().insert(id);
+            c.forget_handed(id).await;
             self.replicated_and_freed().await;
         }
         let req = pb::DeleteSessionRequest {
@@ -509,6 +596,22 @@ impl Operations {
         let profile = policy.profiles.get(&name).ok_or_else(not_found)?;
         Ok(convert::qos_profile(profile))
     }
+}
+
+/// Runs `f` to its end even if the caller stops waiting (a call dropped by its client or
+/// by a deadline): what it took (a place in a client's quota) is settled either way.
+async fn settled<T: Send + 'static>(
+    f: impl Future<Output = Result<T, CamaraError>> + Send + 'static,
+) -> Result<T, CamaraError> {
+    use tracing::Instrument as _;
+    tokio::spawn(f.instrument(tracing::Span::current()))
+        .await
+        .map_err(|e| {
+            CamaraError::new(
+                CamaraCode::Internal,
+                format!("the request's worker failed: {e}"),
+            )
+        })?
 }
 
 /// No node answered for the session: none holds it (NOT_FOUND), or one that may hold it cannot

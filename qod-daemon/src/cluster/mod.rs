@@ -741,6 +741,12 @@ impl Cluster {
                         return;
                     }
                 }
+                // Each end frees a place in its client's quota, once.
+                for c in &changes {
+                    if let Mirrored::Gone(_, Some(holder)) = c {
+                        cluster.session_ended(&holder.client);
+                    }
+                }
                 for b in barriers {
                     let _ = b.send(());
                 }
@@ -768,12 +774,8 @@ impl Cluster {
                         .map_err(|_| ClusterError::Seal(key.clone()))?;
                     ops.push(TxnOp::put(key, sealed, None));
                 }
-                Mirrored::Gone(id, holder) => {
+                Mirrored::Gone(id, _) => {
                     ops.push(TxnOp::delete(format!("{base}{id}"), None));
-                    // An end frees a place in the client's quota.
-                    if let Some(holder) = holder {
-                        self.session_ended(&holder.client);
-                    }
                 }
             }
         }

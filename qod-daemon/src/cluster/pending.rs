@@ -225,6 +225,19 @@ impl Cluster {
         Ok(true)
     }
 
+    /// Removes the create handed over as session `id`, if it waits still (its session was
+    /// installed from the call passed on, and deleted). Best effort: the installing node also
+    /// remembers the deletion.
+    pub async fn forget_handed(&self, id: SessionId) {
+        let mut kv = self.client.kv_client();
+        if let Err(e) = self
+            .call("update", kv.delete(self.handed_key(id), None))
+            .await
+        {
+            warn!(session = %id, error = %crate::anyhow_like(&e), "cannot remove a handed-over create of a deleted session; the deletion is remembered here");
+        }
+    }
+
     /// Where this node installs the creates handed over to it.
     pub fn install_with(&self, f: Installer) {
         let _ = self.install.set(f);
@@ -334,13 +347,14 @@ impl Cluster {
         if !self.has_handed() {
             return Ok(());
         }
+        let read = std::time::Instant::now();
         let waiting = self
             .all_handed()
             .await?
             .into_iter()
             .map(|(_, h, _)| h.id)
             .collect();
-        self.handed_waiting(&waiting);
+        self.handed_waiting(read, &waiting);
         Ok(())
     }
 

@@ -89,7 +89,8 @@ struct Granted {
     id: SessionId,
     /// The sink as asked (a URL).
     sink: Option<String>,
-    handed: bool,
+    /// When its create was handed over through etcd.
+    handed: Option<std::time::Instant>,
 }
 
 /// One create's request for a place.
@@ -126,6 +127,9 @@ struct Account {
     last: Option<std::time::Instant>,
     /// What the client had left, cluster-wide, after the last admission here.
     left: u32,
+    /// The live sessions of the entry last written: what the cluster counts for the client
+    /// here. A place is kept ahead only while that still counts it.
+    published: u32,
 }
 
 /// This node's side of the quotas.
@@ -253,20 +257,24 @@ impl Cluster {
         a.granted.push(Granted {
             id,
             sink: holder.sink.clone(),
-            handed: false,
+            handed: None,
         });
         a.last = Some(std::time::Instant::now());
         true
     }
 
     fn send(&self, m: Msg) {
-        if matches!(m, Msg::Changed(_)) {
-            self.quotas
-                .unpublished
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering::SeqCst;
+        let Some(tx) = self.quotas.tx.get() else {
+            return;
+        };
+        // Counted before it is sent, so the task cannot count it out first.
+        let changed = matches!(m, Msg::Changed(_));
+        if changed {
+            self.quotas.unpublished.fetch_add(1, SeqCst);
         }
-        if let Some(tx) = self.quotas.tx.get() {
-            let _ = tx.send(m);
+        if tx.send(m).is_err() && changed {
+            self.quotas.unpublished.fetch_sub(1, SeqCst);
         }
     }
 
@@ -321,17 +329,22 @@ impl Cluster {
         if let Some(a) = self.quotas.accounts.lock().get_mut(&holder.client)
             && let Some(g) = a.granted.iter_mut().find(|g| g.id == id)
         {
-            g.handed = true;
+            g.handed = Some(std::time::Instant::now());
         }
     }
 
-    /// The creates handed over from here that wait in etcd are `waiting`; the places of the
-    /// others go.
-    pub(super) fn handed_waiting(&self, waiting: &std::collections::HashSet<SessionId>) {
+    /// The creates handed over from here before `read` that wait in etcd are `waiting` (read
+    /// from `read` on); the places of the others go.
+    pub(super) fn handed_waiting(
+        &self,
+        read: std::time::Instant,
+        waiting: &std::collections::HashSet<SessionId>,
+    ) {
         let mut changed = Vec::new();
         for (client, a) in self.quotas.accounts.lock().iter_mut() {
             let before = a.granted.len();
-            a.granted.retain(|g| !g.handed || waiting.contains(&g.id));
+            a.granted
+                .retain(|g| g.handed.is_none_or(|at| at >= read) || waiting.contains(&g.id));
             if a.granted.len() != before {
                 changed.push(client.clone());
             }
@@ -347,7 +360,7 @@ impl Cluster {
             .accounts
             .lock()
             .values()
-            .any(|a| a.granted.iter().any(|g| g.handed))
+            .any(|a| a.granted.iter().any(|g| g.handed.is_some()))
     }
 
     /// `client`'s usage here changed (a session of it began or ended).
@@ -359,12 +372,16 @@ impl Cluster {
     /// here as a place ahead (the entry stays as it is: nothing to write); near it, the entry is
     /// published lower, so the place is free at every node.
     pub(super) fn session_ended(&self, client: &str) {
-        // (Also a place whose create failed.)
+        // (Also a place whose create failed.) Kept only while the entry last written still
+        // counts it: what is held here (the ended session no longer in it) stays below what
+        // was published, so a place kept can never add to what the cluster counts.
+        let held = self.here(client).active;
         {
             let mut accounts = self.quotas.accounts.lock();
             if let Some(a) = accounts.get_mut(client)
                 && a.left >= 2 * AHEAD_FROM
                 && a.ahead < AHEAD
+                && held < a.published
             {
                 a.ahead += 1;
                 return;
@@ -459,23 +476,24 @@ impl Cluster {
             }
         }
         for (client, asks) in asks {
-            changed.remove(&client);
             self.admit(&client, asks).await;
         }
         // Publications are retried until etcd answers: an entry left too high only refuses
         // creates the client could have had.
         loop {
+            // This node's entries first, then a lost node's go: the sessions taken over are
+            // counted twice for a moment, never not at all.
             let mut failed = None;
-            for n in &dropped {
-                if let Err(e) = self.remove_entries(Some(n)).await {
-                    failed = Some(e);
-                }
-            }
             if resync && let Err(e) = self.resync().await {
                 failed = Some(e);
             }
             for c in &changed {
                 if let Err(e) = self.publish_entry(c).await {
+                    failed = Some(e);
+                }
+            }
+            for n in &dropped {
+                if let Err(e) = self.remove_entries(Some(n)).await {
                     failed = Some(e);
                 }
             }
@@ -632,17 +650,21 @@ impl Cluster {
                     let account = accounts.entry(client.to_owned()).or_default();
                     account.ahead += left + ahead;
                     account.left = limit.saturating_sub(held.active);
+                    account.published = own.active;
                     account.sinks = own.sinks;
                     account.last = Some(std::time::Instant::now());
                     for (a, v) in asks.into_iter().zip(verdicts) {
-                        if v.is_ok() {
+                        let granted = v.is_ok();
+                        if a.reply.send(v).is_err() && granted {
+                            // Nobody waits for it any more (the call was dropped): kept ahead.
+                            account.ahead += 1;
+                        } else if granted {
                             account.granted.push(Granted {
                                 id: a.id,
                                 sink: a.holder.sink,
-                                handed: false,
+                                handed: None,
                             });
                         }
-                        let _ = a.reply.send(v);
                     }
                     return;
                 }
@@ -667,9 +689,14 @@ impl Cluster {
     /// Writes this node's entry for `client` (removes it when it holds nothing here).
     async fn publish_entry(&self, client: &str) -> Result<(), ClusterError> {
         let key = format!("{}{}", self.quota_prefix(client), self.settings.node_id);
+        if self.quotas.ledger.get().is_none() {
+            // Not before the ledger is restored: an entry written now would say too little.
+            return Ok(());
+        }
         let entry = self.here(client);
         if let Some(a) = self.quotas.accounts.lock().get_mut(client) {
             a.sinks.clone_from(&entry.sinks);
+            a.published = entry.active;
         }
         let mut kv = self.client.kv_client();
         if entry == Entry::default() {
@@ -686,12 +713,16 @@ impl Cluster {
         let me = &self.settings.node_id;
         let node = node.unwrap_or(me);
         let keep: BTreeSet<String> = if node == me {
-            self.quotas.ledger.get().map_or_else(BTreeSet::new, |l| {
-                (l.clients)()
-                    .iter()
-                    .map(|c| format!("{}{me}", self.quota_prefix(c)))
-                    .collect()
-            })
+            let kept: Vec<String> = self.quotas.accounts.lock().keys().cloned().collect();
+            self.quotas
+                .ledger
+                .get()
+                .map(|l| (l.clients)())
+                .unwrap_or_default()
+                .iter()
+                .chain(&kept)
+                .map(|c| format!("{}{me}", self.quota_prefix(c)))
+                .collect()
         } else {
             BTreeSet::new()
         };
@@ -718,6 +749,9 @@ impl Cluster {
     /// Publishes every entry of this node again, and removes those of clients it holds nothing
     /// of now.
     async fn resync(&self) -> Result<(), ClusterError> {
+        if self.quotas.ledger.get().is_none() {
+            return Ok(());
+        }
         self.remove_entries(None).await?;
         let clients = self
             .quotas
