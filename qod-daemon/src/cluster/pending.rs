@@ -39,6 +39,9 @@ pub struct Handed {
     pub requested_at: OffsetDateTime,
     /// The node that served the device when it was handed over.
     pub to: String,
+    /// The node that handed it over (it counts the create in the client's quota meanwhile).
+    #[serde(default)]
+    pub from: String,
     /// The node installing it (set before it tries).
     #[serde(default)]
     pub claimed_by: Option<String>,
@@ -121,6 +124,7 @@ impl Cluster {
             request: request.clone(),
             requested_at: OffsetDateTime::now_utc(),
             to: to.to_owned(),
+            from: self.settings.node_id.clone(),
             claimed_by: None,
             refused: None,
         };
@@ -341,6 +345,21 @@ impl Cluster {
         Ok(())
     }
 
+    /// The creates handed over from this node that wait in etcd, each with its client and sink
+    /// (a restarted node counts them again).
+    pub(super) async fn handed_from_here(
+        &self,
+    ) -> Result<Vec<(crate::model::Holder, SessionId)>, ClusterError> {
+        let me = &self.settings.node_id;
+        Ok(self
+            .all_handed()
+            .await?
+            .into_iter()
+            .filter(|(_, h, _)| h.from == *me)
+            .map(|(_, h, _)| (crate::model::Holder::of(&h.request), h.id))
+            .collect())
+    }
+
     /// The creates handed over from this node that no longer wait in etcd give their places in
     /// the clients' quotas back.
     pub(super) async fn track_handed(&self) -> Result<(), ClusterError> {
@@ -400,6 +419,7 @@ mod tests {
             request,
             requested_at: OffsetDateTime::now_utc(),
             to: "b".into(),
+            from: "a".into(),
             claimed_by: None,
             refused: None,
         };

@@ -752,6 +752,25 @@ impl Cluster {
         if self.quotas.ledger.get().is_none() {
             return Ok(());
         }
+        // The creates this node handed over that wait in etcd count here (again, after a
+        // restart) until they are installed.
+        let handed = self.handed_from_here().await?;
+        {
+            let long_ago = std::time::Instant::now()
+                .checked_sub(AHEAD_IDLE)
+                .unwrap_or_else(std::time::Instant::now);
+            let mut accounts = self.quotas.accounts.lock();
+            for (holder, id) in handed {
+                let a = accounts.entry(holder.client).or_default();
+                if !a.granted.iter().any(|g| g.id == id) {
+                    a.granted.push(Granted {
+                        id,
+                        sink: holder.sink,
+                        handed: Some(long_ago),
+                    });
+                }
+            }
+        }
         self.remove_entries(None).await?;
         let clients = self
             .quotas
