@@ -438,13 +438,11 @@ impl Operations {
         self.writable()?;
         let (core, who) = (self.core.clone(), caller.clone());
         let local = self.write(move || core.delete(id, &who)).await;
-        if local.is_ok()
-            && let Some(c) = &self.cluster
-        {
+        if local.is_ok() && self.cluster.is_some() {
             // A create of this id still waiting in etcd (handed over while the call passed on
-            // was slow) is not installed after the delete.
+            // was slow) is not installed after the delete: remembered here, and its record
+            // goes with the session's copy (`Cluster::write_copy`).
             self.deleted.lock().insert(id);
-            c.forget_handed(id).await;
             self.replicated_and_freed().await;
         }
         let req = pb::DeleteSessionRequest {

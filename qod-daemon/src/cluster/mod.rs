@@ -220,8 +220,9 @@ pub struct Cluster {
     quotas: quota::Book,
 }
 
-/// Changes written to etcd in one transaction at most (etcd allows 128 operations).
-const REPLICA_BATCH: usize = 64;
+/// Changes written to etcd in one transaction at most (up to two operations each; etcd allows
+/// 128).
+const REPLICA_BATCH: usize = 60;
 
 /// How often the registrations are read again for routing.
 const VIEW_REFRESH: Duration = Duration::from_secs(1);
@@ -763,7 +764,7 @@ impl Cluster {
             "{}sessions/{}/",
             self.settings.prefix, self.settings.node_id
         );
-        let mut ops = Vec::with_capacity(changes.len());
+        let mut ops = Vec::with_capacity(changes.len() * 2);
         for c in changes {
             match c {
                 Mirrored::Live(id, record) => {
@@ -774,8 +775,13 @@ impl Cluster {
                         .map_err(|_| ClusterError::Seal(key.clone()))?;
                     ops.push(TxnOp::put(key, sealed, None));
                 }
-                Mirrored::Gone(id, _) => {
+                Mirrored::Gone(id, holder) => {
                     ops.push(TxnOp::delete(format!("{base}{id}"), None));
+                    // An end or a delete: a create of the same id still waiting in etcd
+                    // (handed over while the call passed on was slow) is not installed after.
+                    if holder.is_some() {
+                        ops.push(TxnOp::delete(self.handed_key(*id), None));
+                    }
                 }
             }
         }

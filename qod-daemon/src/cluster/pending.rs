@@ -107,7 +107,7 @@ fn unavailable(e: &ClusterError) -> CamaraError {
 }
 
 impl Cluster {
-    fn handed_key(&self, id: SessionId) -> String {
+    pub(super) fn handed_key(&self, id: SessionId) -> String {
         format!("{}requested/{id}", self.settings.prefix)
     }
 
@@ -227,19 +227,6 @@ impl Cluster {
         }
         info!(session = %id, "a handed-over create withdrawn before it was installed");
         Ok(true)
-    }
-
-    /// Removes the create handed over as session `id`, if it waits still (its session was
-    /// installed from the call passed on, and deleted). Best effort: the installing node also
-    /// remembers the deletion.
-    pub async fn forget_handed(&self, id: SessionId) {
-        let mut kv = self.client.kv_client();
-        if let Err(e) = self
-            .call("update", kv.delete(self.handed_key(id), None))
-            .await
-        {
-            warn!(session = %id, error = %crate::anyhow_like(&e), "cannot remove a handed-over create of a deleted session; the deletion is remembered here");
-        }
     }
 
     /// Where this node installs the creates handed over to it.
