@@ -379,6 +379,24 @@ impl Operations {
             .any(|a| cluster.serving(a).is_some_and(|n| n.id == *me))
     }
 
+    /// `answer` when a node answered for the session; where none did, what `handed` makes of
+    /// the create waiting in etcd under its id, if it is `caller`'s.
+    async fn or_handed<T>(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+        answer: Result<T, CamaraError>,
+        handed: impl FnOnce(crate::cluster::pending::Handed) -> Result<T, CamaraError>,
+    ) -> Result<T, CamaraError> {
+        match answer {
+            Err(e) if unplaced(&e) => match self.handed(caller, session_id).await? {
+                Some(h) => handed(h),
+                None => Err(e),
+            },
+            answer => answer,
+        }
+    }
+
     /// In a cluster, the create handed over as session `session_id` that waits still, if it is
     /// `caller`'s (asked where no node holds the session).
     async fn handed(
@@ -423,13 +441,10 @@ impl Operations {
                 api.get_session(r).await
             })
             .await;
-        match found {
-            Err(e) if unplaced(&e) => match self.handed(caller, session_id).await? {
-                Some(h) => Ok(convert::requested_info(h.id, &h.request)),
-                None => Err(e),
-            },
-            found => found,
-        }
+        self.or_handed(caller, session_id, found, |h| {
+            Ok(convert::requested_info(h.id, &h.request))
+        })
+        .await
     }
 
     /// CAMARA `deleteSession`.
@@ -498,16 +513,13 @@ impl Operations {
                 api.extend_qos_session_duration(r).await
             })
             .await;
-        match extended {
-            Err(e) if unplaced(&e) => match self.handed(caller, session_id).await? {
-                Some(_) => Err(CamaraError::new(
-                    CamaraCode::SessionExtensionNotAllowed,
-                    "the session is REQUESTED (not yet installed by the node that serves its device); only an AVAILABLE session can be extended",
-                )),
-                None => Err(e),
-            },
-            extended => extended,
-        }
+        self.or_handed(caller, session_id, extended, |_| {
+            Err(CamaraError::new(
+                CamaraCode::SessionExtensionNotAllowed,
+                "the session is REQUESTED (not yet installed by the node that serves its device); only an AVAILABLE session can be extended",
+            ))
+        })
+        .await
     }
 
     /// CAMARA `retrieveSessionsByDevice`.
