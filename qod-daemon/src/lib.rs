@@ -391,6 +391,7 @@ pub async fn run(
             holds: Box::new(move |id| holds.holds(id)),
         });
         c.resync_quotas();
+        c.set_ready();
     }
     gate.store(true, std::sync::atomic::Ordering::SeqCst);
     info!("qodd ready");

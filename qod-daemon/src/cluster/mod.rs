@@ -218,6 +218,9 @@ pub struct Cluster {
     install: OnceLock<pending::Installer>,
     /// This node's side of the per-client quotas (`quota`).
     quotas: quota::Book,
+    /// The node has restored its sessions and set its hooks: it may take sessions over, end a
+    /// lost node's and install handed-over creates.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 /// Changes written to etcd in one transaction at most (up to two operations each; etcd allows
@@ -272,6 +275,7 @@ impl Cluster {
             notices: OnceLock::new(),
             install: OnceLock::new(),
             quotas: quota::Book::default(),
+            ready: std::sync::atomic::AtomicBool::new(false),
         });
         cluster.run_quotas(stop.clone());
         loop {
@@ -305,6 +309,12 @@ impl Cluster {
         let mut partner: Option<String> = None;
         while !pause(&stop, VIEW_REFRESH).await {
             if self.records().await.is_err() || self.standing.borrow().lease.is_none() {
+                continue;
+            }
+            // Nothing is taken over, ended or installed before this node's own sessions are
+            // restored and its hooks set (a standby started late would otherwise find its lost
+            // active before it can install anything, and lose the sessions).
+            if !self.ready.load(std::sync::atomic::Ordering::SeqCst) {
                 continue;
             }
             if let Err(e) = self.track_handed().await {
@@ -430,6 +440,10 @@ impl Cluster {
         let Some(lease) = self.standing.borrow().lease else {
             return false;
         };
+        if self.adopt.get().is_none() {
+            // Not ready to install them: nothing taken, for the next look.
+            return false;
+        }
         {
             let mut me = self.me.lock();
             me.role = Role::Active;
@@ -476,10 +490,7 @@ impl Cluster {
             }
         }
         let found = sessions.len();
-        let adopted = match self.adopt.get() {
-            Some(adopt) => adopt(sessions),
-            None => 0,
-        };
+        let adopted = self.adopt.get().map_or(0, |adopt| adopt(sessions));
         // They are this node's now: its store holds them, its copy in etcd follows, and so do
         // its clients' quota entries.
         self.drop_quotas_of(gone);
@@ -701,6 +712,12 @@ impl Cluster {
     /// the sessions it held live on at the node that took them over).
     pub fn demoted(&self) -> bool {
         self.demoted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The node's sessions are restored and its hooks set: from now on it takes sessions over,
+    /// ends a lost node's and installs handed-over creates.
+    pub fn set_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Where a standby installs the sessions of the active it takes over from.
