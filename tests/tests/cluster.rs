@@ -503,9 +503,9 @@ async fn any_node_takes_any_call_and_the_node_that_serves_the_device_installs_it
 /// A client's quota of live sessions holds across the cluster, not per node: creates racing
 /// through two nodes for devices of both get exactly the quota between them, whichever node
 /// serves each (places taken ahead included); another client is not affected; a deleted
-/// session gives its place back.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_clients_quota_holds_across_the_cluster() {
+/// session gives its place back. Node b (in `mode`) killed and started again counts what it
+/// holds again: still full through either node, and a delete frees a place.
+async fn a_clients_quota_holds_across_the_cluster(mode: Mode) {
     let etcd = EtcdCluster::start(3).expect("etcd");
     let limits = "[limits]\nmax_active_sessions_per_client = 10\n";
     let (_a_lab, a) = etcd
@@ -520,16 +520,8 @@ async fn a_clients_quota_holds_across_the_cluster() {
         )
         .await
         .expect("node a");
-    let (_b_lab, b) = etcd
-        .node(
-            &qodd_bin(),
-            Mode::Marking,
-            "b",
-            12,
-            &["10.0.1.0/24"],
-            limits,
-            "",
-        )
+    let (_b_lab, mut b) = etcd
+        .node(&qodd_bin(), mode, "b", 12, &["10.0.1.0/24"], limits, "")
         .await
         .expect("node b");
     for n in [&a, &b] {
@@ -627,7 +619,38 @@ async fn a_clients_quota_holds_across_the_cluster() {
         .expect("etcdctl get");
     assert!(keys.contains("quota/"), "{keys}");
     assert!(!keys.contains("someone-else"), "{keys}");
+
+    // b killed and back: its entry is written from its restored ledger, never lost meanwhile.
+    b.kill9();
+    b.restart().await.expect("b back");
+    for n in [&a, &b] {
+        await_status(n, Duration::from_secs(10), |c| node_ids(c) == ["a", "b"]).await;
+    }
+    for (via, device) in [(&a, "10.0.1.43"), (&b, "10.0.200.43")] {
+        let over = create(via, device.into()).await.expect_err("still full");
+        assert_eq!(
+            qod_testkit::api::reason(&over),
+            "QUOTA_EXCEEDED",
+            "{over:?}"
+        );
+    }
+    let mut via_a = a.sessions().await.expect("client a");
+    for id in &created[1..] {
+        via_a
+            .delete_session(qod_proto::v1::DeleteSessionRequest {
+                session_id: id.clone(),
+            })
+            .await
+            .expect("delete");
+    }
+    create(&b, "10.0.1.44".into())
+        .await
+        .expect("places freed after the restart");
 }
+in_every_mode!(
+    client_quota_across_the_cluster,
+    a_clients_quota_holds_across_the_cluster
+);
 
 /// CAMARA's asynchronous create across nodes. With node b (which serves the device) killed but
 /// still registered, creates through node a are answered REQUESTED (no startedAt / expiresAt)
