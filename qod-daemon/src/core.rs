@@ -1348,28 +1348,15 @@ impl Core {
             ));
         }
         if !restoring && let Some(usage) = inner.active_by_owner.get(&req.owner) {
-            if usage.active >= self.max_active_per_client {
-                return Err(CamaraError::new(
-                    CamaraCode::QuotaExceeded,
-                    format!(
-                        "this API client already holds its maximum of {} active sessions",
-                        self.max_active_per_client
-                    ),
-                ));
-            }
-            if let Some(sink) = &req.sink
-                && usage.sinks.len() >= self.max_sinks_per_client as usize
-                && !usage.sinks.contains_key(&crate::notify::sink_origin(sink))
-            {
-                return Err(CamaraError::field(
-                    CamaraCode::QuotaExceeded,
-                    "sink",
-                    format!(
-                        "this API client's active sessions already notify {} distinct sinks (scheme, host and port), its maximum; reuse one of them",
-                        self.max_sinks_per_client
-                    ),
-                ));
-            }
+            crate::cluster::quota::client_fits(
+                usage.active,
+                usage.sinks.len(),
+                req.sink
+                    .as_ref()
+                    .map(|s| usage.sinks.contains_key(&crate::notify::sink_origin(s))),
+                self.client_limits(),
+                "",
+            )?;
         }
         if let Some(link) = inner.links_down.iter().next() {
             return Err(CamaraError::new(

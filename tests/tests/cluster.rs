@@ -100,6 +100,17 @@ fn someone_else(qodd: &Qodd) -> String {
         .expect("token")
 }
 
+/// A notification sink on etcd's bridge, and the `[notifications]` section that lets nodes
+/// reach it (plain HTTP there, short retries).
+fn sink_on_etcds_bridge(etcd: &EtcdCluster) -> (qod_testkit::SinkServer, String) {
+    let sink = qod_testkit::SinkServer::start_on(&etcd.ns, qod_testkit::ETCD_HOST).expect("sink");
+    let notify = format!(
+        "[notifications]\nallow_http_hosts = [{:?}]\nallow_sink_ranges = [\"10.77.0.0/24\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
+        qod_testkit::ETCD_HOST
+    );
+    (sink, notify)
+}
+
 /// The metric samples of the qodd in `lab`.
 fn metrics(lab: &Lab) -> std::collections::BTreeMap<String, f64> {
     let (code, _, body) = qod_testkit::http_get(&lab.edge, 9464, "/metrics");
@@ -663,11 +674,7 @@ async fn a_create_for_an_owner_that_does_not_answer_is_requested_then_installed(
     use qod_proto::v1::{QosStatus, StatusInfo};
     use qod_testkit::addr::{DEVICE_V4, SERVER_V4};
     let etcd = EtcdCluster::start(3).expect("etcd");
-    let sink = qod_testkit::SinkServer::start_on(&etcd.ns, qod_testkit::ETCD_HOST).expect("sink");
-    let notify = format!(
-        "[notifications]\nallow_http_hosts = [{:?}]\nallow_sink_ranges = [\"10.77.0.0/24\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
-        qod_testkit::ETCD_HOST
-    );
+    let (sink, notify) = sink_on_etcds_bridge(&etcd);
     let (a_lab, a) = etcd
         .node(
             &qodd_bin(),
@@ -1025,11 +1032,7 @@ in_every_mode!(
 async fn without_a_standby_a_lost_nodes_sessions_end_once(mode: Mode) {
     use qod_testkit::addr::{DEVICE_V4, SERVER_V4};
     let etcd = EtcdCluster::start(3).expect("etcd");
-    let sink = qod_testkit::SinkServer::start_on(&etcd.ns, qod_testkit::ETCD_HOST).expect("sink");
-    let notify = format!(
-        "[notifications]\nallow_http_hosts = [{:?}]\nallow_sink_ranges = [\"10.77.0.0/24\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
-        qod_testkit::ETCD_HOST
-    );
+    let (sink, notify) = sink_on_etcds_bridge(&etcd);
     let start = |id: &'static str, host: u8, pools: &'static [&'static str], mode: Mode| {
         let (etcd, notify) = (&etcd, notify.clone());
         async move {
@@ -1179,11 +1182,7 @@ in_every_mode!(
 async fn back_from_a_partition(mode: Mode, restarted: bool) {
     use qod_testkit::addr::{DEVICE_V4, SERVER_V4};
     let etcd = EtcdCluster::start(3).expect("etcd");
-    let sink = qod_testkit::SinkServer::start_on(&etcd.ns, qod_testkit::ETCD_HOST).expect("sink");
-    let notify = format!(
-        "[notifications]\nallow_http_hosts = [{:?}]\nallow_sink_ranges = [\"10.77.0.0/24\"]\nbackoff_base_ms = 100\nbackoff_max_ms = 400\n",
-        qod_testkit::ETCD_HOST
-    );
+    let (sink, notify) = sink_on_etcds_bridge(&etcd);
     let section = "lease_ttl_secs = 3";
     let (_a_lab, a) = etcd
         .node(

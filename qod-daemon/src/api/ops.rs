@@ -29,12 +29,14 @@ pub(crate) async fn blocking<T: Send + 'static>(
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
-        .map_err(|e| {
-            CamaraError::new(
-                CamaraCode::Internal,
-                format!("the request's worker failed: {e}"),
-            )
-        })?
+        .map_err(worker_failed)?
+}
+
+fn worker_failed(e: tokio::task::JoinError) -> CamaraError {
+    CamaraError::new(
+        CamaraCode::Internal,
+        format!("the request's worker failed: {e}"),
+    )
 }
 
 /// Writes (create, delete, extend) on the blocking pool at once. A write may wait there for the
@@ -616,12 +618,7 @@ async fn settled<T: Send + 'static>(
     use tracing::Instrument as _;
     tokio::spawn(f.instrument(tracing::Span::current()))
         .await
-        .map_err(|e| {
-            CamaraError::new(
-                CamaraCode::Internal,
-                format!("the request's worker failed: {e}"),
-            )
-        })?
+        .map_err(worker_failed)?
 }
 
 /// No node answered for the session: none holds it (NOT_FOUND), or one that may hold it cannot

@@ -142,32 +142,49 @@ pub(super) struct Book {
     unpublished: std::sync::atomic::AtomicUsize,
 }
 
-/// Whether `held` plus one more session notifying `sink` (a pseudonym) fits `limits`: the same
-/// rule as a single node's (`core`), with the cluster's counts.
-fn fits(held: &Entry, sink: Option<&str>, limits: ClientLimits) -> Result<(), CamaraError> {
-    if held.active >= limits.active {
+/// The per-client rule, for a node's ledger and for the cluster alike: a client whose live
+/// sessions (`active` of them) notify `sinks` distinct sinks may have one more, notifying
+/// `new_sink` (`Some(known)`: whether among those) — within `limits`. `scope` ends the counts'
+/// name in the messages ("" on a node, " across the cluster").
+pub fn client_fits(
+    active: u32,
+    sinks: usize,
+    new_sink: Option<bool>,
+    limits: ClientLimits,
+    scope: &str,
+) -> Result<(), CamaraError> {
+    if active >= limits.active {
         return Err(CamaraError::new(
             CamaraCode::QuotaExceeded,
             format!(
-                "this API client already holds its maximum of {} active sessions across the cluster",
+                "this API client already holds its maximum of {} active sessions{scope}",
                 limits.active
             ),
         ));
     }
-    if let Some(sink) = sink
-        && held.sinks.len() >= limits.sinks as usize
-        && !held.sinks.contains(sink)
-    {
+    if new_sink == Some(false) && sinks >= limits.sinks as usize {
         return Err(CamaraError::field(
             CamaraCode::QuotaExceeded,
             "sink",
             format!(
-                "this API client's active sessions across the cluster already notify {} distinct sinks (scheme, host and port), its maximum; reuse one of them",
+                "this API client's active sessions{scope} already notify {} distinct sinks (scheme, host and port), its maximum; reuse one of them",
                 limits.sinks
             ),
         ));
     }
     Ok(())
+}
+
+/// Whether `held` plus one more session notifying `sink` (a pseudonym) fits `limits`, with the
+/// cluster's counts.
+fn fits(held: &Entry, sink: Option<&str>, limits: ClientLimits) -> Result<(), CamaraError> {
+    client_fits(
+        held.active,
+        held.sinks.len(),
+        sink.map(|s| held.sinks.contains(s)),
+        limits,
+        " across the cluster",
+    )
 }
 
 /// How many places to take ahead for a client holding `held` of `limit` (see the module): an
