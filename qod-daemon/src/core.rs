@@ -213,6 +213,18 @@ impl SessionView {
 pub mod events;
 pub use events::Event;
 
+/// A restore under way (see [`Core::restore`]).
+struct Restoring {
+    wall: OffsetDateTime,
+    retention: time::Duration,
+    continuing: bool,
+    /// Slots reserved for stored sessions (continuing), and those a restored session took.
+    kept: HashSet<u32>,
+    assigned: HashSet<u32>,
+    restored: usize,
+    moved: Vec<Op>,
+}
+
 /// Hands out counter slots; a slot is in use exactly while its session is AVAILABLE.
 #[derive(Debug)]
 struct Slots {
@@ -690,105 +702,155 @@ impl Core {
     /// accounts for (orphans: a session deleted or ended in the store but not yet in the kernel
     /// when qodd stopped) are removed.
     pub fn restore(&self, stored: Vec<StoredSession>, continuing: bool) {
-        let wall = OffsetDateTime::now_utc();
-        let retention = time::Duration::try_from(self.retention).unwrap_or(time::Duration::ZERO);
-        let live = |s: &StoredSession| s.ended.is_none() && s.started_at + secs(s.duration) > wall;
-        let capacity = self.lock().slots.capacity;
+        let recorded = stored.iter().filter_map(|s| s.slot);
+        let mut restoring = self.begin_restore(recorded, continuing);
+        for s in stored {
+            self.restore_one(&mut restoring, s);
+        }
+        self.finish_restore(restoring);
+    }
+
+    /// [`Core::restore`] of every session in `store`, read and installed one at a time (a
+    /// million stored sessions are never all decoded at once); how many were read.
+    pub fn restore_from(
+        &self,
+        store: &crate::store::Store,
+        continuing: bool,
+    ) -> Result<usize, crate::store::StoreError> {
+        let recorded = if continuing {
+            store.slots()?
+        } else {
+            Vec::new()
+        };
+        let mut restoring = self.begin_restore(recorded, continuing);
+        let mut n = 0;
+        let read = store.each_session(|s| {
+            n += 1;
+            self.restore_one(&mut restoring, s);
+        });
+        // What was restored before a read error stands (and is finished: hooks, orphans).
+        self.finish_restore(restoring);
+        read.map(|()| n)
+    }
+
+    /// Reserves the counter slots `recorded` for the stored sessions, when `continuing` (the
+    /// pinned maps hold their counters); those no live session claims are freed at the end.
+    fn begin_restore(
+        &self,
+        recorded: impl IntoIterator<Item = u32>,
+        continuing: bool,
+    ) -> Restoring {
+        let mut inner = self.lock();
+        let capacity = inner.slots.capacity;
         let kept: HashSet<u32> = if continuing {
-            stored
-                .iter()
-                .filter(|s| live(s))
-                .filter_map(|s| s.slot)
+            recorded
+                .into_iter()
                 .filter(|slot| *slot < capacity)
                 .collect()
         } else {
             HashSet::new()
         };
-        {
-            let mut inner = self.lock();
-            inner.slots.reserve(&kept);
-            if !continuing {
-                // The maps were made at this start: no slot above those handed out has counts.
-                inner.slots.zeroed_from = inner.slots.next;
+        inner.slots.reserve(&kept);
+        if !continuing {
+            // The maps were made at this start: no slot above those handed out has counts.
+            inner.slots.zeroed_from = inner.slots.next;
+        }
+        Restoring {
+            wall: OffsetDateTime::now_utc(),
+            retention: time::Duration::try_from(self.retention).unwrap_or(time::Duration::ZERO),
+            continuing,
+            kept,
+            assigned: HashSet::new(),
+            restored: 0,
+            moved: Vec::new(),
+        }
+    }
+
+    fn restore_one(&self, r: &mut Restoring, s: StoredSession) {
+        let end = s.started_at + secs(s.duration);
+        let ended = match s.ended {
+            Some(e) => Some(e),
+            None if end <= r.wall => Some(Ended {
+                info: StatusInfo::DurationExpired,
+                at: end,
+            }),
+            None => None,
+        };
+        if let Some(ended) = ended {
+            let announce = s.ended.is_none();
+            self.keep_ended(s, ended, r.retention, announce);
+            return;
+        }
+        // Each kept slot goes to one session (a second claimant gets a new one).
+        let slot = s
+            .slot
+            .filter(|slot| r.kept.contains(slot) && r.assigned.insert(*slot));
+        match self.admit(
+            s.request.clone(),
+            s.id,
+            s.started_at,
+            s.duration,
+            Admission::Restored { slot },
+        ) {
+            Ok(v) => {
+                debug!(session = %s.id, left_ms = time_left(end).as_millis() as u64, "session restored");
+                audit::record(
+                    audit::Action::Restore,
+                    &s.request.owner,
+                    Some(s.id),
+                    Some(&v.session.flow.device),
+                    Ok(()),
+                );
+                r.restored += 1;
+                // A new slot is recorded, so the next restart keeps this one.
+                if let SessionState::Available { slot: now, .. } = v.session.state
+                    && s.slot != Some(now)
+                {
+                    r.moved.push(Op::SetSlot(s.id, now));
+                }
+            }
+            Err(e) => {
+                error!(session = %s.id, error = %crate::anyhow_like(&e), "cannot restore the session; it ends");
+                audit::record(
+                    audit::Action::Restore,
+                    &s.request.owner,
+                    Some(s.id),
+                    None,
+                    Err(&e),
+                );
+                // Unclaimed again: freed at the end of the restore.
+                if let Some(slot) = slot {
+                    r.assigned.remove(&slot);
+                }
+                self.keep_ended(
+                    s,
+                    Ended {
+                        info: StatusInfo::NetworkTerminated,
+                        at: r.wall,
+                    },
+                    r.retention,
+                    true,
+                );
             }
         }
-        let (mut restored, mut moved) = (0usize, Vec::new());
-        let mut assigned = HashSet::new();
-        for s in stored {
-            let end = s.started_at + secs(s.duration);
-            let ended = match s.ended {
-                Some(e) => Some(e),
-                None if end <= wall => Some(Ended {
-                    info: StatusInfo::DurationExpired,
-                    at: end,
-                }),
-                None => None,
-            };
-            let Some(ended) = ended else {
-                // Each kept slot goes to one session (a second claimant gets a new one).
-                let slot = s
-                    .slot
-                    .filter(|slot| kept.contains(slot) && assigned.insert(*slot));
-                match self.admit(
-                    s.request.clone(),
-                    s.id,
-                    s.started_at,
-                    s.duration,
-                    Admission::Restored { slot },
-                ) {
-                    Ok(v) => {
-                        debug!(session = %s.id, left_ms = time_left(end).as_millis() as u64, "session restored");
-                        audit::record(
-                            audit::Action::Restore,
-                            &s.request.owner,
-                            Some(s.id),
-                            Some(&v.session.flow.device),
-                            Ok(()),
-                        );
-                        restored += 1;
-                        // A new slot is recorded, so the next restart keeps this one.
-                        if let SessionState::Available { slot: now, .. } = v.session.state
-                            && s.slot != Some(now)
-                        {
-                            moved.push(Op::SetSlot(s.id, now));
-                        }
-                    }
-                    Err(e) => {
-                        error!(session = %s.id, error = %crate::anyhow_like(&e), "cannot restore the session; it ends");
-                        audit::record(
-                            audit::Action::Restore,
-                            &s.request.owner,
-                            Some(s.id),
-                            None,
-                            Err(&e),
-                        );
-                        if let Some(slot) = slot {
-                            self.release_kept_slot(slot);
-                        }
-                        self.keep_ended(
-                            s,
-                            Ended {
-                                info: StatusInfo::NetworkTerminated,
-                                at: wall,
-                            },
-                            retention,
-                            true,
-                        );
-                    }
-                }
-                continue;
-            };
-            let announce = s.ended.is_none();
-            self.keep_ended(s, ended, retention, announce);
+    }
+
+    fn finish_restore(&self, r: Restoring) {
+        {
+            // Slots reserved for sessions that turned out ended, or that could not be restored.
+            let mut inner = self.lock();
+            let mut unclaimed: Vec<u32> = r.kept.difference(&r.assigned).copied().collect();
+            unclaimed.sort_unstable_by(|a, b| b.cmp(a));
+            inner.slots.free.extend(unclaimed);
         }
         if let Some(store) = &self.store
-            && !moved.is_empty()
-            && let Err(e) = store.submit(moved).wait()
+            && !r.moved.is_empty()
+            && let Err(e) = store.submit(r.moved).wait()
         {
             error!(error = %crate::anyhow_like(&e), "cannot record the restored sessions' counter slots");
         }
-        info!(restored, "live sessions restored");
-        if continuing {
+        info!(restored = r.restored, "live sessions restored");
+        if r.continuing {
             self.remove_orphans();
         }
         self.adopt_classes();
@@ -885,19 +947,6 @@ impl Core {
         drop(inner);
         self.forget_logged(ids);
         live
-    }
-
-    /// Gives back a kept slot whose session could not be restored, unless the failed admission
-    /// already did.
-    fn release_kept_slot(&self, slot: u32) {
-        let mut inner = self.lock();
-        let in_use = inner
-            .sessions
-            .values()
-            .any(|s| matches!(s.state, SessionState::Available { slot: used, .. } if used == slot));
-        if !in_use && !inner.slots.free.contains(&slot) {
-            inner.slots.give_back(slot);
-        }
     }
 
     /// Parks the per-session scheduler classes that no AVAILABLE session holds (those an adopted
@@ -1202,10 +1251,16 @@ impl Core {
                 )
             })?,
         };
+        // A kept slot stays the restore's to give back (it frees every kept slot unclaimed).
+        let give_back = |inner: &mut Inner| {
+            if kept_slot.is_none() {
+                inner.slots.give_back(slot);
+            }
+        };
         let mut reservation = match self.reserve(&mut inner, profile) {
             Ok(r) => r,
             Err(e) => {
-                inner.slots.give_back(slot);
+                give_back(&mut inner);
                 return Err(e);
             }
         };
@@ -1232,7 +1287,7 @@ impl Core {
                 })
             };
             if let Err(e) = made {
-                inner.slots.give_back(slot);
+                give_back(&mut inner);
                 release(&mut inner, self.class_ops.as_ref(), reservation);
                 return Err(e);
             }
@@ -1255,7 +1310,7 @@ impl Core {
         };
         let installed = reset.and_then(|()| resync(&mut inner, &flow.device, None, Some(rule)));
         if let Err(e) = installed {
-            inner.slots.give_back(slot);
+            give_back(&mut inner);
             release(&mut inner, self.class_ops.as_ref(), reservation);
             return Err(dataplane_error(&e));
         }

@@ -84,7 +84,6 @@ pub async fn run(
     // The store first: a corrupt one, or one held by another qodd, stops start-up before the
     // data plane is touched.
     let store = store::Store::open_with(&config.state_dir, config.event_log_retention)?;
-    let mut stored = store.load()?;
     let event_log = store.load_events()?;
     // The listeners next (after the store, which no other qodd holds then, so a socket file
     // removed here is not a live one): an address in use stops start-up before the data plane
@@ -144,15 +143,15 @@ pub async fn run(
         // Its sessions were taken over (they live on, installed there) or ended and told by
         // the cluster: none is restored here, and a pinned data plane's rules for them go as
         // orphans.
-        for s in &stored {
-            store.remove(s.id)?;
-            given_up.insert(s.id);
+        let ids = store.session_ids()?;
+        for id in &ids {
+            store.remove(*id)?;
+            given_up.insert(*id);
         }
         info!(
-            sessions = stored.len(),
+            sessions = ids.len(),
             "sessions left to the cluster: taken over by another node, or ended while this one was away"
         );
-        stored.clear();
     }
     prepare_pins(&config, &store)?;
     let mut dp = AyaDataPlane::load(config.max_sessions, &config.pin_path)?;
@@ -362,10 +361,13 @@ pub async fn run(
     };
 
     {
-        let (core, n) = (core.clone(), stored.len());
-        tokio::task::spawn_blocking(move || core.restore(stored, continuing))
+        let (core, store) = (core.clone(), store.clone());
+        let n = match tokio::task::spawn_blocking(move || core.restore_from(&store, continuing))
             .await
-            .ok();
+        {
+            Ok(read) => read?,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         info!(
             sessions = n,
             continuing, "session store loaded (continuing: the pinned data plane carried on)"

@@ -647,16 +647,61 @@ impl Store {
 
     /// Every stored session, with its slot.
     pub fn load(&self) -> Result<Vec<StoredSession>, StoreError> {
-        let mut sessions: Vec<StoredSession> = self.load_table(SESSIONS)?;
+        let mut out = Vec::new();
+        self.each_session(|s| out.push(s))?;
+        Ok(out)
+    }
+
+    /// Hands every stored session, with its slot, to `f` as it is read (in key order), so a
+    /// start with a million sessions never holds them all decoded at once.
+    pub fn each_session(&self, mut f: impl FnMut(StoredSession)) -> Result<(), StoreError> {
+        let tx = self.shared.db.begin_read().map_err(db)?;
+        let slots = tx.open_table(SLOTS).map_err(db)?;
+        // Both tables are keyed by the session id, in the same order: one pass over each.
+        let mut slots = slots.iter().map_err(db)?.peekable();
+        self.each_record(SESSIONS, |key, mut s: StoredSession| {
+            while let Some(Ok((k, _))) = slots.peek()
+                && k.value() < key
+            {
+                slots.next();
+            }
+            s.slot = match slots.peek() {
+                Some(Ok((k, v))) if k.value() == key => Some(v.value()),
+                Some(Err(_)) => match slots.next() {
+                    Some(Err(e)) => return Err(db(e)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            f(s);
+            Ok(())
+        })
+    }
+
+    /// Every counter slot recorded for a session (live or not).
+    pub fn slots(&self) -> Result<Vec<u32>, StoreError> {
         let tx = self.shared.db.begin_read().map_err(db)?;
         let t = tx.open_table(SLOTS).map_err(db)?;
-        for s in &mut sessions {
-            s.slot = t
-                .get(s.id.to_string().as_str())
-                .map_err(db)?
-                .map(|v| v.value());
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db)? {
+            out.push(row.map_err(db)?.1.value());
         }
-        Ok(sessions)
+        Ok(out)
+    }
+
+    /// The ids of every stored session.
+    pub fn session_ids(&self) -> Result<Vec<SessionId>, StoreError> {
+        let tx = self.shared.db.begin_read().map_err(db)?;
+        let t = tx.open_table(SESSIONS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            // A key that is no id belongs to a record that will be set aside when read.
+            if let Ok(id) = k.value().parse() {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// Notifications whose delivery was not settled when qodd stopped.
@@ -673,6 +718,20 @@ impl Store {
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
+        self.each_record(table, |_, r| {
+            out.push(r);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Hands every record of `table` to `f` with its key, as it is read (see
+    /// [`Store::load_table`] for the records of older schemas and those that cannot be read).
+    fn each_record<T: Stored>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        mut f: impl FnMut(&str, T) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut migrated = Vec::new();
         let mut unreadable = Vec::new();
         {
@@ -683,9 +742,9 @@ impl Store {
                 match T::decode(v.value()) {
                     Ok((record, schema)) => {
                         if schema < T::SCHEMA {
-                            migrated.push(out.len());
+                            migrated.push((k.value().to_owned(), record.encode(k.value())?));
                         }
-                        out.push((k.value().to_owned(), record));
+                        f(k.value(), record)?;
                     }
                     Err(reason) => {
                         unreadable.push((k.value().to_owned(), v.value().to_vec(), reason))
@@ -699,9 +758,7 @@ impl Store {
             {
                 let mut t = tx.open_table(table).map_err(db)?;
                 let mut aside = tx.open_table(SET_ASIDE).map_err(db)?;
-                for &i in &migrated {
-                    let (key, record) = &out[i];
-                    let bytes = record.encode(key)?;
+                for (key, bytes) in &migrated {
                     t.insert(key.as_str(), bytes.as_slice()).map_err(db)?;
                 }
                 for (key, bytes, reason) in &unreadable {
@@ -732,7 +789,7 @@ impl Store {
             MIGRATED_RECORDS.fetch_add(migrated.len() as u64, Relaxed);
             SET_ASIDE_RECORDS.fetch_add(unreadable.len() as u64, Relaxed);
         }
-        Ok(out.into_iter().map(|(_, r)| r).collect())
+        Ok(())
     }
 
     /// The records set aside so far.
@@ -815,6 +872,40 @@ mod tests {
             }),
             slot: Some(3),
         }
+    }
+
+    #[test]
+    fn each_session_comes_with_its_own_slot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        // Sessions with and without slots interleaved in key order, and slots set afterwards.
+        let mut all = Vec::new();
+        for i in 0..40u32 {
+            let mut s = sample();
+            s.id = SessionId::random();
+            s.slot = (i % 3 == 0).then_some(i);
+            store.put(&s).expect("put");
+            all.push(s);
+        }
+        for s in all.iter_mut().filter(|s| s.slot.is_none()).step_by(2) {
+            s.slot = Some(1000 + s.request.duration);
+            store
+                .submit(vec![Op::SetSlot(s.id, s.slot.expect("slot"))])
+                .wait()
+                .expect("slot");
+        }
+        let mut read = Vec::new();
+        store.each_session(|s| read.push(s)).expect("read");
+        all.sort_by_key(|s| s.id.to_string());
+        assert_eq!(read, all);
+        let mut slots = store.slots().expect("slots");
+        slots.sort_unstable();
+        let mut want: Vec<u32> = all.iter().filter_map(|s| s.slot).collect();
+        want.sort_unstable();
+        assert_eq!(slots, want);
+        let mut ids = store.session_ids().expect("ids");
+        ids.sort_by_key(|id| id.to_string());
+        assert_eq!(ids, all.iter().map(|s| s.id).collect::<Vec<_>>());
     }
 
     #[test]
