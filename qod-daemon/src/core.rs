@@ -158,15 +158,13 @@ pub struct Session {
     /// Granted overall duration in seconds, extensions included.
     pub duration: u32,
     pub state: SessionState,
-    /// The rule installed for it (while AVAILABLE), kept to re-install on extend or reload.
-    rule: FlowRule,
     /// Its guaranteed-rate classes, while AVAILABLE.
     pub reservation: Option<Reservation>,
     /// When the expiry task next acts on this session (expire, or purge once UNAVAILABLE).
     deadline: Instant,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum SessionState {
     Available {
         /// Counters slot in the data plane.
@@ -176,8 +174,9 @@ pub enum SessionState {
     Unavailable {
         info: StatusInfo,
         ended_at: OffsetDateTime,
-        /// Counters as they stood when the rule left the data plane.
-        counters: FlowCounters,
+        /// Counters as they stood when the rule left the data plane (boxed: the ledger keeps
+        /// a million sessions, most of them AVAILABLE).
+        counters: Box<FlowCounters>,
     },
 }
 
@@ -347,7 +346,8 @@ struct Inner {
     dp: Box<dyn DataPlane>,
     sessions: HashMap<SessionId, Box<Session>>,
     /// Every stored session (AVAILABLE or retained UNAVAILABLE) by device.
-    by_device: HashMap<DeviceKey, Vec<SessionId>>,
+    /// (Almost always one: inline, no allocation of its own.)
+    by_device: HashMap<DeviceKey, smallvec::SmallVec<[SessionId; 1]>>,
     deadlines: BTreeSet<(Instant, SessionId)>,
     slots: Slots,
     /// Per-session class indexes by scheduled interface.
@@ -1060,9 +1060,8 @@ impl Core {
             state: SessionState::Unavailable {
                 info: ended.info,
                 ended_at: ended.at,
-                counters: FlowCounters::default(),
+                counters: Box::default(),
             },
-            rule: FlowRule::default(),
             reservation: None,
             deadline,
         };
@@ -1323,7 +1322,6 @@ impl Core {
                 slot,
                 expires_at: now + secs(duration),
             },
-            rule,
             reservation,
             deadline,
             flow,
@@ -2165,7 +2163,7 @@ impl Core {
             ended.state = SessionState::Unavailable {
                 info: StatusInfo::DeleteRequested,
                 ended_at: now,
-                counters,
+                counters: Box::new(counters),
             };
             Some(self.event(
                 SessionView {
@@ -2288,13 +2286,13 @@ impl Core {
         let total = u32::try_from(total.min(i32::MAX as u64)).unwrap_or(i32::MAX as u32);
         let added = total - session.duration;
         // The kernel's end moves by as much as the scheduled one.
-        let mut rule = session.rule;
+        let mut rule =
+            installed_rule(&inner, &session.flow.device, slot).map_err(|e| dataplane_error(&e))?;
         rule.expires_at_ns += u64::from(added) * 1_000_000_000;
         let deadline = session.deadline + secs(added);
         let mut updated = session.clone();
         updated.duration = total;
         updated.deadline = deadline;
-        updated.rule = rule;
         updated.state = SessionState::Available {
             slot,
             expires_at: session.started_at + secs(total),
@@ -2335,12 +2333,15 @@ impl Core {
         if !unchanged {
             return;
         }
-        if let Err(e) = resync(
-            &mut inner,
-            &before.flow.device,
-            Some(before.id),
-            Some(before.rule),
-        ) {
+        // The kernel's end moves back by as much as it was moved.
+        let SessionState::Available { slot, .. } = before.state else {
+            return;
+        };
+        let back = u64::from(after.duration.saturating_sub(before.duration)) * 1_000_000_000;
+        if let Err(e) = installed_rule(&inner, &before.flow.device, slot).and_then(|mut rule| {
+            rule.expires_at_ns = rule.expires_at_ns.saturating_sub(back);
+            resync(&mut inner, &before.flow.device, Some(before.id), Some(rule))
+        }) {
             error!(session = %before.id, error = %crate::anyhow_like(&e), "cannot undo an unstored extension in the kernel");
         }
         inner.deadlines.remove(&(after.deadline, before.id));
@@ -2398,7 +2399,7 @@ impl Core {
         ended.state = SessionState::Unavailable {
             info,
             ended_at,
-            counters,
+            counters: Box::new(counters),
         };
         inner.deadlines.remove(&(ended.deadline, id));
         ended.deadline = purge;
@@ -2542,20 +2543,18 @@ impl Core {
                             time_left(expires_at),
                             session.reservation.as_ref(),
                         );
+                        let device = session.flow.device;
                         // The end stays the one the kernel holds (read now, it would differ by
                         // the nanoseconds since).
-                        rule.expires_at_ns = session.rule.expires_at_ns;
-                        if rule == session.rule {
+                        let installed = installed_rule(inner, &device, slot);
+                        if let Ok(i) = &installed {
+                            rule.expires_at_ns = i.expires_at_ns;
+                        }
+                        if installed.as_ref().is_ok_and(|i| *i == rule) {
                             return;
                         }
-                        let device = session.flow.device;
                         match resync(inner, &device, Some(id), Some(rule)) {
-                            Ok(()) => {
-                                if let Some(s) = inner.sessions.get_mut(&id) {
-                                    s.rule = rule;
-                                }
-                                updated += 1;
-                            }
+                            Ok(()) => updated += 1,
                             Err(e) => {
                                 error!(session = %id, error = %crate::anyhow_like(&e), "cannot apply the reloaded profile")
                             }
@@ -2678,11 +2677,11 @@ impl Core {
 }
 
 fn view(inner: &Inner, session: &Session) -> Result<SessionView, CamaraError> {
-    let counters = match session.state {
+    let counters = match &session.state {
         SessionState::Available { slot, .. } => {
-            inner.dp.counters(slot).map_err(|e| dataplane_error(&e))?
+            inner.dp.counters(*slot).map_err(|e| dataplane_error(&e))?
         }
-        SessionState::Unavailable { counters, .. } => counters,
+        SessionState::Unavailable { counters, .. } => **counters,
     };
     Ok(SessionView {
         session: session.clone(),
@@ -2712,25 +2711,45 @@ fn dataplane_error(e: &DataPlaneError) -> CamaraError {
     }
 }
 
-/// The rules of `key`'s AVAILABLE sessions, leaving out `skip` and adding `with`.
+/// The rules of `key`'s AVAILABLE sessions, leaving out `skip` and adding `with`: read back
+/// from the kernel (the ledger keeps no copy), where only the sessions' own slots count.
 fn device_rules(
     inner: &Inner,
     key: &DeviceKey,
     skip: Option<SessionId>,
     with: Option<FlowRule>,
-) -> Vec<FlowRule> {
-    let mut rules: Vec<FlowRule> = inner
+) -> Result<Vec<FlowRule>, DataPlaneError> {
+    let others: smallvec::SmallVec<[u32; 4]> = inner
         .by_device
         .get(key)
         .into_iter()
         .flatten()
         .filter(|id| Some(**id) != skip)
         .filter_map(|id| inner.sessions.get(id))
-        .filter(|s| matches!(s.state, SessionState::Available { .. }))
-        .map(|s| s.rule)
+        .filter_map(|s| match s.state {
+            SessionState::Available { slot, .. } => Some(slot),
+            SessionState::Unavailable { .. } => None,
+        })
         .collect();
+    let mut rules = if others.is_empty() {
+        Vec::new()
+    } else {
+        let mut installed = inner.dp.rules(key)?;
+        installed.retain(|r| others.contains(&r.slot));
+        installed
+    };
     rules.extend(with);
-    rules
+    Ok(rules)
+}
+
+/// The rule of the session at `slot` on device `key`, as the kernel holds it.
+fn installed_rule(inner: &Inner, key: &DeviceKey, slot: u32) -> Result<FlowRule, DataPlaneError> {
+    inner
+        .dp
+        .rules(key)?
+        .into_iter()
+        .find(|r| r.slot == slot)
+        .ok_or(DataPlaneError::RuleMissing { slot })
 }
 
 /// Puts `key`'s AVAILABLE sessions' rules in the kernel, leaving out `skip` and adding `with`
@@ -2741,7 +2760,7 @@ fn resync(
     skip: Option<SessionId>,
     with: Option<FlowRule>,
 ) -> Result<(), DataPlaneError> {
-    let rules = device_rules(inner, key, skip, with);
+    let rules = device_rules(inner, key, skip, with)?;
     if rules.is_empty() {
         inner.dp.remove(key)
     } else {
@@ -3361,6 +3380,25 @@ mod tests {
         assert_eq!(found.len(), 1);
     }
 
+    fn installed_slot(s: &Session) -> u32 {
+        match s.state {
+            SessionState::Available { slot, .. } => slot,
+            SessionState::Unavailable { .. } => panic!("not AVAILABLE"),
+        }
+    }
+
+    /// Session `s`'s rule as the (fake) kernel holds it.
+    fn installed(dp: &FakeDataPlane, s: &Session) -> FlowRule {
+        let SessionState::Available { slot, .. } = s.state else {
+            panic!("not AVAILABLE");
+        };
+        dp.rules(&s.flow.device)
+            .expect("rules")
+            .into_iter()
+            .find(|r| r.slot == slot)
+            .expect("the session's rule is installed")
+    }
+
     fn scheduled_core() -> (Arc<Core>, FakeDataPlane) {
         let dp = FakeDataPlane::default();
         let iface = |name: &str, side| ManagedInterface {
@@ -3447,8 +3485,14 @@ mod tests {
         assert_eq!(on("dev0").index, stale, "the parked class is reused");
         assert_eq!(on("dev0").baseline.bytes, 15_000, "counted from its totals");
         assert_eq!(on("srv0").index, held + 1);
-        assert_eq!(w.session.rule.priority_down, session_class(stale));
-        assert_eq!(w.session.rule.priority_up, session_class(held + 1));
+        assert_eq!(
+            installed(&dp, &w.session).priority_down,
+            session_class(stale)
+        );
+        assert_eq!(
+            installed(&dp, &w.session).priority_up,
+            session_class(held + 1)
+        );
         // What GetSession reports of the reused class starts from there.
         dp.state.lock().expect("lock").class_stats.insert(
             ("dev0".into(), stale),
@@ -3607,15 +3651,15 @@ mod tests {
             let r = v.session.reservation.clone().expect("classes");
             assert_eq!(r.classes.len(), 2, "one class per scheduled interface");
             assert_eq!(
-                v.session.rule.priority_down,
+                installed(&dp, &v.session).priority_down,
                 session_class(r.classes[0].index)
             );
             assert_eq!(
-                v.session.rule.priority_up,
+                installed(&dp, &v.session).priority_up,
                 session_class(r.classes[1].index)
             );
             assert_eq!(
-                v.session.rule.police_down,
+                installed(&dp, &v.session).police_down,
                 Policer::default(),
                 "shaped by its class, not policed"
             );
@@ -3644,7 +3688,7 @@ mod tests {
             .expect("low latency");
         let r = e.session.reservation.clone().expect("classes");
         assert_eq!(
-            e.session.rule.priority_down,
+            installed(&dp, &e.session).priority_down,
             session_class(r.classes[0].index)
         );
         assert_eq!(
@@ -3658,7 +3702,7 @@ mod tests {
             )
         );
         assert_eq!(
-            e.session.rule.police_down,
+            installed(&dp, &e.session).police_down,
             Policer::new(500_000, r.classes[0].spec.burst_bytes)
         );
         assert_eq!(r.classes[0].spec.burst_bytes, 15_140);
@@ -3895,12 +3939,32 @@ mod tests {
             given: (None, None),
         };
         core.create(other).expect("other server");
-        core.create(with_ports(vec![1])).expect("fourth");
+        let d = core.create(with_ports(vec![1])).expect("fourth");
         let err = core.create(with_ports(vec![2])).expect_err("fifth");
         assert_eq!(err.code, CamaraCode::QuotaExceeded);
-        // Deleting one leaves the others in the kernel.
+        // Deleting one leaves the others in the kernel, as they were.
+        let rules = |dp: &FakeDataPlane| {
+            let mut r = dp.state.lock().expect("lock").flows[&key].clone();
+            r.sort_by_key(|r| r.slot);
+            r
+        };
+        let before = rules(&dp);
         core.delete(a.session.id, &me()).expect("delete");
-        assert_eq!(dp.state.lock().expect("lock").flows[&key].len(), 3);
+        let after = rules(&dp);
+        assert_eq!(after.len(), 3);
+        let a_slot = installed_slot(&a.session);
+        let kept: Vec<FlowRule> = before.into_iter().filter(|r| r.slot != a_slot).collect();
+        assert_eq!(after, kept, "the siblings' rules untouched");
+        // Extending one moves its kernel end only.
+        core.extend(d.session.id, 60, &me()).expect("extend");
+        let moved = rules(&dp);
+        for (b, m) in after.iter().zip(&moved) {
+            if b.slot == installed_slot(&d.session) {
+                assert_eq!(m.expires_at_ns, b.expires_at_ns + 60_000_000_000);
+            } else {
+                assert_eq!(m, b);
+            }
+        }
         assert_eq!(
             core.retrieve(&request([10, 0, 0, 1], 1).device, &me())
                 .expect("retrieve")

@@ -685,6 +685,22 @@ impl DataPlane for AyaDataPlane {
         })
     }
 
+    fn rules(&self, key: &DeviceKey) -> Result<Vec<FlowRule>, DataPlaneError> {
+        let (map, found) = if key.family == FAMILY_IPV4 {
+            (FLOWS_V4_MAP, self.flows_v4.get(&key.addr[0], 0))
+        } else {
+            (
+                FLOWS_V6_MAP,
+                self.flows_v6.get(&[key.addr[0], key.addr[1]], 0),
+            )
+        };
+        match found {
+            Ok(v) => Ok(v.rules.iter().take(v.n as usize).copied().collect()),
+            Err(MapError::KeyNotFound) => Ok(Vec::new()),
+            Err(source) => Err(DataPlaneError::Map { map, source }),
+        }
+    }
+
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError> {
         let (map, result) = if key.family == FAMILY_IPV4 {
             (FLOWS_V4_MAP, self.flows_v4.remove(&key.addr[0]))

@@ -109,6 +109,10 @@ impl DataPlane for FakeDataPlane {
         Ok(())
     }
 
+    fn rules(&self, key: &DeviceKey) -> Result<Vec<FlowRule>, DataPlaneError> {
+        Ok(self.state().flows.get(key).cloned().unwrap_or_default())
+    }
+
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError> {
         self.state().flows.remove(key);
         Ok(())

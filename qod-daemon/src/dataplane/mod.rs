@@ -58,6 +58,8 @@ pub enum DataPlaneError {
     },
     #[error("the flow map is full ({capacity} entries)")]
     Full { capacity: u32 },
+    #[error("the kernel holds no rule for counter slot {slot} (changed behind qodd's back?)")]
+    RuleMissing { slot: u32 },
     #[error("cannot load the eBPF object")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("eBPF program {program} failed: {what}")]
@@ -134,6 +136,9 @@ pub trait Classes: Send + Sync {
 pub trait DataPlane: Send + 'static {
     /// Installs or replaces every rule of device `key` (1 to `MAX_SESSIONS_PER_DEVICE`).
     fn install(&mut self, key: DeviceKey, rules: &[FlowRule]) -> Result<(), DataPlaneError>;
+    /// Device `key`'s rules as installed (none without an entry). The ledger keeps no copy of
+    /// them: this is where a session's rule is read back to change it or a sibling's.
+    fn rules(&self, key: &DeviceKey) -> Result<Vec<FlowRule>, DataPlaneError>;
     /// Removes device `key`'s rules; a missing entry is not an error.
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError>;
     /// Sum over CPUs of the counters at `slot`.
