@@ -357,7 +357,7 @@ struct Inner {
     /// Managed interfaces that are down or gone: no session can be enforced meanwhile.
     links_down: HashSet<String>,
     /// What each API client's AVAILABLE sessions hold.
-    active_by_owner: HashMap<String, OwnerUse>,
+    active_by_owner: HashMap<Arc<str>, OwnerUse>,
     /// Each live session's last achieved-rate reading (GetSession).
     meters: HashMap<SessionId, Meter>,
 }
@@ -406,6 +406,17 @@ struct OwnerUse {
 }
 
 impl Inner {
+    /// Makes `req` hold the one copy of its client's and its profile's names that every live
+    /// session shares (a million sessions, a handful of clients and profiles).
+    fn share_names(&self, req: &mut SessionRequest, policy: &Policy) {
+        if let Some((shared, _)) = self.active_by_owner.get_key_value(&*req.owner) {
+            req.owner = shared.clone();
+        }
+        if let Some(shared) = policy.profiles.name(&req.profile) {
+            req.profile = shared.clone();
+        }
+    }
+
     fn count_active(&mut self, req: &SessionRequest, up: bool) {
         let origin = req.sink.as_deref().map(crate::notify::sink_origin);
         if up {
@@ -414,7 +425,7 @@ impl Inner {
             if let Some(o) = origin {
                 *usage.sinks.entry(o).or_default() += 1;
             }
-        } else if let Some(usage) = self.active_by_owner.get_mut(&req.owner) {
+        } else if let Some(usage) = self.active_by_owner.get_mut(&*req.owner) {
             usage.active = usage.active.saturating_sub(1);
             if let Some(o) = origin
                 && let Some(n) = usage.sinks.get_mut(&o)
@@ -425,7 +436,7 @@ impl Inner {
                 }
             }
             if usage.active == 0 {
-                self.active_by_owner.remove(&req.owner);
+                self.active_by_owner.remove(&*req.owner);
             }
         }
     }
@@ -1315,7 +1326,11 @@ impl Core {
         }
         let session = Session {
             id,
-            request: req,
+            request: {
+                let mut req = req;
+                inner.share_names(&mut req, &policy);
+                req
+            },
             started_at: now,
             duration,
             state: SessionState::Available {
@@ -1400,7 +1415,7 @@ impl Core {
                 format!("a device holds at most {MAX_SESSIONS_PER_DEVICE} live sessions at once"),
             ));
         }
-        if !restoring && let Some(usage) = inner.active_by_owner.get(&req.owner) {
+        if !restoring && let Some(usage) = inner.active_by_owner.get(&*req.owner) {
             crate::cluster::quota::client_fits(
                 usage.active,
                 usage.sinks.len(),
@@ -1711,7 +1726,7 @@ impl Core {
     }
 
     /// The API client of session `id`, if this node holds it.
-    pub fn owner_of(&self, id: SessionId) -> Option<String> {
+    pub fn owner_of(&self, id: SessionId) -> Option<Arc<str>> {
         self.lock()
             .sessions
             .get(&id)
@@ -1732,7 +1747,11 @@ impl Core {
 
     /// The API clients with live sessions here.
     pub fn clients(&self) -> Vec<String> {
-        self.lock().active_by_owner.keys().cloned().collect()
+        self.lock()
+            .active_by_owner
+            .keys()
+            .map(|k| k.to_string())
+            .collect()
     }
 
     /// What one API client may hold: live sessions, distinct sinks they notify.
@@ -1868,7 +1887,7 @@ impl Core {
                 filter
                     .client
                     .as_deref()
-                    .is_none_or(|c| s.request.owner == c)
+                    .is_none_or(|c| *s.request.owner == *c)
             })
             .filter(|s| filter.device.is_none_or(|d| s.flow.device == d))
             .collect();
@@ -1876,7 +1895,7 @@ impl Core {
         matching
             .into_iter()
             .take(limit)
-            .filter_map(|s| Some((view(&inner, s).ok()?, s.request.owner.clone())))
+            .filter_map(|s| Some((view(&inner, s).ok()?, s.request.owner.to_string())))
             .collect()
     }
 

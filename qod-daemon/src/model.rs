@@ -56,7 +56,7 @@ impl fmt::Display for SessionId {
 #[derive(
     Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
-pub struct ProfileName(String);
+pub struct ProfileName(std::sync::Arc<str>);
 
 impl ProfileName {
     pub fn parse(field: &str, s: &str) -> Result<Self, CamaraError> {
@@ -75,7 +75,7 @@ impl ProfileName {
                 format!("{s:?} contains {c:?}; only letters, digits, '_', '.' and '-' are allowed"),
             ));
         }
-        Ok(Self(s.to_owned()))
+        Ok(Self(s.into()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -212,17 +212,65 @@ impl Ports {
 pub struct ApplicationServer {
     pub ipv4: Option<Ipv4Network>,
     pub ipv6: Option<Ipv6Network>,
-    /// The addresses as the caller wrote them, echoed back unchanged.
+    /// The addresses as the caller wrote them, echoed back unchanged: kept only where they
+    /// differ from the parsed address's own text (see [`ApplicationServer::new`]).
     pub given: (Option<String>, Option<String>),
 }
 
 impl ApplicationServer {
+    /// The server the caller wrote as `given`, parsed as `ipv4` / `ipv6`. Most write an address
+    /// as it prints (`192.0.2.1`, `192.0.2.0/24`): then no copy of their text is kept (a
+    /// million sessions would hold a million of them), and the echo prints the address.
+    pub fn new(
+        ipv4: Option<Ipv4Network>,
+        ipv6: Option<Ipv6Network>,
+        given: (Option<String>, Option<String>),
+    ) -> Self {
+        let v4 = given
+            .0
+            .filter(|g| ipv4.map(|n| network_text(IpNetwork::V4(n))).as_ref() != Some(g));
+        let v6 = given
+            .1
+            .filter(|g| ipv6.map(|n| network_text(IpNetwork::V6(n))).as_ref() != Some(g));
+        Self {
+            ipv4,
+            ipv6,
+            given: (v4, v6),
+        }
+    }
+
+    /// The IPv4 address or network as the caller wrote it.
+    pub fn given_v4(&self) -> Option<String> {
+        self.given
+            .0
+            .clone()
+            .or_else(|| self.ipv4.map(|n| network_text(IpNetwork::V4(n))))
+    }
+
+    /// The IPv6 address or network as the caller wrote it.
+    pub fn given_v6(&self) -> Option<String> {
+        self.given
+            .1
+            .clone()
+            .or_else(|| self.ipv6.map(|n| network_text(IpNetwork::V6(n))))
+    }
+
     pub fn network(&self, family: u32) -> Option<IpNetwork> {
         match family {
             FAMILY_IPV4 => self.ipv4.map(IpNetwork::V4),
             FAMILY_IPV6 => self.ipv6.map(IpNetwork::V6),
             _ => None,
         }
+    }
+}
+
+/// An address as it prints (a single address without its prefix length), or a network.
+fn network_text(n: IpNetwork) -> String {
+    let full = if n.is_ipv4() { 32 } else { 128 };
+    if n.prefix() == full {
+        n.ip().to_string()
+    } else {
+        n.to_string()
     }
 }
 
@@ -250,9 +298,10 @@ pub struct SessionRequest {
     pub sink_credential: Option<AccessToken>,
     /// Requested seconds, >= 1.
     pub duration: u32,
-    /// The API client that created the session (from its access token).
+    /// The API client that created the session (from its access token). Shared: a node's
+    /// sessions hold one copy of each client's name.
     #[serde(default)]
-    pub owner: String,
+    pub owner: std::sync::Arc<str>,
     /// The device of the three-legged token it was created with (then `device` is that device
     /// and is not echoed back).
     #[serde(default)]
@@ -270,7 +319,7 @@ pub struct Holder {
 impl Holder {
     pub fn of(req: &SessionRequest) -> Self {
         Self {
-            client: req.owner.clone(),
+            client: req.owner.to_string(),
             sink: req.sink.clone(),
         }
     }
@@ -605,6 +654,37 @@ pub fn port(field: &str, p: u32) -> Result<u16, CamaraError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_is_echoed_as_written_and_its_text_kept_only_when_it_differs() {
+        let server = |v4: &str, v6: &str| {
+            ApplicationServer::new(
+                Some(v4.parse().expect("v4")),
+                Some(v6.parse().expect("v6")),
+                (Some(v4.into()), Some(v6.into())),
+            )
+        };
+        for (v4, v6) in [
+            ("192.0.2.1", "2001:db8::1"),
+            ("192.0.2.0/24", "2001:db8::/32"),
+        ] {
+            let s = server(v4, v6);
+            assert_eq!(s.given, (None, None), "{v4} {v6} print as written");
+            assert_eq!(s.given_v4().as_deref(), Some(v4));
+            assert_eq!(s.given_v6().as_deref(), Some(v6));
+        }
+        for (v4, v6) in [
+            ("192.0.2.1/32", "2001:DB8::1"),
+            ("192.0.2.1/24", "2001:db8::1/128"),
+        ] {
+            let s = server(v4, v6);
+            assert_eq!(s.given_v4().as_deref(), Some(v4));
+            assert_eq!(s.given_v6().as_deref(), Some(v6));
+        }
+        let none =
+            ApplicationServer::new(Some("192.0.2.1".parse().expect("v4")), None, (None, None));
+        assert_eq!(none.given_v6(), None);
+    }
 
     #[test]
     fn ports_merge_into_fewest_ranges() {

@@ -262,6 +262,11 @@ impl Profiles {
         self.0.get(name)
     }
 
+    /// The name as these profiles hold it (a clone of it shares its text).
+    pub fn name(&self, name: &ProfileName) -> Option<&ProfileName> {
+        self.0.get_key_value(name).map(|(k, _)| k)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &QosProfile> {
         self.0.values()
     }

@@ -850,7 +850,8 @@ mod tests {
                 server: ApplicationServer {
                     ipv4: Some("192.0.2.0/24".parse().expect("net")),
                     ipv6: None,
-                    given: (Some("192.0.2.0/24".into()), None),
+                    // As written canonically (kept as none: see ApplicationServer::new).
+                    given: (None, None),
                 },
                 device_ports: None,
                 server_ports: None,
@@ -941,7 +942,8 @@ mod tests {
         s.request.device = DeviceId::Ipv6("2001:db8::7".parse().expect("v6"));
         s.request.device_given = Some("2001:DB8::7".into());
         s.request.server.ipv6 = Some("2001:db8:1::/48".parse().expect("net"));
-        s.request.server.given.1 = Some("2001:db8:1::/48".into());
+        // Written otherwise than it prints: kept, to be echoed as written.
+        s.request.server.given.1 = Some("2001:DB8:1::/48".into());
         s.request.device_ports = Some(crate::model::Ports {
             ranges: vec![(1000, 2000)],
             ports: vec![80, 443],

@@ -82,7 +82,7 @@ pub fn session_request(
         sink,
         sink_credential,
         duration,
-        owner: caller.client.clone(),
+        owner: caller.client.as_str().into(),
         subject: caller.subject.clone(),
     })
 }
@@ -174,11 +174,11 @@ fn application_server(s: Option<&pb::ApplicationServer>) -> Result<ApplicationSe
                 })
         })
         .transpose()?;
-    Ok(ApplicationServer {
+    Ok(ApplicationServer::new(
         ipv4,
         ipv6,
-        given: (s.ipv4_address.clone(), s.ipv6_address.clone()),
-    })
+        (s.ipv4_address.clone(), s.ipv6_address.clone()),
+    ))
 }
 
 fn ports(field: &str, p: &pb::PortsSpec) -> Result<Ports, CamaraError> {
@@ -447,8 +447,8 @@ fn request_info(id: SessionId, r: &SessionRequest) -> pb::SessionInfo {
             d
         }),
         application_server: Some(pb::ApplicationServer {
-            ipv4_address: r.server.given.0.clone(),
-            ipv6_address: r.server.given.1.clone(),
+            ipv4_address: r.server.given_v4(),
+            ipv6_address: r.server.given_v6(),
         }),
         device_ports: r.device_ports.as_ref().map(ports_proto),
         application_server_ports: r.server_ports.as_ref().map(ports_proto),

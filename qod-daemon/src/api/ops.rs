@@ -319,7 +319,7 @@ impl Operations {
         let core = self.core.clone();
         let owner = blocking(move || Ok(core.owner_of(id))).await.ok().flatten();
         match owner {
-            Some(o) if o == client => return Install::Done,
+            Some(o) if *o == *client => return Install::Done,
             Some(_) => {
                 return Install::Refused(CamaraError::new(
                     CamaraCode::Conflict,
@@ -348,7 +348,7 @@ impl Operations {
                     .await
                     .ok()
                     .flatten()
-                    .is_some_and(|o| o == client) =>
+                    .is_some_and(|o| *o == *client) =>
             {
                 Install::Done
             }

@@ -54,7 +54,7 @@ impl Handed {
     /// Whether `caller` may see and delete it (the rule of a node's own sessions).
     pub fn visible_to(&self, caller: &Caller) -> bool {
         caller.operator
-            || (caller.client == self.request.owner
+            || (*caller.client == *self.request.owner
                 && caller
                     .subject
                     .as_ref()

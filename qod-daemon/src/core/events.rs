@@ -101,7 +101,7 @@ impl Logged {
         Self {
             revision: event.revision,
             session: s.id,
-            owner: s.request.owner.as_str().into(),
+            owner: (*s.request.owner).into(),
             subject: s.request.subject.clone(),
             device: s.flow.device,
             message: crate::api::convert::event(event).encode_to_vec().into(),

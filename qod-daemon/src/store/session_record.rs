@@ -247,7 +247,7 @@ pub fn encode(s: &StoredSession) -> Vec<u8> {
             expires_ns: ns(c.expires),
         }),
         requested: r.duration,
-        owner: r.owner.clone(),
+        owner: r.owner.to_string(),
         subject: r.subject.as_ref().map(device),
         started_at_ns: ns(s.started_at),
         duration: s.duration,
@@ -289,11 +289,11 @@ pub fn decode(bytes: &[u8]) -> Result<StoredSession, String> {
         request: SessionRequest {
             device: device_id(r.device.ok_or("device: none")?)?,
             device_given: r.device_given,
-            server: ApplicationServer {
-                ipv4: server_v4,
-                ipv6: server_v6,
-                given: (r.server_v4_given, r.server_v6_given),
-            },
+            server: ApplicationServer::new(
+                server_v4,
+                server_v6,
+                (r.server_v4_given, r.server_v6_given),
+            ),
             device_ports: r.device_ports.map(ports).transpose()?,
             server_ports: r.server_ports.map(ports).transpose()?,
             profile: ProfileName::parse("qosProfile", &r.profile).map_err(|e| e.message)?,
@@ -308,7 +308,7 @@ pub fn decode(bytes: &[u8]) -> Result<StoredSession, String> {
                 })
                 .transpose()?,
             duration: r.requested,
-            owner: r.owner,
+            owner: r.owner.into(),
             subject: r.subject.map(device_id).transpose()?,
         },
         started_at: time(r.started_at_ns)?,
