@@ -2674,7 +2674,7 @@ impl Core {
             event_id: id,
             time,
             sink: sink.clone(),
-            credential: s.request.sink_credential.clone(),
+            credential: s.request.sink_credential.as_deref().cloned(),
             session_id: s.id,
             status: s.qos_status(),
             info: match s.state {
@@ -3926,10 +3926,10 @@ mod tests {
         let key = ipv4_key(Ipv4Addr::new(10, 0, 0, 1));
         let with_ports = |ports: Vec<u16>| {
             let mut r = request([10, 0, 0, 1], 60);
-            r.server_ports = Some(Ports {
+            r.server_ports = Some(Box::new(Ports {
                 ranges: vec![],
                 ports,
-            });
+            }));
             r
         };
         let a = core.create(with_ports(vec![443])).expect("first");

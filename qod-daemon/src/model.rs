@@ -291,11 +291,12 @@ pub struct SessionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_given: Option<String>,
     pub server: ApplicationServer,
-    pub device_ports: Option<Ports>,
-    pub server_ports: Option<Ports>,
+    /// (Boxed, as the credential: most sessions have none, and a million are kept.)
+    pub device_ports: Option<Box<Ports>>,
+    pub server_ports: Option<Box<Ports>>,
     pub profile: ProfileName,
     pub sink: Option<String>,
-    pub sink_credential: Option<AccessToken>,
+    pub sink_credential: Option<Box<AccessToken>>,
     /// Requested seconds, >= 1.
     pub duration: u32,
     /// The API client that created the session (from its access token). Shared: a node's
@@ -389,7 +390,7 @@ impl AppFlow {
         })?;
         let mut device_ports = req
             .device_ports
-            .as_ref()
+            .as_deref()
             .map(Ports::merged)
             .unwrap_or_default();
         if let DeviceId::Ipv4 {
@@ -412,7 +413,7 @@ impl AppFlow {
         }
         let server_ports = req
             .server_ports
-            .as_ref()
+            .as_deref()
             .map(Ports::merged)
             .unwrap_or_default();
         for (field, ranges) in [
@@ -740,10 +741,10 @@ pub mod testing {
                 given: (Some("192.0.2.0/24".into()), None),
             },
             device_ports: None,
-            server_ports: Some(Ports {
+            server_ports: Some(Box::new(Ports {
                 ranges: vec![(8000, 8010)],
                 ports: vec![443],
-            }),
+            })),
             profile: ProfileName::parse("qosProfile", "QOS_E").expect("name"),
             sink: None,
             sink_credential: None,

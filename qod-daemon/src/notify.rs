@@ -354,7 +354,7 @@ pub fn terminated_elsewhere(
             ),
             time: OffsetDateTime::now_utc(),
             sink: sink.clone(),
-            credential: s.request.sink_credential.clone(),
+            credential: s.request.sink_credential.as_deref().cloned(),
             session_id: s.id,
             status: QosStatus::Unavailable,
             info: Some(crate::model::StatusInfo::NetworkTerminated),

@@ -944,18 +944,18 @@ mod tests {
         s.request.server.ipv6 = Some("2001:db8:1::/48".parse().expect("net"));
         // Written otherwise than it prints: kept, to be echoed as written.
         s.request.server.given.1 = Some("2001:DB8:1::/48".into());
-        s.request.device_ports = Some(crate::model::Ports {
+        s.request.device_ports = Some(Box::new(crate::model::Ports {
             ranges: vec![(1000, 2000)],
             ports: vec![80, 443],
-        });
-        s.request.server_ports = Some(crate::model::Ports {
+        }));
+        s.request.server_ports = Some(Box::new(crate::model::Ports {
             ranges: vec![],
             ports: vec![5060],
-        });
-        s.request.sink_credential = Some(crate::model::AccessToken {
+        }));
+        s.request.sink_credential = Some(Box::new(crate::model::AccessToken {
             token: "t0ken".into(),
             expires: OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(1_234_567_891),
-        });
+        }));
         s.started_at = OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(987_654_321);
         s.duration = 120;
         let bytes = session_record::encode(&s);

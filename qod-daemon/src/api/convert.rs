@@ -29,12 +29,12 @@ pub fn session_request(
     let device_ports = req
         .device_ports
         .as_ref()
-        .map(|p| ports("devicePorts", p))
+        .map(|p| ports("devicePorts", p).map(Box::new))
         .transpose()?;
     let server_ports = req
         .application_server_ports
         .as_ref()
-        .map(|p| ports("applicationServerPorts", p))
+        .map(|p| ports("applicationServerPorts", p).map(Box::new))
         .transpose()?;
     if req.qos_profile.is_empty() {
         return Err(CamaraError::invalid("qosProfile", "is required"));
@@ -53,7 +53,7 @@ pub fn session_request(
     let sink_credential = req
         .sink_credential
         .as_ref()
-        .map(sink_credential)
+        .map(|c| sink_credential(c).map(Box::new))
         .transpose()?;
     if sink_credential.is_some() && sink.is_none() {
         return Err(CamaraError::invalid(
@@ -450,8 +450,8 @@ fn request_info(id: SessionId, r: &SessionRequest) -> pb::SessionInfo {
             ipv4_address: r.server.given_v4(),
             ipv6_address: r.server.given_v6(),
         }),
-        device_ports: r.device_ports.as_ref().map(ports_proto),
-        application_server_ports: r.server_ports.as_ref().map(ports_proto),
+        device_ports: r.device_ports.as_deref().map(ports_proto),
+        application_server_ports: r.server_ports.as_deref().map(ports_proto),
         qos_profile: r.profile.to_string(),
         sink: r.sink.clone(),
         // The access token is write-only: only its type is echoed.

@@ -238,8 +238,8 @@ pub fn encode(s: &StoredSession) -> Vec<u8> {
         }),
         server_v4_given: r.server.given.0.clone(),
         server_v6_given: r.server.given.1.clone(),
-        device_ports: r.device_ports.as_ref().map(port_set),
-        server_ports: r.server_ports.as_ref().map(port_set),
+        device_ports: r.device_ports.as_deref().map(port_set),
+        server_ports: r.server_ports.as_deref().map(port_set),
         profile: r.profile.as_str().to_owned(),
         sink: r.sink.clone(),
         sink_credential: r.sink_credential.as_ref().map(|c| Credential {
@@ -294,17 +294,17 @@ pub fn decode(bytes: &[u8]) -> Result<StoredSession, String> {
                 server_v6,
                 (r.server_v4_given, r.server_v6_given),
             ),
-            device_ports: r.device_ports.map(ports).transpose()?,
-            server_ports: r.server_ports.map(ports).transpose()?,
+            device_ports: r.device_ports.map(ports).transpose()?.map(Box::new),
+            server_ports: r.server_ports.map(ports).transpose()?.map(Box::new),
             profile: ProfileName::parse("qosProfile", &r.profile).map_err(|e| e.message)?,
             sink: r.sink,
             sink_credential: r
                 .sink_credential
                 .map(|c| {
-                    Ok::<_, String>(AccessToken {
+                    Ok::<_, String>(Box::new(AccessToken {
                         token: c.token,
                         expires: time(c.expires_ns)?,
-                    })
+                    }))
                 })
                 .transpose()?,
             duration: r.requested,
