@@ -45,8 +45,12 @@ use std::{
 use qod_proto::v1::quality_on_demand_client::QualityOnDemandClient;
 use qod_testkit::{EDGE_DEV_IF, EDGE_SRV_IF, Lab, Qodd, addr, api::session};
 
+/// The qodd measured: `$QOD_BENCH_QODD` (another commit's build, to compare back to back),
+/// else the release build.
 fn release_qodd() -> std::path::PathBuf {
-    qod_testkit::release_bin("qodd")
+    std::env::var_os("QOD_BENCH_QODD")
+        .map(Into::into)
+        .unwrap_or_else(|| qod_testkit::release_bin("qodd"))
 }
 
 fn rss_mib(qodd: &Qodd) -> f64 {
