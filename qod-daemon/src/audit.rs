@@ -1,6 +1,8 @@
 //! The audit trail: one line per change of a session's state (create, extend, delete, expiry,
-//! termination by the network, restore at start), with who asked, which session, which device
-//! and the result. Lines go to the log under the target `qod::audit`, so an operator can route or
+//! termination by the network, a session that cannot be restored at start), with who asked,
+//! which session, which device and the result; one line per start for the sessions it restored
+//! (`action=restore sessions=N`: they were each audited when created, and a line each would
+//! cost a start with a million sessions seconds). Lines go to the log under the target `qod::audit`, so an operator can route or
 //! filter them (`RUST_LOG=qod::audit=info`, or the `target` field of `log_format = "json"`).
 //! Never a token or a sink credential.
 
@@ -82,6 +84,18 @@ pub fn record(
             "audit"
         ),
     }
+}
+
+/// Logs the audit line of a start that restored `sessions` live sessions from the store.
+pub fn restored(sessions: usize) {
+    tracing::info!(
+        target: TARGET,
+        action = Action::Restore.as_str(),
+        client = "-",
+        sessions,
+        result = "ok",
+        "audit"
+    );
 }
 
 #[cfg(test)]

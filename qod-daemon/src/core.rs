@@ -212,6 +212,9 @@ impl SessionView {
 pub mod events;
 pub use events::Event;
 
+/// Stored sessions decoded ahead of the restore at a time.
+const RESTORE_CHUNK: usize = 1024;
+
 /// A restore under way (see [`Core::restore`]).
 struct Restoring {
     wall: OffsetDateTime,
@@ -734,10 +737,42 @@ impl Core {
             Vec::new()
         };
         let mut restoring = self.begin_restore(recorded, continuing);
-        let mut n = 0;
-        let read = store.each_session(|s| {
-            n += 1;
-            self.restore_one(&mut restoring, s);
+        // The store is read and decoded on a thread of its own, a chunk ahead (a bounded
+        // channel: a few chunks are ever decoded at once), while this one installs.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<StoredSession>>(4);
+        let (n, read) = std::thread::scope(|scope| {
+            let read_all = move || {
+                let mut chunk = Vec::with_capacity(RESTORE_CHUNK);
+                let read = store.each_session(|s| {
+                    chunk.push(s);
+                    if chunk.len() == RESTORE_CHUNK {
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(RESTORE_CHUNK));
+                        // (Refused only if this side is gone: then nothing is waiting.)
+                        let _ = tx.send(full);
+                    }
+                });
+                if !chunk.is_empty() {
+                    let _ = tx.send(chunk);
+                }
+                read
+            };
+            let reader = std::thread::Builder::new()
+                .name("qodd-restore".into())
+                .spawn_scoped(scope, read_all);
+            let mut n = 0;
+            for chunk in rx {
+                for s in chunk {
+                    n += 1;
+                    self.restore_one(&mut restoring, s);
+                }
+            }
+            let read = match reader {
+                Ok(reader) => reader
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(e) => Err(crate::store::StoreError::Thread(e)),
+            };
+            (n, read)
         });
         // What was restored before a read error stands (and is finished: hooks, orphans).
         self.finish_restore(restoring);
@@ -804,14 +839,9 @@ impl Core {
             Admission::Restored { slot },
         ) {
             Ok(v) => {
+                // One audit line for the whole restore (see `finish_restore`): a million
+                // lines would cost the start more than the restore itself.
                 debug!(session = %s.id, left_ms = time_left(end).as_millis() as u64, "session restored");
-                audit::record(
-                    audit::Action::Restore,
-                    &s.request.owner,
-                    Some(s.id),
-                    Some(&v.session.flow.device),
-                    Ok(()),
-                );
                 r.restored += 1;
                 // A new slot is recorded, so the next restart keeps this one.
                 if let SessionState::Available { slot: now, .. } = v.session.state
@@ -861,6 +891,7 @@ impl Core {
             error!(error = %crate::anyhow_like(&e), "cannot record the restored sessions' counter slots");
         }
         info!(restored = r.restored, "live sessions restored");
+        audit::restored(r.restored);
         if r.continuing {
             self.remove_orphans();
         }

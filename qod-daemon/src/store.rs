@@ -194,6 +194,8 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot start a thread to read the session store")]
+    Thread(#[source] std::io::Error),
 }
 
 fn db<E: Into<redb::Error>>(e: E) -> StoreError {

@@ -63,7 +63,12 @@ async fn recovery() -> anyhow::Result<()> {
         "{:>9}  {:>11}  {:>14}  {:>10}  {:>9}",
         "sessions", "rebuild s", "continuing s", "store MiB", "RSS MiB"
     );
-    for n in [100_000u32, 1_000_000] {
+    let counts: Vec<u32> = std::env::var("QOD_BENCH_RECOVERY")
+        .unwrap_or_else(|_| "100000,1000000".into())
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    for n in counts {
         let lab = Lab::new()?;
         let mut qodd = Qodd::start_bin(
             &release_qodd(),
