@@ -1048,15 +1048,7 @@ impl Core {
         };
         let mut removed = 0;
         for key in keys {
-            let live = inner.by_device.get(&key).is_some_and(|ids| {
-                ids.iter().any(|id| {
-                    inner
-                        .sessions
-                        .get(id)
-                        .is_some_and(|s| matches!(s.state, SessionState::Available { .. }))
-                })
-            });
-            if !live {
+            if !has_live_session(&inner, &key) {
                 match inner.dp.remove(&key) {
                     Ok(()) => removed += 1,
                     Err(e) => {
@@ -1349,7 +1341,13 @@ impl Core {
         } else {
             inner.dp.reset_counters(slot)
         };
-        let installed = reset.and_then(|()| resync(&mut inner, &flow.device, None, Some(rule)));
+        // Continuing over the pinned maps, the kernel most often holds this very rule already:
+        // verified (one read) rather than written again.
+        let installed = if kept_slot.is_some() && holds_only(&inner, &flow.device, &rule) {
+            Ok(())
+        } else {
+            reset.and_then(|()| resync(&mut inner, &flow.device, None, Some(rule)))
+        };
         if let Err(e) = installed {
             give_back(&mut inner);
             release(&mut inner, self.class_ops.as_ref(), reservation);
@@ -2792,6 +2790,41 @@ fn device_rules(
     Ok(rules)
 }
 
+/// Whether device `key` has an AVAILABLE session in the ledger.
+fn has_live_session(inner: &Inner, key: &DeviceKey) -> bool {
+    inner.by_device.get(key).is_some_and(|ids| {
+        ids.iter().any(|id| {
+            inner
+                .sessions
+                .get(id)
+                .is_some_and(|s| matches!(s.state, SessionState::Available { .. }))
+        })
+    })
+}
+
+/// How far a kept rule's end may lie from the one computed again at restore (the two differ by
+/// the rounding of the clocks; more means the wall clock was stepped while qodd was down).
+const KEPT_END_TOLERANCE_NS: u64 = 10_000_000;
+
+/// Whether the kernel's entry for `key` holds exactly `rule` (its end within
+/// [`KEPT_END_TOLERANCE_NS`]) and no other, with no other live session of the device in the
+/// ledger: then there is nothing to write.
+fn holds_only(inner: &Inner, key: &DeviceKey, rule: &FlowRule) -> bool {
+    if has_live_session(inner, key) {
+        return false;
+    }
+    match inner.dp.rules(key).as_deref() {
+        Ok([held]) => {
+            held.expires_at_ns.abs_diff(rule.expires_at_ns) <= KEPT_END_TOLERANCE_NS
+                && FlowRule {
+                    expires_at_ns: rule.expires_at_ns,
+                    ..*held
+                } == *rule
+        }
+        _ => false,
+    }
+}
+
 /// The rule of the session at `slot` on device `key`, as the kernel holds it.
 fn installed_rule(inner: &Inner, key: &DeviceKey, slot: u32) -> Result<FlowRule, DataPlaneError> {
     inner
@@ -3616,6 +3649,58 @@ mod tests {
             (ledger - expected).abs() < 0.05,
             "the ledger ends it in {ledger:.3} s, due in {expected:.3} s"
         );
+    }
+
+    /// Continuing over the pinned maps, a session whose rule the kernel holds as it would be
+    /// written is verified, not written again; one whose entry differs (the policy changed
+    /// while qodd was down, another session's rule left in it) is written.
+    #[tokio::test(start_paused = true)]
+    async fn a_continuing_restore_writes_only_the_rules_that_differ() {
+        let (before, dp) = core(16);
+        let mut stored = Vec::new();
+        for i in 1..=3 {
+            let v = before.create(request([10, 0, 0, i], 600)).expect("create");
+            stored.push(StoredSession {
+                id: v.session.id,
+                request: v.session.request.clone(),
+                started_at: v.session.started_at,
+                duration: v.session.duration,
+                ended: None,
+                slot: Some(installed_slot(&v.session)),
+            });
+        }
+        let key = |i: u8| ipv4_key(Ipv4Addr::new(10, 0, 0, i));
+        let kept = dp.state.lock().expect("lock").flows.clone();
+        {
+            let mut s = dp.state.lock().expect("lock");
+            // Device 2's rule changed behind qodd's back, device 3's entry holds a stale rule.
+            s.flows.get_mut(&key(2)).expect("2")[0].dscp = 7;
+            let mut stale = s.flows[&key(3)][0];
+            stale.slot = 99;
+            s.flows.get_mut(&key(3)).expect("3").push(stale);
+            s.installs = 0;
+        }
+        drop(before);
+        let after = Arc::new(Core::new(
+            Box::new(dp.clone()),
+            policy(),
+            limits(16, u32::MAX),
+            None,
+        ));
+        after.restore(stored, true);
+        let s = dp.state.lock().expect("lock");
+        assert_eq!(s.installs, 2, "devices 2 and 3 written, 1 verified");
+        assert_eq!(s.flows[&key(1)], kept[&key(1)], "device 1 untouched");
+        for i in 2..=3 {
+            let (now, was) = (&s.flows[&key(i)], &kept[&key(i)]);
+            assert_eq!(now.len(), 1, "device {i}: the stale rule gone");
+            assert!(now[0].expires_at_ns.abs_diff(was[0].expires_at_ns) < 50_000_000);
+            let now = FlowRule {
+                expires_at_ns: was[0].expires_at_ns,
+                ..now[0]
+            };
+            assert_eq!(now, was[0], "device {i} as it was installed");
+        }
     }
 
     /// Making a class can take the kernel milliseconds (a large tree): it happens outside the

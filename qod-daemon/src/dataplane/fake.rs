@@ -20,6 +20,8 @@ pub struct FakeState {
     pub flows: HashMap<DeviceKey, Vec<FlowRule>>,
     pub counters: HashMap<u32, FlowCounters>,
     pub fail_next_install: bool,
+    /// Entries written so far.
+    pub installs: usize,
     /// (interface, class index) → class
     pub classes: HashMap<(String, u16), super::scheduler::ClassSpec>,
     /// (interface, class index) → what the class reports (zero when absent)
@@ -105,6 +107,7 @@ impl DataPlane for FakeDataPlane {
         if std::mem::take(&mut s.fail_next_install) {
             return Err(DataPlaneError::Full { capacity: 0 });
         }
+        s.installs += 1;
         s.flows.insert(key, rules.to_vec());
         Ok(())
     }
