@@ -24,7 +24,8 @@ use crate::{
     audit,
     core::events::{Announcer, Decided, Logged, Place},
     dataplane::{
-        Classes, DataPlane, DataPlaneError, ManagedInterface, Side, TcStats, monotonic_ns,
+        Classes, CountersReader, DataPlane, DataPlaneError, ManagedInterface, Side, TcStats,
+        monotonic_ns,
         scheduler::{
             BEST_EFFORT_CLASS, BurstRule, ClassSpec, LOW_LATENCY_CLASS, MAX_SESSION_CLASSES,
             session_class,
@@ -212,6 +213,9 @@ impl SessionView {
 pub mod events;
 pub use events::Event;
 
+/// Lock-free reads of one session before [`Core::read`] takes the lock instead.
+const READ_ATTEMPTS: usize = 3;
+
 /// Stored sessions decoded ahead of the restore at a time.
 const RESTORE_CHUNK: usize = 1024;
 
@@ -345,9 +349,54 @@ enum Admission {
     Restored { slot: Option<u32> },
 }
 
+/// The ledger's sessions by id, mirrored for readers: every change made here (under the core's
+/// lock) is published to [`Reads`], where GetSession finds it without that lock.
+struct Sessions {
+    map: HashMap<SessionId, Arc<Session>>,
+    reads: Reads,
+}
+
+/// The sessions as readers see them: each entry the ledger's own `Arc`, swapped whole on every
+/// change (a reader holds a consistent session, never half of a change).
+type Reads = Arc<dashmap::DashMap<SessionId, Arc<Session>>>;
+
+impl Sessions {
+    fn get(&self, id: &SessionId) -> Option<&Session> {
+        self.map.get(id).map(|s| &**s)
+    }
+
+    fn insert(&mut self, session: Session) {
+        let (id, session) = (session.id, Arc::new(session));
+        self.reads.insert(id, session.clone());
+        self.map.insert(id, session);
+    }
+
+    fn remove(&mut self, id: &SessionId) -> Option<Arc<Session>> {
+        self.reads.remove(id);
+        self.map.remove(id)
+    }
+
+    fn contains_key(&self, id: &SessionId) -> bool {
+        self.map.contains_key(id)
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &SessionId> {
+        self.map.keys()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Session> {
+        self.map.values().map(|s| &**s)
+    }
+}
+
 struct Inner {
     dp: Box<dyn DataPlane>,
-    sessions: HashMap<SessionId, Box<Session>>,
+    sessions: Sessions,
     /// Every stored session (AVAILABLE or retained UNAVAILABLE) by device.
     /// (Almost always one: inline, no allocation of its own.)
     by_device: HashMap<DeviceKey, smallvec::SmallVec<[SessionId; 1]>>,
@@ -361,8 +410,6 @@ struct Inner {
     links_down: HashSet<String>,
     /// What each API client's AVAILABLE sessions hold.
     active_by_owner: HashMap<Arc<str>, OwnerUse>,
-    /// Each live session's last achieved-rate reading (GetSession).
-    meters: HashMap<SessionId, Meter>,
 }
 
 /// The delivered bytes per direction (up, down) at one reading, and the rates measured then.
@@ -448,13 +495,20 @@ impl Inner {
     /// `PERMISSION_DENIED` if it is another client's (which says nothing more about it).
     fn accessible(&self, id: SessionId, caller: &Caller) -> Result<&Session, CamaraError> {
         let session = self.sessions.get(&id).ok_or_else(|| not_found(id))?;
-        if !caller.may_access(&session.request) {
-            return Err(CamaraError::new(
-                CamaraCode::PermissionDenied,
-                "the access token does not allow access to this session",
-            ));
-        }
+        may_access(caller, session)?;
         Ok(session)
+    }
+}
+
+/// `PERMISSION_DENIED` if `session` is another client's (which says nothing more about it).
+fn may_access(caller: &Caller, session: &Session) -> Result<(), CamaraError> {
+    if caller.may_access(&session.request) {
+        Ok(())
+    } else {
+        Err(CamaraError::new(
+            CamaraCode::PermissionDenied,
+            "the access token does not allow access to this session",
+        ))
     }
 }
 
@@ -563,6 +617,12 @@ pub struct Core {
     store: Option<Store>,
     /// The schedulers' class operations, used outside the lock (see [`Core::admit`]).
     class_ops: Arc<dyn Classes>,
+    /// The sessions as GetSession reads them, and their counters: no reader waits for the
+    /// core's lock, whatever a writer holds it for (a reload's batch, a link loss's classes).
+    reads: Reads,
+    counters: Arc<dyn CountersReader>,
+    /// Each live session's last achieved-rate reading (GetSession).
+    meters: parking_lot::Mutex<HashMap<SessionId, Meter>>,
 }
 
 impl Core {
@@ -573,11 +633,19 @@ impl Core {
         notifier: Option<Notifier>,
     ) -> Self {
         let class_ops = dp.classes();
+        let counters = dp.counters_reader();
+        let reads = Reads::default();
         Self {
             class_ops,
+            counters,
+            reads: reads.clone(),
+            meters: parking_lot::Mutex::new(HashMap::new()),
             inner: Mutex::new(Inner {
                 dp,
-                sessions: HashMap::new(),
+                sessions: Sessions {
+                    map: HashMap::new(),
+                    reads,
+                },
                 by_device: HashMap::new(),
                 deadlines: BTreeSet::new(),
                 slots: Slots {
@@ -595,7 +663,6 @@ impl Core {
                 reserved: HashMap::new(),
                 links_down: HashSet::new(),
                 active_by_owner: HashMap::new(),
-                meters: HashMap::new(),
             }),
             wake: Notify::new(),
             announcer: Arc::new(Announcer::new(limits.event_log_retention, notifier)),
@@ -891,7 +958,9 @@ impl Core {
             error!(error = %crate::anyhow_like(&e), "cannot record the restored sessions' counter slots");
         }
         info!(restored = r.restored, "live sessions restored");
-        audit::restored(r.restored);
+        if r.restored > 0 {
+            audit::restored(r.restored);
+        }
         if r.continuing {
             self.remove_orphans();
         }
@@ -982,7 +1051,7 @@ impl Core {
                 }
             }
             inner.sessions.remove(id);
-            inner.meters.remove(id);
+            self.meters.lock().remove(id);
             unlink(&mut inner, &session.flow.device, *id);
             inner.deadlines.remove(&(session.deadline, *id));
         }
@@ -1106,7 +1175,7 @@ impl Core {
             .or_default()
             .push(session.id);
         inner.deadlines.insert((deadline, session.id));
-        inner.sessions.insert(session.id, Box::new(session.clone()));
+        inner.sessions.insert(session.clone());
         if announce {
             let view = SessionView {
                 session,
@@ -1392,7 +1461,7 @@ impl Core {
             .push(id);
         inner.deadlines.insert((deadline, id));
         inner.count_active(&session.request, true);
-        inner.sessions.insert(id, Box::new(session));
+        inner.sessions.insert(session);
         drop(inner);
         if let Some(Err(e)) = ticket.map(Ticket::wait) {
             // Not stored, so not created: nothing of it stays, and nothing of it is announced.
@@ -1429,7 +1498,7 @@ impl Core {
             .get(&flow.device)
             .into_iter()
             .flatten()
-            .filter_map(|id| inner.sessions.get(id).map(AsRef::as_ref))
+            .filter_map(|id| inner.sessions.get(id))
             .filter(|s| matches!(s.state, SessionState::Available { .. }))
             .collect();
         if same_device.iter().any(|s| s.flow.overlaps(flow)) {
@@ -1895,7 +1964,6 @@ impl Core {
         let mut matching: Vec<&Session> = inner
             .sessions
             .values()
-            .map(AsRef::as_ref)
             .filter(|s| after.is_none_or(|a| s.id.to_string() > a.to_string()))
             .filter(|s| {
                 filter.status.is_none_or(|want| {
@@ -2065,6 +2133,40 @@ impl Core {
     }
 
     pub fn get(&self, id: SessionId, caller: &Caller) -> Result<SessionView, CamaraError> {
+        self.read(id, caller)
+    }
+
+    /// Session `id` with its counters, read without the core's lock (see [`Core::reads`]).
+    /// A live session's counters are read from its slot, then the session is looked at again:
+    /// if it changed meanwhile (ended, its slot perhaps handed to another session already),
+    /// the read starts over, so the counters shown are always the session's own.
+    fn read(&self, id: SessionId, caller: &Caller) -> Result<SessionView, CamaraError> {
+        for _ in 0..READ_ATTEMPTS {
+            let session = self
+                .reads
+                .get(&id)
+                .map(|s| s.value().clone())
+                .ok_or_else(|| not_found(id))?;
+            may_access(caller, &session)?;
+            let counters = match &session.state {
+                SessionState::Available { slot, .. } => self
+                    .counters
+                    .counters(*slot)
+                    .map_err(|e| dataplane_error(&e))?,
+                SessionState::Unavailable { counters, .. } => **counters,
+            };
+            let unchanged = self
+                .reads
+                .get(&id)
+                .is_some_and(|s| Arc::ptr_eq(s.value(), &session));
+            if unchanged {
+                return Ok(SessionView {
+                    session: Session::clone(&session),
+                    counters,
+                });
+            }
+        }
+        // Changing under the reader each time: read it as the ledger holds it.
         let inner = self.lock();
         let session = inner.accessible(id, caller)?;
         view(&inner, session)
@@ -2079,16 +2181,11 @@ impl Core {
         caller: &Caller,
     ) -> Result<(SessionView, Option<Delivery>), CamaraError> {
         let now = Instant::now();
-        let v = {
-            let mut inner = self.lock();
-            let session = inner.accessible(id, caller)?;
-            let v = view(&inner, session)?;
-            if !matches!(v.session.state, SessionState::Available { .. }) {
-                inner.meters.remove(&id);
-                return Ok((v, None));
-            }
-            v
-        };
+        let v = self.read(id, caller)?;
+        if !matches!(v.session.state, SessionState::Available { .. }) {
+            self.meters.lock().remove(&id);
+            return Ok((v, None));
+        }
         // The classes are read without the lock (a netlink round trip each).
         let policy = self.policy();
         let profile = policy.profiles.get(&v.session.request.profile);
@@ -2128,8 +2225,8 @@ impl Core {
             delivered(0, v.counters.up_bytes),
             delivered(1, v.counters.down_bytes),
         ];
-        let mut inner = self.lock();
-        let previous = inner.meters.get(&id).copied();
+        let mut meters = self.meters.lock();
+        let previous = meters.get(&id).copied();
         let meter = match previous {
             Some(m) if now.duration_since(m.at) < METER_INTERVAL => m,
             _ => {
@@ -2149,13 +2246,14 @@ impl Core {
                     achieved: [rate(0), rate(1)],
                     interval,
                 };
-                // Only for a session still live (it may have ended while its classes were read).
-                if inner
-                    .sessions
+                // Only for a session still live (it may have ended while its classes were read;
+                // one ending right after is forgotten at its purge).
+                if self
+                    .reads
                     .get(&id)
                     .is_some_and(|s| matches!(s.state, SessionState::Available { .. }))
                 {
-                    inner.meters.insert(id, m);
+                    meters.insert(id, m);
                 }
                 m
             }
@@ -2239,7 +2337,7 @@ impl Core {
             inner.count_active(&session.request, false);
         }
         inner.sessions.remove(&id);
-        inner.meters.remove(&id);
+        self.meters.lock().remove(&id);
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
         let (place, extra) = match event {
@@ -2351,7 +2449,7 @@ impl Core {
             .map_err(|e| dataplane_error(&e))?;
         inner.deadlines.remove(&(session.deadline, id));
         inner.deadlines.insert((deadline, id));
-        inner.sessions.insert(id, Box::new(updated.clone()));
+        inner.sessions.insert(updated.clone());
         let ticket = self.submit(&updated, Vec::new());
         // A counters read failing must not turn the extension into an error.
         let counters = inner.dp.counters(slot).unwrap_or_default();
@@ -2394,7 +2492,7 @@ impl Core {
         }
         inner.deadlines.remove(&(after.deadline, before.id));
         inner.deadlines.insert((before.deadline, before.id));
-        inner.sessions.insert(before.id, Box::new(before.clone()));
+        inner.sessions.insert(before.clone());
     }
 
     /// Sessions of `device` that `caller` may see, under every address the device is known by.
@@ -2452,13 +2550,13 @@ impl Core {
         inner.deadlines.remove(&(ended.deadline, id));
         ended.deadline = purge;
         inner.deadlines.insert((purge, id));
-        inner.sessions.insert(id, ended.clone());
-        inner.meters.remove(&id);
+        inner.sessions.insert(ended.clone());
+        self.meters.lock().remove(&id);
         // The revision is taken here, in decision order; the event is built, logged, stored
         // and announced by [`Core::tell_endings`] once the lock is released.
         let place = self.announcer.reserve(id, self.store.is_some());
         Some(Ending {
-            session: *ended,
+            session: ended,
             counters,
             info,
             ended_at,
@@ -2656,7 +2754,7 @@ impl Core {
                 SessionState::Unavailable { .. } => {
                     let device = session.flow.device;
                     inner.sessions.remove(&id);
-                    inner.meters.remove(&id);
+                    self.meters.lock().remove(&id);
                     unlink(&mut inner, &device, id);
                     purged.push(id);
                 }
@@ -3648,6 +3746,61 @@ mod tests {
         assert!(
             (ledger - expected).abs() < 0.05,
             "the ledger ends it in {ledger:.3} s, due in {expected:.3} s"
+        );
+    }
+
+    /// GetSession does not wait for the core's lock: a session (live with its counters, or
+    /// ended with the counters it ended with) reads while a writer holds the lock.
+    #[test]
+    fn a_session_reads_while_a_writer_holds_the_lock() {
+        let (core, dp) = core(4);
+        let live = core.create(request([10, 0, 0, 1], 600)).expect("create");
+        let slot = installed_slot(&live.session);
+        dp.state.lock().expect("lock").counters.insert(
+            slot,
+            FlowCounters {
+                up_packets: 3,
+                up_bytes: 300,
+                ..FlowCounters::default()
+            },
+        );
+        let ended = core.create(request([10, 0, 0, 2], 600)).expect("create");
+        core.delete(ended.session.id, &me()).expect("delete");
+        let held = core.lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = {
+            let core = core.clone();
+            let ids = (live.session.id, ended.session.id);
+            std::thread::spawn(move || {
+                let read = (core.get(ids.0, &me()), core.get(ids.1, &me()));
+                let _ = tx.send(());
+                read
+            })
+        };
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the reads came back while the lock was held");
+        drop(held);
+        let (live_read, ended_read) = reader.join().expect("reader");
+        let live_read = live_read.expect("live");
+        assert_eq!(live_read.session.qos_status(), QosStatus::Available);
+        assert_eq!(live_read.counters.up_bytes, 300);
+        assert_eq!(
+            ended_read
+                .map(|v| v.session.qos_status())
+                .err()
+                .map(|e| e.code),
+            Some(CamaraCode::NotFound),
+            "a deleted session is gone"
+        );
+        let other = Caller {
+            client: "client-b".into(),
+            ..me()
+        };
+        assert_eq!(
+            core.get(live.session.id, &other)
+                .expect_err("another client")
+                .code,
+            CamaraCode::PermissionDenied
         );
     }
 

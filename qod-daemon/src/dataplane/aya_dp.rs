@@ -225,6 +225,8 @@ pub struct AyaDataPlane {
     flows_v4: HashMap<MapData, u32, DeviceRules>,
     flows_v6: HashMap<MapData, [u32; 2], DeviceRules>,
     counters: PerCpuArray<MapData, FlowCounters>,
+    /// A second handle on the counters map (its pin opened again), for readers.
+    counters_reader: Arc<CountersMap>,
     policers: Array<MapData, PolicerState>,
     interface_info: Array<MapData, InterfaceInfo>,
     band_counters: PerCpuArray<MapData, BandCounters>,
@@ -316,6 +318,10 @@ impl AyaDataPlane {
             .map_err(map_err(PARSE_COUNTERS_MAP))?;
         let counters =
             PerCpuArray::try_from(map(&mut ebpf, COUNTERS_MAP)?).map_err(map_err(COUNTERS_MAP))?;
+        let counters_reader = aya::maps::MapData::from_pin(pins.join(COUNTERS_MAP))
+            .and_then(aya::maps::Map::from_map_data)
+            .and_then(PerCpuArray::try_from)
+            .map_err(map_err(COUNTERS_MAP))?;
         let policers =
             Array::try_from(map(&mut ebpf, POLICERS_MAP)?).map_err(map_err(POLICERS_MAP))?;
         let nr_cpus =
@@ -325,6 +331,7 @@ impl AyaDataPlane {
             flows_v4,
             flows_v6,
             counters,
+            counters_reader: Arc::new(CountersMap(counters_reader)),
             policers,
             interface_info,
             band_counters,
@@ -722,25 +729,11 @@ impl DataPlane for AyaDataPlane {
     }
 
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError> {
-        let per_cpu = self
-            .counters
-            .get(&slot, 0)
-            .map_err(|source| DataPlaneError::Map {
-                map: COUNTERS_MAP,
-                source,
-            })?;
-        Ok(per_cpu
-            .iter()
-            .fold(FlowCounters::default(), |a, c| FlowCounters {
-                up_packets: a.up_packets + c.up_packets,
-                up_bytes: a.up_bytes + c.up_bytes,
-                down_packets: a.down_packets + c.down_packets,
-                down_bytes: a.down_bytes + c.down_bytes,
-                up_dropped: a.up_dropped + c.up_dropped,
-                down_dropped: a.down_dropped + c.down_dropped,
-                up_dropped_bytes: a.up_dropped_bytes + c.up_dropped_bytes,
-                down_dropped_bytes: a.down_dropped_bytes + c.down_dropped_bytes,
-            }))
+        sum_counters(&self.counters, slot)
+    }
+
+    fn counters_reader(&self) -> Arc<dyn super::CountersReader> {
+        self.counters_reader.clone()
     }
 
     fn classes(&self) -> Arc<dyn super::Classes> {
@@ -938,4 +931,36 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), DataPlaneError> {
     .map_err(err)?;
     info!(path = %path.display(), "mounted bpffs");
     Ok(())
+}
+
+/// The counters map opened a second time: reads only, from any thread.
+struct CountersMap(PerCpuArray<MapData, FlowCounters>);
+
+impl super::CountersReader for CountersMap {
+    fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError> {
+        sum_counters(&self.0, slot)
+    }
+}
+
+/// The counters at `slot`, summed over CPUs.
+fn sum_counters(
+    map: &PerCpuArray<MapData, FlowCounters>,
+    slot: u32,
+) -> Result<FlowCounters, DataPlaneError> {
+    let per_cpu = map.get(&slot, 0).map_err(|source| DataPlaneError::Map {
+        map: COUNTERS_MAP,
+        source,
+    })?;
+    Ok(per_cpu
+        .iter()
+        .fold(FlowCounters::default(), |a, c| FlowCounters {
+            up_packets: a.up_packets + c.up_packets,
+            up_bytes: a.up_bytes + c.up_bytes,
+            down_packets: a.down_packets + c.down_packets,
+            down_bytes: a.down_bytes + c.down_bytes,
+            up_dropped: a.up_dropped + c.up_dropped,
+            down_dropped: a.down_dropped + c.down_dropped,
+            up_dropped_bytes: a.up_dropped_bytes + c.up_dropped_bytes,
+            down_dropped_bytes: a.down_dropped_bytes + c.down_dropped_bytes,
+        }))
 }

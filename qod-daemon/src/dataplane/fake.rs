@@ -147,12 +147,11 @@ impl DataPlane for FakeDataPlane {
     }
 
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError> {
-        Ok(self
-            .state()
-            .counters
-            .get(&slot)
-            .copied()
-            .unwrap_or_default())
+        super::CountersReader::counters(self, slot)
+    }
+
+    fn counters_reader(&self) -> Arc<dyn super::CountersReader> {
+        Arc::new(self.clone())
     }
 
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
@@ -177,5 +176,16 @@ impl DataPlane for FakeDataPlane {
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError> {
         self.state().reattached.push(interface.to_owned());
         Ok(())
+    }
+}
+
+impl super::CountersReader for FakeDataPlane {
+    fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError> {
+        Ok(self
+            .state()
+            .counters
+            .get(&slot)
+            .copied()
+            .unwrap_or_default())
     }
 }

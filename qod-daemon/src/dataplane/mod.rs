@@ -133,6 +133,12 @@ pub trait Classes: Send + Sync {
 }
 
 /// Kernel state for sessions. Every call is a few syscalls and never blocks on the network.
+/// Reads sessions' counters from any thread, without whoever owns the data plane.
+pub trait CountersReader: Send + Sync {
+    /// Sum over CPUs of the counters at `slot`.
+    fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError>;
+}
+
 pub trait DataPlane: Send + 'static {
     /// Installs or replaces every rule of device `key` (1 to `MAX_SESSIONS_PER_DEVICE`).
     fn install(&mut self, key: DeviceKey, rules: &[FlowRule]) -> Result<(), DataPlaneError>;
@@ -143,6 +149,8 @@ pub trait DataPlane: Send + 'static {
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError>;
     /// Sum over CPUs of the counters at `slot`.
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError>;
+    /// The same reads, for readers that do not hold this data plane.
+    fn counters_reader(&self) -> Arc<dyn CountersReader>;
     /// What the classifier treated on each managed interface (configured order), per band
     /// (`qod_common::BAND_*`), summed over CPUs.
     fn band_counters(
