@@ -2141,18 +2141,35 @@ impl Core {
     /// if it changed meanwhile (ended, its slot perhaps handed to another session already),
     /// the read starts over, so the counters shown are always the session's own.
     fn read(&self, id: SessionId, caller: &Caller) -> Result<SessionView, CamaraError> {
+        if let Some(read) = self.read_now(id, caller) {
+            return read;
+        }
+        // Changing under the reader each time: read it as the ledger holds it.
+        let inner = self.lock();
+        let session = inner.accessible(id, caller)?;
+        view(&inner, session)
+    }
+
+    /// [`Core::read`] without ever waiting: a map look-up and, for a live session, one read
+    /// of its counters from the kernel (no I/O, no lock held by writers: fit for an async
+    /// worker). `None` if the session changed under each of its attempts.
+    pub fn read_now(
+        &self,
+        id: SessionId,
+        caller: &Caller,
+    ) -> Option<Result<SessionView, CamaraError>> {
         for _ in 0..READ_ATTEMPTS {
-            let session = self
-                .reads
-                .get(&id)
-                .map(|s| s.value().clone())
-                .ok_or_else(|| not_found(id))?;
-            may_access(caller, &session)?;
+            let Some(session) = self.reads.get(&id).map(|s| s.value().clone()) else {
+                return Some(Err(not_found(id)));
+            };
+            if let Err(e) = may_access(caller, &session) {
+                return Some(Err(e));
+            }
             let counters = match &session.state {
-                SessionState::Available { slot, .. } => self
-                    .counters
-                    .counters(*slot)
-                    .map_err(|e| dataplane_error(&e))?,
+                SessionState::Available { slot, .. } => match self.counters.counters(*slot) {
+                    Ok(c) => c,
+                    Err(e) => return Some(Err(dataplane_error(&e))),
+                },
                 SessionState::Unavailable { counters, .. } => **counters,
             };
             let unchanged = self
@@ -2160,16 +2177,13 @@ impl Core {
                 .get(&id)
                 .is_some_and(|s| Arc::ptr_eq(s.value(), &session));
             if unchanged {
-                return Ok(SessionView {
+                return Some(Ok(SessionView {
                     session: Session::clone(&session),
                     counters,
-                });
+                }));
             }
         }
-        // Changing under the reader each time: read it as the ledger holds it.
-        let inner = self.lock();
-        let session = inner.accessible(id, caller)?;
-        view(&inner, session)
+        None
     }
 
     /// [`Self::get`] with, for a live session, what each direction delivered against what it
@@ -2180,11 +2194,18 @@ impl Core {
         id: SessionId,
         caller: &Caller,
     ) -> Result<(SessionView, Option<Delivery>), CamaraError> {
-        let now = Instant::now();
         let v = self.read(id, caller)?;
+        Ok(self.delivery(v))
+    }
+
+    /// What [`Core::get_delivery`] adds to a session read. It reads the session's classes
+    /// from the kernel (a netlink round trip each) when it has any, else nothing but memory.
+    pub fn delivery(&self, v: SessionView) -> (SessionView, Option<Delivery>) {
+        let now = Instant::now();
+        let id = v.session.id;
         if !matches!(v.session.state, SessionState::Available { .. }) {
             self.meters.lock().remove(&id);
-            return Ok((v, None));
+            return (v, None);
         }
         // The classes are read without the lock (a netlink round trip each).
         let policy = self.policy();
@@ -2263,7 +2284,7 @@ impl Core {
             r.interval = Some(meter.interval);
         }
         let [up, down] = report;
-        Ok((v, Some(Delivery { up, down })))
+        (v, Some(Delivery { up, down }))
     }
 
     /// `reservation`'s class on the interface of `side`, if it has one there.

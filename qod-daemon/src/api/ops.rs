@@ -423,6 +423,22 @@ impl Operations {
     ) -> Result<pb::SessionInfo, CamaraError> {
         let id = session(session_id)?;
         let (core, who) = (self.core.clone(), caller.clone());
+        // Most reads need neither the core's lock nor the kernel's classes: answered here, on
+        // the async worker (a map look-up and one counters read), with no hop to the blocking
+        // pool; the rest go there.
+        match core.read_now(id, &who) {
+            Some(Ok(view)) if !delivery || view.session.reservation.is_none() => {
+                let local = Ok(if delivery {
+                    let (view, d) = core.delivery(view);
+                    convert::session_info_with_delivery(&view, d.as_ref())
+                } else {
+                    convert::session_info(&view)
+                });
+                return self.got(caller, session_id, local).await;
+            }
+            Some(Err(e)) => return self.got(caller, session_id, Err(e)).await,
+            _ => {}
+        }
         let local = if delivery {
             // It reads the session's classes from the kernel (rtnetlink): off the async workers.
             blocking(move || core.get_delivery(id, &who))
@@ -433,6 +449,17 @@ impl Operations {
                 .await
                 .map(|view| convert::session_info(&view))
         };
+        self.got(caller, session_id, local).await
+    }
+
+    /// A GetSession read here, or (not found here) looked for on the other nodes and among
+    /// the creates still waiting in the cluster.
+    async fn got(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+        local: Result<pb::SessionInfo, CamaraError>,
+    ) -> Result<pb::SessionInfo, CamaraError> {
         // Another node's session comes without the delivery counters (gRPC metadata that is
         // not passed on).
         let req = pb::GetSessionRequest {
