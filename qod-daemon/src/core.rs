@@ -919,13 +919,7 @@ impl Core {
             }
             Err(e) => {
                 error!(session = %s.id, error = %crate::anyhow_like(&e), "cannot restore the session; it ends");
-                audit::record(
-                    audit::Action::Restore,
-                    &s.request.owner,
-                    Some(s.id),
-                    None,
-                    Err(&e),
-                );
+                audit_unrestored(&s, &e);
                 // Unclaimed again: freed at the end of the restore.
                 if let Some(slot) = slot {
                     r.assigned.remove(&slot);
@@ -1000,13 +994,7 @@ impl Core {
                 }
                 Err(e) => {
                     error!(session = %s.id, error = %crate::anyhow_like(&e), "cannot install a session taken over");
-                    audit::record(
-                        audit::Action::Restore,
-                        &s.request.owner,
-                        Some(s.id),
-                        None,
-                        Err(&e),
-                    );
+                    audit_unrestored(&s, &e);
                 }
             }
         }
@@ -2907,6 +2895,17 @@ fn device_rules(
     };
     rules.extend(with);
     Ok(rules)
+}
+
+/// The audit line of a stored session that could not be installed.
+fn audit_unrestored(s: &StoredSession, e: &CamaraError) {
+    audit::record(
+        audit::Action::Restore,
+        &s.request.owner,
+        Some(s.id),
+        None,
+        Err(e),
+    );
 }
 
 /// Whether device `key` has an AVAILABLE session in the ledger.
