@@ -788,7 +788,7 @@ impl Core {
         for s in stored {
             self.restore_one(&mut restoring, s);
         }
-        self.finish_restore(restoring);
+        self.finish_restore(restoring, true);
     }
 
     /// [`Core::restore`] of every session in `store`, read and installed one at a time (a
@@ -841,8 +841,9 @@ impl Core {
             };
             (n, read)
         });
-        // What was restored before a read error stands (and is finished: hooks, orphans).
-        self.finish_restore(restoring);
+        // What was restored before a read error stands (hooks set); but the sessions not read
+        // are unknown, so nothing of the kernel is taken for an orphan and no slot is freed.
+        self.finish_restore(restoring, read.is_ok());
         read.map(|()| n)
     }
 
@@ -890,6 +891,13 @@ impl Core {
             None => None,
         };
         if let Some(ended) = ended {
+            // Its kept slot is free at once (a live session restored later may need one).
+            if let Some(slot) = s
+                .slot
+                .filter(|slot| r.kept.contains(slot) && r.assigned.insert(*slot))
+            {
+                self.lock().slots.give_back(slot);
+            }
             let announce = s.ended.is_none();
             self.keep_ended(s, ended, r.retention, announce);
             return;
@@ -920,9 +928,10 @@ impl Core {
             Err(e) => {
                 error!(session = %s.id, error = %crate::anyhow_like(&e), "cannot restore the session; it ends");
                 audit_unrestored(&s, &e);
-                // Unclaimed again: freed at the end of the restore.
+                // Free at once (admission gives no kept slot back; it stays `assigned`, so the
+                // end of the restore does not free it twice).
                 if let Some(slot) = slot {
-                    r.assigned.remove(&slot);
+                    self.lock().slots.give_back(slot);
                 }
                 self.keep_ended(
                     s,
@@ -937,9 +946,10 @@ impl Core {
         }
     }
 
-    fn finish_restore(&self, r: Restoring) {
-        {
-            // Slots reserved for sessions that turned out ended, or that could not be restored.
+    /// Ends a restore; `complete` when every stored session was read.
+    fn finish_restore(&self, r: Restoring, complete: bool) {
+        if complete {
+            // Slots reserved for records never claimed (set aside, or a duplicate's).
             let mut inner = self.lock();
             let mut unclaimed: Vec<u32> = r.kept.difference(&r.assigned).copied().collect();
             unclaimed.sort_unstable_by(|a, b| b.cmp(a));
@@ -955,7 +965,7 @@ impl Core {
         if r.restored > 0 {
             audit::restored(r.restored);
         }
-        if r.continuing {
+        if r.continuing && complete {
             self.remove_orphans();
         }
         self.adopt_classes();
@@ -2441,8 +2451,27 @@ impl Core {
         let total = u32::try_from(total.min(i32::MAX as u64)).unwrap_or(i32::MAX as u32);
         let added = total - session.duration;
         // The kernel's end moves by as much as the scheduled one.
-        let mut rule =
-            installed_rule(&inner, &session.flow.device, slot).map_err(|e| dataplane_error(&e))?;
+        let mut rule = match installed_rule(&inner, &session.flow.device, slot) {
+            Ok(rule) => rule,
+            // Gone from the kernel (changed behind qodd's back): made again for what is left.
+            Err(missing @ DataPlaneError::RuleMissing { .. }) => {
+                let profile = policy
+                    .profiles
+                    .get(&session.request.profile)
+                    .ok_or_else(|| dataplane_error(&missing))?;
+                let SessionState::Available { expires_at, .. } = session.state else {
+                    return Err(dataplane_error(&missing));
+                };
+                self.flow_rule(
+                    &session.flow,
+                    profile,
+                    slot,
+                    time_left(expires_at),
+                    session.reservation.as_ref(),
+                )
+            }
+            Err(e) => return Err(dataplane_error(&e)),
+        };
         rule.expires_at_ns += u64::from(added) * 1_000_000_000;
         let deadline = session.deadline + secs(added);
         let mut updated = session.clone();
@@ -3821,6 +3850,64 @@ mod tests {
                 .expect_err("another client")
                 .code,
             CamaraCode::PermissionDenied
+        );
+    }
+
+    /// The slot of a session that ended while qodd was down is free as soon as the restore reads
+    /// it: a node at capacity still restores every live session (one of them needing a slot).
+    #[tokio::test(start_paused = true)]
+    async fn a_restore_at_capacity_frees_the_slot_of_an_ended_session_at_once() {
+        let (core, _) = core(2);
+        let wall = OffsetDateTime::now_utc();
+        let stored = |device: u8, slot: Option<u32>, started: OffsetDateTime| StoredSession {
+            id: SessionId::random(),
+            request: request([10, 0, 0, device], 60),
+            started_at: started,
+            duration: 60,
+            ended: None,
+            slot,
+        };
+        let ended = stored(1, Some(0), wall - Duration::from_secs(120));
+        let (live, fresh) = (stored(2, Some(1), wall), stored(3, None, wall));
+        let ids = [live.id, fresh.id];
+        core.restore(vec![ended, live, fresh], true);
+        for id in ids {
+            assert_eq!(
+                core.get(id, &me()).expect("restored").session.qos_status(),
+                QosStatus::Available
+            );
+        }
+    }
+
+    /// An extension finds its session's rule gone from the kernel (changed behind qodd's back):
+    /// it makes it again rather than failing.
+    #[tokio::test(start_paused = true)]
+    async fn an_extension_puts_back_a_rule_the_kernel_lost() {
+        let (core, dp) = core(4);
+        let v = core.create(request([10, 0, 0, 1], 600)).expect("create");
+        let key = v.session.flow.device;
+        let was = dp
+            .state
+            .lock()
+            .expect("lock")
+            .flows
+            .remove(&key)
+            .expect("rule");
+        core.extend(v.session.id, 60, &me()).expect("extend");
+        let now = dp.state.lock().expect("lock").flows[&key].clone();
+        assert_eq!(now.len(), 1);
+        assert!(
+            now[0]
+                .expires_at_ns
+                .abs_diff(was[0].expires_at_ns + 60_000_000_000)
+                < 50_000_000
+        );
+        assert_eq!(
+            FlowRule {
+                expires_at_ns: was[0].expires_at_ns,
+                ..now[0]
+            },
+            was[0]
         );
     }
 

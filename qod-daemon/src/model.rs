@@ -208,7 +208,11 @@ impl Ports {
 }
 
 /// CAMARA `ApplicationServer`: an IPv4 and/or an IPv6 address or network.
+///
+/// Written (JSON: the cluster's copies; the store's records) with the caller's text always, as
+/// versions that keep it whole read it, and read back through [`ApplicationServer::new`].
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "ServerRecord", from = "ServerRecord")]
 pub struct ApplicationServer {
     pub ipv4: Option<Ipv4Network>,
     pub ipv6: Option<Ipv6Network>,
@@ -261,6 +265,30 @@ impl ApplicationServer {
             FAMILY_IPV6 => self.ipv6.map(IpNetwork::V6),
             _ => None,
         }
+    }
+}
+
+/// [`ApplicationServer`] as written: the same fields, the text filled in.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ServerRecord {
+    ipv4: Option<Ipv4Network>,
+    ipv6: Option<Ipv6Network>,
+    given: (Option<String>, Option<String>),
+}
+
+impl From<ApplicationServer> for ServerRecord {
+    fn from(s: ApplicationServer) -> Self {
+        Self {
+            given: (s.given_v4(), s.given_v6()),
+            ipv4: s.ipv4,
+            ipv6: s.ipv6,
+        }
+    }
+}
+
+impl From<ServerRecord> for ApplicationServer {
+    fn from(r: ServerRecord) -> Self {
+        Self::new(r.ipv4, r.ipv6, r.given)
     }
 }
 
@@ -682,6 +710,13 @@ mod tests {
             assert_eq!(s.given_v4().as_deref(), Some(v4));
             assert_eq!(s.given_v6().as_deref(), Some(v6));
         }
+        // Written whole (older versions echo the text as read), read back compact.
+        let s = server("192.0.2.1", "2001:db8::1");
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["given"][0], "192.0.2.1");
+        assert_eq!(json["given"][1], "2001:db8::1");
+        let back: ApplicationServer = serde_json::from_value(json).expect("back");
+        assert_eq!(back, s);
         let none =
             ApplicationServer::new(Some("192.0.2.1".parse().expect("v4")), None, (None, None));
         assert_eq!(none.given_v6(), None);

@@ -744,7 +744,11 @@ impl Store {
                 match T::decode(v.value()) {
                     Ok((record, schema)) => {
                         if schema < T::SCHEMA {
-                            migrated.push((k.value().to_owned(), record.encode(k.value())?));
+                            migrated.push((
+                                k.value().to_owned(),
+                                v.value().to_vec(),
+                                record.encode(k.value())?,
+                            ));
                         }
                         f(k.value(), record)?;
                     }
@@ -760,8 +764,16 @@ impl Store {
             {
                 let mut t = tx.open_table(table).map_err(db)?;
                 let mut aside = tx.open_table(SET_ASIDE).map_err(db)?;
-                for (key, bytes) in &migrated {
-                    t.insert(key.as_str(), bytes.as_slice()).map_err(db)?;
+                // Written back only where the record is still the one read: a restore streams
+                // while this waits, and what it wrote meanwhile (an end, a removal) stands.
+                for (key, read, bytes) in &migrated {
+                    let unchanged = t
+                        .get(key.as_str())
+                        .map_err(db)?
+                        .is_some_and(|v| v.value() == read.as_slice());
+                    if unchanged {
+                        t.insert(key.as_str(), bytes.as_slice()).map_err(db)?;
+                    }
                 }
                 for (key, bytes, reason) in &unreadable {
                     use base64::Engine as _;
@@ -985,6 +997,47 @@ mod tests {
     /// First-release records (bare JSON) and schema-2 ones (versioned JSON) are read and written
     /// back in the current schema; one that does not decode, and one of a newer schema, are set
     /// aside and the rest loads.
+    /// An old record changed while the store is read (a restore ends or removes sessions as it
+    /// streams) keeps that change: the migration does not write the old one back over it.
+    #[test]
+    fn a_migration_leaves_what_changed_during_the_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bare = || StoredSession {
+            slot: None,
+            ..sample()
+        };
+        let (removed, ended, kept) = (bare(), bare(), bare());
+        let store = Store::open(dir.path()).expect("open");
+        for s in [&removed, &ended, &kept] {
+            store
+                .put_raw_session(&s.id.to_string(), &session_record_v1(s))
+                .expect("raw");
+        }
+        let mut later = ended.clone();
+        later.duration = 7;
+        store
+            .each_session(|s| {
+                if s.id == removed.id {
+                    store.remove(s.id).expect("remove");
+                } else if s.id == ended.id {
+                    store.put(&later).expect("put");
+                }
+            })
+            .expect("read");
+        let mut loaded = store.load().expect("load");
+        loaded.sort_by_key(|s| s.id.to_string());
+        let mut want = vec![later, kept.clone()];
+        want.sort_by_key(|s| s.id.to_string());
+        assert_eq!(loaded, want, "the removal and the change stand");
+        assert_eq!(
+            decode_session_record(&raw_session(&store, kept.id))
+                .expect("decodes")
+                .1,
+            SESSION_SCHEMA,
+            "the unchanged one migrated"
+        );
+    }
+
     #[test]
     fn old_records_are_migrated_and_unreadable_ones_set_aside() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -236,8 +236,9 @@ pub fn encode(s: &StoredSession) -> Vec<u8> {
             addr: n.ip().octets().to_vec(),
             prefix: u32::from(n.prefix()),
         }),
-        server_v4_given: r.server.given.0.clone(),
-        server_v6_given: r.server.given.1.clone(),
+        // The caller's text always (see `ApplicationServer`): older versions echo it as read.
+        server_v4_given: r.server.given_v4(),
+        server_v6_given: r.server.given_v6(),
         device_ports: r.device_ports.as_deref().map(port_set),
         server_ports: r.server_ports.as_deref().map(port_set),
         profile: r.profile.as_str().to_owned(),
