@@ -2903,18 +2903,7 @@ fn device_rules(
     skip: Option<SessionId>,
     with: Option<FlowRule>,
 ) -> Result<Vec<FlowRule>, DataPlaneError> {
-    let others: smallvec::SmallVec<[u32; 4]> = inner
-        .by_device
-        .get(key)
-        .into_iter()
-        .flatten()
-        .filter(|id| Some(**id) != skip)
-        .filter_map(|id| inner.sessions.get(id))
-        .filter_map(|s| match s.state {
-            SessionState::Available { slot, .. } => Some(slot),
-            SessionState::Unavailable { .. } => None,
-        })
-        .collect();
+    let others: smallvec::SmallVec<[u32; 4]> = live_slots(inner, key, skip).collect();
     let mut rules = if others.is_empty() {
         Vec::new()
     } else {
@@ -2937,16 +2926,28 @@ fn audit_unrestored(s: &StoredSession, e: &CamaraError) {
     );
 }
 
+/// The counter slots of `key`'s AVAILABLE sessions in the ledger, but `skip`'s.
+fn live_slots<'a>(
+    inner: &'a Inner,
+    key: &DeviceKey,
+    skip: Option<SessionId>,
+) -> impl Iterator<Item = u32> + 'a {
+    inner
+        .by_device
+        .get(key)
+        .into_iter()
+        .flatten()
+        .filter(move |id| Some(**id) != skip)
+        .filter_map(|id| inner.sessions.get(id))
+        .filter_map(|s| match s.state {
+            SessionState::Available { slot, .. } => Some(slot),
+            SessionState::Unavailable { .. } => None,
+        })
+}
+
 /// Whether device `key` has an AVAILABLE session in the ledger.
 fn has_live_session(inner: &Inner, key: &DeviceKey) -> bool {
-    inner.by_device.get(key).is_some_and(|ids| {
-        ids.iter().any(|id| {
-            inner
-                .sessions
-                .get(id)
-                .is_some_and(|s| matches!(s.state, SessionState::Available { .. }))
-        })
-    })
+    live_slots(inner, key, None).next().is_some()
 }
 
 /// How far a kept rule's end may lie from the one computed again at restore (the two differ by
