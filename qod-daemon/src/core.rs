@@ -219,7 +219,7 @@ const READ_ATTEMPTS: usize = 3;
 /// Stored sessions decoded ahead of the restore at a time.
 const RESTORE_CHUNK: usize = 1024;
 
-/// A restore under way (see [`Core::restore`]).
+/// A restore under way (see [`Core::restore_from`]).
 struct Restoring {
     wall: OffsetDateTime,
     retention: time::Duration,
@@ -774,14 +774,8 @@ impl Core {
         }
     }
 
-    /// Brings back the stored sessions at start: live ones are installed again for the time they
-    /// have left; ones whose time ran out while qodd was down end now (`DURATION_EXPIRED`, with
-    /// their event), ended ones stay readable for the rest of their retention.
-    ///
-    /// `continuing`: the kernel maps are the pinned ones of the previous run, still enforcing.
-    /// Live sessions then keep their slots (their counters carry on), and entries no live session
-    /// accounts for (orphans: a session deleted or ended in the store but not yet in the kernel
-    /// when qodd stopped) are removed.
+    /// [`Core::restore_from`] of the sessions `stored`.
+    #[cfg(test)]
     pub fn restore(&self, stored: Vec<StoredSession>, continuing: bool) {
         let recorded = stored.iter().filter_map(|s| s.slot);
         let mut restoring = self.begin_restore(recorded, continuing);
@@ -791,8 +785,17 @@ impl Core {
         self.finish_restore(restoring, true);
     }
 
-    /// [`Core::restore`] of every session in `store`, read and installed one at a time (a
-    /// million stored sessions are never all decoded at once); how many were read.
+    /// Brings back the stored sessions at start: live ones are installed again for the time they
+    /// have left; ones whose time ran out while qodd was down end now (`DURATION_EXPIRED`, with
+    /// their event), ended ones stay readable for the rest of their retention.
+    ///
+    /// `continuing`: the kernel maps are the pinned ones of the previous run, still enforcing.
+    /// Live sessions then keep their slots (their counters carry on), and entries no live session
+    /// accounts for (orphans: a session deleted or ended in the store but not yet in the kernel
+    /// when qodd stopped) are removed.
+    ///
+    /// The sessions are read from `store` and installed one at a time (a million stored
+    /// sessions are never all decoded at once); returns how many were read.
     pub fn restore_from(
         &self,
         store: &crate::store::Store,
@@ -953,7 +956,9 @@ impl Core {
             let mut inner = self.lock();
             let mut unclaimed: Vec<u32> = r.kept.difference(&r.assigned).copied().collect();
             unclaimed.sort_unstable_by(|a, b| b.cmp(a));
-            inner.slots.free.extend(unclaimed);
+            unclaimed
+                .into_iter()
+                .for_each(|slot| inner.slots.give_back(slot));
         }
         if let Some(store) = &self.store
             && !r.moved.is_empty()
@@ -2130,25 +2135,25 @@ impl Core {
         })
     }
 
+    ///
+    /// Read without the core's lock (see [`Core::reads`]): a live session's counters are read
+    /// from its slot, then the session is looked at again; if it changed meanwhile (ended, its
+    /// slot perhaps handed to another session already), the read starts over, so the counters
+    /// shown are always the session's own.
     pub fn get(&self, id: SessionId, caller: &Caller) -> Result<SessionView, CamaraError> {
-        self.read(id, caller)
+        self.read_now(id, caller)
+            .unwrap_or_else(|| self.read_locked(id, caller))
     }
 
-    /// Session `id` with its counters, read without the core's lock (see [`Core::reads`]).
-    /// A live session's counters are read from its slot, then the session is looked at again:
-    /// if it changed meanwhile (ended, its slot perhaps handed to another session already),
-    /// the read starts over, so the counters shown are always the session's own.
-    fn read(&self, id: SessionId, caller: &Caller) -> Result<SessionView, CamaraError> {
-        if let Some(read) = self.read_now(id, caller) {
-            return read;
-        }
-        // Changing under the reader each time: read it as the ledger holds it.
+    /// Session `id` as the ledger holds it, under the core's lock (a session changing under
+    /// each of [`Core::read_now`]'s attempts).
+    pub fn read_locked(&self, id: SessionId, caller: &Caller) -> Result<SessionView, CamaraError> {
         let inner = self.lock();
         let session = inner.accessible(id, caller)?;
         view(&inner, session)
     }
 
-    /// [`Core::read`] without ever waiting: a map look-up and, for a live session, one read
+    /// [`Core::get`] without ever waiting: a map look-up and, for a live session, one read
     /// of its counters from the kernel (no I/O, no lock held by writers: fit for an async
     /// worker). `None` if the session changed under each of its attempts.
     pub fn read_now(
@@ -2184,19 +2189,18 @@ impl Core {
         None
     }
 
-    /// [`Self::get`] with, for a live session, what each direction delivered against what it
-    /// was granted. The achieved rate is measured from the previous such reading of the session
-    /// (at least [`METER_INTERVAL`] before; the first reading measures from the start).
+    /// [`Core::get`] with [`Core::delivery`].
     pub fn get_delivery(
         &self,
         id: SessionId,
         caller: &Caller,
     ) -> Result<(SessionView, Option<Delivery>), CamaraError> {
-        let v = self.read(id, caller)?;
-        Ok(self.delivery(v))
+        Ok(self.delivery(self.get(id, caller)?))
     }
 
-    /// What [`Core::get_delivery`] adds to a session read. It reads the session's classes
+    /// What each direction of a live session read delivered against what it was granted. The
+    /// achieved rate is measured from the previous such reading of the session (at least
+    /// [`METER_INTERVAL`] before; the first reading measures from the start). It reads the session's classes
     /// from the kernel (a netlink round trip each) when it has any, else nothing but memory.
     pub fn delivery(&self, v: SessionView) -> (SessionView, Option<Delivery>) {
         let now = Instant::now();

@@ -39,6 +39,16 @@ fn worker_failed(e: tokio::task::JoinError) -> CamaraError {
     )
 }
 
+/// A session read as GetSession answers it, with each direction's delivery when `delivery`.
+fn session_info(core: &Core, view: crate::core::SessionView, delivery: bool) -> pb::SessionInfo {
+    if delivery {
+        let (view, d) = core.delivery(view);
+        convert::session_info_with_delivery(&view, d.as_ref())
+    } else {
+        convert::session_info(&view)
+    }
+}
+
 /// Writes (create, delete, extend) on the blocking pool at once. A write may wait there for the
 /// kernel (adding a class to a large HTB tree takes milliseconds, one at a time) or the disk; the
 /// rest wait here, as futures, so a flood of writes cannot take every one of the pool's threads
@@ -426,28 +436,18 @@ impl Operations {
         // Most reads need neither the core's lock nor the kernel's classes: answered here, on
         // the async worker (a map look-up and one counters read), with no hop to the blocking
         // pool; the rest go there.
-        match core.read_now(id, &who) {
+        let local = match core.read_now(id, &who) {
             Some(Ok(view)) if !delivery || view.session.reservation.is_none() => {
-                let local = Ok(if delivery {
-                    let (view, d) = core.delivery(view);
-                    convert::session_info_with_delivery(&view, d.as_ref())
-                } else {
-                    convert::session_info(&view)
-                });
-                return self.got(caller, session_id, local).await;
+                Ok(session_info(&core, view, delivery))
             }
-            Some(Err(e)) => return self.got(caller, session_id, Err(e)).await,
-            _ => {}
-        }
-        let local = if delivery {
-            // It reads the session's classes from the kernel (rtnetlink): off the async workers.
-            blocking(move || core.get_delivery(id, &who))
-                .await
-                .map(|(view, d)| convert::session_info_with_delivery(&view, d.as_ref()))
-        } else {
-            blocking(move || core.get(id, &who))
-                .await
-                .map(|view| convert::session_info(&view))
+            // Its classes are read from the kernel (rtnetlink): off the async workers.
+            Some(Ok(view)) => blocking(move || Ok(session_info(&core, view, true))).await,
+            Some(Err(e)) => Err(e),
+            // Changing under each lock-free read: read under the core's lock.
+            None => {
+                blocking(move || Ok(session_info(&core, core.read_locked(id, &who)?, delivery)))
+                    .await
+            }
         };
         self.got(caller, session_id, local).await
     }
