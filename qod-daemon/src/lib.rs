@@ -144,10 +144,11 @@ pub async fn run(
         // the cluster: none is restored here, and a pinned data plane's rules for them go as
         // orphans.
         let ids = store.session_ids()?;
-        for id in &ids {
-            store.remove(*id)?;
-            given_up.insert(*id);
-        }
+        // One commit for all of them.
+        store
+            .submit(ids.iter().copied().map(store::Op::RemoveSession).collect())
+            .wait()?;
+        given_up.extend(ids.iter().copied());
         info!(
             sessions = ids.len(),
             "sessions left to the cluster: taken over by another node, or ended while this one was away"
