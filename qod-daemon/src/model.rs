@@ -230,33 +230,25 @@ impl ApplicationServer {
         ipv6: Option<Ipv6Network>,
         given: (Option<String>, Option<String>),
     ) -> Self {
-        let v4 = given
-            .0
-            .filter(|g| ipv4.map(|n| network_text(IpNetwork::V4(n))).as_ref() != Some(g));
-        let v6 = given
-            .1
-            .filter(|g| ipv6.map(|n| network_text(IpNetwork::V6(n))).as_ref() != Some(g));
+        let (v4, v6) = given;
         Self {
+            given: (
+                unless_printed(v4, ipv4.map(IpNetwork::V4)),
+                unless_printed(v6, ipv6.map(IpNetwork::V6)),
+            ),
             ipv4,
             ipv6,
-            given: (v4, v6),
         }
     }
 
     /// The IPv4 address or network as the caller wrote it.
     pub fn given_v4(&self) -> Option<String> {
-        self.given
-            .0
-            .clone()
-            .or_else(|| self.ipv4.map(|n| network_text(IpNetwork::V4(n))))
+        as_written(&self.given.0, self.ipv4.map(IpNetwork::V4))
     }
 
     /// The IPv6 address or network as the caller wrote it.
     pub fn given_v6(&self) -> Option<String> {
-        self.given
-            .1
-            .clone()
-            .or_else(|| self.ipv6.map(|n| network_text(IpNetwork::V6(n))))
+        as_written(&self.given.1, self.ipv6.map(IpNetwork::V6))
     }
 
     pub fn network(&self, family: u32) -> Option<IpNetwork> {
@@ -290,6 +282,16 @@ impl From<ServerRecord> for ApplicationServer {
     fn from(r: ServerRecord) -> Self {
         Self::new(r.ipv4, r.ipv6, r.given)
     }
+}
+
+/// `given` unless it is how `net` prints.
+fn unless_printed(given: Option<String>, net: Option<IpNetwork>) -> Option<String> {
+    given.filter(|g| net.map(network_text).as_ref() != Some(g))
+}
+
+/// The text `given` for `net`, or how `net` prints where none is kept.
+fn as_written(given: &Option<String>, net: Option<IpNetwork>) -> Option<String> {
+    given.clone().or_else(|| net.map(network_text))
 }
 
 /// An address as it prints (a single address without its prefix length), or a network.

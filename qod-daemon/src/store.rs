@@ -940,6 +940,14 @@ mod tests {
         assert!(store.load().expect("load").is_empty());
     }
 
+    /// A session as a raw record carries it: no slot (slots live in a table of their own).
+    fn bare() -> StoredSession {
+        StoredSession {
+            slot: None,
+            ..sample()
+        }
+    }
+
     fn raw_session(store: &Store, id: SessionId) -> Vec<u8> {
         store
             .raw_session_record(&id.to_string())
@@ -994,18 +1002,11 @@ mod tests {
         );
     }
 
-    /// First-release records (bare JSON) and schema-2 ones (versioned JSON) are read and written
-    /// back in the current schema; one that does not decode, and one of a newer schema, are set
-    /// aside and the rest loads.
     /// An old record changed while the store is read (a restore ends or removes sessions as it
     /// streams) keeps that change: the migration does not write the old one back over it.
     #[test]
     fn a_migration_leaves_what_changed_during_the_read() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let bare = || StoredSession {
-            slot: None,
-            ..sample()
-        };
         let (removed, ended, kept) = (bare(), bare(), bare());
         let store = Store::open(dir.path()).expect("open");
         for s in [&removed, &ended, &kept] {
@@ -1038,14 +1039,12 @@ mod tests {
         );
     }
 
+    /// First-release records (bare JSON) and schema-2 ones (versioned JSON) are read and written
+    /// back in the current schema; one that does not decode, and one of a newer schema, are set
+    /// aside and the rest loads.
     #[test]
     fn old_records_are_migrated_and_unreadable_ones_set_aside() {
         let dir = tempfile::tempdir().expect("tempdir");
-        // The raw record carries no slot (slots live in a table of their own).
-        let bare = || StoredSession {
-            slot: None,
-            ..sample()
-        };
         let (current, v1, v2) = (sample(), bare(), bare());
         let store = Store::open(dir.path()).expect("open");
         store.put(&current).expect("put");
