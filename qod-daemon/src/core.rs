@@ -1802,6 +1802,11 @@ impl Core {
         self.wake.notify_one();
     }
 
+    /// Attaches the classifier to the managed interfaces (at start, after the restore).
+    pub fn attach_managed(&self) -> Result<(), DataPlaneError> {
+        self.lock().dp.attach_managed()
+    }
+
     /// Re-attaches the classifier and scheduler to an interface that was re-created.
     pub fn reattach(&self, interface: &str) -> Result<(), DataPlaneError> {
         self.lock().dp.reattach(interface)

@@ -362,17 +362,25 @@ pub async fn run(
     };
 
     {
-        let (core, store) = (core.clone(), store.clone());
-        let n = match tokio::task::spawn_blocking(move || core.restore_from(&store, continuing))
-            .await
-        {
-            Ok(read) => read?,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        };
+        let (restoring, store) = (core.clone(), store.clone());
+        let n =
+            match tokio::task::spawn_blocking(move || restoring.restore_from(&store, continuing))
+                .await
+            {
+                Ok(read) => read?,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
         info!(
             sessions = n,
             continuing, "session store loaded (continuing: the pinned data plane carried on)"
         );
+        // The verifier ran beside the restore; the classifier treats from here (continuing,
+        // the pinned links carried the last program until now).
+        let attaching = core.clone();
+        match tokio::task::spawn_blocking(move || attaching.attach_managed()).await {
+            Ok(attached) => attached?,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
     // Health says SERVING before the gate opens: a call let through means health says so too.
     health

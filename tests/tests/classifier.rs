@@ -679,3 +679,60 @@ fn each_direction_gets_its_own_priority() {
     let down = h.run(&udp4([10, 0, 2, 5], dev, 443, 40000, 0));
     assert_eq!(down.priority, 0x0001_0233, "downlink");
 }
+
+/// A pin root of its own under bpffs, removed on drop (also on panic).
+struct PinRoot(std::path::PathBuf);
+
+impl PinRoot {
+    fn new(name: &str) -> Self {
+        let bpffs = std::path::Path::new("/sys/fs/bpf");
+        qod_daemon::dataplane::ensure_bpffs(bpffs).expect("bpffs");
+        Self(bpffs.join(format!("qodt-{name}-{}", std::process::id())))
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = qod_daemon::dataplane::remove_pins(&self.0);
+    }
+}
+
+#[test]
+fn a_restart_over_its_own_pins_takes_the_verified_classifier_up_and_nothing_else() {
+    use qod_daemon::dataplane::pin_dir;
+    let root = PinRoot::new("reuse");
+    let key = ipv4_key(Ipv4Addr::new(10, 0, 1, 77));
+    let mut first = AyaDataPlane::load(64, &root.0).expect("first load");
+    assert!(!first.reused() && !first.classifier_reused());
+    first.attach_managed().expect("verified and pinned");
+    drop(first);
+    // Maps and program pinned: the next load takes the program up without the verifier, and
+    // it classifies over the maps this load opened.
+    let mut second = AyaDataPlane::load(64, &root.0).expect("second load");
+    assert!(second.reused() && second.classifier_reused());
+    second
+        .install(
+            key,
+            &[rule("10.0.2.0/24".parse().expect("net"), &[], &[], 2)],
+        )
+        .expect("install");
+    let h = Harness { dp: second };
+    let r = h.run(&udp4([10, 0, 1, 77], SRV4, 1, 2, 0));
+    assert_eq!(
+        r.priority, PRIO,
+        "the reused program reads this load's maps"
+    );
+    drop(h);
+    // A program pinned over other maps (one of them made anew) is not taken up: it would
+    // classify with a map nobody writes.
+    std::fs::remove_file(pin_dir(&root.0).join(qod_common::POLICERS_MAP)).expect("unpin");
+    let third = AyaDataPlane::load(64, &root.0).expect("third load");
+    assert!(third.reused(), "the other maps are reused");
+    assert!(
+        !third.classifier_reused(),
+        "a program using a map that is not one of ours must be verified anew"
+    );
+    third
+        .program_fd()
+        .expect_err("verified on its own thread: not ready before attaching");
+}

@@ -58,6 +58,12 @@ async fn check_acknowledged_sessions_survive_kill_9(mode: qod_testkit::Mode) {
         !dscp.is_empty() && dscp.iter().all(|d| *d == 32),
         "enforced again: {dscp:?}"
     );
+    assert!(
+        qodd.log()
+            .contains("classifier of this build found pinned over these maps"),
+        "the restart takes up the classifier it left verified and pinned:\n{}",
+        qodd.log()
+    );
 
     let ended = qod_testkit::session_info(&mut api, &short.session_id).await;
     assert_eq!(ended.qos_status(), pb::QosStatus::Unavailable);

@@ -218,10 +218,71 @@ fn detach_clsact(interface: &str) {
     }
 }
 
+/// The classifier program. The verifier (most of a start's fixed cost) runs on a thread of its
+/// own while the start goes on; the program is needed only to attach it.
+enum Classifier {
+    Verifying(std::thread::JoinHandle<Result<SchedClassifier, DataPlaneError>>),
+    Ready(Box<SchedClassifier>),
+    /// Taken while joining the verifier.
+    Gone,
+}
+
+/// The pin name of this build's classifier: `classifier-` and a hash of the object, so a pinned
+/// program is taken up again only by a qodd that would load the very same code.
+fn classifier_pin(pins: &Path) -> PathBuf {
+    // FNV-1a: stable across builds of qodd, unlike std's hasher.
+    let hash = EBPF_OBJECT.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    pins.join(format!("{CLASSIFIER_PIN_PREFIX}{hash:016x}"))
+}
+
+const CLASSIFIER_PIN_PREFIX: &str = "classifier-";
+
+/// The pinned classifier of this build, if a previous qodd left it over these very maps (every
+/// map it uses is one of `pins`' maps): the kernel holds it verified already.
+fn pinned_classifier(pins: &Path) -> Option<SchedClassifier> {
+    let prog = SchedClassifier::from_pin(classifier_pin(pins)).ok()?;
+    let uses = prog.info().ok()?.map_ids().ok()??;
+    let ours: Vec<u32> = expected_maps(0)
+        .iter()
+        .map(|(name, ..)| MapInfo::from_pin(pins.join(name)).map(|i| i.id()))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    uses.iter().all(|id| ours.contains(id)).then_some(prog)
+}
+
+/// Runs the verifier on the object's classifier and pins it as this build's (see
+/// [`classifier_pin`]), letting go of any other build's pinned program (links hold their own).
+fn verify_classifier(mut ebpf: Ebpf, pins: &Path) -> Result<SchedClassifier, DataPlaneError> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(CLASSIFIER)
+        .ok_or(DataPlaneError::Missing("classifier program"))?
+        .try_into()
+        .map_err(|e| program_error("is not a tc classifier", e))?;
+    prog.load()
+        .map_err(|e| program_error("was rejected by the kernel", e))?;
+    let pin = classifier_pin(pins);
+    for old in std::fs::read_dir(pins).into_iter().flatten().flatten() {
+        if old
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(CLASSIFIER_PIN_PREFIX))
+        {
+            let _ = std::fs::remove_file(old.path());
+        }
+    }
+    prog.pin(&pin).map_err(|e| DataPlaneError::Pins {
+        path: pin.clone(),
+        what: e.to_string(),
+    })?;
+    SchedClassifier::from_pin(&pin).map_err(|e| program_error("cannot be opened from its pin", e))
+}
+
 /// The real data plane: the qod classifier loaded into the kernel and its maps.
 pub struct AyaDataPlane {
-    /// Owns the program and its tc links; dropping it detaches the classifier.
-    ebpf: Ebpf,
+    /// The program; its tc links are pinned (tcx) or left to the kernel (clsact).
+    classifier: Classifier,
     flows_v4: HashMap<MapData, u32, DeviceRules>,
     flows_v6: HashMap<MapData, [u32; 2], DeviceRules>,
     counters: PerCpuArray<MapData, FlowCounters>,
@@ -246,6 +307,8 @@ pub struct AyaDataPlane {
     ephemeral: Option<PathBuf>,
     /// The pinned maps were there before: their entries and counters carry on.
     reused: bool,
+    /// This build's classifier was pinned over those maps: taken up without the verifier.
+    classifier_reused: bool,
 }
 
 impl Drop for AyaDataPlane {
@@ -277,9 +340,10 @@ impl AyaDataPlane {
         Ok(sum)
     }
 
-    /// Loads the object with maps sized for `max_sessions` and runs the verifier on the classifier.
-    /// Nothing is attached yet. Maps are pinned under `pin_dir(pin_root)`; ones already there are
-    /// reused as they are (check them first with [`inspect_pins`]).
+    /// Loads the object with maps sized for `max_sessions`; the classifier is verified on a
+    /// thread of its own meanwhile (or, continuing over pinned maps, this build's pinned program
+    /// is taken as it is). Nothing is attached yet. Maps are pinned under `pin_dir(pin_root)`;
+    /// ones already there are reused as they are (check them first with [`inspect_pins`]).
     pub fn load(max_sessions: u32, pin_root: &Path) -> Result<Self, DataPlaneError> {
         let pins = pin_dir(pin_root);
         std::fs::create_dir_all(&pins).map_err(|source| DataPlaneError::PinDir {
@@ -295,13 +359,6 @@ impl AyaDataPlane {
             .map_max_entries(POLICERS_MAP, max_sessions)
             .load(EBPF_OBJECT)
             .map_err(|e| DataPlaneError::Load(Box::new(e)))?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(CLASSIFIER)
-            .ok_or(DataPlaneError::Missing("classifier program"))?
-            .try_into()
-            .map_err(|e| program_error("is not a tc classifier", e))?;
-        prog.load()
-            .map_err(|e| program_error("was rejected by the kernel", e))?;
         let map = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(DataPlaneError::Missing(name))
         };
@@ -326,8 +383,28 @@ impl AyaDataPlane {
             Array::try_from(map(&mut ebpf, POLICERS_MAP)?).map_err(map_err(POLICERS_MAP))?;
         let nr_cpus =
             aya::util::nr_cpus().map_err(|(what, source)| DataPlaneError::Cpus { what, source })?;
+        let pinned = reused.then(|| pinned_classifier(&pins)).flatten();
+        let classifier_reused = pinned.is_some();
+        let classifier = match pinned {
+            Some(prog) => {
+                info!("classifier of this build found pinned over these maps; taken as it is");
+                Classifier::Ready(Box::new(prog))
+            }
+            None => {
+                let at = pins.clone();
+                Classifier::Verifying(
+                    std::thread::Builder::new()
+                        .name("qodd-verifier".into())
+                        .spawn(move || verify_classifier(ebpf, &at))
+                        .map_err(|source| DataPlaneError::PinDir {
+                            path: pins.clone(),
+                            source,
+                        })?,
+                )
+            }
+        };
         Ok(Self {
-            ebpf,
+            classifier,
             flows_v4,
             flows_v6,
             counters,
@@ -345,6 +422,7 @@ impl AyaDataPlane {
             pins,
             ephemeral: None,
             reused,
+            classifier_reused,
         })
     }
 
@@ -365,6 +443,7 @@ impl AyaDataPlane {
             let _ = std::fs::remove_dir_all(&root);
         })?;
         dp.ephemeral = Some(root);
+        dp.classifier()?;
         Ok(dp)
     }
 
@@ -378,7 +457,15 @@ impl AyaDataPlane {
         self.reused
     }
 
-    /// Attaches the classifier to every managed interface and installs the schedulers.
+    /// Whether this build's classifier was found pinned over the reused maps and taken up as
+    /// it is (no verifier run).
+    pub fn classifier_reused(&self) -> bool {
+        self.classifier_reused
+    }
+
+    /// Takes charge of the managed interfaces: tells the classifier their sides and installs
+    /// the schedulers. The classifier is attached by [`DataPlane::attach_managed`], once the
+    /// sessions are installed (continuing, the pinned links keep the last program meanwhile).
     pub fn manage(
         &mut self,
         interfaces: &[ManagedInterface],
@@ -389,8 +476,7 @@ impl AyaDataPlane {
         self.teardown_on_exit = teardown_on_exit;
         self.interfaces = interfaces.to_vec();
         for i in interfaces {
-            let how = self.attach(&i.name, i.side, mode)?;
-            info!(interface = %i.name, mode = how, "classifier attached on egress");
+            self.describe(&i.name, i.side)?;
             if let Some(config) = i.scheduler {
                 self.schedulers
                     .write()
@@ -400,14 +486,8 @@ impl AyaDataPlane {
         Ok(())
     }
 
-    /// Attaches the classifier for `side` on `interface`'s egress; returns how ("tcx" or
-    /// "clsact").
-    pub fn attach(
-        &mut self,
-        interface: &str,
-        side: Side,
-        mode: AttachMode,
-    ) -> Result<&'static str, DataPlaneError> {
+    /// Tells the classifier which side `interface` is and which counter slot counts it.
+    fn describe(&mut self, interface: &str, side: Side) -> Result<(), DataPlaneError> {
         let index = nix::net::if_::if_nametoindex(interface).map_err(|source| {
             DataPlaneError::NoInterface {
                 interface: interface.to_owned(),
@@ -421,14 +501,20 @@ impl AyaDataPlane {
             .iter()
             .position(|i| i.name == interface)
             .map_or(0, |p| p + 1);
-        self.set_interface(index, side, u8::try_from(counters).unwrap_or(0))?;
+        self.set_interface(index, side, u8::try_from(counters).unwrap_or(0))
+    }
+
+    /// Attaches the classifier for `side` on `interface`'s egress; returns how ("tcx" or
+    /// "clsact").
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        side: Side,
+        mode: AttachMode,
+    ) -> Result<&'static str, DataPlaneError> {
+        self.describe(interface, side)?;
         let link_pin = self.link_pin(interface);
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(CLASSIFIER)
-            .ok_or(DataPlaneError::Missing("classifier program"))?
-            .try_into()
-            .map_err(|e| program_error("is not a tc classifier", e))?;
+        let prog = self.classifier()?;
         let attach_err = |e: &dyn std::fmt::Display| DataPlaneError::Attach {
             interface: interface.to_owned(),
             what: e.to_string(),
@@ -588,14 +674,35 @@ impl AyaDataPlane {
         self.set_interface(ifindex, side, 0)
     }
 
-    /// The loaded classifier, for `BPF_PROG_TEST_RUN`.
+    /// The verified classifier (waiting for the verifier if it still runs).
+    fn classifier(&mut self) -> Result<&mut SchedClassifier, DataPlaneError> {
+        if let Classifier::Verifying(_) = self.classifier {
+            let Classifier::Verifying(verifier) =
+                std::mem::replace(&mut self.classifier, Classifier::Gone)
+            else {
+                unreachable!("matched above")
+            };
+            let verified = verifier
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            self.classifier = Classifier::Ready(Box::new(verified));
+        }
+        match &mut self.classifier {
+            Classifier::Ready(prog) => Ok(prog),
+            _ => Err(DataPlaneError::Missing(
+                "classifier program (its verification failed)",
+            )),
+        }
+    }
+
+    /// The loaded classifier, for `BPF_PROG_TEST_RUN` (an ephemeral data plane's, or once
+    /// attached: before, the verifier may still run).
     pub fn program_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, DataPlaneError> {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(CLASSIFIER)
-            .ok_or(DataPlaneError::Missing("classifier program"))?
-            .try_into()
-            .map_err(|e| program_error("is not a tc classifier", e))?;
+        let Classifier::Ready(prog) = &self.classifier else {
+            return Err(DataPlaneError::Missing(
+                "classifier program (not verified yet)",
+            ));
+        };
         let fd = prog.fd().map_err(|e| program_error("has no fd", e))?;
         Ok(fd.as_fd())
     }
@@ -751,6 +858,16 @@ impl DataPlane for AyaDataPlane {
             .filter_map(|i| schedulers.get(&i.name))
             .map(|s| Ok((s.interface.clone(), s.queue_stats()?)))
             .collect()
+    }
+
+    fn attach_managed(&mut self) -> Result<(), DataPlaneError> {
+        // A classifier the kernel refused fails the start even with nothing to attach it to.
+        self.classifier()?;
+        for i in self.interfaces.clone() {
+            let how = self.attach(&i.name, i.side, self.attach_mode)?;
+            info!(interface = %i.name, mode = how, "classifier attached on egress");
+        }
+        Ok(())
     }
 
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError> {

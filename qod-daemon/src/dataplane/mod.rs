@@ -175,6 +175,11 @@ pub trait DataPlane: Send + 'static {
     fn session_classes(&self, interface: &str) -> Result<Vec<u16>, DataPlaneError>;
     /// Attaches the classifier (and scheduler) to `interface` again after it was re-created.
     fn reattach(&mut self, interface: &str) -> Result<(), DataPlaneError>;
+    /// Attaches the classifier to every managed interface (at start, once the sessions are
+    /// installed).
+    fn attach_managed(&mut self) -> Result<(), DataPlaneError> {
+        Ok(())
+    }
     /// Graceful stop: the data plane stays (pinned) unless configured to be torn down.
     fn shutdown(&mut self) {}
     /// Every device key with rules in the kernel (to find entries no session accounts for).
