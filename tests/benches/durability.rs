@@ -5,7 +5,7 @@
 //!    (default configuration: TLS, tokens) with `max_sessions` sized for them; it is killed, its
 //!    store is filled with live QOS_E sessions (one per device address) written directly through
 //!    the store library, and it is started again. Recovery time = from spawning the process to
-//!    its first answer (it serves only once every session is restored), polled every 100 ms.
+//!    its first answer (it serves only once every session is restored), polled every 10 ms.
 //!    Measured twice: *rebuild* (no pinned data plane: every rule installed anew, as after a
 //!    reboot) and *continuing* (after a `kill -9`: the pinned maps are reused, entries rewritten
 //!    in place, slots kept). Also printed: the store's size and qodd's resident memory.
@@ -78,6 +78,7 @@ async fn recovery() -> anyhow::Result<()> {
         )
         .await?;
         qodd.start_timeout = Duration::from_secs(1200);
+        qodd.start_poll = Duration::from_millis(10);
         qodd.kill9();
         let state = qodd.dir.path().join("state");
         qod_testkit::fill_store(&state, n, "QOS_E")?;

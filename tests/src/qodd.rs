@@ -46,6 +46,8 @@ pub struct Qodd {
     pub pin_path: PathBuf,
     /// How long a start may take before it counts as failed.
     pub start_timeout: Duration,
+    /// How often a start is polled for readiness (benchmarks time starts more finely).
+    pub start_poll: Duration,
     /// How the process is started.
     pub launch: Launch,
 }
@@ -186,6 +188,7 @@ impl Qodd {
             token,
             pin_path,
             start_timeout: Duration::from_secs(30),
+            start_poll: Duration::from_millis(100),
             launch,
         };
         q.launch().await?;
@@ -261,7 +264,7 @@ impl Qodd {
                     self.log()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(self.start_poll).await;
         }
     }
 

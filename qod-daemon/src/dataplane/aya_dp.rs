@@ -218,6 +218,22 @@ fn detach_clsact(interface: &str) {
     }
 }
 
+/// The device key of an IPv4 flow map key.
+fn v4_key(k: u32) -> DeviceKey {
+    DeviceKey {
+        family: FAMILY_IPV4,
+        addr: [k, 0, 0, 0],
+    }
+}
+
+/// The device key of an IPv6 flow map key (the /64).
+fn v6_key(k: [u32; 2]) -> DeviceKey {
+    DeviceKey {
+        family: FAMILY_IPV6,
+        addr: [k[0], k[1], 0, 0],
+    }
+}
+
 /// The classifier program. The verifier (most of a start's fixed cost) runs on a thread of its
 /// own while the start goes on; the program is needed only to attach it.
 enum Classifier {
@@ -288,6 +304,8 @@ pub struct AyaDataPlane {
     counters: PerCpuArray<MapData, FlowCounters>,
     /// A second handle on the counters map (its pin opened again), for readers.
     counters_reader: Arc<CountersMap>,
+    /// Second handles on the flow maps (IPv4, IPv6), for reading their keys in batches.
+    flows_raw: [MapData; 2],
     policers: Array<MapData, PolicerState>,
     interface_info: Array<MapData, InterfaceInfo>,
     band_counters: PerCpuArray<MapData, BandCounters>,
@@ -381,6 +399,8 @@ impl AyaDataPlane {
             .map_err(map_err(COUNTERS_MAP))?;
         let policers =
             Array::try_from(map(&mut ebpf, POLICERS_MAP)?).map_err(map_err(POLICERS_MAP))?;
+        let raw = |name: &'static str| MapData::from_pin(pins.join(name)).map_err(map_err(name));
+        let flows_raw = [raw(FLOWS_V4_MAP)?, raw(FLOWS_V6_MAP)?];
         let nr_cpus =
             aya::util::nr_cpus().map_err(|(what, source)| DataPlaneError::Cpus { what, source })?;
         let pinned = reused.then(|| pinned_classifier(&pins)).flatten();
@@ -409,6 +429,7 @@ impl AyaDataPlane {
             flows_v6,
             counters,
             counters_reader: Arc::new(CountersMap(counters_reader)),
+            flows_raw,
             policers,
             interface_info,
             band_counters,
@@ -672,6 +693,31 @@ impl AyaDataPlane {
     /// As [`AyaDataPlane::set_interface`] with the shared counter slot.
     pub fn set_side(&mut self, ifindex: u32, side: Side) -> Result<(), DataPlaneError> {
         self.set_interface(ifindex, side, 0)
+    }
+
+    /// The devices the kernel holds rules for, read a batch of keys per system call
+    /// (`BPF_MAP_LOOKUP_BATCH`); an error where the kernel does not do batches.
+    pub fn device_keys_batched(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
+        let value = size_of::<DeviceRules>();
+        let [raw4, raw6] = &self.flows_raw;
+        let failed = |map| {
+            move |e: std::io::Error| DataPlaneError::Map {
+                map,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error: e,
+                }),
+            }
+        };
+        let keys4 = super::batch::hash_keys::<u32>(raw4.fd().as_fd(), value)
+            .map_err(failed(FLOWS_V4_MAP))?;
+        let keys6 = super::batch::hash_keys::<[u32; 2]>(raw6.fd().as_fd(), value)
+            .map_err(failed(FLOWS_V6_MAP))?;
+        Ok(keys4
+            .into_iter()
+            .map(v4_key)
+            .chain(keys6.into_iter().map(v6_key))
+            .collect())
     }
 
     /// The verified classifier (waiting for the verifier if it still runs).
@@ -940,26 +986,17 @@ impl DataPlane for AyaDataPlane {
     }
 
     fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
+        // Key by key where the kernel does not do batches.
+        if let Ok(keys) = self.device_keys_batched() {
+            return Ok(keys);
+        }
+        let map_err = |map| move |source| DataPlaneError::Map { map, source };
         let mut keys = Vec::new();
         for k in self.flows_v4.keys() {
-            let k = k.map_err(|source| DataPlaneError::Map {
-                map: FLOWS_V4_MAP,
-                source,
-            })?;
-            keys.push(DeviceKey {
-                family: FAMILY_IPV4,
-                addr: [k, 0, 0, 0],
-            });
+            keys.push(v4_key(k.map_err(map_err(FLOWS_V4_MAP))?));
         }
         for k in self.flows_v6.keys() {
-            let k = k.map_err(|source| DataPlaneError::Map {
-                map: FLOWS_V6_MAP,
-                source,
-            })?;
-            keys.push(DeviceKey {
-                family: FAMILY_IPV6,
-                addr: [k[0], k[1], 0, 0],
-            });
+            keys.push(v6_key(k.map_err(map_err(FLOWS_V6_MAP))?));
         }
         Ok(keys)
     }

@@ -2,6 +2,7 @@
 //! maps; [`FakeDataPlane`] records calls for unit tests of the layers above.
 
 mod aya_dp;
+mod batch;
 mod fake;
 pub(crate) mod netlink;
 pub mod scheduler;
