@@ -24,8 +24,8 @@ use crate::{
     audit,
     core::events::{Announcer, Decided, Logged, Place},
     dataplane::{
-        Classes, CountersReader, DataPlane, DataPlaneError, ManagedInterface, Side, TcStats,
-        monotonic_ns,
+        Classes, CountersReader, DataPlane, DataPlaneError, DeviceLister, ManagedInterface, Side,
+        TcStats, monotonic_ns,
         scheduler::{
             BEST_EFFORT_CLASS, BurstRule, ClassSpec, LOW_LATENCY_CLASS, MAX_SESSION_CLASSES,
             session_class,
@@ -352,13 +352,17 @@ enum Admission {
 /// The ledger's sessions by id, mirrored for readers: every change made here (under the core's
 /// lock) is published to [`Reads`], where GetSession finds it without that lock.
 struct Sessions {
-    map: HashMap<SessionId, Arc<Session>>,
+    map: FastMap<SessionId, Arc<Session>>,
     reads: Reads,
 }
 
 /// The sessions as readers see them: each entry the ledger's own `Arc`, swapped whole on every
 /// change (a reader holds a consistent session, never half of a change).
-type Reads = Arc<dashmap::DashMap<SessionId, Arc<Session>>>;
+type Reads = Arc<dashmap::DashMap<SessionId, Arc<Session>, foldhash::fast::RandomState>>;
+
+/// The ledger's large maps: foldhash, seeded at random per map (keys are session ids and
+/// device addresses, which clients choose), about three times as fast as std's SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 impl Sessions {
     fn get(&self, id: &SessionId) -> Option<&Session> {
@@ -399,7 +403,7 @@ struct Inner {
     sessions: Sessions,
     /// Every stored session (AVAILABLE or retained UNAVAILABLE) by device.
     /// (Almost always one: inline, no allocation of its own.)
-    by_device: HashMap<DeviceKey, smallvec::SmallVec<[SessionId; 1]>>,
+    by_device: FastMap<DeviceKey, smallvec::SmallVec<[SessionId; 1]>>,
     deadlines: BTreeSet<(Instant, SessionId)>,
     slots: Slots,
     /// Per-session class indexes by scheduled interface.
@@ -621,6 +625,11 @@ pub struct Core {
     /// core's lock, whatever a writer holds it for (a reload's batch, a link loss's classes).
     reads: Reads,
     counters: Arc<dyn CountersReader>,
+    /// The kernel's device keys, listed without the lock (see [`Core::remove_orphans`]).
+    lister: Arc<dyn DeviceLister>,
+    /// After a continuing restore, the kept slots no restored session claimed: freed by
+    /// [`Core::remove_orphans`] once the kernel entries that may still count into them are gone.
+    unclaimed: parking_lot::Mutex<Option<Vec<u32>>>,
     /// Each live session's last achieved-rate reading (GetSession).
     meters: parking_lot::Mutex<HashMap<SessionId, Meter>>,
 }
@@ -634,19 +643,22 @@ impl Core {
     ) -> Self {
         let class_ops = dp.classes();
         let counters = dp.counters_reader();
+        let lister = dp.device_lister();
         let reads = Reads::default();
         Self {
             class_ops,
             counters,
             reads: reads.clone(),
+            lister,
+            unclaimed: parking_lot::Mutex::new(None),
             meters: parking_lot::Mutex::new(HashMap::new()),
             inner: Mutex::new(Inner {
                 dp,
                 sessions: Sessions {
-                    map: HashMap::new(),
+                    map: FastMap::default(),
                     reads,
                 },
-                by_device: HashMap::new(),
+                by_device: FastMap::default(),
                 deadlines: BTreeSet::new(),
                 slots: Slots {
                     free: Vec::new(),
@@ -952,13 +964,19 @@ impl Core {
     /// Ends a restore; `complete` when every stored session was read.
     fn finish_restore(&self, r: Restoring, complete: bool) {
         if complete {
-            // Slots reserved for records never claimed (set aside, or a duplicate's).
-            let mut inner = self.lock();
+            // Slots reserved for records never claimed (set aside, or a duplicate's): an
+            // orphaned kernel entry may still count into one, so they are freed with the
+            // orphans' removal, after the start (`remove_orphans`).
             let mut unclaimed: Vec<u32> = r.kept.difference(&r.assigned).copied().collect();
             unclaimed.sort_unstable_by(|a, b| b.cmp(a));
-            unclaimed
-                .into_iter()
-                .for_each(|slot| inner.slots.give_back(slot));
+            if r.continuing {
+                *self.unclaimed.lock() = Some(unclaimed);
+            } else {
+                let mut inner = self.lock();
+                unclaimed
+                    .into_iter()
+                    .for_each(|slot| inner.slots.give_back(slot));
+            }
         }
         if let Some(store) = &self.store
             && !r.moved.is_empty()
@@ -969,9 +987,6 @@ impl Core {
         info!(restored = r.restored, "live sessions restored");
         if r.restored > 0 {
             audit::restored(r.restored);
-        }
-        if r.continuing && complete {
-            self.remove_orphans();
         }
         self.adopt_classes();
         self.wake.notify_one();
@@ -1109,29 +1124,58 @@ impl Core {
         }
     }
 
-    fn remove_orphans(&self) {
-        let mut inner = self.lock();
-        let keys = match inner.dp.device_keys() {
-            Ok(k) => k,
-            Err(e) => {
-                error!(error = %crate::anyhow_like(&e), "cannot list the kernel's entries to reconcile them");
-                return;
-            }
+    /// After a continuing restore (once qodd serves: a million keys take the kernel a second
+    /// to list and check), removes the kernel entries no live session accounts for (orphans: a
+    /// session deleted or ended in the store but not yet in the kernel when qodd stopped), then
+    /// frees the kept slots no restored session claimed. The keys are listed without the lock;
+    /// each is checked again under it, a batch at a time, so an entry a create made meanwhile
+    /// stays and calls go on between batches. Does nothing after any other start, or after a
+    /// restore cut short (the sessions not read are unknown). How many entries it removed.
+    pub fn remove_orphans(&self) -> usize {
+        let Some(unclaimed) = self.unclaimed.lock().take() else {
+            return 0;
         };
+        let started = Instant::now();
+        let keys = self.lister.device_keys();
         let mut removed = 0;
-        for key in keys {
-            if !has_live_session(&inner, &key) {
-                match inner.dp.remove(&key) {
-                    Ok(()) => removed += 1,
-                    Err(e) => {
-                        error!(error = %crate::anyhow_like(&e), "cannot remove an orphaned kernel entry")
+        match &keys {
+            Ok(keys) => {
+                for batch in keys.chunks(ORPHAN_BATCH) {
+                    let mut inner = self.lock();
+                    for key in batch {
+                        if has_live_session(&inner, key) {
+                            continue;
+                        }
+                        match inner.dp.remove(key) {
+                            Ok(()) => removed += 1,
+                            Err(e) => {
+                                error!(error = %crate::anyhow_like(&e), "cannot remove an orphaned kernel entry")
+                            }
+                        }
                     }
                 }
             }
+            Err(e) => {
+                // Kept, not freed: an orphan may still count into one of them.
+                error!(error = %crate::anyhow_like(&e), slots = unclaimed.len(), "cannot list the kernel's entries to reconcile them; the unclaimed counter slots stay reserved");
+            }
+        }
+        if keys.is_ok() {
+            let mut inner = self.lock();
+            unclaimed
+                .into_iter()
+                .for_each(|slot| inner.slots.give_back(slot));
         }
         if removed > 0 {
             warn!(removed, "removed kernel entries no session accounts for");
         }
+        info!(
+            checked = keys.map_or(0, |k| k.len()),
+            removed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "kernel entries reconciled with the restored sessions"
+        );
+        removed
     }
 
     /// Keeps an ended session readable until its retention runs out (announcing the end if it
@@ -2959,6 +3003,9 @@ fn has_live_session(inner: &Inner, key: &DeviceKey) -> bool {
     live_slots(inner, key, None).next().is_some()
 }
 
+/// Kernel entries checked for orphans per hold of the core's lock.
+const ORPHAN_BATCH: usize = 1024;
+
 /// How far a kept rule's end may lie from the one computed again at restore (the two differ by
 /// the rounding of the clocks; more means the wall clock was stepped while qodd was down).
 const KEPT_END_TOLERANCE_NS: u64 = 10_000_000;
@@ -3971,6 +4018,68 @@ mod tests {
             };
             assert_eq!(now, was[0], "device {i} as it was installed");
         }
+    }
+
+    /// Continuing over the pinned maps, a kernel entry no restored session accounts for (its
+    /// session deleted in the store, not yet in the kernel, when qodd stopped) is removed once
+    /// qodd serves; an entry a create made for that device meanwhile stays, with its rule.
+    #[tokio::test(start_paused = true)]
+    async fn orphans_go_after_a_continuing_restore_and_a_new_session_of_theirs_stays() {
+        let (before, dp) = core(16);
+        let mut stored = Vec::new();
+        for i in 1..=3 {
+            let v = before.create(request([10, 0, 0, i], 600)).expect("create");
+            if i == 1 {
+                stored.push(StoredSession {
+                    id: v.session.id,
+                    request: v.session.request.clone(),
+                    started_at: v.session.started_at,
+                    duration: v.session.duration,
+                    ended: None,
+                    slot: Some(installed_slot(&v.session)),
+                });
+            }
+        }
+        let key = |i: u8| ipv4_key(Ipv4Addr::new(10, 0, 0, i));
+        drop(before);
+        let after = Arc::new(Core::new(
+            Box::new(dp.clone()),
+            policy(),
+            limits(16, u32::MAX),
+            None,
+        ));
+        after.restore(stored, true);
+        assert_eq!(
+            dp.state.lock().expect("lock").flows.len(),
+            3,
+            "the orphans of devices 2 and 3 stay until qodd serves"
+        );
+        // A create for device 3 before the orphans are looked for: its entry is its own now.
+        let mine = after.create(request([10, 0, 0, 3], 60)).expect("create");
+        assert_eq!(after.remove_orphans(), 1, "device 2's entry only");
+        let s = dp.state.lock().expect("lock");
+        assert!(s.flows.contains_key(&key(1)), "the restored session's entry");
+        assert!(!s.flows.contains_key(&key(2)), "the orphan");
+        assert_eq!(
+            s.flows[&key(3)].iter().map(|r| r.slot).collect::<Vec<_>>(),
+            vec![installed_slot(&mine.session)],
+            "the new session's rule"
+        );
+        drop(s);
+        assert_eq!(after.remove_orphans(), 0, "once per start");
+    }
+
+    /// A start that rebuilt the maps has no orphans to look for.
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuilding_restore_looks_for_no_orphans() {
+        let (core, dp) = core(16);
+        core.restore(Vec::new(), false);
+        dp.state
+            .lock()
+            .expect("lock")
+            .flows
+            .insert(ipv4_key(Ipv4Addr::new(10, 0, 0, 9)), Vec::new());
+        assert_eq!(core.remove_orphans(), 0);
     }
 
     /// Making a class can take the kernel milliseconds (a large tree): it happens outside the

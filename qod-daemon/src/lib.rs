@@ -409,6 +409,12 @@ pub async fn run(
     // The store is restored and the API serves: tell systemd (Type=notify), if it started us.
     notify_service_manager(sd_notify::NotifyState::Ready);
     let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
+    // Continuing over the pinned maps: the kernel entries no restored session accounts for go
+    // now, beside the API (listing a million keys takes the kernel most of a second).
+    {
+        let reconciling = core.clone();
+        tokio::task::spawn_blocking(move || reconciling.remove_orphans());
+    }
     if let Some(listener) = metrics_listener {
         let collector = exposition::NodeCollector {
             core: core.clone(),

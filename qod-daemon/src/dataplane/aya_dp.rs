@@ -304,8 +304,8 @@ pub struct AyaDataPlane {
     counters: PerCpuArray<MapData, FlowCounters>,
     /// A second handle on the counters map (its pin opened again), for readers.
     counters_reader: Arc<CountersMap>,
-    /// Second handles on the flow maps (IPv4, IPv6), for reading their keys in batches.
-    flows_raw: [MapData; 2],
+    /// Second handles on the flow maps, for listing their keys from any thread.
+    flow_keys: Arc<FlowKeys>,
     policers: Array<MapData, PolicerState>,
     interface_info: Array<MapData, InterfaceInfo>,
     band_counters: PerCpuArray<MapData, BandCounters>,
@@ -399,8 +399,15 @@ impl AyaDataPlane {
             .map_err(map_err(COUNTERS_MAP))?;
         let policers =
             Array::try_from(map(&mut ebpf, POLICERS_MAP)?).map_err(map_err(POLICERS_MAP))?;
-        let raw = |name: &'static str| MapData::from_pin(pins.join(name)).map_err(map_err(name));
-        let flows_raw = [raw(FLOWS_V4_MAP)?, raw(FLOWS_V6_MAP)?];
+        let again = |name: &'static str| {
+            MapData::from_pin(pins.join(name))
+                .and_then(aya::maps::Map::from_map_data)
+                .map_err(map_err(name))
+        };
+        let flow_keys = Arc::new(FlowKeys {
+            v4: HashMap::try_from(again(FLOWS_V4_MAP)?).map_err(map_err(FLOWS_V4_MAP))?,
+            v6: HashMap::try_from(again(FLOWS_V6_MAP)?).map_err(map_err(FLOWS_V6_MAP))?,
+        });
         let nr_cpus =
             aya::util::nr_cpus().map_err(|(what, source)| DataPlaneError::Cpus { what, source })?;
         let pinned = reused.then(|| pinned_classifier(&pins)).flatten();
@@ -429,7 +436,7 @@ impl AyaDataPlane {
             flows_v6,
             counters,
             counters_reader: Arc::new(CountersMap(counters_reader)),
-            flows_raw,
+            flow_keys,
             policers,
             interface_info,
             band_counters,
@@ -698,26 +705,7 @@ impl AyaDataPlane {
     /// The devices the kernel holds rules for, read a batch of keys per system call
     /// (`BPF_MAP_LOOKUP_BATCH`); an error where the kernel does not do batches.
     pub fn device_keys_batched(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
-        let value = size_of::<DeviceRules>();
-        let [raw4, raw6] = &self.flows_raw;
-        let failed = |map| {
-            move |e: std::io::Error| DataPlaneError::Map {
-                map,
-                source: MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_lookup_batch",
-                    io_error: e,
-                }),
-            }
-        };
-        let keys4 = super::batch::hash_keys::<u32>(raw4.fd().as_fd(), value)
-            .map_err(failed(FLOWS_V4_MAP))?;
-        let keys6 = super::batch::hash_keys::<[u32; 2]>(raw6.fd().as_fd(), value)
-            .map_err(failed(FLOWS_V6_MAP))?;
-        Ok(keys4
-            .into_iter()
-            .map(v4_key)
-            .chain(keys6.into_iter().map(v6_key))
-            .collect())
+        self.flow_keys.batched()
     }
 
     /// The verified classifier (waiting for the verifier if it still runs).
@@ -985,20 +973,8 @@ impl DataPlane for AyaDataPlane {
         Ok(out)
     }
 
-    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
-        // Key by key where the kernel does not do batches.
-        if let Ok(keys) = self.device_keys_batched() {
-            return Ok(keys);
-        }
-        let map_err = |map| move |source| DataPlaneError::Map { map, source };
-        let mut keys = Vec::new();
-        for k in self.flows_v4.keys() {
-            keys.push(v4_key(k.map_err(map_err(FLOWS_V4_MAP))?));
-        }
-        for k in self.flows_v6.keys() {
-            keys.push(v6_key(k.map_err(map_err(FLOWS_V6_MAP))?));
-        }
-        Ok(keys)
+    fn device_lister(&self) -> Arc<dyn super::DeviceLister> {
+        self.flow_keys.clone()
     }
 
     fn parse_counters(&self) -> Result<Vec<(String, ParseCounters)>, DataPlaneError> {
@@ -1085,6 +1061,56 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), DataPlaneError> {
     .map_err(err)?;
     info!(path = %path.display(), "mounted bpffs");
     Ok(())
+}
+
+/// The flow maps opened a second time: their keys listed from any thread.
+struct FlowKeys {
+    v4: HashMap<MapData, u32, DeviceRules>,
+    v6: HashMap<MapData, [u32; 2], DeviceRules>,
+}
+
+impl FlowKeys {
+    /// Every device, a batch of keys per system call.
+    fn batched(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
+        use aya::maps::IterableMap as _;
+        let value = size_of::<DeviceRules>();
+        let failed = |map| {
+            move |e: std::io::Error| DataPlaneError::Map {
+                map,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error: e,
+                }),
+            }
+        };
+        let keys4 = super::batch::hash_keys::<u32>(self.v4.map().fd().as_fd(), value)
+            .map_err(failed(FLOWS_V4_MAP))?;
+        let keys6 = super::batch::hash_keys::<[u32; 2]>(self.v6.map().fd().as_fd(), value)
+            .map_err(failed(FLOWS_V6_MAP))?;
+        Ok(keys4
+            .into_iter()
+            .map(v4_key)
+            .chain(keys6.into_iter().map(v6_key))
+            .collect())
+    }
+}
+
+impl super::DeviceLister for FlowKeys {
+    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
+        // Key by key where the kernel does not do batches.
+        if let Ok(keys) = self.batched() {
+            return Ok(keys);
+        }
+        let map_err = |map| move |source| DataPlaneError::Map { map, source };
+        let mut keys = Vec::new();
+        for k in self.v4.keys() {
+            keys.push(v4_key(k.map_err(map_err(FLOWS_V4_MAP))?));
+        }
+        for k in self.v6.keys() {
+            keys.push(v6_key(k.map_err(map_err(FLOWS_V6_MAP))?));
+        }
+        Ok(keys)
+    }
 }
 
 /// The counters map opened a second time: reads only, from any thread.

@@ -101,6 +101,12 @@ impl super::Classes for FakeDataPlane {
     }
 }
 
+impl super::DeviceLister for FakeDataPlane {
+    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
+        Ok(self.state().flows.keys().copied().collect())
+    }
+}
+
 impl DataPlane for FakeDataPlane {
     fn install(&mut self, key: DeviceKey, rules: &[FlowRule]) -> Result<(), DataPlaneError> {
         let mut s = self.state();
@@ -142,8 +148,8 @@ impl DataPlane for FakeDataPlane {
         Ok(Vec::new())
     }
 
-    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
-        Ok(self.state().flows.keys().copied().collect())
+    fn device_lister(&self) -> Arc<dyn super::DeviceLister> {
+        Arc::new(self.clone())
     }
 
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError> {

@@ -140,6 +140,12 @@ pub trait CountersReader: Send + Sync {
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError>;
 }
 
+/// Lists the devices the kernel holds rules for, from any thread, without whoever owns the
+/// data plane (the entries may change meanwhile).
+pub trait DeviceLister: Send + Sync {
+    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError>;
+}
+
 pub trait DataPlane: Send + 'static {
     /// Installs or replaces every rule of device `key` (1 to `MAX_SESSIONS_PER_DEVICE`).
     fn install(&mut self, key: DeviceKey, rules: &[FlowRule]) -> Result<(), DataPlaneError>;
@@ -183,8 +189,9 @@ pub trait DataPlane: Send + 'static {
     }
     /// Graceful stop: the data plane stays (pinned) unless configured to be torn down.
     fn shutdown(&mut self) {}
-    /// Every device key with rules in the kernel (to find entries no session accounts for).
-    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError>;
+    /// Lists every device key with rules in the kernel (to find entries no session accounts
+    /// for), from any thread.
+    fn device_lister(&self) -> Arc<dyn DeviceLister>;
     /// Every kernel entry with its rules, as the classifier reads them (operators' dump).
     fn entries(&self) -> Result<Vec<(DeviceKey, Vec<FlowRule>)>, DataPlaneError>;
 }
