@@ -3968,24 +3968,37 @@ mod tests {
         );
     }
 
+    /// A live session as the store holds it.
+    fn stored_live(v: &SessionView) -> StoredSession {
+        StoredSession {
+            id: v.session.id,
+            request: v.session.request.clone(),
+            started_at: v.session.started_at,
+            duration: v.session.duration,
+            ended: None,
+            slot: Some(installed_slot(&v.session)),
+        }
+    }
+
+    /// A qodd started again over the (fake) kernel state `dp` of the last one.
+    fn core_over(dp: &FakeDataPlane) -> Arc<Core> {
+        Arc::new(Core::new(
+            Box::new(dp.clone()),
+            policy(),
+            limits(16, u32::MAX),
+            None,
+        ))
+    }
+
     /// Continuing over the pinned maps, a session whose rule the kernel holds as it would be
     /// written is verified, not written again; one whose entry differs (the policy changed
     /// while qodd was down, another session's rule left in it) is written.
     #[tokio::test(start_paused = true)]
     async fn a_continuing_restore_writes_only_the_rules_that_differ() {
         let (before, dp) = core(16);
-        let mut stored = Vec::new();
-        for i in 1..=3 {
-            let v = before.create(request([10, 0, 0, i], 600)).expect("create");
-            stored.push(StoredSession {
-                id: v.session.id,
-                request: v.session.request.clone(),
-                started_at: v.session.started_at,
-                duration: v.session.duration,
-                ended: None,
-                slot: Some(installed_slot(&v.session)),
-            });
-        }
+        let stored: Vec<StoredSession> = (1..=3)
+            .map(|i| stored_live(&before.create(request([10, 0, 0, i], 600)).expect("create")))
+            .collect();
         let key = |i: u8| ipv4_key(Ipv4Addr::new(10, 0, 0, i));
         let kept = dp.state.lock().expect("lock").flows.clone();
         {
@@ -3998,12 +4011,7 @@ mod tests {
             s.installs = 0;
         }
         drop(before);
-        let after = Arc::new(Core::new(
-            Box::new(dp.clone()),
-            policy(),
-            limits(16, u32::MAX),
-            None,
-        ));
+        let after = core_over(&dp);
         after.restore(stored, true);
         let s = dp.state.lock().expect("lock");
         assert_eq!(s.installs, 2, "devices 2 and 3 written, 1 verified");
@@ -4026,28 +4034,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn orphans_go_after_a_continuing_restore_and_a_new_session_of_theirs_stays() {
         let (before, dp) = core(16);
-        let mut stored = Vec::new();
-        for i in 1..=3 {
-            let v = before.create(request([10, 0, 0, i], 600)).expect("create");
-            if i == 1 {
-                stored.push(StoredSession {
-                    id: v.session.id,
-                    request: v.session.request.clone(),
-                    started_at: v.session.started_at,
-                    duration: v.session.duration,
-                    ended: None,
-                    slot: Some(installed_slot(&v.session)),
-                });
-            }
-        }
+        // Only device 1's session is in the store: those of devices 2 and 3 were deleted.
+        let created: Vec<SessionView> = (1..=3)
+            .map(|i| before.create(request([10, 0, 0, i], 600)).expect("create"))
+            .collect();
+        let stored = vec![stored_live(&created[0])];
         let key = |i: u8| ipv4_key(Ipv4Addr::new(10, 0, 0, i));
         drop(before);
-        let after = Arc::new(Core::new(
-            Box::new(dp.clone()),
-            policy(),
-            limits(16, u32::MAX),
-            None,
-        ));
+        let after = core_over(&dp);
         after.restore(stored, true);
         assert_eq!(
             dp.state.lock().expect("lock").flows.len(),
@@ -4058,7 +4052,10 @@ mod tests {
         let mine = after.create(request([10, 0, 0, 3], 60)).expect("create");
         assert_eq!(after.remove_orphans(), 1, "device 2's entry only");
         let s = dp.state.lock().expect("lock");
-        assert!(s.flows.contains_key(&key(1)), "the restored session's entry");
+        assert!(
+            s.flows.contains_key(&key(1)),
+            "the restored session's entry"
+        );
         assert!(!s.flows.contains_key(&key(2)), "the orphan");
         assert_eq!(
             s.flows[&key(3)].iter().map(|r| r.slot).collect::<Vec<_>>(),
