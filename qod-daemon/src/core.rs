@@ -24,8 +24,8 @@ use crate::{
     audit,
     core::events::{Announcer, Decided, Logged, Place},
     dataplane::{
-        Classes, CountersReader, DataPlane, DataPlaneError, DeviceLister, ManagedInterface, Side,
-        TcStats, monotonic_ns,
+        Classes, CountersReader, DataPlane, DataPlaneError, DeviceLister, KernelEntries,
+        ManagedInterface, Side, TcStats, monotonic_ns,
         scheduler::{
             BEST_EFFORT_CLASS, BurstRule, ClassSpec, LOW_LATENCY_CLASS, MAX_SESSION_CLASSES,
             session_class,
@@ -219,16 +219,26 @@ const READ_ATTEMPTS: usize = 3;
 /// Stored sessions decoded ahead of the restore at a time.
 const RESTORE_CHUNK: usize = 1024;
 
+/// Orphaned kernel entries left to look for after a continuing restore.
+struct Reconcile {
+    /// The devices the kernel held entries for, listed during the restore.
+    devices: Vec<DeviceKey>,
+    /// Counter slots held back until the orphans are gone: those an entry counted into that no
+    /// restored session holds, and the kept slots no restored session claimed.
+    held: Vec<u32>,
+}
+
 /// A restore under way (see [`Core::restore_from`]).
 struct Restoring {
     wall: OffsetDateTime,
     retention: time::Duration,
-    continuing: bool,
     /// Slots reserved for stored sessions (continuing), and those a restored session took.
     kept: HashSet<u32>,
     assigned: HashSet<u32>,
     restored: usize,
     moved: Vec<Op>,
+    /// Continuing: the kernel's entries as listed beside the restore.
+    listed: Option<Result<KernelEntries, DataPlaneError>>,
 }
 
 /// Hands out counter slots; a slot is in use exactly while its session is AVAILABLE.
@@ -268,6 +278,41 @@ impl Slots {
     /// Whether every slot is in use (the next [`Slots::take`] would fail).
     fn take_none_left(&self) -> bool {
         self.free.is_empty() && self.next >= self.capacity
+    }
+
+    /// Takes every slot of `wanted` that is free (repeats allowed) out of use, and returns them:
+    /// they are handed out again only once given back.
+    fn hold(&mut self, wanted: &[u32]) -> Vec<u32> {
+        let mut marked = vec![false; self.capacity as usize];
+        for &s in wanted {
+            if let Some(m) = marked.get_mut(s as usize) {
+                *m = true;
+            }
+        }
+        let mut held = Vec::new();
+        self.free.retain(|&s| {
+            let hold = marked[s as usize];
+            if hold {
+                held.push(s);
+                marked[s as usize] = false;
+            }
+            !hold
+        });
+        // Free slots from `next` up: those wanted are held, the others below them free.
+        if let Some(top) = (self.next..self.capacity)
+            .rev()
+            .find(|&s| marked[s as usize])
+        {
+            for s in (self.next..=top).rev() {
+                if marked[s as usize] {
+                    held.push(s);
+                } else {
+                    self.free.push(s);
+                }
+            }
+            self.next = top + 1;
+        }
+        held
     }
 
     /// Marks `taken` as in use (restoring over pinned maps); every other slot below the highest
@@ -625,11 +670,10 @@ pub struct Core {
     /// core's lock, whatever a writer holds it for (a reload's batch, a link loss's classes).
     reads: Reads,
     counters: Arc<dyn CountersReader>,
-    /// The kernel's device keys, listed without the lock (see [`Core::remove_orphans`]).
+    /// The kernel's entries, listed without the lock (see [`Core::restore_from`]).
     lister: Arc<dyn DeviceLister>,
-    /// After a continuing restore, the kept slots no restored session claimed: freed by
-    /// [`Core::remove_orphans`] once the kernel entries that may still count into them are gone.
-    unclaimed: parking_lot::Mutex<Option<Vec<u32>>>,
+    /// After a continuing restore, what [`Core::remove_orphans`] has left to do once qodd serves.
+    reconcile: parking_lot::Mutex<Option<Reconcile>>,
     /// Each live session's last achieved-rate reading (GetSession).
     meters: parking_lot::Mutex<HashMap<SessionId, Meter>>,
 }
@@ -650,7 +694,7 @@ impl Core {
             counters,
             reads: reads.clone(),
             lister,
-            unclaimed: parking_lot::Mutex::new(None),
+            reconcile: parking_lot::Mutex::new(None),
             meters: parking_lot::Mutex::new(HashMap::new()),
             inner: Mutex::new(Inner {
                 dp,
@@ -791,6 +835,7 @@ impl Core {
     pub fn restore(&self, stored: Vec<StoredSession>, continuing: bool) {
         let recorded = stored.iter().filter_map(|s| s.slot);
         let mut restoring = self.begin_restore(recorded, continuing);
+        restoring.listed = continuing.then(|| self.lister.device_entries());
         for s in stored {
             self.restore_one(&mut restoring, s);
         }
@@ -822,7 +867,7 @@ impl Core {
         // The store is read and decoded on a thread of its own, a chunk ahead (a bounded
         // channel: a few chunks are ever decoded at once), while this one installs.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<StoredSession>>(4);
-        let (n, read) = std::thread::scope(|scope| {
+        let (n, read, listed) = std::thread::scope(|scope| {
             let read_all = move || {
                 let mut chunk = Vec::with_capacity(RESTORE_CHUNK);
                 let read = store.each_session(|s| {
@@ -841,6 +886,13 @@ impl Core {
             let reader = std::thread::Builder::new()
                 .name("qodd-restore".into())
                 .spawn_scoped(scope, read_all);
+            // Continuing, the kernel's entries are listed beside the restore (orphans are
+            // among them); the entries it rewrites meanwhile are live sessions' anyway.
+            let lister = continuing.then(|| {
+                std::thread::Builder::new()
+                    .name("qodd-list".into())
+                    .spawn_scoped(scope, || self.lister.device_entries())
+            });
             let mut n = 0;
             for chunk in rx {
                 for s in chunk {
@@ -854,8 +906,15 @@ impl Core {
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
                 Err(e) => Err(crate::store::StoreError::Thread(e)),
             };
-            (n, read)
+            let listed = lister.map(|l| match l {
+                Ok(l) => l
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(e) => Err(DataPlaneError::Thread(e)),
+            });
+            (n, read, listed)
         });
+        restoring.listed = listed;
         // What was restored before a read error stands (hooks set); but the sessions not read
         // are unknown, so nothing of the kernel is taken for an orphan and no slot is freed.
         self.finish_restore(restoring, read.is_ok());
@@ -887,11 +946,11 @@ impl Core {
         Restoring {
             wall: OffsetDateTime::now_utc(),
             retention: time::Duration::try_from(self.retention).unwrap_or(time::Duration::ZERO),
-            continuing,
             kept,
             assigned: HashSet::new(),
             restored: 0,
             moved: Vec::new(),
+            listed: None,
         }
     }
 
@@ -964,18 +1023,29 @@ impl Core {
     /// Ends a restore; `complete` when every stored session was read.
     fn finish_restore(&self, r: Restoring, complete: bool) {
         if complete {
-            // Slots reserved for records never claimed (set aside, or a duplicate's): an
-            // orphaned kernel entry may still count into one, so they are freed with the
-            // orphans' removal, after the start (`remove_orphans`).
+            // Slots reserved for records never claimed (set aside, or a duplicate's).
             let mut unclaimed: Vec<u32> = r.kept.difference(&r.assigned).copied().collect();
             unclaimed.sort_unstable_by(|a, b| b.cmp(a));
-            if r.continuing {
-                *self.unclaimed.lock() = Some(unclaimed);
-            } else {
-                let mut inner = self.lock();
-                unclaimed
+            let mut inner = self.lock();
+            match r.listed {
+                // An orphaned entry may count into an unclaimed slot, or into one no session
+                // holds: both stay held until the orphans are gone (`remove_orphans`, once
+                // qodd serves), so no new session shares counters or a policer with one.
+                Some(Ok(listed)) => {
+                    let mut held = inner.slots.hold(&listed.slots);
+                    held.extend(unclaimed);
+                    *self.reconcile.lock() = Some(Reconcile {
+                        devices: listed.devices,
+                        held,
+                    });
+                }
+                Some(Err(e)) => {
+                    // Kept, not freed: an orphan may still count into one of them.
+                    error!(error = %crate::anyhow_like(&e), slots = unclaimed.len(), "cannot list the kernel's entries to look for orphans; the unclaimed counter slots stay reserved");
+                }
+                None => unclaimed
                     .into_iter()
-                    .for_each(|slot| inner.slots.give_back(slot));
+                    .for_each(|slot| inner.slots.give_back(slot)),
             }
         }
         if let Some(store) = &self.store
@@ -1124,53 +1194,51 @@ impl Core {
         }
     }
 
-    /// After a continuing restore (once qodd serves: a million keys take the kernel a second
-    /// to list and check), removes the kernel entries no live session accounts for (orphans: a
-    /// session deleted or ended in the store but not yet in the kernel when qodd stopped), then
-    /// frees the kept slots no restored session claimed. The keys are listed without the lock;
-    /// each is checked again under it, a batch at a time, so an entry a create made meanwhile
+    /// After a continuing restore (once qodd serves: checking a million entries takes most of
+    /// a second), removes the kernel entries no live session accounts for (orphans: a session
+    /// deleted or ended in the store but not yet in the kernel when qodd stopped), then frees
+    /// the counter slots held back for them. The entries were listed beside the restore; each
+    /// is checked again under the lock, a batch at a time, so an entry a create made meanwhile
     /// stays and calls go on between batches. Does nothing after any other start, or after a
     /// restore cut short (the sessions not read are unknown). How many entries it removed.
     pub fn remove_orphans(&self) -> usize {
-        let Some(unclaimed) = self.unclaimed.lock().take() else {
+        let Some(Reconcile { devices, held }) = self.reconcile.lock().take() else {
             return 0;
         };
         let started = Instant::now();
-        let keys = self.lister.device_keys();
-        let mut removed = 0;
-        match &keys {
-            Ok(keys) => {
-                for batch in keys.chunks(ORPHAN_BATCH) {
-                    let mut inner = self.lock();
-                    for key in batch {
-                        if has_live_session(&inner, key) {
-                            continue;
-                        }
-                        match inner.dp.remove(key) {
-                            Ok(()) => removed += 1,
-                            Err(e) => {
-                                error!(error = %crate::anyhow_like(&e), "cannot remove an orphaned kernel entry")
-                            }
-                        }
+        let (mut removed, mut failed) = (0, 0);
+        for batch in devices.chunks(ORPHAN_BATCH) {
+            let mut inner = self.lock();
+            for key in batch {
+                if has_live_session(&inner, key) {
+                    continue;
+                }
+                match inner.dp.remove(key) {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        failed += 1;
+                        error!(error = %crate::anyhow_like(&e), "cannot remove an orphaned kernel entry");
                     }
                 }
             }
-            Err(e) => {
-                // Kept, not freed: an orphan may still count into one of them.
-                error!(error = %crate::anyhow_like(&e), slots = unclaimed.len(), "cannot list the kernel's entries to reconcile them; the unclaimed counter slots stay reserved");
-            }
         }
-        if keys.is_ok() {
+        if failed == 0 {
             let mut inner = self.lock();
-            unclaimed
-                .into_iter()
+            held.into_iter()
                 .for_each(|slot| inner.slots.give_back(slot));
+        } else {
+            // An entry left may still count into one of them.
+            error!(
+                failed,
+                slots = held.len(),
+                "orphaned kernel entries left; the counter slots they may count into stay reserved"
+            );
         }
         if removed > 0 {
             warn!(removed, "removed kernel entries no session accounts for");
         }
         info!(
-            checked = keys.map_or(0, |k| k.len()),
+            checked = devices.len(),
             removed,
             took_ms = started.elapsed().as_millis() as u64,
             "kernel entries reconciled with the restored sessions"
@@ -4048,8 +4116,14 @@ mod tests {
             3,
             "the orphans of devices 2 and 3 stay until qodd serves"
         );
-        // A create for device 3 before the orphans are looked for: its entry is its own now.
+        let orphans: HashSet<u32> = created[1..]
+            .iter()
+            .map(|v| installed_slot(&v.session))
+            .collect();
+        // A create for device 3 before the orphans are looked for: its entry is its own now,
+        // and its counter slot is none an orphan counted into (nor its policer one's).
         let mine = after.create(request([10, 0, 0, 3], 60)).expect("create");
+        assert!(!orphans.contains(&installed_slot(&mine.session)));
         assert_eq!(after.remove_orphans(), 1, "device 2's entry only");
         let s = dp.state.lock().expect("lock");
         assert!(
@@ -4064,6 +4138,18 @@ mod tests {
         );
         drop(s);
         assert_eq!(after.remove_orphans(), 0, "once per start");
+        // The slots held for the orphans are free again, the first handed out.
+        let next: HashSet<u32> = (4..=5)
+            .map(|i| {
+                installed_slot(
+                    &after
+                        .create(request([10, 0, 0, i], 60))
+                        .expect("create")
+                        .session,
+                )
+            })
+            .collect();
+        assert_eq!(next, orphans);
     }
 
     /// A start that rebuilt the maps has no orphans to look for.

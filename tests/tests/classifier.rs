@@ -741,23 +741,39 @@ fn a_restart_over_its_own_pins_takes_the_verified_classifier_up_and_nothing_else
 fn the_kernel_lists_every_device_once_a_batch_at_a_time() {
     // More devices than one batch (1,024) holds, in both families, and an empty map.
     let mut dp = AyaDataPlane::load_ephemeral(4096).expect("load");
-    assert_eq!(dp.device_keys_batched().expect("empty maps"), Vec::new());
-    let r = rule("10.0.2.0/24".parse().expect("net"), &[], &[], 1);
+    assert_eq!(
+        dp.device_entries_batched().expect("empty maps"),
+        Default::default()
+    );
     let mut installed = std::collections::HashSet::new();
+    let mut slots = Vec::new();
+    let net = "10.0.2.0/24".parse().expect("net");
     for i in 0..2500u32 {
         let key = ipv4_key(Ipv4Addr::from(0x0a64_0000 + i));
-        dp.install(key, &[r]).expect("install v4");
+        dp.install(key, &[rule(net, &[], &[], i)])
+            .expect("install v4");
         installed.insert(key);
+        slots.push(i);
     }
     for i in 0..1100u16 {
         let key = ipv6_key(Ipv6Addr::new(0xfd00, 0x64, 0, i, 0, 0, 0, 2));
-        dp.install(key, &[r]).expect("install v6");
+        // Two sessions on this device: both slots are listed.
+        let (a, b) = (3000 + u32::from(i), 3000 + u32::from(i) + 1100);
+        dp.install(key, &[rule(net, &[], &[], a), rule(net, &[], &[], b)])
+            .expect("install v6");
         installed.insert(key);
+        slots.extend([a, b]);
     }
-    let listed = dp.device_keys_batched().expect("batched");
-    assert_eq!(listed.len(), installed.len(), "each device once");
+    let mut listed = dp.device_entries_batched().expect("batched");
+    assert_eq!(listed.devices.len(), installed.len(), "each device once");
     assert_eq!(
-        listed.into_iter().collect::<std::collections::HashSet<_>>(),
+        listed
+            .devices
+            .into_iter()
+            .collect::<std::collections::HashSet<_>>(),
         installed
     );
+    listed.slots.sort_unstable();
+    slots.sort_unstable();
+    assert_eq!(listed.slots, slots, "each rule's counter slot");
 }

@@ -331,6 +331,13 @@ pub struct AyaDataPlane {
 
 impl Drop for AyaDataPlane {
     fn drop(&mut self) {
+        // The verifier's program refers to this value's maps by their descriptors, and pins
+        // into its directory: it finishes before either goes.
+        if let Classifier::Verifying(verifier) =
+            std::mem::replace(&mut self.classifier, Classifier::Gone)
+        {
+            let _ = verifier.join();
+        }
         if let Some(root) = &self.ephemeral {
             let _ = std::fs::remove_dir_all(root);
         }
@@ -423,10 +430,7 @@ impl AyaDataPlane {
                     std::thread::Builder::new()
                         .name("qodd-verifier".into())
                         .spawn(move || verify_classifier(ebpf, &at))
-                        .map_err(|source| DataPlaneError::PinDir {
-                            path: pins.clone(),
-                            source,
-                        })?,
+                        .map_err(DataPlaneError::Thread)?,
                 )
             }
         };
@@ -702,9 +706,10 @@ impl AyaDataPlane {
         self.set_interface(ifindex, side, 0)
     }
 
-    /// The devices the kernel holds rules for, read a batch of keys per system call
-    /// (`BPF_MAP_LOOKUP_BATCH`); an error where the kernel does not do batches.
-    pub fn device_keys_batched(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
+    /// The devices the kernel holds rules for and the slots they count into, read a batch of
+    /// entries per system call (`BPF_MAP_LOOKUP_BATCH`); an error where the kernel does not do
+    /// batches.
+    pub fn device_entries_batched(&self) -> Result<super::KernelEntries, DataPlaneError> {
         self.flow_keys.batched()
     }
 
@@ -1070,10 +1075,9 @@ struct FlowKeys {
 }
 
 impl FlowKeys {
-    /// Every device, a batch of keys per system call.
-    fn batched(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
+    /// Every entry, a batch per system call.
+    fn batched(&self) -> Result<super::KernelEntries, DataPlaneError> {
         use aya::maps::IterableMap as _;
-        let value = size_of::<DeviceRules>();
         let failed = |map| {
             move |e: std::io::Error| DataPlaneError::Map {
                 map,
@@ -1083,33 +1087,45 @@ impl FlowKeys {
                 }),
             }
         };
-        let keys4 = super::batch::hash_keys::<u32>(self.v4.map().fd().as_fd(), value)
-            .map_err(failed(FLOWS_V4_MAP))?;
-        let keys6 = super::batch::hash_keys::<[u32; 2]>(self.v6.map().fd().as_fd(), value)
-            .map_err(failed(FLOWS_V6_MAP))?;
-        Ok(keys4
-            .into_iter()
-            .map(v4_key)
-            .chain(keys6.into_iter().map(v6_key))
-            .collect())
+        let mut found = super::KernelEntries::default();
+        let add = |found: &mut super::KernelEntries, key, v: &DeviceRules| {
+            found.add(key, &v.rules[..(v.n as usize).min(MAX_SESSIONS_PER_DEVICE)]);
+        };
+        super::batch::hash_entries::<u32, DeviceRules>(self.v4.map().fd().as_fd(), |k, v| {
+            k.iter()
+                .zip(v)
+                .for_each(|(k, v)| add(&mut found, v4_key(*k), v));
+        })
+        .map_err(failed(FLOWS_V4_MAP))?;
+        super::batch::hash_entries::<[u32; 2], DeviceRules>(self.v6.map().fd().as_fd(), |k, v| {
+            k.iter()
+                .zip(v)
+                .for_each(|(k, v)| add(&mut found, v6_key(*k), v));
+        })
+        .map_err(failed(FLOWS_V6_MAP))?;
+        Ok(found)
     }
 }
 
 impl super::DeviceLister for FlowKeys {
-    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
-        // Key by key where the kernel does not do batches.
-        if let Ok(keys) = self.batched() {
-            return Ok(keys);
+    fn device_entries(&self) -> Result<super::KernelEntries, DataPlaneError> {
+        // Entry by entry where the kernel does not do batches.
+        if let Ok(found) = self.batched() {
+            return Ok(found);
         }
         let map_err = |map| move |source| DataPlaneError::Map { map, source };
-        let mut keys = Vec::new();
-        for k in self.v4.keys() {
-            keys.push(v4_key(k.map_err(map_err(FLOWS_V4_MAP))?));
+        let mut found = super::KernelEntries::default();
+        let rules =
+            |v: &DeviceRules| v.rules[..(v.n as usize).min(MAX_SESSIONS_PER_DEVICE)].to_vec();
+        for entry in self.v4.iter() {
+            let (k, v) = entry.map_err(map_err(FLOWS_V4_MAP))?;
+            found.add(v4_key(k), &rules(&v));
         }
-        for k in self.v6.keys() {
-            keys.push(v6_key(k.map_err(map_err(FLOWS_V6_MAP))?));
+        for entry in self.v6.iter() {
+            let (k, v) = entry.map_err(map_err(FLOWS_V6_MAP))?;
+            found.add(v6_key(k), &rules(&v));
         }
-        Ok(keys)
+        Ok(found)
     }
 }
 

@@ -27,16 +27,16 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every key of the hash map `map`, whose keys are `K` and values `value_size` bytes (read,
-/// and dropped). An error if the kernel refuses batches (the caller then walks key by key).
-/// The map must not change meanwhile (the walk is by hash bucket).
-pub(super) fn hash_keys<K: Copy + Default>(
+/// Every entry of the hash map `map` (keys `K`, values `V`), handed to `each` a batch at a
+/// time. An error if the kernel refuses batches (the caller then walks key by key). The map may
+/// change meanwhile: each hash bucket is copied whole under its lock, so an entry present
+/// throughout the walk is seen exactly once, one added or removed during it perhaps not.
+pub(super) fn hash_entries<K: Copy + Default, V: Copy + Default>(
     map: BorrowedFd<'_>,
-    value_size: usize,
-) -> io::Result<Vec<K>> {
-    let mut all = Vec::new();
+    mut each: impl FnMut(&[K], &[V]),
+) -> io::Result<()> {
     let mut keys = vec![K::default(); BATCH];
-    let mut values = vec![0u8; value_size * BATCH];
+    let mut values = vec![V::default(); BATCH];
     // The hash map's position is a bucket index (u32); 8 bytes leave room.
     let (mut from, mut next) = (0u64, 0u64);
     let mut first = true;
@@ -50,9 +50,10 @@ pub(super) fn hash_keys<K: Copy + Default>(
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` points at buffers for `count` keys and `count` values and at two
-        // 8-byte positions, all alive across the call; the kernel writes no more than that,
-        // and the number of entries it filled back into `attr.count`.
+        // SAFETY: `attr` points at buffers for `count` keys and `count` values (of the map's
+        // key and value sizes: the caller's `K` and `V`) and at two 8-byte positions, all alive
+        // across the call; the kernel writes no more than that, and the number of entries it
+        // filled back into `attr.count`.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -66,9 +67,10 @@ pub(super) fn hash_keys<K: Copy + Default>(
         match error {
             Some(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
             done => {
-                all.extend_from_slice(&keys[..(attr.count as usize).min(BATCH)]);
+                let n = (attr.count as usize).min(BATCH);
+                each(&keys[..n], &values[..n]);
                 if done.is_some() {
-                    return Ok(all);
+                    return Ok(());
                 }
             }
         }

@@ -102,8 +102,12 @@ impl super::Classes for FakeDataPlane {
 }
 
 impl super::DeviceLister for FakeDataPlane {
-    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError> {
-        Ok(self.state().flows.keys().copied().collect())
+    fn device_entries(&self) -> Result<super::KernelEntries, DataPlaneError> {
+        let mut found = super::KernelEntries::default();
+        for (key, rules) in &self.state().flows {
+            found.add(*key, rules);
+        }
+        Ok(found)
     }
 }
 

@@ -102,6 +102,8 @@ pub enum DataPlaneError {
         #[source]
         source: nix::Error,
     },
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
     #[error("cannot count the CPUs ({what})")]
     Cpus {
         what: &'static str,
@@ -143,7 +145,22 @@ pub trait CountersReader: Send + Sync {
 /// Lists the devices the kernel holds rules for, from any thread, without whoever owns the
 /// data plane (the entries may change meanwhile).
 pub trait DeviceLister: Send + Sync {
-    fn device_keys(&self) -> Result<Vec<DeviceKey>, DataPlaneError>;
+    fn device_entries(&self) -> Result<KernelEntries, DataPlaneError>;
+}
+
+/// What [`DeviceLister::device_entries`] found: every device with an entry, and every counter
+/// slot those entries' rules count into.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct KernelEntries {
+    pub devices: Vec<DeviceKey>,
+    pub slots: Vec<u32>,
+}
+
+impl KernelEntries {
+    fn add(&mut self, key: DeviceKey, rules: &[FlowRule]) {
+        self.devices.push(key);
+        self.slots.extend(rules.iter().map(|r| r.slot));
+    }
 }
 
 pub trait DataPlane: Send + 'static {
