@@ -1261,3 +1261,77 @@ async fn a_foreign_root_qdisc_is_refused_unless_replacing_it_is_allowed() {
         .expect("replaces it when told to");
     assert!(root().contains("qdisc htb 1: root"), "{}", root());
 }
+
+qod_testkit::in_every_mode!(
+    an_entry_whose_session_left_the_store_stops_treating_after_a_crash,
+    check_an_entry_whose_session_left_the_store_stops_treating_after_a_crash
+);
+/// A crash can leave the kernel with a rule whose session the store no longer holds (an
+/// orphan): the restart serves, then removes it. On the wire, the orphan's device is no longer
+/// marked; the restored session's device still is.
+async fn check_an_entry_whose_session_left_the_store_stops_treating_after_a_crash(
+    mode: qod_testkit::Mode,
+) {
+    let (lab, mut qodd) = qod_testkit::lab_in(mode, "").await;
+    let mut api = qodd.sessions().await.expect("client");
+    let kept = qod_testkit::marked_flow(&mut api).await;
+    let orphan = api
+        .create_session(session(
+            addr::OTHER_DEVICE_V4,
+            addr::SERVER_V4,
+            "QOS_E",
+            &[],
+            &[5000],
+            600,
+        ))
+        .await
+        .expect("the orphan-to-be")
+        .into_inner();
+    let dscp = |device: &str| {
+        lab.uplink_dscp(device, 46000, addr::SERVER_V4, 5000)
+            .expect("traffic")
+    };
+    let marked = |seen: &[u8]| !seen.is_empty() && seen.iter().all(|d| *d == 32);
+    assert!(
+        marked(&dscp(addr::OTHER_DEVICE_V4)),
+        "marked before the crash"
+    );
+    qodd.kill9();
+    qod_daemon::store::Store::open(&qodd.dir.path().join("state"))
+        .expect("the store")
+        .remove(orphan.session_id.parse().expect("session id"))
+        .expect("remove the orphan's session");
+    qodd.restart().await.expect("restart");
+    // Looked for once qodd serves.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !qodd.log().contains("kernel entries reconciled") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconciliation:\n{}",
+            qodd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        qodd.log()
+            .contains("removed kernel entries no session accounts for removed=1"),
+        "{}",
+        qodd.log()
+    );
+    let seen = dscp(addr::OTHER_DEVICE_V4);
+    assert!(
+        !seen.is_empty() && seen.iter().all(|d| *d == 0),
+        "orphan still treated: {seen:?}"
+    );
+    assert!(
+        marked(&dscp(addr::DEVICE_V4)),
+        "the restored session's device"
+    );
+    let mut api = qodd.sessions().await.expect("client");
+    assert_eq!(
+        qod_testkit::session_info(&mut api, &kept.session_id)
+            .await
+            .qos_status(),
+        pb::QosStatus::Available
+    );
+}
