@@ -54,8 +54,16 @@ pub async fn rated_session(
 pub async fn marked_flow(
     api: &mut QualityOnDemandClient<QodChannel>,
 ) -> qod_proto::v1::SessionInfo {
+    marked_flow_of(api, addr::DEVICE_V4).await
+}
+
+/// As [`marked_flow`] for `device` (one of the lab device's addresses).
+pub async fn marked_flow_of(
+    api: &mut QualityOnDemandClient<QodChannel>,
+    device: &str,
+) -> qod_proto::v1::SessionInfo {
     api.create_session(api::session(
-        addr::DEVICE_V4,
+        device,
         addr::SERVER_V4,
         "QOS_E",
         &[],

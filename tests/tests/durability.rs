@@ -1275,18 +1275,7 @@ async fn check_an_entry_whose_session_left_the_store_stops_treating_after_a_cras
     let (lab, mut qodd) = qod_testkit::lab_in(mode, "").await;
     let mut api = qodd.sessions().await.expect("client");
     let kept = qod_testkit::marked_flow(&mut api).await;
-    let orphan = api
-        .create_session(session(
-            addr::OTHER_DEVICE_V4,
-            addr::SERVER_V4,
-            "QOS_E",
-            &[],
-            &[5000],
-            600,
-        ))
-        .await
-        .expect("the orphan-to-be")
-        .into_inner();
+    let orphan = qod_testkit::marked_flow_of(&mut api, addr::OTHER_DEVICE_V4).await;
     let dscp = |device: &str| {
         lab.uplink_dscp(device, 46000, addr::SERVER_V4, 5000)
             .expect("traffic")
