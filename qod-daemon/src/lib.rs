@@ -410,10 +410,15 @@ pub async fn run(
     notify_service_manager(sd_notify::NotifyState::Ready);
     let expiry = tokio::spawn(core.clone().run_expiry(token.clone()));
     // Continuing over the pinned maps: the kernel entries no restored session accounts for go
-    // now, beside the API (listing a million keys takes the kernel most of a second).
+    // now, beside the API (checking a million entries takes most of a second).
     {
         let reconciling = core.clone();
-        tokio::task::spawn_blocking(move || reconciling.remove_orphans());
+        let check = tokio::task::spawn_blocking(move || reconciling.remove_orphans());
+        tokio::spawn(async move {
+            if let Err(e) = check.await {
+                tracing::error!(error = %e, "looking for orphaned kernel entries failed");
+            }
+        });
     }
     if let Some(listener) = metrics_listener {
         let collector = exposition::NodeCollector {
