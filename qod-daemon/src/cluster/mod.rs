@@ -420,7 +420,17 @@ impl Cluster {
                 "update",
                 kv.txn(
                     Txn::new()
-                        .when([Compare::create_revision(claim.clone(), CompareOp::Equal, 0)])
+                        // Unclaimed, and not ended yet: a claimant that finished removed the
+                        // node's ownership record before its claim, so a node that listed the
+                        // owners before that does not claim (and end nothing) after it.
+                        .when([
+                            Compare::create_revision(claim.clone(), CompareOp::Equal, 0),
+                            Compare::create_revision(
+                                self.key("owners", gone),
+                                CompareOp::Greater,
+                                0,
+                            ),
+                        ])
                         .and_then([TxnOp::put(
                             claim.clone(),
                             self.settings.node_id.clone(),
