@@ -900,18 +900,8 @@ impl Core {
                     self.restore_one(&mut restoring, s);
                 }
             }
-            let read = match reader {
-                Ok(reader) => reader
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                Err(e) => Err(crate::store::StoreError::Thread(e)),
-            };
-            let listed = lister.map(|l| match l {
-                Ok(l) => l
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                Err(e) => Err(DataPlaneError::Thread(e)),
-            });
+            let read = joined(reader, crate::store::StoreError::Thread);
+            let listed = lister.map(|l| joined(l, DataPlaneError::Thread));
             (n, read, listed)
         });
         restoring.listed = listed;
@@ -3069,6 +3059,19 @@ fn live_slots<'a>(
 /// Whether device `key` has an AVAILABLE session in the ledger.
 fn has_live_session(inner: &Inner, key: &DeviceKey) -> bool {
     live_slots(inner, key, None).next().is_some()
+}
+
+/// What a scoped thread returned (its panic carried on), or `unstarted` if it could not start.
+fn joined<T, E>(
+    spawned: std::io::Result<std::thread::ScopedJoinHandle<'_, Result<T, E>>>,
+    unstarted: impl FnOnce(std::io::Error) -> E,
+) -> Result<T, E> {
+    match spawned {
+        Ok(thread) => thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        Err(e) => Err(unstarted(e)),
+    }
 }
 
 /// Kernel entries checked for orphans per hold of the core's lock.

@@ -218,6 +218,11 @@ fn detach_clsact(interface: &str) {
     }
 }
 
+/// The rules an entry holds (its first `n`).
+fn held_rules(v: &DeviceRules) -> &[FlowRule] {
+    &v.rules[..(v.n as usize).min(MAX_SESSIONS_PER_DEVICE)]
+}
+
 /// The device key of an IPv4 flow map key.
 fn v4_key(k: u32) -> DeviceKey {
     DeviceKey {
@@ -848,7 +853,7 @@ impl DataPlane for AyaDataPlane {
             )
         };
         match found {
-            Ok(v) => Ok(v.rules.iter().take(v.n as usize).copied().collect()),
+            Ok(v) => Ok(held_rules(&v).to_vec()),
             Err(MapError::KeyNotFound) => Ok(Vec::new()),
             Err(source) => Err(DataPlaneError::Map { map, source }),
         }
@@ -941,39 +946,15 @@ impl DataPlane for AyaDataPlane {
     }
 
     fn entries(&self) -> Result<Vec<(DeviceKey, Vec<FlowRule>)>, DataPlaneError> {
-        let rules = |v: &DeviceRules| {
-            v.rules
-                .iter()
-                .take(v.n as usize)
-                .copied()
-                .collect::<Vec<_>>()
-        };
+        let map_err = |map| move |source| DataPlaneError::Map { map, source };
         let mut out = Vec::new();
         for e in self.flows_v4.iter() {
-            let (k, v) = e.map_err(|source| DataPlaneError::Map {
-                map: FLOWS_V4_MAP,
-                source,
-            })?;
-            out.push((
-                DeviceKey {
-                    family: FAMILY_IPV4,
-                    addr: [k, 0, 0, 0],
-                },
-                rules(&v),
-            ));
+            let (k, v) = e.map_err(map_err(FLOWS_V4_MAP))?;
+            out.push((v4_key(k), held_rules(&v).to_vec()));
         }
         for e in self.flows_v6.iter() {
-            let (k, v) = e.map_err(|source| DataPlaneError::Map {
-                map: FLOWS_V6_MAP,
-                source,
-            })?;
-            out.push((
-                DeviceKey {
-                    family: FAMILY_IPV6,
-                    addr: [k[0], k[1], 0, 0],
-                },
-                rules(&v),
-            ));
+            let (k, v) = e.map_err(map_err(FLOWS_V6_MAP))?;
+            out.push((v6_key(k), held_rules(&v).to_vec()));
         }
         Ok(out)
     }
@@ -1089,7 +1070,7 @@ impl FlowKeys {
         };
         let mut found = super::KernelEntries::default();
         let add = |found: &mut super::KernelEntries, key, v: &DeviceRules| {
-            found.add(key, &v.rules[..(v.n as usize).min(MAX_SESSIONS_PER_DEVICE)]);
+            found.add(key, held_rules(v));
         };
         super::batch::hash_entries::<u32, DeviceRules>(self.v4.map().fd().as_fd(), |k, v| {
             k.iter()
@@ -1115,15 +1096,13 @@ impl super::DeviceLister for FlowKeys {
         }
         let map_err = |map| move |source| DataPlaneError::Map { map, source };
         let mut found = super::KernelEntries::default();
-        let rules =
-            |v: &DeviceRules| v.rules[..(v.n as usize).min(MAX_SESSIONS_PER_DEVICE)].to_vec();
         for entry in self.v4.iter() {
             let (k, v) = entry.map_err(map_err(FLOWS_V4_MAP))?;
-            found.add(v4_key(k), &rules(&v));
+            found.add(v4_key(k), held_rules(&v));
         }
         for entry in self.v6.iter() {
             let (k, v) = entry.map_err(map_err(FLOWS_V6_MAP))?;
-            found.add(v6_key(k), &rules(&v));
+            found.add(v6_key(k), held_rules(&v));
         }
         Ok(found)
     }
