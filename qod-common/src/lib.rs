@@ -8,7 +8,7 @@
 use core::mem::size_of;
 
 /// Bumped on any change to a map's name, key, value or meaning.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Hash map IPv4 device address (`u32`, network byte order) -> `DeviceRules`.
 pub const FLOWS_V4_MAP: &str = "QOD_FLOWS_V4";
@@ -20,6 +20,13 @@ pub const MAX_SESSIONS_PER_DEVICE: usize = 4;
 pub const COUNTERS_MAP: &str = "QOD_COUNTERS";
 /// Array of `PolicerState`, indexed by `FlowRule::slot`; shared by all CPUs.
 pub const POLICERS_MAP: &str = "QOD_POLICERS";
+/// Array of [`ProfileTreatment`], indexed by [`FlowRule::profile`]: what a QoS profile does to
+/// its sessions' packets, one entry per profile, so a profile's change reaches every session of
+/// it with one map update.
+pub const PROFILES_MAP: &str = "QOD_PROFILES";
+/// Entries of [`PROFILES_MAP`]: profiles a node offers at once, plus those a reload retired
+/// whose sessions are still being ended.
+pub const MAX_PROFILES: u32 = 256;
 /// The tc classifier program.
 pub const CLASSIFIER: &str = "qod_tc";
 /// Array of [`InterfaceInfo`] by `ifindex & IFINDEX_MASK`: which end of a packet leaving that
@@ -190,26 +197,27 @@ impl PortRange {
     }
 }
 
-/// What the classifier does with a packet of one session, in either direction.
+/// Which session of a device a packet belongs to, and what the session itself (not its profile)
+/// decides about the packet; the rest comes from its profile's [`ProfileTreatment`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowRule {
     /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) instant after which the entry is ignored, so an
     /// entry left behind by a dead daemon stops acting on time. 0 never expires.
     pub expires_at_ns: u64,
-    /// Written to `skb->priority` of uplink packets (a tc classid `major:minor` or a
-    /// `TC_PRIO_*` band): each scheduled interface has its own per-session classes.
+    /// Written to `skb->priority` of uplink packets when `own` has [`OWN_PRIORITY_UP`]: the
+    /// session's own class on a scheduled interface (a tc classid `major:minor`).
     pub priority_up: u32,
-    /// The same for downlink packets.
+    /// The same for downlink packets ([`OWN_PRIORITY_DOWN`]).
     pub priority_down: u32,
-    /// Index of this session's counters in `COUNTERS_MAP`.
+    /// Index of this session's counters in `COUNTERS_MAP` and its clocks in `POLICERS_MAP`.
     pub slot: u32,
     /// Application server network in network byte order, already masked.
     pub server_addr: [u32; 4],
     /// Mask for `server_addr`; all ones for a single address.
     pub server_mask: [u32; 4],
-    /// DSCP written to matched packets (0..=63); the ECN bits are kept.
-    pub dscp: u8,
+    /// `OWN_*`: which of the rule's priorities and policers apply instead of the profile's.
+    pub own: u8,
     /// Prefix length of the server network: the most specific matching rule wins.
     pub server_prefix_len: u8,
     /// Number of used entries in `device_ports`; 0 means any device port.
@@ -220,14 +228,91 @@ pub struct FlowRule {
     /// rest are zero (the classifier stops at the first entry that ends at or after a port).
     pub device_ports: [PortRange; MAX_PORT_RANGES],
     pub server_ports: [PortRange; MAX_PORT_RANGES],
-    /// `BAND_*`: which band's interface counters count this session's packets.
-    pub band: u8,
-    pub _reserved: [u8; 7],
-    /// Maximum-rate policer per direction; a zero `ns_per_byte_q16` means no policing.
+    /// The session's profile: its index in [`PROFILES_MAP`].
+    pub profile: u16,
+    pub _reserved: [u8; 6],
+    /// Maximum-rate policer per direction when `own` has [`OWN_POLICE_UP`] /
+    /// [`OWN_POLICE_DOWN`] (a zero `ns_per_byte_q16` means no policing).
     pub police_up: Policer,
     pub police_down: Policer,
 }
 const _: () = assert!(size_of::<FlowRule>() == 160);
+
+/// [`FlowRule::own`] bits.
+pub const OWN_PRIORITY_UP: u8 = 1;
+pub const OWN_PRIORITY_DOWN: u8 = 2;
+pub const OWN_POLICE_UP: u8 = 4;
+pub const OWN_POLICE_DOWN: u8 = 8;
+
+/// What one QoS profile does to the packets of its sessions (those of a rule's fields its `own`
+/// bits do not override).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProfileTreatment {
+    pub police_up: Policer,
+    pub police_down: Policer,
+    /// Written to `skb->priority`: a `TC_PRIO_*` band or the profile's configured value.
+    pub priority_up: u32,
+    pub priority_down: u32,
+    /// Which profile holds the entry (a hash of its name, for user space to find its entries
+    /// again after a restart); the classifier does not read it.
+    pub name_hash: u64,
+    /// DSCP written to matched packets (0..=63); the ECN bits are kept.
+    pub dscp: u8,
+    /// `BAND_*`: which band's interface counters count the packets.
+    pub band: u8,
+    /// 0 for an entry no profile holds: a rule pointing at it leaves packets untouched.
+    pub in_use: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(size_of::<ProfileTreatment>() == 56);
+
+/// What the classifier does to a packet of a rule under its profile's treatment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Treatment {
+    pub dscp: u8,
+    pub band: u8,
+    pub priority_up: u32,
+    pub priority_down: u32,
+    pub police_up: Policer,
+    pub police_down: Policer,
+}
+
+impl FlowRule {
+    /// The priority of a packet in one direction.
+    #[inline(always)]
+    pub fn priority(&self, t: &ProfileTreatment, uplink: bool) -> u32 {
+        match (uplink, self.own) {
+            (true, own) if own & OWN_PRIORITY_UP != 0 => self.priority_up,
+            (true, _) => t.priority_up,
+            (false, own) if own & OWN_PRIORITY_DOWN != 0 => self.priority_down,
+            (false, _) => t.priority_down,
+        }
+    }
+
+    /// The policer of a packet in one direction.
+    #[inline(always)]
+    pub fn policer<'a>(&'a self, t: &'a ProfileTreatment, uplink: bool) -> &'a Policer {
+        match (uplink, self.own) {
+            (true, own) if own & OWN_POLICE_UP != 0 => &self.police_up,
+            (true, _) => &t.police_up,
+            (false, own) if own & OWN_POLICE_DOWN != 0 => &self.police_down,
+            (false, _) => &t.police_down,
+        }
+    }
+
+    /// Everything the classifier does to this rule's packets under `t`.
+    pub fn treated(&self, t: &ProfileTreatment) -> Treatment {
+        Treatment {
+            dscp: t.dscp,
+            band: t.band,
+            priority_up: self.priority(t, true),
+            priority_down: self.priority(t, false),
+            police_up: *self.policer(t, true),
+            police_down: *self.policer(t, false),
+        }
+    }
+}
 
 /// Every session of one device, as the classifier matches them (first `n` used).
 #[repr(C)]
@@ -378,7 +463,7 @@ const _: () = assert!(size_of::<FlowCounters>() == 64);
 mod pod {
     use super::{
         BandCounters, DeviceKey, DeviceRules, FlowCounters, FlowRule, FragmentSlot, InterfaceInfo,
-        ParseCounters, PolicerState,
+        ParseCounters, PolicerState, ProfileTreatment,
     };
     // SAFETY: all three are `#[repr(C)]`, made only of integers, with no implicit padding (sizes
     // asserted above), so every bit pattern is a valid value.
@@ -399,6 +484,8 @@ mod pod {
     unsafe impl aya::Pod for ParseCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragmentSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProfileTreatment {}
 }
 
 #[cfg(test)]

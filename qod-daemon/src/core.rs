@@ -12,7 +12,8 @@ use std::{
 
 use parking_lot::{Mutex, MutexGuard};
 use qod_common::{
-    DeviceKey, FlowCounters, FlowRule, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, Policer, PortRange,
+    DeviceKey, FlowCounters, FlowRule, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE, OWN_POLICE_DOWN,
+    OWN_POLICE_UP, OWN_PRIORITY_DOWN, OWN_PRIORITY_UP, Policer, PortRange, ProfileTreatment,
 };
 use time::OffsetDateTime;
 use tokio::{sync::Notify, time::Instant};
@@ -23,6 +24,7 @@ use uuid::Uuid;
 use crate::{
     audit,
     core::events::{Announcer, Decided, Logged, Place},
+    core::profiles::ProfileTable,
     dataplane::{
         Classes, CountersReader, DataPlane, DataPlaneError, DeviceLister, KernelEntries,
         ManagedInterface, Side, TcStats, monotonic_ns,
@@ -211,7 +213,9 @@ impl SessionView {
 }
 
 pub mod events;
+mod profiles;
 pub use events::Event;
+pub use profiles::ProfileTableError;
 
 /// Lock-free reads of one session before [`Core::read`] takes the lock instead.
 const READ_ATTEMPTS: usize = 3;
@@ -459,6 +463,8 @@ struct Inner {
     links_down: HashSet<String>,
     /// What each API client's AVAILABLE sessions hold.
     active_by_owner: HashMap<Arc<str>, OwnerUse>,
+    /// Which entry of the classifier's profile table each profile holds.
+    profiles: ProfileTable,
 }
 
 /// The delivered bytes per direction (up, down) at one reading, and the rates measured then.
@@ -582,6 +588,8 @@ pub struct KernelView {
     pub class_owner: HashMap<(String, u16), SessionId>,
     /// (interface, class index) of the classes qodd parked for reuse.
     pub parked: HashSet<(String, u16)>,
+    /// The profile table's entries in use, and the profile holding each (empty when retired).
+    pub profiles: HashMap<u16, (qod_common::ProfileTreatment, String)>,
 }
 
 /// What [`Core::verify`] found.
@@ -676,6 +684,9 @@ pub struct Core {
     reconcile: parking_lot::Mutex<Option<Reconcile>>,
     /// Each live session's last achieved-rate reading (GetSession).
     meters: parking_lot::Mutex<HashMap<SessionId, Meter>>,
+    /// Reloads between their profiles' install and the end of their sweep: the sessions of the
+    /// profiles they retired may still be live, so no one else frees those entries.
+    reloads_running: std::sync::atomic::AtomicUsize,
 }
 
 impl Core {
@@ -684,18 +695,25 @@ impl Core {
         policy: Policy,
         limits: Limits,
         notifier: Option<Notifier>,
-    ) -> Self {
+    ) -> Result<Self, ProfileTableError> {
+        // The profile entries a previous run left over the pinned maps keep their profiles.
+        let profiles = ProfileTable::adopt(
+            dp.profiles()?
+                .into_iter()
+                .map(|(index, t)| (index, t.name_hash)),
+        );
         let class_ops = dp.classes();
         let counters = dp.counters_reader();
         let lister = dp.device_lister();
         let reads = Reads::default();
-        Self {
+        let core = Self {
             class_ops,
             counters,
             reads: reads.clone(),
             lister,
             reconcile: parking_lot::Mutex::new(None),
             meters: parking_lot::Mutex::new(HashMap::new()),
+            reloads_running: std::sync::atomic::AtomicUsize::new(0),
             inner: Mutex::new(Inner {
                 dp,
                 sessions: Sessions {
@@ -719,6 +737,7 @@ impl Core {
                 reserved: HashMap::new(),
                 links_down: HashSet::new(),
                 active_by_owner: HashMap::new(),
+                profiles,
             }),
             wake: Notify::new(),
             announcer: Arc::new(Announcer::new(limits.event_log_retention, notifier)),
@@ -729,6 +748,75 @@ impl Core {
             policer_burst: limits.policer_burst,
             interfaces: limits.interfaces,
             store: None,
+        };
+        {
+            let policy = core.policy();
+            core.install_profiles(&mut core.lock(), &policy)?;
+        }
+        Ok(core)
+    }
+
+    /// What `profile` does to its sessions' packets where their own classes do not decide:
+    /// DSCP, band, the band's priority (or the profile's configured one) and the policed
+    /// maxima.
+    fn treatment(&self, profile: &QosProfile) -> ProfileTreatment {
+        let police = |side: Side, max: Option<crate::profile::Rate>| {
+            let Some(m) = max.map(|m| m.bits_per_second()).filter(|m| *m > 0) else {
+                return Policer::default();
+            };
+            // TCP-friendly depth, or the burst rate's allowance where larger.
+            let p = policer(m, self.policer_burst);
+            match burst_rule(profile, side) {
+                rule if rule.burst_rate_bps.is_some() => {
+                    p.max_burst(Policer::new(m, rule.allowance(m)))
+                }
+                _ => p,
+            }
+        };
+        let priority = profile.skb_priority.unwrap_or(match profile.band {
+            Band::LowLatency => LOW_LATENCY_CLASS,
+            _ => BEST_EFFORT_CLASS,
+        });
+        ProfileTreatment {
+            police_up: police(Side::Server, profile.max_upstream_rate),
+            police_down: police(Side::Device, profile.max_downstream_rate),
+            priority_up: priority,
+            priority_down: priority,
+            name_hash: profiles::name_hash(profile.name.as_str()),
+            dscp: profile.dscp,
+            band: profile.band.code(),
+            in_use: 1,
+            _pad: [0; 5],
+        }
+    }
+
+    /// Gives every profile of `policy` its entry of the classifier's profile table and writes
+    /// what it does there: from this moment every session of a profile that was already there
+    /// follows its new treatment. Profiles no longer in the policy keep their entries until
+    /// [`Self::release_retired_profiles`].
+    fn install_profiles(
+        &self,
+        inner: &mut Inner,
+        policy: &Policy,
+    ) -> Result<(), ProfileTableError> {
+        for (name, index) in inner
+            .profiles
+            .assign(policy.profiles.iter().map(|p| &p.name))?
+        {
+            if let Some(p) = policy.profiles.get(&name) {
+                inner.dp.set_profile(index, &self.treatment(p))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees the profile entries no profile of the policy in force holds, once no session can
+    /// refer to them (every session of a retired profile has ended).
+    fn release_retired_profiles(&self, inner: &mut Inner) {
+        for index in inner.profiles.release_retired() {
+            if let Err(e) = inner.dp.set_profile(index, &ProfileTreatment::default()) {
+                warn!(index, error = %crate::anyhow_like(&e), "cannot clear a retired profile entry (it stays unused)");
+            }
         }
     }
 
@@ -1216,6 +1304,15 @@ impl Core {
             let mut inner = self.lock();
             held.into_iter()
                 .for_each(|slot| inner.slots.give_back(slot));
+            // No rule refers to the entries of profiles that left the configuration while qodd
+            // was down any more: their sessions ended at the restore, their entries just went.
+            if self
+                .reloads_running
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
+                self.release_retired_profiles(&mut inner);
+            }
         } else {
             // An entry left may still count into one of them.
             error!(
@@ -1508,7 +1605,26 @@ impl Core {
             secs(duration)
         };
         let deadline = Instant::now() + left;
-        let rule = self.flow_rule(&flow, profile, slot, left, reservation.as_ref());
+        // The policy in force gave each of its profiles an entry (same hold of the lock).
+        let Some(profile_index) = inner.profiles.index(&profile.name) else {
+            give_back(&mut inner);
+            release(&mut inner, self.class_ops.as_ref(), reservation);
+            return Err(CamaraError::new(
+                CamaraCode::Internal,
+                format!(
+                    "profile {} has no entry in the classifier's table",
+                    profile.name
+                ),
+            ));
+        };
+        let rule = self.flow_rule(
+            &flow,
+            profile,
+            profile_index,
+            slot,
+            left,
+            reservation.as_ref(),
+        );
         // A kept slot's counters carry on; a slot never used since the maps were made is zero.
         let reset = if zeroed {
             Ok(())
@@ -1796,10 +1912,14 @@ impl Core {
     /// the rest to best effort (unless the profile names `skb_priority`). Maximum rates: a
     /// direction with guaranteed-rate classes is capped by their ceiling; any other direction
     /// with a maximum rate is policed in the classifier.
+    /// A session's rule: its flow, its end, its profile's entry `profile_index`, and what its
+    /// own classes decide (where a direction has a class: the class as priority unless the
+    /// profile sets one, and the class's policer). The rest comes from the profile's entry.
     fn flow_rule(
         &self,
         flow: &AppFlow,
         profile: &QosProfile,
+        profile_index: u16,
         slot: u32,
         left: Duration,
         reservation: Option<&Reservation>,
@@ -1812,58 +1932,75 @@ impl Core {
             }
             out
         };
-        // The side whose egress carries a direction: downlink leaves on the device side.
-        let class_of = |side: Side| reservation.and_then(|r| self.class_on(r, side));
-        let police = |side: Side, max: Option<crate::profile::Rate>| {
-            let Some(m) = max.map(|m| m.bits_per_second()).filter(|m| *m > 0) else {
-                return Policer::default();
-            };
-            let rule = burst_rule(profile, side);
-            match class_of(side) {
-                // A low-latency class: the classifier's bucket matches the class's allowance,
-                // so what exceeds it is dropped before it can queue behind the delay budget.
-                Some(c) if c.spec.prio == 0 => Policer::new(m, c.spec.burst_bytes),
-                // Shaped by its own class.
-                Some(_) => Policer::default(),
-                // Policed: TCP-friendly depth, or the burst rate's allowance where larger.
-                None => {
-                    let p = policer(m, self.policer_burst);
-                    match rule.burst_rate_bps {
-                        Some(_) => p.max_burst(Policer::new(m, rule.allowance(m))),
-                        None => p,
-                    }
-                }
-            }
-        };
-        // Each direction to its own class where it has one, else to its band.
-        let priority = |side: Side| {
-            profile
-                .skb_priority
-                .unwrap_or_else(|| match (class_of(side), profile.band) {
-                    (Some(c), _) => session_class(c.index),
-                    (None, Band::LowLatency) => LOW_LATENCY_CLASS,
-                    (None, _) => BEST_EFFORT_CLASS,
-                })
-        };
-        FlowRule {
+        let mut rule = FlowRule {
             expires_at_ns: monotonic_ns() + u64::try_from(left.as_nanos()).unwrap_or(u64::MAX / 2),
-            priority_up: priority(Side::Server),
-            priority_down: priority(Side::Device),
             slot,
             server_addr,
             server_mask,
-            dscp: profile.dscp,
             server_prefix_len: flow.server.prefix(),
             // AppFlow::from_request bounds both lists by MAX_PORT_RANGES.
             n_device_ports: flow.device_ports.len().min(MAX_PORT_RANGES) as u8,
             n_server_ports: flow.server_ports.len().min(MAX_PORT_RANGES) as u8,
             device_ports: ranges(&flow.device_ports),
             server_ports: ranges(&flow.server_ports),
-            band: profile.band.code(),
-            _reserved: [0; 7],
-            police_up: police(Side::Server, profile.max_upstream_rate),
-            police_down: police(Side::Device, profile.max_downstream_rate),
+            profile: profile_index,
+            ..FlowRule::default()
+        };
+        // The side whose egress carries a direction: downlink leaves on the device side.
+        for (side, max, own_priority, own_police) in [
+            (
+                Side::Server,
+                profile.max_upstream_rate,
+                OWN_PRIORITY_UP,
+                OWN_POLICE_UP,
+            ),
+            (
+                Side::Device,
+                profile.max_downstream_rate,
+                OWN_PRIORITY_DOWN,
+                OWN_POLICE_DOWN,
+            ),
+        ] {
+            let Some(c) = reservation.and_then(|r| self.class_on(r, side)) else {
+                continue;
+            };
+            let (priority, police) = if side == Side::Server {
+                (&mut rule.priority_up, &mut rule.police_up)
+            } else {
+                (&mut rule.priority_down, &mut rule.police_down)
+            };
+            if profile.skb_priority.is_none() {
+                rule.own |= own_priority;
+                *priority = session_class(c.index);
+            }
+            rule.own |= own_police;
+            *police = match max.map(|m| m.bits_per_second()).filter(|m| *m > 0) {
+                // A low-latency class: the classifier's bucket matches the class's allowance,
+                // so what exceeds it is dropped before it can queue behind the delay budget.
+                Some(m) if c.spec.prio == 0 => Policer::new(m, c.spec.burst_bytes),
+                // Shaped by its own class.
+                _ => Policer::default(),
+            };
         }
+        rule
+    }
+
+    /// The rule of AVAILABLE `session` under `policy` (the one in force) for what is left of it;
+    /// `None` when its profile is not in the policy.
+    fn session_rule(&self, inner: &Inner, policy: &Policy, session: &Session) -> Option<FlowRule> {
+        let SessionState::Available { slot, expires_at } = session.state else {
+            return None;
+        };
+        let profile = policy.profiles.get(&session.request.profile)?;
+        let index = inner.profiles.index(&session.request.profile)?;
+        Some(self.flow_rule(
+            &session.flow,
+            profile,
+            index,
+            slot,
+            time_left(expires_at),
+            session.reservation.as_ref(),
+        ))
     }
 
     /// A managed interface went down or away (`up == false`): every AVAILABLE session ends
@@ -2132,12 +2269,26 @@ impl Core {
             .iter()
             .flat_map(|(i, pool)| pool.parked.iter().map(|x| (i.clone(), *x)))
             .collect();
+        let profiles = inner
+            .dp
+            .profiles()?
+            .into_iter()
+            .map(|(index, t)| {
+                let name = inner
+                    .profiles
+                    .name_of(index)
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                (index, (t, name))
+            })
+            .collect();
         Ok(KernelView {
             entries,
             classes,
             slot_owner,
             class_owner,
             parked,
+            profiles,
         })
     }
 
@@ -2565,22 +2716,9 @@ impl Core {
         let mut rule = match installed_rule(&inner, &session.flow.device, slot) {
             Ok(rule) => rule,
             // Gone from the kernel (changed behind qodd's back): made again for what is left.
-            Err(missing @ DataPlaneError::RuleMissing { .. }) => {
-                let profile = policy
-                    .profiles
-                    .get(&session.request.profile)
-                    .ok_or_else(|| dataplane_error(&missing))?;
-                let SessionState::Available { expires_at, .. } = session.state else {
-                    return Err(dataplane_error(&missing));
-                };
-                self.flow_rule(
-                    &session.flow,
-                    profile,
-                    slot,
-                    time_left(expires_at),
-                    session.reservation.as_ref(),
-                )
-            }
+            Err(missing @ DataPlaneError::RuleMissing { .. }) => self
+                .session_rule(&inner, &policy, &session)
+                .ok_or_else(|| dataplane_error(&missing))?,
             Err(e) => return Err(dataplane_error(&e)),
         };
         rule.expires_at_ns += u64::from(added) * 1_000_000_000;
@@ -2812,11 +2950,29 @@ impl Core {
     /// maxima (their classes' rates stay as admitted; see the README). A newer reload that
     /// starts meanwhile takes over the sweep.
     pub fn reload(&self, policy: Policy) {
+        /// Counts this reload as running until it returns.
+        struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        self.reloads_running
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _running = Running(&self.reloads_running);
         let policy = Arc::new(policy);
+        let profiles = policy.profiles.iter().count();
         {
-            let _inner = self.lock();
+            let mut inner = self.lock();
+            // Each profile's entry first: a session of a profile still there follows its new
+            // treatment from here on, and one admitted after the swap finds its entry.
+            if let Err(e) = self.install_profiles(&mut inner, &policy) {
+                error!(error = %crate::anyhow_like(&e), "policy reload refused; the running policy stays");
+                return;
+            }
             *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
         }
+        info!(profiles, "profile treatments reloaded");
         let mut updated = 0usize;
         let (done, ended) = self.sweep(
             RELOAD_BATCH,
@@ -2826,18 +2982,17 @@ impl Core {
                 let Some(session) = inner.sessions.get(&id) else {
                     return;
                 };
-                let SessionState::Available { slot, expires_at } = session.state else {
+                let SessionState::Available { slot, .. } = session.state else {
                     return;
                 };
                 match policy.profiles.get(&session.request.profile) {
+                    // A session without classes of its own has nothing in its rule that its
+                    // profile's entry does not already say.
+                    Some(p) if p.status != ProfileStatus::Inactive && session.reservation.is_none() => {}
                     Some(p) if p.status != ProfileStatus::Inactive => {
-                        let mut rule = self.flow_rule(
-                            &session.flow,
-                            p,
-                            slot,
-                            time_left(expires_at),
-                            session.reservation.as_ref(),
-                        );
+                        let Some(mut rule) = self.session_rule(inner, &policy, session) else {
+                            return;
+                        };
                         let device = session.flow.device;
                         // The end stays the one the kernel holds (read now, it would differ by
                         // the nanoseconds since).
@@ -2867,6 +3022,14 @@ impl Core {
         if !done {
             info!(updated, ended, "policy reload superseded by a newer one");
             return;
+        }
+        {
+            // Every session of a retired profile has ended: its entry is free again (unless a
+            // newer reload took over, whose own sweep frees them when it is done).
+            let mut inner = self.lock();
+            if Arc::ptr_eq(&policy, &self.policy()) {
+                self.release_retired_profiles(&mut inner);
+            }
         }
         self.wake.notify_one();
         info!(updated, ended, "policy reloaded");
@@ -3220,12 +3383,10 @@ mod tests {
     fn core(max: u32) -> (Arc<Core>, FakeDataPlane) {
         let dp = FakeDataPlane::default();
         (
-            Arc::new(Core::new(
-                Box::new(dp.clone()),
-                policy(),
-                limits(max, u32::MAX),
-                None,
-            )),
+            Arc::new(
+                Core::new(Box::new(dp.clone()), policy(), limits(max, u32::MAX), None)
+                    .expect("core"),
+            ),
             dp,
         )
     }
@@ -3336,7 +3497,8 @@ mod tests {
             policy(),
             limits(16, 2),
             None,
-        );
+        )
+        .expect("core");
         let a = core.create(request([10, 0, 0, 1], 60)).expect("first");
         core.create(request([10, 0, 0, 2], 60)).expect("second");
         assert_eq!(
@@ -3387,18 +3549,23 @@ mod tests {
         let mut events = core.subscribe();
         let v = core.create(request([10, 0, 0, 1], 60)).expect("create");
         let key = ipv4_key(Ipv4Addr::new(10, 0, 0, 1));
-        let rule = dp.state.lock().expect("lock").flows[&key][0];
+        let (rule, treated) = {
+            let s = dp.state.lock().expect("lock");
+            let rule = s.flows[&key][0];
+            (rule, s.treated(&rule).expect("profile entry"))
+        };
+        assert_eq!(rule.own, 0, "no class of its own: all from the profile");
         assert_eq!(
-            (rule.dscp, rule.priority_up, rule.priority_down),
+            (treated.dscp, treated.priority_up, treated.priority_down),
             (32, LOW_LATENCY_CLASS, LOW_LATENCY_CLASS)
         );
         // No scheduled interface here: the 500 kbit/s maximum is policed in the classifier.
         assert_eq!(
-            rule.police_down,
+            treated.police_down,
             policer(500_000, Config::built_in().policer_burst)
         );
         assert_eq!(
-            rule.police_up,
+            treated.police_up,
             policer(500_000, Config::built_in().policer_burst)
         );
         assert_eq!(rule.n_server_ports, 2);
@@ -3625,10 +3792,10 @@ mod tests {
         let l = core.create(l).expect("create");
         let mut events = core.subscribe();
 
-        let policed = |dp: &FakeDataPlane| {
-            dp.state.lock().expect("lock").flows[&e.session.flow.device][0].police_down
-        };
+        let policed = |dp: &FakeDataPlane| treated(dp, &e.session).police_down;
         let before = policed(&dp);
+        let l_entry = installed(&dp, &l.session).profile;
+        let installs = dp.state.lock().expect("lock").installs;
         let mut next = policy();
         let kept: Vec<_> = next
             .profiles
@@ -3647,17 +3814,24 @@ mod tests {
         next.profiles = crate::profile::Profiles::new(kept);
         core.reload(next);
 
-        let flows = dp.state.lock().expect("lock").flows.clone();
-        assert_eq!(
-            flows[&e.session.flow.device][0].dscp, 46,
-            "new DSCP applied"
-        );
+        assert_eq!(treated(&dp, &e.session).dscp, 46, "new DSCP applied");
         let after = policed(&dp);
         assert_eq!(
             after.ns_per_byte_q16,
             before.ns_per_byte_q16 * 2,
             "half the maximum rate: twice the time per byte"
         );
+        let s = dp.state.lock().expect("lock");
+        assert_eq!(
+            s.installs, installs,
+            "the profile's entry changed, no session's rule was written"
+        );
+        assert!(
+            !s.profiles.contains_key(&l_entry),
+            "the dropped profile's entry freed once its session ended"
+        );
+        let flows = s.flows.clone();
+        drop(s);
         assert!(
             !flows.contains_key(&l.session.flow.device),
             "rule of the dropped profile removed"
@@ -3680,34 +3854,51 @@ mod tests {
     }
 
     /// A reload sweeps the live sessions in batches: every one of more than two batches' worth
-    /// gets the new profile, each once.
+    /// whose profile it drops ends, each once, and only then is the profile's entry freed.
     #[tokio::test(start_paused = true)]
     async fn a_reload_reaches_every_live_session_batch_by_batch() {
         let n = RELOAD_BATCH * 2 + 500;
         let (core, dp) = core(n as u32 + 1);
+        let mut sessions = Vec::new();
         for i in 0..n {
             let [_, _, hi, lo] = (i as u32).to_be_bytes();
-            core.create(request([10, 1, hi, lo], 60 + (i % 7) as u32))
-                .expect("create");
+            sessions.push(
+                core.create(request([10, 1, hi, lo], 60 + (i % 7) as u32))
+                    .expect("create"),
+            );
         }
+        let entry = installed(&dp, &sessions[0].session).profile;
         let mut next = policy();
-        let changed: Vec<_> = next
+        let dropped = sessions[0].session.request.profile.clone();
+        let kept: Vec<_> = next
             .profiles
             .iter()
+            .filter(|p| p.name != dropped)
             .cloned()
-            .map(|mut p| {
-                p.dscp = 46;
-                p
-            })
             .collect();
-        next.profiles = crate::profile::Profiles::new(changed);
+        next.profiles = crate::profile::Profiles::new(kept);
         core.reload(next);
-        let flows = dp.state.lock().expect("lock").flows.clone();
-        assert_eq!(flows.len(), n);
+        let s = dp.state.lock().expect("lock");
         assert!(
-            flows.values().flatten().all(|r| r.dscp == 46),
-            "every live session has the new DSCP"
+            s.flows.is_empty(),
+            "every session of the dropped profile ended"
         );
+        assert!(!s.profiles.contains_key(&entry), "its entry freed");
+        drop(s);
+        for v in &sessions {
+            let got = core.get(v.session.id, &me()).expect("get").session;
+            assert!(
+                matches!(
+                    got.state,
+                    SessionState::Unavailable {
+                        info: StatusInfo::NetworkTerminated,
+                        ..
+                    }
+                ),
+                "{:?}",
+                got.state
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -3757,6 +3948,16 @@ mod tests {
             .expect("the session's rule is installed")
     }
 
+    /// What the classifier does to `s`'s packets: its rule under its profile's entry.
+    fn treated(dp: &FakeDataPlane, s: &Session) -> qod_common::Treatment {
+        let rule = installed(dp, s);
+        dp.state
+            .lock()
+            .expect("lock")
+            .treated(&rule)
+            .expect("the session's profile entry is in use")
+    }
+
     fn scheduled_core() -> (Arc<Core>, FakeDataPlane) {
         let dp = FakeDataPlane::default();
         let iface = |name: &str, side| ManagedInterface {
@@ -3779,7 +3980,7 @@ mod tests {
             policer_burst: Config::built_in().policer_burst,
         };
         (
-            Arc::new(Core::new(Box::new(dp.clone()), policy(), limits, None)),
+            Arc::new(Core::new(Box::new(dp.clone()), policy(), limits, None).expect("core")),
             dp,
         )
     }
@@ -3843,12 +4044,9 @@ mod tests {
         assert_eq!(on("dev0").index, stale, "the parked class is reused");
         assert_eq!(on("dev0").baseline.bytes, 15_000, "counted from its totals");
         assert_eq!(on("srv0").index, held + 1);
+        assert_eq!(treated(&dp, &w.session).priority_down, session_class(stale));
         assert_eq!(
-            installed(&dp, &w.session).priority_down,
-            session_class(stale)
-        );
-        assert_eq!(
-            installed(&dp, &w.session).priority_up,
+            treated(&dp, &w.session).priority_up,
             session_class(held + 1)
         );
         // What GetSession reports of the reused class starts from there.
@@ -4053,12 +4251,9 @@ mod tests {
 
     /// A qodd started again over the (fake) kernel state `dp` of the last one.
     fn core_over(dp: &FakeDataPlane) -> Arc<Core> {
-        Arc::new(Core::new(
-            Box::new(dp.clone()),
-            policy(),
-            limits(16, u32::MAX),
-            None,
-        ))
+        Arc::new(
+            Core::new(Box::new(dp.clone()), policy(), limits(16, u32::MAX), None).expect("core"),
+        )
     }
 
     /// Continuing over the pinned maps, a session whose rule the kernel holds as it would be
@@ -4075,7 +4270,7 @@ mod tests {
         {
             let mut s = dp.state.lock().expect("lock");
             // Device 2's rule changed behind qodd's back, device 3's entry holds a stale rule.
-            s.flows.get_mut(&key(2)).expect("2")[0].dscp = 7;
+            s.flows.get_mut(&key(2)).expect("2")[0].profile = 9;
             let mut stale = s.flows[&key(3)][0];
             stale.slot = 99;
             s.flows.get_mut(&key(3)).expect("3").push(stale);
@@ -4251,15 +4446,15 @@ mod tests {
             let r = v.session.reservation.clone().expect("classes");
             assert_eq!(r.classes.len(), 2, "one class per scheduled interface");
             assert_eq!(
-                installed(&dp, &v.session).priority_down,
+                treated(&dp, &v.session).priority_down,
                 session_class(r.classes[0].index)
             );
             assert_eq!(
-                installed(&dp, &v.session).priority_up,
+                treated(&dp, &v.session).priority_up,
                 session_class(r.classes[1].index)
             );
             assert_eq!(
-                installed(&dp, &v.session).police_down,
+                treated(&dp, &v.session).police_down,
                 Policer::default(),
                 "shaped by its class, not policed"
             );
@@ -4288,7 +4483,7 @@ mod tests {
             .expect("low latency");
         let r = e.session.reservation.clone().expect("classes");
         assert_eq!(
-            installed(&dp, &e.session).priority_down,
+            treated(&dp, &e.session).priority_down,
             session_class(r.classes[0].index)
         );
         assert_eq!(
@@ -4302,7 +4497,7 @@ mod tests {
             )
         );
         assert_eq!(
-            installed(&dp, &e.session).police_down,
+            treated(&dp, &e.session).police_down,
             Policer::new(500_000, r.classes[0].spec.burst_bytes)
         );
         assert_eq!(r.classes[0].spec.burst_bytes, 15_140);
@@ -4393,7 +4588,9 @@ mod tests {
         let store = Store::open(dir.path()).expect("store");
         let dp = FakeDataPlane::default();
         let core = Arc::new(
-            Core::new(Box::new(dp), policy(), limits(16, u32::MAX), None).with_store(store.clone()),
+            Core::new(Box::new(dp), policy(), limits(16, u32::MAX), None)
+                .expect("core")
+                .with_store(store.clone()),
         );
         let mut events = core.subscribe();
         let held = store.hold_commits();
@@ -4443,6 +4640,7 @@ mod tests {
         let dp = FakeDataPlane::default();
         let core = Arc::new(
             Core::new(Box::new(dp.clone()), policy(), limits(16, u32::MAX), None)
+                .expect("core")
                 .with_store(store.clone()),
         );
         let a = core.create(request([10, 0, 0, 1], 60)).expect("a");

@@ -67,6 +67,8 @@ pub enum RunError {
     RestTls(#[from] api::rest::serve::TlsError),
     #[error("cluster")]
     Cluster(#[from] cluster::ClusterError),
+    #[error("the classifier's profile table")]
+    Profiles(#[from] core::ProfileTableError),
 }
 
 /// Re-reads the configuration (file and flags) for a SIGHUP reload.
@@ -210,7 +212,7 @@ pub async fn run(
                 policer_burst: config.policer_burst,
             },
             Some(notifier.clone()),
-        )
+        )?
         .with_store(store.clone()),
     );
     // Revisions carry on from the stored log (before any restored session's end is queued).

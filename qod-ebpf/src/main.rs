@@ -23,9 +23,9 @@ use aya_ebpf::{
 use qod_common::{
     Admit, BAND_COUNTERS_ENTRIES, BandCounters, DeviceRules, FAMILY_IPV4, FAMILY_IPV6,
     FRAGMENTS_ENTRIES, FlowCounters, FlowRule, FragmentKey, FragmentPorts, FragmentSlot,
-    IFINDEX_MASK, InterfaceInfo, MAX_INTERFACES, MAX_PORT_RANGES, MAX_SESSIONS_PER_DEVICE,
-    ParseCounters, Policer, PolicerState, PortRange, SIDE_DOWNLINK, SIDE_UPLINK,
-    band_counter_index, fragment_slot,
+    IFINDEX_MASK, InterfaceInfo, MAX_INTERFACES, MAX_PORT_RANGES, MAX_PROFILES,
+    MAX_SESSIONS_PER_DEVICE, ParseCounters, Policer, PolicerState, PortRange, ProfileTreatment,
+    SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index, fragment_slot,
 };
 
 /// Default capacity; user space sets the configured `max_sessions` at load time. Every map is
@@ -57,6 +57,10 @@ static QOD_FRAGMENTS: Array<FragmentSlot> = Array::pinned(FRAGMENTS_ENTRIES, 0);
 /// What could not be parsed, and the fragments followed, per interface counter slot.
 #[map]
 static QOD_PARSE_COUNTERS: PerCpuArray<ParseCounters> = PerCpuArray::pinned(MAX_INTERFACES + 1, 0);
+
+/// What each QoS profile does to its sessions' packets, by [`FlowRule::profile`].
+#[map]
+static QOD_PROFILES: Array<ProfileTreatment> = Array::pinned(MAX_PROFILES, 0);
 
 #[map]
 static QOD_POLICERS: Array<PolicerState> = Array::pinned(DEFAULT_MAX_SESSIONS, 0);
@@ -224,6 +228,12 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
             None => (up().ok_or(Skip::NoMatch)?, true),
         },
     };
+    // The session's profile: DSCP, band, and the priority and policer the rule does not set
+    // itself. An entry no profile holds (never written, or retired) treats nothing.
+    let profile = match QOD_PROFILES.get(u32::from(rule.profile)) {
+        Some(p) if p.in_use != 0 => p,
+        _ => return Err(Skip::NoMatch),
+    };
 
     if pkt.fragment.kind == FIRST_FRAGMENT
         && let Some((src, dst)) = pkt.ports
@@ -243,12 +253,7 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     }
 
     let len = u64::from(ctx.len());
-    let policer = if uplink {
-        &rule.police_up
-    } else {
-        &rule.police_down
-    };
-    let conforms = police(policer, rule.slot, uplink, len, now);
+    let conforms = police(rule.policer(profile, uplink), rule.slot, uplink, len, now);
     if let Some(c) = QOD_COUNTERS.get_ptr_mut(rule.slot) {
         // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered on
         // the same CPU while it runs.
@@ -273,7 +278,8 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
             }
         }
     }
-    if let Some(b) = QOD_BAND_COUNTERS.get_ptr_mut(band_counter_index(iface.counters, rule.band)) {
+    if let Some(b) = QOD_BAND_COUNTERS.get_ptr_mut(band_counter_index(iface.counters, profile.band))
+    {
         // SAFETY: a per-CPU slot, as above.
         unsafe {
             if conforms {
@@ -289,14 +295,10 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
         return Ok(TC_ACT_SHOT);
     }
 
-    set_dscp(ctx, &pkt, rule.dscp)?;
+    set_dscp(ctx, &pkt, profile.dscp)?;
+    let priority = rule.priority(profile, uplink);
     // SAFETY: `ctx.skb.skb` is the context pointer the kernel handed us; `priority` is writable
     // from tc programs.
-    let priority = if uplink {
-        rule.priority_up
-    } else {
-        rule.priority_down
-    };
     unsafe { (*ctx.skb.skb).priority = priority };
     Ok(TC_ACT_UNSPEC)
 }

@@ -38,7 +38,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use qod_common::{FlowRule, MAX_PORT_RANGES, Policer, PortRange};
+use qod_common::{FlowRule, MAX_PORT_RANGES, Policer, PortRange, ProfileTreatment};
 use qod_daemon::{
     config::Side,
     dataplane::{AyaDataPlane, DataPlane as _, FLOOR_OBJECT, monotonic_ns},
@@ -56,7 +56,26 @@ fn policer(ms: u64) -> Policer {
     Policer::new(RATE, RATE / 8 * ms / 1000)
 }
 
-fn rule(slot: u32, police: Policer) -> FlowRule {
+/// Writes profile entry 0, the one every rule here follows: DSCP 46, priority 1:10, and `police`
+/// on uplink (as a profile with a maximum rate on an interface without a scheduler).
+fn profile(dp: &mut AyaDataPlane, police: Policer) -> anyhow::Result<()> {
+    dp.set_profile(
+        0,
+        &ProfileTreatment {
+            police_up: police,
+            priority_up: 0x0001_0010,
+            priority_down: 0x0001_0010,
+            dscp: 46,
+            in_use: 1,
+            ..ProfileTreatment::default()
+        },
+    )?;
+    Ok(())
+}
+
+/// A session's rule as qodd writes one without classes of its own: all treatment from its
+/// profile's entry (0).
+fn rule(slot: u32) -> FlowRule {
     let (server_addr, server_mask) = network_words("10.0.2.0/24".parse().expect("net"));
     let mut ranges = [PortRange::default(); MAX_PORT_RANGES];
     for (i, r) in ranges.iter_mut().enumerate() {
@@ -68,21 +87,16 @@ fn rule(slot: u32, police: Policer) -> FlowRule {
     }
     FlowRule {
         expires_at_ns: monotonic_ns() + 3_600_000_000_000,
-        priority_up: 0x0001_0010,
-        priority_down: 0x0001_0010,
         slot,
         server_addr,
         server_mask,
-        dscp: 46,
         server_prefix_len: 24,
         n_device_ports: MAX_PORT_RANGES as u8,
         n_server_ports: MAX_PORT_RANGES as u8,
         device_ports: ranges,
         server_ports: ranges,
-        band: 0,
-        _reserved: [0; 7],
-        police_up: police,
-        police_down: Policer::default(),
+        profile: 0,
+        ..FlowRule::default()
     }
 }
 
@@ -158,17 +172,15 @@ fn classifier() -> anyhow::Result<()> {
     let mut first = None;
     for &n in &sizes {
         let mut dp = AyaDataPlane::load_ephemeral(n + 16)?;
+        profile(&mut dp, policer(250))?;
         // Fillers first, then the measured session (last installed).
         for i in 0..n.saturating_sub(1) {
-            dp.install(
-                ipv4_key(filler(i)),
-                &[rule(i % (n + 16), Policer::default())],
-            )?;
+            dp.install(ipv4_key(filler(i)), &[rule(i % (n + 16))])?;
         }
         let slot = n;
         dp.reset_counters(slot)?;
         let device = ipv4_key(Ipv4Addr::new(10, 0, 1, 2));
-        dp.install(device, &[rule(slot, policer(250))])?;
+        dp.install(device, &[rule(slot)])?;
         // A UDP frame from `src` to `dst` with the IPv4 fragment field `frag`, carrying `l4`.
         let udp = |src: [u8; 4], dst: [u8; 4], frag: u16, l4: &[u8]| {
             eth(0x0800, &[], &ipv4(src, dst, 17, 0, &[], frag, l4))
@@ -217,9 +229,9 @@ fn classifier() -> anyhow::Result<()> {
         let c = dp.counters(slot)?;
         anyhow::ensure!(c.up_packets > 0, "the measured packet did not match");
         // The same session with a shallow bucket (the fine clock), then with no policer.
-        dp.install(device, &[rule(slot, policer(10))])?;
+        profile(&mut dp, policer(10))?;
         let shallow = runs(&mut dp, Side::Server, &hit)?;
-        dp.install(device, &[rule(slot, Policer::default())])?;
+        profile(&mut dp, Policer::default())?;
         let unpoliced = runs(&mut dp, Side::Server, &hit)?;
         first.get_or_insert(h);
         let ratio = |x: u32| f64::from(x) / f64::from(fl.max(1));
@@ -307,13 +319,11 @@ fn forwarding() -> anyhow::Result<()> {
         // eBPF: the classifier on the edge's egress towards the server, N sessions.
         let ebpf = {
             let mut dp = AyaDataPlane::load_ephemeral(n + 16)?;
+            profile(&mut dp, Policer::default())?;
             for i in 0..n.saturating_sub(1) {
-                dp.install(
-                    ipv4_key(filler(i)),
-                    &[rule(i % (n + 16), Policer::default())],
-                )?;
+                dp.install(ipv4_key(filler(i)), &[rule(i % (n + 16))])?;
             }
-            let mut r = rule(n, Policer::default());
+            let mut r = rule(n);
             r.n_device_ports = 0;
             r.n_server_ports = 0;
             dp.reset_counters(n)?;

@@ -5,7 +5,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::IpNetwork;
 use qod_common::{
-    DeviceKey, FlowRule, FragmentKey, MAX_PORT_RANGES, Policer, PortRange, fragment_slot,
+    BAND_GUARANTEED, DeviceKey, FlowRule, FragmentKey, MAX_PORT_RANGES, OWN_POLICE_DOWN,
+    OWN_POLICE_UP, OWN_PRIORITY_DOWN, OWN_PRIORITY_UP, Policer, PortRange, ProfileTreatment,
+    fragment_slot,
 };
 use qod_daemon::{
     config::Side,
@@ -50,6 +52,8 @@ fn rule(
         }
         out
     };
+    // The priorities and policers are the rule's own (as a session's classes make them); DSCP
+    // and band come from profile entry 0 (see `Harness::new`).
     FlowRule {
         expires_at_ns: monotonic_ns() + 600_000_000_000,
         priority_up: PRIO,
@@ -57,16 +61,27 @@ fn rule(
         slot,
         server_addr,
         server_mask,
-        dscp: DSCP,
+        own: OWN_PRIORITY_UP | OWN_PRIORITY_DOWN | OWN_POLICE_UP | OWN_POLICE_DOWN,
         server_prefix_len: server.prefix(),
         n_device_ports: device_ports.len() as u8,
         n_server_ports: server_ports.len() as u8,
         device_ports: fill(device_ports),
         server_ports: fill(server_ports),
-        band: 0,
-        _reserved: [0; 7],
+        profile: 0,
+        _reserved: [0; 6],
         police_up: Policer::default(),
         police_down: Policer::default(),
+    }
+}
+
+/// A profile entry in use that marks `dscp` and sets `priority`, without a policer.
+fn treatment(dscp: u8, priority: u32) -> ProfileTreatment {
+    ProfileTreatment {
+        dscp,
+        priority_up: priority,
+        priority_down: priority,
+        in_use: 1,
+        ..ProfileTreatment::default()
     }
 }
 
@@ -77,6 +92,7 @@ impl Harness {
             "loading eBPF needs root: run through cargo xtask test"
         );
         let mut dp = AyaDataPlane::load_ephemeral(1024).expect("load classifier");
+        dp.set_profile(0, &treatment(DSCP, 0)).expect("profile");
         // IPv4: device 10.0.1.2 ↔ 10.0.2.0/24, server ports 5000-5010 and 6000.
         let r4 = rule(
             "10.0.2.0/24".parse().expect("net"),
@@ -637,7 +653,8 @@ fn several_sessions_of_one_device_and_the_most_specific_server_wins() {
     // Device 10.0.1.60: port 443 to 10.0.2.0/24 (DSCP 46), anything to 10.0.2.9/32 (DSCP 26).
     let web = rule("10.0.2.0/24".parse().expect("net"), &[], &[(443, 443)], 6);
     let mut host = rule("10.0.2.9/32".parse().expect("net"), &[], &[], 7);
-    host.dscp = 26;
+    dp.set_profile(1, &treatment(26, 0)).expect("profile");
+    host.profile = 1;
     host.priority_up = 0x0001_0107;
     host.priority_down = 0x0001_0107;
     dp.install(ipv4_key(Ipv4Addr::new(10, 0, 1, 60)), &[web, host])
@@ -680,6 +697,51 @@ fn each_direction_gets_its_own_priority() {
     assert_eq!(down.priority, 0x0001_0233, "downlink");
 }
 
+/// A rule takes DSCP and band from its profile's entry, and the priority and policer of each
+/// direction from the entry unless it has its own: a change of the entry reaches the rule's
+/// packets at once, without the rule being written again; an entry not in use treats nothing.
+#[test]
+fn a_rule_follows_its_profile_entry() {
+    let h = Harness::new();
+    let mut dp = h.dp;
+    let mut r = rule("10.0.2.0/24".parse().expect("net"), &[], &[], 9);
+    // Its own uplink priority (a class) and downlink policer; the rest from entry 3.
+    r.own = OWN_PRIORITY_UP | OWN_POLICE_DOWN;
+    r.priority_up = 0x0001_0105;
+    r.profile = 3;
+    dp.reset_counters(9).expect("reset");
+    dp.set_profile(3, &treatment(10, 6)).expect("profile");
+    dp.install(ipv4_key(Ipv4Addr::new(10, 0, 1, 62)), &[r])
+        .expect("install");
+    let mut h = Harness { dp };
+    let dev = [10, 0, 1, 62];
+    let up = udp4(dev, [10, 0, 2, 5], 40000, 443, 0);
+    let down = udp4([10, 0, 2, 5], dev, 443, 40000, 0);
+    let seen = |h: &Harness, frame: &[u8]| {
+        let r = h.run_any(frame);
+        (r.retval, r.data[15] >> 2, r.priority)
+    };
+    assert_eq!(seen(&h, &up), (CARRY_ON, 10, 0x0001_0105), "uplink");
+    assert_eq!(seen(&h, &down), (CARRY_ON, 10, 6), "downlink");
+    // The profile changes: DSCP, priority, band, and a policer of 8 bit/s with a 1-byte
+    // bucket, which only a direction without its own policer (uplink) takes.
+    let mut t = treatment(46, 7);
+    t.band = BAND_GUARANTEED;
+    t.police_up = Policer::new(8, 1);
+    t.police_down = Policer::new(8, 1);
+    h.dp.set_profile(3, &t).expect("profile");
+    assert_eq!(seen(&h, &down), (CARRY_ON, 46, 7), "downlink after");
+    assert_eq!(seen(&h, &up), (CARRY_ON, 46, 0x0001_0105), "first uplink");
+    assert_eq!(seen(&h, &up).0, DROP, "uplink over the profile's policer");
+    let c = h.dp.counters(9).expect("counters");
+    assert_eq!((c.up_packets, c.up_dropped, c.down_packets), (2, 1, 2));
+    // Retired: the rule treats nothing.
+    h.dp.set_profile(3, &ProfileTreatment::default())
+        .expect("profile");
+    h.untouched(&up, "entry not in use");
+    h.untouched(&down, "entry not in use");
+}
+
 /// A pin root of its own under bpffs, removed on drop (also on panic).
 struct PinRoot(std::path::PathBuf);
 
@@ -710,6 +772,9 @@ fn a_restart_over_its_own_pins_takes_the_verified_classifier_up_and_nothing_else
     // it classifies over the maps this load opened.
     let mut second = AyaDataPlane::load(64, &root.0).expect("second load");
     assert!(second.reused() && second.classifier_reused());
+    second
+        .set_profile(0, &treatment(DSCP, 0))
+        .expect("profile");
     second
         .install(
             key,

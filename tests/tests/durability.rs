@@ -1324,3 +1324,111 @@ async fn check_an_entry_whose_session_left_the_store_stops_treating_after_a_cras
         pb::QosStatus::Available
     );
 }
+
+/// Profiles as [`check_profiles_changed_while_down_apply_at_the_restart`] starts with.
+const CHANGING_PROFILES: &str = r#"
+[[profiles]]
+name = "QOS_A"
+status = "ACTIVE"
+dscp = 10
+
+[[profiles]]
+name = "QOS_B"
+status = "ACTIVE"
+dscp = 26
+"#;
+
+qod_testkit::in_every_mode!(
+    profiles_changed_while_down_apply_at_the_restart,
+    check_profiles_changed_while_down_apply_at_the_restart
+);
+/// The configuration changes while qodd is down: one profile marks otherwise, one is gone, a
+/// new one comes first. Over the pinned maps, each profile finds its entry of the classifier's
+/// profile table where it was, so on the wire the changed profile's session carries the new
+/// DSCP, the gone profile's session ends and its device is left alone, and a session of the new
+/// profile marks as that profile says.
+async fn check_profiles_changed_while_down_apply_at_the_restart(mode: qod_testkit::Mode) {
+    let (lab, mut qodd) = qod_testkit::lab_in(mode, CHANGING_PROFILES).await;
+    let mut api = qodd.sessions().await.expect("client");
+    let create = |device: &'static str, profile: &'static str| {
+        session(device, addr::SERVER_V4, profile, &[], &[5000], 600)
+    };
+    let a = api
+        .create_session(create(addr::DEVICE_V4, "QOS_A"))
+        .await
+        .expect("create QOS_A")
+        .into_inner();
+    let b = api
+        .create_session(create(addr::OTHER_DEVICE_V4, "QOS_B"))
+        .await
+        .expect("create QOS_B")
+        .into_inner();
+    let dscp = |device: &str, port: u16| {
+        lab.uplink_dscp(device, port, addr::SERVER_V4, 5000)
+            .expect("traffic")
+    };
+    assert_eq!(dscp(addr::DEVICE_V4, 46100), [10; 5], "QOS_A before");
+    assert_eq!(dscp(addr::OTHER_DEVICE_V4, 46101), [26; 5], "QOS_B before");
+
+    qodd.kill9();
+    let config = std::fs::read_to_string(qodd.config_path()).expect("config");
+    let config = config
+        .replace("dscp = 10", "dscp = 18")
+        .replace(
+            "[[profiles]]\nname = \"QOS_B\"\nstatus = \"ACTIVE\"\ndscp = 26\n",
+            "",
+        )
+        .replace(
+            "[[profiles]]\nname = \"QOS_A\"",
+            "[[profiles]]\nname = \"QOS_C\"\nstatus = \"ACTIVE\"\ndscp = 40\n\n[[profiles]]\nname = \"QOS_A\"",
+        );
+    assert!(
+        config.contains("QOS_C") && !config.contains("QOS_B"),
+        "{config}"
+    );
+    std::fs::write(qodd.config_path(), config).expect("rewrite config");
+    qodd.restart().await.expect("restart");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !qodd.log().contains("kernel entries reconciled") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconciliation:\n{}",
+            qodd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    assert_eq!(
+        dscp(addr::DEVICE_V4, 46102),
+        [18; 5],
+        "QOS_A's new DSCP after the restart"
+    );
+    assert_eq!(
+        dscp(addr::OTHER_DEVICE_V4, 46103),
+        [0; 5],
+        "the gone profile's device left alone"
+    );
+    let mut api = qodd.sessions().await.expect("client");
+    let ended = qod_testkit::session_info(&mut api, &b.session_id).await;
+    assert_eq!(
+        (ended.qos_status(), ended.status_info()),
+        (
+            pb::QosStatus::Unavailable,
+            pb::StatusInfo::NetworkTerminated
+        )
+    );
+    assert_eq!(
+        qod_testkit::session_info(&mut api, &a.session_id)
+            .await
+            .qos_status(),
+        pb::QosStatus::Available
+    );
+    api.create_session(create(addr::OTHER_DEVICE_V4, "QOS_C"))
+        .await
+        .expect("create QOS_C");
+    assert_eq!(
+        dscp(addr::OTHER_DEVICE_V4, 46104),
+        [40; 5],
+        "the new profile's session"
+    );
+}

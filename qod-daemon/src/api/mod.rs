@@ -289,12 +289,9 @@ mod tests {
             max_sinks_per_client: u32::MAX,
             policer_burst: crate::config::Config::built_in().policer_burst,
         };
-        let core = Arc::new(Core::new(
-            Box::new(FakeDataPlane::default()),
-            policy,
-            limits,
-            None,
-        ));
+        let core = Arc::new(
+            Core::new(Box::new(FakeDataPlane::default()), policy, limits, None).expect("core"),
+        );
         let service = SessionService::new(
             Operations::new(core.clone(), SinkRules::default()),
             CancellationToken::new(),

@@ -281,28 +281,36 @@ impl QodNode for NodeService {
                 device: audit::device(key),
                 rules: rules
                     .iter()
-                    .map(|r| pb::KernelRule {
-                        session_id: view
-                            .slot_owner
-                            .get(&r.slot)
-                            .filter(|(_, d)| d == key)
-                            .map(|(id, _)| id.to_string())
-                            .unwrap_or_default(),
-                        slot: r.slot,
-                        server_network: server_network(r, key.family),
-                        device_ports: ports(&r.device_ports[..usize::from(r.n_device_ports)]),
-                        server_ports: ports(&r.server_ports[..usize::from(r.n_server_ports)]),
-                        dscp: u32::from(r.dscp),
-                        skb_priority_up: priority(r.priority_up),
-                        skb_priority_down: priority(r.priority_down),
-                        band: crate::profile::Band::label(usize::from(r.band)).to_owned(),
-                        police_up_bps: police_bps(&r.police_up),
-                        police_down_bps: police_bps(&r.police_down),
-                        expires_in_seconds: if r.expires_at_ns == 0 {
-                            0
-                        } else {
-                            r.expires_at_ns.saturating_sub(now_ns) / 1_000_000_000
-                        },
+                    .map(|r| {
+                        let (t, profile) = view
+                            .profiles
+                            .get(&r.profile)
+                            .map(|(t, name)| (r.treated(t), name.clone()))
+                            .unwrap_or_default();
+                        pb::KernelRule {
+                            session_id: view
+                                .slot_owner
+                                .get(&r.slot)
+                                .filter(|(_, d)| d == key)
+                                .map(|(id, _)| id.to_string())
+                                .unwrap_or_default(),
+                            slot: r.slot,
+                            server_network: server_network(r, key.family),
+                            device_ports: ports(&r.device_ports[..usize::from(r.n_device_ports)]),
+                            server_ports: ports(&r.server_ports[..usize::from(r.n_server_ports)]),
+                            dscp: u32::from(t.dscp),
+                            skb_priority_up: priority(t.priority_up),
+                            skb_priority_down: priority(t.priority_down),
+                            band: crate::profile::Band::label(usize::from(t.band)).to_owned(),
+                            police_up_bps: police_bps(&t.police_up),
+                            police_down_bps: police_bps(&t.police_down),
+                            expires_in_seconds: if r.expires_at_ns == 0 {
+                                0
+                            } else {
+                                r.expires_at_ns.saturating_sub(now_ns) / 1_000_000_000
+                            },
+                            profile,
+                        }
                     })
                     .collect(),
             })

@@ -74,6 +74,10 @@ pub enum ConfigError {
     Duplicate { what: &'static str, name: String },
     #[error("no managed interface: set `interfaces` in the config file or pass --interface")]
     NoInterface,
+    #[error(
+        "{count} profiles: at most {max} (each holds an entry of the classifier's profile table, which a reload's retiring profiles share)"
+    )]
+    TooManyProfiles { count: usize, max: usize },
     #[error("{count} managed interfaces: at most {max} (each has its own classifier counters)")]
     TooManyInterfaces { count: usize, max: usize },
     #[error("interface {name:?}: {problem}")]

@@ -44,6 +44,10 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../qodd.toml");
 /// Exit code for a configuration that does not validate (`EX_USAGE`).
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
+/// Most `[[profiles]]`: half the classifier's profile table, so that a reload replacing every
+/// profile finds entries for the new ones while the old ones' sessions are being ended.
+pub const MAX_CONFIGURED_PROFILES: usize = qod_common::MAX_PROFILES as usize / 2;
+
 /// Command line of `qodd`.
 #[derive(Debug, Parser)]
 #[command(
@@ -357,6 +361,12 @@ impl Config {
             return Err(ConfigError::Required {
                 key: "profiles",
                 why: "define at least one [[profiles]]",
+            });
+        }
+        if profiles.len() > MAX_CONFIGURED_PROFILES {
+            return Err(ConfigError::TooManyProfiles {
+                count: profiles.len(),
+                max: MAX_CONFIGURED_PROFILES,
             });
         }
         let mut names = HashSet::new();

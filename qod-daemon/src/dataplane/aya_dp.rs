@@ -17,9 +17,9 @@ use qod_common::{
     BAND_COUNTERS_ENTRIES, BAND_COUNTERS_MAP, BANDS, BandCounters, CLASSIFIER, COUNTERS_MAP,
     DeviceKey, DeviceRules, FAMILY_IPV4, FAMILY_IPV6, FLOWS_V4_MAP, FLOWS_V6_MAP,
     FRAGMENTS_ENTRIES, FRAGMENTS_MAP, FlowCounters, FlowRule, FragmentSlot, IFINDEX_MASK,
-    INTERFACES_MAP, InterfaceInfo, LAYOUT_VERSION, MAX_INTERFACES, MAX_SESSIONS_PER_DEVICE,
-    PARSE_COUNTERS_MAP, POLICERS_MAP, ParseCounters, PolicerState, SIDE_BOTH, SIDE_DOWNLINK,
-    SIDE_UPLINK, band_counter_index,
+    INTERFACES_MAP, InterfaceInfo, LAYOUT_VERSION, MAX_INTERFACES, MAX_PROFILES,
+    MAX_SESSIONS_PER_DEVICE, PARSE_COUNTERS_MAP, POLICERS_MAP, PROFILES_MAP, ParseCounters,
+    PolicerState, ProfileTreatment, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index,
 };
 use tracing::{info, warn};
 
@@ -61,7 +61,7 @@ pub enum Pinned {
 }
 
 /// The maps of this layout: name, type, key and value size, entries.
-fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u32); 8] {
+fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u32); 9] {
     use std::mem::size_of;
     [
         (
@@ -119,6 +119,13 @@ fn expected_maps(max_sessions: u32) -> [(&'static str, MapType, usize, usize, u3
             size_of::<u32>(),
             size_of::<ParseCounters>(),
             MAX_INTERFACES + 1,
+        ),
+        (
+            PROFILES_MAP,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<ProfileTreatment>(),
+            MAX_PROFILES,
         ),
     ]
 }
@@ -312,6 +319,7 @@ pub struct AyaDataPlane {
     /// Second handles on the flow maps, for listing their keys from any thread.
     flow_keys: Arc<FlowKeys>,
     policers: Array<MapData, PolicerState>,
+    profiles: Array<MapData, ProfileTreatment>,
     interface_info: Array<MapData, InterfaceInfo>,
     band_counters: PerCpuArray<MapData, BandCounters>,
     parse_counters: PerCpuArray<MapData, ParseCounters>,
@@ -411,6 +419,8 @@ impl AyaDataPlane {
             .map_err(map_err(COUNTERS_MAP))?;
         let policers =
             Array::try_from(map(&mut ebpf, POLICERS_MAP)?).map_err(map_err(POLICERS_MAP))?;
+        let profiles =
+            Array::try_from(map(&mut ebpf, PROFILES_MAP)?).map_err(map_err(PROFILES_MAP))?;
         let again = |name: &'static str| {
             MapData::from_pin(pins.join(name))
                 .and_then(aya::maps::Map::from_map_data)
@@ -447,6 +457,7 @@ impl AyaDataPlane {
             counters_reader: Arc::new(CountersMap(counters_reader)),
             flow_keys,
             policers,
+            profiles,
             interface_info,
             band_counters,
             parse_counters,
@@ -997,6 +1008,32 @@ impl DataPlane for AyaDataPlane {
                 }
             }
             out.push((i.name.clone(), bands));
+        }
+        Ok(out)
+    }
+
+    fn set_profile(&mut self, index: u16, t: &ProfileTreatment) -> Result<(), DataPlaneError> {
+        self.profiles
+            .set(u32::from(index), *t, 0)
+            .map_err(|source| DataPlaneError::Map {
+                map: PROFILES_MAP,
+                source,
+            })
+    }
+
+    fn profiles(&self) -> Result<Vec<(u16, ProfileTreatment)>, DataPlaneError> {
+        let mut out = Vec::new();
+        for index in 0..MAX_PROFILES {
+            let t = self
+                .profiles
+                .get(&index, 0)
+                .map_err(|source| DataPlaneError::Map {
+                    map: PROFILES_MAP,
+                    source,
+                })?;
+            if t.in_use != 0 {
+                out.push((index as u16, t));
+            }
         }
         Ok(out)
     }

@@ -3,7 +3,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use qod_common::{DeviceKey, FlowCounters, FlowRule};
+use qod_common::{DeviceKey, FlowCounters, FlowRule, ProfileTreatment, Treatment};
 
 use super::{DataPlane, DataPlaneError};
 
@@ -18,6 +18,8 @@ pub struct FakeDataPlane {
 #[derive(Debug, Default)]
 pub struct FakeState {
     pub flows: HashMap<DeviceKey, Vec<FlowRule>>,
+    /// The profile entries in use, by index.
+    pub profiles: HashMap<u16, ProfileTreatment>,
     pub counters: HashMap<u32, FlowCounters>,
     pub fail_next_install: bool,
     /// Entries written so far.
@@ -30,6 +32,14 @@ pub struct FakeState {
     pub parked: std::collections::HashSet<(String, u16)>,
     pub reattached: Vec<String>,
     pub classes_waiting: usize,
+}
+
+impl FakeState {
+    /// What the classifier would do to `rule`'s packets under its profile entry (`None` when
+    /// that entry is not in use: the packets would be left alone).
+    pub fn treated(&self, rule: &FlowRule) -> Option<Treatment> {
+        self.profiles.get(&rule.profile).map(|t| rule.treated(t))
+    }
 }
 
 impl FakeDataPlane {
@@ -167,6 +177,25 @@ impl DataPlane for FakeDataPlane {
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {
         self.state().counters.remove(&slot);
         Ok(())
+    }
+
+    fn set_profile(&mut self, index: u16, t: &ProfileTreatment) -> Result<(), DataPlaneError> {
+        let mut s = self.state();
+        if t.in_use == 0 {
+            s.profiles.remove(&index);
+        } else {
+            s.profiles.insert(index, *t);
+        }
+        Ok(())
+    }
+
+    fn profiles(&self) -> Result<Vec<(u16, ProfileTreatment)>, DataPlaneError> {
+        Ok(self
+            .state()
+            .profiles
+            .iter()
+            .map(|(i, t)| (*i, *t))
+            .collect())
     }
 
     fn classes(&self) -> Arc<dyn super::Classes> {

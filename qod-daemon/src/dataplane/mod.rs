@@ -15,7 +15,7 @@ pub use fake::FakeDataPlane;
 pub use netlink::TcStats;
 use std::sync::Arc;
 
-use qod_common::{BANDS, BandCounters, DeviceKey, FlowCounters, FlowRule};
+use qod_common::{BANDS, BandCounters, DeviceKey, FlowCounters, FlowRule, ProfileTreatment};
 pub use scheduler::{QueueStats, SchedulerConfig};
 
 /// Which traffic leaves through a managed interface.
@@ -185,6 +185,11 @@ pub trait DataPlane: Send + 'static {
     fn parse_counters(&self) -> Result<Vec<(String, qod_common::ParseCounters)>, DataPlaneError> {
         Ok(Vec::new())
     }
+    /// Writes what profile entry `index` does to its sessions' packets (in effect for all of
+    /// them at once); a treatment that is not `in_use` retires the entry.
+    fn set_profile(&mut self, index: u16, t: &ProfileTreatment) -> Result<(), DataPlaneError>;
+    /// The profile entries in use (those a previous run left, over pinned maps).
+    fn profiles(&self) -> Result<Vec<(u16, ProfileTreatment)>, DataPlaneError>;
     /// Zeroes the counters and policer state at `slot` before it is handed to a new session.
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError>;
     /// The schedulers' per-session class operations, usable by many threads at once without
