@@ -588,7 +588,8 @@ pub struct KernelView {
     pub class_owner: HashMap<(String, u16), SessionId>,
     /// (interface, class index) of the classes qodd parked for reuse.
     pub parked: HashSet<(String, u16)>,
-    /// The profile table's entries in use, and the profile holding each (empty when retired).
+    /// The profile table's entries in use, and the profile holding each ([`RETIRED_PROFILE`]
+    /// for one whose profile left the policy while rules may still point at it).
     pub profiles: HashMap<u16, (qod_common::ProfileTreatment, String)>,
 }
 
@@ -751,7 +752,7 @@ impl Core {
         };
         {
             let policy = core.policy();
-            core.install_profiles(&mut core.lock(), &policy)?;
+            core.install_profiles(&mut core.lock(), &policy, true)?;
         }
         Ok(core)
     }
@@ -793,30 +794,90 @@ impl Core {
     /// Gives every profile of `policy` its entry of the classifier's profile table and writes
     /// what it does there: from this moment every session of a profile that was already there
     /// follows its new treatment. Profiles no longer in the policy keep their entries until
-    /// [`Self::release_retired_profiles`].
+    /// [`Self::release_retired_profiles`]. On failure the table is as it was (entries written
+    /// are put back); `starting`, entries the previous run left are given up when the table
+    /// is otherwise too full for the policy.
     fn install_profiles(
         &self,
         inner: &mut Inner,
         policy: &Policy,
+        starting: bool,
     ) -> Result<(), ProfileTableError> {
-        for (name, index) in inner
-            .profiles
-            .assign(policy.profiles.iter().map(|p| &p.name))?
-        {
-            if let Some(p) = policy.profiles.get(&name) {
-                inner.dp.set_profile(index, &self.treatment(p))?;
+        let names = || policy.profiles.iter().map(|p| &p.name);
+        let plan = match inner.profiles.plan(names()) {
+            Err(ProfileTableError::Full { .. }) if starting => {
+                let gone = inner.profiles.drop_inherited();
+                warn!(
+                    entries = gone.len(),
+                    "the profile table is too full for the configured profiles: the entries the previous run left are taken back (rules of that run pointing at them treat nothing, or as their new profile, until the restore has rewritten or removed them)"
+                );
+                for index in gone {
+                    clear_profile_entry(inner, index);
+                }
+                inner.profiles.plan(names())?
             }
+            planned => planned?,
+        };
+        let in_force = self.policy();
+        let mut written: Vec<(&crate::model::ProfileName, u16)> = Vec::new();
+        for (name, index) in plan.entries() {
+            let Some(p) = policy.profiles.get(name) else {
+                continue;
+            };
+            if let Err(e) = inner.dp.set_profile(index, &self.treatment(p)) {
+                // Back to the policy in force: its profiles' treatments where they were, and
+                // the entries that were free, free again.
+                for (name, index) in written {
+                    match in_force.profiles.get(name) {
+                        Some(old) if inner.profiles.index(name) == Some(index) => {
+                            let _ = inner.dp.set_profile(index, &self.treatment(old));
+                        }
+                        _ => clear_profile_entry(inner, index),
+                    }
+                }
+                return Err(e.into());
+            }
+            written.push((name, index));
         }
+        inner.profiles.commit(plan);
         Ok(())
     }
 
-    /// Frees the profile entries no profile of the policy in force holds, once no session can
-    /// refer to them (every session of a retired profile has ended).
-    fn release_retired_profiles(&self, inner: &mut Inner) {
-        for index in inner.profiles.release_retired() {
-            if let Err(e) = inner.dp.set_profile(index, &ProfileTreatment::default()) {
-                warn!(index, error = %crate::anyhow_like(&e), "cannot clear a retired profile entry (it stays unused)");
+    /// Frees the retired profile entries no live session holds (`with_inherited`: those the
+    /// previous run left too), if `still` holds under the lock. A live session of a retired
+    /// profile (one whose end was undone, say) keeps its entry until a later release.
+    fn release_retired_profiles(&self, with_inherited: bool, still: impl Fn(&Self) -> bool) {
+        if self.lock().profiles.retired(with_inherited).is_empty() {
+            return;
+        }
+        // Read without the lock: no session of a retired profile starts meanwhile.
+        let live: HashSet<u64> = self
+            .reads
+            .iter()
+            .filter(|s| matches!(s.state, SessionState::Available { .. }))
+            .map(|s| s.request.profile.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .map(|name| profiles::name_hash(name.as_str()))
+            .collect();
+        let mut inner = self.lock();
+        if !still(self) {
+            return;
+        }
+        for index in inner.profiles.retired(with_inherited) {
+            if inner
+                .profiles
+                .holder(index)
+                .is_some_and(|h| live.contains(&h))
+            {
+                warn!(
+                    index,
+                    "a retired profile entry is still held by a live session; kept"
+                );
+                continue;
             }
+            clear_profile_entry(&mut inner, index);
+            inner.profiles.release(index);
         }
     }
 
@@ -1301,18 +1362,19 @@ impl Core {
             }
         }
         if failed == 0 {
-            let mut inner = self.lock();
-            held.into_iter()
-                .for_each(|slot| inner.slots.give_back(slot));
+            {
+                let mut inner = self.lock();
+                held.into_iter()
+                    .for_each(|slot| inner.slots.give_back(slot));
+            }
             // No rule refers to the entries of profiles that left the configuration while qodd
             // was down any more: their sessions ended at the restore, their entries just went.
-            if self
-                .reloads_running
-                .load(std::sync::atomic::Ordering::SeqCst)
-                == 0
-            {
-                self.release_retired_profiles(&mut inner);
-            }
+            // (A reload still sweeping frees its own retirees when it is done.)
+            self.release_retired_profiles(true, |core| {
+                core.reloads_running
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    == 0
+            });
         } else {
             // An entry left may still count into one of them.
             error!(
@@ -2277,8 +2339,7 @@ impl Core {
                 let name = inner
                     .profiles
                     .name_of(index)
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
+                    .map_or_else(|| RETIRED_PROFILE.to_owned(), ToString::to_string);
                 (index, (t, name))
             })
             .collect();
@@ -2966,7 +3027,7 @@ impl Core {
             let mut inner = self.lock();
             // Each profile's entry first: a session of a profile still there follows its new
             // treatment from here on, and one admitted after the swap finds its entry.
-            if let Err(e) = self.install_profiles(&mut inner, &policy) {
+            if let Err(e) = self.install_profiles(&mut inner, &policy, false) {
                 error!(error = %crate::anyhow_like(&e), "policy reload refused; the running policy stays");
                 return;
             }
@@ -3023,14 +3084,10 @@ impl Core {
             info!(updated, ended, "policy reload superseded by a newer one");
             return;
         }
-        {
-            // Every session of a retired profile has ended: its entry is free again (unless a
-            // newer reload took over, whose own sweep frees them when it is done).
-            let mut inner = self.lock();
-            if Arc::ptr_eq(&policy, &self.policy()) {
-                self.release_retired_profiles(&mut inner);
-            }
-        }
+        // Every session of a profile this reload retired has ended: its entry is free again
+        // (unless a newer reload took over, whose own sweep frees them when it is done). The
+        // entries the previous run left wait for the start's orphans.
+        self.release_retired_profiles(false, |core| Arc::ptr_eq(&policy, &core.policy()));
         self.wake.notify_one();
         info!(updated, ended, "policy reloaded");
     }
@@ -3260,6 +3317,27 @@ fn holds_only(inner: &Inner, key: &DeviceKey, rule: &FlowRule) -> bool {
                 } == *rule
         }
         _ => false,
+    }
+}
+
+/// How the dump names a profile entry in use that no profile of the policy in force holds.
+pub const RETIRED_PROFILE: &str = "(retired)";
+
+/// Takes profile entry `index` out of use. Only its `in_use` changes, so a packet reading it
+/// meanwhile sees the whole old treatment or none.
+fn clear_profile_entry(inner: &mut Inner, index: u16) {
+    let cleared = inner.dp.profiles().and_then(|entries| {
+        match entries.into_iter().find(|(i, _)| *i == index) {
+            Some((_, mut t)) => {
+                t.in_use = 0;
+                inner.dp.set_profile(index, &t)
+            }
+            None => Ok(()),
+        }
+    });
+    if let Err(e) = cleared {
+        // Still in use in the kernel: written over when the entry is given to a profile again.
+        warn!(index, error = %crate::anyhow_like(&e), "cannot take a profile entry out of use");
     }
 }
 
@@ -3899,6 +3977,105 @@ mod tests {
                 got.state
             );
         }
+    }
+
+    /// A reload whose profile entries cannot all be written changes nothing: the entries it
+    /// wrote are put back, the running policy stays, and its profiles' sessions are created
+    /// and treated as before.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_that_cannot_write_its_profiles_changes_nothing() {
+        let (core, dp) = core(8);
+        let e = core.create(request([10, 0, 0, 1], 60)).expect("create");
+        let before = treated(&dp, &e.session);
+        let entries = dp.state.lock().expect("lock").profiles.clone();
+        let mut next = policy();
+        let changed: Vec<_> = next
+            .profiles
+            .iter()
+            .cloned()
+            .map(|mut p| {
+                p.dscp = 46;
+                p
+            })
+            .chain(std::iter::once(crate::profile::QosProfile {
+                name: ProfileName::parse("name", "QOS_NEW").expect("name"),
+                ..next.profiles.iter().next().expect("a profile").clone()
+            }))
+            .collect();
+        next.profiles = crate::profile::Profiles::new(changed);
+        // Entries are written in their order: every profile in force's first (its entry comes
+        // before the new one's), then the new one's, which fails; those putting things back
+        // succeed.
+        let in_force = entries.len();
+        dp.state.lock().expect("lock").profile_writes_left = Some(in_force);
+        core.reload(next);
+        assert_eq!(treated(&dp, &e.session), before, "treatment as before");
+        assert_eq!(
+            dp.state.lock().expect("lock").profiles,
+            entries,
+            "every entry as before"
+        );
+        let again = core.create(request([10, 0, 0, 2], 60)).expect("create");
+        assert_eq!(treated(&dp, &again.session).dscp, before.dscp);
+    }
+
+    /// A profile that left the configuration while qodd was down keeps its entry until the
+    /// start has removed that run's leftover rules, even if a reload completes first; the
+    /// profiles still configured keep their entries across the restart.
+    #[tokio::test(start_paused = true)]
+    async fn the_previous_runs_profile_entries_go_with_its_orphans_not_before() {
+        let (before, dp) = core(8);
+        let kept = before.create(request([10, 0, 0, 1], 600)).expect("create");
+        let kept_entry = installed(&dp, &kept.session).profile;
+        let entries = dp.state.lock().expect("lock").profiles.clone();
+        drop(before);
+        let mut fewer = policy();
+        let gone = fewer
+            .profiles
+            .iter()
+            .find(|p| p.name != kept.session.request.profile)
+            .expect("another profile")
+            .name
+            .clone();
+        let gone_entry = *entries
+            .iter()
+            .find(|(_, t)| t.name_hash == profiles::name_hash(gone.as_str()))
+            .expect("its entry")
+            .0;
+        let left: Vec<_> = fewer
+            .profiles
+            .iter()
+            .filter(|p| p.name != gone)
+            .cloned()
+            .collect();
+        fewer.profiles = crate::profile::Profiles::new(left);
+        let after = Arc::new(
+            Core::new(
+                Box::new(dp.clone()),
+                fewer.clone(),
+                limits(8, u32::MAX),
+                None,
+            )
+            .expect("core"),
+        );
+        after.restore(vec![stored_live(&kept)], true);
+        assert_eq!(installed(&dp, &kept.session).profile, kept_entry);
+        after.reload(fewer);
+        assert!(
+            dp.state
+                .lock()
+                .expect("lock")
+                .profiles
+                .contains_key(&gone_entry),
+            "a reload does not free the previous run's entries"
+        );
+        after.remove_orphans();
+        let s = dp.state.lock().expect("lock");
+        assert!(
+            !s.profiles.contains_key(&gone_entry),
+            "freed with the orphans"
+        );
+        assert!(s.profiles.contains_key(&kept_entry));
     }
 
     #[tokio::test(start_paused = true)]

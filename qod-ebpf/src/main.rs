@@ -229,7 +229,7 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
         },
     };
     // The session's profile: DSCP, band, and the priority and policer the rule does not set
-    // itself. An entry no profile holds (never written, or retired) treats nothing.
+    // itself. An entry not in use (never written, or taken out of use) treats nothing.
     let profile = match QOD_PROFILES.get(u32::from(rule.profile)) {
         Some(p) if p.in_use != 0 => p,
         _ => return Err(Skip::NoMatch),

@@ -735,11 +735,16 @@ fn a_rule_follows_its_profile_entry() {
     assert_eq!(seen(&h, &up).0, DROP, "uplink over the profile's policer");
     let c = h.dp.counters(9).expect("counters");
     assert_eq!((c.up_packets, c.up_dropped, c.down_packets), (2, 1, 2));
-    // Retired: the rule treats nothing.
-    h.dp.set_profile(3, &ProfileTreatment::default())
+    // Out of use (only `in_use` cleared, as qodd does): the rule treats nothing, and a packet
+    // already marked keeps its DSCP (not rewritten to the entry's, nor to 0).
+    h.dp.set_profile(3, &ProfileTreatment { in_use: 0, ..t })
         .expect("profile");
     h.untouched(&up, "entry not in use");
     h.untouched(&down, "entry not in use");
+    h.untouched(
+        &udp4(dev, [10, 0, 2, 5], 40000, 443, 26 << 2),
+        "marked, entry not in use",
+    );
 }
 
 /// A pin root of its own under bpffs, removed on drop (also on panic).
@@ -772,9 +777,7 @@ fn a_restart_over_its_own_pins_takes_the_verified_classifier_up_and_nothing_else
     // it classifies over the maps this load opened.
     let mut second = AyaDataPlane::load(64, &root.0).expect("second load");
     assert!(second.reused() && second.classifier_reused());
-    second
-        .set_profile(0, &treatment(DSCP, 0))
-        .expect("profile");
+    second.set_profile(0, &treatment(DSCP, 0)).expect("profile");
     second
         .install(
             key,

@@ -39,6 +39,9 @@ pub struct ProfileTable {
     by_name: HashMap<ProfileName, u16>,
     /// Each entry's holder (its name's hash); `None` when free.
     held: Vec<Option<u64>>,
+    /// Entries a previous run left that no profile of this run holds: rules the kernel kept
+    /// from that run may point at them until the start has removed its orphans.
+    inherited: Vec<bool>,
 }
 
 impl Default for ProfileTable {
@@ -47,37 +50,54 @@ impl Default for ProfileTable {
     }
 }
 
+/// The entries [`ProfileTable::plan`] gives a policy's profiles, for [`ProfileTable::commit`]
+/// once they are written.
+#[derive(Debug)]
+pub struct Plan {
+    by_name: HashMap<ProfileName, u16>,
+}
+
+impl Plan {
+    /// Every profile's entry, in the order of the entries.
+    pub fn entries(&self) -> impl Iterator<Item = (&ProfileName, u16)> {
+        let mut all: Vec<(&ProfileName, u16)> = self.by_name.iter().map(|(n, i)| (n, *i)).collect();
+        all.sort_unstable_by_key(|(_, i)| *i);
+        all.into_iter()
+    }
+}
+
 impl ProfileTable {
     /// The table as the kernel holds it: `in_use` are the entries a previous run left (index,
-    /// name hash), all retired until [`Self::assign`] gives them to the policy's profiles.
+    /// name hash), inherited until [`Self::commit`] gives them to the policy's profiles.
     pub fn adopt(in_use: impl IntoIterator<Item = (u16, u64)>) -> Self {
         let mut held = vec![None; MAX_PROFILES as usize];
+        let mut inherited = vec![false; MAX_PROFILES as usize];
         for (index, hash) in in_use {
             if let Some(h) = held.get_mut(usize::from(index)) {
                 *h = Some(hash);
+                inherited[usize::from(index)] = true;
             }
         }
         Self {
             by_name: HashMap::new(),
             held,
+            inherited,
         }
     }
 
-    /// Gives every profile in `names` an entry: the one it holds already, or the one a previous
-    /// run gave its name, else a free one. The entries of profiles not in `names` stay held
-    /// (retired) until [`Self::release_retired`]. Returns every profile's entry; refuses,
-    /// changing nothing, when the free entries are too few.
-    pub fn assign<'a>(
-        &mut self,
+    /// The entries for the profiles in `names`: the one a profile holds already, or the one
+    /// a previous run gave its name, else a free one. Changes nothing; refuses when the free
+    /// entries are too few.
+    pub fn plan<'a>(
+        &self,
         names: impl IntoIterator<Item = &'a ProfileName>,
-    ) -> Result<Vec<(ProfileName, u16)>, ProfileTableError> {
-        let names: Vec<&ProfileName> = names.into_iter().collect();
-        let mut by_name = HashMap::with_capacity(names.len());
+    ) -> Result<Plan, ProfileTableError> {
+        let mut by_name = HashMap::new();
         let mut taken = vec![false; self.held.len()];
         let mut wanting = Vec::new();
-        for name in &names {
+        for name in names {
             let hash = name_hash(name.as_str());
-            let kept = self.by_name.get(*name).copied().or_else(|| {
+            let kept = self.by_name.get(name).copied().or_else(|| {
                 (0..self.held.len())
                     .find(|i| self.held[*i] == Some(hash) && !taken[*i])
                     .map(|i| i as u16)
@@ -85,9 +105,9 @@ impl ProfileTable {
             match kept {
                 Some(index) if !taken[usize::from(index)] => {
                     taken[usize::from(index)] = true;
-                    by_name.insert((*name).clone(), index);
+                    by_name.insert(name.clone(), index);
                 }
-                _ => wanting.push(*name),
+                _ => wanting.push(name),
             }
         }
         let free: Vec<u16> = (0..self.held.len())
@@ -103,14 +123,17 @@ impl ProfileTable {
         for (name, index) in wanting.into_iter().zip(free) {
             by_name.insert(name.clone(), index);
         }
-        for (name, index) in &by_name {
+        Ok(Plan { by_name })
+    }
+
+    /// Makes `plan` the policy in force's entries (once they are written). The entries of
+    /// profiles it leaves out stay held (retired) until [`Self::release`].
+    pub fn commit(&mut self, plan: Plan) {
+        for (name, index) in &plan.by_name {
             self.held[usize::from(*index)] = Some(name_hash(name.as_str()));
+            self.inherited[usize::from(*index)] = false;
         }
-        self.by_name = by_name;
-        Ok(names
-            .into_iter()
-            .filter_map(|n| self.by_name.get(n).map(|i| (n.clone(), *i)))
-            .collect())
+        self.by_name = plan.by_name;
     }
 
     /// The entry of a profile of the policy in force.
@@ -126,21 +149,47 @@ impl ProfileTable {
             .map(|(n, _)| n)
     }
 
-    /// Frees the entries no profile of the policy in force holds (their sessions have ended);
-    /// returns them, to be cleared in the kernel.
-    pub fn release_retired(&mut self) -> Vec<u16> {
+    /// The name hash of entry `index`'s holder, if it is held.
+    pub fn holder(&self, index: u16) -> Option<u64> {
+        self.held.get(usize::from(index)).copied().flatten()
+    }
+
+    /// The retired entries (held, by no profile of the policy in force); with
+    /// `with_inherited`, those a previous run left too.
+    pub fn retired(&self, with_inherited: bool) -> Vec<u16> {
         let mut current = vec![false; self.held.len()];
         for index in self.by_name.values() {
             current[usize::from(*index)] = true;
         }
-        let mut released = Vec::new();
-        for (index, held) in self.held.iter_mut().enumerate() {
-            if held.is_some() && !current[index] {
-                *held = None;
-                released.push(index as u16);
-            }
+        (0..self.held.len())
+            .filter(|i| self.held[*i].is_some() && !current[*i])
+            .filter(|i| with_inherited || !self.inherited[*i])
+            .map(|i| i as u16)
+            .collect()
+    }
+
+    /// Frees retired entry `index` (no rule refers to it any more).
+    pub fn release(&mut self, index: u16) {
+        if self.name_of(index).is_none()
+            && let Some(h) = self.held.get_mut(usize::from(index))
+        {
+            *h = None;
+            self.inherited[usize::from(index)] = false;
         }
-        released
+    }
+
+    /// Frees every entry a previous run left (at a start whose table is too full to hold the
+    /// new profiles otherwise); returns them.
+    pub fn drop_inherited(&mut self) -> Vec<u16> {
+        let gone: Vec<u16> = (0..self.held.len())
+            .filter(|i| self.inherited[*i])
+            .map(|i| i as u16)
+            .collect();
+        for i in &gone {
+            self.held[usize::from(*i)] = None;
+            self.inherited[usize::from(*i)] = false;
+        }
+        gone
     }
 }
 
@@ -155,11 +204,18 @@ mod tests {
     }
 
     fn assign(t: &mut ProfileTable, list: &[&str]) -> HashMap<String, u16> {
-        t.assign(names(list).iter())
-            .expect("assign")
-            .into_iter()
-            .map(|(n, i)| (n.to_string(), i))
-            .collect()
+        let plan = t.plan(names(list).iter()).expect("plan");
+        let out = plan.entries().map(|(n, i)| (n.to_string(), i)).collect();
+        t.commit(plan);
+        out
+    }
+
+    fn release_retired(t: &mut ProfileTable, with_inherited: bool) -> Vec<u16> {
+        let retired = t.retired(with_inherited);
+        for i in &retired {
+            t.release(*i);
+        }
+        retired
     }
 
     #[test]
@@ -175,18 +231,23 @@ mod tests {
             "QOS_S is retired, not free"
         );
         assert_eq!(t.name_of(first["QOS_S"]), None);
-        assert_eq!(t.release_retired(), vec![first["QOS_S"]]);
-        assert!(t.release_retired().is_empty());
+        assert_eq!(release_retired(&mut t, false), vec![first["QOS_S"]]);
+        assert!(release_retired(&mut t, true).is_empty());
         // A restart over the pinned table, the profiles listed in another order.
         let pinned = [
             (second["QOS_E"], name_hash("QOS_E")),
             (second["QOS_L"], name_hash("QOS_L")),
         ];
         let mut again = ProfileTable::adopt(pinned);
-        let third = assign(&mut again, &["QOS_L", "QOS_M", "QOS_E"]);
+        let third = assign(&mut again, &["QOS_M", "QOS_E"]);
         assert_eq!(third["QOS_E"], second["QOS_E"]);
-        assert_eq!(third["QOS_L"], second["QOS_L"]);
-        assert!(![third["QOS_E"], third["QOS_L"]].contains(&third["QOS_M"]));
+        assert_ne!(
+            third["QOS_M"], second["QOS_L"],
+            "QOS_L's entry is inherited, not free"
+        );
+        // What the previous run left is freed with the start's orphans, not by a reload.
+        assert!(release_retired(&mut again, false).is_empty());
+        assert_eq!(release_retired(&mut again, true), vec![second["QOS_L"]]);
     }
 
     #[test]
@@ -199,7 +260,7 @@ mod tests {
         let others: Vec<String> = (0..100).map(|i| format!("QOS_Q{i}")).collect();
         let others: Vec<&str> = others.iter().map(String::as_str).collect();
         let e = t
-            .assign(names(&others).iter())
+            .plan(names(&others).iter())
             .expect_err("too few free entries");
         assert!(
             matches!(
@@ -218,6 +279,6 @@ mod tests {
                 Some(*index)
             );
         }
-        assert!(t.release_retired().is_empty());
+        assert!(t.retired(true).is_empty());
     }
 }

@@ -20,6 +20,8 @@ pub struct FakeState {
     pub flows: HashMap<DeviceKey, Vec<FlowRule>>,
     /// The profile entries in use, by index.
     pub profiles: HashMap<u16, ProfileTreatment>,
+    /// Profile entry writes left to succeed before one fails (`None`: all do).
+    pub profile_writes_left: Option<usize>,
     pub counters: HashMap<u32, FlowCounters>,
     pub fail_next_install: bool,
     /// Entries written so far.
@@ -181,6 +183,14 @@ impl DataPlane for FakeDataPlane {
 
     fn set_profile(&mut self, index: u16, t: &ProfileTreatment) -> Result<(), DataPlaneError> {
         let mut s = self.state();
+        match s.profile_writes_left {
+            Some(0) => {
+                s.profile_writes_left = None;
+                return Err(DataPlaneError::Full { capacity: 0 });
+            }
+            Some(left) => s.profile_writes_left = Some(left - 1),
+            None => {}
+        }
         if t.in_use == 0 {
             s.profiles.remove(&index);
         } else {

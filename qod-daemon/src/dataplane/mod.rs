@@ -186,7 +186,8 @@ pub trait DataPlane: Send + 'static {
         Ok(Vec::new())
     }
     /// Writes what profile entry `index` does to its sessions' packets (in effect for all of
-    /// them at once); a treatment that is not `in_use` retires the entry.
+    /// them at once); a treatment that is not `in_use` takes the entry out of use (rules that
+    /// point at it then treat nothing).
     fn set_profile(&mut self, index: u16, t: &ProfileTreatment) -> Result<(), DataPlaneError>;
     /// The profile entries in use (those a previous run left, over pinned maps).
     fn profiles(&self) -> Result<Vec<(u16, ProfileTreatment)>, DataPlaneError>;
