@@ -3445,6 +3445,18 @@ mod tests {
             .policy
     }
 
+    /// `p` without profile `name`.
+    fn without(mut p: Policy, name: &ProfileName) -> Policy {
+        let left: Vec<_> = p
+            .profiles
+            .iter()
+            .filter(|q| q.name != *name)
+            .cloned()
+            .collect();
+        p.profiles = crate::profile::Profiles::new(left);
+        p
+    }
+
     /// No managed interface, 360 s retention, a 16-event buffer.
     fn limits(max_sessions: u32, max_active_per_client: u32) -> Limits {
         Limits {
@@ -3946,16 +3958,7 @@ mod tests {
             );
         }
         let entry = installed(&dp, &sessions[0].session).profile;
-        let mut next = policy();
-        let dropped = sessions[0].session.request.profile.clone();
-        let kept: Vec<_> = next
-            .profiles
-            .iter()
-            .filter(|p| p.name != dropped)
-            .cloned()
-            .collect();
-        next.profiles = crate::profile::Profiles::new(kept);
-        core.reload(next);
+        core.reload(without(policy(), &sessions[0].session.request.profile));
         let s = dp.state.lock().expect("lock");
         assert!(
             s.flows.is_empty(),
@@ -4042,13 +4045,7 @@ mod tests {
             .find(|(_, t)| t.name_hash == profiles::name_hash(gone.as_str()))
             .expect("its entry")
             .0;
-        let left: Vec<_> = fewer
-            .profiles
-            .iter()
-            .filter(|p| p.name != gone)
-            .cloned()
-            .collect();
-        fewer.profiles = crate::profile::Profiles::new(left);
+        fewer = without(fewer, &gone);
         let after = Arc::new(
             Core::new(
                 Box::new(dp.clone()),

@@ -1262,6 +1262,20 @@ async fn a_foreign_root_qdisc_is_refused_unless_replacing_it_is_allowed() {
     assert!(root().contains("qdisc htb 1: root"), "{}", root());
 }
 
+/// Waits (20 s at most) for the restarted `qodd` to have reconciled the kernel's entries with
+/// what it restored (it does so once it serves).
+async fn reconciled(qodd: &Qodd) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !qodd.log().contains("kernel entries reconciled") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconciliation:\n{}",
+            qodd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 qod_testkit::in_every_mode!(
     an_entry_whose_session_left_the_store_stops_treating_after_a_crash,
     check_an_entry_whose_session_left_the_store_stops_treating_after_a_crash
@@ -1292,15 +1306,7 @@ async fn check_an_entry_whose_session_left_the_store_stops_treating_after_a_cras
         .expect("remove the orphan's session");
     qodd.restart().await.expect("restart");
     // Looked for once qodd serves.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !qodd.log().contains("kernel entries reconciled") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no reconciliation:\n{}",
-            qodd.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    reconciled(&qodd).await;
     assert!(
         qodd.log()
             .contains("removed kernel entries no session accounts for removed=1"),
@@ -1388,15 +1394,7 @@ async fn check_profiles_changed_while_down_apply_at_the_restart(mode: qod_testki
     );
     std::fs::write(qodd.config_path(), config).expect("rewrite config");
     qodd.restart().await.expect("restart");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !qodd.log().contains("kernel entries reconciled") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no reconciliation:\n{}",
-            qodd.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    reconciled(&qodd).await;
 
     assert_eq!(
         dscp(addr::DEVICE_V4, 46102),
