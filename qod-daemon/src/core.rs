@@ -588,6 +588,8 @@ pub struct KernelView {
     pub class_owner: HashMap<(String, u16), SessionId>,
     /// (interface, class index) of the classes qodd parked for reuse.
     pub parked: HashSet<(String, u16)>,
+    /// The profile of each AVAILABLE session.
+    pub session_profile: HashMap<SessionId, String>,
     /// The profile table's entries in use, and the profile holding each ([`RETIRED_PROFILE`]
     /// for one whose profile left the policy while rules may still point at it).
     pub profiles: HashMap<u16, (qod_common::ProfileTreatment, String)>,
@@ -2311,9 +2313,11 @@ impl Core {
         let inner = self.lock();
         let mut slot_owner = HashMap::new();
         let mut class_owner = HashMap::new();
+        let mut session_profile = HashMap::new();
         for s in inner.sessions.values() {
             if let SessionState::Available { slot, .. } = s.state {
                 slot_owner.insert(slot, (s.id, s.flow.device));
+                session_profile.insert(s.id, s.request.profile.to_string());
                 for c in s.reservation.iter().flat_map(|r| &r.classes) {
                     class_owner.insert((c.interface.clone(), c.index), s.id);
                 }
@@ -2349,6 +2353,7 @@ impl Core {
             slot_owner,
             class_owner,
             parked,
+            session_profile,
             profiles,
         })
     }
@@ -2393,6 +2398,19 @@ impl Core {
                 match kernel.slot_owner.get(&r.slot) {
                     Some((id, device)) if device == key => {
                         ruled.insert(*id);
+                        let own = kernel.session_profile.get(id);
+                        match kernel.profiles.get(&r.profile) {
+                            None => drift.push(format!(
+                                "session {id}'s kernel rule follows profile entry {}, which is not in use (it treats nothing)",
+                                r.profile
+                            )),
+                            Some((_, name)) if Some(name) != own => drift.push(format!(
+                                "session {id}'s kernel rule follows profile entry {} ({name}), not its profile {}'s",
+                                r.profile,
+                                own.map_or("?", String::as_str)
+                            )),
+                            Some(_) => {}
+                        }
                     }
                     _ => drift.push(format!(
                         "kernel rule for device {} (slot {}) belongs to no AVAILABLE session",
@@ -4073,6 +4091,40 @@ mod tests {
             "freed with the orphans"
         );
         assert!(s.profiles.contains_key(&kept_entry));
+    }
+
+    /// Verify finds a live session's rule that follows another profile's entry, or one not in
+    /// use.
+    #[tokio::test(start_paused = true)]
+    async fn verify_finds_a_rule_following_the_wrong_profile_entry() {
+        let (core, dp) = core(8);
+        let v = core.create(request([10, 0, 0, 1], 60)).expect("create");
+        let stored = [stored_live(&v)];
+        assert!(core.verify(&stored).expect("verify").drift.is_empty());
+        let other = {
+            let mut s = dp.state.lock().expect("lock");
+            let mine = s.flows[&v.session.flow.device][0].profile;
+            let other = *s.profiles.keys().find(|i| **i != mine).expect("another");
+            s.flows.get_mut(&v.session.flow.device).expect("rule")[0].profile = other;
+            other
+        };
+        let drift = core.verify(&stored).expect("verify").drift;
+        assert!(
+            drift.len() == 1 && drift[0].contains(&format!("profile entry {other} (")),
+            "{drift:?}"
+        );
+        dp.state
+            .lock()
+            .expect("lock")
+            .flows
+            .get_mut(&v.session.flow.device)
+            .expect("rule")[0]
+            .profile = 200;
+        let drift = core.verify(&stored).expect("verify").drift;
+        assert!(
+            drift.len() == 1 && drift[0].contains("entry 200, which is not in use"),
+            "{drift:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -919,6 +919,7 @@ async fn operator_commands_show_the_node_and_verify_catches_planted_drift() {
         .find(|r| r["sessionId"] == rated.session_id.as_str())
         .expect("the rated session's rule");
     assert_eq!(rule["skbPriorityDown"], class["classId"], "{dump}");
+    assert_eq!(rule["profile"], "QOS_G", "the entry it follows: {dump}");
 
     let (ok, verified) = ops(&["verify"]);
     assert!(ok, "{verified}");
