@@ -3341,19 +3341,9 @@ fn holds_only(inner: &Inner, key: &DeviceKey, rule: &FlowRule) -> bool {
 /// How the dump names a profile entry in use that no profile of the policy in force holds.
 pub const RETIRED_PROFILE: &str = "(retired)";
 
-/// Takes profile entry `index` out of use. Only its `in_use` changes, so a packet reading it
-/// meanwhile sees the whole old treatment or none.
+/// Takes profile entry `index` out of use (see [`DataPlane::take_profile_out_of_use`]).
 fn clear_profile_entry(inner: &mut Inner, index: u16) {
-    let cleared = inner.dp.profiles().and_then(|entries| {
-        match entries.into_iter().find(|(i, _)| *i == index) {
-            Some((_, mut t)) => {
-                t.in_use = 0;
-                inner.dp.set_profile(index, &t)
-            }
-            None => Ok(()),
-        }
-    });
-    if let Err(e) = cleared {
+    if let Err(e) = inner.dp.take_profile_out_of_use(index) {
         // Still in use in the kernel: written over when the entry is given to a profile again.
         warn!(index, error = %crate::anyhow_like(&e), "cannot take a profile entry out of use");
     }

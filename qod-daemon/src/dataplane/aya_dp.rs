@@ -378,6 +378,16 @@ impl AyaDataPlane {
         Ok(sum)
     }
 
+    /// Profile entry `index` as the kernel holds it.
+    fn profile_at(&self, index: u16) -> Result<ProfileTreatment, DataPlaneError> {
+        self.profiles
+            .get(&u32::from(index), 0)
+            .map_err(|source| DataPlaneError::Map {
+                map: PROFILES_MAP,
+                source,
+            })
+    }
+
     /// Loads the object with maps sized for `max_sessions`; the classifier is verified on a
     /// thread of its own meanwhile (or, continuing over pinned maps, this build's pinned program
     /// is taken as it is). Nothing is attached yet. Maps are pinned under `pin_dir(pin_root)`;
@@ -1023,19 +1033,21 @@ impl DataPlane for AyaDataPlane {
 
     fn profiles(&self) -> Result<Vec<(u16, ProfileTreatment)>, DataPlaneError> {
         let mut out = Vec::new();
-        for index in 0..MAX_PROFILES {
-            let t = self
-                .profiles
-                .get(&index, 0)
-                .map_err(|source| DataPlaneError::Map {
-                    map: PROFILES_MAP,
-                    source,
-                })?;
+        for index in 0..MAX_PROFILES as u16 {
+            let t = self.profile_at(index)?;
             if t.in_use != 0 {
-                out.push((index as u16, t));
+                out.push((index, t));
             }
         }
         Ok(out)
+    }
+
+    fn take_profile_out_of_use(&mut self, index: u16) -> Result<(), DataPlaneError> {
+        let t = self.profile_at(index)?;
+        if t.in_use == 0 {
+            return Ok(());
+        }
+        self.set_profile(index, &ProfileTreatment { in_use: 0, ..t })
     }
 
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError> {

@@ -208,6 +208,12 @@ impl DataPlane for FakeDataPlane {
             .collect())
     }
 
+    fn take_profile_out_of_use(&mut self, index: u16) -> Result<(), DataPlaneError> {
+        // The fake keeps only the entries in use.
+        self.state().profiles.remove(&index);
+        Ok(())
+    }
+
     fn classes(&self) -> Arc<dyn super::Classes> {
         Arc::new(self.clone())
     }

@@ -191,6 +191,9 @@ pub trait DataPlane: Send + 'static {
     fn set_profile(&mut self, index: u16, t: &ProfileTreatment) -> Result<(), DataPlaneError>;
     /// The profile entries in use (those a previous run left, over pinned maps).
     fn profiles(&self) -> Result<Vec<(u16, ProfileTreatment)>, DataPlaneError>;
+    /// Takes profile entry `index` out of use by its `in_use` flag alone, so a packet reading it
+    /// meanwhile sees the whole old treatment or none.
+    fn take_profile_out_of_use(&mut self, index: u16) -> Result<(), DataPlaneError>;
     /// Zeroes the counters and policer state at `slot` before it is handed to a new session.
     fn reset_counters(&mut self, slot: u32) -> Result<(), DataPlaneError>;
     /// The schedulers' per-session class operations, usable by many threads at once without
