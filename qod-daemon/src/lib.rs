@@ -288,6 +288,11 @@ pub async fn run(
         )
         .router()
     });
+    let sessions = Arc::new(api::SessionService::new(
+        ops.clone(),
+        token.clone(),
+        config.limits.max_watches,
+    ));
     // Health stays open for probes; everything else needs a valid token.
     let router = server
         .layer(api::correlator::CorrelatorLayer)
@@ -302,12 +307,12 @@ pub async fn run(
             authenticator.clone(),
         ))
         .add_service(InterceptedService::new(
-            QualityOnDemandServer::new(api::SessionService::new(
-                ops.clone(),
-                token.clone(),
-                config.limits.max_watches,
-            ))
-            .max_decoding_message_size(max_message),
+            api::watch::Route::new(
+                QualityOnDemandServer::from_arc(sessions.clone())
+                    .max_decoding_message_size(max_message),
+                sessions,
+                max_message,
+            ),
             authenticator.clone(),
         ))
         .add_service(InterceptedService::new(

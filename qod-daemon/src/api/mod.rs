@@ -44,6 +44,8 @@ pub struct SessionService {
     shutdown: CancellationToken,
     /// Watch streams open per client.
     watches: Arc<Watches>,
+    /// The event log's head, as watch streams are woken by it.
+    paced: watch::Paced,
 }
 
 /// Watch streams open per API client, at most `max` each: a stream costs a task and a place on
@@ -94,8 +96,10 @@ impl Drop for WatchSlot {
 }
 
 impl SessionService {
+    /// Needs a tokio runtime (it starts the watch streams' pacer).
     pub fn new(ops: Operations, shutdown: CancellationToken, max_watches_per_client: u32) -> Self {
         Self {
+            paced: watch::Paced::start(ops.core().events()),
             ops,
             shutdown,
             watches: Arc::new(Watches {
@@ -175,10 +179,26 @@ impl QualityOnDemand for SessionService {
 
     type WatchSessionEventsStream = EventStream;
 
+    /// Served on the wire by [`watch::Route`], which sends the log's encoded events as they
+    /// are; this decodes them, for a caller of the service itself.
     async fn watch_session_events(
         &self,
         request: Request<pb::WatchSessionEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let events = self.open_watch(request)?.into_inner();
+        Ok(Response::new(Box::pin(
+            events.map(|m| m.and_then(|m| m.decode())),
+        )))
+    }
+}
+
+impl SessionService {
+    /// A Watch stream: the caller's events after the revision asked for, until the caller's
+    /// token or the daemon ends.
+    fn open_watch(
+        &self,
+        request: Request<pb::WatchSessionEventsRequest>,
+    ) -> Result<Response<watch::Outgoings>, Status> {
         let caller = authorize(&request, scope::SESSIONS_READ)?;
         // The stream ends when the token does; the client reconnects with a fresh one.
         let token_left = crate::auth::time_left(&request);
@@ -208,6 +228,7 @@ impl QualityOnDemand for SessionService {
         };
         let events = watch::stream(
             self.core().events().clone(),
+            &self.paced,
             filter,
             req.after_revision,
             slot,

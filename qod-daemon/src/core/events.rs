@@ -113,7 +113,13 @@ impl Logged {
         caller.may_see(&self.owner, self.subject.as_ref())
     }
 
+    /// The watch message, encoded (what a Watch stream sends as it is).
+    pub fn encoded(&self) -> &[u8] {
+        &self.message
+    }
+
     /// The watch message.
+    #[cfg(test)]
     pub fn message(&self) -> pb::SessionEvent {
         // Encoded by this qodd, in memory or checked when loaded: it decodes.
         pb::SessionEvent::decode(&self.message[..]).unwrap_or_default()
