@@ -415,6 +415,33 @@ mod tests {
         );
     }
 
+    /// Streams are woken at most every `watch::PACE`: a change that comes while the pacer
+    /// waits out its pause still wakes them when the pause ends (none is lost, however the
+    /// changes fall against the pauses).
+    #[tokio::test]
+    async fn a_change_during_the_pacers_pause_still_reaches_the_watcher() {
+        let (core, service) = service(1000);
+        let mut live = watch(&service, None).await;
+        next(&mut live).await;
+        for i in 1..=20u8 {
+            // The stream waits for the pacer first, then the change comes: right after the
+            // last one, so the pacer is in its pause.
+            let waiting = tokio::spawn(async move {
+                let ev = next(&mut live).await;
+                (ev, live)
+            });
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let id = create(&core, i);
+            let (ev, stream) = waiting.await.expect("the waiting stream");
+            live = stream;
+            assert_eq!(changed(&ev).session_id, id.to_string());
+            if i % 2 == 0 {
+                // Past the pause: the next change is the first of a quiet spell.
+                tokio::time::sleep(watch::PACE * 2).await;
+            }
+        }
+    }
+
     /// A watcher resuming from further back than the log keeps is told to resync, with the
     /// oldest revision kept and the current one, then gets what follows.
     #[tokio::test]
