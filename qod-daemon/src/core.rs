@@ -41,7 +41,7 @@ use crate::{
     notify::{Notification, Notifier},
     policy::Policy,
     profile::{Band, ProfileStatus, QosProfile},
-    store::{Ended, Op, Store, StoredSession, Ticket},
+    store::{Ended, Op, Store, StorePlace, StoredSession, Ticket},
 };
 
 /// Sizes and topology the core works within.
@@ -638,6 +638,23 @@ pub struct PoolStats {
     pub reserved_bps: u64,
     pub capacity_bps: u64,
 }
+
+/// What a batch of deadlines decided, to be told without the lock ([`Core::decide_due`]).
+#[derive(Default)]
+struct Due {
+    endings: Vec<Ending>,
+    place: Option<StorePlace>,
+    purged: Vec<SessionId>,
+}
+
+impl Due {
+    fn is_empty(&self) -> bool {
+        self.endings.is_empty() && self.purged.is_empty()
+    }
+}
+
+/// Batches of expiry ends told at once while the next is decided ([`Core::run_expiry`]).
+const TELLING: usize = 2;
 
 /// A session ended in the ledger, its end not yet told (see [`Core::tell_endings`]).
 struct Ending {
@@ -2934,7 +2951,7 @@ impl Core {
     /// event is built into its reserved revision, logged and audited; all are written in one
     /// commit with their log records and notifications, and announced once that is durable
     /// (withdrawn if it fails).
-    fn tell_endings(&self, endings: Vec<Ending>) {
+    fn tell_endings(&self, endings: Vec<Ending>, place: Option<StorePlace>) {
         if endings.is_empty() {
             return;
         }
@@ -2977,13 +2994,27 @@ impl Core {
             return;
         };
         let announcer = self.announcer.clone();
-        store.submit_then(ops, move |r| match r {
+        let then = move |r: crate::store::Outcome| match r {
             Ok(()) => places.into_iter().for_each(|p| announcer.release(p)),
             Err(e) => {
                 error!(error = %crate::anyhow_like(&e), ends = places.len(), "cannot store sessions' ends; they are not announced");
                 places.into_iter().for_each(|p| announcer.withdraw(p));
             }
-        });
+        };
+        match place {
+            Some(place) => store.fill_then(place, ops, then),
+            None => store.submit_then(ops, then),
+        }
+    }
+
+    /// The store's next place, taken under the lock with the decisions whose writes will fill
+    /// it: a change decided after them (a delete of a session just ended, say) is written after
+    /// them, however long telling them takes.
+    fn store_place(&self, decided: &[Ending]) -> Option<StorePlace> {
+        if decided.is_empty() {
+            return None;
+        }
+        self.store.as_ref().map(Store::reserve)
     }
 
     /// Works through every session in deadline order, `batch` at a time, each batch under one
@@ -3013,9 +3044,10 @@ impl Core {
             for id in ids {
                 each(&mut inner, id, now, &mut endings);
             }
+            let place = self.store_place(&endings);
             MutexGuard::unlock_fair(inner);
             ended += endings.len();
-            self.tell_endings(endings);
+            self.tell_endings(endings, place);
             if !pause.is_zero() {
                 std::thread::sleep(pause);
             }
@@ -3114,6 +3146,14 @@ impl Core {
     /// under one hold of the lock; returns the next deadline (one already due when the batch
     /// was full, so the caller comes back at once and readers get the lock in between).
     pub fn expire_due(&self, now: Instant) -> Option<Instant> {
+        let (next, due) = self.decide_due(now);
+        self.tell_due(due);
+        next
+    }
+
+    /// The decisions of [`Core::expire_due`], under the lock; what they leave to tell (without
+    /// it) comes back with the next deadline.
+    fn decide_due(&self, now: Instant) -> (Option<Instant>, Due) {
         let mut inner = self.lock();
         let (mut endings, mut purged) = (Vec::new(), Vec::new());
         let mut next = None;
@@ -3147,24 +3187,59 @@ impl Core {
                 }
             }
         }
+        let place = self.store_place(&endings);
         // A full batch comes back at once: a waiting reader goes first.
         MutexGuard::unlock_fair(inner);
-        self.tell_endings(endings);
+        (
+            next,
+            Due {
+                endings,
+                place,
+                purged,
+            },
+        )
+    }
+
+    /// Tells what [`Core::decide_due`] decided: the ends, and the purged sessions forgotten.
+    fn tell_due(&self, due: Due) {
+        let Due {
+            endings,
+            place,
+            purged,
+        } = due;
+        self.tell_endings(endings, place);
         if !purged.is_empty() {
             debug!(sessions = purged.len(), "unavailable sessions purged");
             self.forget_logged(purged);
         }
-        next
     }
 
     /// Runs expiry until `shutdown` is cancelled.
+    ///
+    /// A batch's ends are told (audited, their events built, their writes queued) while the next
+    /// batch is decided, at most [`TELLING`] batches at a time: each batch's writes keep their
+    /// place in the store's queue (taken with the decisions), and its events their revisions,
+    /// so the order of what is written and announced is the order of the decisions.
     pub async fn run_expiry(self: Arc<Self>, shutdown: CancellationToken) {
+        let telling = Arc::new(tokio::sync::Semaphore::new(TELLING));
         loop {
-            // Expiry may remove scheduler classes (tc): run it off the async workers.
+            let Ok(told) = telling.clone().acquire_owned().await else {
+                return;
+            };
+            // Expiry may remove scheduler classes (netlink): run it off the async workers.
             let core = self.clone();
-            let next = tokio::task::spawn_blocking(move || core.expire_due(Instant::now()))
+            let (next, due) = tokio::task::spawn_blocking(move || core.decide_due(Instant::now()))
                 .await
-                .unwrap_or(None);
+                .unwrap_or_default();
+            if due.is_empty() {
+                drop(told);
+            } else {
+                let core = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    core.tell_due(due);
+                    drop(told);
+                });
+            }
             let sleep = async {
                 match next {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -3174,7 +3249,11 @@ impl Core {
             tokio::select! {
                 () = sleep => {}
                 () = self.wake.notified() => {}
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    // What was decided is told before the expiry stops.
+                    let _ = telling.acquire_many(TELLING as u32).await;
+                    return;
+                }
             }
         }
     }

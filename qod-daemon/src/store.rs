@@ -278,6 +278,30 @@ struct Job {
     done: Done,
 }
 
+/// What the writer's queue holds: a job, or a place whose job comes later ([`Store::reserve`]).
+enum Queued {
+    Job(Job),
+    Place(std::sync::mpsc::Receiver<Job>),
+}
+
+impl Queued {
+    /// The job, once there is one: the writer waits for a place to be filled (fills follow
+    /// their reservations within moments, and never wait for the writer); a place given up
+    /// unfilled has none.
+    fn resolve(self) -> Option<Job> {
+        match self {
+            Queued::Job(job) => Some(job),
+            Queued::Place(filled) => filled.recv().ok(),
+        }
+    }
+}
+
+/// A place in the store's queue taken when a change is decided, filled with its writes once they
+/// are built ([`Store::fill_then`]): writes queued after the reservation commit after them (or
+/// with them), in the order of the decisions, however long the building takes. Dropped unfilled,
+/// it holds nothing up.
+pub struct StorePlace(Option<std::sync::mpsc::SyncSender<Job>>);
+
 /// Events the log keeps unless configured (`event_log_retention`).
 pub const DEFAULT_EVENT_RETENTION: u64 = 100_000;
 
@@ -298,7 +322,7 @@ struct Shared {
     commits: Arc<std::sync::atomic::AtomicU64>,
     /// Jobs submitted.
     writes: std::sync::atomic::AtomicU64,
-    tx: Option<std::sync::mpsc::Sender<Job>>,
+    tx: Option<std::sync::mpsc::Sender<Queued>>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// Taken by the writer around each commit (uncontended), so a test can hold commits back.
     #[cfg_attr(not(test), expect(dead_code, reason = "only tests take the gate"))]
@@ -410,18 +434,21 @@ fn mirror_committed(mirror: &Mirror, jobs: &[Job], results: &[Outcome]) {
 
 fn writer(
     db: Arc<Database>,
-    rx: std::sync::mpsc::Receiver<Job>,
+    rx: std::sync::mpsc::Receiver<Queued>,
     commits: Arc<std::sync::atomic::AtomicU64>,
     gate: Arc<std::sync::Mutex<()>>,
     event_retention: u64,
     mirror: Arc<std::sync::OnceLock<Mirror>>,
 ) {
     while let Ok(first) = rx.recv() {
+        let Some(first) = first.resolve() else {
+            continue;
+        };
         let held = gate.lock().unwrap_or_else(|p| p.into_inner());
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(j) => jobs.push(j),
+                Ok(q) => jobs.extend(q.resolve()),
                 Err(_) => break,
             }
         }
@@ -582,18 +609,57 @@ impl Store {
         self.enqueue(ops, Done::Then(Box::new(then)));
     }
 
-    fn enqueue(&self, ops: Vec<Op>, done: Done) {
+    /// Takes the next place in the queue, for writes built later ([`StorePlace`]).
+    pub fn reserve(&self) -> StorePlace {
+        let (fill, filled) = std::sync::mpsc::sync_channel(1);
+        match &self.shared.tx {
+            Some(tx) if tx.send(Queued::Place(filled)).is_ok() => StorePlace(Some(fill)),
+            _ => StorePlace(None),
+        }
+    }
+
+    /// Fills `place` with `ops`, as [`Store::submit_then`] queues them (at the place's turn).
+    pub fn fill_then(
+        &self,
+        place: StorePlace,
+        ops: Vec<Op>,
+        then: impl FnOnce(Outcome) + Send + 'static,
+    ) {
         self.shared
             .writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let job = Job { ops, done };
-        let refused = match &self.shared.tx {
-            Some(tx) => match tx.send(job) {
+        let job = Job {
+            ops,
+            done: Done::Then(Box::new(then)),
+        };
+        let refused = match place.0 {
+            Some(fill) => match fill.send(job) {
                 Ok(()) => return,
                 Err(std::sync::mpsc::SendError(job)) => job,
             },
             None => job,
         };
+        Self::refuse(refused);
+    }
+
+    fn enqueue(&self, ops: Vec<Op>, done: Done) {
+        self.shared
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let job = Job { ops, done };
+        match &self.shared.tx {
+            Some(tx) => {
+                if let Err(std::sync::mpsc::SendError(Queued::Job(job))) = tx.send(Queued::Job(job))
+                {
+                    Self::refuse(job);
+                }
+            }
+            None => Self::refuse(job),
+        }
+    }
+
+    /// Tells a job the writer will not take that it failed.
+    fn refuse(refused: Job) {
         let stopped = Err(Arc::new(StoreError::WriterStopped));
         match refused.done {
             Done::Ticket(done) => drop(done.send(stopped)),
@@ -938,6 +1004,29 @@ mod tests {
         let mut ids = store.session_ids().expect("ids");
         ids.sort_by_key(|id| id.to_string());
         assert_eq!(ids, all.iter().map(|s| s.id).collect::<Vec<_>>());
+    }
+
+    /// A place taken before a later write is written before it, though filled after it: a
+    /// session's end (decided first, its record built later) cannot land after its deletion
+    /// and bring it back.
+    #[test]
+    fn a_reserved_place_is_written_in_its_turn() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let s = sample();
+        let place = store.reserve();
+        let removal = store.submit(vec![Op::RemoveSession(s.id)]);
+        let (done, filled) = std::sync::mpsc::channel();
+        store.fill_then(place, vec![Op::PutSession(Box::new(s.clone()))], move |r| {
+            done.send(r.is_ok()).expect("send");
+        });
+        assert!(filled.recv().expect("the place's outcome"));
+        removal.wait().expect("the removal");
+        assert_eq!(store.load().expect("load"), vec![]);
+        // A place given up unfilled holds nothing up.
+        drop(store.reserve());
+        store.put(&s).expect("put after an empty place");
+        assert_eq!(store.load().expect("load"), vec![s]);
     }
 
     #[test]
