@@ -639,23 +639,6 @@ pub struct PoolStats {
     pub capacity_bps: u64,
 }
 
-/// What a batch of deadlines decided, to be told without the lock ([`Core::decide_due`]).
-#[derive(Default)]
-struct Due {
-    endings: Vec<Ending>,
-    place: Option<StorePlace>,
-    purged: Vec<SessionId>,
-}
-
-impl Due {
-    fn is_empty(&self) -> bool {
-        self.endings.is_empty() && self.purged.is_empty()
-    }
-}
-
-/// Batches of expiry ends told at once while the next is decided ([`Core::run_expiry`]).
-const TELLING: usize = 2;
-
 /// A session ended in the ledger, its end not yet told (see [`Core::tell_endings`]).
 struct Ending {
     session: Session,
@@ -3146,14 +3129,6 @@ impl Core {
     /// under one hold of the lock; returns the next deadline (one already due when the batch
     /// was full, so the caller comes back at once and readers get the lock in between).
     pub fn expire_due(&self, now: Instant) -> Option<Instant> {
-        let (next, due) = self.decide_due(now);
-        self.tell_due(due);
-        next
-    }
-
-    /// The decisions of [`Core::expire_due`], under the lock; what they leave to tell (without
-    /// it) comes back with the next deadline.
-    fn decide_due(&self, now: Instant) -> (Option<Instant>, Due) {
         let mut inner = self.lock();
         let (mut endings, mut purged) = (Vec::new(), Vec::new());
         let mut next = None;
@@ -3190,56 +3165,22 @@ impl Core {
         let place = self.store_place(&endings);
         // A full batch comes back at once: a waiting reader goes first.
         MutexGuard::unlock_fair(inner);
-        (
-            next,
-            Due {
-                endings,
-                place,
-                purged,
-            },
-        )
-    }
-
-    /// Tells what [`Core::decide_due`] decided: the ends, and the purged sessions forgotten.
-    fn tell_due(&self, due: Due) {
-        let Due {
-            endings,
-            place,
-            purged,
-        } = due;
         self.tell_endings(endings, place);
         if !purged.is_empty() {
             debug!(sessions = purged.len(), "unavailable sessions purged");
             self.forget_logged(purged);
         }
+        next
     }
 
     /// Runs expiry until `shutdown` is cancelled.
-    ///
-    /// A batch's ends are told (audited, their events built, their writes queued) while the next
-    /// batch is decided, at most [`TELLING`] batches at a time: each batch's writes keep their
-    /// place in the store's queue (taken with the decisions), and its events their revisions,
-    /// so the order of what is written and announced is the order of the decisions.
     pub async fn run_expiry(self: Arc<Self>, shutdown: CancellationToken) {
-        let telling = Arc::new(tokio::sync::Semaphore::new(TELLING));
         loop {
-            let Ok(told) = telling.clone().acquire_owned().await else {
-                return;
-            };
             // Expiry may remove scheduler classes (netlink): run it off the async workers.
             let core = self.clone();
-            let (next, due) = tokio::task::spawn_blocking(move || core.decide_due(Instant::now()))
+            let next = tokio::task::spawn_blocking(move || core.expire_due(Instant::now()))
                 .await
-                .unwrap_or_default();
-            if due.is_empty() {
-                drop(told);
-            } else {
-                let core = self.clone();
-                tokio::task::spawn_blocking(move || {
-                    core.tell_due(due);
-                    drop(told);
-                });
-            }
+                .unwrap_or(None);
             let sleep = async {
                 match next {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -3249,11 +3190,7 @@ impl Core {
             tokio::select! {
                 () = sleep => {}
                 () = self.wake.notified() => {}
-                () = shutdown.cancelled() => {
-                    // What was decided is told before the expiry stops.
-                    let _ = telling.acquire_many(TELLING as u32).await;
-                    return;
-                }
+                () = shutdown.cancelled() => return,
             }
         }
     }
