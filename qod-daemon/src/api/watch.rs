@@ -233,7 +233,9 @@ pub fn stream<S: Send + 'static>(
 const PATH: &str = "/qod.v1.QualityOnDemand/WatchSessionEvents";
 
 /// The sessions service with its Watch method served from the log's encoded events: every other
-/// method goes to `inner` (the generated server).
+/// method goes to `inner` (the generated server). The Watch method does not see the generated
+/// server's settings: it takes the same decoding limit (`max_decoding`), and like it compresses
+/// nothing. Compression or an encoding limit set on the generated server must be set here too.
 #[derive(Clone)]
 pub struct Route<S> {
     inner: S,
