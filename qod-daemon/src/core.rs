@@ -588,8 +588,8 @@ pub struct KernelView {
     pub class_owner: HashMap<(String, u16), SessionId>,
     /// (interface, class index) of the classes qodd parked for reuse.
     pub parked: HashSet<(String, u16)>,
-    /// The profile of each AVAILABLE session.
-    pub session_profile: HashMap<SessionId, String>,
+    /// The profile of each AVAILABLE session (shared with the ledger: no copy of the name).
+    pub session_profile: HashMap<SessionId, crate::model::ProfileName>,
     /// The profile table's entries in use, and the profile holding each ([`RETIRED_PROFILE`]
     /// for one whose profile left the policy while rules may still point at it).
     pub profiles: HashMap<u16, (qod_common::ProfileTreatment, String)>,
@@ -2317,7 +2317,7 @@ impl Core {
         for s in inner.sessions.values() {
             if let SessionState::Available { slot, .. } = s.state {
                 slot_owner.insert(slot, (s.id, s.flow.device));
-                session_profile.insert(s.id, s.request.profile.to_string());
+                session_profile.insert(s.id, s.request.profile.clone());
                 for c in s.reservation.iter().flat_map(|r| &r.classes) {
                     class_owner.insert((c.interface.clone(), c.index), s.id);
                 }
@@ -2398,16 +2398,19 @@ impl Core {
                 match kernel.slot_owner.get(&r.slot) {
                     Some((id, device)) if device == key => {
                         ruled.insert(*id);
-                        let own = kernel.session_profile.get(id);
+                        let own = kernel
+                            .session_profile
+                            .get(id)
+                            .map(crate::model::ProfileName::as_str);
                         match kernel.profiles.get(&r.profile) {
                             None => drift.push(format!(
                                 "session {id}'s kernel rule follows profile entry {}, which is not in use (it treats nothing)",
                                 r.profile
                             )),
-                            Some((_, name)) if Some(name) != own => drift.push(format!(
+                            Some((_, name)) if Some(name.as_str()) != own => drift.push(format!(
                                 "session {id}'s kernel rule follows profile entry {} ({name}), not its profile {}'s",
                                 r.profile,
-                                own.map_or("?", String::as_str)
+                                own.unwrap_or("?")
                             )),
                             Some(_) => {}
                         }
