@@ -65,6 +65,11 @@ static QOD_PROFILES: Array<ProfileTreatment> = Array::pinned(MAX_PROFILES, 0);
 #[map]
 static QOD_POLICERS: Array<PolicerState> = Array::pinned(DEFAULT_MAX_SESSIONS, 0);
 
+/// [`forget_ipv6_walk`]'s slot ([`qod_common::SCRATCH_MAP`]; not pinned: it holds nothing
+/// between packets).
+#[map]
+static QOD_SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 static QOD_COUNTERS: PerCpuArray<FlowCounters> = PerCpuArray::pinned(DEFAULT_MAX_SESSIONS, 0);
 
@@ -124,6 +129,7 @@ fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Skip> {
 }
 
 /// The addressing of one packet, as far as classification needs it.
+#[derive(Clone, Copy)]
 struct Packet {
     family: u32,
     /// Offset of the IP header.
@@ -180,6 +186,25 @@ const FRAGMENTS_FOLLOWED: usize = 2;
 const FRAGMENTS_UNKNOWN: usize = 3;
 const _: () = assert!(core::mem::size_of::<ParseCounters>() == 4 * 8);
 
+/// The same packet, read back from the per-CPU scratch slot, so that what the verifier knows
+/// about it is no more than its types. Each way through the IPv6 extension walk (which header
+/// ended it, after how many, at which offset) leaves a different state, and the verifier would
+/// go through everything after the parse once for each of them: most of its work on this
+/// program (`cargo xtask bench verifier`). Costs an IPv6 packet a store and a load of the
+/// struct; IPv4 does not come here.
+#[inline(always)]
+fn forget_ipv6_walk(pkt: Packet) -> Packet {
+    match QOD_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot no other CPU uses, and this program is not re-entered on the
+        // same CPU while it runs; volatile so the compiler does not forward the stored values.
+        Some(p) => unsafe {
+            core::ptr::write_volatile(p, pkt);
+            core::ptr::read_volatile(p)
+        },
+        None => pkt,
+    }
+}
+
 /// Adds one to word `field` of an interface's parse counters.
 #[inline(always)]
 fn count_parse(slot: u32, field: usize) {
@@ -202,6 +227,9 @@ fn try_qod_tc(ctx: &TcContext) -> Result<i32, Skip> {
     let sides = iface.side;
     let slot = u32::from(iface.counters);
     let mut pkt = parse(ctx)?;
+    if pkt.family == FAMILY_IPV6 {
+        pkt = forget_ipv6_walk(pkt);
+    }
     if pkt.chain_too_long {
         count_parse(slot, CHAIN_TOO_LONG);
     }
@@ -560,8 +588,13 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
     let chain_too_long = !later_fragment && is_ipv6_extension(next);
     let ports = if chain_too_long || later_fragment {
         None
-    } else {
+    } else if i == 0 {
         l4_ports(ctx, next, off)
+    } else {
+        // Behind extension headers the offset is the walk's: the kernel copies the ports out,
+        // so the rest of the program is verified once for every chain (a direct read would make
+        // the verifier carry each chain's exact offset through it).
+        l4_ports_copied(ctx, next, off)
     };
     Ok(Packet {
         family: FAMILY_IPV6,
@@ -589,6 +622,16 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Skip> {
         Err(_) if off <= 0xffff => ctx.load::<T>(off).map_err(|_| Skip::Truncated),
         Err(e) => Err(e),
     }
+}
+
+/// [`l4_ports`], always copied out by the kernel (`bpf_skb_load_bytes`).
+#[inline(always)]
+fn l4_ports_copied(ctx: &TcContext, protocol: u8, off: usize) -> Option<(u16, u16)> {
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return None;
+    }
+    let ports = ctx.load::<[u16; 2]>(off).ok()?;
+    Some((u16::from_be(ports[0]), u16::from_be(ports[1])))
 }
 
 #[inline(always)]

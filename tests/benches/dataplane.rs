@@ -28,6 +28,9 @@
 //!    (`QOD_BENCH_CLASSES`) and at every 10,000 the mean time is printed of adding 500 new
 //!    classes (class, leaf and the statistics read, one exchange), of changing 500 existing ones
 //!    the same way (what a session taking a parked class costs), and of parking 500.
+//! 4. The verifier: the classifier loaded into the kernel five times (the BPF verifier runs on
+//!    each load), with its median wall time and the instructions the verifier processed
+//!    (`verified_insns`). Every start after a reboot pays one such load, beside the restore.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
@@ -41,7 +44,7 @@ use std::{
 use qod_common::{FlowRule, MAX_PORT_RANGES, Policer, PortRange, ProfileTreatment};
 use qod_daemon::{
     config::Side,
-    dataplane::{AyaDataPlane, DataPlane as _, FLOOR_OBJECT, monotonic_ns},
+    dataplane::{AyaDataPlane, DataPlane as _, EBPF_OBJECT, FLOOR_OBJECT, monotonic_ns},
     model::{ipv4_key, network_words},
 };
 use qod_testkit::{
@@ -434,6 +437,9 @@ fn main() -> anyhow::Result<()> {
     if only.as_deref().is_none_or(|o| o == "classes") {
         classes()?;
     }
+    if only.as_deref().is_none_or(|o| o == "verifier") {
+        verifier()?;
+    }
     Ok(())
 }
 
@@ -501,4 +507,31 @@ fn classes() -> anyhow::Result<()> {
         sched.remove();
         Ok(())
     })
+}
+
+/// Part 4 (see the module docs).
+fn verifier() -> anyhow::Result<()> {
+    use aya::programs::SchedClassifier;
+    println!("\n## The verifier: loading the classifier (median of 5 loads)\n");
+    let (mut took, mut insns) = (Vec::new(), 0);
+    for _ in 0..5 {
+        // Its maps are pinned: into a directory of this load's own, removed after it.
+        let pins = tempfile::Builder::new()
+            .prefix("qod-bench-verifier")
+            .tempdir_in("/sys/fs/bpf")?;
+        let mut obj = aya::EbpfLoader::new()
+            .default_map_pin_directory(pins.path())
+            .load(EBPF_OBJECT)?;
+        let prog: &mut SchedClassifier = obj
+            .program_mut(qod_common::CLASSIFIER)
+            .ok_or_else(|| anyhow::anyhow!("the object has no classifier"))?
+            .try_into()?;
+        let t = Instant::now();
+        prog.load()?;
+        took.push(u32::try_from(t.elapsed().as_micros())?);
+        insns = prog.info()?.verified_instruction_count().unwrap_or(0);
+    }
+    println!("| load ms | instructions verified |\n|---:|---:|");
+    println!("| {:.1} | {insns} |", f64::from(median(took)) / 1000.0);
+    Ok(())
 }

@@ -91,6 +91,10 @@ async fn recovery() -> anyhow::Result<()> {
             "not every session was restored:\n{}",
             qodd.log()
         );
+        // Where the rebuild's time went, from qodd's own timestamps.
+        if std::env::var_os("QOD_BENCH_SHOW_LOG").is_some() {
+            eprintln!("{}", qodd.log());
+        }
         let rss = rss_mib(&qodd);
         qodd.kill9();
         let t = Instant::now();
