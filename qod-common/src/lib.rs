@@ -111,10 +111,6 @@ pub struct FragmentSlot {
 const _: () = assert!(size_of::<FragmentSlot>() == 48);
 /// Per-CPU array of [`ParseCounters`], indexed by an interface's counter slot (as bands are).
 pub const PARSE_COUNTERS_MAP: &str = "QOD_PARSE_COUNTERS";
-/// A per-CPU scratch slot the classifier passes each IPv6 packet's parse through (see the
-/// classifier). It holds nothing from one packet to the next, so it is the one map of the
-/// program that is not pinned: a program taken up again keeps the slot it was loaded with.
-pub const SCRATCH_MAP: &str = "QOD_SCRATCH";
 
 /// Identifies one fragmented datagram (RFC 791 / RFC 8200: addresses, protocol and the
 /// identification field).

@@ -65,11 +65,6 @@ static QOD_PROFILES: Array<ProfileTreatment> = Array::pinned(MAX_PROFILES, 0);
 #[map]
 static QOD_POLICERS: Array<PolicerState> = Array::pinned(DEFAULT_MAX_SESSIONS, 0);
 
-/// [`forget_ipv6_walk`]'s slot ([`qod_common::SCRATCH_MAP`]; not pinned: it holds nothing
-/// between packets).
-#[map]
-static QOD_SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
-
 #[map]
 static QOD_COUNTERS: PerCpuArray<FlowCounters> = PerCpuArray::pinned(DEFAULT_MAX_SESSIONS, 0);
 
@@ -129,7 +124,6 @@ fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Skip> {
 }
 
 /// The addressing of one packet, as far as classification needs it.
-#[derive(Clone, Copy)]
 struct Packet {
     family: u32,
     /// Offset of the IP header.
@@ -185,26 +179,6 @@ const FRAGMENTS_REMEMBERED: usize = 1;
 const FRAGMENTS_FOLLOWED: usize = 2;
 const FRAGMENTS_UNKNOWN: usize = 3;
 const _: () = assert!(core::mem::size_of::<ParseCounters>() == 4 * 8);
-
-/// The same packet, read back from the per-CPU scratch slot, so that what the verifier knows
-/// about it is no more than its types. Each way through the IPv6 extension walk (which header
-/// ended it, after how many, at which offset) leaves a different state, and the verifier would
-/// go through everything after the parse once for each of them: most of its work on this
-/// program (`cargo xtask bench verifier`: 476k instructions verified before, 301k with this).
-/// Costs an IPv6 packet a store and a load of the struct; IPv4 does not come here (taken on
-/// every packet, after the parse, it verified in 189k but cost the IPv4 matching packet 1–2 ns).
-#[inline(always)]
-fn forget_ipv6_walk(pkt: Packet) -> Packet {
-    match QOD_SCRATCH.get_ptr_mut(0) {
-        // SAFETY: a per-CPU slot no other CPU uses, and this program is not re-entered on the
-        // same CPU while it runs; volatile so the compiler does not forward the stored values.
-        Some(p) => unsafe {
-            core::ptr::write_volatile(p, pkt);
-            core::ptr::read_volatile(p)
-        },
-        None => pkt,
-    }
-}
 
 /// Adds one to word `field` of an interface's parse counters.
 #[inline(always)]
@@ -586,15 +560,10 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
     let chain_too_long = !later_fragment && is_ipv6_extension(next);
     let ports = if chain_too_long || later_fragment {
         None
-    } else if i == 0 {
-        l4_ports(ctx, next, off)
     } else {
-        // Behind extension headers the offset is the walk's: the kernel copies the ports out,
-        // so the verifier need not know each chain's offset exactly (a direct read would make
-        // it carry every chain's offset as a state of its own).
-        l4_ports_copied(ctx, next, off)
+        l4_ports(ctx, next, off)
     };
-    Ok(forget_ipv6_walk(Packet {
+    Ok(Packet {
         family: FAMILY_IPV6,
         l3,
         src,
@@ -602,7 +571,7 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Packet, Skip> {
         ports,
         fragment,
         chain_too_long,
-    }))
+    })
 }
 
 /// Hop-by-hop, routing, fragment, authentication, destination options, mobility, HIP, shim6.
@@ -620,16 +589,6 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Skip> {
         Err(_) if off <= 0xffff => ctx.load::<T>(off).map_err(|_| Skip::Truncated),
         Err(e) => Err(e),
     }
-}
-
-/// [`l4_ports`], always copied out by the kernel (`bpf_skb_load_bytes`).
-#[inline(always)]
-fn l4_ports_copied(ctx: &TcContext, protocol: u8, off: usize) -> Option<(u16, u16)> {
-    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-        return None;
-    }
-    let ports = ctx.load::<[u16; 2]>(off).ok()?;
-    Some((u16::from_be(ports[0]), u16::from_be(ports[1])))
 }
 
 #[inline(always)]

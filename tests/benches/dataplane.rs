@@ -12,8 +12,9 @@
 //!    bucket (the policer on the fine clock) and with no policer. `QOD_BENCH_FIRST_RANGE=1`
 //!    puts the packet's ports in the first ranges instead (a session with one port each side).
 //!    After the first run the DSCP is already set, so later runs skip the checksum update (a few
-//!    ns). Fragments of the session's datagram: a first fragment (its ports remembered in the LRU
-//!    map) and a later one (its ports looked up there).
+//!    ns). Fragments of the session's datagram: a first fragment (its ports remembered in a
+//!    fragment slot) and a later one (its ports looked up there). An IPv6 session's matching packet, and
+//!    the same packet behind a hop-by-hop header (the extension walk).
 //! 2. The same DSCP-marking job in the forwarding path of a namespace lab, for eBPF (qod's
 //!    classifier on the edge's egress), nftables (one verdict-map lookup on the source address)
 //!    and iptables (one mangle rule per session, DSCP target): a single UDP sender pushes 64-byte
@@ -45,11 +46,11 @@ use qod_common::{FlowRule, MAX_PORT_RANGES, Policer, PortRange, ProfileTreatment
 use qod_daemon::{
     config::Side,
     dataplane::{AyaDataPlane, DataPlane as _, EBPF_OBJECT, FLOOR_OBJECT, monotonic_ns},
-    model::{ipv4_key, network_words},
+    model::{ipv4_key, ipv6_key, network_words},
 };
 use qod_testkit::{
     EDGE_SRV_IF, Lab, addr,
-    bpf::{eth, ipv4, l4, test_run},
+    bpf::{eth, ipv4, ipv6, l4, test_run},
 };
 
 /// The measured session's policer (a conforming one: 400 Gbit/s) with a bucket `ms` deep; qodd's
@@ -79,7 +80,13 @@ fn profile(dp: &mut AyaDataPlane, police: Policer) -> anyhow::Result<()> {
 /// A session's rule as qodd writes one without classes of its own: all treatment from its
 /// profile's entry (0).
 fn rule(slot: u32) -> FlowRule {
-    let (server_addr, server_mask) = network_words("10.0.2.0/24".parse().expect("net"));
+    rule_to(slot, "10.0.2.0/24")
+}
+
+/// [`rule`] towards `server` (a network).
+fn rule_to(slot: u32, server: &str) -> FlowRule {
+    let server: ipnetwork::IpNetwork = server.parse().expect("net");
+    let (server_addr, server_mask) = network_words(server);
     let mut ranges = [PortRange::default(); MAX_PORT_RANGES];
     for (i, r) in ranges.iter_mut().enumerate() {
         let base = 1000 * (i as u16 + 1);
@@ -93,7 +100,7 @@ fn rule(slot: u32) -> FlowRule {
         slot,
         server_addr,
         server_mask,
-        server_prefix_len: 24,
+        server_prefix_len: server.prefix(),
         n_device_ports: MAX_PORT_RANGES as u8,
         n_server_ports: MAX_PORT_RANGES as u8,
         device_ports: ranges,
@@ -168,9 +175,9 @@ fn classifier() -> anyhow::Result<()> {
          and an empty program run the same packet, interleaved with the matching packet's runs.\n"
     );
     println!(
-        "| sessions | empty program | floor probe | matching packet | ratio | 10 ms bucket | no policer | no session | ratio | no session, two-sided program | first fragment | later fragment |"
+        "| sessions | empty program | floor probe | matching packet | ratio | 10 ms bucket | no policer | no session | ratio | no session, two-sided program | first fragment | later fragment | IPv6 matching | IPv6 behind a hop-by-hop header |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let sizes = [1u32, 1_000, 100_000, 1_000_000];
     let mut first = None;
     for &n in &sizes {
@@ -184,6 +191,13 @@ fn classifier() -> anyhow::Result<()> {
         dp.reset_counters(slot)?;
         let device = ipv4_key(Ipv4Addr::new(10, 0, 1, 2));
         dp.install(device, &[rule(slot)])?;
+        // An IPv6 device of its own (fd00:1::/64) towards fd00:2::/64, same ports.
+        dp.reset_counters(slot + 1)?;
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().expect("ipv6");
+        dp.install(
+            ipv6_key(v6("fd00:1::2")),
+            &[rule_to(slot + 1, "fd00:2::/64")],
+        )?;
         // A UDP frame from `src` to `dst` with the IPv4 fragment field `frag`, carrying `l4`.
         let udp = |src: [u8; 4], dst: [u8; 4], frag: u16, l4: &[u8]| {
             eth(0x0800, &[], &ipv4(src, dst, 17, 0, &[], frag, l4))
@@ -199,6 +213,13 @@ fn classifier() -> anyhow::Result<()> {
         // A fragmented datagram of the session: the first fragment (MF, offset 0) remembers its
         // ports in the LRU map; a later one (offset 1480) looks them up before the rule.
         let first_fragment = udp(device_ip, server_ip, 0x2000, &ports);
+        let udp6 = |ext: &[(u8, Vec<u8>)]| {
+            let (d, s) = (v6("fd00:1::2").octets(), v6("fd00:2::7").octets());
+            eth(0x86dd, &[], &ipv6(d, s, 17, 0, 0, ext, &ports))
+        };
+        // Hop-by-hop: 8 bytes, a PadN option filling it.
+        let hit6 = udp6(&[]);
+        let hit6_ext = udp6(&[(0u8, vec![0, 1, 4, 0, 0, 0, 0])]);
         let later_fragment = udp(device_ip, server_ip, 185, &[0x5a; 26]);
         // The uplink program (server-facing interface) sees the uplink packet; the two-sided one
         // (an interface carrying both directions) pays two look-ups on a miss.
@@ -229,8 +250,17 @@ fn classifier() -> anyhow::Result<()> {
             runs(&mut dp, Side::Server, &first_fragment)?,
             runs(&mut dp, Side::Server, &later_fragment)?,
         );
+        let (h6, h6x) = (
+            runs(&mut dp, Side::Server, &hit6)?,
+            runs(&mut dp, Side::Server, &hit6_ext)?,
+        );
         let c = dp.counters(slot)?;
         anyhow::ensure!(c.up_packets > 0, "the measured packet did not match");
+        let c = dp.counters(slot + 1)?;
+        anyhow::ensure!(
+            c.up_packets >= 10_000_000,
+            "the IPv6 packets did not both match"
+        );
         // The same session with a shallow bucket (the fine clock), then with no policer.
         profile(&mut dp, policer(10))?;
         let shallow = runs(&mut dp, Side::Server, &hit)?;
@@ -239,7 +269,7 @@ fn classifier() -> anyhow::Result<()> {
         first.get_or_insert(h);
         let ratio = |x: u32| f64::from(x) / f64::from(fl.max(1));
         println!(
-            "| {n} | {empty} | {fl} | {h} | {:.2}× | {shallow} | {unpoliced} | {m} | {:.2}× | {m2} | {f1} | {f2} |",
+            "| {n} | {empty} | {fl} | {h} | {:.2}× | {shallow} | {unpoliced} | {m} | {:.2}× | {m2} | {f1} | {f2} | {h6} | {h6x} |",
             ratio(h),
             ratio(m)
         );

@@ -19,8 +19,7 @@ use qod_common::{
     FRAGMENTS_ENTRIES, FRAGMENTS_MAP, FlowCounters, FlowRule, FragmentSlot, IFINDEX_MASK,
     INTERFACES_MAP, InterfaceInfo, LAYOUT_VERSION, MAX_INTERFACES, MAX_PROFILES,
     MAX_SESSIONS_PER_DEVICE, PARSE_COUNTERS_MAP, POLICERS_MAP, PROFILES_MAP, ParseCounters,
-    PolicerState, ProfileTreatment, SCRATCH_MAP, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK,
-    band_counter_index,
+    PolicerState, ProfileTreatment, SIDE_BOTH, SIDE_DOWNLINK, SIDE_UPLINK, band_counter_index,
 };
 use tracing::{info, warn};
 
@@ -269,8 +268,7 @@ fn classifier_pin(pins: &Path) -> PathBuf {
 const CLASSIFIER_PIN_PREFIX: &str = "classifier-";
 
 /// The pinned classifier of this build, if a previous qodd left it over these very maps (every
-/// map it uses is one of `pins`' maps, or its own scratch slot, [`SCRATCH_MAP`]): the kernel
-/// holds it verified already.
+/// map it uses is one of `pins`' maps): the kernel holds it verified already.
 fn pinned_classifier(pins: &Path) -> Option<SchedClassifier> {
     let prog = SchedClassifier::from_pin(classifier_pin(pins)).ok()?;
     let uses = prog.info().ok()?.map_ids().ok()??;
@@ -279,11 +277,7 @@ fn pinned_classifier(pins: &Path) -> Option<SchedClassifier> {
         .map(|(name, ..)| MapInfo::from_pin(pins.join(name)).map(|i| i.id()))
         .collect::<Result<_, _>>()
         .ok()?;
-    let scratch =
-        |id: u32| MapInfo::from_id(id).is_ok_and(|m| m.name_as_str() == Some(SCRATCH_MAP));
-    uses.iter()
-        .all(|&id| ours.contains(&id) || scratch(id))
-        .then_some(prog)
+    uses.iter().all(|id| ours.contains(id)).then_some(prog)
 }
 
 /// Runs the verifier on the object's classifier and pins it as this build's (see
