@@ -212,8 +212,12 @@ impl SessionView {
     }
 }
 
+pub mod class_reads;
 pub mod events;
 mod profiles;
+
+pub use class_reads::CLASS_READ_WAIT;
+use class_reads::ClassReads;
 pub use events::Event;
 pub use profiles::ProfileTableError;
 
@@ -490,6 +494,9 @@ pub struct DirectionReport {
     /// direction has no class of its own) over `interval`.
     pub achieved_bps: Option<u64>,
     pub interval: Option<Duration>,
+    /// When the kernel reported `class`: now, or (when it did not answer within
+    /// [`CLASS_READ_WAIT`]) at the class's last reading.
+    pub class_read_at: Option<Instant>,
     /// The profile's target minimum and maximum for the direction.
     pub granted_min_bps: Option<u64>,
     pub granted_max_bps: Option<u64>,
@@ -687,6 +694,8 @@ pub struct Core {
     reconcile: parking_lot::Mutex<Option<Reconcile>>,
     /// Each live session's last achieved-rate reading (GetSession).
     meters: parking_lot::Mutex<HashMap<SessionId, Meter>>,
+    /// Reads of the sessions' classes, each waited for [`CLASS_READ_WAIT`] at most.
+    class_reads: ClassReads,
     /// Reloads between their profiles' install and the end of their sweep: the sessions of the
     /// profiles they retired may still be live, so no one else frees those entries.
     reloads_running: std::sync::atomic::AtomicUsize,
@@ -710,6 +719,7 @@ impl Core {
         let lister = dp.device_lister();
         let reads = Reads::default();
         let core = Self {
+            class_reads: ClassReads::new(Arc::clone(&class_ops)),
             class_ops,
             counters,
             reads: reads.clone(),
@@ -1280,7 +1290,7 @@ impl Core {
                 }
             }
             inner.sessions.remove(id);
-            self.meters.lock().remove(id);
+            self.forget_meter(*id);
             unlink(&mut inner, &session.flow.device, *id);
             inner.deadlines.remove(&(session.deadline, *id));
         }
@@ -2540,16 +2550,20 @@ impl Core {
 
     /// What each direction of a live session read delivered against what it was granted. The
     /// achieved rate is measured from the previous such reading of the session (at least
-    /// [`METER_INTERVAL`] before; the first reading measures from the start). It reads the session's classes
-    /// from the kernel (a netlink round trip each) when it has any, else nothing but memory.
+    /// [`METER_INTERVAL`] before; the first reading measures from the start). It reads the
+    /// session's classes from the kernel (a netlink round trip each) when it has any, else
+    /// nothing but memory; a class the kernel does not report within [`CLASS_READ_WAIT`] is
+    /// given as last read (see [`class_reads`]).
     pub fn delivery(&self, v: SessionView) -> (SessionView, Option<Delivery>) {
         let now = Instant::now();
         let id = v.session.id;
         if !matches!(v.session.state, SessionState::Available { .. }) {
-            self.meters.lock().remove(&id);
+            self.forget_meter(id);
             return (v, None);
         }
-        // The classes are read without the lock (a netlink round trip each).
+        // The classes are read without the lock (a netlink round trip each), waiting at most
+        // `CLASS_READ_WAIT` each; `earlier` when one is its last reading instead.
+        let mut earlier = false;
         let policy = self.policy();
         let profile = policy.profiles.get(&v.session.request.profile);
         let mut report = [DirectionReport::default(), DirectionReport::default()];
@@ -2566,20 +2580,18 @@ impl Core {
                 .reservation
                 .as_ref()
                 .and_then(|res| self.class_on(res, side));
-            if let Some(c) = class {
-                match self.class_ops.class_stats(&c.interface, c.index) {
-                    // The backlog is now; the totals since the session took the class.
-                    Ok(stats) => {
-                        r.class = Some(TcStats {
-                            backlog_bytes: stats.backlog_bytes,
-                            backlog_packets: stats.backlog_packets,
-                            ..stats.minus(c.baseline)
-                        });
-                    }
-                    Err(e) => {
-                        warn!(session = %id, error = %crate::anyhow_like(&e), "cannot read a session class")
-                    }
-                }
+            if let Some(c) = class
+                && let Some(reading) = self.class_reads.read(id, n, &c.interface, c.index)
+            {
+                // The backlog as read; the totals since the session took the class.
+                let stats = reading.stats;
+                r.class = Some(TcStats {
+                    backlog_bytes: stats.backlog_bytes,
+                    backlog_packets: stats.backlog_packets,
+                    ..stats.minus(c.baseline)
+                });
+                r.class_read_at = Some(reading.at);
+                earlier |= !reading.now;
             }
         }
         let delivered =
@@ -2591,7 +2603,13 @@ impl Core {
         let mut meters = self.meters.lock();
         let previous = meters.get(&id).copied();
         let meter = match previous {
-            Some(m) if now.duration_since(m.at) < METER_INTERVAL => m,
+            // A class's last reading is older than the counters beside it: no rate is measured
+            // over such a mix (the previous one is repeated).
+            Some(m) if earlier || now.duration_since(m.at) < METER_INTERVAL => m,
+            None if earlier => {
+                let [up, down] = report;
+                return (v, Some(Delivery { up, down }));
+            }
             _ => {
                 let (at, before) = previous.map_or_else(
                     || (self.started_instant(&v.session, now), [0, 0]),
@@ -2627,6 +2645,12 @@ impl Core {
         }
         let [up, down] = report;
         (v, Some(Delivery { up, down }))
+    }
+
+    /// Forgets what GetSession measured of session `id` (it ended or went).
+    fn forget_meter(&self, id: SessionId) {
+        self.meters.lock().remove(&id);
+        self.class_reads.forget(id);
     }
 
     /// `reservation`'s class on the interface of `side`, if it has one there.
@@ -2700,7 +2724,7 @@ impl Core {
             inner.count_active(&session.request, false);
         }
         inner.sessions.remove(&id);
-        self.meters.lock().remove(&id);
+        self.forget_meter(id);
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
         let (place, extra) = match event {
@@ -2920,7 +2944,7 @@ impl Core {
         ended.deadline = purge;
         inner.deadlines.insert((purge, id));
         inner.sessions.insert(ended.clone());
-        self.meters.lock().remove(&id);
+        self.forget_meter(id);
         // The revision is taken here, in decision order; the event is built, logged, stored
         // and announced by [`Core::tell_endings`] once the lock is released.
         let place = self.announcer.reserve(id, self.store.is_some());
@@ -3159,7 +3183,7 @@ impl Core {
                 SessionState::Unavailable { .. } => {
                     let device = session.flow.device;
                     inner.sessions.remove(&id);
-                    self.meters.lock().remove(&id);
+                    self.forget_meter(id);
                     unlink(&mut inner, &device, id);
                     purged.push(id);
                 }
