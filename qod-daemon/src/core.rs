@@ -212,12 +212,8 @@ impl SessionView {
     }
 }
 
-pub mod class_reads;
 pub mod events;
 mod profiles;
-
-pub use class_reads::CLASS_READ_WAIT;
-use class_reads::ClassReads;
 pub use events::Event;
 pub use profiles::ProfileTableError;
 
@@ -494,9 +490,6 @@ pub struct DirectionReport {
     /// direction has no class of its own) over `interval`.
     pub achieved_bps: Option<u64>,
     pub interval: Option<Duration>,
-    /// When the kernel reported `class`: now, or (when it did not answer within
-    /// [`CLASS_READ_WAIT`]) at the class's last reading.
-    pub class_read_at: Option<Instant>,
     /// The profile's target minimum and maximum for the direction.
     pub granted_min_bps: Option<u64>,
     pub granted_max_bps: Option<u64>,
@@ -694,8 +687,6 @@ pub struct Core {
     reconcile: parking_lot::Mutex<Option<Reconcile>>,
     /// Each live session's last achieved-rate reading (GetSession).
     meters: parking_lot::Mutex<HashMap<SessionId, Meter>>,
-    /// Reads of the sessions' classes, each waited for [`CLASS_READ_WAIT`] at most.
-    class_reads: ClassReads,
     /// Reloads between their profiles' install and the end of their sweep: the sessions of the
     /// profiles they retired may still be live, so no one else frees those entries.
     reloads_running: std::sync::atomic::AtomicUsize,
@@ -719,7 +710,6 @@ impl Core {
         let lister = dp.device_lister();
         let reads = Reads::default();
         let core = Self {
-            class_reads: ClassReads::new(Arc::clone(&class_ops)),
             class_ops,
             counters,
             reads: reads.clone(),
@@ -1290,7 +1280,7 @@ impl Core {
                 }
             }
             inner.sessions.remove(id);
-            self.forget_meter(*id);
+            self.meters.lock().remove(id);
             unlink(&mut inner, &session.flow.device, *id);
             inner.deadlines.remove(&(session.deadline, *id));
         }
@@ -2550,20 +2540,16 @@ impl Core {
 
     /// What each direction of a live session read delivered against what it was granted. The
     /// achieved rate is measured from the previous such reading of the session (at least
-    /// [`METER_INTERVAL`] before; the first reading measures from the start). It reads the
-    /// session's classes from the kernel (a netlink round trip each) when it has any, else
-    /// nothing but memory; a class the kernel does not report within [`CLASS_READ_WAIT`] is
-    /// given as last read (see [`class_reads`]).
+    /// [`METER_INTERVAL`] before; the first reading measures from the start). It reads the session's classes
+    /// from the kernel (a netlink round trip each) when it has any, else nothing but memory.
     pub fn delivery(&self, v: SessionView) -> (SessionView, Option<Delivery>) {
         let now = Instant::now();
         let id = v.session.id;
         if !matches!(v.session.state, SessionState::Available { .. }) {
-            self.forget_meter(id);
+            self.meters.lock().remove(&id);
             return (v, None);
         }
-        // The classes are read without the lock (a netlink round trip each), waiting at most
-        // `CLASS_READ_WAIT` each; `earlier` when one is its last reading instead.
-        let mut earlier = false;
+        // The classes are read without the lock (a netlink round trip each).
         let policy = self.policy();
         let profile = policy.profiles.get(&v.session.request.profile);
         let mut report = [DirectionReport::default(), DirectionReport::default()];
@@ -2580,18 +2566,20 @@ impl Core {
                 .reservation
                 .as_ref()
                 .and_then(|res| self.class_on(res, side));
-            if let Some(c) = class
-                && let Some(reading) = self.class_reads.read(id, n, &c.interface, c.index)
-            {
-                // The backlog as read; the totals since the session took the class.
-                let stats = reading.stats;
-                r.class = Some(TcStats {
-                    backlog_bytes: stats.backlog_bytes,
-                    backlog_packets: stats.backlog_packets,
-                    ..stats.minus(c.baseline)
-                });
-                r.class_read_at = Some(reading.at);
-                earlier |= !reading.now;
+            if let Some(c) = class {
+                match self.class_ops.class_stats(&c.interface, c.index) {
+                    // The backlog is now; the totals since the session took the class.
+                    Ok(stats) => {
+                        r.class = Some(TcStats {
+                            backlog_bytes: stats.backlog_bytes,
+                            backlog_packets: stats.backlog_packets,
+                            ..stats.minus(c.baseline)
+                        });
+                    }
+                    Err(e) => {
+                        warn!(session = %id, error = %crate::anyhow_like(&e), "cannot read a session class")
+                    }
+                }
             }
         }
         let delivered =
@@ -2603,13 +2591,7 @@ impl Core {
         let mut meters = self.meters.lock();
         let previous = meters.get(&id).copied();
         let meter = match previous {
-            // A class's last reading is older than the counters beside it: no rate is measured
-            // over such a mix (the previous one is repeated).
-            Some(m) if earlier || now.duration_since(m.at) < METER_INTERVAL => m,
-            None if earlier => {
-                let [up, down] = report;
-                return (v, Some(Delivery { up, down }));
-            }
+            Some(m) if now.duration_since(m.at) < METER_INTERVAL => m,
             _ => {
                 let (at, before) = previous.map_or_else(
                     || (self.started_instant(&v.session, now), [0, 0]),
@@ -2645,12 +2627,6 @@ impl Core {
         }
         let [up, down] = report;
         (v, Some(Delivery { up, down }))
-    }
-
-    /// Forgets what GetSession measured of session `id` (it ended or went).
-    fn forget_meter(&self, id: SessionId) {
-        self.meters.lock().remove(&id);
-        self.class_reads.forget(id);
     }
 
     /// `reservation`'s class on the interface of `side`, if it has one there.
@@ -2724,7 +2700,7 @@ impl Core {
             inner.count_active(&session.request, false);
         }
         inner.sessions.remove(&id);
-        self.forget_meter(id);
+        self.meters.lock().remove(&id);
         unlink(&mut inner, &session.flow.device, id);
         inner.deadlines.remove(&(session.deadline, id));
         let (place, extra) = match event {
@@ -2944,7 +2920,7 @@ impl Core {
         ended.deadline = purge;
         inner.deadlines.insert((purge, id));
         inner.sessions.insert(ended.clone());
-        self.forget_meter(id);
+        self.meters.lock().remove(&id);
         // The revision is taken here, in decision order; the event is built, logged, stored
         // and announced by [`Core::tell_endings`] once the lock is released.
         let place = self.announcer.reserve(id, self.store.is_some());
@@ -3183,7 +3159,7 @@ impl Core {
                 SessionState::Unavailable { .. } => {
                     let device = session.flow.device;
                     inner.sessions.remove(&id);
-                    self.forget_meter(id);
+                    self.meters.lock().remove(&id);
                     unlink(&mut inner, &device, id);
                     purged.push(id);
                 }

@@ -503,9 +503,6 @@ fn direction_report(
             queue_dropped_packets: c.drops,
             backlog_packets: c.backlog_packets,
             backlog_bytes: c.backlog_bytes,
-            read_ms_ago: d.class_read_at.map_or(0, |at| {
-                u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX)
-            }),
         }),
         achieved_bps: d.achieved_bps,
         achieved_interval_ms: d
