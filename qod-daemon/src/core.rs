@@ -234,6 +234,8 @@ struct Reconcile {
 
 /// A restore under way (see [`Core::restore_from`]).
 struct Restoring {
+    /// The entries are written by the data plane's own thread (see `DataPlane::begin_bulk`).
+    bulk: bool,
     wall: OffsetDateTime,
     retention: time::Duration,
     /// Slots reserved for stored sessions (continuing), and those a restored session took.
@@ -1062,6 +1064,35 @@ impl Core {
         read.map(|()| n)
     }
 
+    /// Waits for the restore's entries to be written (see `DataPlane::begin_bulk`). The
+    /// sessions of a device whose entry the kernel refused end NETWORK_TERMINATED, as when an
+    /// install is refused at once; returns how many.
+    fn end_bulk(&self) -> usize {
+        let mut inner = self.lock();
+        let refused = inner.dp.end_bulk();
+        if refused.is_empty() {
+            return 0;
+        }
+        let now = Instant::now();
+        let mut endings = Vec::new();
+        for (key, e) in refused {
+            let ids: Vec<SessionId> = inner
+                .by_device
+                .get(&key)
+                .map(|ids| ids.iter().copied().collect())
+                .unwrap_or_default();
+            for id in ids {
+                error!(session = %id, error = %crate::anyhow_like(&e), "cannot restore the session's rule; it ends");
+                endings.extend(self.terminate(&mut inner, id, StatusInfo::NetworkTerminated, now));
+            }
+        }
+        let place = self.store_place(&endings);
+        drop(inner);
+        let ended = endings.len();
+        self.tell_endings(endings, place);
+        ended
+    }
+
     /// Reserves the counter slots `recorded` for the stored sessions, when `continuing` (the
     /// pinned maps hold their counters); those no live session claims are freed at the end.
     fn begin_restore(
@@ -1084,7 +1115,19 @@ impl Core {
             // The maps were made at this start: no slot above those handed out has counts.
             inner.slots.zeroed_from = inner.slots.next;
         }
+        // After a reboot no classifier is attached yet and no pinned entry is read: the kernel
+        // entries are written by the data plane's own thread while this one admits (the hash
+        // inserts are about half a rebuilt session's cost).
+        let bulk = !continuing
+            && match inner.dp.begin_bulk() {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %crate::anyhow_like(&e), "cannot write the restored entries on a thread of their own; writing them in turn");
+                    false
+                }
+            };
         Restoring {
+            bulk,
             wall: OffsetDateTime::now_utc(),
             retention: time::Duration::try_from(self.retention).unwrap_or(time::Duration::ZERO),
             kept,
@@ -1162,7 +1205,10 @@ impl Core {
     }
 
     /// Ends a restore; `complete` when every stored session was read.
-    fn finish_restore(&self, r: Restoring, complete: bool) {
+    fn finish_restore(&self, mut r: Restoring, complete: bool) {
+        if r.bulk {
+            r.restored = r.restored.saturating_sub(self.end_bulk());
+        }
         if complete {
             // Slots reserved for records never claimed (set aside, or a duplicate's).
             let mut unclaimed: Vec<u32> = r.kept.difference(&r.assigned).copied().collect();
@@ -4438,6 +4484,48 @@ mod tests {
                 QosStatus::Available
             );
         }
+    }
+
+    /// After a reboot the restore's entries are written by the data plane's own thread; a
+    /// device whose entry the kernel refused there has its session end NETWORK_TERMINATED (as
+    /// when an install is refused at once), and the others stand.
+    #[tokio::test(start_paused = true)]
+    async fn a_restore_whose_entry_the_bulk_writer_could_not_write_ends_that_session() {
+        let (core, dp) = core(4);
+        let wall = OffsetDateTime::now_utc();
+        let stored = |device: u8| StoredSession {
+            id: SessionId::random(),
+            request: request([10, 0, 0, device], 60),
+            started_at: wall,
+            duration: 60,
+            ended: None,
+            slot: None,
+        };
+        let (kept, refused) = (stored(1), stored(2));
+        let refused_key = crate::model::ipv4_key(std::net::Ipv4Addr::new(10, 0, 0, 2));
+        dp.state.lock().expect("lock").refuse_in_bulk = vec![refused_key];
+        core.restore(vec![kept.clone(), refused.clone()], false);
+        let status = |id| core.get(id, &me()).expect("known").session.qos_status();
+        assert_eq!(status(kept.id), QosStatus::Available);
+        assert_eq!(status(refused.id), QosStatus::Unavailable);
+        let v = core.get(refused.id, &me()).expect("known");
+        assert!(matches!(
+            v.session.state,
+            SessionState::Unavailable {
+                info: StatusInfo::NetworkTerminated,
+                ..
+            }
+        ));
+        let s = dp.state.lock().expect("lock");
+        assert!(!s.bulk, "the bulk writing was ended");
+        assert!(s.refuse_in_bulk.is_empty(), "the bulk writing was begun");
+        assert_eq!(s.flows.len(), 1, "the kept session's entry alone");
+        // Its slot is free again: the node takes as many new sessions as before less one.
+        drop(s);
+        for d in 3..6 {
+            core.create(request([10, 0, 0, d], 60)).expect("fits");
+        }
+        assert!(core.create(request([10, 0, 0, 9], 60)).is_err(), "full");
     }
 
     /// An extension finds its session's rule gone from the kernel (changed behind qodd's back):

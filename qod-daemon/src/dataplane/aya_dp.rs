@@ -334,6 +334,8 @@ pub struct AyaDataPlane {
     teardown_on_exit: bool,
     /// Where maps and links are pinned (versioned).
     pins: PathBuf,
+    /// Between [`DataPlane::begin_bulk`] and [`DataPlane::end_bulk`]: the writing thread.
+    bulk: Option<Bulk>,
     /// A private pin root removed on drop (tests and benchmarks).
     ephemeral: Option<PathBuf>,
     /// The pinned maps were there before: their entries and counters carry on.
@@ -478,6 +480,7 @@ impl AyaDataPlane {
             schedulers: Arc::default(),
             teardown_on_exit: false,
             pins,
+            bulk: None,
             ephemeral: None,
             reused,
             classifier_reused,
@@ -844,27 +847,37 @@ impl DataPlane for AyaDataPlane {
             *slot = *rule;
         }
         value.n = rules.len().min(MAX_SESSIONS_PER_DEVICE) as u32;
-        let (map, result) = if key.family == FAMILY_IPV4 {
-            (FLOWS_V4_MAP, self.flows_v4.insert(key.addr[0], value, 0))
-        } else {
-            (
-                FLOWS_V6_MAP,
-                self.flows_v6.insert([key.addr[0], key.addr[1]], value, 0),
-            )
-        };
-        result.map_err(|source| match &source {
-            MapError::SyscallError(e)
-                if e.io_error.raw_os_error() == Some(nix::errno::Errno::E2BIG as i32) =>
-            {
-                DataPlaneError::Full {
-                    capacity: self.capacity,
-                }
-            }
-            _ => DataPlaneError::Map { map, source },
-        })
+        if let Some(bulk) = &mut self.bulk {
+            bulk.hand_over(key, Some(value));
+            return Ok(());
+        }
+        write_entry(
+            &mut self.flows_v4,
+            &mut self.flows_v6,
+            self.capacity,
+            key,
+            Some(value),
+        )
+    }
+
+    fn begin_bulk(&mut self) -> Result<(), DataPlaneError> {
+        if self.bulk.is_none() {
+            self.bulk = Some(Bulk::start(&self.pins, self.capacity)?);
+        }
+        Ok(())
+    }
+
+    fn end_bulk(&mut self) -> Vec<(DeviceKey, DataPlaneError)> {
+        self.bulk.take().map(Bulk::end).unwrap_or_default()
     }
 
     fn rules(&self, key: &DeviceKey) -> Result<Vec<FlowRule>, DataPlaneError> {
+        if let Some(value) = self.bulk.as_ref().and_then(|b| b.unwritten(key)) {
+            return Ok(value
+                .as_ref()
+                .map(|v| held_rules(v).to_vec())
+                .unwrap_or_default());
+        }
         let (map, found) = if key.family == FAMILY_IPV4 {
             (FLOWS_V4_MAP, self.flows_v4.get(&key.addr[0], 0))
         } else {
@@ -881,23 +894,17 @@ impl DataPlane for AyaDataPlane {
     }
 
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError> {
-        let (map, result) = if key.family == FAMILY_IPV4 {
-            (FLOWS_V4_MAP, self.flows_v4.remove(&key.addr[0]))
-        } else {
-            (
-                FLOWS_V6_MAP,
-                self.flows_v6.remove(&[key.addr[0], key.addr[1]]),
-            )
-        };
-        match result {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) =>
-            {
-                Ok(())
-            }
-            Err(source) => Err(DataPlaneError::Map { map, source }),
+        if let Some(bulk) = &mut self.bulk {
+            bulk.hand_over(*key, None);
+            return Ok(());
         }
+        write_entry(
+            &mut self.flows_v4,
+            &mut self.flows_v6,
+            self.capacity,
+            *key,
+            None,
+        )
     }
 
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError> {
@@ -1096,6 +1103,145 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), DataPlaneError> {
     .map_err(err)?;
     info!(path = %path.display(), "mounted bpffs");
     Ok(())
+}
+
+/// Writes device `key`'s entry (`None`: removes it; a missing entry is not an error).
+fn write_entry(
+    v4: &mut HashMap<MapData, u32, DeviceRules>,
+    v6: &mut HashMap<MapData, [u32; 2], DeviceRules>,
+    capacity: u32,
+    key: DeviceKey,
+    value: Option<DeviceRules>,
+) -> Result<(), DataPlaneError> {
+    let ipv4 = key.family == FAMILY_IPV4;
+    let map = if ipv4 { FLOWS_V4_MAP } else { FLOWS_V6_MAP };
+    let result = match (value, ipv4) {
+        (Some(v), true) => v4.insert(key.addr[0], v, 0),
+        (Some(v), false) => v6.insert([key.addr[0], key.addr[1]], v, 0),
+        (None, true) => v4.remove(&key.addr[0]),
+        (None, false) => v6.remove(&[key.addr[0], key.addr[1]]),
+    };
+    let errno = |e: &MapError| match e {
+        MapError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(MapError::KeyNotFound) if value.is_none() => Ok(()),
+        Err(e) if value.is_none() && errno(&e) == Some(nix::errno::Errno::ENOENT as i32) => Ok(()),
+        Err(e) if errno(&e) == Some(nix::errno::Errno::E2BIG as i32) => {
+            Err(DataPlaneError::Full { capacity })
+        }
+        Err(source) => Err(DataPlaneError::Map { map, source }),
+    }
+}
+
+/// Entries handed over at most per message to the bulk writer.
+const BULK_BATCH: usize = 1024;
+
+/// One entry handed to the bulk writer: its place in the order, the device, the entry (`None`:
+/// removed).
+type BulkEntry = (u64, DeviceKey, Option<DeviceRules>);
+
+/// The entries handed to the bulk writer and not written yet: the last of each device, with its
+/// place in the order.
+type Unwritten =
+    Arc<parking_lot::Mutex<std::collections::HashMap<DeviceKey, (u64, Option<DeviceRules>)>>>;
+
+/// Device entries written by a thread of their own (see [`DataPlane::begin_bulk`]). The kernel's
+/// hash insert is most of a rebuilt session's cost (an element allocated and written per
+/// device), so a restore after a reboot goes on admitting while the other core writes.
+struct Bulk {
+    batch: Vec<BulkEntry>,
+    next: u64,
+    /// Entries handed over and not written yet (the last one of each device), for `rules`.
+    unwritten: Unwritten,
+    to_writer: std::sync::mpsc::SyncSender<Vec<BulkEntry>>,
+    writer: std::thread::JoinHandle<Vec<(DeviceKey, DataPlaneError)>>,
+}
+
+impl Bulk {
+    fn start(pins: &Path, capacity: u32) -> Result<Self, DataPlaneError> {
+        let map_err = |map: &'static str| move |source| DataPlaneError::Map { map, source };
+        let open = |name: &'static str| {
+            MapData::from_pin(pins.join(name))
+                .and_then(aya::maps::Map::from_map_data)
+                .map_err(map_err(name))
+        };
+        let mut v4: HashMap<MapData, u32, DeviceRules> =
+            HashMap::try_from(open(FLOWS_V4_MAP)?).map_err(map_err(FLOWS_V4_MAP))?;
+        let mut v6: HashMap<MapData, [u32; 2], DeviceRules> =
+            HashMap::try_from(open(FLOWS_V6_MAP)?).map_err(map_err(FLOWS_V6_MAP))?;
+        // A few batches in flight: the admitting side waits when the writer falls behind.
+        let (to_writer, batches) = std::sync::mpsc::sync_channel::<Vec<BulkEntry>>(4);
+        let unwritten: Unwritten = Arc::default();
+        let written = Arc::clone(&unwritten);
+        let writer = std::thread::Builder::new()
+            .name("qodd-bulk".into())
+            .spawn(move || {
+                let mut refused = Vec::new();
+                for batch in batches {
+                    for &(_, key, value) in &batch {
+                        if let Err(e) = write_entry(&mut v4, &mut v6, capacity, key, value) {
+                            refused.push((key, e));
+                        }
+                    }
+                    let mut unwritten = written.lock();
+                    for (seq, key, _) in batch {
+                        // Only if nothing later was handed over for the device meanwhile.
+                        if unwritten.get(&key).is_some_and(|(s, _)| *s == seq) {
+                            unwritten.remove(&key);
+                        }
+                    }
+                }
+                refused
+            })
+            .map_err(DataPlaneError::Thread)?;
+        Ok(Self {
+            batch: Vec::with_capacity(BULK_BATCH),
+            next: 0,
+            unwritten,
+            to_writer,
+            writer,
+        })
+    }
+
+    fn hand_over(&mut self, key: DeviceKey, value: Option<DeviceRules>) {
+        self.next += 1;
+        self.unwritten.lock().insert(key, (self.next, value));
+        self.batch.push((self.next, key, value));
+        if self.batch.len() >= BULK_BATCH {
+            self.send();
+        }
+    }
+
+    fn send(&mut self) {
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BULK_BATCH));
+        // Refused only if the writer is gone (it panicked): `end` reports what it left.
+        let _ = self.to_writer.send(batch);
+    }
+
+    fn unwritten(&self, key: &DeviceKey) -> Option<Option<DeviceRules>> {
+        self.unwritten.lock().get(key).map(|(_, v)| *v)
+    }
+
+    fn end(mut self) -> Vec<(DeviceKey, DataPlaneError)> {
+        self.send();
+        drop(self.to_writer);
+        match self.writer.join() {
+            Ok(refused) => refused,
+            // Every entry it may not have written counts as refused.
+            Err(_) => self
+                .unwritten
+                .lock()
+                .keys()
+                .map(|k| {
+                    let e = std::io::Error::other("the bulk writer stopped");
+                    (*k, DataPlaneError::Thread(e))
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The flow maps opened a second time: their keys listed from any thread.

@@ -24,6 +24,10 @@ pub struct FakeState {
     pub profile_writes_left: Option<usize>,
     pub counters: HashMap<u32, FlowCounters>,
     pub fail_next_install: bool,
+    /// Between `begin_bulk` and `end_bulk`.
+    pub bulk: bool,
+    /// Devices whose entry `end_bulk` reports refused (and takes out).
+    pub refuse_in_bulk: Vec<DeviceKey>,
     /// Entries written so far.
     pub installs: usize,
     /// (interface, class index) → class
@@ -136,6 +140,22 @@ impl DataPlane for FakeDataPlane {
 
     fn rules(&self, key: &DeviceKey) -> Result<Vec<FlowRule>, DataPlaneError> {
         Ok(self.state().flows.get(key).cloned().unwrap_or_default())
+    }
+
+    fn begin_bulk(&mut self) -> Result<(), DataPlaneError> {
+        self.state().bulk = true;
+        Ok(())
+    }
+
+    fn end_bulk(&mut self) -> Vec<(DeviceKey, DataPlaneError)> {
+        let mut s = self.state();
+        s.bulk = false;
+        let refused = std::mem::take(&mut s.refuse_in_bulk);
+        refused
+            .into_iter()
+            .filter(|key| s.flows.remove(key).is_some())
+            .map(|key| (key, DataPlaneError::Full { capacity: 0 }))
+            .collect()
     }
 
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError> {

@@ -171,6 +171,19 @@ pub trait DataPlane: Send + 'static {
     fn rules(&self, key: &DeviceKey) -> Result<Vec<FlowRule>, DataPlaneError>;
     /// Removes device `key`'s rules; a missing entry is not an error.
     fn remove(&mut self, key: &DeviceKey) -> Result<(), DataPlaneError>;
+    /// From here to [`DataPlane::end_bulk`], [`DataPlane::install`] and [`DataPlane::remove`]
+    /// may hand their entry to a thread of its own, which writes the entries in the order given
+    /// while the caller goes on; [`DataPlane::rules`] sees them at once. For a restore with no
+    /// classifier attached yet (after a reboot), where nothing else reads the entries
+    /// meanwhile. A data plane without such a thread writes at once.
+    fn begin_bulk(&mut self) -> Result<(), DataPlaneError> {
+        Ok(())
+    }
+    /// Waits until every entry handed over since [`DataPlane::begin_bulk`] is written, and
+    /// returns the devices whose entry the kernel refused, with why.
+    fn end_bulk(&mut self) -> Vec<(DeviceKey, DataPlaneError)> {
+        Vec::new()
+    }
     /// Sum over CPUs of the counters at `slot`.
     fn counters(&self, slot: u32) -> Result<FlowCounters, DataPlaneError>;
     /// The same reads, for readers that do not hold this data plane.
