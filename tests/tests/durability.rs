@@ -577,10 +577,27 @@ async fn check_a_reboot_is_detected_and_the_data_plane_rebuilt(mode: qod_testkit
     let (lab, mut qodd) = qod_testkit::lab_in(mode, "").await;
     let mut api = qodd.sessions().await.expect("client");
     let s = qod_testkit::marked_flow(&mut api).await;
+    // A second session of the same device (another server port, another profile): one kernel
+    // entry holds both rules, and the rebuild writes it with both.
+    api.create_session(qod_testkit::api::session(
+        addr::DEVICE_V4,
+        addr::SERVER_V4,
+        "QOS_S",
+        &[],
+        &[5001],
+        600,
+    ))
+    .await
+    .expect("the sibling session");
     let before = lab
         .uplink_dscp(addr::DEVICE_V4, 46100, addr::SERVER_V4, 5000)
         .expect("traffic");
     assert_eq!(before, [32; 5]);
+    let sibling = |port| {
+        lab.uplink_dscp(addr::DEVICE_V4, port, addr::SERVER_V4, 5001)
+            .expect("traffic")
+    };
+    assert_eq!(sibling(46102), [10; 5]);
     qodd.kill9();
     qod_daemon::store::Store::open(&qodd.dir.path().join("state"))
         .and_then(|st| st.set_boot_id("a-boot-before-this-one"))
@@ -595,6 +612,7 @@ async fn check_a_reboot_is_detected_and_the_data_plane_rebuilt(mode: qod_testkit
         .uplink_dscp(addr::DEVICE_V4, 46101, addr::SERVER_V4, 5000)
         .expect("traffic");
     assert_eq!(after, [32; 5], "enforced after the rebuild");
+    assert_eq!(sibling(46103), [10; 5], "its sibling too");
     let got = qodd
         .sessions()
         .await
