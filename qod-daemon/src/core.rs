@@ -1066,12 +1066,13 @@ impl Core {
 
     /// Waits for the restore's entries to be written (see `DataPlane::begin_bulk`). The
     /// sessions of a device whose entry the kernel refused end NETWORK_TERMINATED, as when an
-    /// install is refused at once; returns how many.
-    fn end_bulk(&self) -> usize {
+    /// install is refused at once; returns them.
+    fn end_bulk(&self) -> HashSet<SessionId> {
         let mut inner = self.lock();
         let refused = inner.dp.end_bulk();
+        let mut ended = HashSet::new();
         if refused.is_empty() {
-            return 0;
+            return ended;
         }
         let now = Instant::now();
         let mut endings = Vec::new();
@@ -1082,13 +1083,17 @@ impl Core {
                 .map(|ids| ids.iter().copied().collect())
                 .unwrap_or_default();
             for id in ids {
-                error!(session = %id, error = %crate::anyhow_like(&e), "cannot restore the session's rule; it ends");
-                endings.extend(self.terminate(&mut inner, id, StatusInfo::NetworkTerminated, now));
+                if let Some(ending) =
+                    self.terminate(&mut inner, id, StatusInfo::NetworkTerminated, now)
+                {
+                    error!(session = %id, error = %crate::anyhow_like(&e), "cannot restore the session's rule; it ends");
+                    ended.insert(id);
+                    endings.push(ending);
+                }
             }
         }
         let place = self.store_place(&endings);
         drop(inner);
-        let ended = endings.len();
         self.tell_endings(endings, place);
         ended
     }
@@ -1207,7 +1212,12 @@ impl Core {
     /// Ends a restore; `complete` when every stored session was read.
     fn finish_restore(&self, mut r: Restoring, complete: bool) {
         if r.bulk {
-            r.restored = r.restored.saturating_sub(self.end_bulk());
+            let ended = self.end_bulk();
+            r.restored = r.restored.saturating_sub(ended.len());
+            // Their slots were given back: no new slot of theirs is recorded (written after
+            // their ends, it would bring the slot back for an ended session).
+            r.moved
+                .retain(|op| !matches!(op, Op::SetSlot(id, _) if ended.contains(id)));
         }
         if complete {
             // Slots reserved for records never claimed (set aside, or a duplicate's).

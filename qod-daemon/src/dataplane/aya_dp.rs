@@ -1181,15 +1181,20 @@ impl Bulk {
             .spawn(move || {
                 let mut refused = Vec::new();
                 for batch in batches {
-                    for &(_, key, value) in &batch {
+                    let mut failed = std::collections::HashSet::new();
+                    for &(seq, key, value) in &batch {
                         if let Err(e) = write_entry(&mut v4, &mut v6, capacity, key, value) {
                             refused.push((key, e));
+                            failed.insert(seq);
                         }
                     }
                     let mut unwritten = written.lock();
                     for (seq, key, _) in batch {
-                        // Only if nothing later was handed over for the device meanwhile.
-                        if unwritten.get(&key).is_some_and(|(s, _)| *s == seq) {
+                        // Only if nothing later was handed over for the device meanwhile; a
+                        // refused one stays, so that it is reported even if this thread stops.
+                        if !failed.contains(&seq)
+                            && unwritten.get(&key).is_some_and(|(s, _)| *s == seq)
+                        {
                             unwritten.remove(&key);
                         }
                     }
