@@ -234,8 +234,6 @@ struct Reconcile {
 
 /// A restore under way (see [`Core::restore_from`]).
 struct Restoring {
-    /// The entries are written by the data plane's own thread (see `DataPlane::begin_bulk`).
-    bulk: bool,
     wall: OffsetDateTime,
     retention: time::Duration,
     /// Slots reserved for stored sessions (continuing), and those a restored session took.
@@ -1123,16 +1121,10 @@ impl Core {
         // After a reboot no classifier is attached yet and no pinned entry is read: the kernel
         // entries are written by the data plane's own thread while this one admits (the hash
         // inserts are about half a rebuilt session's cost).
-        let bulk = !continuing
-            && match inner.dp.begin_bulk() {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(error = %crate::anyhow_like(&e), "cannot write the restored entries on a thread of their own; writing them in turn");
-                    false
-                }
-            };
+        if !continuing && let Err(e) = inner.dp.begin_bulk() {
+            warn!(error = %crate::anyhow_like(&e), "cannot write the restored entries on a thread of their own; writing them in turn");
+        }
         Restoring {
-            bulk,
             wall: OffsetDateTime::now_utc(),
             retention: time::Duration::try_from(self.retention).unwrap_or(time::Duration::ZERO),
             kept,
@@ -1211,8 +1203,9 @@ impl Core {
 
     /// Ends a restore; `complete` when every stored session was read.
     fn finish_restore(&self, mut r: Restoring, complete: bool) {
-        if r.bulk {
-            let ended = self.end_bulk();
+        // (Nothing to wait for unless `begin_restore` began bulk writing.)
+        let ended = self.end_bulk();
+        if !ended.is_empty() {
             r.restored = r.restored.saturating_sub(ended.len());
             // Their slots were given back: no new slot of theirs is recorded (written after
             // their ends, it would bring the slot back for an ended session).

@@ -13,8 +13,8 @@
 //!    puts the packet's ports in the first ranges instead (a session with one port each side).
 //!    After the first run the DSCP is already set, so later runs skip the checksum update (a few
 //!    ns). Fragments of the session's datagram: a first fragment (its ports remembered in a
-//!    fragment slot) and a later one (its ports looked up there). An IPv6 session's matching packet, and
-//!    the same packet behind a hop-by-hop header (the extension walk).
+//!    fragment slot) and a later one (its ports looked up there). An IPv6 session's matching
+//!    packet, and the same packet behind a hop-by-hop header (the extension walk).
 //! 2. The same DSCP-marking job in the forwarding path of a namespace lab, for eBPF (qod's
 //!    classifier on the edge's egress), nftables (one verdict-map lookup on the source address)
 //!    and iptables (one mangle rule per session, DSCP target): a single UDP sender pushes 64-byte
@@ -211,8 +211,9 @@ fn classifier() -> anyhow::Result<()> {
         let hit = udp(device_ip, server_ip, 0, &ports);
         let miss = udp([10, 9, 1, 2], [10, 9, 2, 7], 0, &ports);
         // A fragmented datagram of the session: the first fragment (MF, offset 0) remembers its
-        // ports in the LRU map; a later one (offset 1480) looks them up before the rule.
+        // ports in its fragment slot; a later one (offset 1480) looks them up before the rule.
         let first_fragment = udp(device_ip, server_ip, 0x2000, &ports);
+        let later_fragment = udp(device_ip, server_ip, 185, &[0x5a; 26]);
         let udp6 = |ext: &[(u8, Vec<u8>)]| {
             let (d, s) = (v6("fd00:1::2").octets(), v6("fd00:2::7").octets());
             eth(0x86dd, &[], &ipv6(d, s, 17, 0, 0, ext, &ports))
@@ -220,7 +221,6 @@ fn classifier() -> anyhow::Result<()> {
         // Hop-by-hop: 8 bytes, a PadN option filling it.
         let hit6 = udp6(&[]);
         let hit6_ext = udp6(&[(0u8, vec![0, 1, 4, 0, 0, 0, 0])]);
-        let later_fragment = udp(device_ip, server_ip, 185, &[0x5a; 26]);
         // The uplink program (server-facing interface) sees the uplink packet; the two-sided one
         // (an interface carrying both directions) pays two look-ups on a miss.
         // The floor and the matching packet, run by run in turn, so a change of the VM's state

@@ -433,15 +433,7 @@ impl AyaDataPlane {
             Array::try_from(map(&mut ebpf, POLICERS_MAP)?).map_err(map_err(POLICERS_MAP))?;
         let profiles =
             Array::try_from(map(&mut ebpf, PROFILES_MAP)?).map_err(map_err(PROFILES_MAP))?;
-        let again = |name: &'static str| {
-            MapData::from_pin(pins.join(name))
-                .and_then(aya::maps::Map::from_map_data)
-                .map_err(map_err(name))
-        };
-        let flow_keys = Arc::new(FlowKeys {
-            v4: HashMap::try_from(again(FLOWS_V4_MAP)?).map_err(map_err(FLOWS_V4_MAP))?,
-            v6: HashMap::try_from(again(FLOWS_V6_MAP)?).map_err(map_err(FLOWS_V6_MAP))?,
-        });
+        let flow_keys = Arc::new(FlowKeys::open(&pins)?);
         let nr_cpus =
             aya::util::nr_cpus().map_err(|(what, source)| DataPlaneError::Cpus { what, source })?;
         let pinned = reused.then(|| pinned_classifier(&pins)).flatten();
@@ -1162,16 +1154,7 @@ struct Bulk {
 
 impl Bulk {
     fn start(pins: &Path, capacity: u32) -> Result<Self, DataPlaneError> {
-        let map_err = |map: &'static str| move |source| DataPlaneError::Map { map, source };
-        let open = |name: &'static str| {
-            MapData::from_pin(pins.join(name))
-                .and_then(aya::maps::Map::from_map_data)
-                .map_err(map_err(name))
-        };
-        let mut v4: HashMap<MapData, u32, DeviceRules> =
-            HashMap::try_from(open(FLOWS_V4_MAP)?).map_err(map_err(FLOWS_V4_MAP))?;
-        let mut v6: HashMap<MapData, [u32; 2], DeviceRules> =
-            HashMap::try_from(open(FLOWS_V6_MAP)?).map_err(map_err(FLOWS_V6_MAP))?;
+        let FlowKeys { mut v4, mut v6 } = FlowKeys::open(pins)?;
         // A few batches in flight: the admitting side waits when the writer falls behind.
         let (to_writer, batches) = std::sync::mpsc::sync_channel::<Vec<BulkEntry>>(4);
         let unwritten: Unwritten = Arc::default();
@@ -1249,13 +1232,28 @@ impl Bulk {
     }
 }
 
-/// The flow maps opened a second time: their keys listed from any thread.
+/// The flow maps opened a second time: their keys listed from any thread, or a restore's
+/// entries written by the bulk writer.
 struct FlowKeys {
     v4: HashMap<MapData, u32, DeviceRules>,
     v6: HashMap<MapData, [u32; 2], DeviceRules>,
 }
 
 impl FlowKeys {
+    /// The flow maps opened again from their pins under `pins`.
+    fn open(pins: &Path) -> Result<Self, DataPlaneError> {
+        let map_err = |map: &'static str| move |source| DataPlaneError::Map { map, source };
+        let open = |name: &'static str| {
+            MapData::from_pin(pins.join(name))
+                .and_then(aya::maps::Map::from_map_data)
+                .map_err(map_err(name))
+        };
+        Ok(Self {
+            v4: HashMap::try_from(open(FLOWS_V4_MAP)?).map_err(map_err(FLOWS_V4_MAP))?,
+            v6: HashMap::try_from(open(FLOWS_V6_MAP)?).map_err(map_err(FLOWS_V6_MAP))?,
+        })
+    }
+
     /// Every entry, a batch per system call.
     fn batched(&self) -> Result<super::KernelEntries, DataPlaneError> {
         use aya::maps::IterableMap as _;

@@ -149,7 +149,9 @@ impl DataPlane for FakeDataPlane {
 
     fn end_bulk(&mut self) -> Vec<(DeviceKey, DataPlaneError)> {
         let mut s = self.state();
-        s.bulk = false;
+        if !std::mem::take(&mut s.bulk) {
+            return Vec::new();
+        }
         let refused = std::mem::take(&mut s.refuse_in_bulk);
         refused
             .into_iter()

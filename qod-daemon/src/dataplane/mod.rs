@@ -180,7 +180,8 @@ pub trait DataPlane: Send + 'static {
         Ok(())
     }
     /// Waits until every entry handed over since [`DataPlane::begin_bulk`] is written, and
-    /// returns the devices whose entry the kernel refused, with why.
+    /// returns the devices whose entry the kernel refused, with why (none, outside bulk
+    /// writing).
     fn end_bulk(&mut self) -> Vec<(DeviceKey, DataPlaneError)> {
         Vec::new()
     }
